@@ -1,0 +1,44 @@
+# unclip-pipeline — `make help` lists the targets.
+SHELL := /bin/bash
+PY    := .venv/bin/python
+VENV_STAMP := .venv/.installed
+# Reference tools whose pins clash with ours live in their own venv (see `make bench-anchors`).
+export WANDB_MODE ?= disabled
+export NO_ALBUMENTATIONS_UPDATE ?= 1
+
+URLS ?=
+OUT ?=
+SHARDS ?=
+DEMO_OUT ?= demo_out
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-slow lint download
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+
+$(VENV_STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision pinned together: open_clip needs torchvision, and only these two import side by side here.
+	$(PY) -m pip install -q -e '.[dev]' 'torch==2.14.1' 'torchvision==0.29.1'
+	touch $(VENV_STAMP)
+
+install: $(VENV_STAMP) ## create .venv and install the project (fast when already done)
+
+demo: $(VENV_STAMP) ## run every stage end to end on the built-in demo dataset (CPU, offline)
+	.venv/bin/unclip demo --out $(DEMO_OUT)
+
+test: $(VENV_STAMP) ## run the test suite (slow tests excluded)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-slow: $(VENV_STAMP) ## run every test, slow ones included
+	$(PY) -m pytest -q -p no:cacheprovider -m ''
+
+lint: $(VENV_STAMP) ## ruff lint and format check
+	.venv/bin/ruff check pipeline models jobs tests
+	.venv/bin/ruff format --check pipeline models jobs tests
+
+download: $(VENV_STAMP) ## download URLS=table.parquet into OUT=shards/ (webdataset, img2dataset)
+	@test -n "$(URLS)" || { echo "usage: make download URLS=urls.parquet OUT=shards/" >&2; exit 2; }
+	.venv/bin/unclip download --urls $(URLS) --out $(or $(OUT),shards)

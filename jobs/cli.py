@@ -1,0 +1,69 @@
+"""The `unclip` command: one subcommand per stage, each mapping flags onto that stage's config dataclass."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from jobs.config import add_dataclass_args, build_config
+from pipeline.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    module: str  # module holding the config class and `run`
+    config: str  # config class name
+    positional: tuple[str, ...] = ()
+    report: str | None = None  # optional printer "module:function" for the returned report
+
+
+COMMANDS: dict[str, Command] = {
+    "demo-data": Command("draw the built-in procedural demo dataset", "pipeline.demo_data", "DemoDataConfig"),
+    "download": Command("download a URL/caption table into webdataset shards (img2dataset)",
+                        "pipeline.download", "DownloadConfig", report="jobs.demo:print_download_summary"),
+    "demo": Command("run every stage on the built-in demo dataset", "jobs.demo", "DemoConfig"),
+}
+
+
+def _resolve(spec: str) -> Callable:
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unclip", description="unCLIP data pipeline and trainers")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        add_dataclass_args(p, getattr(importlib.import_module(cmd.module), cmd.config), cmd.positional)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cmd = COMMANDS[args.command]
+    module = importlib.import_module(cmd.module)
+    try:
+        cfg = build_config(getattr(module, cmd.config), args)
+        report = module.run(cfg)
+    except UsageError as e:
+        print(f"unclip {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if cmd.report:
+        _resolve(cmd.report)(report)
+    elif report is not None and args.command != "demo":
+        print(json.dumps(report, indent=2, default=str))
+    return int(report.get("exit_code", 0)) if isinstance(report, dict) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Procedural captioned-image dataset for the CPU demo and the tests.
+
+Writes ``OUT/images/00000.png ...`` and ``OUT/demo.parquet`` with columns ``url`` (path relative to OUT;
+`jobs.demo` rewrites it to an http://127.0.0.1 address while it serves the folder), ``caption`` and the
+attributes that the caption states (for evaluation). The caption determines the picture: background colour,
+then one or two shapes, each with a colour and one of five positions. Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from pipeline.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "purple": (140, 40, 170),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+BACKGROUNDS = ("white", "black", "gray")
+BACKGROUND_RGB = {"white": (250, 250, 250), "black": (10, 10, 10), "gray": (128, 128, 128)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+# Position name -> centre as a fraction of the image side.
+POSITIONS: dict[str, tuple[float, float]] = {
+    "top left": (0.27, 0.27),
+    "top right": (0.73, 0.27),
+    "bottom left": (0.27, 0.73),
+    "bottom right": (0.73, 0.73),
+    "center": (0.5, 0.5),
+}
+ATTRIBUTE_COLUMNS = ("background", "shape1", "color1", "position1", "shape2", "color2", "position2")
+
+
+@dataclass
+class DemoDataConfig:
+    out: str
+    n: int = 2000
+    size: int = 64
+    seed: int = 0
+
+
+def sample_attributes(rng: np.random.Generator) -> dict[str, str | None]:
+    """Draw one scene: a background and one or two shapes at distinct positions, visible on it."""
+    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    n_shapes = 1 + int(rng.integers(2))
+    positions = rng.permutation(len(POSITIONS))[:n_shapes]
+    # A shape never takes the background's own colour, so it is always visible.
+    palette = [c for c in COLORS if c != background]
+    attrs: dict[str, str | None] = {"background": background}
+    for i in range(2):
+        if i < n_shapes:
+            attrs[f"shape{i + 1}"] = SHAPES[rng.integers(len(SHAPES))]
+            attrs[f"color{i + 1}"] = palette[rng.integers(len(palette))]
+            attrs[f"position{i + 1}"] = list(POSITIONS)[positions[i]]
+        else:
+            attrs[f"shape{i + 1}"] = attrs[f"color{i + 1}"] = attrs[f"position{i + 1}"] = None
+    return attrs
+
+
+def caption_for(attrs: dict[str, str | None]) -> str:
+    parts = [
+        f"a {attrs[f'color{i}']} {attrs[f'shape{i}']} at the {attrs[f'position{i}']}"
+        for i in (1, 2)
+        if attrs[f"shape{i}"] is not None
+    ]
+    return f"{' and '.join(parts)} on a {attrs['background']} background".replace("at the center", "in the center")
+
+
+def draw(attrs: dict[str, str | None], size: int) -> Image.Image:
+    img = Image.new("RGB", (size, size), BACKGROUND_RGB[attrs["background"]])
+    d = ImageDraw.Draw(img)
+    r = size * 0.2  # half the side of a shape's box: shapes at distinct positions never overlap
+    for i in (1, 2):
+        shape = attrs[f"shape{i}"]
+        if shape is None:
+            continue
+        fx, fy = POSITIONS[attrs[f"position{i}"]]
+        cx, cy, fill = fx * size, fy * size, COLORS[attrs[f"color{i}"]]
+        if shape == "circle":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif shape == "square":
+            d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif shape == "triangle":
+            d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+        else:  # diamond
+            d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    return img
+
+
+def run(cfg: DemoDataConfig) -> dict:
+    """Write ``cfg.n`` images and ``demo.parquet`` into ``cfg.out``. Returns a small report."""
+    if cfg.n < 1 or cfg.size < 16:
+        raise UsageError(f"--n must be >= 1 and --size >= 16 (got n={cfg.n}, size={cfg.size})")
+    out = Path(cfg.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    rows: dict[str, list] = {"url": [], "caption": [], **{c: [] for c in ATTRIBUTE_COLUMNS}}
+    for i in tqdm(range(cfg.n), desc="demo-data", unit="img", mininterval=1.0):
+        attrs = sample_attributes(rng)
+        rel = f"images/{i:05d}.png"
+        tmp = out / f"{rel}.tmp"
+        draw(attrs, cfg.size).save(tmp, format="PNG")
+        os.replace(tmp, out / rel)
+        rows["url"].append(rel)
+        rows["caption"].append(caption_for(attrs))
+        for c in ATTRIBUTE_COLUMNS:
+            rows[c].append(attrs[c])
+    table = pa.table(rows)
+    tmp = out / "demo.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out / "demo.parquet")
+    return {"rows": cfg.n, "parquet": str(out / "demo.parquet"), "images": str(out / "images")}

@@ -1,0 +1,194 @@
+"""The on-disk format of the embedding store: the one module every writer and reader imports.
+
+Layout under the store root (shard ``00012.tar`` becomes shard id ``"00012"``)::
+
+    manifest.json                               model, dims, dtypes, codec, quantisation constants, shards
+    img_emb/img_emb_00012.npy                   float16 [N, D], L2-normalised
+    text_emb/text_emb_00012.npy                 float16 [N, D], L2-normalised
+    metadata/metadata_00012.parquet             key, caption, url, width, height, ... (same row order)
+    latents/latents_00012.npy                   uint8 [N, C, h, w]                  (optional)
+    text_enc/text_enc_00012.npy                 float16 [T, W] per-token encodings, flat (optional)
+    text_enc/text_enc_offsets_00012.npy         int64 [N + 1]: row i is tokens offsets[i]:offsets[i+1]
+    errors/errors_00012.parquet                 key, reason for samples that could not be used
+    done/00012.json                             rows and sha256 of every file above; written last
+
+The folder, file and column names follow clip-retrieval's layout, which embedding-reader reads. A shard with
+0 usable rows writes only its done marker (and its error table): embedding-reader drops 0-row .npy files and
+would then pair later metadata files with the wrong embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# field -> (folder, file prefix, suffix)
+FIELDS: dict[str, tuple[str, str, str]] = {
+    "img_emb": ("img_emb", "img_emb", ".npy"),
+    "text_emb": ("text_emb", "text_emb", ".npy"),
+    "metadata": ("metadata", "metadata", ".parquet"),
+    "latents": ("latents", "latents", ".npy"),
+    "text_enc": ("text_enc", "text_enc", ".npy"),
+    "text_enc_offsets": ("text_enc", "text_enc_offsets", ".npy"),
+    "errors": ("errors", "errors", ".parquet"),
+}
+EMB_DTYPE = np.float16
+LATENT_DTYPE = np.uint8
+
+
+def shard_id_of(path: str) -> str:
+    """``.../00012.tar`` -> ``"00012"``."""
+    name = os.path.basename(str(path).rstrip("/"))
+    return name[: -len(".tar")] if name.endswith(".tar") else name
+
+
+def field_path(root: str | Path, field: str, shard: str) -> Path:
+    folder, prefix, suffix = FIELDS[field]
+    return Path(root) / folder / f"{prefix}_{shard}{suffix}"
+
+
+def done_path(root: str | Path, shard: str) -> Path:
+    return Path(root) / "done" / f"{shard}.json"
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    # Fixed writer settings so that the same table gives the same bytes on every run.
+    pq.write_table(table, buf, compression="zstd", write_statistics=False, store_schema=True)
+    return buf.getvalue()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    _atomic_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- shards
+
+
+def write_shard(root: str | Path, shard: str, arrays: dict[str, np.ndarray], tables: dict[str, pa.Table],
+                rows: int, extra: dict | None = None) -> dict:
+    """Write one shard's files atomically, then its done marker (last). Returns the marker.
+
+    ``arrays`` maps .npy fields to arrays with ``rows`` rows (``text_enc`` is flat); ``tables`` maps
+    ``metadata`` / ``errors`` to tables. With ``rows == 0`` only ``errors`` and the marker are written.
+    """
+    files: dict[str, str] = {}
+    payloads: dict[str, bytes] = {}
+    if rows > 0:
+        for field, arr in arrays.items():
+            if field not in ("text_enc",) and len(arr) != (rows + 1 if field == "text_enc_offsets" else rows):
+                raise ValueError(f"shard {shard}: {field} has {len(arr)} rows, expected {rows}")
+            payloads[field] = npy_bytes(arr)
+        if tables["metadata"].num_rows != rows:
+            raise ValueError(f"shard {shard}: metadata has {tables['metadata'].num_rows} rows, expected {rows}")
+        payloads["metadata"] = parquet_bytes(tables["metadata"])
+    if tables.get("errors") is not None and tables["errors"].num_rows > 0:
+        payloads["errors"] = parquet_bytes(tables["errors"])
+    for field, data in payloads.items():
+        path = field_path(root, field, shard)
+        _atomic_bytes(path, data)
+        files[str(path.relative_to(root))] = hashlib.sha256(data).hexdigest()
+    marker = {"shard": shard, "rows": rows, "files": files, **(extra or {})}
+    write_json(done_path(root, shard), marker)
+    return marker
+
+
+def is_done(root: str | Path, shard: str) -> bool:
+    return done_path(root, shard).exists()
+
+
+def read_done(root: str | Path, shard: str) -> dict:
+    return read_json(done_path(root, shard))
+
+
+def remove_shard(root: str | Path, shard: str) -> None:
+    """Delete a shard's marker first, then its files (so a crash in between leaves it 'not done')."""
+    done_path(root, shard).unlink(missing_ok=True)
+    for field in FIELDS:
+        field_path(root, field, shard).unlink(missing_ok=True)
+
+
+def load_manifest(root: str | Path) -> dict:
+    return read_json(Path(root) / MANIFEST)
+
+
+def done_shards(root: str | Path) -> list[str]:
+    """Shard ids with a done marker, sorted."""
+    d = Path(root) / "done"
+    return sorted(p.stem for p in d.glob("*.json")) if d.exists() else []
+
+
+def shard_rows(root: str | Path) -> list[tuple[str, int]]:
+    """(shard id, rows) of every done shard, in shard order: the index readers build on."""
+    return [(s, int(read_done(root, s)["rows"])) for s in done_shards(root)]
+
+
+def open_array(root: str | Path, field: str, shard: str) -> np.ndarray:
+    """Memory-map one shard's .npy field (read-only)."""
+    return np.load(field_path(root, field, shard), mmap_mode="r")
+
+
+def read_metadata(root: str | Path, shard: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(field_path(root, "metadata", shard), columns=columns)
+
+
+# ---------------------------------------------------------------- uint8 latents
+
+
+def fit_quantization(x: np.ndarray, q: float = 0.001) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (axis 1) lo/hi from the data's q and 1-q quantiles: robust to a few outliers."""
+    ch = np.moveaxis(np.asarray(x, dtype=np.float32), 1, 0).reshape(x.shape[1], -1)
+    lo, hi = np.quantile(ch, q, axis=1), np.quantile(ch, 1 - q, axis=1)
+    hi = np.maximum(hi, lo + 1e-6)
+    return lo.astype(np.float32), hi.astype(np.float32)
+
+
+def _bcast(v: np.ndarray | list, ndim: int) -> np.ndarray:
+    return np.asarray(v, dtype=np.float32).reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def quantize(x: np.ndarray, lo, hi) -> np.ndarray:
+    """``q = round((clip(x, lo, hi) - lo) / (hi - lo) * 255)`` per channel (axis 1)."""
+    lo, hi = _bcast(lo, x.ndim), _bcast(hi, x.ndim)
+    q = np.rint((np.clip(x, lo, hi) - lo) / (hi - lo) * 255.0)
+    return q.astype(LATENT_DTYPE)
+
+
+def dequantize(q: np.ndarray, lo, hi) -> np.ndarray:
+    """``x = lo + q / 255 * (hi - lo)``; the torch twin is in `pipeline.stream`."""
+    lo, hi = _bcast(lo, q.ndim), _bcast(hi, q.ndim)
+    return lo + q.astype(np.float32) / 255.0 * (hi - lo)
