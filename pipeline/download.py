@@ -101,11 +101,11 @@ def validate(cfg: DownloadConfig) -> tuple[str, list[str], int]:
             raise UsageError(f"--distributor {cfg.distributor} needs `pip install {cfg.distributor}`") from e
     fmt = INPUT_FORMATS[ext]
     columns, rows = count_rows(cfg.urls, fmt)
+    if rows == 0:
+        raise UsageError(f"input table {cfg.urls} has no rows")
     for flag, col in (("--url-col", cfg.url_col), ("--caption-col", cfg.caption_col)):
         if col not in columns:
             raise UsageError(f"{flag} '{col}' is not a column of {cfg.urls}; columns: {', '.join(columns)}")
-    if rows == 0:
-        raise UsageError(f"input table {cfg.urls} has no rows")
     return fmt, columns, rows
 
 

@@ -1,0 +1,152 @@
+"""Download stage: real img2dataset runs against a local server with good and bad images."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.cli import main
+from jobs.http_server import serve_folder
+
+BAD = {"missing.jpg": None, "empty.jpg": b"", "page.jpg": b"<html><body>not an image</body></html>"}
+
+
+def make_images(folder: Path, n_good: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n_good):
+        buf = io.BytesIO()
+        Image.new("RGB", (48, 40), (i * 3 % 256, 100, 200 - i % 200)).save(buf, format="JPEG")
+        (folder / f"good{i:03d}.jpg").write_bytes(buf.getvalue())
+        names.append(f"good{i:03d}.jpg")
+    for name, data in BAD.items():
+        if data is not None:
+            (folder / name).write_bytes(data)
+    full = (folder / "good000.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(full[:120])  # header only: the scan data is cut off
+    return names
+
+
+def write_table(path: Path, base: str, names: list[str]) -> Path:
+    pq.write_table(pa.table({
+        "url": [f"{base}/{n}" for n in names],
+        "caption": [f"caption of {n}" for n in names],
+        "source": ["test"] * len(names),  # an extra column: kept in the shard metadata
+    }), path)
+    return path
+
+
+def read_tars(out: Path) -> dict[str, dict[str, bytes]]:
+    """key -> {extension: bytes} over all tars, plus the shard it came from."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {"shard": tar.stem.encode()})[ext] = tf.extractfile(m).read()
+    return samples
+
+
+def test_download_counts_failures_and_keeps_captions(tmp_path, capsys):
+    names = make_images(tmp_path / "www", 20)
+    bad = ["missing.jpg", "empty.jpg", "page.jpg", "truncated.jpg"]
+    with serve_folder(str(tmp_path / "www")) as base:
+        urls = write_table(tmp_path / "urls.parquet", base, names[:10] + bad + names[10:])
+        rc = main(["download", "--urls", str(urls), "--out", str(tmp_path / "shards"), "--image-size", "32",
+                   "--samples-per-shard", "10", "--processes", "1", "--threads", "4"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "shards/summary/download_summary.json").read_text())
+    assert summary["rows"] == 24 and summary["successes"] == 20 and summary["failures"] == 4
+    assert summary["complete"] and summary["shards"] == {"expected": 3, "finished": 3, "downloaded_this_run": 3}
+    assert summary["failed_to_download"] == 1 and summary["failed_to_resize"] == 3
+    assert sum(summary["failures_by_reason"].values()) == 4
+    assert any("404" in reason for reason in summary["failures_by_reason"])
+    samples = read_tars(tmp_path / "shards")
+    assert len(samples) == 20
+    meta = pd.concat([pd.read_parquet(p) for p in sorted(glob.glob(str(tmp_path / "shards/*.parquet")))])
+    by_url = meta.set_index("url")
+    for name in bad:
+        assert by_url.loc[f"{base}/{name}", "status"] != "success"
+        assert by_url.loc[f"{base}/{name}", "error_message"]
+    for key, sample in samples.items():
+        row = meta[meta.key == key].iloc[0]
+        assert sample["txt"].decode() == row.caption == f"caption of {row.url.rsplit('/', 1)[1]}"
+        assert Image.open(io.BytesIO(sample["jpg"])).size == (32, 32)
+    assert set(meta.source) == {"test"}
+    assert "20/24 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_file", "input file not found"),
+    ("bad_ext", "unsupported input extension '.xlsx'"),
+    ("missing_col", "--caption-col 'caption' is not a column of"),
+    ("empty", "has no rows"),
+    ("bad_size", "--image-size must be between 8 and 8192"),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case, message):
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}), urls)
+    args = ["--urls", str(urls)]
+    if case == "missing_file":
+        args = ["--urls", str(tmp_path / "nope.parquet")]
+    elif case == "bad_ext":
+        (tmp_path / "urls.xlsx").write_text("x")
+        args = ["--urls", str(tmp_path / "urls.xlsx")]
+    elif case == "missing_col":
+        (tmp_path / "urls.csv").write_text("url,text\nhttp://127.0.0.1:9/a.jpg,a\n")
+        args = ["--urls", str(tmp_path / "urls.csv")]
+    elif case == "empty":
+        (tmp_path / "urls.jsonl").write_text("")
+        args = ["--urls", str(tmp_path / "urls.jsonl")]
+    elif case == "bad_size":
+        args += ["--image-size", "0"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user file")
+    assert main(["download", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unclip download: error: ") and message in err and "\n" not in err
+    assert os.listdir(out) == ["keep.txt"]
+    if case == "missing_col":
+        assert "columns: url, text" in err
+
+
+def _download_cmd(urls: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "jobs.cli", "download", "--urls", str(urls), "--out", str(out),
+            "--image-size", "32", "--samples-per-shard", "8", "--processes", "1", "--threads", "2"]
+
+
+def test_killed_download_resumes_to_the_same_shards(tmp_path):
+    names = make_images(tmp_path / "www", 48)
+    with serve_folder(str(tmp_path / "www"), delay=0.05) as base:
+        urls = write_table(tmp_path / "urls.parquet", base, names)
+        subprocess.run(_download_cmd(urls, tmp_path / "straight"), check=True, capture_output=True)
+        proc = subprocess.Popen(_download_cmd(urls, tmp_path / "resumed"), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not list((tmp_path / "resumed").glob("*_stats.json")) and time.time() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        finished_before = len(list((tmp_path / "resumed").glob("*_stats.json")))
+        assert 1 <= finished_before < 6, "the kill should land mid-run"
+        subprocess.run(_download_cmd(urls, tmp_path / "resumed"), check=True, capture_output=True)
+    summary = json.loads((tmp_path / "resumed/summary/download_summary.json").read_text())
+    assert summary["shards"]["downloaded_this_run"] == 6 - finished_before and summary["complete"]
+    straight, resumed = read_tars(tmp_path / "straight"), read_tars(tmp_path / "resumed")
+    assert len(straight) == 48
+    assert resumed == straight  # same keys, same shard, same image bytes and captions
