@@ -42,6 +42,7 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "text_enc_offsets": ("text_enc", "text_enc_offsets", ".npy"),
     "errors": ("errors", "errors", ".parquet"),
 }
+LATENT_CODECS = ("none", "pixels", "vae")
 EMB_DTYPE = np.float16
 LATENT_DTYPE = np.uint8
 
@@ -138,8 +139,10 @@ def read_done(root: str | Path, shard: str) -> dict:
 def remove_shard(root: str | Path, shard: str) -> None:
     """Delete a shard's marker first, then its files (so a crash in between leaves it 'not done')."""
     done_path(root, shard).unlink(missing_ok=True)
-    for field in FIELDS:
-        field_path(root, field, shard).unlink(missing_ok=True)
+    for path in [field_path(root, f, shard) for f in FIELDS] + [done_path(root, shard)]:
+        path.unlink(missing_ok=True)
+        for tmp in path.parent.glob(f".{path.name}.tmp*"):  # left by a writer killed mid-write
+            tmp.unlink(missing_ok=True)
 
 
 def load_manifest(root: str | Path) -> dict:

@@ -1,0 +1,228 @@
+"""Stage 2 — embed: webdataset shards -> the shard-aligned embedding store (`pipeline.store`).
+
+Reads ``--shards`` (brace range, glob or folder of ``NNNNN.tar``; local or fsspec URLs). Writes the store
+under ``--out``: CLIP image and text embeddings, metadata, optional uint8 latents and per-token text
+encodings, per-shard error tables and done markers, ``manifest.json``, and ``logs/embed_summary.json``.
+
+One dask task per shard (a LocalCluster by default, or ``--scheduler``). A shard with a done marker is
+skipped; any other shard is redone from scratch, so a rerun after a crash ends byte-identical to a clean run.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import logging
+import os
+import shutil
+import tarfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import fsspec
+import numpy as np
+from braceexpand import braceexpand
+from tqdm import tqdm
+
+from pipeline import store
+from pipeline.errors import UsageError
+from pipeline.store import LATENT_CODECS
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+# Settings that change what the store holds: a store made with others is refused unless --overwrite.
+IDENTITY = ("clip", "pretrained", "seed", "latents", "latent_size", "vae", "text_encodings")
+
+
+@dataclass
+class EmbedConfig:
+    shards: str = field(metadata={"help": "brace range, glob or folder of webdataset .tar shards"})
+    out: str = field(metadata={"help": "store folder"})
+    clip: str = "ViT-B-32"
+    # 'none' = random weights (offline demo/tests); a tag such as laion2b_s34b_b79k, or a checkpoint path.
+    pretrained: str = "laion2b_s34b_b79k"
+    seed: int = 0  # seeds random CLIP weights, so every worker builds the same model
+    batch_size: int = 64
+    device: str = field(default="auto", metadata={"choices": DEVICES})
+    latents: str = field(default="none", metadata={"choices": LATENT_CODECS})
+    latent_size: int = 32
+    vae: str = ""
+    text_encodings: bool = False
+    workers: int = 1  # one worker uses every core through torch; add workers per GPU
+    scheduler: str = ""
+    retries: int = 2
+    torch_threads: int = 0  # 0 = cores / workers (dask otherwise pins workers to one thread)
+    overwrite: bool = False
+    calib_samples: int = 512  # images used to fit the uint8 latent range (vae codec)
+
+
+def list_shards(pattern: str) -> list[str]:
+    """Every .tar the pattern names, sorted by shard id; a UsageError if none."""
+    found: list[str] = []
+    for part in braceexpand(pattern):
+        fs, path = fsspec.core.url_to_fs(part)
+        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        prefix = "" if proto in ("file", "local") else f"{proto}://"
+        if any(c in path for c in "*?["):
+            found += [prefix + p for p in fs.glob(path)]
+        elif fs.isdir(path):
+            found += [prefix + p for p in fs.glob(path.rstrip("/") + "/*.tar")]
+        elif fs.exists(path):
+            found.append(part)
+    shards = sorted({s for s in found if s.endswith(".tar")}, key=store.shard_id_of)
+    if not shards:
+        raise UsageError(f"no .tar shard matched --shards {pattern}")
+    ids = [store.shard_id_of(s) for s in shards]
+    if len(set(ids)) != len(ids):
+        raise UsageError(f"--shards {pattern} matched two shards with the same name; shard names must be unique")
+    return shards
+
+
+def check_tar(url: str) -> None:
+    try:
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+            tf.next()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UsageError(f"unreadable tar {url}: {e}") from e
+
+
+def validate(cfg: EmbedConfig) -> list[str]:
+    from pipeline.encoders import validate_clip, validate_vae
+
+    if cfg.batch_size < 1 or cfg.workers < 1 or cfg.latent_size < 1:
+        raise UsageError("--batch-size, --workers and --latent-size must be >= 1")
+    if cfg.device not in DEVICES:
+        raise UsageError(f"unknown --device '{cfg.device}'; valid: {', '.join(DEVICES)}")
+    if cfg.latents not in LATENT_CODECS:
+        raise UsageError(f"unknown --latents '{cfg.latents}'; valid: {', '.join(LATENT_CODECS)}")
+    validate_clip(cfg.clip, cfg.pretrained)
+    if cfg.latents == "vae":
+        validate_vae(cfg.vae)
+    shards = list_shards(cfg.shards)
+    for s in shards:
+        check_tar(s)
+    return shards
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is visible; valid here: auto, cpu")
+    return device
+
+
+def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
+    """Check an existing store is compatible (or wipe it with --overwrite); return the manifest to use."""
+    root = Path(cfg.out)
+    identity = {k: getattr(cfg, k) for k in IDENTITY}
+    if (root / store.MANIFEST).exists():
+        old = store.load_manifest(root)
+        if old.get("identity") != identity and not cfg.overwrite:
+            diff = [k for k in IDENTITY if old.get("identity", {}).get(k) != identity[k]]
+            raise UsageError(f"{root} holds a store made with other settings ({', '.join(diff)}: "
+                             f"{', '.join(str(old.get('identity', {}).get(k)) for k in diff)}); "
+                             "use another --out or pass --overwrite")
+        if old.get("identity") == identity and not cfg.overwrite:
+            return old
+    if cfg.overwrite:
+        for name in [*{f[0] for f in store.FIELDS.values()}, "done", "logs", store.MANIFEST]:
+            p = root / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    from pipeline.embed_shard import calibrate_latents
+    from pipeline.encoders import load_clip
+
+    clip = load_clip(cfg.clip, cfg.pretrained, "cpu", cfg.seed)
+    manifest = {
+        "format_version": store.FORMAT_VERSION,
+        "identity": identity,
+        "clip": {"arch": cfg.clip, "pretrained": cfg.pretrained, "random_init": cfg.pretrained.lower() in
+                 ("none", "random", ""), "dim": clip.dim, "context_length": clip.context_length},
+        "img_emb": {"dtype": "float16", "shape": [clip.dim], "normalized": True},
+        "text_emb": {"dtype": "float16", "shape": [clip.dim], "normalized": True},
+        "text_enc": {"dtype": "float16", "width": clip.text_width, "layout": "flat tokens + offsets"}
+        if cfg.text_encodings else None,
+        "latents": calibrate_latents(cfg, shards[0], device),
+        "shards": [],
+    }
+    store.write_json(root / store.MANIFEST, manifest)
+    return manifest
+
+
+def _client(cfg: EmbedConfig, device: str):
+    from dask.distributed import Client, LocalCluster
+
+    if cfg.scheduler:
+        return Client(cfg.scheduler, timeout="30s"), None
+    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
+                           dashboard_address=None, silence_logs=logging.ERROR)
+    return Client(cluster), cluster
+
+
+def run(cfg: EmbedConfig) -> dict:
+    """Validate, list shards, skip done ones, embed the rest on dask, write the manifest and summary."""
+    shards = validate(cfg)
+    device = resolve_device(cfg.device)
+    manifest = prepare_store(cfg, shards, device)
+    todo = [s for s in shards if not store.is_done(cfg.out, store.shard_id_of(s))]
+    log.info("embed: %d shards, %d already done, %d to do", len(shards), len(shards) - len(todo), len(todo))
+    params = {**asdict(cfg), "device": device, "latent_params": manifest["latents"],
+              "torch_threads": cfg.torch_threads or (0 if cfg.scheduler else max(1, os.cpu_count() // cfg.workers))}
+    start, rows, failed = time.perf_counter(), 0, {}
+    if todo:
+        client, cluster = _client(cfg, device)
+        try:
+            rows, failed = _map(client, todo, params, cfg)
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    seconds = time.perf_counter() - start
+    return _finish(cfg, manifest, shards, rows, seconds, failed)
+
+
+def _map(client, todo: list[str], params: dict, cfg: EmbedConfig) -> tuple[int, dict]:
+    from dask.distributed import as_completed
+
+    from pipeline.embed_shard import embed_shard
+
+    resources = {"GPU": 1} if cfg.scheduler and params["device"] == "cuda" else None
+    futures = client.map(embed_shard, todo, params=params, retries=cfg.retries, pure=False, resources=resources)
+    names = {f.key: s for f, s in zip(futures, todo)}
+    rows, failed, start = 0, {}, time.perf_counter()
+    with tqdm(total=len(todo), desc="embed", unit="shard") as bar:
+        for fut in as_completed(futures):
+            try:
+                rows += fut.result()["rows"]
+            except Exception as e:  # after dask's retries: list it, keep going with the others
+                failed[names[fut.key]] = f"{type(e).__name__}: {e}"
+                log.error("shard %s failed: %s", names[fut.key], failed[names[fut.key]])
+            bar.set_postfix(samples_per_s=f"{rows / (time.perf_counter() - start):.1f}")
+            bar.update(1)
+    return rows, failed
+
+
+def _finish(cfg: EmbedConfig, manifest: dict, shards: list[str], rows: int, seconds: float, failed: dict) -> dict:
+    markers = [store.read_done(cfg.out, store.shard_id_of(s)) for s in shards
+               if store.is_done(cfg.out, store.shard_id_of(s))]
+    manifest["shards"] = [{"shard": m["shard"], "rows": m["rows"], "source": m["source"]} for m in markers]
+    store.write_json(Path(cfg.out) / store.MANIFEST, manifest)
+    maes = [m["latent_roundtrip_mae"] for m in markers if m.get("latent_roundtrip_mae") is not None]
+    summary = {
+        "shards": len(shards), "done": len(markers), "failed": failed,
+        "rows": sum(m["rows"] for m in markers),
+        "errors": sum(m["errors"] for m in markers),
+        "truncated_captions": sum(m["truncated_captions"] for m in markers),
+        "latent_roundtrip_mae": float(np.mean(maes)) if maes else None,
+        "rows_this_run": rows, "seconds_this_run": round(seconds, 2),
+        "samples_per_second": round(rows / seconds, 2) if rows and seconds > 0 else None,
+    }
+    store.write_json(Path(cfg.out) / "logs" / "embed_summary.json", summary)
+    if failed:
+        summary["exit_code"] = 1
+    for path in globlib.glob(os.path.join(cfg.out, "**", ".*.tmp*"), recursive=True):
+        os.unlink(path)  # temp files left by workers killed mid-write
+    return summary

@@ -1,0 +1,226 @@
+"""The embed stage's per-shard work, run inside a dask worker: one pass over a tar -> one store shard.
+
+A background thread reads the tar, decodes each image once and prepares the model inputs batch by batch,
+while the calling thread runs the models, so decoding overlaps the forward pass. Samples that cannot be used
+(undecodable image, no image, no caption) become rows of the shard's error table, never misaligned rows.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import queue
+import tarfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image, ImageOps
+
+from pipeline import store
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# Pixels codec: the image at latent size, stored as is; it dequantises to [-1, 1] like a model input.
+PIXEL_RANGE = (-1.0, 1.0)
+
+
+@dataclass
+class Sample:
+    key: str
+    image: bytes | None
+    caption: str | None
+    meta: dict
+
+
+def read_tar(url: str) -> Iterator[Sample]:
+    """Samples in the tar's own order (img2dataset writes them in completion order; the key is the truth)."""
+    current: dict[str, bytes] = {}
+    key = None
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            k, _, ext = member.name.rpartition("/")[2].partition(".")
+            if k != key and key is not None:
+                yield _sample(key, current)
+                current = {}
+            key = k
+            current[ext.lower()] = tf.extractfile(member).read()
+    if key is not None:
+        yield _sample(key, current)
+
+
+def _sample(key: str, parts: dict[str, bytes]) -> Sample:
+    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else None
+    meta = json.loads(parts["json"]) if "json" in parts else {}
+    return Sample(key, image, caption, meta)
+
+
+def decode(sample: Sample) -> tuple[Image.Image | None, str | None]:
+    """(RGB image, None) or (None, reason)."""
+    if sample.image is None:
+        return None, "no image in sample"
+    if sample.caption is None:
+        return None, "no caption in sample"
+    try:
+        img = Image.open(io.BytesIO(sample.image))
+        img.load()
+        return img.convert("RGB"), None
+    except Exception as e:  # PIL raises many kinds for corrupt data
+        return None, f"cannot decode image: {type(e).__name__}: {e}"
+
+
+@dataclass
+class Batch:
+    keys: list[str]
+    captions: list[str]
+    metas: list[dict]
+    images: torch.Tensor  # [B, 3, H, W] CLIP input
+    latent_input: np.ndarray | torch.Tensor | None  # uint8 [B, 3, s, s] (pixels) or [-1, 1] floats (vae)
+
+
+def prepare_batches(url: str, preprocess, batch_size: int, latents: str, latent_px: int,
+                    errors: list[dict]) -> Iterator[Batch]:
+    """Decode and preprocess in tar order; unusable samples go to ``errors``."""
+    buf: list[tuple[Sample, Image.Image]] = []
+    for sample in read_tar(url):
+        img, reason = decode(sample)
+        if img is None:
+            errors.append({"key": sample.key, "reason": reason})
+            continue
+        buf.append((sample, img))
+        if len(buf) == batch_size:
+            yield _batch(buf, preprocess, latents, latent_px)
+            buf = []
+    if buf:
+        yield _batch(buf, preprocess, latents, latent_px)
+
+
+def _batch(buf, preprocess, latents: str, latent_px: int) -> Batch:
+    images = torch.stack([preprocess(img) for _, img in buf])  # [B, 3, H, W]
+    lat = None
+    if latents != "none":
+        px = np.stack([np.asarray(ImageOps.fit(img, (latent_px, latent_px), Image.BICUBIC)) for _, img in buf])
+        lat = px.transpose(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W] uint8
+        if latents == "vae":
+            lat = torch.from_numpy(lat).float() / 127.5 - 1.0
+    return Batch([s.key for s, _ in buf], [s.caption for s, _ in buf], [s.meta for s, _ in buf], images, lat)
+
+
+def background(gen: Iterator, depth: int = 3) -> Iterator:
+    """Run a generator in a thread, ``depth`` items ahead; re-raise its exception in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work():
+        try:
+            for item in gen:
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def calibrate_latents(cfg, first_shard: str, device: str) -> dict | None:
+    """Latent codec description for the manifest; for the vae codec, fit the uint8 range on the data."""
+    if cfg.latents == "none":
+        return None
+    if cfg.latents == "pixels":
+        c = 3
+        lo, hi = [PIXEL_RANGE[0]] * c, [PIXEL_RANGE[1]] * c
+        return {"codec": "pixels", "shape": [c, cfg.latent_size, cfg.latent_size], "dtype": "uint8",
+                "lo": lo, "hi": hi, "image_size": cfg.latent_size}
+    from pipeline.encoders import load_vae, vae_encode
+
+    vae = load_vae(cfg.vae, device)
+    px = cfg.latent_size * vae.downsample
+    xs, n = [], 0
+    for batch in prepare_batches(first_shard, lambda im: torch.zeros(1), cfg.batch_size, "vae", px, []):
+        xs.append(vae_encode(vae, batch.latent_input).float().cpu().numpy())
+        n += len(batch.keys)
+        if n >= cfg.calib_samples:
+            break
+    lo, hi = store.fit_quantization(np.concatenate(xs)[: cfg.calib_samples])
+    log.info("vae latent range fitted on %d images: lo=%s hi=%s", min(n, cfg.calib_samples), lo, hi)
+    return {"codec": "vae", "vae": cfg.vae, "scale": vae.scale, "image_size": px, "dtype": "uint8",
+            "shape": [vae.channels, cfg.latent_size, cfg.latent_size], "lo": lo.tolist(), "hi": hi.tolist(),
+            "fitted_on": min(n, cfg.calib_samples)}
+
+
+def _metadata(keys: list[str], captions: list[str], metas: list[dict]) -> pa.Table:
+    first = ["key", "caption", "url", "width", "height"]
+    rows = [{**{k: m.get(k) for k in first}, **m, "key": k, "caption": c} for k, c, m in zip(keys, captions, metas)]
+    # Drop img2dataset's per-sample status columns: every stored row is a success by construction.
+    rows = [{k: v for k, v in r.items() if k not in ("status", "error_message")} for r in rows]
+    return pa.Table.from_pylist(rows)
+
+
+def embed_shard(url: str, params: dict) -> dict:
+    """Embed one shard and write it to the store; returns its done marker. Runs in a dask worker."""
+    from pipeline.encoders import encode_image, encode_text, load_clip, load_vae, normalize, vae_encode
+
+    if params["torch_threads"]:
+        torch.set_num_threads(params["torch_threads"])
+    root, shard, device = params["out"], store.shard_id_of(url), params["device"]
+    store.remove_shard(root, shard)  # a partial shard from an interrupted run is redone from scratch
+    clip = load_clip(params["clip"], params["pretrained"], device, params["seed"])
+    lp = params["latent_params"]
+    vae = load_vae(params["vae"], device) if params["latents"] == "vae" else None
+    latent_px = lp["image_size"] if lp else 0
+    errors: list[dict] = []
+    out: dict[str, list] = {"img": [], "txt": [], "lat": [], "enc": [], "len": [], "key": [], "cap": [], "meta": []}
+    truncated, mae = 0, []
+    batches = prepare_batches(url, clip.preprocess, params["batch_size"], params["latents"], latent_px, errors)
+    for b in background(batches):
+        tokens = clip.tokenizer(b.captions)  # [B, context]
+        truncated += int((tokens[:, -1] != 0).sum())  # the caption filled or overflowed the context
+        with torch.autocast("cuda", dtype=torch.float16, enabled=device == "cuda"):
+            out["img"].append(normalize(encode_image(clip, b.images.to(device))).half().cpu().numpy())
+            txt, enc, lengths = encode_text(clip, tokens.to(device), params["text_encodings"])
+        out["txt"].append(normalize(txt).half().cpu().numpy())
+        if enc is not None:
+            out["enc"] += [enc[i, : lengths[i]].half().cpu().numpy() for i in range(len(b.keys))]
+            out["len"].append(lengths.cpu().numpy())
+        if vae is not None:
+            x = vae_encode(vae, b.latent_input).float().cpu().numpy()
+            q = store.quantize(x, lp["lo"], lp["hi"])
+            mae.append(float(np.abs(store.dequantize(q, lp["lo"], lp["hi"]) - x).mean()))
+            out["lat"].append(q)
+        elif b.latent_input is not None:
+            out["lat"].append(np.ascontiguousarray(b.latent_input))
+        out["key"] += b.keys
+        out["cap"] += b.captions
+        out["meta"] += b.metas
+    return _write(root, shard, url, out, errors, truncated, mae)
+
+
+def _write(root, shard, url, out, errors, truncated, mae) -> dict:
+    rows = len(out["key"])
+    arrays: dict[str, np.ndarray] = {}
+    if rows:
+        arrays["img_emb"] = np.concatenate(out["img"])
+        arrays["text_emb"] = np.concatenate(out["txt"])
+        if out["lat"]:
+            arrays["latents"] = np.concatenate(out["lat"]).astype(store.LATENT_DTYPE)
+        if out["enc"]:
+            arrays["text_enc"] = np.concatenate(out["enc"])
+            arrays["text_enc_offsets"] = np.concatenate([[0], np.cumsum(np.concatenate(out["len"]))]).astype(np.int64)
+    tables = {"metadata": _metadata(out["key"], out["cap"], out["meta"]) if rows else None,
+              "errors": pa.Table.from_pylist(errors, schema=pa.schema([("key", pa.string()), ("reason", pa.string())]))}
+    extra = {"source": url, "errors": len(errors), "truncated_captions": truncated,
+             "latent_roundtrip_mae": round(float(np.mean(mae)), 6) if mae else None}
+    return store.write_shard(root, shard, arrays, tables, rows, extra)

@@ -1,0 +1,182 @@
+"""CLIP (open_clip) and VAE (diffusers) loading for the embed stage and for sampling.
+
+Real runs name an open_clip architecture with a pretrained tag or a local checkpoint, and a diffusers
+AutoencoderKL by hub name or local folder. Offline (the demo and the tests) ``pretrained="none"`` builds the
+architecture with random weights from a fixed seed. ``unclip-tiny`` is a small architecture registered from
+``pipeline/clip_configs/`` so that the CPU demo runs in minutes; it is random and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "clip_configs"
+RANDOM = ("none", "random", "")
+
+
+def _open_clip():
+    import open_clip
+
+    if "unclip-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+    return open_clip
+
+
+def is_path(pretrained: str) -> bool:
+    return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def validate_clip(arch: str, pretrained: str) -> None:
+    """Fail early on an unknown architecture, a missing checkpoint file or an unknown pretrained tag."""
+    oc = _open_clip()
+    if arch not in oc.list_models():
+        raise UsageError(f"unknown CLIP architecture '{arch}'; valid: {', '.join(oc.list_models())}")
+    if pretrained.lower() in RANDOM:
+        return
+    if is_path(pretrained):
+        if not os.path.isfile(pretrained):
+            raise UsageError(f"CLIP checkpoint not found: {pretrained}")
+        return
+    tags = oc.list_pretrained_tags_by_model(arch)
+    if pretrained not in tags:
+        raise UsageError(f"unknown pretrained tag '{pretrained}' for {arch}; valid: {', '.join(tags) or 'none'} "
+                         "(or a local checkpoint path, or 'none' for random weights)")
+
+
+@dataclass
+class Clip:
+    model: torch.nn.Module
+    preprocess: object  # PIL image -> [3, H, W] tensor
+    tokenizer: object
+    dim: int
+    context_length: int
+    text_width: int
+    device: torch.device
+
+
+@lru_cache(maxsize=2)
+def load_clip(arch: str, pretrained: str, device: str, seed: int = 0) -> Clip:
+    """The model in eval mode on ``device``; cached per process so that a dask worker loads it once."""
+    oc = _open_clip()
+    validate_clip(arch, pretrained)
+    random_init = pretrained.lower() in RANDOM
+    torch.manual_seed(seed)  # random weights are the same in every process for a seed
+    model, _, preprocess = oc.create_model_and_transforms(arch, pretrained=None if random_init else pretrained)
+    if random_init:
+        log.warning("CLIP %s has RANDOM weights (seed %d): fine for the demo and tests, not for real data", arch, seed)
+    model = model.to(device).eval()
+    text = model if hasattr(model, "token_embedding") else getattr(model, "text", model)
+    cfg = oc.get_model_config(arch)
+    return Clip(model=model, preprocess=preprocess, tokenizer=oc.get_tokenizer(arch), dim=cfg["embed_dim"],
+                context_length=cfg["text_cfg"].get("context_length", 77),
+                text_width=cfg["text_cfg"].get("width", getattr(text, "width", 0)), device=torch.device(device))
+
+
+def _text_module(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module holding the text tower's parts, if it is the causal kind that may be trimmed."""
+    text = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
+    if text is None or not all(hasattr(text, n) for n in needed) or getattr(text, "cls_emb", None) is not None:
+        return None
+    if text.attn_mask is None or getattr(text, "text_pool_type", getattr(text, "pool_type", "")) not in ("argmax", "eos"):
+        return None
+    return text
+
+
+def token_lengths(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens up to and including the end-of-text token, per caption. [B] int64."""
+    text = _text_module(model)
+    pool = getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax")) if text is not None else "argmax"
+    if pool == "eos":
+        eos = getattr(text, "text_eos_id", getattr(text, "eos_id", None))
+        return (tokens == eos).int().argmax(dim=-1) + 1
+    return tokens.argmax(dim=-1) + 1
+
+
+@torch.no_grad()
+def encode_text(clip: Clip, tokens: torch.Tensor, with_tokens: bool = False):
+    """CLIP text embeddings [B, D] (unnormalised), and optionally per-token encodings [B, L, W] with lengths.
+
+    The text tower is causal and pools at the end-of-text token, so positions after the longest caption's
+    end-of-text token cannot change any output: the batch runs on ``tokens[:, :L]`` only, which gives the
+    same embeddings as the full 77-token context at a fraction of the cost for short captions.
+    """
+    model, text = clip.model, _text_module(clip.model)
+    if text is None:
+        if with_tokens:
+            raise UsageError("--text-encodings needs a causal text tower (open_clip CLIP with argmax/eos pooling)")
+        return model.encode_text(tokens), None, None
+    lengths = token_lengths(model, tokens)
+    n = int(lengths.max())
+    tokens = tokens[:, :n]  # [B, n]
+    cast = text.transformer.get_cast_dtype() if hasattr(text.transformer, "get_cast_dtype") else torch.float32
+    x = text.token_embedding(tokens).to(cast)  # [B, n, W]
+    x = x + text.positional_embedding[:n].to(cast)
+    x = text.transformer(x, attn_mask=text.attn_mask[:n, :n])
+    x = text.ln_final(x)  # [B, n, W]
+    pooled = x[torch.arange(x.shape[0], device=x.device), lengths - 1]  # [B, W] at end-of-text
+    proj = text.text_projection
+    if proj is not None:
+        pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
+    return pooled, (x if with_tokens else None), lengths
+
+
+@torch.no_grad()
+def encode_image(clip: Clip, images: torch.Tensor) -> torch.Tensor:
+    return clip.model.encode_image(images)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+# ---------------------------------------------------------------- VAE
+
+
+@dataclass
+class Vae:
+    model: torch.nn.Module
+    scale: float  # diffusers' scaling_factor: latents are stored as mean * scale
+    downsample: int
+    channels: int
+    device: torch.device
+
+
+def validate_vae(name_or_path: str) -> None:
+    if not name_or_path:
+        raise UsageError("--latents vae needs --vae NAME_OR_PATH (a diffusers AutoencoderKL)")
+    if is_path(name_or_path) and not os.path.isdir(name_or_path):
+        raise UsageError(f"VAE folder not found: {name_or_path}")
+
+
+@lru_cache(maxsize=2)
+def load_vae(name_or_path: str, device: str) -> Vae:
+    from diffusers import AutoencoderKL
+
+    validate_vae(name_or_path)
+    vae = AutoencoderKL.from_pretrained(name_or_path).to(device).eval()
+    c = vae.config
+    return Vae(model=vae, scale=float(c.scaling_factor), downsample=2 ** (len(c.block_out_channels) - 1),
+               channels=int(c.latent_channels), device=torch.device(device))
+
+
+@torch.no_grad()
+def vae_encode(vae: Vae, images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> latents [B, C, H/f, W/f]: the posterior mean (deterministic) times scale."""
+    return vae.model.encode(images.to(vae.device)).latent_dist.mean * vae.scale
+
+
+@torch.no_grad()
+def vae_decode(vae: Vae, latents: torch.Tensor) -> torch.Tensor:
+    return vae.model.decode(latents.to(vae.device) / vae.scale).sample
