@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jobs.config import add_dataclass_args, build_config
-from pipeline.errors import UsageError
+from pipeline.errors import StageError, UsageError
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,10 @@ COMMANDS: dict[str, Command] = {
     "validate": Command("check every shard of an embedding store against its manifest",
                         "pipeline.validate", "ValidateConfig", positional=("store",),
                         report="pipeline.validate:print_report"),
+    "train-prior": Command("train the diffusion prior on an embedding store", "jobs.train_prior",
+                           "TrainPriorConfig"),
+    "eval-prior": Command("evaluate a prior checkpoint on a store's held-out split", "jobs.eval_prior",
+                          "EvalPriorConfig"),
     "demo": Command("run every stage on the built-in demo dataset", "jobs.demo", "DemoConfig"),
 }
 
@@ -65,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"unclip {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except StageError as e:
+        print(f"unclip {args.command}: failed: {e}", file=sys.stderr)
+        return 1
     if cmd.report:
         _resolve(cmd.report)(report)
     elif report is not None and args.command != "demo":

@@ -145,7 +145,7 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
         "text_emb": {"dtype": "float16", "shape": [clip.dim], "normalized": True},
         "text_enc": {"dtype": "float16", "width": clip.text_width, "layout": "flat tokens + offsets"}
         if cfg.text_encodings else None,
-        "latents": calibrate_latents(cfg, shards[0], device),
+        "latents": calibrate_latents(cfg, shards, device),
         "shards": [],
     }
     store.write_json(root / store.MANIFEST, manifest)
@@ -191,7 +191,7 @@ def _map(client, todo: list[str], params: dict, cfg: EmbedConfig) -> tuple[int, 
 
     resources = {"GPU": 1} if cfg.scheduler and params["device"] == "cuda" else None
     futures = client.map(embed_shard, todo, params=params, retries=cfg.retries, pure=False, resources=resources)
-    names = {f.key: s for f, s in zip(futures, todo)}
+    names = {f.key: s for f, s in zip(futures, todo, strict=True)}
     rows, failed, start = 0, {}, time.perf_counter()
     with tqdm(total=len(todo), desc="embed", unit="shard") as bar:
         for fut in as_completed(futures):
@@ -209,7 +209,8 @@ def _finish(cfg: EmbedConfig, manifest: dict, shards: list[str], rows: int, seco
     markers = [store.read_done(cfg.out, store.shard_id_of(s)) for s in shards
                if store.is_done(cfg.out, store.shard_id_of(s))]
     manifest["shards"] = [{"shard": m["shard"], "rows": m["rows"], "source": m["source"]} for m in markers]
-    store.write_json(Path(cfg.out) / store.MANIFEST, manifest)
+    if store.load_manifest(cfg.out) != manifest:  # a rerun of a finished store modifies no file of the store
+        store.write_json(Path(cfg.out) / store.MANIFEST, manifest)
     maes = [m["latent_roundtrip_mae"] for m in markers if m.get("latent_roundtrip_mae") is not None]
     summary = {
         "shards": len(shards), "done": len(markers), "failed": failed,

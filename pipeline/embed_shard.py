@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipeline import store
+from pipeline.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,12 @@ def background(gen: Iterator, depth: int = 3) -> Iterator:
         yield item
 
 
-def calibrate_latents(cfg, first_shard: str, device: str) -> dict | None:
-    """Latent codec description for the manifest; for the vae codec, fit the uint8 range on the data."""
+def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
+    """Latent codec description for the manifest; for the vae codec, fit the uint8 range on the data.
+
+    The range is fitted on the first ``calib_samples`` usable images, taken from the shards in order (the
+    first shard may have none: img2dataset writes an empty tar when every row of a shard failed).
+    """
     if cfg.latents == "none":
         return None
     if cfg.latents == "pixels":
@@ -149,11 +154,17 @@ def calibrate_latents(cfg, first_shard: str, device: str) -> dict | None:
     vae = load_vae(cfg.vae, device)
     px = cfg.latent_size * vae.downsample
     xs, n = [], 0
-    for batch in prepare_batches(first_shard, lambda im: torch.zeros(1), cfg.batch_size, "vae", px, []):
-        xs.append(vae_encode(vae, batch.latent_input).float().cpu().numpy())
-        n += len(batch.keys)
+    for url in shards:
+        for batch in prepare_batches(url, lambda im: torch.zeros(1), cfg.batch_size, "vae", px, []):
+            xs.append(vae_encode(vae, batch.latent_input).float().cpu().numpy())
+            n += len(batch.keys)
+            if n >= cfg.calib_samples:
+                break
         if n >= cfg.calib_samples:
             break
+    if not xs:
+        raise UsageError(f"--latents vae: no decodable image with a caption in {len(shards)} shard(s) "
+                         "to fit the uint8 latent range on")
     lo, hi = store.fit_quantization(np.concatenate(xs)[: cfg.calib_samples])
     log.info("vae latent range fitted on %d images: lo=%s hi=%s", min(n, cfg.calib_samples), lo, hi)
     return {"codec": "vae", "vae": cfg.vae, "scale": vae.scale, "image_size": px, "dtype": "uint8",
@@ -163,7 +174,8 @@ def calibrate_latents(cfg, first_shard: str, device: str) -> dict | None:
 
 def _metadata(keys: list[str], captions: list[str], metas: list[dict]) -> pa.Table:
     first = ["key", "caption", "url", "width", "height"]
-    rows = [{**{k: m.get(k) for k in first}, **m, "key": k, "caption": c} for k, c, m in zip(keys, captions, metas)]
+    rows = [{**{k: m.get(k) for k in first}, **m, "key": k, "caption": c}
+            for k, c, m in zip(keys, captions, metas, strict=True)]
     # Drop img2dataset's per-sample status columns: every stored row is a success by construction.
     rows = [{k: v for k, v in r.items() if k not in ("status", "error_message")} for r in rows]
     return pa.Table.from_pylist(rows)

@@ -3,3 +3,7 @@
 
 class UsageError(Exception):
     """Bad input or configuration, found before any work starts; nothing has been written."""
+
+
+class StageError(Exception):
+    """A stage started but could not finish (e.g. a diverged loss); the CLI exits 1 with this message."""

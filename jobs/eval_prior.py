@@ -1,0 +1,117 @@
+"""`unclip eval-prior`: the LAION prior card's metrics, and retrieval, on a store's held-out split.
+
+Reads a checkpoint (EMA weights) and a store; writes ``eval.json`` next to the checkpoint (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import UsageError
+from pipeline.stream import Stream, StreamConfig
+
+log = logging.getLogger(__name__)
+RETRIEVAL_POOL = 256  # candidates per retrieval query group, as in the issue
+
+
+@dataclass
+class EvalPriorConfig:
+    ckpt: str
+    data: str
+    split: str = "val"
+    out: str = ""
+    steps: int = 64  # DDIM steps for sampling the predictions
+    guidance_scale: float = 0.0  # 0 = the checkpoint's own setting
+    max_samples: int = 2048
+    device: str = "auto"
+
+
+@torch.no_grad()
+def evaluate(prior, stream: Stream, steps: int, guidance: float, max_samples: int, device: str,
+             use_text_enc: bool) -> dict:
+    """Mean cosines (prediction vs image, vs text, text vs image baseline, image vs a prediction from another
+    sample's caption, mean-image predictor) and top-1/top-5 retrieval among groups of 256."""
+    preds, imgs, txts = [], [], []
+    gen = torch.Generator().manual_seed(0)
+    n = 0
+    for b in stream.torch_batches(device):
+        enc = (b["text_enc"], b["text_enc_mask"]) if use_text_enc else (None, None)
+        preds.append(prior.sample(b["text_emb"], *enc, steps=steps, guidance_scale=guidance, generator=gen).float())
+        imgs.append(F.normalize(b["img_emb"].float(), dim=-1))
+        txts.append(F.normalize(b["text_emb"].float(), dim=-1))
+        n += len(imgs[-1])
+        if n >= max_samples:
+            break
+    if not preds:
+        raise UsageError("the evaluation split is empty; lower --val-fraction's effect by adding data")
+    pred, img, txt = (torch.cat(x)[:max_samples].cpu() for x in (preds, imgs, txts))
+    mean_img = F.normalize(img.mean(0, keepdim=True), dim=-1)
+    out = {
+        "samples": len(pred),
+        "sim_pred_image": (pred * img).sum(-1).mean().item(),
+        "sim_pred_text": (pred * txt).sum(-1).mean().item(),
+        "sim_text_image_baseline": (txt * img).sum(-1).mean().item(),
+        "sim_image_unrelated_pred": (img * pred.roll(1, 0)).sum(-1).mean().item(),
+        "sim_mean_image_predictor": (img * mean_img).sum(-1).mean().item(),
+    }
+    for name, query in (("pred", pred), ("text", txt)):
+        top1, top5, groups = 0.0, 0.0, 0
+        for s in range(0, len(img), RETRIEVAL_POOL):
+            q, c = query[s: s + RETRIEVAL_POOL], img[s: s + RETRIEVAL_POOL]
+            if len(q) < 5:
+                continue
+            ranks = (q @ c.T).argsort(dim=1, descending=True)
+            hit = ranks == torch.arange(len(q))[:, None]
+            top1 += hit[:, :1].any(1).float().sum().item()
+            top5 += hit[:, :5].any(1).float().sum().item()
+            groups += len(q)
+        out[f"top1_{name}"], out[f"top5_{name}"] = top1 / max(groups, 1), top5 / max(groups, 1)
+    out["retrieval_chance_top1"] = 1 / min(RETRIEVAL_POOL, len(img))
+    return out
+
+
+def format_table(m: dict) -> str:
+    rows = [
+        ("predicted vs true image (cos)", m["sim_pred_image"]),
+        ("predicted vs text (cos)", m["sim_pred_text"]),
+        ("text vs true image, baseline (cos)", m["sim_text_image_baseline"]),
+        ("true image vs unrelated caption's prediction", m["sim_image_unrelated_pred"]),
+        ("mean-image predictor vs true image (cos)", m["sim_mean_image_predictor"]),
+        ("top-1 retrieval / 256, prediction", m["top1_pred"]),
+        ("top-1 retrieval / 256, text embedding", m["top1_text"]),
+        ("top-5 retrieval / 256, prediction", m["top5_pred"]),
+        ("top-5 retrieval / 256, text embedding", m["top5_text"]),
+        ("top-1 chance", m["retrieval_chance_top1"]),
+    ]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join([f"eval-prior on {m['samples']} held-out samples"] +
+                     [f"  {name:<{width}}  {v:7.4f}" for name, v in rows])
+
+
+def run(cfg: EvalPriorConfig) -> dict:
+    from jobs import checkpoint
+    from jobs.train_prior import build_prior, pick_device
+
+    folder = checkpoint.resolve(cfg.ckpt)
+    meta = checkpoint.read_meta(folder)
+    tcfg = meta["config"]
+    device = pick_device(cfg.device)
+    prior = build_prior(meta["prior"]).to(device).eval()
+    checkpoint.load_weights(prior, folder / "ema.safetensors")
+    fields = ("img_emb", "text_emb", "text_enc") if tcfg["text_encodings"] else ("img_emb", "text_emb")
+    stream = Stream(StreamConfig(cfg.data, fields=fields, batch_size=256, split=cfg.split,
+                                 val_fraction=tcfg["val_fraction"], split_seed=tcfg["split_seed"]))
+    metrics = evaluate(prior, stream, cfg.steps, cfg.guidance_scale or meta["prior"]["guidance_scale"],
+                       cfg.max_samples, device, tcfg["text_encodings"])
+    metrics["step"] = meta["step"]
+    out = Path(cfg.out) if cfg.out else folder / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2))
+    print(format_table(metrics))
+    return metrics

@@ -1,0 +1,225 @@
+"""Stage 3 — stream: the embedding store -> shuffled torch batches for a trainer, without loading it whole.
+
+Reads a store written by `pipeline.embed` (memory-mapped shards). Writes nothing.
+
+Order: a sample's split (train / val) is drawn per shard from ``(split_seed, shard)``, so it never changes when
+shards are added. Each epoch permutes the shards with ``(seed, epoch)``, takes them ``shards_per_block`` at a
+time and permutes the rows of each block, so batches mix several shards while only a few are touched at once.
+That global order is cut into steps of ``batch_size * world_size`` samples and rank ``r`` takes every
+``world_size``-th of them: ranks see disjoint data, and step ``s`` is a pure function of the seed, so a
+stream restarts at any step without reading what came before it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import store
+
+FIELDS = ("img_emb", "text_emb", "latents", "text_enc")
+
+
+@dataclass
+class StreamConfig:
+    store: str
+    fields: tuple[str, ...] = ("img_emb", "text_emb")
+    batch_size: int = 64
+    split: str = "train"  # "train" (shuffled, endless) or "val" (in order, one pass) or "all"
+    val_fraction: float = 0.02
+    split_seed: int = 0
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    shards_per_block: int = 8  # shards mixed together in one shuffle block: more mixing vs more open files
+    prefetch: int = 4  # batches prepared ahead in a background thread
+    start_step: int = 0
+
+
+class Store:
+    """Row index over a store's done shards, with a bounded cache of open memory maps."""
+
+    def __init__(self, root: str | Path, max_open: int = 64):
+        self.root = Path(root)
+        self.manifest = store.load_manifest(self.root)
+        self.shards = [(s, n) for s, n in store.shard_rows(self.root) if n > 0]
+        self._maps: OrderedDict = OrderedDict()
+        self._max_open = max_open
+
+    def array(self, field: str, shard: str) -> np.ndarray:
+        key = (field, shard)
+        if key not in self._maps:
+            self._maps[key] = store.open_array(self.root, field, shard)
+            if len(self._maps) > self._max_open:
+                self._maps.popitem(last=False)
+        self._maps.move_to_end(key)
+        return self._maps[key]
+
+    def split_rows(self, shard_index: int, split: str, fraction: float, seed: int) -> np.ndarray:
+        """Row numbers of a shard that belong to ``split``."""
+        shard, n = self.shards[shard_index]
+        if split == "all":
+            return np.arange(n)
+        val = np.random.default_rng([seed, int(shard) if shard.isdigit() else sum(shard.encode())]).random(n) < fraction
+        return np.flatnonzero(val if split == "val" else ~val)
+
+    def gather(self, field: str, shards: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Rows from several shards, in the order given; reads each shard's rows in ascending order."""
+        first = self.array(field, self.shards[shards[0]][0])
+        out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
+        for s in np.unique(shards):
+            sel = np.flatnonzero(shards == s)
+            order = np.argsort(rows[sel], kind="stable")
+            out[sel[order]] = self.array(field, self.shards[s][0])[rows[sel][order]]
+        return out
+
+    def gather_text_enc(self, shards: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-token encodings padded to the batch's longest caption: [B, L, W] and a mask [B, L]."""
+        spans = []
+        for s, r in zip(shards, rows):
+            off = self.array("text_enc_offsets", self.shards[s][0])
+            spans.append((s, int(off[r]), int(off[r + 1])))
+        width = self.array("text_enc", self.shards[shards[0]][0]).shape[1]
+        longest = max(b - a for _, a, b in spans)
+        enc = np.zeros((len(rows), longest, width), dtype=np.float16)
+        mask = np.zeros((len(rows), longest), dtype=bool)
+        for i, (s, a, b) in enumerate(spans):
+            enc[i, : b - a] = self.array("text_enc", self.shards[s][0])[a:b]
+            mask[i, : b - a] = True
+        return enc, mask
+
+
+class Stream:
+    """Batches of numpy arrays (``batches``) or torch tensors on a device (``torch_batches``)."""
+
+    def __init__(self, cfg: StreamConfig):
+        bad = [f for f in cfg.fields if f not in FIELDS]
+        if bad:
+            raise ValueError(f"unknown stream field(s) {bad}; valid: {', '.join(FIELDS)}")
+        if cfg.split not in ("train", "val", "all"):
+            raise ValueError(f"unknown split '{cfg.split}'; valid: train, val, all")
+        self.cfg = cfg
+        self.store = Store(cfg.store)
+        self.rows = [self.store.split_rows(i, cfg.split, cfg.val_fraction, cfg.split_seed)
+                     for i in range(len(self.store.shards))]
+        self.num_samples = sum(len(r) for r in self.rows)
+        self.global_batch = cfg.batch_size * cfg.world_size
+        if self.num_samples < self.global_batch and cfg.split == "train":
+            raise ValueError(f"the {cfg.split} split has {self.num_samples} samples, fewer than one step "
+                             f"({cfg.batch_size} x {cfg.world_size} ranks)")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def _epoch_order(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(shard index, row) arrays, block by block, in this epoch's global order."""
+        if self.cfg.split != "train":
+            for i, r in enumerate(self.rows):
+                yield np.full(len(r), i), r
+            return
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        shard_order = rng.permutation(len(self.rows))
+        for b in range(0, len(shard_order), self.cfg.shards_per_block):
+            block = shard_order[b: b + self.cfg.shards_per_block]
+            shards = np.concatenate([np.full(len(self.rows[i]), i) for i in block])
+            rows = np.concatenate([self.rows[i] for i in block])
+            perm = rng.permutation(len(rows))
+            yield shards[perm], rows[perm]
+
+    def indices(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """This rank's (shard index, row) per step, from ``start_step``; endless for train."""
+        cfg, step = self.cfg, self.cfg.start_step
+        epoch, skip = (step // self.steps_per_epoch, step % self.steps_per_epoch) if cfg.split == "train" else (0, 0)
+        while True:
+            pending_s, pending_r, have, to_skip = [], [], 0, skip * self.global_batch
+            for s, r in self._epoch_order(epoch):
+                if to_skip >= len(r):  # whole block skipped without gathering anything
+                    to_skip -= len(r)
+                    continue
+                s, r, to_skip = s[to_skip:], r[to_skip:], 0
+                pending_s.append(s)
+                pending_r.append(r)
+                have += len(r)
+                while have >= self.global_batch:
+                    s_all, r_all = np.concatenate(pending_s), np.concatenate(pending_r)
+                    g = self.global_batch
+                    yield s_all[:g][cfg.rank:: cfg.world_size], r_all[:g][cfg.rank:: cfg.world_size]
+                    pending_s, pending_r, have = [s_all[g:]], [r_all[g:]], have - g
+            if cfg.split != "train":  # one pass; the last partial batch is kept, split across ranks
+                if have:
+                    s_all, r_all = np.concatenate(pending_s), np.concatenate(pending_r)
+                    if len(s_all[cfg.rank:: cfg.world_size]):
+                        yield s_all[cfg.rank:: cfg.world_size], r_all[cfg.rank:: cfg.world_size]
+                return
+            epoch, skip = epoch + 1, 0
+
+    def _load(self, shards: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+        batch: dict[str, np.ndarray] = {}
+        for f in self.cfg.fields:
+            if f == "text_enc":
+                batch["text_enc"], batch["text_enc_mask"] = self.store.gather_text_enc(shards, rows)
+            else:
+                batch[f] = self.store.gather(f, shards, rows)
+        batch["shard"], batch["row"] = shards, rows
+        return batch
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """Numpy batches, prepared ``prefetch`` ahead in a background thread."""
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.cfg.prefetch))
+        stop, end = threading.Event(), object()
+
+        def work():
+            try:
+                for s, r in self.indices():
+                    item = self._load(s, r)
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(end)
+            except BaseException as e:  # handed to the consumer
+                q.put(e)
+
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        try:
+            while (item := q.get()) is not end:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def torch_batches(self, device="cpu") -> Iterator[dict]:
+        """Torch tensors on ``device``; pinned memory and non-blocking copies on CUDA. Stores' dtypes kept
+        (float16 embeddings, uint8 latents): cast and dequantise on the device."""
+        import torch
+
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        for b in self.batches():
+            out = {}
+            for k, v in b.items():
+                t = torch.from_numpy(np.ascontiguousarray(v))
+                out[k] = t.pin_memory().to(device, non_blocking=True) if cuda else t
+            yield out
+
+
+def dequantize_torch(q, lo, hi):
+    """The torch twin of `store.dequantize`, for latents on the training device. q: uint8 [B, C, h, w]."""
+    import torch
+
+    lo = torch.as_tensor(lo, dtype=torch.float32, device=q.device).view(1, -1, 1, 1)
+    hi = torch.as_tensor(hi, dtype=torch.float32, device=q.device).view(1, -1, 1, 1)
+    return lo + q.float() / 255.0 * (hi - lo)

@@ -1,0 +1,418 @@
+"""Embed stage: real dask runs on tiny webdataset tars with the random `unclip-tiny` CLIP, checked row by row
+against the encoders called directly."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from jobs.cli import main
+from pipeline import store
+from pipeline.embed_shard import read_tar
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+TINY = ["--clip", "unclip-tiny", "--pretrained", "none", "--batch-size", "8", "--workers", "1"]
+PIXELS = ["--latents", "pixels", "--latent-size", "16"]
+FP16_ATOL = 2e-3
+
+
+# ---------------------------------------------------------------- tiny webdataset shards
+
+
+def jpeg(seed: int, size: tuple[int, int] = (48, 48)) -> bytes:
+    """A noise image of its own colour: every sample's embedding differs from every other's."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, 3)
+    px = np.clip(base + rng.integers(-60, 60, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def caption(seed: int) -> str:
+    words = ["red", "dog", "on", "a", "blue", "sofa", "under", "the", "bright", "moon"]
+    return " ".join(words[(seed + i) % len(words)] for i in range(2 + seed % 7)) + f" number {seed}"
+
+
+def sample(key: str, seed: int, image: bytes | None = b"", text: str | None = "", size=(48, 48)) -> dict:
+    """One img2dataset-style sample; ``image=None`` / ``text=None`` leave that member out."""
+    cap = caption(seed) if text == "" else text
+    meta = {"key": key, "url": f"http://img.test/{key}.jpg", "caption": cap, "width": size[0], "height": size[1]}
+    return {"key": key, "jpg": jpeg(seed, size) if image == b"" else image,
+            "txt": cap.encode() if cap is not None else None, "json": json.dumps(meta).encode()}
+
+
+def write_tar(path: Path, samples: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for s in samples:
+            for ext in ("jpg", "txt", "json"):
+                if s.get(ext) is not None:
+                    info = tarfile.TarInfo(f"{s['key']}.{ext}")
+                    info.size = len(s[ext])
+                    tf.addfile(info, io.BytesIO(s[ext]))
+    return path
+
+
+def good_samples(shard: int, order: list[int]) -> list[dict]:
+    """Keys in the given (unsorted) order, as img2dataset writes them in completion order."""
+    return [sample(f"{shard:05d}{i:04d}", shard * 100 + i, size=(48, 48) if i % 3 else (56, 40)) for i in order]
+
+
+BAD_KEYS = {"000000900": "cannot decode image", "000000901": "no caption", "000000902": "no image"}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """00000: 13 good samples out of key order plus 3 unusable ones; 00001: empty; 00002: 9 good samples."""
+    d = tmp_path_factory.mktemp("shards")
+    s0 = good_samples(0, [7, 2, 11, 0, 5, 12, 1, 9, 3, 10, 4, 8, 6])
+    s0.insert(3, sample("000000900", 900, image=b"\xff\xd8 this is not a jpeg " * 20))
+    s0.insert(8, sample("000000901", 901, text=None))
+    s0.insert(12, sample("000000902", 902, image=None))
+    write_tar(d / "00000.tar", s0)
+    write_tar(d / "00001.tar", [])  # img2dataset writes an empty tar when every row of a shard failed
+    write_tar(d / "00002.tar", good_samples(2, [4, 0, 8, 2, 6, 1, 3, 7, 5]))
+    return d
+
+
+def tar_samples(path: Path) -> dict[str, dict]:
+    return {s.key: s for s in read_tar(str(path))}
+
+
+def embed(*args: str) -> int:
+    return main(["embed", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def base(shards, tmp_path_factory) -> Path:
+    """Pixels latents and per-token text encodings; shards named by a brace range."""
+    out = tmp_path_factory.mktemp("base") / "store"
+    assert embed("--shards", f"{shards}/{{00000..00002}}.tar", "--out", out, *TINY, *PIXELS, "--text-encodings") == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from pipeline.encoders import load_clip
+
+    return load_clip("unclip-tiny", "none", "cpu", 0)
+
+
+def direct(clip, image: bytes, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """The CLIP image and text embeddings of one sample, computed without the pipeline."""
+    from pipeline.encoders import encode_image, encode_text, normalize
+
+    img = clip.preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None]
+    tokens = clip.tokenizer([text])
+    return (normalize(encode_image(clip, img))[0].numpy(), normalize(encode_text(clip, tokens)[0])[0].numpy())
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).parts[0] != "logs"}
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------- row alignment and content
+
+
+def test_rows_are_aligned_with_the_samples_they_come_from(base, shards, clip):
+    manifest = store.load_manifest(base)
+    assert manifest["clip"]["dim"] == 64 and manifest["latents"]["shape"] == [3, 16, 16]
+    assert store.shard_rows(base) == [("00000", 13), ("00001", 0), ("00002", 9)]
+    for shard, rows in [("00000", 13), ("00002", 9)]:
+        src = tar_samples(shards / f"{shard}.tar")
+        meta = store.read_metadata(base, shard).to_pylist()
+        keys = [m["key"] for m in meta]
+        assert keys == [k for k in src if k not in BAD_KEYS]  # tar order, not sorted order
+        assert keys != sorted(keys)
+        img, txt = store.open_array(base, "img_emb", shard), store.open_array(base, "text_emb", shard)
+        lat = store.open_array(base, "latents", shard)
+        assert img.dtype == txt.dtype == np.float16 and img.shape == txt.shape == (rows, 64)
+        assert lat.dtype == np.uint8 and lat.shape == (rows, 3, 16, 16)
+        for arr in (img, txt):
+            assert np.allclose(np.linalg.norm(arr.astype(np.float32), axis=1), 1, atol=2e-3)
+            # rows differ by more than the tolerance, so a shifted row could not pass the per-row check below
+            x = arr.astype(np.float32)
+            apart = np.abs(x[:, None] - x[None]).max(-1)[~np.eye(rows, dtype=bool)]
+            assert apart.min() > 3 * FP16_ATOL
+        for i, m in enumerate(meta):
+            s = src[m["key"]]
+            assert m["caption"] == s.caption and m["url"] == s.meta["url"]
+            assert (m["width"], m["height"]) == (s.meta["width"], s.meta["height"])
+            want_img, want_txt = direct(clip, s.image, s.caption)
+            np.testing.assert_allclose(img[i].astype(np.float32), want_img, atol=FP16_ATOL)
+            np.testing.assert_allclose(txt[i].astype(np.float32), want_txt, atol=FP16_ATOL)
+            pil = Image.open(io.BytesIO(s.image)).convert("RGB")
+            want_px = np.asarray(ImageOps.fit(pil, (16, 16), Image.BICUBIC)).transpose(2, 0, 1)
+            np.testing.assert_array_equal(lat[i], want_px)
+
+
+def test_unusable_samples_become_error_rows_not_misaligned_rows(base):
+    errors = pq.read_table(store.field_path(base, "errors", "00000")).to_pylist()
+    assert sorted(e["key"] for e in errors) == sorted(BAD_KEYS)
+    for e in errors:
+        assert BAD_KEYS[e["key"]] in e["reason"]
+    marker = store.read_done(base, "00000")
+    assert marker["rows"] == 13 and marker["errors"] == 3
+    assert not set(BAD_KEYS) & set(store.read_metadata(base, "00000")["key"].to_pylist())
+    assert not store.field_path(base, "errors", "00002").exists()
+    summary = json.loads((base / "logs" / "embed_summary.json").read_text())
+    assert summary["rows"] == summary["rows_this_run"] == 22 and summary["errors"] == 3 and not summary["failed"]
+
+
+def test_empty_shard_writes_only_its_marker_and_embedding_reader_reads_the_store(base):
+    from embedding_reader import EmbeddingReader
+
+    assert store.read_done(base, "00001") == {**store.read_done(base, "00001"), "rows": 0, "files": {}}
+    assert [p for p in base.rglob("*_00001.*")] == []
+    reader = EmbeddingReader(str(base / "img_emb"), file_format="parquet_npy", meta_columns=["key", "caption"],
+                             metadata_folder=str(base / "metadata"))
+    assert reader.count == 22
+    got_emb, got_meta = [], []
+    for emb, meta in reader(batch_size=5, show_progress=False):
+        got_emb.append(emb)
+        got_meta += meta[["key", "caption"]].to_dict("records")
+    ours = [(s, i) for s, n in store.shard_rows(base) for i in range(n)]
+    meta = {s: store.read_metadata(base, s).to_pylist() for s in ("00000", "00002")}
+    assert len(got_meta) == len(ours) == 22
+    got = np.concatenate(got_emb)
+    for j, (s, i) in enumerate(ours):
+        assert got_meta[j] == {"key": meta[s][i]["key"], "caption": meta[s][i]["caption"]}
+        np.testing.assert_array_equal(got[j], store.open_array(base, "img_emb", s)[i].astype(got.dtype))
+
+
+def test_text_encodings_are_each_captions_tokens(base, shards, clip):
+    from pipeline.encoders import encode_text
+
+    assert store.load_manifest(base)["text_enc"]["width"] == 128
+    for shard in ("00000", "00002"):
+        enc, off = store.open_array(base, "text_enc", shard), store.open_array(base, "text_enc_offsets", shard)
+        caps = store.read_metadata(base, shard)["caption"].to_pylist()
+        assert enc.dtype == np.float16 and off.dtype == np.int64 and len(off) == len(caps) + 1
+        assert off[0] == 0 and off[-1] == len(enc)
+        lengths = np.diff(off)
+        assert len(set(lengths.tolist())) > 3  # captions of different lengths: the flat layout is exercised
+        for i, cap in enumerate(caps):
+            _, tok, n = encode_text(clip, clip.tokenizer([cap]), with_tokens=True)
+            assert lengths[i] == int(n[0]) == len(clip.tokenizer.encode(cap)) + 2  # start/end-of-text
+            np.testing.assert_allclose(enc[off[i]:off[i + 1]].astype(np.float32), tok[0, : n[0]].numpy(),
+                                       atol=1e-2, rtol=2e-3)
+
+
+# ---------------------------------------------------------------- VAE latents and real weights
+
+
+def tiny_vae(path: Path) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                  latent_channels=4, norm_num_groups=4, sample_size=32).save_pretrained(path)
+    return path
+
+
+def test_vae_latents_are_uint8_with_a_fitted_range(shards, tmp_path):
+    from pipeline.encoders import load_vae, vae_encode
+
+    vae_dir = tiny_vae(tmp_path / "vae")
+    out = tmp_path / "store"
+    # shards 00001 (empty) and 00002: the latent range is fitted on data even though the first shard is empty
+    assert embed("--shards", f"{shards}/0000[12].tar", "--out", out, *TINY, "--latents", "vae",
+                 "--vae", vae_dir, "--latent-size", "8") == 0
+    lat = store.load_manifest(out)["latents"]
+    assert lat["codec"] == "vae" and lat["shape"] == [4, 8, 8] and lat["image_size"] == 16
+    lo, hi = np.array(lat["lo"]), np.array(lat["hi"])
+    assert lo.shape == hi.shape == (4,) and (hi > lo).all()
+    q = store.open_array(out, "latents", "00002")
+    assert q.dtype == np.uint8 and q.shape == (9, 4, 8, 8)
+    assert q.min() < 20 and q.max() > 235  # the range is fitted: the codes use most of 0..255
+    mae = store.read_done(out, "00002")["latent_roundtrip_mae"]
+    assert 0 < mae < (hi - lo).max() / 100
+    # row i dequantises to the VAE latent of that row's image
+    vae = load_vae(str(vae_dir), "cpu")
+    src = tar_samples(shards / "00002.tar")
+    keys = store.read_metadata(out, "00002")["key"].to_pylist()
+    px = np.stack([np.asarray(ImageOps.fit(Image.open(io.BytesIO(src[k].image)).convert("RGB"), (16, 16),
+                                           Image.BICUBIC)) for k in keys]).transpose(0, 3, 1, 2)
+    x = vae_encode(vae, torch.from_numpy(px).float() / 127.5 - 1).numpy()
+    err = np.abs(store.dequantize(q, lo, hi) - np.clip(x, store._bcast(lo, 4), store._bcast(hi, 4)))
+    assert err.max() <= (hi - lo).max() / 255 / 2 + 1e-4
+
+
+def test_clip_weights_from_a_checkpoint_path(shards, base, tmp_path, clip):
+    import open_clip
+
+    from pipeline.encoders import Clip, encode_image, normalize
+
+    torch.manual_seed(5)
+    model, _, _ = open_clip.create_model_and_transforms("unclip-tiny", pretrained=None)
+    ckpt = tmp_path / "tiny5.pt"
+    torch.save(model.state_dict(), ckpt)
+    out = tmp_path / "store"
+    assert embed("--shards", shards / "00002.tar", "--out", out, *TINY, "--pretrained", ckpt) == 0
+    assert store.load_manifest(out)["clip"]["random_init"] is False
+    src = tar_samples(shards / "00002.tar")
+    keys = store.read_metadata(out, "00002")["key"].to_pylist()
+    images = torch.stack([clip.preprocess(Image.open(io.BytesIO(src[k].image)).convert("RGB")) for k in keys])
+    five = Clip(**{**vars(clip), "model": model.eval()})
+    want = normalize(encode_image(five, images)).numpy()
+    got = store.open_array(out, "img_emb", "00002").astype(np.float32)
+    np.testing.assert_allclose(got, want, atol=FP16_ATOL)
+    assert np.abs(got - store.open_array(base, "img_emb", "00002")).max() > 0.1  # not the seed-0 weights
+
+
+# ---------------------------------------------------------------- resume, settings, bad input
+
+
+def run_cli(args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "jobs.cli", "embed", *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, **kw)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_bytes(tmp_path):
+    d = tmp_path / "shards"
+    for s in range(8):
+        write_tar(d / f"{s:05d}.tar", good_samples(s, [(i * 7) % 24 for i in range(24)]))
+    args = ["--shards", d, *TINY, *PIXELS, "--text-encodings"]
+    out, ref = tmp_path / "store", tmp_path / "ref"
+    proc = run_cli([*args, "--out", out], start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not list((out / "done").glob("*.json")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its dask cluster, mid-run
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 1 <= len(store.done_shards(out)) < 8
+    assert embed(*args, "--out", out) == 0
+    assert embed(*args, "--out", ref) == 0
+    got, want = files_of(out), files_of(ref)
+    assert sorted(got) == sorted(want) and len(want) == 1 + 8 * 7  # manifest + 8 x (6 arrays/tables + marker)
+    assert [k for k in want if got[k] != want[k]] == []
+    before = mtimes(out)
+    assert run_cli([*args, "--out", out]).wait() == 0
+    assert json.loads((out / "logs" / "embed_summary.json").read_text())["rows_this_run"] == 0
+    after = mtimes(out)
+    assert {k: v for k, v in after.items() if not k.startswith("logs")} == \
+        {k: v for k, v in before.items() if not k.startswith("logs")}
+
+
+def test_store_made_with_other_settings_is_refused_then_overwritten(base, shards, tmp_path, capsys):
+    before = mtimes(base)
+    assert embed("--shards", shards, "--out", base, *TINY, "--text-encodings") == 2  # no --latents pixels
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("unclip embed: error:") and "latents" in err[0]
+    assert "--overwrite" in err[0]
+    assert embed("--shards", shards, "--out", base, *TINY, *PIXELS, "--text-encodings", "--seed", "3") == 2
+    assert "seed" in capsys.readouterr().err
+    assert mtimes(base) == before
+    out = tmp_path / "store"
+    shutil.copytree(base, out)
+    assert embed("--shards", shards / "00002.tar", "--out", out, *TINY, "--overwrite") == 0
+    assert store.load_manifest(out)["latents"] is None and store.load_manifest(out)["text_enc"] is None
+    assert store.done_shards(out) == ["00002"]
+    assert not (out / "latents").exists() and not (out / "text_enc").exists()
+    assert not (out / "errors").exists() and not (out / "img_emb" / "img_emb_00000.npy").exists()
+    assert store.read_metadata(out, "00002")["key"].to_pylist() == store.read_metadata(base, "00002")["key"].to_pylist()
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("no_match", "no .tar shard matched"),
+    ("arch", "unknown CLIP architecture 'ViT-Nope'"),
+    ("checkpoint", "CLIP checkpoint not found"),
+    ("garbage_tar", "unreadable tar"),
+    ("vae_missing", "VAE folder not found"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--shards", shards, "--out", out, *TINY]
+    if case == "no_match":
+        args[1] = f"{tmp_path}/nowhere/{{00000..00003}}.tar"
+    elif case == "arch":
+        args += ["--clip", "ViT-Nope"]
+    elif case == "checkpoint":
+        args += ["--pretrained", f"{tmp_path}/missing.pt"]
+    elif case == "garbage_tar":
+        bad = tmp_path / "bad"
+        shutil.copytree(shards, bad)
+        (bad / "00003.tar").write_bytes(b"these are not the bytes of a tar file\n" * 40)
+        args[1] = bad
+    elif case == "vae_missing":
+        args += ["--latents", "vae", "--vae", f"{tmp_path}/no_vae/"]
+    assert embed(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("unclip embed: error: ") and expect in err[0]
+    if case == "no_match":
+        assert "nowhere/{00000..00003}.tar" in err[0]
+    if case == "arch":
+        assert "ViT-B-32" in err[0] and "unclip-tiny" in err[0]
+    if case == "garbage_tar":
+        assert "00003.tar" in err[0]
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- dask with an external scheduler
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_external_scheduler_gives_the_local_cluster_result(base, shards, tmp_path):
+    from dask.distributed import Client
+
+    dask = str(Path(PY).parent / "dask")
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", addr.rsplit(":", 1)[1],
+                               "--no-dashboard"], cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        procs += [subprocess.Popen([dask, "worker", addr, "--nthreads", "1", "--nworkers", "1", "--no-dashboard",
+                                    "--host", "127.0.0.1"], cwd=ROOT, start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+        with Client(addr, timeout="60s") as c:
+            c.wait_for_workers(2, timeout=90)
+        out = tmp_path / "store"
+        assert embed("--shards", shards, "--out", out, *TINY, *PIXELS, "--text-encodings", "--scheduler", addr) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert store.shard_rows(out) == store.shard_rows(base)
+    for shard in ("00000", "00002"):
+        assert store.read_metadata(out, shard).equals(store.read_metadata(base, shard))
+        for f in ("img_emb", "text_emb", "text_enc"):
+            a, b = store.open_array(out, f, shard), store.open_array(base, f, shard)
+            assert a.shape == b.shape and np.allclose(a, b, atol=FP16_ATOL, rtol=2e-3)
+        for f in ("latents", "text_enc_offsets"):
+            np.testing.assert_array_equal(store.open_array(out, f, shard), store.open_array(base, f, shard))
+        assert (store.field_path(out, "errors", shard).exists()
+                == store.field_path(base, "errors", shard).exists())

@@ -1,0 +1,116 @@
+"""The store format: uint8 latent quantisation, atomic writes, the done marker written last."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline import store
+
+
+def test_quantize_round_trip_is_within_half_a_step():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (64, 4, 8, 8)).astype(np.float32) * np.array([1, 3, 0.5, 10], np.float32)[None, :, None, None]
+    lo, hi = store.fit_quantization(x)
+    assert lo.shape == hi.shape == (4,) and (hi > lo).all()
+    assert np.allclose(hi - lo, np.array([1, 3, 0.5, 10]) * (hi[0] - lo[0]), rtol=0.1)  # per channel
+    q = store.quantize(x, lo, hi)
+    assert q.dtype == np.uint8 and q.shape == x.shape
+    assert q.min() == 0 and q.max() == 255
+    step = (hi - lo)[None, :, None, None] / 255
+    inside = (x >= lo[None, :, None, None]) & (x <= hi[None, :, None, None])
+    err = np.abs(store.dequantize(q, lo, hi) - x)
+    assert inside.mean() > 0.99 and np.broadcast_to(err <= step / 2 + 1e-6, x.shape)[inside].all()
+    # outliers clip to the ends of the range
+    assert (q[~inside] % 255 == 0).all()
+    # the formula of the design: q = round((x - lo) / (hi - lo) * 255)
+    assert store.quantize(np.array([[0.0, 0.5, 1.0, 0.502]], np.float32).reshape(1, 1, 4), [0.0], [1.0]).tolist() \
+        == [[[0, 128, 255, 128]]]
+    assert np.allclose(store.dequantize(np.array([[0, 255]], np.uint8), [-1.0], [1.0]), [[-1, 1]])
+
+
+def test_fit_quantization_ignores_a_few_outliers():
+    x = np.linspace(-1, 1, 10000, dtype=np.float32).reshape(100, 1, 100)
+    x[0, 0, :5] = 1000.0
+    lo, hi = store.fit_quantization(x)
+    assert -1.01 < lo[0] < -0.99 and 0.99 < hi[0] < 1.01
+    lo, hi = store.fit_quantization(np.zeros((4, 2, 3), np.float32))  # constant channel: no division by 0
+    assert (hi > lo).all() and store.quantize(np.zeros((4, 2, 3), np.float32), lo, hi).max() == 0
+
+
+def tables(keys: list[str], errors: list[str] = ()) -> dict[str, pa.Table]:
+    return {"metadata": pa.table({"key": keys, "caption": [f"c {k}" for k in keys]}),
+            "errors": pa.table({"key": list(errors), "reason": ["bad"] * len(errors)})}
+
+
+def arrays(n: int) -> dict[str, np.ndarray]:
+    return {"img_emb": np.ones((n, 4), np.float16), "text_emb": np.zeros((n, 4), np.float16),
+            "text_enc": np.ones((3 * n, 2), np.float16), "text_enc_offsets": np.arange(0, 3 * n + 1, 3)}
+
+
+def test_write_shard_writes_the_marker_last_with_checksums(tmp_path, monkeypatch):
+    order = []
+    real = store._atomic_bytes
+    monkeypatch.setattr(store, "_atomic_bytes", lambda p, d: (order.append(p.relative_to(tmp_path)), real(p, d)))
+    marker = store.write_shard(tmp_path, "00007", arrays(3), tables(["a", "b", "c"], ["z"]), 3, {"source": "x"})
+    assert str(order[-1]) == "done/00007.json" and len(order) == 7
+    assert marker == store.read_done(tmp_path, "00007") and marker["rows"] == 3 and marker["source"] == "x"
+    assert sorted(marker["files"]) == sorted(str(p) for p in order[:-1])
+    for rel, digest in marker["files"].items():
+        assert hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest() == digest
+    assert [p.name for p in tmp_path.rglob(".*")] == []  # no temp files left
+    assert store.read_metadata(tmp_path, "00007")["key"].to_pylist() == ["a", "b", "c"]
+    assert store.open_array(tmp_path, "text_enc_offsets", "00007").tolist() == [0, 3, 6, 9]
+    assert store.shard_rows(tmp_path) == [("00007", 3)]
+
+
+def test_same_content_gives_the_same_bytes(tmp_path):
+    a = store.write_shard(tmp_path / "a", "00000", arrays(2), tables(["k", "l"]), 2)
+    b = store.write_shard(tmp_path / "b", "00000", arrays(2), tables(["k", "l"]), 2)
+    assert a["files"] == b["files"]
+
+
+def test_a_crash_mid_shard_leaves_it_not_done_and_remove_shard_cleans_up(tmp_path, monkeypatch):
+    calls = []
+    real_replace = os.replace
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(store.os, "replace", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        store.write_shard(tmp_path, "00001", arrays(2), tables(["k", "l"]), 2)
+    monkeypatch.setattr(store.os, "replace", real_replace)
+    assert not store.is_done(tmp_path, "00001") and store.done_shards(tmp_path) == []
+    assert len(list(tmp_path.rglob(".*.tmp*"))) == 1 and len([p for p in tmp_path.rglob("*.npy")]) == 2
+    store.remove_shard(tmp_path, "00001")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_shard_with_no_rows_writes_only_errors_and_marker(tmp_path):
+    marker = store.write_shard(tmp_path, "00003", {}, {"metadata": None, "errors": tables([], ["x", "y"])["errors"]}, 0)
+    assert marker["rows"] == 0 and list(marker["files"]) == ["errors/errors_00003.parquet"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
+        ["done/00003.json", "errors/errors_00003.parquet"]
+
+
+def test_rows_that_disagree_are_refused_before_anything_is_written(tmp_path):
+    bad = arrays(3)
+    bad["text_emb"] = bad["text_emb"][:2]
+    with pytest.raises(ValueError, match="text_emb has 2 rows, expected 3"):
+        store.write_shard(tmp_path, "00000", bad, tables(["a", "b", "c"]), 3)
+    with pytest.raises(ValueError, match="metadata has 2 rows, expected 3"):
+        store.write_shard(tmp_path, "00000", arrays(3), tables(["a", "b"]), 3)
+    assert not tmp_path.joinpath("done").exists() and list(tmp_path.rglob("*.npy")) == []
+
+
+def test_shard_id_of():
+    assert store.shard_id_of("s3://bucket/data/00012.tar") == "00012"
+    assert store.shard_id_of("/x/00003.tar") == "00003"

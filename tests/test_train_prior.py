@@ -1,0 +1,116 @@
+"""train-prior / eval-prior: exact resume, strict checkpoints, divergence, learning, two-process gloo."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from jobs import checkpoint
+from jobs.cli import main as cli
+from jobs.eval_prior import EvalPriorConfig
+from jobs.eval_prior import run as eval_run
+from jobs.train_prior import TrainPriorConfig, main
+from models.prior import DiffusionPrior
+from pipeline.errors import StageError, UsageError
+from tests.synthetic_store import make_store
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    make_store(root, [300, 0, 250, 300], dim=32, n_classes=48, text_enc_width=16)
+    return str(root)
+
+
+def cfg_for(data, out, **kw):
+    base = dict(data=data, out=str(out), batch_size=32, steps=20, eval_every=0, save_every=10, log_every=5,
+                warmup_steps=5, val_fraction=0.1)
+    return TrainPriorConfig(**{**base, **kw})
+
+
+def weights(folder):
+    return {n: (folder / n).read_bytes() for n in ("model.safetensors", "ema.safetensors")}
+
+
+@pytest.mark.parametrize("text_encodings", [False, True])
+def test_resume_is_exact(data, tmp_path, text_encodings):
+    main(cfg_for(data, tmp_path / "straight", text_encodings=text_encodings))
+    main(cfg_for(data, tmp_path / "resumed", stop_after=10, text_encodings=text_encodings))
+    report = main(cfg_for(data, tmp_path / "resumed", resume=True, text_encodings=text_encodings))
+    assert report["start_step"] == 10
+    a = weights(tmp_path / "straight/ckpt/step_00000020")
+    b = weights(tmp_path / "resumed/ckpt/step_00000020")
+    assert a == b
+    assert a != weights(tmp_path / "straight/ckpt/step_00000010")
+    assert (tmp_path / "straight/loss.png").stat().st_size > 1000
+    meta = checkpoint.read_meta(tmp_path / "straight/ckpt/step_00000020")
+    assert meta["step"] == 20 and meta["config"]["text_encodings"] == text_encodings
+    assert meta["version"]["checkpoint_format"] == checkpoint.CHECKPOINT_FORMAT
+
+
+def test_resume_refuses_other_settings_and_loading_is_strict(data, tmp_path):
+    main(cfg_for(data, tmp_path, stop_after=10))
+    with pytest.raises(UsageError, match="lr"):
+        main(cfg_for(data, tmp_path, lr=1e-3, resume=True))
+    with pytest.raises(UsageError, match="model config differs .* depth"):
+        main(cfg_for(data, tmp_path, preset="vit-b-32", resume=True))
+    other = DiffusionPrior(_tiny(depth=1))
+    with pytest.raises(UsageError, match="does not match the model"):
+        checkpoint.load_weights(other, tmp_path / "ckpt/step_00000010/ema.safetensors")
+    meta = tmp_path / "ckpt/step_00000010/meta.json"
+    m = json.loads(meta.read_text())
+    m["version"]["checkpoint_format"] = 99
+    meta.write_text(json.dumps(m))
+    with pytest.raises(UsageError, match="format 99"):
+        checkpoint.read_meta(meta.parent)
+
+
+def _tiny(**kw):
+    from models.prior import prior_config
+
+    return prior_config("tiny", emb_dim=32, **kw)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
+    real, calls = DiffusionPrior.loss, {"n": 0}
+
+    def flaky(self, *a, **kw):
+        calls["n"] += 1
+        out = real(self, *a, **kw)
+        return out * float("nan") if calls["n"] == 7 else out
+
+    monkeypatch.setattr(DiffusionPrior, "loss", flaky)
+    with pytest.raises(StageError, match="loss is nan at step 6"):
+        main(cfg_for(data, tmp_path, save_every=3))
+    assert checkpoint.resolve(tmp_path).name == "step_00000006"
+    assert cli(["eval-prior", "--ckpt", str(tmp_path), "--data", data, "--steps", "4", "--max-samples", "64"]) == 0
+
+
+def test_prior_learns_the_mapping(data, tmp_path, capsys):
+    main(cfg_for(data, tmp_path, steps=400, batch_size=64, lr=1e-3, ema_decay=0.99, save_every=400,
+                 warmup_steps=20))
+    m = eval_run(EvalPriorConfig(ckpt=str(tmp_path), data=data, steps=16))
+    assert "top-1 retrieval / 256, prediction" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ckpt/step_00000400/eval.json").read_text())["top1_pred"] == m["top1_pred"]
+    assert m["top1_pred"] > 10 * m["retrieval_chance_top1"]
+    assert m["top1_pred"] > m["top1_text"] + 0.1
+    assert m["sim_pred_image"] > m["sim_mean_image_predictor"] + 0.1
+    assert m["sim_pred_image"] > m["sim_image_unrelated_pred"]
+
+
+def test_two_process_gloo_training(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           "-m", "jobs.cli", "train-prior", "--data", data, "--out", str(tmp_path), "--steps", "6",
+           "--batch-size", "16", "--save-every", "6", "--eval-every", "0", "--log-rows", "--device", "cpu"]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=240)
+    r0, r1 = (torch.load(tmp_path / f"rows_rank{r}.pt") for r in (0, 1))
+    assert r0.shape == r1.shape == (6 * 16, 2)
+    s0, s1 = {tuple(x) for x in r0.tolist()}, {tuple(x) for x in r1.tolist()}
+    assert len(s0) == len(s1) == 96 and not s0 & s1
+    digests = json.loads((tmp_path / "weights_by_rank.json").read_text())
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert checkpoint.read_meta(checkpoint.resolve(tmp_path))["world_size"] == 2
