@@ -30,8 +30,16 @@ PACKAGE_VERSION = "0.1.0"
 def code_version() -> dict:
     """Package version and checkpoint format (checked on load), and the git commit (informational)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"package": PACKAGE_VERSION, "checkpoint_format": CHECKPOINT_FORMAT, "git_commit": commit}
@@ -41,8 +49,14 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def save(ckpt_dir: str | Path, step: int, model: torch.nn.Module, ema: torch.nn.Module, extra_state: dict,
-         meta: dict) -> Path:
+def save(
+    ckpt_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    extra_state: dict,
+    meta: dict,
+) -> Path:
     root = Path(ckpt_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -84,8 +98,10 @@ def load_weights(module: torch.nn.Module, file: str | Path) -> None:
     state = load_file(str(file))
     missing, unexpected = module.state_dict().keys() - state.keys(), state.keys() - module.state_dict().keys()
     if missing or unexpected:
-        raise UsageError(f"{file} does not match the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise UsageError(
+            f"{file} does not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
     module.load_state_dict(state, strict=True)
 
 

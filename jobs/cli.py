@@ -25,17 +25,30 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "demo-data": Command("draw the built-in procedural demo dataset", "pipeline.demo_data", "DemoDataConfig"),
-    "download": Command("download a URL/caption table into webdataset shards (img2dataset)",
-                        "pipeline.download", "DownloadConfig", report="jobs.demo:print_download_summary"),
-    "embed": Command("embed webdataset shards with CLIP (and latents) into the shard-aligned store",
-                     "pipeline.embed", "EmbedConfig"),
-    "validate": Command("check every shard of an embedding store against its manifest",
-                        "pipeline.validate", "ValidateConfig", positional=("store",),
-                        report="pipeline.validate:print_report"),
-    "train-prior": Command("train the diffusion prior on an embedding store", "jobs.train_prior",
-                           "TrainPriorConfig"),
-    "eval-prior": Command("evaluate a prior checkpoint on a store's held-out split", "jobs.eval_prior",
-                          "EvalPriorConfig"),
+    "download": Command(
+        "download a URL/caption table into webdataset shards (img2dataset)",
+        "pipeline.download",
+        "DownloadConfig",
+        report="jobs.demo:print_download_summary",
+    ),
+    "embed": Command(
+        "embed webdataset shards with CLIP (and latents) into the shard-aligned store",
+        "pipeline.embed",
+        "EmbedConfig",
+    ),
+    "validate": Command(
+        "check every shard of an embedding store against its manifest",
+        "pipeline.validate",
+        "ValidateConfig",
+        positional=("store",),
+        report="pipeline.validate:print_report",
+    ),
+    "train-prior": Command(
+        "train the diffusion prior on an embedding store", "jobs.train_prior", "TrainPriorConfig"
+    ),
+    "eval-prior": Command(
+        "evaluate a prior checkpoint on a store's held-out split", "jobs.eval_prior", "EvalPriorConfig"
+    ),
     "demo": Command("run every stage on the built-in demo dataset", "jobs.demo", "DemoConfig"),
 }
 
@@ -57,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     for noisy in ("distributed", "urllib3", "PIL"):  # dask logs every worker start and stop at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cmd = COMMANDS[args.command]

@@ -67,10 +67,19 @@ def build_config(cls: type, args: argparse.Namespace) -> Any:
             raise UsageError(f"cannot read --config {args.config}: {e}") from e
         unknown = sorted(set(values) - names)
         if unknown:
-            raise UsageError(f"unknown keys in {args.config}: {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+            raise UsageError(
+                f"unknown keys in {args.config}: {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+            )
     values.update({k: v for k, v in vars(args).items() if k in names})
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
-        raise UsageError("missing required setting(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))
+        raise UsageError(
+            "missing required setting(s): " + ", ".join("--" + m.replace("_", "-") for m in missing)
+        )
     return cls(**values)

@@ -45,7 +45,9 @@ def run(cfg: DemoClipConfig) -> dict:
     clip = load_clip(cfg.arch, "none", "cpu", cfg.seed)
     model = clip.model.train()
     table = pq.read_table(Path(cfg.data) / "demo.parquet", columns=["url", "caption"]).to_pydict()
-    images = torch.stack([clip.preprocess(Image.open(Path(cfg.data) / u).convert("RGB")) for u in table["url"]])
+    images = torch.stack(
+        [clip.preprocess(Image.open(Path(cfg.data) / u).convert("RGB")) for u in table["url"]]
+    )
     tokens = clip.tokenizer(table["caption"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1)
     loss_fn, rng = ClipLoss(), np.random.default_rng(cfg.seed)

@@ -33,8 +33,9 @@ class EvalPriorConfig:
 
 
 @torch.no_grad()
-def evaluate(prior, stream: Stream, steps: int, guidance: float, max_samples: int, device: str,
-             use_text_enc: bool) -> dict:
+def evaluate(
+    prior, stream: Stream, steps: int, guidance: float, max_samples: int, device: str, use_text_enc: bool
+) -> dict:
     """Mean cosines (prediction vs image, vs text, text vs image baseline, image vs a prediction from another
     sample's caption, mean-image predictor) and top-1/top-5 retrieval among groups of 256."""
     preds, imgs, txts = [], [], []
@@ -42,7 +43,9 @@ def evaluate(prior, stream: Stream, steps: int, guidance: float, max_samples: in
     n = 0
     for b in stream.torch_batches(device):
         enc = (b["text_enc"], b["text_enc_mask"]) if use_text_enc else (None, None)
-        preds.append(prior.sample(b["text_emb"], *enc, steps=steps, guidance_scale=guidance, generator=gen).float())
+        preds.append(
+            prior.sample(b["text_emb"], *enc, steps=steps, guidance_scale=guidance, generator=gen).float()
+        )
         imgs.append(F.normalize(b["img_emb"].float(), dim=-1))
         txts.append(F.normalize(b["text_emb"].float(), dim=-1))
         n += len(imgs[-1])
@@ -63,7 +66,7 @@ def evaluate(prior, stream: Stream, steps: int, guidance: float, max_samples: in
     for name, query in (("pred", pred), ("text", txt)):
         top1, top5, groups = 0.0, 0.0, 0
         for s in range(0, len(img), RETRIEVAL_POOL):
-            q, c = query[s: s + RETRIEVAL_POOL], img[s: s + RETRIEVAL_POOL]
+            q, c = query[s : s + RETRIEVAL_POOL], img[s : s + RETRIEVAL_POOL]
             if len(q) < 5:
                 continue
             ranks = (q @ c.T).argsort(dim=1, descending=True)
@@ -90,8 +93,10 @@ def format_table(m: dict) -> str:
         ("top-1 chance", m["retrieval_chance_top1"]),
     ]
     width = max(len(r[0]) for r in rows)
-    return "\n".join([f"eval-prior on {m['samples']} held-out samples"] +
-                     [f"  {name:<{width}}  {v:7.4f}" for name, v in rows])
+    return "\n".join(
+        [f"eval-prior on {m['samples']} held-out samples"]
+        + [f"  {name:<{width}}  {v:7.4f}" for name, v in rows]
+    )
 
 
 def run(cfg: EvalPriorConfig) -> dict:
@@ -105,10 +110,25 @@ def run(cfg: EvalPriorConfig) -> dict:
     prior = build_prior(meta["prior"]).to(device).eval()
     checkpoint.load_weights(prior, folder / "ema.safetensors")
     fields = ("img_emb", "text_emb", "text_enc") if tcfg["text_encodings"] else ("img_emb", "text_emb")
-    stream = Stream(StreamConfig(cfg.data, fields=fields, batch_size=256, split=cfg.split,
-                                 val_fraction=tcfg["val_fraction"], split_seed=tcfg["split_seed"]))
-    metrics = evaluate(prior, stream, cfg.steps, cfg.guidance_scale or meta["prior"]["guidance_scale"],
-                       cfg.max_samples, device, tcfg["text_encodings"])
+    stream = Stream(
+        StreamConfig(
+            cfg.data,
+            fields=fields,
+            batch_size=256,
+            split=cfg.split,
+            val_fraction=tcfg["val_fraction"],
+            split_seed=tcfg["split_seed"],
+        )
+    )
+    metrics = evaluate(
+        prior,
+        stream,
+        cfg.steps,
+        cfg.guidance_scale or meta["prior"]["guidance_scale"],
+        cfg.max_samples,
+        device,
+        tcfg["text_encodings"],
+    )
     metrics["step"] = meta["step"]
     out = Path(cfg.out) if cfg.out else folder / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)

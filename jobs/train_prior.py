@@ -29,7 +29,15 @@ from pipeline.stream import Stream, StreamConfig
 
 log = logging.getLogger(__name__)
 # Training settings that may change between a run and its resume; any other difference is an error.
-RESUMABLE_CHANGES = {"stop_after", "eval_every", "save_every", "resume", "device", "log_every", "eval_samples"}
+RESUMABLE_CHANGES = {
+    "stop_after",
+    "eval_every",
+    "save_every",
+    "resume",
+    "device",
+    "log_every",
+    "eval_samples",
+}
 
 
 @dataclass
@@ -42,7 +50,9 @@ class TrainPriorConfig:
     weight_decay: float = 6e-2  # LAION's prior recipe
     warmup_steps: int = 100
     steps: int = 2000  # length of the whole run: the learning-rate schedule is laid out over it
-    stop_after: int = 0  # stop this invocation at this step (checkpointed; --resume continues); 0 = run to --steps
+    stop_after: int = (
+        0  # stop this invocation at this step (checkpointed; --resume continues); 0 = run to --steps
+    )
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     eval_every: int = 500
@@ -100,13 +110,20 @@ def _prior_settings(cfg: TrainPriorConfig) -> dict:
     if cfg.preset not in PRIOR_PRESETS:
         raise UsageError(f"unknown --preset '{cfg.preset}'; valid: {', '.join(PRIOR_PRESETS)}")
     if not (Path(cfg.data) / store.MANIFEST).exists():
-        raise UsageError(f"--data {cfg.data} is not an embedding store (no {store.MANIFEST}); run `unclip embed`")
+        raise UsageError(
+            f"--data {cfg.data} is not an embedding store (no {store.MANIFEST}); run `unclip embed`"
+        )
     manifest = store.load_manifest(cfg.data)
     if cfg.text_encodings and not manifest.get("text_enc"):
-        raise UsageError(f"--text-encodings needs a store embedded with --text-encodings; {cfg.data} has none")
+        raise UsageError(
+            f"--text-encodings needs a store embedded with --text-encodings; {cfg.data} has none"
+        )
     width = manifest["text_enc"]["width"] if cfg.text_encodings else 0
-    return asdict(prior_config(cfg.preset, emb_dim=manifest["clip"]["dim"], text_enc_dim=width,
-                               guidance_scale=cfg.guidance_scale))
+    return asdict(
+        prior_config(
+            cfg.preset, emb_dim=manifest["clip"]["dim"], text_enc_dim=width, guidance_scale=cfg.guidance_scale
+        )
+    )
 
 
 def _check_resume(meta: dict, cfg: TrainPriorConfig, prior_cfg: dict) -> None:
@@ -116,8 +133,10 @@ def _check_resume(meta: dict, cfg: TrainPriorConfig, prior_cfg: dict) -> None:
     old, new = meta["config"], asdict(cfg)
     diff = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
     if diff:
-        raise UsageError(f"--resume with other settings than the checkpoint's: {', '.join(diff)} "
-                         f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+        raise UsageError(
+            f"--resume with other settings than the checkpoint's: {', '.join(diff)} "
+            f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
+        )
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -125,6 +144,7 @@ def _lr_lambda(warmup: int, total: int):
         if step < warmup:
             return (step + 1) / warmup
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
     return f
 
 
@@ -169,11 +189,33 @@ def main(cfg: TrainPriorConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"train": asdict(cfg), "prior": prior_cfg}, indent=2))
     fields = ("img_emb", "text_emb", "text_enc") if cfg.text_encodings else ("img_emb", "text_emb")
-    stream = Stream(StreamConfig(cfg.data, fields=fields, batch_size=cfg.batch_size, val_fraction=cfg.val_fraction,
-                                 split_seed=cfg.split_seed, seed=cfg.seed, rank=rank, world_size=world,
-                                 start_step=start))
-    ctx = dict(cfg=cfg, prior=prior, ema=ema, opt=opt, sched=sched, gen=gen, rank=rank, world=world,
-               device=device, prior_cfg=prior_cfg, ckpt_dir=ckpt_dir, out=out)
+    stream = Stream(
+        StreamConfig(
+            cfg.data,
+            fields=fields,
+            batch_size=cfg.batch_size,
+            val_fraction=cfg.val_fraction,
+            split_seed=cfg.split_seed,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world,
+            start_step=start,
+        )
+    )
+    ctx = dict(
+        cfg=cfg,
+        prior=prior,
+        ema=ema,
+        opt=opt,
+        sched=sched,
+        gen=gen,
+        rank=rank,
+        world=world,
+        device=device,
+        prior_cfg=prior_cfg,
+        ckpt_dir=ckpt_dir,
+        out=out,
+    )
     try:
         report = _loop(model, stream, start, ctx)
     finally:
@@ -196,9 +238,18 @@ def _save(step: int, ctx: dict, stream_pos: int) -> None:
     gens, rngs = _gather_states(ctx["gen"], ctx["world"])
     if ctx["rank"] != 0:
         return
-    state = {"opt": ctx["opt"].state_dict(), "sched": ctx["sched"].state_dict(), "gen": gens, "torch_rng": rngs}
-    meta = {"config": asdict(ctx["cfg"]), "prior": ctx["prior_cfg"], "stream_step": stream_pos,
-            "world_size": ctx["world"]}
+    state = {
+        "opt": ctx["opt"].state_dict(),
+        "sched": ctx["sched"].state_dict(),
+        "gen": gens,
+        "torch_rng": rngs,
+    }
+    meta = {
+        "config": asdict(ctx["cfg"]),
+        "prior": ctx["prior_cfg"],
+        "stream_step": stream_pos,
+        "world_size": ctx["world"],
+    }
     checkpoint.save(ctx["ckpt_dir"], step, ctx["prior"], ctx["ema"], state, meta)
 
 
@@ -219,8 +270,10 @@ def _loop(model, stream: Stream, start: int, ctx: dict) -> dict:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             loss = model(b["img_emb"], b["text_emb"], b.get("text_enc"), b.get("text_enc_mask"), ctx["gen"])
         if not torch.isfinite(loss):
-            raise StageError(f"loss is {loss.item()} at step {step}: stopping; the last good checkpoint is in "
-                             f"{ctx['ckpt_dir']} (lower --lr or raise --warmup-steps, then --resume)")
+            raise StageError(
+                f"loss is {loss.item()} at step {step}: stopping; the last good checkpoint is in "
+                f"{ctx['ckpt_dir']} (lower --lr or raise --warmup-steps, then --resume)"
+            )
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip)
         ctx["opt"].step()
@@ -232,8 +285,16 @@ def _loop(model, stream: Stream, start: int, ctx: dict) -> dict:
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             sps = seen / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{last_loss:.4f}", samples_per_s=f"{sps:.0f}")
-            _append(metrics_file, {"step": done, "loss": last_loss, "grad_norm": float(grad_norm),
-                                   "lr": ctx["sched"].get_last_lr()[0], "samples_per_s": sps})
+            _append(
+                metrics_file,
+                {
+                    "step": done,
+                    "loss": last_loss,
+                    "grad_norm": float(grad_norm),
+                    "lr": ctx["sched"].get_last_lr()[0],
+                    "samples_per_s": sps,
+                },
+            )
         if rank == 0 and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
             report_eval = _eval(ctx, done, metrics_file)
         if done == end or (cfg.save_every and done % cfg.save_every == 0):
@@ -244,9 +305,15 @@ def _loop(model, stream: Stream, start: int, ctx: dict) -> dict:
     if rank == 0:
         plot_loss(metrics_file, ctx["out"] / "loss.png")
     elapsed = time.perf_counter() - t0
-    return {"steps": end, "start_step": start, "final_loss": last_loss, "seconds": round(elapsed, 2),
-            "samples_per_s": round(seen / elapsed, 1) if seen else None, "ckpt": str(ctx["ckpt_dir"]),
-            "eval": report_eval}
+    return {
+        "steps": end,
+        "start_step": start,
+        "final_loss": last_loss,
+        "seconds": round(elapsed, 2),
+        "samples_per_s": round(seen / elapsed, 1) if seen else None,
+        "ckpt": str(ctx["ckpt_dir"]),
+        "eval": report_eval,
+    }
 
 
 def _record_weight_digests(prior: torch.nn.Module, ctx: dict) -> None:
@@ -269,13 +336,28 @@ def _eval(ctx: dict, step: int, metrics_file: Path) -> dict:
 
     cfg = ctx["cfg"]
     fields = ("img_emb", "text_emb", "text_enc") if cfg.text_encodings else ("img_emb", "text_emb")
-    val = Stream(StreamConfig(cfg.data, fields=fields, batch_size=256, split="val",
-                              val_fraction=cfg.val_fraction, split_seed=cfg.split_seed))
+    val = Stream(
+        StreamConfig(
+            cfg.data,
+            fields=fields,
+            batch_size=256,
+            split="val",
+            val_fraction=cfg.val_fraction,
+            split_seed=cfg.split_seed,
+        )
+    )
     if val.num_samples == 0:
         log.warning("no held-out samples (val_fraction %.3f): skipping evaluation", cfg.val_fraction)
         return {}
-    m = evaluate(ctx["ema"], val, cfg.sample_steps, cfg.guidance_scale, cfg.eval_samples, ctx["device"],
-                 cfg.text_encodings)
+    m = evaluate(
+        ctx["ema"],
+        val,
+        cfg.sample_steps,
+        cfg.guidance_scale,
+        cfg.eval_samples,
+        ctx["device"],
+        cfg.text_encodings,
+    )
     _append(metrics_file, {"step": step, "eval": m})
     tqdm.write(format_table(m))
     return m

@@ -79,7 +79,9 @@ def caption_for(attrs: dict[str, str | None]) -> str:
         for i in (1, 2)
         if attrs[f"shape{i}"] is not None
     ]
-    return f"{' and '.join(parts)} on a {attrs['background']} background".replace("at the center", "in the center")
+    return f"{' and '.join(parts)} on a {attrs['background']} background".replace(
+        "at the center", "in the center"
+    )
 
 
 def draw(attrs: dict[str, str | None], size: int) -> Image.Image:

@@ -84,7 +84,9 @@ def validate(cfg: DownloadConfig) -> tuple[str, list[str], int]:
         raise UsageError(f"input file not found: {cfg.urls}")
     ext = Path(cfg.urls).suffix.lower()
     if ext not in INPUT_FORMATS:
-        raise UsageError(f"unsupported input extension '{ext}' for {cfg.urls}; valid: {', '.join(INPUT_FORMATS)}")
+        raise UsageError(
+            f"unsupported input extension '{ext}' for {cfg.urls}; valid: {', '.join(INPUT_FORMATS)}"
+        )
     if not 8 <= cfg.image_size <= 8192:
         raise UsageError(f"--image-size must be between 8 and 8192 pixels (got {cfg.image_size})")
     for name in ("samples_per_shard", "processes", "threads", "timeout"):
@@ -165,12 +167,24 @@ def run(cfg: DownloadConfig) -> dict:
     watcher.start()
     try:
         download(
-            url_list=cfg.urls, output_folder=cfg.out, input_format=input_format, output_format="webdataset",
-            url_col=cfg.url_col, caption_col=cfg.caption_col, save_additional_columns=extra,
-            image_size=cfg.image_size, resize_mode=cfg.resize_mode, number_sample_per_shard=cfg.samples_per_shard,
-            processes_count=cfg.processes, thread_count=cfg.threads, distributor=cfg.distributor,
-            timeout=cfg.timeout, retries=cfg.retries, encode_quality=cfg.encode_quality,
-            incremental_mode="incremental", enable_wandb=False,
+            url_list=cfg.urls,
+            output_folder=cfg.out,
+            input_format=input_format,
+            output_format="webdataset",
+            url_col=cfg.url_col,
+            caption_col=cfg.caption_col,
+            save_additional_columns=extra,
+            image_size=cfg.image_size,
+            resize_mode=cfg.resize_mode,
+            number_sample_per_shard=cfg.samples_per_shard,
+            processes_count=cfg.processes,
+            thread_count=cfg.threads,
+            distributor=cfg.distributor,
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            encode_quality=cfg.encode_quality,
+            incremental_mode="incremental",
+            enable_wandb=False,
         )
     finally:
         stop.set()
@@ -179,8 +193,11 @@ def run(cfg: DownloadConfig) -> dict:
     summary = summarize(cfg.out, finished_shards(cfg.out) - before, seconds, rows, expected)
     summary["config"] = asdict(cfg)
     if not summary["complete"]:  # e.g. interrupted: img2dataset exits its workers quietly on SIGINT
-        log.error("download incomplete: %d of %d shards finished; rerun the same command to resume",
-                  summary["shards"]["finished"], expected)
+        log.error(
+            "download incomplete: %d of %d shards finished; rerun the same command to resume",
+            summary["shards"]["finished"],
+            expected,
+        )
         summary["exit_code"] = 1
     write_json(Path(cfg.out) / SUMMARY, summary)
     return summary

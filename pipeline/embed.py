@@ -69,13 +69,15 @@ def list_shards(pattern: str) -> list[str]:
         elif fs.isdir(path):
             found += [prefix + p for p in fs.glob(path.rstrip("/") + "/*.tar")]
         elif fs.exists(path):
-            found.append(part)
+            found.append(os.path.abspath(path) if prefix == "" else part)  # workers may run elsewhere
     shards = sorted({s for s in found if s.endswith(".tar")}, key=store.shard_id_of)
     if not shards:
         raise UsageError(f"no .tar shard matched --shards {pattern}")
     ids = [store.shard_id_of(s) for s in shards]
     if len(set(ids)) != len(ids):
-        raise UsageError(f"--shards {pattern} matched two shards with the same name; shard names must be unique")
+        raise UsageError(
+            f"--shards {pattern} matched two shards with the same name; shard names must be unique"
+        )
     return shards
 
 
@@ -123,9 +125,11 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
         old = store.load_manifest(root)
         if old.get("identity") != identity and not cfg.overwrite:
             diff = [k for k in IDENTITY if old.get("identity", {}).get(k) != identity[k]]
-            raise UsageError(f"{root} holds a store made with other settings ({', '.join(diff)}: "
-                             f"{', '.join(str(old.get('identity', {}).get(k)) for k in diff)}); "
-                             "use another --out or pass --overwrite")
+            raise UsageError(
+                f"{root} holds a store made with other settings ({', '.join(diff)}: "
+                f"{', '.join(str(old.get('identity', {}).get(k)) for k in diff)}); "
+                "use another --out or pass --overwrite"
+            )
         if old.get("identity") == identity and not cfg.overwrite:
             return old
     if cfg.overwrite:
@@ -139,12 +143,18 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
     manifest = {
         "format_version": store.FORMAT_VERSION,
         "identity": identity,
-        "clip": {"arch": cfg.clip, "pretrained": cfg.pretrained, "random_init": cfg.pretrained.lower() in
-                 ("none", "random", ""), "dim": clip.dim, "context_length": clip.context_length},
+        "clip": {
+            "arch": cfg.clip,
+            "pretrained": cfg.pretrained,
+            "random_init": cfg.pretrained.lower() in ("none", "random", ""),
+            "dim": clip.dim,
+            "context_length": clip.context_length,
+        },
         "img_emb": {"dtype": "float16", "shape": [clip.dim], "normalized": True},
         "text_emb": {"dtype": "float16", "shape": [clip.dim], "normalized": True},
         "text_enc": {"dtype": "float16", "width": clip.text_width, "layout": "flat tokens + offsets"}
-        if cfg.text_encodings else None,
+        if cfg.text_encodings
+        else None,
         "latents": calibrate_latents(cfg, shards, device),
         "shards": [],
     }
@@ -155,22 +165,34 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
 def _client(cfg: EmbedConfig, device: str):
     from dask.distributed import Client, LocalCluster
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # dask logs each worker start/stop at INFO
+
     if cfg.scheduler:
         return Client(cfg.scheduler, timeout="30s"), None
-    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None, silence_logs=logging.ERROR)
+    cluster = LocalCluster(
+        n_workers=cfg.workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    )
     return Client(cluster), cluster
 
 
 def run(cfg: EmbedConfig) -> dict:
     """Validate, list shards, skip done ones, embed the rest on dask, write the manifest and summary."""
     shards = validate(cfg)
+    cfg.out = os.path.abspath(cfg.out)  # dask workers may have another working directory
     device = resolve_device(cfg.device)
     manifest = prepare_store(cfg, shards, device)
     todo = [s for s in shards if not store.is_done(cfg.out, store.shard_id_of(s))]
     log.info("embed: %d shards, %d already done, %d to do", len(shards), len(shards) - len(todo), len(todo))
-    params = {**asdict(cfg), "device": device, "latent_params": manifest["latents"],
-              "torch_threads": cfg.torch_threads or (0 if cfg.scheduler else max(1, os.cpu_count() // cfg.workers))}
+    params = {
+        **asdict(cfg),
+        "device": device,
+        "latent_params": manifest["latents"],
+        "torch_threads": cfg.torch_threads or (0 if cfg.scheduler else max(1, os.cpu_count() // cfg.workers)),
+    }
     start, rows, failed = time.perf_counter(), 0, {}
     if todo:
         client, cluster = _client(cfg, device)
@@ -190,7 +212,9 @@ def _map(client, todo: list[str], params: dict, cfg: EmbedConfig) -> tuple[int, 
     from pipeline.embed_shard import embed_shard
 
     resources = {"GPU": 1} if cfg.scheduler and params["device"] == "cuda" else None
-    futures = client.map(embed_shard, todo, params=params, retries=cfg.retries, pure=False, resources=resources)
+    futures = client.map(
+        embed_shard, todo, params=params, retries=cfg.retries, pure=False, resources=resources
+    )
     names = {f.key: s for f, s in zip(futures, todo, strict=True)}
     rows, failed, start = 0, {}, time.perf_counter()
     with tqdm(total=len(todo), desc="embed", unit="shard") as bar:
@@ -205,20 +229,29 @@ def _map(client, todo: list[str], params: dict, cfg: EmbedConfig) -> tuple[int, 
     return rows, failed
 
 
-def _finish(cfg: EmbedConfig, manifest: dict, shards: list[str], rows: int, seconds: float, failed: dict) -> dict:
-    markers = [store.read_done(cfg.out, store.shard_id_of(s)) for s in shards
-               if store.is_done(cfg.out, store.shard_id_of(s))]
-    manifest["shards"] = [{"shard": m["shard"], "rows": m["rows"], "source": m["source"]} for m in markers]
+def _finish(
+    cfg: EmbedConfig, manifest: dict, shards: list[str], rows: int, seconds: float, failed: dict
+) -> dict:
+    markers = [
+        store.read_done(cfg.out, store.shard_id_of(s))
+        for s in shards
+        if store.is_done(cfg.out, store.shard_id_of(s))
+    ]
+    every = [store.read_done(cfg.out, s) for s in store.done_shards(cfg.out)]  # earlier runs' shards too
+    manifest["shards"] = [{"shard": m["shard"], "rows": m["rows"], "source": m["source"]} for m in every]
     if store.load_manifest(cfg.out) != manifest:  # a rerun of a finished store modifies no file of the store
         store.write_json(Path(cfg.out) / store.MANIFEST, manifest)
     maes = [m["latent_roundtrip_mae"] for m in markers if m.get("latent_roundtrip_mae") is not None]
     summary = {
-        "shards": len(shards), "done": len(markers), "failed": failed,
+        "shards": len(shards),
+        "done": len(markers),
+        "failed": failed,
         "rows": sum(m["rows"] for m in markers),
         "errors": sum(m["errors"] for m in markers),
         "truncated_captions": sum(m["truncated_captions"] for m in markers),
         "latent_roundtrip_mae": float(np.mean(maes)) if maes else None,
-        "rows_this_run": rows, "seconds_this_run": round(seconds, 2),
+        "rows_this_run": rows,
+        "seconds_this_run": round(seconds, 2),
         "samples_per_second": round(rows / seconds, 2) if rows and seconds > 0 else None,
     }
     store.write_json(Path(cfg.out) / "logs" / "embed_summary.json", summary)

@@ -88,8 +88,9 @@ class Batch:
     latent_input: np.ndarray | torch.Tensor | None  # uint8 [B, 3, s, s] (pixels) or [-1, 1] floats (vae)
 
 
-def prepare_batches(url: str, preprocess, batch_size: int, latents: str, latent_px: int,
-                    errors: list[dict]) -> Iterator[Batch]:
+def prepare_batches(
+    url: str, preprocess, batch_size: int, latents: str, latent_px: int, errors: list[dict]
+) -> Iterator[Batch]:
     """Decode and preprocess in tar order; unusable samples go to ``errors``."""
     buf: list[tuple[Sample, Image.Image]] = []
     for sample in read_tar(url):
@@ -109,7 +110,9 @@ def _batch(buf, preprocess, latents: str, latent_px: int) -> Batch:
     images = torch.stack([preprocess(img) for _, img in buf])  # [B, 3, H, W]
     lat = None
     if latents != "none":
-        px = np.stack([np.asarray(ImageOps.fit(img, (latent_px, latent_px), Image.BICUBIC)) for _, img in buf])
+        px = np.stack(
+            [np.asarray(ImageOps.fit(img, (latent_px, latent_px), Image.BICUBIC)) for _, img in buf]
+        )
         lat = px.transpose(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W] uint8
         if latents == "vae":
             lat = torch.from_numpy(lat).float() / 127.5 - 1.0
@@ -147,8 +150,14 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
     if cfg.latents == "pixels":
         c = 3
         lo, hi = [PIXEL_RANGE[0]] * c, [PIXEL_RANGE[1]] * c
-        return {"codec": "pixels", "shape": [c, cfg.latent_size, cfg.latent_size], "dtype": "uint8",
-                "lo": lo, "hi": hi, "image_size": cfg.latent_size}
+        return {
+            "codec": "pixels",
+            "shape": [c, cfg.latent_size, cfg.latent_size],
+            "dtype": "uint8",
+            "lo": lo,
+            "hi": hi,
+            "image_size": cfg.latent_size,
+        }
     from pipeline.encoders import load_vae, vae_encode
 
     vae = load_vae(cfg.vae, device)
@@ -163,19 +172,31 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
         if n >= cfg.calib_samples:
             break
     if not xs:
-        raise UsageError(f"--latents vae: no decodable image with a caption in {len(shards)} shard(s) "
-                         "to fit the uint8 latent range on")
+        raise UsageError(
+            f"--latents vae: no decodable image with a caption in {len(shards)} shard(s) "
+            "to fit the uint8 latent range on"
+        )
     lo, hi = store.fit_quantization(np.concatenate(xs)[: cfg.calib_samples])
     log.info("vae latent range fitted on %d images: lo=%s hi=%s", min(n, cfg.calib_samples), lo, hi)
-    return {"codec": "vae", "vae": cfg.vae, "scale": vae.scale, "image_size": px, "dtype": "uint8",
-            "shape": [vae.channels, cfg.latent_size, cfg.latent_size], "lo": lo.tolist(), "hi": hi.tolist(),
-            "fitted_on": min(n, cfg.calib_samples)}
+    return {
+        "codec": "vae",
+        "vae": cfg.vae,
+        "scale": vae.scale,
+        "image_size": px,
+        "dtype": "uint8",
+        "shape": [vae.channels, cfg.latent_size, cfg.latent_size],
+        "lo": lo.tolist(),
+        "hi": hi.tolist(),
+        "fitted_on": min(n, cfg.calib_samples),
+    }
 
 
 def _metadata(keys: list[str], captions: list[str], metas: list[dict]) -> pa.Table:
     first = ["key", "caption", "url", "width", "height"]
-    rows = [{**{k: m.get(k) for k in first}, **m, "key": k, "caption": c}
-            for k, c, m in zip(keys, captions, metas, strict=True)]
+    rows = [
+        {**{k: m.get(k) for k in first}, **m, "key": k, "caption": c}
+        for k, c, m in zip(keys, captions, metas, strict=True)
+    ]
     # Drop img2dataset's per-sample status columns: every stored row is a success by construction.
     rows = [{k: v for k, v in r.items() if k not in ("status", "error_message")} for r in rows]
     return pa.Table.from_pylist(rows)
@@ -194,9 +215,20 @@ def embed_shard(url: str, params: dict) -> dict:
     vae = load_vae(params["vae"], device) if params["latents"] == "vae" else None
     latent_px = lp["image_size"] if lp else 0
     errors: list[dict] = []
-    out: dict[str, list] = {"img": [], "txt": [], "lat": [], "enc": [], "len": [], "key": [], "cap": [], "meta": []}
+    out: dict[str, list] = {
+        "img": [],
+        "txt": [],
+        "lat": [],
+        "enc": [],
+        "len": [],
+        "key": [],
+        "cap": [],
+        "meta": [],
+    }
     truncated, mae = 0, []
-    batches = prepare_batches(url, clip.preprocess, params["batch_size"], params["latents"], latent_px, errors)
+    batches = prepare_batches(
+        url, clip.preprocess, params["batch_size"], params["latents"], latent_px, errors
+    )
     for b in background(batches):
         tokens = clip.tokenizer(b.captions)  # [B, context]
         truncated += int((tokens[:, -1] != 0).sum())  # the caption filled or overflowed the context
@@ -230,9 +262,19 @@ def _write(root, shard, url, out, errors, truncated, mae) -> dict:
             arrays["latents"] = np.concatenate(out["lat"]).astype(store.LATENT_DTYPE)
         if out["enc"]:
             arrays["text_enc"] = np.concatenate(out["enc"])
-            arrays["text_enc_offsets"] = np.concatenate([[0], np.cumsum(np.concatenate(out["len"]))]).astype(np.int64)
-    tables = {"metadata": _metadata(out["key"], out["cap"], out["meta"]) if rows else None,
-              "errors": pa.Table.from_pylist(errors, schema=pa.schema([("key", pa.string()), ("reason", pa.string())]))}
-    extra = {"source": url, "errors": len(errors), "truncated_captions": truncated,
-             "latent_roundtrip_mae": round(float(np.mean(mae)), 6) if mae else None}
+            arrays["text_enc_offsets"] = np.concatenate([[0], np.cumsum(np.concatenate(out["len"]))]).astype(
+                np.int64
+            )
+    tables = {
+        "metadata": _metadata(out["key"], out["cap"], out["meta"]) if rows else None,
+        "errors": pa.Table.from_pylist(
+            errors, schema=pa.schema([("key", pa.string()), ("reason", pa.string())])
+        ),
+    }
+    extra = {
+        "source": url,
+        "errors": len(errors),
+        "truncated_captions": truncated,
+        "latent_roundtrip_mae": round(float(np.mean(mae)), 6) if mae else None,
+    }
     return store.write_shard(root, shard, arrays, tables, rows, extra)

@@ -50,8 +50,10 @@ def validate_clip(arch: str, pretrained: str) -> None:
         return
     tags = oc.list_pretrained_tags_by_model(arch)
     if pretrained not in tags:
-        raise UsageError(f"unknown pretrained tag '{pretrained}' for {arch}; valid: {', '.join(tags) or 'none'} "
-                         "(or a local checkpoint path, or 'none' for random weights)")
+        raise UsageError(
+            f"unknown pretrained tag '{pretrained}' for {arch}; valid: {', '.join(tags) or 'none'} "
+            "(or a local checkpoint path, or 'none' for random weights)"
+        )
 
 
 @dataclass
@@ -72,24 +74,41 @@ def load_clip(arch: str, pretrained: str, device: str, seed: int = 0) -> Clip:
     validate_clip(arch, pretrained)
     random_init = pretrained.lower() in RANDOM
     torch.manual_seed(seed)  # random weights are the same in every process for a seed
-    model, _, preprocess = oc.create_model_and_transforms(arch, pretrained=None if random_init else pretrained)
+    model, _, preprocess = oc.create_model_and_transforms(
+        arch, pretrained=None if random_init else pretrained
+    )
     if random_init:
-        log.warning("CLIP %s has RANDOM weights (seed %d): fine for the demo and tests, not for real data", arch, seed)
+        log.warning(
+            "CLIP %s has RANDOM weights (seed %d): fine for the demo and tests, not for real data", arch, seed
+        )
     model = model.to(device).eval()
     text = model if hasattr(model, "token_embedding") else getattr(model, "text", model)
     cfg = oc.get_model_config(arch)
-    return Clip(model=model, preprocess=preprocess, tokenizer=oc.get_tokenizer(arch), dim=cfg["embed_dim"],
-                context_length=cfg["text_cfg"].get("context_length", 77),
-                text_width=cfg["text_cfg"].get("width", getattr(text, "width", 0)), device=torch.device(device))
+    return Clip(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=oc.get_tokenizer(arch),
+        dim=cfg["embed_dim"],
+        context_length=cfg["text_cfg"].get("context_length", 77),
+        text_width=cfg["text_cfg"].get("width", getattr(text, "width", 0)),
+        device=torch.device(device),
+    )
 
 
 def _text_module(model: torch.nn.Module) -> torch.nn.Module | None:
     """The module holding the text tower's parts, if it is the causal kind that may be trimmed."""
     text = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
-    if text is None or not all(hasattr(text, n) for n in needed) or getattr(text, "cls_emb", None) is not None:
+    if (
+        text is None
+        or not all(hasattr(text, n) for n in needed)
+        or getattr(text, "cls_emb", None) is not None
+    ):
         return None
-    if text.attn_mask is None or getattr(text, "text_pool_type", getattr(text, "pool_type", "")) not in ("argmax", "eos"):
+    if text.attn_mask is None or getattr(text, "text_pool_type", getattr(text, "pool_type", "")) not in (
+        "argmax",
+        "eos",
+    ):
         return None
     return text
 
@@ -97,7 +116,11 @@ def _text_module(model: torch.nn.Module) -> torch.nn.Module | None:
 def token_lengths(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Tokens up to and including the end-of-text token, per caption. [B] int64."""
     text = _text_module(model)
-    pool = getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax")) if text is not None else "argmax"
+    pool = (
+        getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax"))
+        if text is not None
+        else "argmax"
+    )
     if pool == "eos":
         eos = getattr(text, "text_eos_id", getattr(text, "eos_id", None))
         return (tokens == eos).int().argmax(dim=-1) + 1
@@ -115,7 +138,9 @@ def encode_text(clip: Clip, tokens: torch.Tensor, with_tokens: bool = False):
     model, text = clip.model, _text_module(clip.model)
     if text is None:
         if with_tokens:
-            raise UsageError("--text-encodings needs a causal text tower (open_clip CLIP with argmax/eos pooling)")
+            raise UsageError(
+                "--text-encodings needs a causal text tower (open_clip CLIP with argmax/eos pooling)"
+            )
         return model.encode_text(tokens), None, None
     lengths = token_lengths(model, tokens)
     n = int(lengths.max())
@@ -167,8 +192,13 @@ def load_vae(name_or_path: str, device: str) -> Vae:
     validate_vae(name_or_path)
     vae = AutoencoderKL.from_pretrained(name_or_path).to(device).eval()
     c = vae.config
-    return Vae(model=vae, scale=float(c.scaling_factor), downsample=2 ** (len(c.block_out_channels) - 1),
-               channels=int(c.latent_channels), device=torch.device(device))
+    return Vae(
+        model=vae,
+        scale=float(c.scaling_factor),
+        downsample=2 ** (len(c.block_out_channels) - 1),
+        channels=int(c.latent_channels),
+        device=torch.device(device),
+    )
 
 
 @torch.no_grad()

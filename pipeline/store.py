@@ -100,8 +100,14 @@ def read_json(path: str | Path) -> Any:
 # ---------------------------------------------------------------- shards
 
 
-def write_shard(root: str | Path, shard: str, arrays: dict[str, np.ndarray], tables: dict[str, pa.Table],
-                rows: int, extra: dict | None = None) -> dict:
+def write_shard(
+    root: str | Path,
+    shard: str,
+    arrays: dict[str, np.ndarray],
+    tables: dict[str, pa.Table],
+    rows: int,
+    extra: dict | None = None,
+) -> dict:
     """Write one shard's files atomically, then its done marker (last). Returns the marker.
 
     ``arrays`` maps .npy fields to arrays with ``rows`` rows (``text_enc`` is flat); ``tables`` maps
@@ -115,7 +121,9 @@ def write_shard(root: str | Path, shard: str, arrays: dict[str, np.ndarray], tab
                 raise ValueError(f"shard {shard}: {field} has {len(arr)} rows, expected {rows}")
             payloads[field] = npy_bytes(arr)
         if tables["metadata"].num_rows != rows:
-            raise ValueError(f"shard {shard}: metadata has {tables['metadata'].num_rows} rows, expected {rows}")
+            raise ValueError(
+                f"shard {shard}: metadata has {tables['metadata'].num_rows} rows, expected {rows}"
+            )
         payloads["metadata"] = parquet_bytes(tables["metadata"])
     if tables.get("errors") is not None and tables["errors"].num_rows > 0:
         payloads["errors"] = parquet_bytes(tables["errors"])

@@ -66,7 +66,10 @@ class Store:
         shard, n = self.shards[shard_index]
         if split == "all":
             return np.arange(n)
-        val = np.random.default_rng([seed, int(shard) if shard.isdigit() else sum(shard.encode())]).random(n) < fraction
+        val = (
+            np.random.default_rng([seed, int(shard) if shard.isdigit() else sum(shard.encode())]).random(n)
+            < fraction
+        )
         return np.flatnonzero(val if split == "val" else ~val)
 
     def gather(self, field: str, shards: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -106,13 +109,17 @@ class Stream:
             raise ValueError(f"unknown split '{cfg.split}'; valid: train, val, all")
         self.cfg = cfg
         self.store = Store(cfg.store)
-        self.rows = [self.store.split_rows(i, cfg.split, cfg.val_fraction, cfg.split_seed)
-                     for i in range(len(self.store.shards))]
+        self.rows = [
+            self.store.split_rows(i, cfg.split, cfg.val_fraction, cfg.split_seed)
+            for i in range(len(self.store.shards))
+        ]
         self.num_samples = sum(len(r) for r in self.rows)
         self.global_batch = cfg.batch_size * cfg.world_size
         if self.num_samples < self.global_batch and cfg.split == "train":
-            raise ValueError(f"the {cfg.split} split has {self.num_samples} samples, fewer than one step "
-                             f"({cfg.batch_size} x {cfg.world_size} ranks)")
+            raise ValueError(
+                f"the {cfg.split} split has {self.num_samples} samples, fewer than one step "
+                f"({cfg.batch_size} x {cfg.world_size} ranks)"
+            )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -127,7 +134,7 @@ class Stream:
         rng = np.random.default_rng([self.cfg.seed, epoch])
         shard_order = rng.permutation(len(self.rows))
         for b in range(0, len(shard_order), self.cfg.shards_per_block):
-            block = shard_order[b: b + self.cfg.shards_per_block]
+            block = shard_order[b : b + self.cfg.shards_per_block]
             shards = np.concatenate([np.full(len(self.rows[i]), i) for i in block])
             rows = np.concatenate([self.rows[i] for i in block])
             perm = rng.permutation(len(rows))
@@ -136,7 +143,9 @@ class Stream:
     def indices(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """This rank's (shard index, row) per step, from ``start_step``; endless for train."""
         cfg, step = self.cfg, self.cfg.start_step
-        epoch, skip = (step // self.steps_per_epoch, step % self.steps_per_epoch) if cfg.split == "train" else (0, 0)
+        epoch, skip = (
+            (step // self.steps_per_epoch, step % self.steps_per_epoch) if cfg.split == "train" else (0, 0)
+        )
         while True:
             pending_s, pending_r, have, to_skip = [], [], 0, skip * self.global_batch
             for s, r in self._epoch_order(epoch):
@@ -150,13 +159,13 @@ class Stream:
                 while have >= self.global_batch:
                     s_all, r_all = np.concatenate(pending_s), np.concatenate(pending_r)
                     g = self.global_batch
-                    yield s_all[:g][cfg.rank:: cfg.world_size], r_all[:g][cfg.rank:: cfg.world_size]
+                    yield s_all[:g][cfg.rank :: cfg.world_size], r_all[:g][cfg.rank :: cfg.world_size]
                     pending_s, pending_r, have = [s_all[g:]], [r_all[g:]], have - g
             if cfg.split != "train":  # one pass; the last partial batch is kept, split across ranks
                 if have:
                     s_all, r_all = np.concatenate(pending_s), np.concatenate(pending_r)
-                    if len(s_all[cfg.rank:: cfg.world_size]):
-                        yield s_all[cfg.rank:: cfg.world_size], r_all[cfg.rank:: cfg.world_size]
+                    if len(s_all[cfg.rank :: cfg.world_size]):
+                        yield s_all[cfg.rank :: cfg.world_size], r_all[cfg.rank :: cfg.world_size]
                 return
             epoch, skip = epoch + 1, 0
 

@@ -45,19 +45,26 @@ def check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> l
     for fld in ("img_emb", "text_emb"):
         a = store.open_array(root, fld, shard)
         if a.shape != (rows, dim) or a.dtype != np.float16:
-            problems.append(f"{shard}: {fld} is {a.dtype}{list(a.shape)}, manifest says float16[{rows}, {dim}]")
+            problems.append(
+                f"{shard}: {fld} is {a.dtype}{list(a.shape)}, manifest says float16[{rows}, {dim}]"
+            )
             continue
         x = np.asarray(a, dtype=np.float32)
         if not np.isfinite(x).all():
             problems.append(f"{shard}: {fld} has NaN or inf")
-        elif (bad := int((np.abs(np.linalg.norm(x, axis=1) - 1) > NORM_TOLERANCE).sum())):
+        elif bad := int((np.abs(np.linalg.norm(x, axis=1) - 1) > NORM_TOLERANCE).sum()):
             problems.append(f"{shard}: {fld} has {bad} rows whose norm is not 1")
     if (lat := manifest.get("latents")) is not None:
         a = store.open_array(root, "latents", shard)
         if a.shape != (rows, *lat["shape"]) or a.dtype != np.uint8:
-            problems.append(f"{shard}: latents are {a.dtype}{list(a.shape)}, manifest says uint8{[rows, *lat['shape']]}")
+            problems.append(
+                f"{shard}: latents are {a.dtype}{list(a.shape)}, manifest says uint8{[rows, *lat['shape']]}"
+            )
     if (enc := manifest.get("text_enc")) is not None:
-        off, tok = store.open_array(root, "text_enc_offsets", shard), store.open_array(root, "text_enc", shard)
+        off, tok = (
+            store.open_array(root, "text_enc_offsets", shard),
+            store.open_array(root, "text_enc", shard),
+        )
         if len(off) != rows + 1 or off[0] != 0 or off[-1] != len(tok) or np.any(np.diff(off) <= 0):
             problems.append(f"{shard}: text_enc offsets do not cover {rows} rows")
         if tok.ndim != 2 or tok.shape[1] != enc["width"]:
@@ -86,7 +93,9 @@ def _check_keys(root: Path, shard: str, marker: dict, keys: list[str]) -> list[s
 
         err_keys = set(pq.read_table(err_path, columns=["key"])["key"].to_pylist())
     expected = [k for k in tar_keys if k not in err_keys]
-    return [] if expected == keys else [f"{shard}: metadata keys differ from the tar's keys (order or content)"]
+    return (
+        [] if expected == keys else [f"{shard}: metadata keys differ from the tar's keys (order or content)"]
+    )
 
 
 def run(cfg: ValidateConfig) -> dict:
@@ -101,7 +110,7 @@ def run(cfg: ValidateConfig) -> dict:
         problems.append(f"manifest lists {len(listed)} shards but {len(done)} are done; rerun `unclip embed`")
     for folder in ("img_emb", "text_emb", "metadata"):
         for p in sorted((root / folder).glob(f"{folder}_*")):
-            sid = p.name[len(folder) + 1:].split(".")[0]
+            sid = p.name[len(folder) + 1 :].split(".")[0]
             if sid not in done:
                 problems.append(f"{sid}: {p.name} has no done marker (partial shard); rerun `unclip embed`")
     rows = 0
@@ -109,8 +118,14 @@ def run(cfg: ValidateConfig) -> dict:
         marker = store.read_done(root, sid)
         rows += marker["rows"]
         problems += check_shard(root, manifest, marker, cfg.check_tars)
-    return {"store": str(root), "shards": len(done), "rows": rows, "ok": not problems, "problems": problems,
-            "exit_code": 1 if problems else 0}
+    return {
+        "store": str(root),
+        "shards": len(done),
+        "rows": rows,
+        "ok": not problems,
+        "problems": problems,
+        "exit_code": 1 if problems else 0,
+    }
 
 
 def print_report(r: dict) -> None:

@@ -17,19 +17,35 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def make_store(root, rows_per_shard: list[int], dim: int = 32, n_classes: int = 64, text_enc_width: int = 0,
-               seed: int = 0, noise: float = 0.05) -> dict:
+def make_store(
+    root,
+    rows_per_shard: list[int],
+    dim: int = 32,
+    n_classes: int = 64,
+    text_enc_width: int = 0,
+    seed: int = 0,
+    noise: float = 0.05,
+) -> dict:
     rng = np.random.default_rng(seed)
     img_proto, txt_proto = rng.normal(size=(n_classes, dim)), rng.normal(size=(n_classes, dim))
     tok_proto = rng.normal(size=(n_classes, 12, max(text_enc_width, 1)))
     manifest = {
-        "format_version": store.FORMAT_VERSION, "identity": {"synthetic": True},
-        "clip": {"arch": "synthetic", "pretrained": "none", "random_init": True, "dim": dim, "context_length": 77},
+        "format_version": store.FORMAT_VERSION,
+        "identity": {"synthetic": True},
+        "clip": {
+            "arch": "synthetic",
+            "pretrained": "none",
+            "random_init": True,
+            "dim": dim,
+            "context_length": 77,
+        },
         "img_emb": {"dtype": "float16", "shape": [dim], "normalized": True},
         "text_emb": {"dtype": "float16", "shape": [dim], "normalized": True},
         "text_enc": {"dtype": "float16", "width": text_enc_width, "layout": "flat tokens + offsets"}
-        if text_enc_width else None,
-        "latents": None, "shards": [],
+        if text_enc_width
+        else None,
+        "latents": None,
+        "shards": [],
     }
     store.write_json(f"{root}/{store.MANIFEST}", manifest)
     for i, n in enumerate(rows_per_shard):
@@ -41,13 +57,30 @@ def make_store(root, rows_per_shard: list[int], dim: int = 32, n_classes: int = 
         }
         if text_enc_width and n:
             lengths = 3 + cls % 10
-            arrays["text_enc"] = np.concatenate([tok_proto[c, :L] for c, L in zip(cls, lengths)]).astype(np.float16)
+            arrays["text_enc"] = np.concatenate([tok_proto[c, :L] for c, L in zip(cls, lengths)]).astype(
+                np.float16
+            )
             arrays["text_enc_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        meta = pa.table({"key": [f"{shard}{j:04d}" for j in range(n)], "caption": [f"scene {c}" for c in cls],
-                         "scene": cls.astype(np.int64)})
-        store.write_shard(root, shard, arrays if n else {}, {"metadata": meta, "errors": None}, n,
-                          {"source": f"synthetic/{shard}.tar", "errors": 0, "truncated_captions": 0,
-                           "latent_roundtrip_mae": None})
+        meta = pa.table(
+            {
+                "key": [f"{shard}{j:04d}" for j in range(n)],
+                "caption": [f"scene {c}" for c in cls],
+                "scene": cls.astype(np.int64),
+            }
+        )
+        store.write_shard(
+            root,
+            shard,
+            arrays if n else {},
+            {"metadata": meta, "errors": None},
+            n,
+            {
+                "source": f"synthetic/{shard}.tar",
+                "errors": 0,
+                "truncated_captions": 0,
+                "latent_roundtrip_mae": None,
+            },
+        )
     manifest["shards"] = [{"shard": s, "rows": r} for s, r in store.shard_rows(root)]
     store.write_json(f"{root}/{store.MANIFEST}", manifest)
     return manifest

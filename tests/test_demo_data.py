@@ -39,7 +39,8 @@ def test_captions_match_attributes_and_pixels(tmp_path):
                 continue
             two += i == 2
             phrase = f"a {r[f'color{i}']} {r[f'shape{i}']} " + (
-                "in the center" if r[f"position{i}"] == "center" else f"at the {r[f'position{i}']}")
+                "in the center" if r[f"position{i}"] == "center" else f"at the {r[f'position{i}']}"
+            )
             assert phrase in r["caption"]
             fx, fy = POSITIONS[r[f"position{i}"]]
             # Every shape covers its own centre pixel, in its colour.

@@ -42,11 +42,16 @@ def make_images(folder: Path, n_good: int) -> list[str]:
 
 
 def write_table(path: Path, base: str, names: list[str]) -> Path:
-    pq.write_table(pa.table({
-        "url": [f"{base}/{n}" for n in names],
-        "caption": [f"caption of {n}" for n in names],
-        "source": ["test"] * len(names),  # an extra column: kept in the shard metadata
-    }), path)
+    pq.write_table(
+        pa.table(
+            {
+                "url": [f"{base}/{n}" for n in names],
+                "caption": [f"caption of {n}" for n in names],
+                "source": ["test"] * len(names),  # an extra column: kept in the shard metadata
+            }
+        ),
+        path,
+    )
     return path
 
 
@@ -66,12 +71,31 @@ def test_download_counts_failures_and_keeps_captions(tmp_path, capsys):
     bad = ["missing.jpg", "empty.jpg", "page.jpg", "truncated.jpg"]
     with serve_folder(str(tmp_path / "www")) as base:
         urls = write_table(tmp_path / "urls.parquet", base, names[:10] + bad + names[10:])
-        rc = main(["download", "--urls", str(urls), "--out", str(tmp_path / "shards"), "--image-size", "32",
-                   "--samples-per-shard", "10", "--processes", "1", "--threads", "4"])
+        rc = main(
+            [
+                "download",
+                "--urls",
+                str(urls),
+                "--out",
+                str(tmp_path / "shards"),
+                "--image-size",
+                "32",
+                "--samples-per-shard",
+                "10",
+                "--processes",
+                "1",
+                "--threads",
+                "4",
+            ]
+        )
     assert rc == 0
     summary = json.loads((tmp_path / "shards/summary/download_summary.json").read_text())
     assert summary["rows"] == 24 and summary["successes"] == 20 and summary["failures"] == 4
-    assert summary["complete"] and summary["shards"] == {"expected": 3, "finished": 3, "downloaded_this_run": 3}
+    assert summary["complete"] and summary["shards"] == {
+        "expected": 3,
+        "finished": 3,
+        "downloaded_this_run": 3,
+    }
     assert summary["failed_to_download"] == 1 and summary["failed_to_resize"] == 3
     assert sum(summary["failures_by_reason"].values()) == 4
     assert any("404" in reason for reason in summary["failures_by_reason"])
@@ -90,13 +114,16 @@ def test_download_counts_failures_and_keeps_captions(tmp_path, capsys):
     assert "20/24 images" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_file", "input file not found"),
-    ("bad_ext", "unsupported input extension '.xlsx'"),
-    ("missing_col", "--caption-col 'caption' is not a column of"),
-    ("empty", "has no rows"),
-    ("bad_size", "--image-size must be between 8 and 8192"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_file", "input file not found"),
+        ("bad_ext", "unsupported input extension '.xlsx'"),
+        ("missing_col", "--caption-col 'caption' is not a column of"),
+        ("empty", "has no rows"),
+        ("bad_size", "--image-size must be between 8 and 8192"),
+    ],
+)
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case, message):
     urls = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}), urls)
@@ -126,8 +153,24 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case, message):
 
 
 def _download_cmd(urls: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "jobs.cli", "download", "--urls", str(urls), "--out", str(out),
-            "--image-size", "32", "--samples-per-shard", "8", "--processes", "1", "--threads", "2"]
+    return [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "download",
+        "--urls",
+        str(urls),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--samples-per-shard",
+        "8",
+        "--processes",
+        "1",
+        "--threads",
+        "2",
+    ]
 
 
 def test_killed_download_resumes_to_the_same_shards(tmp_path):
@@ -135,8 +178,12 @@ def test_killed_download_resumes_to_the_same_shards(tmp_path):
     with serve_folder(str(tmp_path / "www"), delay=0.05) as base:
         urls = write_table(tmp_path / "urls.parquet", base, names)
         subprocess.run(_download_cmd(urls, tmp_path / "straight"), check=True, capture_output=True)
-        proc = subprocess.Popen(_download_cmd(urls, tmp_path / "resumed"), start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _download_cmd(urls, tmp_path / "resumed"),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 120
         while not list((tmp_path / "resumed").glob("*_stats.json")) and time.time() < deadline:
             time.sleep(0.02)

@@ -53,9 +53,19 @@ def caption(seed: int) -> str:
 def sample(key: str, seed: int, image: bytes | None = b"", text: str | None = "", size=(48, 48)) -> dict:
     """One img2dataset-style sample; ``image=None`` / ``text=None`` leave that member out."""
     cap = caption(seed) if text == "" else text
-    meta = {"key": key, "url": f"http://img.test/{key}.jpg", "caption": cap, "width": size[0], "height": size[1]}
-    return {"key": key, "jpg": jpeg(seed, size) if image == b"" else image,
-            "txt": cap.encode() if cap is not None else None, "json": json.dumps(meta).encode()}
+    meta = {
+        "key": key,
+        "url": f"http://img.test/{key}.jpg",
+        "caption": cap,
+        "width": size[0],
+        "height": size[1],
+    }
+    return {
+        "key": key,
+        "jpg": jpeg(seed, size) if image == b"" else image,
+        "txt": cap.encode() if cap is not None else None,
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def write_tar(path: Path, samples: list[dict]) -> Path:
@@ -72,7 +82,9 @@ def write_tar(path: Path, samples: list[dict]) -> Path:
 
 def good_samples(shard: int, order: list[int]) -> list[dict]:
     """Keys in the given (unsorted) order, as img2dataset writes them in completion order."""
-    return [sample(f"{shard:05d}{i:04d}", shard * 100 + i, size=(48, 48) if i % 3 else (56, 40)) for i in order]
+    return [
+        sample(f"{shard:05d}{i:04d}", shard * 100 + i, size=(48, 48) if i % 3 else (56, 40)) for i in order
+    ]
 
 
 BAD_KEYS = {"000000900": "cannot decode image", "000000901": "no caption", "000000902": "no image"}
@@ -104,7 +116,10 @@ def embed(*args: str) -> int:
 def base(shards, tmp_path_factory) -> Path:
     """Pixels latents and per-token text encodings; shards named by a brace range."""
     out = tmp_path_factory.mktemp("base") / "store"
-    assert embed("--shards", f"{shards}/{{00000..00002}}.tar", "--out", out, *TINY, *PIXELS, "--text-encodings") == 0
+    assert (
+        embed("--shards", f"{shards}/{{00000..00002}}.tar", "--out", out, *TINY, *PIXELS, "--text-encodings")
+        == 0
+    )
     return out
 
 
@@ -125,8 +140,11 @@ def direct(clip, image: bytes, text: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def files_of(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.relative_to(root).parts[0] != "logs"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).parts[0] != "logs"
+    }
 
 
 def mtimes(root: Path) -> dict[str, int]:
@@ -178,7 +196,9 @@ def test_unusable_samples_become_error_rows_not_misaligned_rows(base):
     assert not set(BAD_KEYS) & set(store.read_metadata(base, "00000")["key"].to_pylist())
     assert not store.field_path(base, "errors", "00002").exists()
     summary = json.loads((base / "logs" / "embed_summary.json").read_text())
-    assert summary["rows"] == summary["rows_this_run"] == 22 and summary["errors"] == 3 and not summary["failed"]
+    assert (
+        summary["rows"] == summary["rows_this_run"] == 22 and summary["errors"] == 3 and not summary["failed"]
+    )
 
 
 def test_empty_shard_writes_only_its_marker_and_embedding_reader_reads_the_store(base):
@@ -186,8 +206,12 @@ def test_empty_shard_writes_only_its_marker_and_embedding_reader_reads_the_store
 
     assert store.read_done(base, "00001") == {**store.read_done(base, "00001"), "rows": 0, "files": {}}
     assert [p for p in base.rglob("*_00001.*")] == []
-    reader = EmbeddingReader(str(base / "img_emb"), file_format="parquet_npy", meta_columns=["key", "caption"],
-                             metadata_folder=str(base / "metadata"))
+    reader = EmbeddingReader(
+        str(base / "img_emb"),
+        file_format="parquet_npy",
+        meta_columns=["key", "caption"],
+        metadata_folder=str(base / "metadata"),
+    )
     assert reader.count == 22
     got_emb, got_meta = [], []
     for emb, meta in reader(batch_size=5, show_progress=False):
@@ -207,7 +231,10 @@ def test_text_encodings_are_each_captions_tokens(base, shards, clip):
 
     assert store.load_manifest(base)["text_enc"]["width"] == 128
     for shard in ("00000", "00002"):
-        enc, off = store.open_array(base, "text_enc", shard), store.open_array(base, "text_enc_offsets", shard)
+        enc, off = (
+            store.open_array(base, "text_enc", shard),
+            store.open_array(base, "text_enc_offsets", shard),
+        )
         caps = store.read_metadata(base, shard)["caption"].to_pylist()
         assert enc.dtype == np.float16 and off.dtype == np.int64 and len(off) == len(caps) + 1
         assert off[0] == 0 and off[-1] == len(enc)
@@ -216,8 +243,9 @@ def test_text_encodings_are_each_captions_tokens(base, shards, clip):
         for i, cap in enumerate(caps):
             _, tok, n = encode_text(clip, clip.tokenizer([cap]), with_tokens=True)
             assert lengths[i] == int(n[0]) == len(clip.tokenizer.encode(cap)) + 2  # start/end-of-text
-            np.testing.assert_allclose(enc[off[i]:off[i + 1]].astype(np.float32), tok[0, : n[0]].numpy(),
-                                       atol=1e-2, rtol=2e-3)
+            np.testing.assert_allclose(
+                enc[off[i] : off[i + 1]].astype(np.float32), tok[0, : n[0]].numpy(), atol=1e-2, rtol=2e-3
+            )
 
 
 # ---------------------------------------------------------------- VAE latents and real weights
@@ -227,9 +255,17 @@ def tiny_vae(path: Path) -> Path:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                  latent_channels=4, norm_num_groups=4, sample_size=32).save_pretrained(path)
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    ).save_pretrained(path)
     return path
 
 
@@ -239,8 +275,22 @@ def test_vae_latents_are_uint8_with_a_fitted_range(shards, tmp_path):
     vae_dir = tiny_vae(tmp_path / "vae")
     out = tmp_path / "store"
     # shards 00001 (empty) and 00002: the latent range is fitted on data even though the first shard is empty
-    assert embed("--shards", f"{shards}/0000[12].tar", "--out", out, *TINY, "--latents", "vae",
-                 "--vae", vae_dir, "--latent-size", "8") == 0
+    assert (
+        embed(
+            "--shards",
+            f"{shards}/0000[12].tar",
+            "--out",
+            out,
+            *TINY,
+            "--latents",
+            "vae",
+            "--vae",
+            vae_dir,
+            "--latent-size",
+            "8",
+        )
+        == 0
+    )
     lat = store.load_manifest(out)["latents"]
     assert lat["codec"] == "vae" and lat["shape"] == [4, 8, 8] and lat["image_size"] == 16
     lo, hi = np.array(lat["lo"]), np.array(lat["hi"])
@@ -254,8 +304,14 @@ def test_vae_latents_are_uint8_with_a_fitted_range(shards, tmp_path):
     vae = load_vae(str(vae_dir), "cpu")
     src = tar_samples(shards / "00002.tar")
     keys = store.read_metadata(out, "00002")["key"].to_pylist()
-    px = np.stack([np.asarray(ImageOps.fit(Image.open(io.BytesIO(src[k].image)).convert("RGB"), (16, 16),
-                                           Image.BICUBIC)) for k in keys]).transpose(0, 3, 1, 2)
+    px = np.stack(
+        [
+            np.asarray(
+                ImageOps.fit(Image.open(io.BytesIO(src[k].image)).convert("RGB"), (16, 16), Image.BICUBIC)
+            )
+            for k in keys
+        ]
+    ).transpose(0, 3, 1, 2)
     x = vae_encode(vae, torch.from_numpy(px).float() / 127.5 - 1).numpy()
     err = np.abs(store.dequantize(q, lo, hi) - np.clip(x, store._bcast(lo, 4), store._bcast(hi, 4)))
     assert err.max() <= (hi - lo).max() / 255 / 2 + 1e-4
@@ -287,8 +343,13 @@ def test_clip_weights_from_a_checkpoint_path(shards, base, tmp_path, clip):
 
 
 def run_cli(args: list[str], **kw) -> subprocess.Popen:
-    return subprocess.Popen([PY, "-m", "jobs.cli", "embed", *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, **kw)
+    return subprocess.Popen(
+        [PY, "-m", "jobs.cli", "embed", *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        **kw,
+    )
 
 
 @pytest.mark.slow
@@ -318,8 +379,9 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path):
     assert run_cli([*args, "--out", out]).wait() == 0
     assert json.loads((out / "logs" / "embed_summary.json").read_text())["rows_this_run"] == 0
     after = mtimes(out)
-    assert {k: v for k, v in after.items() if not k.startswith("logs")} == \
-        {k: v for k, v in before.items() if not k.startswith("logs")}
+    assert {k: v for k, v in after.items() if not k.startswith("logs")} == {
+        k: v for k, v in before.items() if not k.startswith("logs")
+    }
 
 
 def test_store_made_with_other_settings_is_refused_then_overwritten(base, shards, tmp_path, capsys):
@@ -338,16 +400,22 @@ def test_store_made_with_other_settings_is_refused_then_overwritten(base, shards
     assert store.done_shards(out) == ["00002"]
     assert not (out / "latents").exists() and not (out / "text_enc").exists()
     assert not (out / "errors").exists() and not (out / "img_emb" / "img_emb_00000.npy").exists()
-    assert store.read_metadata(out, "00002")["key"].to_pylist() == store.read_metadata(base, "00002")["key"].to_pylist()
+    assert (
+        store.read_metadata(out, "00002")["key"].to_pylist()
+        == store.read_metadata(base, "00002")["key"].to_pylist()
+    )
 
 
-@pytest.mark.parametrize("case, expect", [
-    ("no_match", "no .tar shard matched"),
-    ("arch", "unknown CLIP architecture 'ViT-Nope'"),
-    ("checkpoint", "CLIP checkpoint not found"),
-    ("garbage_tar", "unreadable tar"),
-    ("vae_missing", "VAE folder not found"),
-])
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("no_match", "no .tar shard matched"),
+        ("arch", "unknown CLIP architecture 'ViT-Nope'"),
+        ("checkpoint", "CLIP checkpoint not found"),
+        ("garbage_tar", "unreadable tar"),
+        ("vae_missing", "VAE folder not found"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--shards", shards, "--out", out, *TINY]
@@ -390,17 +458,44 @@ def test_external_scheduler_gives_the_local_cluster_result(base, shards, tmp_pat
 
     dask = str(Path(PY).parent / "dask")
     addr = f"tcp://127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", addr.rsplit(":", 1)[1],
-                               "--no-dashboard"], cwd=ROOT, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs = [
+        subprocess.Popen(
+            [dask, "scheduler", "--host", "127.0.0.1", "--port", addr.rsplit(":", 1)[1], "--no-dashboard"],
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
     try:
-        procs += [subprocess.Popen([dask, "worker", addr, "--nthreads", "1", "--nworkers", "1", "--no-dashboard",
-                                    "--host", "127.0.0.1"], cwd=ROOT, start_new_session=True,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+        procs += [
+            subprocess.Popen(
+                [
+                    dask,
+                    "worker",
+                    addr,
+                    "--nthreads",
+                    "1",
+                    "--nworkers",
+                    "1",
+                    "--no-dashboard",
+                    "--host",
+                    "127.0.0.1",
+                ],
+                cwd=ROOT,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for _ in range(2)
+        ]
         with Client(addr, timeout="60s") as c:
             c.wait_for_workers(2, timeout=90)
         out = tmp_path / "store"
-        assert embed("--shards", shards, "--out", out, *TINY, *PIXELS, "--text-encodings", "--scheduler", addr) == 0
+        assert (
+            embed("--shards", shards, "--out", out, *TINY, *PIXELS, "--text-encodings", "--scheduler", addr)
+            == 0
+        )
     finally:
         for p in procs:
             if p.poll() is None:
@@ -414,5 +509,7 @@ def test_external_scheduler_gives_the_local_cluster_result(base, shards, tmp_pat
             assert a.shape == b.shape and np.allclose(a, b, atol=FP16_ATOL, rtol=2e-3)
         for f in ("latents", "text_enc_offsets"):
             np.testing.assert_array_equal(store.open_array(out, f, shard), store.open_array(base, f, shard))
-        assert (store.field_path(out, "errors", shard).exists()
-                == store.field_path(base, "errors", shard).exists())
+        assert (
+            store.field_path(out, "errors", shard).exists()
+            == store.field_path(base, "errors", shard).exists()
+        )

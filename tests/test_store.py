@@ -14,7 +14,10 @@ from pipeline import store
 
 def test_quantize_round_trip_is_within_half_a_step():
     rng = np.random.default_rng(0)
-    x = rng.normal(0, 1, (64, 4, 8, 8)).astype(np.float32) * np.array([1, 3, 0.5, 10], np.float32)[None, :, None, None]
+    x = (
+        rng.normal(0, 1, (64, 4, 8, 8)).astype(np.float32)
+        * np.array([1, 3, 0.5, 10], np.float32)[None, :, None, None]
+    )
     lo, hi = store.fit_quantization(x)
     assert lo.shape == hi.shape == (4,) and (hi > lo).all()
     assert np.allclose(hi - lo, np.array([1, 3, 0.5, 10]) * (hi[0] - lo[0]), rtol=0.1)  # per channel
@@ -28,8 +31,9 @@ def test_quantize_round_trip_is_within_half_a_step():
     # outliers clip to the ends of the range
     assert (q[~inside] % 255 == 0).all()
     # the formula of the design: q = round((x - lo) / (hi - lo) * 255)
-    assert store.quantize(np.array([[0.0, 0.5, 1.0, 0.502]], np.float32).reshape(1, 1, 4), [0.0], [1.0]).tolist() \
-        == [[[0, 128, 255, 128]]]
+    assert store.quantize(
+        np.array([[0.0, 0.5, 1.0, 0.502]], np.float32).reshape(1, 1, 4), [0.0], [1.0]
+    ).tolist() == [[[0, 128, 255, 128]]]
     assert np.allclose(store.dequantize(np.array([[0, 255]], np.uint8), [-1.0], [1.0]), [[-1, 1]])
 
 
@@ -43,20 +47,30 @@ def test_fit_quantization_ignores_a_few_outliers():
 
 
 def tables(keys: list[str], errors: list[str] = ()) -> dict[str, pa.Table]:
-    return {"metadata": pa.table({"key": keys, "caption": [f"c {k}" for k in keys]}),
-            "errors": pa.table({"key": list(errors), "reason": ["bad"] * len(errors)})}
+    return {
+        "metadata": pa.table({"key": keys, "caption": [f"c {k}" for k in keys]}),
+        "errors": pa.table({"key": list(errors), "reason": ["bad"] * len(errors)}),
+    }
 
 
 def arrays(n: int) -> dict[str, np.ndarray]:
-    return {"img_emb": np.ones((n, 4), np.float16), "text_emb": np.zeros((n, 4), np.float16),
-            "text_enc": np.ones((3 * n, 2), np.float16), "text_enc_offsets": np.arange(0, 3 * n + 1, 3)}
+    return {
+        "img_emb": np.ones((n, 4), np.float16),
+        "text_emb": np.zeros((n, 4), np.float16),
+        "text_enc": np.ones((3 * n, 2), np.float16),
+        "text_enc_offsets": np.arange(0, 3 * n + 1, 3),
+    }
 
 
 def test_write_shard_writes_the_marker_last_with_checksums(tmp_path, monkeypatch):
     order = []
     real = store._atomic_bytes
-    monkeypatch.setattr(store, "_atomic_bytes", lambda p, d: (order.append(p.relative_to(tmp_path)), real(p, d)))
-    marker = store.write_shard(tmp_path, "00007", arrays(3), tables(["a", "b", "c"], ["z"]), 3, {"source": "x"})
+    monkeypatch.setattr(
+        store, "_atomic_bytes", lambda p, d: (order.append(p.relative_to(tmp_path)), real(p, d))
+    )
+    marker = store.write_shard(
+        tmp_path, "00007", arrays(3), tables(["a", "b", "c"], ["z"]), 3, {"source": "x"}
+    )
     assert str(order[-1]) == "done/00007.json" and len(order) == 7
     assert marker == store.read_done(tmp_path, "00007") and marker["rows"] == 3 and marker["source"] == "x"
     assert sorted(marker["files"]) == sorted(str(p) for p in order[:-1])
@@ -95,10 +109,14 @@ def test_a_crash_mid_shard_leaves_it_not_done_and_remove_shard_cleans_up(tmp_pat
 
 
 def test_shard_with_no_rows_writes_only_errors_and_marker(tmp_path):
-    marker = store.write_shard(tmp_path, "00003", {}, {"metadata": None, "errors": tables([], ["x", "y"])["errors"]}, 0)
+    marker = store.write_shard(
+        tmp_path, "00003", {}, {"metadata": None, "errors": tables([], ["x", "y"])["errors"]}, 0
+    )
     assert marker["rows"] == 0 and list(marker["files"]) == ["errors/errors_00003.parquet"]
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == \
-        ["done/00003.json", "errors/errors_00003.parquet"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        "done/00003.json",
+        "errors/errors_00003.parquet",
+    ]
 
 
 def test_rows_that_disagree_are_refused_before_anything_is_written(tmp_path):

@@ -22,7 +22,9 @@ def take(stream, n):
 
 
 def test_batches_are_the_stored_rows(root):
-    for b in take(Stream(StreamConfig(str(root), fields=("img_emb", "text_emb", "text_enc"), batch_size=32)), 6):
+    for b in take(
+        Stream(StreamConfig(str(root), fields=("img_emb", "text_emb", "text_enc"), batch_size=32)), 6
+    ):
         shards = Stream(StreamConfig(str(root))).store.shards
         for i, (s, r) in enumerate(zip(b["shard"], b["row"])):
             sid = shards[s][0]
@@ -31,7 +33,9 @@ def test_batches_are_the_stored_rows(root):
             off = store.open_array(root, "text_enc_offsets", sid)
             n = off[r + 1] - off[r]
             assert b["text_enc_mask"][i].sum() == n and not b["text_enc_mask"][i, n:].any()
-            assert np.array_equal(b["text_enc"][i, :n], store.open_array(root, "text_enc", sid)[off[r]: off[r + 1]])
+            assert np.array_equal(
+                b["text_enc"][i, :n], store.open_array(root, "text_enc", sid)[off[r] : off[r + 1]]
+            )
         assert b["text_enc"].shape[1] == b["text_enc_mask"].sum(1).max()  # padded to the batch's longest only
 
 
@@ -49,7 +53,9 @@ def test_deterministic_and_restartable_at_any_step(root):
 
 def test_epoch_covers_each_train_sample_once_and_mixes_shards(root):
     s = Stream(StreamConfig(str(root), batch_size=16))
-    ids = [(int(a), int(b)) for _, (sh, rw) in zip(range(s.steps_per_epoch), s.indices()) for a, b in zip(sh, rw)]
+    ids = [
+        (int(a), int(b)) for _, (sh, rw) in zip(range(s.steps_per_epoch), s.indices()) for a, b in zip(sh, rw)
+    ]
     assert len(ids) == len(set(ids)) == s.steps_per_epoch * 16
     first = next(Stream(StreamConfig(str(root), batch_size=64)).indices())[0]
     assert len(set(first.tolist())) > 1  # one batch draws from several shards
@@ -59,8 +65,13 @@ def test_ranks_see_disjoint_data(root):
     seen = []
     for rank in range(2):
         s = Stream(StreamConfig(str(root), batch_size=10, rank=rank, world_size=2))
-        seen.append({(int(a), int(b)) for _, (sh, rw) in zip(range(s.steps_per_epoch), s.indices())
-                     for a, b in zip(sh, rw)})
+        seen.append(
+            {
+                (int(a), int(b))
+                for _, (sh, rw) in zip(range(s.steps_per_epoch), s.indices())
+                for a, b in zip(sh, rw)
+            }
+        )
     assert len(seen[0]) == len(seen[1]) > 100 and not seen[0] & seen[1]
 
 
@@ -68,7 +79,11 @@ def test_val_split_is_held_out_and_stable(root):
     val = Stream(StreamConfig(str(root), split="val", val_fraction=0.1, batch_size=32))
     train = Stream(StreamConfig(str(root), split="train", val_fraction=0.1, batch_size=32))
     v = {(int(a), int(b)) for sh, rw in val.indices() for a, b in zip(sh, rw)}
-    t = {(int(a), int(b)) for _, (sh, rw) in zip(range(train.steps_per_epoch), train.indices()) for a, b in zip(sh, rw)}
+    t = {
+        (int(a), int(b))
+        for _, (sh, rw) in zip(range(train.steps_per_epoch), train.indices())
+        for a, b in zip(sh, rw)
+    }
     assert 10 < len(v) < 60 and not v & t
     assert v == {(int(a), int(b)) for sh, rw in val.indices() for a, b in zip(sh, rw)}
     assert val.num_samples + train.num_samples == 348
@@ -86,4 +101,6 @@ def test_torch_batches_and_errors(root):
 def test_dequantize_torch_matches_numpy():
     q = np.random.default_rng(0).integers(0, 256, size=(2, 4, 3, 3), dtype=np.uint8)
     lo, hi = [-1.0, -2.0, 0.0, 0.5], [1.0, 2.0, 3.0, 0.75]
-    assert np.allclose(dequantize_torch(torch.from_numpy(q), lo, hi).numpy(), store.dequantize(q, lo, hi), atol=1e-6)
+    assert np.allclose(
+        dequantize_torch(torch.from_numpy(q), lo, hi).numpy(), store.dequantize(q, lo, hi), atol=1e-6
+    )

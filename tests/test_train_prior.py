@@ -26,8 +26,17 @@ def data(tmp_path_factory):
 
 
 def cfg_for(data, out, **kw):
-    base = dict(data=data, out=str(out), batch_size=32, steps=20, eval_every=0, save_every=10, log_every=5,
-                warmup_steps=5, val_fraction=0.1)
+    base = dict(
+        data=data,
+        out=str(out),
+        batch_size=32,
+        steps=20,
+        eval_every=0,
+        save_every=10,
+        log_every=5,
+        warmup_steps=5,
+        val_fraction=0.1,
+    )
     return TrainPriorConfig(**{**base, **kw})
 
 
@@ -86,12 +95,18 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, mo
     with pytest.raises(StageError, match="loss is nan at step 6"):
         main(cfg_for(data, tmp_path, save_every=3))
     assert checkpoint.resolve(tmp_path).name == "step_00000006"
-    assert cli(["eval-prior", "--ckpt", str(tmp_path), "--data", data, "--steps", "4", "--max-samples", "64"]) == 0
+    assert (
+        cli(["eval-prior", "--ckpt", str(tmp_path), "--data", data, "--steps", "4", "--max-samples", "64"])
+        == 0
+    )
 
 
 def test_prior_learns_the_mapping(data, tmp_path, capsys):
-    main(cfg_for(data, tmp_path, steps=400, batch_size=64, lr=1e-3, ema_decay=0.99, save_every=400,
-                 warmup_steps=20))
+    main(
+        cfg_for(
+            data, tmp_path, steps=400, batch_size=64, lr=1e-3, ema_decay=0.99, save_every=400, warmup_steps=20
+        )
+    )
     m = eval_run(EvalPriorConfig(ckpt=str(tmp_path), data=data, steps=16))
     assert "top-1 retrieval / 256, prediction" in capsys.readouterr().out
     assert json.loads((tmp_path / "ckpt/step_00000400/eval.json").read_text())["top1_pred"] == m["top1_pred"]
@@ -103,9 +118,32 @@ def test_prior_learns_the_mapping(data, tmp_path, capsys):
 
 def test_two_process_gloo_training(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           "-m", "jobs.cli", "train-prior", "--data", data, "--out", str(tmp_path), "--steps", "6",
-           "--batch-size", "16", "--save-every", "6", "--eval-every", "0", "--log-rows", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "-m",
+        "jobs.cli",
+        "train-prior",
+        "--data",
+        data,
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "6",
+        "--batch-size",
+        "16",
+        "--save-every",
+        "6",
+        "--eval-every",
+        "0",
+        "--log-rows",
+        "--device",
+        "cpu",
+    ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=240)
     r0, r1 = (torch.load(tmp_path / f"rows_rank{r}.pt") for r in (0, 1))
     assert r0.shape == r1.shape == (6 * 16, 2)

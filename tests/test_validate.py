@@ -22,10 +22,22 @@ def write_tar(path: Path, keys: list[str], bad: set[str] = frozenset()) -> None:
     with tarfile.open(path, "w") as tf:
         for i, key in enumerate(keys):
             buf = io.BytesIO()
-            Image.new("RGB", (48, 48), (i * 37 % 256, 255 - i * 23 % 256, i * 91 % 256)).save(buf, format="JPEG")
-            members = {"jpg": b"garbage" * 30 if key in bad else buf.getvalue(), "txt": f"photo {key}".encode(),
-                       "json": json.dumps({"key": key, "url": f"http://img.test/{key}", "caption": f"photo {key}",
-                                           "width": 48, "height": 48}).encode()}
+            Image.new("RGB", (48, 48), (i * 37 % 256, 255 - i * 23 % 256, i * 91 % 256)).save(
+                buf, format="JPEG"
+            )
+            members = {
+                "jpg": b"garbage" * 30 if key in bad else buf.getvalue(),
+                "txt": f"photo {key}".encode(),
+                "json": json.dumps(
+                    {
+                        "key": key,
+                        "url": f"http://img.test/{key}",
+                        "caption": f"photo {key}",
+                        "width": 48,
+                        "height": 48,
+                    }
+                ).encode(),
+            }
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
@@ -38,9 +50,31 @@ def good(tmp_path_factory) -> Path:
     write_tar(d / "00000.tar", [f"0000{i:05d}" for i in (4, 1, 7, 0, 3, 6, 2, 5)], bad={"000000003"})
     write_tar(d / "00001.tar", [f"0001{i:05d}" for i in (2, 0, 1)])
     out = d / "store"
-    assert main(["embed", "--shards", str(d), "--out", str(out), "--clip", "unclip-tiny", "--pretrained", "none",
-                 "--batch-size", "4", "--workers", "1", "--latents", "pixels", "--latent-size", "8",
-                 "--text-encodings"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--shards",
+                str(d),
+                "--out",
+                str(out),
+                "--clip",
+                "unclip-tiny",
+                "--pretrained",
+                "none",
+                "--batch-size",
+                "4",
+                "--workers",
+                "1",
+                "--latents",
+                "pixels",
+                "--latent-size",
+                "8",
+                "--text-encodings",
+            ]
+        )
+        == 0
+    )
     return out
 
 
