@@ -42,3 +42,20 @@ lint: $(VENV_STAMP) ## ruff lint and format check
 download: $(VENV_STAMP) ## download URLS=table.parquet into OUT=shards/ (webdataset, img2dataset)
 	@test -n "$(URLS)" || { echo "usage: make download URLS=urls.parquet OUT=shards/" >&2; exit 2; }
 	.venv/bin/unclip download --urls $(URLS) --out $(or $(OUT),shards)
+
+STORE ?= store
+PRIOR_OUT ?= prior
+.PHONY: embed validate train-prior eval-prior
+
+embed: $(VENV_STAMP) ## embed SHARDS='shards/{00000..00009}.tar' into OUT=store/ (add ARGS='--latents vae --vae …')
+	@test -n "$(SHARDS)" || { echo "usage: make embed SHARDS=shards/ OUT=store/ [ARGS='--clip ViT-B-32 --pretrained …']" >&2; exit 2; }
+	.venv/bin/unclip embed --shards '$(SHARDS)' --out $(or $(OUT),$(STORE)) $(ARGS)
+
+validate: $(VENV_STAMP) ## check an embedding store: make validate STORE=store/
+	.venv/bin/unclip validate $(STORE)
+
+train-prior: $(VENV_STAMP) ## train the diffusion prior: make train-prior STORE=store/ PRIOR_OUT=prior/ [ARGS='--preset vit-b-32']
+	.venv/bin/unclip train-prior --data $(STORE) --out $(PRIOR_OUT) $(ARGS)
+
+eval-prior: $(VENV_STAMP) ## evaluate the prior's EMA weights on the held-out split
+	.venv/bin/unclip eval-prior --ckpt $(PRIOR_OUT) --data $(STORE) $(ARGS)
