@@ -10,9 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import queue
 import tarfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +22,7 @@ from PIL import Image, ImageOps
 
 from pipeline import store
 from pipeline.errors import UsageError
+from pipeline.prefetch import background
 
 log = logging.getLogger(__name__)
 
@@ -117,26 +116,6 @@ def _batch(buf, preprocess, latents: str, latent_px: int) -> Batch:
         if latents == "vae":
             lat = torch.from_numpy(lat).float() / 127.5 - 1.0
     return Batch([s.key for s, _ in buf], [s.caption for s, _ in buf], [s.meta for s, _ in buf], images, lat)
-
-
-def background(gen: Iterator, depth: int = 3) -> Iterator:
-    """Run a generator in a thread, ``depth`` items ahead; re-raise its exception in the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-
-    def work():
-        try:
-            for item in gen:
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # handed to the consumer
-            q.put(e)
-
-    threading.Thread(target=work, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:

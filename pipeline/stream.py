@@ -12,8 +12,6 @@ stream restarts at any step without reading what came before it.
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import store
+from pipeline.prefetch import background
 
 FIELDS = ("img_emb", "text_emb", "latents", "text_enc")
 
@@ -181,34 +180,7 @@ class Stream:
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
         """Numpy batches, prepared ``prefetch`` ahead in a background thread."""
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.cfg.prefetch))
-        stop, end = threading.Event(), object()
-
-        def work():
-            try:
-                for s, r in self.indices():
-                    item = self._load(s, r)
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                q.put(end)
-            except BaseException as e:  # handed to the consumer
-                q.put(e)
-
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
-        try:
-            while (item := q.get()) is not end:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
+        return background((self._load(s, r) for s, r in self.indices()), self.cfg.prefetch)
 
     def torch_batches(self, device="cpu") -> Iterator[dict]:
         """Torch tensors on ``device``; pinned memory and non-blocking copies on CUDA. Stores' dtypes kept

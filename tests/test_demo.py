@@ -1,0 +1,16 @@
+"""The whole demo, small: every stage through `jobs.demo`, and the prior learns the caption -> image mapping."""
+
+import pytest
+
+from jobs.demo import DemoConfig, run
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_prior_beats_baselines(tmp_path):
+    r = run(DemoConfig(out=str(tmp_path), n=1200, samples_per_shard=300, clip_steps=120, prior_steps=1000))
+    assert r["download"]["successes"] == 1200 and r["download"]["complete"]
+    assert r["validate"]["ok"] and r["embed"]["rows"] == 1200
+    m = r["eval_prior"]
+    assert m["top1_pred"] > 10 * m["retrieval_chance_top1"]
+    assert m["top1_pred"] >= m["top1_text"]
+    assert m["sim_pred_image"] > m["sim_mean_image_predictor"] + 0.2
