@@ -49,6 +49,11 @@ COMMANDS: dict[str, Command] = {
     "eval-prior": Command(
         "evaluate a prior checkpoint on a store's held-out split", "jobs.eval_prior", "EvalPriorConfig"
     ),
+    "bench": Command(
+        "measure every stage against its physical limit (writes bench/results.json)",
+        "jobs.bench",
+        "BenchConfig",
+    ),
     "demo": Command("run every stage on the built-in demo dataset", "jobs.demo", "DemoConfig"),
 }
 
@@ -58,18 +63,22 @@ def _resolve(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Every subcommand is listed; only the one named in ``argv`` imports its module (and so torch), which
+    keeps `unclip download` as quick to start as img2dataset itself."""
     parser = argparse.ArgumentParser(prog="unclip", description="unCLIP data pipeline and trainers")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in (argv if argv is not None else sys.argv[1:]) if a in COMMANDS), None)
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
-        add_dataclass_args(p, getattr(importlib.import_module(cmd.module), cmd.config), cmd.positional)
+        if name == chosen:
+            add_dataclass_args(p, getattr(importlib.import_module(cmd.module), cmd.config), cmd.positional)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

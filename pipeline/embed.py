@@ -193,17 +193,17 @@ def run(cfg: EmbedConfig) -> dict:
         "latent_params": manifest["latents"],
         "torch_threads": cfg.torch_threads or (0 if cfg.scheduler else max(1, os.cpu_count() // cfg.workers)),
     }
-    start, rows, failed = time.perf_counter(), 0, {}
+    start, rows, failed, stats = time.perf_counter(), 0, {}, {}
     if todo:
         client, cluster = _client(cfg, device)
         try:
-            rows, failed = _map(client, todo, params, cfg)
+            rows, failed, stats = _map(client, todo, params, cfg)
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
     seconds = time.perf_counter() - start
-    return _finish(cfg, manifest, shards, rows, seconds, failed)
+    return _finish(cfg, manifest, shards, rows, seconds, failed, stats)
 
 
 def _map(client, todo: list[str], params: dict, cfg: EmbedConfig) -> tuple[int, dict]:
@@ -217,20 +217,24 @@ def _map(client, todo: list[str], params: dict, cfg: EmbedConfig) -> tuple[int, 
     )
     names = {f.key: s for f, s in zip(futures, todo, strict=True)}
     rows, failed, start = 0, {}, time.perf_counter()
+    stats = {"task_seconds": 0.0, "worker_peak_rss_mb": 0.0}
     with tqdm(total=len(todo), desc="embed", unit="shard") as bar:
         for fut in as_completed(futures):
             try:
-                rows += fut.result()["rows"]
+                res = fut.result()
+                rows += res["rows"]
+                stats["task_seconds"] += res["seconds"]
+                stats["worker_peak_rss_mb"] = max(stats["worker_peak_rss_mb"], res["worker_peak_rss_mb"])
             except Exception as e:  # after dask's retries: list it, keep going with the others
                 failed[names[fut.key]] = f"{type(e).__name__}: {e}"
                 log.error("shard %s failed: %s", names[fut.key], failed[names[fut.key]])
             bar.set_postfix(samples_per_s=f"{rows / (time.perf_counter() - start):.1f}")
             bar.update(1)
-    return rows, failed
+    return rows, failed, stats
 
 
 def _finish(
-    cfg: EmbedConfig, manifest: dict, shards: list[str], rows: int, seconds: float, failed: dict
+    cfg: EmbedConfig, manifest: dict, shards: list[str], rows: int, seconds: float, failed: dict, stats: dict
 ) -> dict:
     markers = [
         store.read_done(cfg.out, store.shard_id_of(s))
@@ -253,6 +257,11 @@ def _finish(
         "rows_this_run": rows,
         "seconds_this_run": round(seconds, 2),
         "samples_per_second": round(rows / seconds, 2) if rows and seconds > 0 else None,
+        # Inside the shard tasks (model loaded, dask started): what the embedding itself sustains.
+        "samples_per_second_in_tasks": round(rows / stats["task_seconds"], 2)
+        if stats.get("task_seconds")
+        else None,
+        "worker_peak_rss_mb": stats.get("worker_peak_rss_mb"),
     }
     store.write_json(Path(cfg.out) / "logs" / "embed_summary.json", summary)
     if failed:

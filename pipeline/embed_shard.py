@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import resource
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -187,6 +189,7 @@ def embed_shard(url: str, params: dict) -> dict:
 
     if params["torch_threads"]:
         torch.set_num_threads(params["torch_threads"])
+    t0 = time.perf_counter()
     root, shard, device = params["out"], store.shard_id_of(url), params["device"]
     store.remove_shard(root, shard)  # a partial shard from an interrupted run is redone from scratch
     clip = load_clip(params["clip"], params["pretrained"], device, params["seed"])
@@ -228,7 +231,10 @@ def embed_shard(url: str, params: dict) -> dict:
         out["key"] += b.keys
         out["cap"] += b.captions
         out["meta"] += b.metas
-    return _write(root, shard, url, out, errors, truncated, mae)
+    marker = _write(root, shard, url, out, errors, truncated, mae)
+    # Reported to the caller only (the marker on disk stays free of timings): for the summary and the bench.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {**marker, "worker_peak_rss_mb": round(rss, 1), "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _write(root, shard, url, out, errors, truncated, mae) -> dict:
