@@ -101,12 +101,13 @@ def format_table(m: dict) -> str:
 
 def run(cfg: EvalPriorConfig) -> dict:
     from jobs import checkpoint
-    from jobs.train_prior import build_prior, pick_device
+    from jobs.train_prior import build_prior
+    from pipeline.encoders import resolve_device
 
     folder = checkpoint.resolve(cfg.ckpt)
     meta = checkpoint.read_meta(folder)
     tcfg = meta["config"]
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     prior = build_prior(meta["prior"]).to(device).eval()
     checkpoint.load_weights(prior, folder / "ema.safetensors")
     fields = ("img_emb", "text_emb", "text_enc") if tcfg["text_encodings"] else ("img_emb", "text_emb")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from jobs import checkpoint
 from models.prior import PRIOR_PRESETS, DiffusionPrior, PriorConfig, prior_config
 from pipeline import store
+from pipeline.encoders import resolve_device
 from pipeline.errors import StageError, UsageError
 from pipeline.stream import Stream, StreamConfig
 
@@ -68,14 +69,6 @@ class TrainPriorConfig:
     guidance_scale: float = 1.0
     device: str = "auto"
     log_rows: bool = False  # write the (shard, row) ids each rank trained on, for auditing data order
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is visible; valid here: auto, cpu")
-    return name
 
 
 def build_prior(prior_cfg: dict) -> DiffusionPrior:
@@ -155,7 +148,7 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 def main(cfg: TrainPriorConfig) -> dict:
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     prior_cfg = _prior_settings(cfg)
     rank, world, device = _setup_distributed(device)
     out = Path(cfg.out)

@@ -107,16 +107,6 @@ def validate(cfg: EmbedConfig) -> list[str]:
     return shards
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is visible; valid here: auto, cpu")
-    return device
-
-
 def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
     """Check an existing store is compatible (or wipe it with --overwrite); return the manifest to use."""
     root = Path(cfg.out)
@@ -183,6 +173,8 @@ def run(cfg: EmbedConfig) -> dict:
     """Validate, list shards, skip done ones, embed the rest on dask, write the manifest and summary."""
     shards = validate(cfg)
     cfg.out = os.path.abspath(cfg.out)  # dask workers may have another working directory
+    from pipeline.encoders import resolve_device
+
     device = resolve_device(cfg.device)
     manifest = prepare_store(cfg, shards, device)
     todo = [s for s in shards if not store.is_done(cfg.out, store.shard_id_of(s))]

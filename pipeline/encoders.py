@@ -25,6 +25,15 @@ CONFIG_DIR = Path(__file__).parent / "clip_configs"
 RANDOM = ("none", "random", "")
 
 
+def resolve_device(device: str) -> str:
+    """'auto' -> cuda when visible, else cpu; 'cuda' without a visible device is a UsageError."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is visible; valid here: auto, cpu")
+    return device
+
+
 def _open_clip():
     import open_clip
 
