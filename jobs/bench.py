@@ -334,7 +334,7 @@ def probe_mmap(store: str) -> dict:
 def probe_stream(store: str, batch: int) -> dict:
     from pipeline.stream import Stream, StreamConfig
 
-    s = Stream(StreamConfig(store, batch_size=batch, split="all"))
+    s = Stream(StreamConfig(store, batch_size=batch, split="train", val_fraction=0.0))  # shuffled
     it = s.torch_batches("cpu")
     next(it)  # thread start-up
     t0, pairs = time.perf_counter(), 0
@@ -344,7 +344,7 @@ def probe_stream(store: str, batch: int) -> dict:
 
 
 def bench_stream(cfg: BenchConfig, work: Path) -> dict:
-    shards, rows = (4, 2048) if cfg.quick else (16, 16384)
+    shards, rows = (4, 2048) if cfg.quick else (32, 8192)  # 4 shuffle blocks of 8 shards
     one = _synthetic_store(work / "stream_1x", shards, rows, 512)
     two = _synthetic_store(work / "stream_2x", 2 * shards, rows, 512)
     _probe_json("mmap", store=str(two))  # warm the page cache: both sides then read from memory
