@@ -127,9 +127,9 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
             p = root / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     from pipeline.embed_shard import calibrate_latents
-    from pipeline.encoders import load_clip
+    from pipeline.encoders import clip_dims
 
-    clip = load_clip(cfg.clip, cfg.pretrained, "cpu", cfg.seed)
+    clip = clip_dims(cfg.clip)  # from the architecture's config: no model is built in this process
     manifest = {
         "format_version": store.FORMAT_VERSION,
         "identity": identity,

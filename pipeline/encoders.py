@@ -76,6 +76,22 @@ class Clip:
     device: torch.device
 
 
+@dataclass
+class ClipDims:
+    dim: int
+    context_length: int
+    text_width: int
+
+
+def clip_dims(arch: str) -> ClipDims:
+    """Embedding size, context length and text width of an architecture, read from its config."""
+    cfg = _open_clip().get_model_config(arch)
+    text = cfg.get("text_cfg", {})
+    return ClipDims(
+        dim=cfg["embed_dim"], context_length=text.get("context_length", 77), text_width=text.get("width", 0)
+    )
+
+
 @lru_cache(maxsize=2)
 def load_clip(arch: str, pretrained: str, device: str, seed: int = 0) -> Clip:
     """The model in eval mode on ``device``; cached per process so that a dask worker loads it once."""
@@ -92,14 +108,14 @@ def load_clip(arch: str, pretrained: str, device: str, seed: int = 0) -> Clip:
         )
     model = model.to(device).eval()
     text = model if hasattr(model, "token_embedding") else getattr(model, "text", model)
-    cfg = oc.get_model_config(arch)
+    dims = clip_dims(arch)
     return Clip(
         model=model,
         preprocess=preprocess,
         tokenizer=oc.get_tokenizer(arch),
-        dim=cfg["embed_dim"],
-        context_length=cfg["text_cfg"].get("context_length", 77),
-        text_width=cfg["text_cfg"].get("width", getattr(text, "width", 0)),
+        dim=dims.dim,
+        context_length=dims.context_length,
+        text_width=dims.text_width or getattr(text, "width", 0),
         device=torch.device(device),
     )
 
