@@ -59,3 +59,23 @@ train-prior: $(VENV_STAMP) ## train the diffusion prior: make train-prior STORE=
 
 eval-prior: $(VENV_STAMP) ## evaluate the prior's EMA weights on the held-out split
 	.venv/bin/unclip eval-prior --ckpt $(PRIOR_OUT) --data $(STORE) $(ARGS)
+
+.PHONY: bench
+bench: $(VENV_STAMP) ## every stage vs its physical limit, side by side -> bench/results.{json,md} (~10-15 min, 2 cores)
+	.venv/bin/unclip bench --out bench $(ARGS)
+
+# Reference tools in their own venv: clip-retrieval 2.45 pins numpy<2, pyarrow<16, open_clip<3 and imports
+# pkg_resources (setuptools<81); torch/torchvision as in .venv. Their scripts are in bench/anchors/.
+ANCHORS_PY := .venv-anchors/bin/python
+ANCHORS_STAMP := .venv-anchors/.installed
+.PHONY: bench-anchors
+
+$(ANCHORS_STAMP):
+	test -x $(ANCHORS_PY) || python3 -m venv .venv-anchors
+	$(ANCHORS_PY) -m pip install -q --upgrade pip 'setuptools<81' wheel
+	$(ANCHORS_PY) -m pip install -q 'clip-retrieval==2.45.0' 'dalle2-pytorch==1.15.6' 'open_clip_torch<3' \
+		'numpy<2' 'pyarrow<16' 'setuptools<81' 'torch==2.14.1' 'torchvision==0.29.1'
+	touch $(ANCHORS_STAMP)
+
+bench-anchors: $(VENV_STAMP) $(ANCHORS_STAMP) ## ours vs clip-retrieval, embedding-reader, dalle2-pytorch -> bench/anchors.{json,md} (6-12 min on 2 cores)
+	$(PY) -m jobs.bench_anchors $(ARGS)

@@ -31,8 +31,10 @@ def _random_open_clip(clip_model, use_jit=True, device="cuda", clip_cache_path=N
     model, _, preprocess = open_clip.create_model_and_transforms(
         arch, pretrained=None, device=device, jit=use_jit, cache_dir=clip_cache_path
     )
-    print(f"[anchor] open_clip {arch} with RANDOM weights (seed {seed}), open_clip {open_clip.__version__}",
-          flush=True)
+    print(
+        f"[anchor] open_clip {arch} with RANDOM weights (seed {seed}), open_clip {open_clip.__version__}",
+        flush=True,
+    )
     model = OpenClipWrapper(inner_model=model, device=device)
     model.to(device=device)
     return model, preprocess, open_clip.get_tokenizer(arch)

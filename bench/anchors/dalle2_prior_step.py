@@ -75,22 +75,29 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
         opt.step()
         dt = time.perf_counter() - t0
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if i >= a.warmup:
             times.append(dt)
-        print(f"[anchor] dalle2 prior step {i} ({'warm-up' if i < a.warmup else 'timed'}): {dt:.2f} s",
-              file=sys.stderr, flush=True)
+        print(
+            f"[anchor] dalle2 prior step {i} ({'warm-up' if i < a.warmup else 'timed'}): {dt:.2f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     med = statistics.median(times)
-    print(json.dumps({
-        "impl": "dalle2-pytorch",
-        "step_seconds": times,
-        "samples_per_s": a.batch / med,
-        "params": sum(p.numel() for p in prior.parameters()),
-        "losses": losses,
-        "torch_threads": torch.get_num_threads(),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "config": vars(a),
-    }))
+    print(
+        json.dumps(
+            {
+                "impl": "dalle2-pytorch",
+                "step_seconds": times,
+                "samples_per_s": a.batch / med,
+                "params": sum(p.numel() for p in prior.parameters()),
+                "losses": losses,
+                "torch_threads": torch.get_num_threads(),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "config": vars(a),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
