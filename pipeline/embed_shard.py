@@ -183,6 +183,17 @@ def _metadata(keys: list[str], captions: list[str], metas: list[dict]) -> pa.Tab
     return pa.Table.from_pylist(rows)
 
 
+def warm_up(params: dict) -> None:
+    """Load the models a worker will use (cached per process)."""
+    from pipeline.encoders import load_clip, load_vae
+
+    if params["torch_threads"]:
+        torch.set_num_threads(params["torch_threads"])
+    load_clip(params["clip"], params["pretrained"], params["device"], params["seed"])
+    if params["latents"] == "vae":
+        load_vae(params["vae"], params["device"])
+
+
 def embed_shard(url: str, params: dict) -> dict:
     """Embed one shard and write it to the store; returns its done marker. Runs in a dask worker."""
     from pipeline.encoders import encode_image, encode_text, load_clip, load_vae, normalize, vae_encode
