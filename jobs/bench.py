@@ -287,35 +287,51 @@ def probe_forward(clip: str, store: str, batch: int) -> dict:
 # ---------------------------------------------------------------- stream
 
 
-def _synthetic_store(root: Path, shards: int, rows: int, dim: int) -> Path:
-    """A store with random unit embeddings, written through the format module."""
+def random_store(root: Path, shards: int, rows: int, dim: int = 512, seed: int = 0) -> Path:
+    """A store of random unit rows (float16, ``dim``) with key/caption metadata, written by `pipeline.store`
+    like the embed stage writes one. Reused when it exists with the same shape."""
     import pyarrow as pa
 
     from pipeline import store
 
-    if (root / store.MANIFEST).exists():
+    want = {"shards": shards, "rows": rows, "dim": dim, "seed": seed}
+    stamp = root / "scale.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
         return root
-    rng = np.random.default_rng(0)
-    for i in range(shards):
-        sid = f"{i:05d}"
-        emb = [rng.standard_normal((rows, dim), dtype=np.float32) for _ in range(2)]
-        arrays = {
-            k: (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float16)
-            for k, e in zip(("img_emb", "text_emb"), emb)
-        }
-        meta = pa.table({"key": [f"{sid}{j:05d}" for j in range(rows)], "caption": ["x"] * rows})
-        store.write_shard(
-            root, sid, arrays, {"metadata": meta, "errors": None}, rows, {"source": "synthetic"}
-        )
+    shutil.rmtree(root, ignore_errors=True)
+    rng = np.random.default_rng(seed)
     manifest = {
         "format_version": store.FORMAT_VERSION,
-        "identity": {},
-        "clip": {"arch": "synthetic", "dim": dim},
+        "identity": {"bench_scale_store": want},
+        "clip": {
+            "arch": "random",
+            "pretrained": "none",
+            "random_init": True,
+            "dim": dim,
+            "context_length": 77,
+        },
+        "img_emb": {"dtype": "float16", "shape": [dim], "normalized": True},
+        "text_emb": {"dtype": "float16", "shape": [dim], "normalized": True},
         "text_enc": None,
         "latents": None,
-        "shards": [{"shard": s, "rows": n} for s, n in store.shard_rows(root)],
+        "shards": [],
     }
     store.write_json(root / store.MANIFEST, manifest)
+    for i in range(shards):
+        sid = f"{i:05d}"
+        arrays = {}
+        for f in ("img_emb", "text_emb"):
+            x = rng.standard_normal((rows, dim), dtype=np.float32)
+            arrays[f] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+        meta = pa.table(
+            {"key": [f"{sid}{j:05d}" for j in range(rows)], "caption": [f"row {j}" for j in range(rows)]}
+        )
+        store.write_shard(
+            root, sid, arrays, {"metadata": meta, "errors": None}, rows, {"source": f"random/{sid}"}
+        )
+    manifest["shards"] = [{"shard": s, "rows": n} for s, n in store.shard_rows(root)]
+    store.write_json(root / store.MANIFEST, manifest)
+    stamp.write_text(json.dumps(want))
     return root
 
 
@@ -345,8 +361,8 @@ def probe_stream(store: str, batch: int) -> dict:
 
 def bench_stream(cfg: BenchConfig, work: Path) -> dict:
     shards, rows = (4, 2048) if cfg.quick else (32, 8192)  # 4 shuffle blocks of 8 shards
-    one = _synthetic_store(work / "stream_1x", shards, rows, 512)
-    two = _synthetic_store(work / "stream_2x", 2 * shards, rows, 512)
+    one = random_store(work / "stream_1x", shards, rows, 512)
+    two = random_store(work / "stream_2x", 2 * shards, rows, 512)
     _probe_json("mmap", store=str(two))  # warm the page cache: both sides then read from memory
     ours, base, rss = [], [], {}
     for _ in range(cfg.repeats):
@@ -415,7 +431,7 @@ def bench_prior(cfg: BenchConfig, work: Path) -> dict:
     sample = [r["sample_seconds"] for r, _ in runs]
     rss = {}
     for tag, shards in (("1x", 4), ("2x", 8)):  # the trainer over a store twice as large
-        data = _synthetic_store(work / f"prior_{tag}", shards, 2048, 64)
+        data = random_store(work / f"prior_{tag}", shards, 2048, 64)
         out = work / f"prior_run_{tag}"
         shutil.rmtree(out, ignore_errors=True)
         _, rss[tag], _ = _measure(

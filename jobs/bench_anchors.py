@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.bench import random_store as make_scale_store  # one writer of random stores for both benches
+
 ROOT = Path(__file__).resolve().parent.parent
 ANCHOR_SCRIPTS = ROOT / "bench" / "anchors"
 PARTS = ("embed", "stream", "prior", "interop")
@@ -440,54 +442,6 @@ def stream_pass_theirs(store_root: Path, batch: int, epochs: int) -> tuple[int, 
                 raise RuntimeError(f"embedding-reader paired {len(img)} image rows with {len(txt)} text rows")
             n += len(img)
     return n, time.perf_counter() - t0
-
-
-def make_scale_store(root: Path, shards: int, rows: int, dim: int = 512, seed: int = 0) -> Path:
-    """A store of random unit rows (float16, ``dim``) with key/caption metadata, written by `pipeline.store`
-    like the embed stage writes one. Reused when it exists with the same shape."""
-    import pyarrow as pa
-
-    from pipeline import store
-
-    want = {"shards": shards, "rows": rows, "dim": dim, "seed": seed}
-    stamp = root / "scale.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == want:
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    rng = np.random.default_rng(seed)
-    manifest = {
-        "format_version": store.FORMAT_VERSION,
-        "identity": {"bench_scale_store": want},
-        "clip": {
-            "arch": "random",
-            "pretrained": "none",
-            "random_init": True,
-            "dim": dim,
-            "context_length": 77,
-        },
-        "img_emb": {"dtype": "float16", "shape": [dim], "normalized": True},
-        "text_emb": {"dtype": "float16", "shape": [dim], "normalized": True},
-        "text_enc": None,
-        "latents": None,
-        "shards": [],
-    }
-    store.write_json(root / store.MANIFEST, manifest)
-    for i in range(shards):
-        sid = f"{i:05d}"
-        arrays = {}
-        for f in ("img_emb", "text_emb"):
-            x = rng.standard_normal((rows, dim), dtype=np.float32)
-            arrays[f] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
-        meta = pa.table(
-            {"key": [f"{sid}{j:05d}" for j in range(rows)], "caption": [f"row {j}" for j in range(rows)]}
-        )
-        store.write_shard(
-            root, sid, arrays, {"metadata": meta, "errors": None}, rows, {"source": f"random/{sid}"}
-        )
-    manifest["shards"] = [{"shard": s, "rows": n} for s, n in store.shard_rows(root)]
-    store.write_json(root / store.MANIFEST, manifest)
-    stamp.write_text(json.dumps(want))
-    return root
 
 
 def stream_comparison(name: str, store_root: Path, batch: int, epochs: int, repeats: int, notes: str) -> dict:
