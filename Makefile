@@ -60,6 +60,21 @@ train-prior: $(VENV_STAMP) ## train the diffusion prior: make train-prior STORE=
 eval-prior: $(VENV_STAMP) ## evaluate the prior's EMA weights on the held-out split
 	.venv/bin/unclip eval-prior --ckpt $(PRIOR_OUT) --data $(STORE) $(ARGS)
 
+DECODER_OUT ?= decoder
+PROMPT ?=
+SAMPLES ?= samples.png
+.PHONY: train-decoder eval-decoder sample
+
+train-decoder: $(VENV_STAMP) ## train the decoder: make train-decoder STORE=store/ DECODER_OUT=decoder/ [ARGS='--preset base']
+	.venv/bin/unclip train-decoder --data $(STORE) --out $(DECODER_OUT) $(ARGS)
+
+eval-decoder: $(VENV_STAMP) ## re-embed the decoder's images on the held-out split (and text -> image with the prior)
+	.venv/bin/unclip eval-decoder --decoder $(DECODER_OUT) --prior $(PRIOR_OUT) --data $(STORE) $(ARGS)
+
+sample: $(VENV_STAMP) ## text -> image: make sample PROMPT="a red circle" [PRIOR_OUT=prior DECODER_OUT=decoder SAMPLES=out.png]
+	@test -n "$(PROMPT)" || { echo 'usage: make sample PROMPT="a red circle on a white background" [ARGS=--n 8]' >&2; exit 2; }
+	.venv/bin/unclip sample --prior $(PRIOR_OUT) --decoder $(DECODER_OUT) --prompt "$(PROMPT)" --out $(SAMPLES) $(ARGS)
+
 .PHONY: bench
 bench: $(VENV_STAMP) ## every stage vs its physical limit, side by side -> bench/results.{json,md} (~10-15 min, 2 cores)
 	.venv/bin/unclip bench --out bench $(ARGS)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UsageError
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: meta.json names its task and holds the network config under 'model'
 PACKAGE_VERSION = "0.1.0"
 
 

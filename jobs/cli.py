@@ -49,6 +49,19 @@ COMMANDS: dict[str, Command] = {
     "eval-prior": Command(
         "evaluate a prior checkpoint on a store's held-out split", "jobs.eval_prior", "EvalPriorConfig"
     ),
+    "train-decoder": Command(
+        "train the image decoder (CLIP image embedding -> latents) on a store with latents",
+        "jobs.train_decoder",
+        "TrainDecoderConfig",
+    ),
+    "sample": Command(
+        "text -> image: CLIP text tower, prior, decoder -> a PNG grid", "jobs.sample", "SampleConfig"
+    ),
+    "eval-decoder": Command(
+        "evaluate a decoder (and text -> image with --prior) on a store's held-out split",
+        "jobs.eval_decoder",
+        "EvalDecoderConfig",
+    ),
     "bench": Command(
         "measure every stage against its physical limit (writes bench/results.json)",
         "jobs.bench",

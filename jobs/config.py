@@ -45,6 +45,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: t
             kw.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
         elif tp in (int, float, str):
             kw["type"] = tp
+        elif typing.get_origin(tp) in (list, tuple):  # list[str]: one or more values after the flag
+            kw.update(nargs="+", type=typing.get_args(tp)[0])
         if f.name in positional:
             parser.add_argument(f.name, **{k: v for k, v in kw.items() if k != "default"})
             continue

@@ -7,6 +7,8 @@ Folders under ``--out`` (default ``demo_out/``): ``data/`` (generated images + d
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.http_server import serve_folder
-from pipeline import demo_data, download
+from pipeline import demo_data, download, store
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,22 @@ class DemoConfig:
     samples_per_shard: int = 500
     clip_steps: int = 150  # contrastive steps for the demo CLIP (about a minute on 2 cores)
     prior_steps: int = 1500
+    decoder_steps: int = 1500
+    decoder_batch_size: int = 32
+    eval_samples: int = 128  # held-out samples for eval-decoder
+
+
+# Drawn from the demo's caption grammar; none is guaranteed to be in the training set.
+DEMO_PROMPTS = (
+    "a red circle in the center on a white background",
+    "a blue square at the top left on a black background",
+    "a yellow triangle at the bottom right on a gray background",
+    "a green diamond at the top right on a white background",
+    "a purple circle at the bottom left and an orange square at the top right on a gray background",
+    "a white square in the center on a black background",
+    "a black circle at the top left and a red triangle at the bottom right on a white background",
+    "an orange diamond in the center on a black background",
+)
 
 
 def served_urls(data_dir: Path, base_url: str, out: Path) -> Path:
@@ -42,12 +60,13 @@ def served_urls(data_dir: Path, base_url: str, out: Path) -> Path:
 
 
 def run(cfg: DemoConfig) -> dict:
+    t0 = time.perf_counter()
     out = Path(cfg.out)
     data_dir = out / "data"
-    print(f"[demo] 1/6 demo-data: {cfg.n} procedural images at {cfg.size}px (seed {cfg.seed}) -> {data_dir}")
+    print(f"[demo] 1/9 demo-data: {cfg.n} procedural images at {cfg.size}px (seed {cfg.seed}) -> {data_dir}")
     demo_data.run(demo_data.DemoDataConfig(out=str(data_dir), n=cfg.n, size=cfg.size, seed=cfg.seed))
     with serve_folder(str(data_dir)) as base_url:
-        print(f"[demo] 2/6 download: serving {data_dir} at {base_url} for img2dataset -> {out / 'shards'}")
+        print(f"[demo] 2/9 download: serving {data_dir} at {base_url} for img2dataset -> {out / 'shards'}")
         urls = served_urls(data_dir, base_url, out / "urls.parquet")
         summary = download.run(
             download.DownloadConfig(
@@ -62,6 +81,11 @@ def run(cfg: DemoConfig) -> dict:
     print_download_summary(summary)
     report = {"download": summary}
     report.update(_later_stages(cfg, out, data_dir))
+    report.update(_decoder_stages(cfg, out))
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    summary_json = _summary(report)
+    store.write_json(out / "summary.json", {"summary": summary_json, "stages": report})
+    print(format_summary(summary_json))
     return report
 
 
@@ -71,7 +95,7 @@ def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path) -> dict:
 
     ckpt = out / "clip" / "unclip-tiny-demo.pt"
     print(
-        f"[demo] 3/6 demo CLIP: unclip-tiny (random init, seed {cfg.seed}) trained {cfg.clip_steps} steps "
+        f"[demo] 3/9 demo CLIP: unclip-tiny (random init, seed {cfg.seed}) trained {cfg.clip_steps} steps "
         f"on the demo captions -> {ckpt} (offline stand-in for a pretrained CLIP)"
     )
     demo_clip.run(
@@ -80,7 +104,7 @@ def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path) -> dict:
         )
     )
     store_dir = out / "store"
-    print(f"[demo] 4/6 embed: {out / 'shards'} -> {store_dir} (CLIP embeddings + 32 px pixels latents)")
+    print(f"[demo] 4/9 embed: {out / 'shards'} -> {store_dir} (CLIP embeddings + 32 px pixels latents)")
     emb = embed.run(
         embed.EmbedConfig(
             shards=str(out / "shards"),
@@ -99,7 +123,7 @@ def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path) -> dict:
     )
     val = validate.run(validate.ValidateConfig(store=str(store_dir)))
     validate.print_report(val)
-    print(f"[demo] 5/6 train-prior: tiny preset, {cfg.prior_steps} steps -> {out / 'prior'}")
+    print(f"[demo] 5/9 train-prior: tiny preset, {cfg.prior_steps} steps -> {out / 'prior'}")
     tp = train_prior.main(
         train_prior.TrainPriorConfig(
             data=str(store_dir),
@@ -114,11 +138,96 @@ def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path) -> dict:
         )
     )
     print(f"train-prior: final loss {tp['final_loss']:.4f}, {tp['samples_per_s']} samples/s")
-    print("[demo] 6/6 eval-prior on the held-out split (EMA weights)")
+    print("[demo] 6/9 eval-prior on the held-out split (EMA weights)")
     ev = eval_prior.run(
         eval_prior.EvalPriorConfig(ckpt=str(out / "prior"), data=str(store_dir), device="cpu")
     )
     return {"embed": emb, "validate": val, "train_prior": tp, "eval_prior": ev}
+
+
+def _decoder_stages(cfg: DemoConfig, out: Path) -> dict:
+    from jobs import eval_decoder, sample, train_decoder
+
+    store_dir = out / "store"
+    print(f"[demo] 7/9 train-decoder: tiny preset, {cfg.decoder_steps} steps -> {out / 'decoder'}")
+    td = train_decoder.main(
+        train_decoder.TrainDecoderConfig(
+            data=str(store_dir),
+            out=str(out / "decoder"),
+            steps=cfg.decoder_steps,
+            batch_size=cfg.decoder_batch_size,
+            eval_every=cfg.decoder_steps,
+            save_every=500,
+            resume=True,
+            lr=1e-3,
+            warmup_steps=100,
+            ema_decay=0.995,
+            device="cpu",
+        )
+    )
+    print(f"train-decoder: final loss {td['final_loss']:.4f}, {td['samples_per_s']} samples/s")
+    print(f"[demo] 8/9 sample: {len(DEMO_PROMPTS)} prompts x 4 -> {out / 'samples.png'}")
+    sm = sample.run(
+        sample.SampleConfig(
+            prior=str(out / "prior"),
+            decoder=str(out / "decoder"),
+            prompt=list(DEMO_PROMPTS),
+            n=4,
+            out=str(out / "samples.png"),
+            device="cpu",
+        )
+    )
+    print("[demo] 9/9 eval-decoder: reconstruction and text -> image on the held-out split")
+    ed = eval_decoder.run(
+        eval_decoder.EvalDecoderConfig(
+            decoder=str(out / "decoder"),
+            data=str(store_dir),
+            prior=str(out / "prior"),
+            max_samples=cfg.eval_samples,
+            out=str(out),
+            device="cpu",
+        )
+    )
+    shutil.copyfile(out / "decoder" / "reconstructions.png", out / "reconstructions.png")
+    for name in ("prior", "decoder"):
+        if (out / name / "loss.png").exists():
+            shutil.copyfile(out / name / "loss.png", out / f"loss_{name}.png")
+    return {"train_decoder": td, "sample": sm, "eval_decoder": ed}
+
+
+def _summary(r: dict) -> dict:
+    ep, ed = r["eval_prior"], r["eval_decoder"]
+    attrs = ed.get("attributes", {})
+    return {
+        "demo_seconds": r["seconds"],
+        "prior_top1_retrieval": ep["top1_pred"],
+        "text_embedding_top1_retrieval": ep["top1_text"],
+        "prior_cos_pred_image": ep["sim_pred_image"],
+        "decoder_recon_clip_cos": ed["reconstruction"]["cos"],
+        "decoder_recon_clip_top1": ed["reconstruction"]["top1"],
+        "text_to_image_clip_cos": ed["text_to_image"]["cos"],
+        "text_to_image_clip_top1": ed["text_to_image"]["top1"],
+        "ceiling_clip_cos": ed["ceiling_true_images"]["cos"],
+        "floor_clip_cos": ed["floor_random_pairs"]["cos"],
+        **{
+            f"{k}_{m}": attrs[k][f"{m}_accuracy"]
+            for k in ("true_images", "reconstruction", "text_to_image")
+            if k in attrs
+            for m in ("background", "shape_color")
+        },
+        "background_chance": attrs.get("true_images", {}).get("background_chance"),
+        "shape_color_chance": attrs.get("true_images", {}).get("shape_color_chance"),
+        "eval_samples": ed["samples"],
+        "prior_eval_samples": ep["samples"],
+    }
+
+
+def format_summary(s: dict) -> str:
+    width = max(len(k) for k in s)
+    rows = [
+        f"  {k:<{width}}  {v:.3f}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in s.items()
+    ]
+    return "\n".join(["[demo] summary (also in summary.json)", *rows])
 
 
 def print_download_summary(s: dict) -> None:

@@ -26,15 +26,23 @@ class EvalPriorConfig:
     data: str
     split: str = "val"
     out: str = ""
-    steps: int = 64  # DDIM steps for sampling the predictions
-    guidance_scale: float = 0.0  # 0 = the checkpoint's own setting
+    steps: int = 64  # sampler steps for the predictions
+    sampler: str = "ddim"  # ddim or dpm++
+    guidance_scale: float | None = None  # None = the checkpoint's own setting
     max_samples: int = 2048
     device: str = "auto"
 
 
 @torch.no_grad()
 def evaluate(
-    prior, stream: Stream, steps: int, guidance: float, max_samples: int, device: str, use_text_enc: bool
+    prior,
+    stream: Stream,
+    steps: int,
+    guidance: float | None,
+    max_samples: int,
+    device: str,
+    use_text_enc: bool,
+    sampler: str = "ddim",
 ) -> dict:
     """Mean cosines (prediction vs image, vs text, text vs image baseline, image vs a prediction from another
     sample's caption, mean-image predictor) and top-1/top-5 retrieval among groups of 256."""
@@ -44,7 +52,9 @@ def evaluate(
     for b in stream.torch_batches(device):
         enc = (b["text_enc"], b["text_enc_mask"]) if use_text_enc else (None, None)
         preds.append(
-            prior.sample(b["text_emb"], *enc, steps=steps, guidance_scale=guidance, generator=gen).float()
+            prior.sample(
+                b["text_emb"], *enc, steps=steps, guidance_scale=guidance, sampler=sampler, generator=gen
+            ).float()
         )
         imgs.append(F.normalize(b["img_emb"].float(), dim=-1))
         txts.append(F.normalize(b["text_emb"].float(), dim=-1))
@@ -101,14 +111,20 @@ def format_table(m: dict) -> str:
 
 def run(cfg: EvalPriorConfig) -> dict:
     from jobs import checkpoint
-    from jobs.train_prior import build_prior
+    from models.prior import build_prior
+    from models.samplers import SAMPLERS
     from pipeline.encoders import resolve_device
+
+    if cfg.sampler not in SAMPLERS:
+        raise UsageError(f"unknown --sampler '{cfg.sampler}'; valid: {', '.join(SAMPLERS)}")
 
     folder = checkpoint.resolve(cfg.ckpt)
     meta = checkpoint.read_meta(folder)
+    if meta.get("task") != "prior":
+        raise UsageError(f"{folder} is a {meta.get('task')} checkpoint, not a prior")
     tcfg = meta["config"]
     device = resolve_device(cfg.device)
-    prior = build_prior(meta["prior"]).to(device).eval()
+    prior = build_prior(meta["model"]).to(device).eval()
     checkpoint.load_weights(prior, folder / "ema.safetensors")
     fields = ("img_emb", "text_emb", "text_enc") if tcfg["text_encodings"] else ("img_emb", "text_emb")
     stream = Stream(
@@ -125,10 +141,11 @@ def run(cfg: EvalPriorConfig) -> dict:
         prior,
         stream,
         cfg.steps,
-        cfg.guidance_scale or meta["prior"]["guidance_scale"],
+        cfg.guidance_scale,
         cfg.max_samples,
         device,
         tcfg["text_encodings"],
+        cfg.sampler,
     )
     metrics["step"] = meta["step"]
     out = Path(cfg.out) if cfg.out else folder / "eval.json"

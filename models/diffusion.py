@@ -1,7 +1,7 @@
-"""Gaussian noise process and DDIM sampler for networks that predict the clean sample x0.
+"""Gaussian noise process (cosine schedule) and the training losses of the prior and the decoder.
 
-Kept apart from the networks: a network is only a `model_fn(x_t, t) -> x0_hat` here. Only the x0
-parametrisation is implemented, because it is the one the prior (and the LAION prior) uses.
+Kept apart from the networks: a network is only a `model_fn(x_t, t) -> prediction` here. The prior predicts
+x0 (as the LAION prior does); the decoder predicts v (`models.decoder`). Sampling is in `models.samplers`.
 """
 
 from __future__ import annotations
@@ -28,14 +28,6 @@ def cosine_alpha_bar(timesteps: int, s: float = 0.008, max_beta: float = 0.999) 
     return np.cumprod(1.0 - betas)
 
 
-def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """`steps` timesteps evenly strided over [num_timesteps - 1, 0], descending; all of them when equal."""
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
-    # The spacing is >= 1 when steps <= num_timesteps, so rounding never produces duplicates.
-    return [int(t) for t in np.linspace(num_timesteps - 1, 0, steps).round()]
-
-
 def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance on x0 predictions: uncond + scale * (cond - uncond); scale 1 = cond."""
     return uncond + scale * (cond - uncond)
@@ -50,7 +42,7 @@ def _randn(
 
 
 class GaussianDiffusion:
-    """Forward process q(x_t | x0) with a cosine schedule, x0-prediction loss and DDIM sampling."""
+    """Forward process q(x_t | x0) with a cosine schedule and the x0-prediction loss."""
 
     def __init__(self, timesteps: int = 1000) -> None:
         if timesteps < 1:
@@ -98,34 +90,3 @@ class GaussianDiffusion:
             noise = _randn(tuple(x0.shape), generator, x0.device, x0.dtype)
         pred = model_fn(self.q_sample(x0, t, noise), t)
         return F.mse_loss(pred.float(), x0.float())
-
-    @torch.no_grad()
-    def ddim_sample(
-        self,
-        model_fn: ModelFn,
-        shape: tuple[int, ...],
-        steps: int = 64,
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> torch.Tensor:
-        """DDIM (Song et al. 2021) from pure noise over `steps` strided timesteps; eta 0 = deterministic.
-
-        At each step the network's x0_hat gives eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t), and
-        x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z. The last step goes to
-        ab_prev = 1, so the result is the network's final x0 prediction.
-        """
-        x = _randn(tuple(shape), generator, device, dtype)
-        ts = ddim_timesteps(self.num_timesteps, steps)
-        for i, t in enumerate(ts):
-            ab_t = float(self.alpha_bar64[t])
-            ab_prev = float(self.alpha_bar64[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-            t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
-            x0_hat = model_fn(x, t_batch).to(dtype)
-            eps = (x - math.sqrt(ab_t) * x0_hat) / math.sqrt(1.0 - ab_t)
-            sigma = eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev))
-            x = math.sqrt(ab_prev) * x0_hat + math.sqrt(max(1.0 - ab_prev - sigma**2, 0.0)) * eps
-            if sigma > 0:
-                x = x + sigma * _randn(tuple(shape), generator, device, dtype)
-        return x

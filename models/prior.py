@@ -221,14 +221,16 @@ class DiffusionPrior(nn.Module):
         text_enc_mask: torch.Tensor | None = None,
         steps: int = 64,
         guidance_scale: float | None = None,
-        eta: float = 0.0,
+        sampler: str = "ddim",
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Image embeddings [B, emb_dim] for text_emb [B, emb_dim]: float32, L2-normalised, unscaled.
 
-        DDIM over `steps` strided timesteps; guidance_scale None = `cfg.guidance_scale`. Runs in eval mode
-        (dropout off) and restores the previous mode.
+        `sampler` is "ddim" or "dpm++" (`models.samplers`, x0 parametrisation) over `steps` steps;
+        guidance_scale None = `cfg.guidance_scale`. Runs in eval mode (dropout off), restores the mode.
         """
+        from models.samplers import sample as run_sampler
+
         scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         ref = self.net.query
 
@@ -238,8 +240,22 @@ class DiffusionPrior(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            shape = (text_emb.shape[0], self.cfg.emb_dim)
-            x0 = self.diffusion.ddim_sample(model_fn, shape, steps, eta, generator, ref.device, ref.dtype)
+            x0 = run_sampler(
+                model_fn,
+                (text_emb.shape[0], self.cfg.emb_dim),
+                sampler=sampler,
+                steps=steps,
+                prediction_type="sample",
+                num_train_timesteps=self.cfg.timesteps,
+                generator=generator,
+                device=ref.device,
+                dtype=ref.dtype,
+            )
         finally:
             self.train(was_training)
         return F.normalize(x0.float(), dim=-1)
+
+
+def build_prior(prior_cfg: dict) -> DiffusionPrior:
+    """The prior from its config as saved in a checkpoint's meta.json (a plain dict)."""
+    return DiffusionPrior(PriorConfig(**prior_cfg))

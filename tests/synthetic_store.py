@@ -25,7 +25,12 @@ def make_store(
     text_enc_width: int = 0,
     seed: int = 0,
     noise: float = 0.05,
+    latent_size: int = 0,
+    clip_arch: str = "synthetic",
 ) -> dict:
+    """``latent_size`` > 0 adds ``pixels`` latents: each scene is a solid colour of its own, so a decoder has
+    a colour to recover from the image embedding. ``clip_arch`` names the CLIP in the manifest (an open_clip
+    architecture with random weights lets `unclip sample` load it)."""
     rng = np.random.default_rng(seed)
     img_proto, txt_proto = rng.normal(size=(n_classes, dim)), rng.normal(size=(n_classes, dim))
     tok_proto = rng.normal(size=(n_classes, 12, max(text_enc_width, 1)))
@@ -33,7 +38,7 @@ def make_store(
         "format_version": store.FORMAT_VERSION,
         "identity": {"synthetic": True},
         "clip": {
-            "arch": "synthetic",
+            "arch": clip_arch,
             "pretrained": "none",
             "random_init": True,
             "dim": dim,
@@ -44,9 +49,20 @@ def make_store(
         "text_enc": {"dtype": "float16", "width": text_enc_width, "layout": "flat tokens + offsets"}
         if text_enc_width
         else None,
-        "latents": None,
+        "latents": {
+            "codec": "pixels",
+            "shape": [3, latent_size, latent_size],
+            "dtype": "uint8",
+            "lo": [-1.0] * 3,
+            "hi": [1.0] * 3,
+            "image_size": latent_size,
+        }
+        if latent_size
+        else None,
         "shards": [],
     }
+    # Own generator: the other arrays stay what they were before latents existed.
+    colours = np.random.default_rng([seed, 1]).integers(0, 256, size=(n_classes, 3), dtype=np.uint8)
     store.write_json(f"{root}/{store.MANIFEST}", manifest)
     for i, n in enumerate(rows_per_shard):
         shard = f"{i:05d}"
@@ -55,6 +71,10 @@ def make_store(
             "img_emb": _unit(img_proto[cls] + noise * rng.normal(size=(n, dim))).astype(np.float16),
             "text_emb": _unit(txt_proto[cls] + noise * rng.normal(size=(n, dim))).astype(np.float16),
         }
+        if latent_size and n:
+            arrays["latents"] = np.broadcast_to(
+                colours[cls][:, :, None, None], (n, 3, latent_size, latent_size)
+            ).copy()
         if text_enc_width and n:
             lengths = 3 + cls % 10
             arrays["text_enc"] = np.concatenate([tok_proto[c, :L] for c, L in zip(cls, lengths)]).astype(

@@ -46,3 +46,17 @@ def test_captions_match_attributes_and_pixels(tmp_path):
             # Every shape covers its own centre pixel, in its colour.
             assert img[int(fy * 64), int(fx * 64)].tolist() == list(COLORS[r[f"color{i}"]])
     assert 50 < two < 150  # both one- and two-shape scenes occur
+
+
+def test_attributes_read_back_from_pixels():
+    """Drawn scenes read back exactly at 32 px; pictures paired with other scenes' captions score near chance."""
+    from pipeline.demo_data import attribute_accuracy, draw, sample_attributes
+
+    rng = np.random.default_rng(1)
+    attrs = [sample_attributes(rng) for _ in range(200)]
+    images = np.stack([np.asarray(draw(a, 32)) for a in attrs])
+    exact = attribute_accuracy(images, attrs)
+    assert exact["background_accuracy"] == 1.0 and exact["shape_color_accuracy"] == 1.0
+    shuffled = attribute_accuracy(np.roll(images, 1, axis=0), attrs)
+    assert shuffled["background_accuracy"] < 0.6 and shuffled["shape_color_accuracy"] < 0.3
+    assert exact["background_chance"] == 1 / 3

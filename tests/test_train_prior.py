@@ -77,6 +77,25 @@ def test_resume_refuses_other_settings_and_loading_is_strict(data, tmp_path):
         checkpoint.read_meta(meta.parent)
 
 
+def test_resume_with_another_world_size_is_refused(data, tmp_path):
+    main(cfg_for(data, tmp_path, stop_after=10))
+    meta_file = tmp_path / "ckpt/step_00000010/meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["world_size"] = 2  # as if trained under torchrun --nproc_per_node 2
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match=r"trained with 2 process\(es\), this run has 1"):
+        main(cfg_for(data, tmp_path, resume=True))
+    assert checkpoint.resolve(tmp_path).name == "step_00000010"  # nothing moved
+
+
+def test_resume_of_another_task_is_refused(data, tmp_path):
+    main(cfg_for(data, tmp_path, stop_after=10))
+    meta_file = tmp_path / "ckpt/step_00000010/meta.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "task": "decoder"}))
+    with pytest.raises(UsageError, match="is a decoder run, not a prior run"):
+        main(cfg_for(data, tmp_path, resume=True))
+
+
 def _tiny(**kw):
     from models.prior import prior_config
 

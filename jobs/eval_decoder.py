@@ -1,0 +1,201 @@
+"""`unclip eval-decoder`: how well the decoder's images carry their conditioning, on a store's held-out split.
+
+For held-out samples it draws (a) reconstructions from the true image embeddings and, with ``--prior``, (b)
+text -> prior -> decoder images from the stored captions' text embeddings, re-embeds them with the store's CLIP
+and reports the mean cosine with the conditioning image embedding and top-1 retrieval of it within the batch,
+beside a floor (random pairs) and a ceiling (the true images re-embedded). On the demo data (metadata with
+the scene attributes) it also reads the pictures' colours back from pixels (`pipeline.demo_data`).
+Reads a decoder checkpoint (and a prior's) and the store; writes ``eval_decoder.json`` and
+``eval_decoder.png`` next to the decoder checkpoint (or under ``--out``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jobs import checkpoint
+from jobs.render import latents_to_images, save_grid
+from jobs.sample import SampleConfig, load_models, text_to_image
+from pipeline import store
+from pipeline.demo_data import ATTRIBUTE_COLUMNS, attribute_accuracy
+from pipeline.errors import UsageError
+from pipeline.stream import Stream, StreamConfig, dequantize_torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalDecoderConfig:
+    decoder: str  # training --out folder, ckpt/ or step_* folder
+    data: str  # the store it was trained on (its held-out split is used)
+    prior: str = ""  # also evaluate text -> prior -> decoder with this prior
+    max_samples: int = 128
+    sampler: str = "dpm++"
+    prior_steps: int = 25
+    decoder_steps: int = 25
+    prior_guidance: float | None = None
+    decoder_guidance: float | None = None
+    seed: int = 0
+    out: str = ""  # folder for eval_decoder.json / .png; default: the checkpoint folder
+    device: str = "auto"
+
+
+@torch.no_grad()
+def clip_image_embeddings(clip, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    """CLIP image embeddings [N, D] (L2-normalised, CPU) of uint8 pictures [N, H, W, 3]."""
+    from PIL import Image
+
+    from pipeline.encoders import encode_image
+
+    out = []
+    for s in range(0, len(images), batch):
+        x = torch.stack([clip.preprocess(Image.fromarray(im)) for im in images[s : s + batch]])
+        out.append(F.normalize(encode_image(clip, x.to(clip.device)).float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def agreement(emb: torch.Tensor, cond: torch.Tensor) -> dict[str, float]:
+    """Mean cosine of re-embedded pictures with their conditioning embeddings, and top-1 retrieval of the
+    conditioning embedding among the batch's."""
+    sims = emb @ cond.T  # [N, N]
+    return {
+        "cos": sims.diag().mean().item(),
+        "top1": (sims.argmax(1) == torch.arange(len(emb))).float().mean().item(),
+    }
+
+
+def _held_out(cfg: EvalDecoderConfig, codec: dict, fields: tuple[str, ...]) -> tuple[dict, list[dict]]:
+    """Up to max_samples held-out rows: tensors and metadata rows, in store order."""
+    meta = checkpoint.read_meta(checkpoint.resolve(cfg.decoder))["config"]
+    stream = Stream(
+        StreamConfig(
+            cfg.data,
+            fields=fields,
+            batch_size=cfg.max_samples,
+            split="val",
+            val_fraction=meta["val_fraction"],
+            split_seed=meta["split_seed"],
+        )
+    )
+    if stream.num_samples == 0:
+        raise UsageError(f"the held-out split of {cfg.data} is empty; nothing to evaluate on")
+    b = next(stream.torch_batches("cpu"))
+    tables: dict[str, list[dict]] = {}
+    rows = []
+    for s, r in zip(b["shard"].tolist(), b["row"].tolist()):
+        shard = stream.store.shards[s][0]
+        if shard not in tables:
+            tables[shard] = store.read_metadata(cfg.data, shard).to_pylist()
+        rows.append(tables[shard][r])
+    b["latents"] = dequantize_torch(b["latents"], codec["lo"], codec["hi"])
+    return b, rows
+
+
+def run(cfg: EvalDecoderConfig) -> dict:
+    from pipeline.encoders import resolve_device
+
+    device = resolve_device(cfg.device)
+    sc = SampleConfig(
+        prior=cfg.prior or cfg.decoder,
+        decoder=cfg.decoder,
+        sampler=cfg.sampler,
+        prior_steps=cfg.prior_steps,
+        decoder_steps=cfg.decoder_steps,
+        prior_guidance=cfg.prior_guidance,
+        decoder_guidance=cfg.decoder_guidance,
+        seed=cfg.seed,
+    )
+    m = load_models(cfg.prior, cfg.decoder, device) if cfg.prior else _decoder_only(cfg.decoder, device)
+    codec = m.decoder_meta["store"]["latents"]
+    b, rows = _held_out(cfg, codec, ("img_emb", "latents"))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    cond = F.normalize(b["img_emb"].float(), dim=-1)
+    true_img = latents_to_images(b["latents"], codec, device)
+    recon = m.decoder.sample(
+        cond.to(device),
+        steps=cfg.decoder_steps,
+        sampler=cfg.sampler,
+        guidance_scale=cfg.decoder_guidance,
+        generator=gen,
+    )
+    recon_img = latents_to_images(recon, codec, device)
+    true_emb = clip_image_embeddings(m.clip, true_img)
+    recon_emb = clip_image_embeddings(m.clip, recon_img)
+    report: dict = {
+        "samples": len(rows),
+        "decoder_step": m.decoder_meta["step"],
+        "reconstruction": agreement(recon_emb, cond),
+        "ceiling_true_images": agreement(true_emb, cond),
+        "floor_random_pairs": {
+            "cos": (recon_emb * cond.roll(1, 0)).sum(-1).mean().item(),
+            "top1": 1 / len(rows),
+        },
+    }
+    grids = [true_img[:8], recon_img[:8]]
+    attrs = rows if all(c in rows[0] for c in ATTRIBUTE_COLUMNS) else None
+    if attrs:
+        report["attributes"] = {
+            "true_images": attribute_accuracy(true_img, attrs),
+            "reconstruction": attribute_accuracy(recon_img, attrs),
+        }
+    if cfg.prior:
+        t2i_img, _ = text_to_image(m, [r["caption"] for r in rows], sc, gen)
+        report["text_to_image"] = agreement(clip_image_embeddings(m.clip, t2i_img), cond)
+        report["prior_step"] = m.prior_meta["step"]
+        grids.append(t2i_img[:8])
+        if attrs:
+            report["attributes"]["text_to_image"] = attribute_accuracy(t2i_img, attrs)
+    out = Path(cfg.out) if cfg.out else checkpoint.resolve(cfg.decoder)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = len(grids[0])
+    save_grid(np.concatenate([g[:cols] for g in grids]), out / "eval_decoder.png", cols=cols)
+    store.write_json(out / "eval_decoder.json", report)
+    print(format_table(report))
+    return report
+
+
+def _decoder_only(decoder: str, device: str):
+    """The decoder and its CLIP, without a prior."""
+    from jobs.sample import Models, _clip_id, _load_checkpoint
+    from models.decoder import build_decoder
+    from pipeline.encoders import load_clip
+
+    folder, meta = _load_checkpoint(decoder, "decoder")
+    d = build_decoder(meta["model"]).to(device).eval()
+    checkpoint.load_weights(d, folder / "ema.safetensors")
+    c = _clip_id(meta)
+    return Models(None, d, load_clip(c["arch"], c["pretrained"], device, c["seed"] or 0), {}, meta, device)
+
+
+def format_table(r: dict) -> str:
+    lines = [
+        f"eval-decoder on {r['samples']} held-out samples (CLIP re-embedding vs the conditioning embedding)"
+    ]
+    lines.append(f"  {'':34} {'cos':>7} {'top-1':>7}")
+    names = [
+        ("reconstruction", "reconstruction from image emb"),
+        ("text_to_image", "text -> prior -> decoder"),
+        ("ceiling_true_images", "ceiling: true images"),
+        ("floor_random_pairs", "floor: random pairs"),
+    ]
+    for key, label in names:
+        if key in r:
+            lines.append(f"  {label:34} {r[key]['cos']:7.3f} {r[key]['top1']:7.3f}")
+    if "attributes" in r:
+        a = r["attributes"]
+        lines.append(f"  {'attribute accuracy (from pixels)':34} {'bg':>7} {'shape':>7}")
+        for key in ("true_images", "reconstruction", "text_to_image"):
+            if key in a:
+                lines.append(
+                    f"  {key.replace('_', ' '):34} {a[key]['background_accuracy']:7.3f} "
+                    f"{a[key]['shape_color_accuracy']:7.3f}"
+                )
+        ch = a["true_images"]
+        lines.append(f"  {'chance':34} {ch['background_chance']:7.3f} {ch['shape_color_chance']:7.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,191 @@
+"""`unclip sample`: text -> image through CLIP's text tower, the prior and the decoder.
+
+Reads a prior and a decoder checkpoint (EMA weights) and the CLIP model recorded in their checkpoints (the
+training store's); writes ``--out`` (a PNG grid, one row per prompt, the prompt under each image) and a JSON
+beside it with every setting, the seed and both checkpoints' steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from jobs import checkpoint
+from jobs.render import latents_to_images, save_grid
+from pipeline.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleConfig:
+    prior: str  # training --out folder, ckpt/ folder or step_* folder of a prior
+    decoder: str  # the same for a decoder
+    prompt: list[str] = field(default_factory=list)  # one or more prompts
+    prompts: str = ""  # a text file, one prompt per line (added to --prompt)
+    n: int = 4  # images per prompt
+    sampler: str = "dpm++"  # ddim or dpm++, for both models
+    prior_steps: int = 25
+    decoder_steps: int = 25
+    prior_guidance: float | None = None  # None = the checkpoint's
+    decoder_guidance: float | None = None  # None = the checkpoint's
+    seed: int = 0
+    batch_size: int = 64  # images sampled at once
+    out: str = "samples.png"
+    device: str = "auto"
+
+
+@dataclass
+class Models:
+    """A prior and a decoder (EMA weights, eval mode), the CLIP they were trained with, and their metadata."""
+
+    prior: torch.nn.Module
+    decoder: torch.nn.Module
+    clip: object
+    prior_meta: dict
+    decoder_meta: dict
+    device: str
+
+
+def _clip_id(meta: dict) -> dict:
+    c = meta["store"]["clip"]
+    return {
+        "arch": c["arch"],
+        "pretrained": c["pretrained"],
+        "seed": c.get("seed", 0) if c["random_init"] else None,
+    }
+
+
+def _load_checkpoint(path: str, task: str) -> tuple[Path, dict]:
+    folder = checkpoint.resolve(path)
+    meta = checkpoint.read_meta(folder)
+    if meta.get("task") != task:
+        raise UsageError(f"--{task} {path} is a {meta.get('task')} checkpoint, not a {task}")
+    return folder, meta
+
+
+def load_models(prior: str, decoder: str, device: str) -> Models:
+    """Both checkpoints, checked to share one CLIP model, and that CLIP."""
+    from models.decoder import build_decoder
+    from models.prior import build_prior
+    from pipeline.encoders import load_clip
+
+    pf, pm = _load_checkpoint(prior, "prior")
+    df, dm = _load_checkpoint(decoder, "decoder")
+    a, b = _clip_id(pm), _clip_id(dm)
+    if a != b:
+        raise UsageError(
+            f"the prior was trained on CLIP {a['arch']} ({a['pretrained']}) embeddings and the decoder on "
+            f"{b['arch']} ({b['pretrained']}); train both on stores embedded with the same CLIP"
+        )
+    p = build_prior(pm["model"]).to(device).eval()
+    checkpoint.load_weights(p, pf / "ema.safetensors")
+    d = build_decoder(dm["model"]).to(device).eval()
+    checkpoint.load_weights(d, df / "ema.safetensors")
+    clip = load_clip(a["arch"], a["pretrained"], device, a["seed"] or 0)
+    return Models(p, d, clip, pm, dm, device)
+
+
+@torch.no_grad()
+def text_conditions(clip, prompts: list[str], with_tokens: bool) -> tuple:
+    """(text_emb [B, D] L2-normalised, text_enc [B, L, W] or None, mask [B, L] or None), as the store has them."""
+    from pipeline.encoders import encode_text, normalize
+
+    tokens = clip.tokenizer(prompts).to(clip.device)
+    emb, enc, lengths = encode_text(clip, tokens, with_tokens=with_tokens)
+    if not with_tokens:
+        return normalize(emb), None, None
+    mask = torch.arange(enc.shape[1], device=enc.device)[None, :] < lengths[:, None]  # [B, L]
+    return normalize(emb), enc.float(), mask
+
+
+@torch.no_grad()
+def text_to_image(m: Models, prompts: list[str], cfg: SampleConfig, gen: torch.Generator) -> tuple:
+    """(uint8 images [B, H, W, 3], image embeddings [B, D]) for `prompts` (one image each), batched."""
+    text_encodings = bool(m.prior_meta["config"].get("text_encodings"))
+    images, embs = [], []
+    for s in range(0, len(prompts), cfg.batch_size):
+        txt, enc, mask = text_conditions(m.clip, prompts[s : s + cfg.batch_size], text_encodings)
+        emb = m.prior.sample(
+            txt,
+            enc,
+            mask,
+            steps=cfg.prior_steps,
+            guidance_scale=cfg.prior_guidance,
+            sampler=cfg.sampler,
+            generator=gen,
+        )
+        lat = m.decoder.sample(
+            emb,
+            steps=cfg.decoder_steps,
+            sampler=cfg.sampler,
+            guidance_scale=cfg.decoder_guidance,
+            generator=gen,
+        )
+        images.append(latents_to_images(lat, m.decoder_meta["store"]["latents"], m.device))
+        embs.append(emb.cpu())
+    import numpy as np
+
+    return np.concatenate(images), torch.cat(embs)
+
+
+def _prompts(cfg: SampleConfig) -> list[str]:
+    prompts = list(cfg.prompt)
+    if cfg.prompts:
+        try:
+            prompts += [line.strip() for line in Path(cfg.prompts).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise UsageError(f"cannot read --prompts {cfg.prompts}: {e.strerror}") from e
+    if not prompts:
+        raise UsageError("no prompt: give --prompt TEXT [TEXT ...] or --prompts FILE (one per line)")
+    return prompts
+
+
+def validate(cfg: SampleConfig) -> list[str]:
+    from models.samplers import SAMPLERS
+
+    if cfg.sampler not in SAMPLERS:
+        raise UsageError(f"unknown --sampler '{cfg.sampler}'; valid: {', '.join(SAMPLERS)}")
+    for name in ("n", "prior_steps", "decoder_steps", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.out.lower().endswith(".png"):
+        raise UsageError(f"--out {cfg.out} must name a .png file")
+    return _prompts(cfg)
+
+
+def run(cfg: SampleConfig) -> dict:
+    from pipeline.encoders import resolve_device
+
+    prompts = validate(cfg)
+    device = resolve_device(cfg.device)
+    m = load_models(cfg.prior, cfg.decoder, device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    repeated = [p for p in prompts for _ in range(cfg.n)]
+    images, _ = text_to_image(m, repeated, cfg, gen)
+    seconds = time.perf_counter() - t0
+    out = save_grid(images, cfg.out, cols=cfg.n, labels=repeated)
+    report = {
+        "out": str(out),
+        "prompts": prompts,
+        "images": len(images),
+        "seconds": round(seconds, 2),
+        "settings": asdict(cfg),
+        "device": device,
+        "prior_step": m.prior_meta["step"],
+        "decoder_step": m.decoder_meta["step"],
+        "clip": m.prior_meta["store"]["clip"],
+        "guidance": {
+            "prior": m.prior.cfg.guidance_scale if cfg.prior_guidance is None else cfg.prior_guidance,
+            "decoder": m.decoder.cfg.guidance_scale if cfg.decoder_guidance is None else cfg.decoder_guidance,
+        },
+    }
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    log.info("%d images in %.1f s -> %s", len(images), seconds, out)
+    return report

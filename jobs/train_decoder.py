@@ -1,0 +1,112 @@
+"""`unclip train-decoder`: train the image decoder (CLIP image embedding -> latents) on a store with latents.
+
+Streams (image embedding, uint8 latents) through `pipeline.stream`; latents are dequantised on the training
+device with the manifest's constants (the ``pixels`` codec to [-1, 1]). Writes under ``--out`` what
+`jobs.train_loop` writes, plus ``reconstructions.png`` at every evaluation: held-out true images (odd rows)
+above the decoder's reconstructions from their image embeddings (even rows), EMA weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from jobs.render import latents_to_images, save_grid
+from jobs.train_loop import RunState, Task, TrainConfig, train
+from models.decoder import DECODER_PRESETS, DiffusionDecoder, build_decoder, decoder_config
+from models.samplers import SAMPLERS
+from pipeline.errors import UsageError
+from pipeline.stream import dequantize_torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainDecoderConfig(TrainConfig):
+    preset: str = "tiny"
+    lr: float = 2e-4
+    weight_decay: float = 1e-2  # light: the UNet's convolutions overfit little at these data sizes
+    warmup_steps: int = 200
+    eval_samples: int = 16  # held-out images reconstructed into reconstructions.png at each evaluation
+    sample_steps: int = 25
+    sampler: str = "dpm++"  # dpm++ or ddim
+    guidance_scale: float | None = None  # None = the preset's
+
+
+def dequantized_latents(batch: dict, codec: dict) -> torch.Tensor:
+    """Model-scale latents float32 [B, C, h, w] from the batch's uint8 latents, on their device."""
+    return dequantize_torch(batch["latents"], codec["lo"], codec["hi"])
+
+
+class DecoderTask(Task):
+    name = "decoder"
+    loss_label = "loss (min-SNR weighted v MSE)"
+    fields = ("img_emb", "latents")
+    cfg: TrainDecoderConfig
+
+    def model_config(self, manifest: dict) -> dict:
+        cfg = self.cfg
+        if cfg.preset not in DECODER_PRESETS:
+            raise UsageError(f"unknown --preset '{cfg.preset}'; valid: {', '.join(DECODER_PRESETS)}")
+        if cfg.sampler not in SAMPLERS:
+            raise UsageError(f"unknown --sampler '{cfg.sampler}'; valid: {', '.join(SAMPLERS)}")
+        codec = manifest.get("latents")
+        if not codec:
+            raise UsageError(
+                f"--data {cfg.data} has no latents; embed the shards with `unclip embed --latents pixels` "
+                "(or `--latents vae --vae NAME_OR_PATH`) to train a decoder"
+            )
+        self.codec = codec
+        c, h, w = codec["shape"]
+        if h != w:
+            raise UsageError(f"the store's latents are {h}x{w}; the decoder needs square latents")
+        overrides = {"emb_dim": manifest["clip"]["dim"], "latent_channels": c, "latent_size": h}
+        if cfg.guidance_scale is not None:
+            overrides["guidance_scale"] = cfg.guidance_scale
+        try:
+            dc = decoder_config(cfg.preset, **overrides)
+        except ValueError as e:
+            raise UsageError(
+                f"preset '{cfg.preset}' does not fit the store's latents {c}x{h}x{w}: {e}"
+            ) from e
+        return dataclasses.asdict(dc)
+
+    def build(self, model_cfg: dict) -> DiffusionDecoder:
+        return build_decoder(model_cfg)
+
+    def loss(self, model: DiffusionDecoder, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        return model.loss(dequantized_latents(batch, self.codec), batch["img_emb"].float(), generator)
+
+    def evaluate(self, run: RunState, step: int) -> dict | None:
+        val = self.val_stream(batch_size=self.cfg.eval_samples)
+        if val.num_samples == 0:
+            log.warning("no held-out samples (val_fraction %.3f): skipping evaluation", self.cfg.val_fraction)
+            return None
+        b = next(val.torch_batches(run.device))
+        true = dequantized_latents(b, self.codec)
+        gen = torch.Generator().manual_seed(0)
+        recon = run.ema.sample(
+            b["img_emb"].float(), steps=self.cfg.sample_steps, sampler=self.cfg.sampler, generator=gen
+        )
+        images = [latents_to_images(x, self.codec, run.device) for x in (true, recon)]
+        cols = min(8, len(true))
+        grid = []
+        for s in range(0, len(true), cols):  # a row of true images, then the same images reconstructed
+            grid += [images[0][s : s + cols], images[1][s : s + cols]]
+        save_grid(np.concatenate(grid), run.out / "reconstructions.png", cols)
+        return {
+            "samples": len(true),
+            "recon_latent_mse": float(((recon - true.float()) ** 2).mean()),
+            "recon_pixel_mae": float(abs(images[1].astype(float) - images[0].astype(float)).mean()),
+        }
+
+
+def main(cfg: TrainDecoderConfig) -> dict:
+    return train(DecoderTask(cfg))
+
+
+run = main  # the CLI calls `run(cfg)` on every stage

@@ -1,0 +1,436 @@
+"""The training loop every diffusion trainer shares (`train-prior`, `train-decoder`).
+
+What differs between models is a `Task`: it resolves the network's config from the store's manifest, builds the
+network, names the store fields to stream, computes the loss on a batch, and evaluates / draws a picture for
+the run folder. Everything else lives here: AdamW with warmup and cosine decay, gradient clipping, EMA, bf16
+autocast on CUDA, the non-finite guard, ``metrics.jsonl`` and ``loss.png``, periodic evaluation, checkpoints
+(`jobs.checkpoint`) with exact resume, and DDP under torchrun (each rank streams a disjoint part of every step).
+
+Writes under ``--out``: ``ckpt/``, ``metrics.jsonl``, ``loss.png``, ``config.json``, ``weights_by_rank.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from jobs import checkpoint
+from pipeline import store
+from pipeline.encoders import resolve_device
+from pipeline.errors import StageError, UsageError
+from pipeline.stream import Stream, StreamConfig
+
+log = logging.getLogger(__name__)
+# Settings that may change between a run and its resume; any other difference is an error.
+RESUMABLE_CHANGES = {
+    "stop_after",
+    "eval_every",
+    "save_every",
+    "resume",
+    "device",
+    "log_every",
+    "eval_samples",
+}
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by every trainer; a model's trainer subclasses it with its own fields."""
+
+    data: str
+    out: str
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 6e-2  # LAION's prior recipe
+    warmup_steps: int = 100
+    steps: int = 2000  # length of the whole run: the learning-rate schedule is laid out over it
+    stop_after: int = 0  # stop this invocation at this step (checkpointed; --resume continues); 0 = run on
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    eval_every: int = 500  # evaluation and the run folder's picture; 0 = never
+    save_every: int = 500
+    log_every: int = 10
+    resume: bool = False
+    seed: int = 0
+    val_fraction: float = 0.05  # held-out share, drawn per shard from split_seed: stable as data grows
+    split_seed: int = 0
+    device: str = "auto"
+    log_rows: bool = False  # write the (shard, row) ids each rank trained on, for auditing data order
+
+
+class Task:
+    """What one model adds to the loop. Subclasses set `name`, `fields`, `loss_label` and the methods."""
+
+    name = "model"
+    loss_label = "loss"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Store fields to stream."""
+        raise NotImplementedError
+
+    def model_config(self, manifest: dict) -> dict:
+        """The network's resolved config (JSON-able) from the settings and the store; UsageError if unfit."""
+        raise NotImplementedError
+
+    def build(self, model_cfg: dict) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, run: RunState, step: int) -> dict | None:
+        """Held-out metrics with the EMA weights (rank 0 only), written to metrics.jsonl; None = nothing."""
+        return None
+
+    def val_stream(self, batch_size: int = 256) -> Stream:
+        """The held-out split, in order, with this task's fields."""
+        c = self.cfg
+        return Stream(
+            StreamConfig(
+                c.data,
+                fields=self.fields,
+                batch_size=batch_size,
+                split="val",
+                val_fraction=c.val_fraction,
+                split_seed=c.split_seed,
+            )
+        )
+
+
+@dataclass
+class RunState:
+    """Everything one invocation of the loop holds (what used to be passed around as a dict)."""
+
+    cfg: TrainConfig
+    task: Task
+    manifest: dict  # the store's: its CLIP model and latent codec go into every checkpoint
+    model_cfg: dict
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    gen: torch.Generator  # noise, timesteps, condition dropout: one stream per rank
+    rank: int
+    world: int
+    device: str
+    out: Path
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "ckpt"
+
+
+class _LossModule(torch.nn.Module):
+    """DDP averages the gradients of what runs through `forward`: route the task's loss through it."""
+
+    def __init__(self, task: Task, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._task = task
+
+    def forward(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        return self._task.loss(self.model, batch, generator)
+
+
+def _setup_distributed(device: str) -> tuple[int, int, str]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    rank = dist.get_rank()
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return rank, world, device
+
+
+def load_store_manifest(data: str) -> dict:
+    if not (Path(data) / store.MANIFEST).exists():
+        raise UsageError(f"--data {data} is not an embedding store (no {store.MANIFEST}); run `unclip embed`")
+    return store.load_manifest(data)
+
+
+def store_identity(manifest: dict) -> dict:
+    """What sampling needs from the training store: the CLIP model (and seed, for random weights), the
+    latent codec with its quantisation constants, and whether per-token text encodings were stored."""
+    return {
+        "clip": {**manifest["clip"], "seed": manifest.get("identity", {}).get("seed", 0)},
+        "latents": manifest.get("latents"),
+        "text_enc": manifest.get("text_enc"),
+    }
+
+
+def _check_resume(meta: dict, run: RunState) -> None:
+    """A resume continues the same run: same task, network, settings and number of processes."""
+    if meta.get("task") != run.task.name:
+        raise UsageError(f"--resume: the checkpoint is a {meta.get('task')} run, not a {run.task.name} run")
+    if meta["model"] != run.model_cfg:
+        diff = sorted(k for k in run.model_cfg if meta["model"].get(k) != run.model_cfg[k])
+        raise UsageError(f"checkpoint's model config differs from this run's in {', '.join(diff)}")
+    old, new = meta["config"], asdict(run.cfg)
+    diff = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
+    if diff:
+        raise UsageError(
+            f"--resume with other settings than the checkpoint's: {', '.join(diff)} "
+            f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
+        )
+    if meta["world_size"] != run.world:
+        # Step s of the stream is cut for a fixed number of ranks, and each rank's noise generator is saved:
+        # another world size would change the data order and the noise, so the run would not be the same.
+        raise UsageError(
+            f"--resume: the checkpoint was trained with {meta['world_size']} process(es), this run has "
+            f"{run.world}; resume with --nproc_per_node {meta['world_size']} (or start a new --out)"
+        )
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:  # linear warmup, then cosine decay to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return f
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def _prepare(task: Task) -> RunState:
+    """Resolve, build and (with --resume) restore: the state at the start of this invocation."""
+    cfg = task.cfg
+    device = resolve_device(cfg.device)
+    manifest = load_store_manifest(cfg.data)
+    model_cfg = json.loads(json.dumps(task.model_config(manifest)))  # as meta.json will hold it
+    rank, world, device = _setup_distributed(device)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = task.build(model_cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.96))
+    return RunState(
+        cfg=cfg,
+        task=task,
+        manifest=manifest,
+        model_cfg=model_cfg,
+        model=model,
+        ema=copy.deepcopy(model).requires_grad_(False),
+        opt=opt,
+        sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps)),
+        gen=torch.Generator().manual_seed(cfg.seed * 1000 + rank),
+        rank=rank,
+        world=world,
+        device=device,
+        out=Path(cfg.out),
+    )
+
+
+def _restore(run: RunState) -> int:
+    """Load the latest checkpoint into `run` (with --resume); the step to continue from."""
+    if not run.cfg.resume:
+        return 0
+    if not (run.ckpt_dir / "latest").exists():
+        log.warning("--resume: no checkpoint in %s, starting from scratch", run.ckpt_dir)
+        return 0
+    folder = checkpoint.resolve(run.ckpt_dir)
+    meta = checkpoint.read_meta(folder)
+    _check_resume(meta, run)
+    checkpoint.load_weights(run.model, folder / "model.safetensors")
+    checkpoint.load_weights(run.ema, folder / "ema.safetensors")
+    state = checkpoint.load_state(folder)
+    run.opt.load_state_dict(state["opt"])
+    run.sched.load_state_dict(state["sched"])
+    run.gen.set_state(state["gen"][run.rank])
+    torch.set_rng_state(state["torch_rng"][run.rank])
+    log.info("resumed from %s at step %d", folder, meta["step"])
+    return int(meta["step"])
+
+
+def train(task: Task) -> dict:
+    """Run the loop for `task` from scratch or from its latest checkpoint; the run's report."""
+    run = _prepare(task)
+    try:
+        start = _restore(run)
+        model = _LossModule(task, run.model)
+        if run.world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        if run.rank == 0:
+            run.out.mkdir(parents=True, exist_ok=True)
+            config = {"task": task.name, "train": asdict(run.cfg), "model": run.model_cfg}
+            (run.out / "config.json").write_text(json.dumps(config, indent=2))
+        stream = Stream(
+            StreamConfig(
+                run.cfg.data,
+                fields=task.fields,
+                batch_size=run.cfg.batch_size,
+                val_fraction=run.cfg.val_fraction,
+                split_seed=run.cfg.split_seed,
+                seed=run.cfg.seed,
+                rank=run.rank,
+                world_size=run.world,
+                start_step=start,
+            )
+        )
+        return _loop(model, stream, start, run)
+    finally:
+        if run.world > 1:
+            dist.destroy_process_group()
+
+
+def _gather_states(gen: torch.Generator, world: int) -> tuple[list, list]:
+    """Every rank's RNG states, so that a resume restores each rank's own stream of noise."""
+    mine = [gen.get_state(), torch.get_rng_state()]
+    if world == 1:
+        return [mine[0]], [mine[1]]
+    allst = [None] * world
+    dist.all_gather_object(allst, mine)
+    return [s[0] for s in allst], [s[1] for s in allst]
+
+
+def _all_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def _save(step: int, run: RunState) -> None:
+    """Checkpoint `step`; weights that are not finite are never written, and `latest` does not move."""
+    if not (_all_finite(run.model) and _all_finite(run.ema)):
+        raise StageError(
+            f"weights are not finite at step {step}: not checkpointed; the last good checkpoint is in "
+            f"{run.ckpt_dir} (lower --lr or raise --warmup-steps, then --resume)"
+        )
+    gens, rngs = _gather_states(run.gen, run.world)
+    if run.rank != 0:
+        return
+    state = {"opt": run.opt.state_dict(), "sched": run.sched.state_dict(), "gen": gens, "torch_rng": rngs}
+    meta = {
+        "task": run.task.name,
+        "config": asdict(run.cfg),
+        "model": run.model_cfg,
+        "stream_step": step,
+        "world_size": run.world,
+        "store": store_identity(run.manifest),
+    }
+    checkpoint.save(run.ckpt_dir, step, run.model, run.ema, state, meta)
+
+
+def _step(model: torch.nn.Module, batch: dict, step: int, run: RunState) -> tuple[float, float]:
+    """One optimiser step; (loss, gradient norm). A non-finite loss or gradient stops the run untouched."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.startswith("cuda")):
+        loss = model(batch, run.gen)
+    if not torch.isfinite(loss):
+        raise StageError(
+            f"loss is {loss.item()} at step {step}: stopping; the last good checkpoint is in "
+            f"{run.ckpt_dir} (lower --lr or raise --warmup-steps, then --resume)"
+        )
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    if not torch.isfinite(grad_norm):
+        raise StageError(
+            f"gradient norm is {float(grad_norm)} at step {step}: stopping before the update; the last good "
+            f"checkpoint is in {run.ckpt_dir} (lower --lr, then --resume)"
+        )
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.sched.step()
+    _ema_update(run.ema, run.model, run.cfg.ema_decay)
+    return loss.item(), float(grad_norm)
+
+
+def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> dict:
+    cfg, rank = run.cfg, run.rank
+    metrics_file = run.out / "metrics.jsonl"
+    rows_log = [] if cfg.log_rows else None
+    batches = stream.torch_batches(run.device)
+    t0, seen, last_loss, report_eval = time.perf_counter(), 0, float("nan"), None
+    end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+    name = f"train-{run.task.name}"
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=name, disable=rank != 0)
+    run.model.train()
+    for step in bar:
+        b = next(batches)
+        if rows_log is not None:
+            rows_log.append(torch.stack([b["shard"], b["row"]], 1).cpu())
+        last_loss, grad_norm = _step(model, b, step, run)
+        seen += len(b["row"]) * run.world
+        done = step + 1
+        if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
+            sps = seen / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{last_loss:.4f}", samples_per_s=f"{sps:.0f}")
+            lr = run.sched.get_last_lr()[0]
+            row = {"step": done, "loss": last_loss, "grad_norm": grad_norm, "lr": lr, "samples_per_s": sps}
+            append_jsonl(metrics_file, row)
+        if rank == 0 and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+            report_eval = run.task.evaluate(run, done)
+            if report_eval is not None:
+                append_jsonl(metrics_file, {"step": done, "eval": report_eval})
+        if done == end or (cfg.save_every and done % cfg.save_every == 0):
+            _save(done, run)
+    if rows_log:
+        torch.save(torch.cat(rows_log), run.out / f"rows_rank{rank}.pt")
+    _record_weight_digests(run)
+    if rank == 0:
+        plot_loss(metrics_file, run.out / "loss.png", name, run.task.loss_label)
+    elapsed = time.perf_counter() - t0
+    return {
+        "steps": end,
+        "start_step": start,
+        "final_loss": last_loss,
+        "seconds": round(elapsed, 2),
+        "samples_per_s": round(seen / elapsed, 1) if seen else None,
+        "ckpt": str(run.ckpt_dir),
+        "eval": report_eval,
+    }
+
+
+def _record_weight_digests(run: RunState) -> None:
+    """Every rank's weight checksum in ``weights_by_rank.json``: DDP ranks must end identical."""
+    h = hashlib.sha256()
+    for v in run.model.state_dict().values():
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    digests = [h.hexdigest()]
+    if run.world > 1:
+        digests = [None] * run.world
+        dist.all_gather_object(digests, h.hexdigest())
+    if run.rank == 0:
+        (run.out / "weights_by_rank.json").write_text(json.dumps(digests))
+        if len(set(digests)) > 1:
+            log.error("ranks ended with different weights: %s", digests)
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def plot_loss(metrics_file: Path, png: Path, title: str, ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(metrics_file)] if metrics_file.exists() else []
+    pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*pts))
+    ax.set(xlabel="step", ylabel=ylabel, yscale="log", title=title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
