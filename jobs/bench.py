@@ -34,7 +34,7 @@ class BenchConfig:
     repeats: int = 3
     quick: bool = False  # tiny sizes: the smoke test's setting, figures not meaningful
     clip: str = "ViT-B-32"  # the embed ratio's model (random weights); batch 64 as in the issue
-    stages: str = "download,embed,stream,prior"
+    stages: str = "download,embed,stream,prior,decoder"
 
 
 def _measure(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
@@ -474,7 +474,19 @@ def bench_prior(cfg: BenchConfig, work: Path) -> dict:
 # ---------------------------------------------------------------- report
 
 
-STAGES = {"download": bench_download, "embed": bench_embed, "stream": bench_stream, "prior": bench_prior}
+def bench_decoder(cfg: BenchConfig, work: Path) -> dict:
+    from jobs.bench_decoder import bench_decoder as run_decoder
+
+    return run_decoder(cfg, work)
+
+
+STAGES = {
+    "download": bench_download,
+    "embed": bench_embed,
+    "stream": bench_stream,
+    "prior": bench_prior,
+    "decoder": bench_decoder,
+}
 
 
 def _fmt(v) -> str:
@@ -534,7 +546,19 @@ def run(cfg: BenchConfig) -> dict:
     return {"results": str(out / "results.json"), "table": str(out / "results.md")}
 
 
-PROBES = {"forward": probe_forward, "mmap": probe_mmap, "stream": probe_stream, "prior": probe_prior}
+def probe_decoder(**kw) -> dict:
+    from jobs.bench_decoder import probe_decoder as probe
+
+    return probe(**kw)
+
+
+PROBES = {
+    "forward": probe_forward,
+    "mmap": probe_mmap,
+    "stream": probe_stream,
+    "prior": probe_prior,
+    "decoder": probe_decoder,
+}
 
 if __name__ == "__main__":  # `python -m jobs.bench --probe NAME JSON`: one measurement in a fresh process
     if len(sys.argv) == 4 and sys.argv[1] == "--probe":

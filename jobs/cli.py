@@ -55,12 +55,16 @@ COMMANDS: dict[str, Command] = {
         "TrainDecoderConfig",
     ),
     "sample": Command(
-        "text -> image: CLIP text tower, prior, decoder -> a PNG grid", "jobs.sample", "SampleConfig"
+        "text -> image: CLIP text tower, prior, decoder -> a PNG grid",
+        "jobs.sample",
+        "SampleConfig",
+        report="jobs.sample:print_report",
     ),
     "eval-decoder": Command(
         "evaluate a decoder (and text -> image with --prior) on a store's held-out split",
         "jobs.eval_decoder",
         "EvalDecoderConfig",
+        report="jobs.eval_decoder:print_report",
     ),
     "bench": Command(
         "measure every stage against its physical limit (writes bench/results.json)",

@@ -156,8 +156,13 @@ def run(cfg: EvalDecoderConfig) -> dict:
     cols = len(grids[0])
     save_grid(np.concatenate([g[:cols] for g in grids]), out / "eval_decoder.png", cols=cols)
     store.write_json(out / "eval_decoder.json", report)
-    print(format_table(report))
+    report["written"] = str(out / "eval_decoder.json")
     return report
+
+
+def print_report(report: dict) -> None:
+    print(format_table(report))
+    print(f"written: {report['written']} and eval_decoder.png (true / reconstructed / text-to-image rows)")
 
 
 def _decoder_only(decoder: str, device: str):

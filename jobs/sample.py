@@ -170,7 +170,9 @@ def run(cfg: SampleConfig) -> dict:
     repeated = [p for p in prompts for _ in range(cfg.n)]
     images, _ = text_to_image(m, repeated, cfg, gen)
     seconds = time.perf_counter() - t0
-    out = save_grid(images, cfg.out, cols=cfg.n, labels=repeated)
+    # At least 128 px a picture, so that a caption fits in 5 lines under it.
+    scale = max(1, 128 // images.shape[2])
+    out = save_grid(images, cfg.out, cols=cfg.n, labels=repeated, scale=scale, label_lines=5)
     report = {
         "out": str(out),
         "prompts": prompts,
@@ -187,5 +189,11 @@ def run(cfg: SampleConfig) -> dict:
         },
     }
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    log.info("%d images in %.1f s -> %s", len(images), seconds, out)
     return report
+
+
+def print_report(report: dict) -> None:
+    print(
+        f"sample: {report['images']} images for {len(report['prompts'])} prompt(s) in {report['seconds']} s "
+        f"-> {report['out']} (settings in {Path(report['out']).with_suffix('.json')})"
+    )

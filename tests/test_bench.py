@@ -3,9 +3,21 @@
 import json
 import math
 
+import pytest
+
 from jobs.bench import BenchConfig, markdown, run
 
 
+def test_bench_decoder_stage_quick(tmp_path):
+    run(BenchConfig(out=str(tmp_path), repeats=1, quick=True, stages="decoder"))
+    r = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert r["decoder_train"]["median"] > 0 and r["decoder_train"]["batch"] == 32
+    assert {"ddim_2", "dpm++_2"} <= set(r["decoder_sample"]) and r["decoder_sample"]["images"] == 36
+    assert all(r["decoder_sample"][k] > 0 for k in ("ddim_2", "dpm++_2"))
+    assert "| decoder_train |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.slow  # ~160 s: every stage, img2dataset and dask start-ups included
 def test_bench_quick_writes_ratios_and_table(tmp_path):
     run(BenchConfig(out=str(tmp_path), repeats=1, quick=True))
     report = json.loads((tmp_path / "results.json").read_text())

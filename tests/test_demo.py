@@ -1,4 +1,5 @@
-"""The whole demo, small: every stage through `jobs.demo`, and the prior learns the caption -> image mapping."""
+"""The whole demo, small: every stage through `jobs.demo`; the prior learns the caption -> image mapping and the
+decoder's pictures show the captions' colours far above chance."""
 
 import pytest
 
@@ -7,10 +8,26 @@ from jobs.demo import DemoConfig, run
 
 @pytest.mark.slow
 def test_demo_end_to_end_prior_beats_baselines(tmp_path):
-    r = run(DemoConfig(out=str(tmp_path), n=1200, samples_per_shard=300, clip_steps=120, prior_steps=1000))
+    r = run(
+        DemoConfig(
+            out=str(tmp_path),
+            n=1200,
+            samples_per_shard=300,
+            clip_steps=200,
+            prior_steps=1000,
+            decoder_steps=500,
+            eval_samples=64,
+        )
+    )
     assert r["download"]["successes"] == 1200 and r["download"]["complete"]
     assert r["validate"]["ok"] and r["embed"]["rows"] == 1200
     m = r["eval_prior"]
     assert m["top1_pred"] > 10 * m["retrieval_chance_top1"]
     assert m["top1_pred"] >= m["top1_text"]
     assert m["sim_pred_image"] > m["sim_mean_image_predictor"] + 0.2
+    a = r["eval_decoder"]["attributes"]
+    for path in ("reconstruction", "text_to_image"):
+        assert a[path]["background_accuracy"] > 2 * a[path]["background_chance"]
+        assert a[path]["shape_color_accuracy"] > 1.5 * a[path]["shape_color_chance"]
+    for name in ("samples.png", "reconstructions.png", "summary.json", "loss_prior.png", "loss_decoder.png"):
+        assert (tmp_path / name).stat().st_size > 500
