@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from jobs import checkpoint
@@ -129,8 +130,6 @@ def text_to_image(m: Models, prompts: list[str], cfg: SampleConfig, gen: torch.G
         )
         images.append(latents_to_images(lat, m.decoder_meta["store"]["latents"], m.device))
         embs.append(emb.cpu())
-    import numpy as np
-
     return np.concatenate(images), torch.cat(embs)
 
 

@@ -12,11 +12,9 @@ Writes under ``--out``: ``ckpt/``, ``metrics.jsonl``, ``loss.png``, ``config.jso
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from jobs import checkpoint
+from jobs import checkpoint, distributed
 from pipeline import store
 from pipeline.encoders import resolve_device
 from pipeline.errors import StageError, UsageError
@@ -147,19 +145,6 @@ class _LossModule(torch.nn.Module):
         return self._task.loss(self.model, batch, generator)
 
 
-def _setup_distributed(device: str) -> tuple[int, int, str]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-    rank = dist.get_rank()
-    if device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    return rank, world, device
-
-
 def load_store_manifest(data: str) -> dict:
     if not (Path(data) / store.MANIFEST).exists():
         raise UsageError(f"--data {data} is not an embedding store (no {store.MANIFEST}); run `unclip embed`")
@@ -220,7 +205,7 @@ def _prepare(task: Task) -> RunState:
     device = resolve_device(cfg.device)
     manifest = load_store_manifest(cfg.data)
     model_cfg = json.loads(json.dumps(task.model_config(manifest)))  # as meta.json will hold it
-    rank, world, device = _setup_distributed(device)
+    rank, world, device = distributed.setup(device)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = task.build(model_cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.96))
@@ -293,16 +278,6 @@ def train(task: Task) -> dict:
             dist.destroy_process_group()
 
 
-def _gather_states(gen: torch.Generator, world: int) -> tuple[list, list]:
-    """Every rank's RNG states, so that a resume restores each rank's own stream of noise."""
-    mine = [gen.get_state(), torch.get_rng_state()]
-    if world == 1:
-        return [mine[0]], [mine[1]]
-    allst = [None] * world
-    dist.all_gather_object(allst, mine)
-    return [s[0] for s in allst], [s[1] for s in allst]
-
-
 def _all_finite(module: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
@@ -314,7 +289,7 @@ def _save(step: int, run: RunState) -> None:
             f"weights are not finite at step {step}: not checkpointed; the last good checkpoint is in "
             f"{run.ckpt_dir} (lower --lr or raise --warmup-steps, then --resume)"
         )
-    gens, rngs = _gather_states(run.gen, run.world)
+    gens, rngs = distributed.gather_rng_states(run.gen, run.world)
     if run.rank != 0:
         return
     state = {"opt": run.opt.state_dict(), "sched": run.sched.state_dict(), "gen": gens, "torch_rng": rngs}
@@ -383,7 +358,7 @@ def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> 
             _save(done, run)
     if rows_log:
         torch.save(torch.cat(rows_log), run.out / f"rows_rank{rank}.pt")
-    _record_weight_digests(run)
+    distributed.record_weight_digests(run.model, run.rank, run.world, run.out)
     if rank == 0:
         plot_loss(metrics_file, run.out / "loss.png", name, run.task.loss_label)
     elapsed = time.perf_counter() - t0
@@ -396,21 +371,6 @@ def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> 
         "ckpt": str(run.ckpt_dir),
         "eval": report_eval,
     }
-
-
-def _record_weight_digests(run: RunState) -> None:
-    """Every rank's weight checksum in ``weights_by_rank.json``: DDP ranks must end identical."""
-    h = hashlib.sha256()
-    for v in run.model.state_dict().values():
-        h.update(v.detach().float().cpu().numpy().tobytes())
-    digests = [h.hexdigest()]
-    if run.world > 1:
-        digests = [None] * run.world
-        dist.all_gather_object(digests, h.hexdigest())
-    if run.rank == 0:
-        (run.out / "weights_by_rank.json").write_text(json.dumps(digests))
-        if len(set(digests)) > 1:
-            log.error("ranks ended with different weights: %s", digests)
 
 
 def append_jsonl(path: Path, row: dict) -> None:

@@ -1,0 +1,52 @@
+"""The torchrun side of training: process group set-up, every rank's RNG states, end-of-run weight check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def setup(device: str) -> tuple[int, int, str]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    rank = dist.get_rank()
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    return rank, world, device
+
+
+def gather_rng_states(gen: torch.Generator, world: int) -> tuple[list, list]:
+    """Every rank's RNG states, so that a resume restores each rank's own stream of noise."""
+    mine = [gen.get_state(), torch.get_rng_state()]
+    if world == 1:
+        return [mine[0]], [mine[1]]
+    allst = [None] * world
+    dist.all_gather_object(allst, mine)
+    return [s[0] for s in allst], [s[1] for s in allst]
+
+
+def record_weight_digests(model: torch.nn.Module, rank: int, world: int, out: Path) -> None:
+    """Every rank's weight checksum in ``weights_by_rank.json``: DDP ranks must end identical."""
+    h = hashlib.sha256()
+    for v in model.state_dict().values():
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    digests = [h.hexdigest()]
+    if world > 1:
+        digests = [None] * world
+        dist.all_gather_object(digests, h.hexdigest())
+    if rank == 0:
+        (out / "weights_by_rank.json").write_text(json.dumps(digests))
+        if len(set(digests)) > 1:
+            log.error("ranks ended with different weights: %s", digests)
