@@ -49,7 +49,7 @@ from jobs.bench import random_store as make_scale_store  # one writer of random 
 
 ROOT = Path(__file__).resolve().parent.parent
 ANCHOR_SCRIPTS = ROOT / "bench" / "anchors"
-PARTS = ("embed", "stream", "prior", "interop")
+PARTS = ("embed", "stream", "prior", "decoder", "interop")
 TARGETS = {"embed": 1.5, "stream": 5.0, "prior": 3.0}
 
 
@@ -927,7 +927,7 @@ def run(cfg: AnchorsConfig) -> dict:
             )
     else:
         store_root = work / "store"
-        shards = attempt("data", lambda: make_data(cfg, work)) if set(parts) - {"prior"} else None
+        shards = attempt("data", lambda: make_data(cfg, work)) if set(parts) - {"prior", "decoder"} else None
     if shards is not None:
         if "embed" in parts and need_anchors("embed"):
             comps, checks = attempt("embed", lambda: bench_embed(cfg, work, shards)) or ([], [])
@@ -943,6 +943,10 @@ def run(cfg: AnchorsConfig) -> dict:
         report["comparisons"] += attempt("stream", lambda: bench_stream(cfg, store_root, work)) or []
     if "prior" in parts and need_anchors("prior"):
         report["comparisons"] += attempt("prior", lambda: bench_prior(cfg, work)) or []
+    if "decoder" in parts and need_anchors("decoder"):
+        from jobs.bench_anchors_decoder import bench_decoder
+
+        report["comparisons"] += attempt("decoder", lambda: bench_decoder(cfg, work)) or []
     if "interop" in parts and have_store:
         report["checks"] += (
             attempt("interop: embedding-reader", lambda: check_embedding_reader(store_root)) or []

@@ -222,10 +222,11 @@ def _summary(r: dict) -> dict:
             f"{k}_{m}": attrs[k][f"{m}_accuracy"]
             for k in ("true_images", "reconstruction", "text_to_image")
             if k in attrs
-            for m in ("background", "shape_color")
+            for m in ("background", "shape_color", "shape_color_anywhere")
         },
         "background_chance": attrs.get("true_images", {}).get("background_chance"),
         "shape_color_chance": attrs.get("true_images", {}).get("shape_color_chance"),
+        "shape_color_anywhere_chance": attrs.get("true_images", {}).get("shape_color_anywhere_chance"),
         "eval_samples": ed["samples"],
         "prior_eval_samples": ep["samples"],
     }

@@ -194,13 +194,16 @@ def format_table(r: dict) -> str:
             lines.append(f"  {label:34} {r[key]['cos']:7.3f} {r[key]['top1']:7.3f}")
     if "attributes" in r:
         a = r["attributes"]
-        lines.append(f"  {'attribute accuracy (from pixels)':34} {'bg':>7} {'shape':>7}")
+        lines.append(f"  {'attribute accuracy (from pixels)':34} {'bg':>7} {'shape':>7} {'anywhere':>9}")
         for key in ("true_images", "reconstruction", "text_to_image"):
             if key in a:
                 lines.append(
                     f"  {key.replace('_', ' '):34} {a[key]['background_accuracy']:7.3f} "
-                    f"{a[key]['shape_color_accuracy']:7.3f}"
+                    f"{a[key]['shape_color_accuracy']:7.3f} {a[key]['shape_color_anywhere_accuracy']:9.3f}"
                 )
         ch = a["true_images"]
-        lines.append(f"  {'chance':34} {ch['background_chance']:7.3f} {ch['shape_color_chance']:7.3f}")
+        lines.append(
+            f"  {'chance':34} {ch['background_chance']:7.3f} {ch['shape_color_chance']:7.3f} "
+            f"{ch['shape_color_anywhere_chance']:9.3f}"
+        )
     return "\n".join(lines)

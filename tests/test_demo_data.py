@@ -57,6 +57,8 @@ def test_attributes_read_back_from_pixels():
     images = np.stack([np.asarray(draw(a, 32)) for a in attrs])
     exact = attribute_accuracy(images, attrs)
     assert exact["background_accuracy"] == 1.0 and exact["shape_color_accuracy"] == 1.0
+    assert exact["shape_color_anywhere_accuracy"] == 1.0 and 0.1 < exact["shape_color_anywhere_chance"] < 0.4
     shuffled = attribute_accuracy(np.roll(images, 1, axis=0), attrs)
     assert shuffled["background_accuracy"] < 0.6 and shuffled["shape_color_accuracy"] < 0.3
+    assert shuffled["shape_color_anywhere_accuracy"] < 0.4
     assert exact["background_chance"] == 1 / 3
