@@ -79,14 +79,25 @@ def resolve(path: str | Path) -> Path:
     p = Path(path)
     for root in (p, p / "ckpt"):
         if (root / "latest").exists():
-            return root / (root / "latest").read_text().strip()
+            folder = root / (root / "latest").read_text().strip()
+            if not (folder / "meta.json").is_file():
+                raise UsageError(
+                    f"{root / 'latest'} names {folder.name}, which is missing or incomplete; "
+                    "point at one of the step_* folders there, or retrain"
+                )
+            return folder
     if (p / "meta.json").exists():
         return p
     raise UsageError(f"no checkpoint at {path} (expected a step_* folder, or a folder with a 'latest' file)")
 
 
 def read_meta(folder: str | Path) -> dict:
-    meta = json.loads((Path(folder) / "meta.json").read_text())
+    try:
+        meta = json.loads((Path(folder) / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"checkpoint {folder}: meta.json cannot be read ({e})") from e
+    if not isinstance(meta, dict):
+        raise UsageError(f"checkpoint {folder}: meta.json is not a JSON object")
     fmt = meta.get("version", {}).get("checkpoint_format")
     if fmt != CHECKPOINT_FORMAT:
         raise UsageError(f"checkpoint {folder} has format {fmt}; this code reads format {CHECKPOINT_FORMAT}")
@@ -95,15 +106,53 @@ def read_meta(folder: str | Path) -> dict:
 
 def load_weights(module: torch.nn.Module, file: str | Path) -> None:
     """Strict load: a missing or unexpected key is an error naming it."""
-    state = load_file(str(file))
-    missing, unexpected = module.state_dict().keys() - state.keys(), state.keys() - module.state_dict().keys()
+    try:
+        state = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+        raise UsageError(
+            f"{file} cannot be read as safetensors (missing, truncated or not a checkpoint): {e}"
+        ) from e
+    own = module.state_dict()
+    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
     if missing or unexpected:
         raise UsageError(
             f"{file} does not match the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+    shapes = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if shapes:
+        k = shapes[0]
+        raise UsageError(
+            f"{file} does not match the model: {len(shapes)} tensor(s) differ in shape, e.g. {k} "
+            f"{tuple(state[k].shape)} in the file vs {tuple(own[k].shape)} here "
+            "(a checkpoint trained on a store with another embedding size?)"
+        )
     module.load_state_dict(state, strict=True)
 
 
 def load_state(folder: str | Path) -> dict:
-    return torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+    """Optimiser, schedule and generator states. weights_only=True: a pickle holding code is refused, not run."""
+    path = Path(folder) / "state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for refused code, RuntimeError/EOFError for a damaged file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(
+            f"{path} cannot be loaded safely (damaged, or holds more than tensors): {first}"
+        ) from e
+
+
+def check_store(meta: dict, manifest: dict, data: str, latents: bool = False) -> None:
+    """A model is evaluated only on a store of the kind it was trained on: same embedding size (and latent
+    shape when ``latents``). One UsageError naming both otherwise."""
+    trained = meta.get("store", {})
+    dim, have = trained.get("clip", {}).get("dim"), manifest.get("clip", {}).get("dim")
+    if dim != have:
+        raise UsageError(
+            f"the checkpoint was trained on {dim}-d CLIP embeddings ({trained.get('clip', {}).get('arch')}); "
+            f"{data} holds {have}-d ones ({manifest.get('clip', {}).get('arch')})"
+        )
+    if latents:
+        want, got = (trained.get("latents") or {}).get("shape"), (manifest.get("latents") or {}).get("shape")
+        if want != got:
+            raise UsageError(f"the checkpoint was trained on latents of shape {want}; {data} holds {got}")

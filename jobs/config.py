@@ -2,7 +2,8 @@
 
 Every field of the dataclass becomes a flag (`samples_per_shard` -> `--samples-per-shard`); a field without a
 default is required; `metadata={"choices": ..., "help": ...}` on a field is used as is. `--config FILE` loads
-JSON whose keys must be field names (unknown keys are rejected); flags given on the command line win.
+JSON whose keys must be field names (unknown keys are rejected) and whose values must have the field's type
+(a JSON boolean for a bool: the string "false" is an error, not true); flags given on the command line win.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any
@@ -33,6 +35,16 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got '{s}'")
 
 
+def _finite_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{s}'") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got '{s}'")
+    return v
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(cls)
     parser.add_argument("--config", help="JSON file of settings; flags given here override it")
@@ -43,7 +55,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: t
             kw["choices"] = list(f.metadata["choices"])
         if tp is bool:
             kw.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
-        elif tp in (int, float, str):
+        elif tp is float:
+            kw["type"] = _finite_float
+        elif tp in (int, str):
             kw["type"] = tp
         elif typing.get_origin(tp) in (list, tuple):  # list[str]: one or more values after the flag
             kw.update(nargs="+", type=typing.get_args(tp)[0])
@@ -57,21 +71,77 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: t
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
 
 
+_JSON_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _json_kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"the boolean {str(v).lower()}"
+    if isinstance(v, str):
+        return f"the string {json.dumps(v)}"
+    return f"{type(v).__name__} {json.dumps(v)[:40]}"
+
+
+def _check_value(name: str, tp: Any, optional: bool, v: Any, source: str) -> Any:
+    """``v`` as the field's type, or a UsageError naming the key, the expected type and what was given."""
+    if v is None and optional:
+        return v
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        inner = typing.get_args(tp)[0]
+        if not isinstance(v, list) or not v:
+            raise UsageError(f"{source}: '{name}' must be a non-empty list, got {_json_kind(v)}")
+        return [_check_value(name, inner, False, x, source) for x in v]
+    ok = {
+        bool: isinstance(v, bool),
+        int: isinstance(v, int) and not isinstance(v, bool),
+        float: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: isinstance(v, str),
+    }.get(tp, True)
+    if not ok:
+        raise UsageError(f"{source}: '{name}' must be {_JSON_NAMES.get(tp, tp)}, got {_json_kind(v)}")
+    if tp is float:
+        v = float(v)
+        if not math.isfinite(v):
+            raise UsageError(f"{source}: '{name}' must be a finite number, got {v}")
+    return v
+
+
+def _load_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as fh:
+            values = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"cannot read --config {path}: {e}") from e
+    if not isinstance(values, dict):
+        raise UsageError(
+            f"--config {path} must hold a JSON object of settings (got {type(values).__name__ if values is not None else 'null'})"
+        )
+    return values
+
+
 def build_config(cls: type, args: argparse.Namespace) -> Any:
-    """The dataclass from `--config` (if any) overlaid with the flags that were given."""
+    """The dataclass from `--config` (if any) overlaid with the flags that were given, every value checked
+    against the field's type before anything runs."""
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
-        try:
-            with open(args.config) as fh:
-                values = json.load(fh)
-        except (OSError, json.JSONDecodeError) as e:
-            raise UsageError(f"cannot read --config {args.config}: {e}") from e
+        values = _load_config_file(args.config)
         unknown = sorted(set(values) - names)
         if unknown:
             raise UsageError(
                 f"unknown keys in {args.config}: {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
             )
+        hints = typing.get_type_hints(cls)
+        choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(cls)}
+        for k, v in list(values.items()):
+            values[k] = _check_value(k, *_base_type(hints[k]), v, f"--config {args.config}")
+            if choices[k] is not None and values[k] not in choices[k]:
+                raise UsageError(
+                    f"--config {args.config}: unknown {k} '{values[k]}'; valid: {', '.join(map(str, choices[k]))}"
+                )
     values.update({k: v for k, v in vars(args).items() if k in names})
     missing = [
         f.name

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from jobs import checkpoint
 from jobs.render import latents_to_images, save_grid
 from jobs.sample import SampleConfig, load_models, text_to_image
+from jobs.train_loop import load_store_manifest
 from pipeline import store
 from pipeline.demo_data import ATTRIBUTE_COLUMNS, attribute_accuracy
 from pipeline.errors import UsageError
@@ -72,7 +73,9 @@ def agreement(emb: torch.Tensor, cond: torch.Tensor) -> dict[str, float]:
 
 def _held_out(cfg: EvalDecoderConfig, codec: dict, fields: tuple[str, ...]) -> tuple[dict, list[dict]]:
     """Up to max_samples held-out rows: tensors and metadata rows, in store order."""
-    meta = checkpoint.read_meta(checkpoint.resolve(cfg.decoder))["config"]
+    full = checkpoint.read_meta(checkpoint.resolve(cfg.decoder))
+    checkpoint.check_store(full, load_store_manifest(cfg.data), cfg.data, latents=True)
+    meta = full["config"]
     stream = Stream(
         StreamConfig(
             cfg.data,

@@ -62,7 +62,10 @@ def evaluate(
         if n >= max_samples:
             break
     if not preds:
-        raise UsageError("the evaluation split is empty; lower --val-fraction's effect by adding data")
+        raise UsageError(
+            "the evaluation split is empty (a small or empty store, or --val-fraction 0); "
+            "use --split all, or add data"
+        )
     pred, img, txt = (torch.cat(x)[:max_samples].cpu() for x in (preds, imgs, txts))
     mean_img = F.normalize(img.mean(0, keepdim=True), dim=-1)
     out = {
@@ -111,6 +114,7 @@ def format_table(m: dict) -> str:
 
 def run(cfg: EvalPriorConfig) -> dict:
     from jobs import checkpoint
+    from jobs.train_loop import load_store_manifest
     from models.prior import build_prior
     from models.samplers import SAMPLERS
     from pipeline.encoders import resolve_device
@@ -123,6 +127,7 @@ def run(cfg: EvalPriorConfig) -> dict:
     if meta.get("task") != "prior":
         raise UsageError(f"{folder} is a {meta.get('task')} checkpoint, not a prior")
     tcfg = meta["config"]
+    checkpoint.check_store(meta, load_store_manifest(cfg.data), cfg.data)
     device = resolve_device(cfg.device)
     prior = build_prior(meta["model"]).to(device).eval()
     checkpoint.load_weights(prior, folder / "ema.safetensors")

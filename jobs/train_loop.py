@@ -39,6 +39,8 @@ RESUMABLE_CHANGES = {
     "device",
     "log_every",
     "eval_samples",
+    "out",  # a run folder may be moved, and a store too (its identity is checked instead of its path)
+    "data",
 }
 
 
@@ -175,6 +177,11 @@ def _check_resume(meta: dict, run: RunState) -> None:
             f"--resume with other settings than the checkpoint's: {', '.join(diff)} "
             f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
         )
+    if meta.get("store") != store_identity(run.manifest):
+        raise UsageError(
+            f"--resume: {run.cfg.data} is not the store this run was trained on (its CLIP model or latent "
+            "codec differ); resume on the same store, or start a new --out"
+        )
     if meta["world_size"] != run.world:
         # Step s of the stream is cut for a fixed number of ranks, and each rank's noise generator is saved:
         # another world size would change the data order and the noise, so the run would not be the same.
@@ -199,9 +206,32 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
         e.lerp_(p.detach(), 1 - decay)
 
 
+def check_settings(cfg: TrainConfig) -> None:
+    """Ranges of the shared settings, before anything is built or written; one UsageError naming the first
+    bad one."""
+    rules = [
+        ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("lr", cfg.lr > 0, "> 0 (and finite)"),
+        ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+        ("warmup_steps", cfg.warmup_steps >= 0, ">= 0"),
+        ("steps", cfg.steps >= 1, ">= 1"),
+        ("stop_after", cfg.stop_after >= 0, ">= 0 (0 = run to --steps)"),
+        ("grad_clip", cfg.grad_clip > 0, "> 0"),
+        ("ema_decay", 0 <= cfg.ema_decay < 1, "in [0, 1)"),
+        ("eval_every", cfg.eval_every >= 0, ">= 0 (0 = never)"),
+        ("save_every", cfg.save_every >= 1, ">= 1"),
+        ("log_every", cfg.log_every >= 1, ">= 1"),
+        ("val_fraction", 0 <= cfg.val_fraction < 1, "in [0, 1)"),
+    ]
+    for name, ok, want in rules:
+        if not ok or (isinstance(getattr(cfg, name), float) and not math.isfinite(getattr(cfg, name))):
+            raise UsageError(f"--{name.replace('_', '-')} must be {want} (got {getattr(cfg, name)})")
+
+
 def _prepare(task: Task) -> RunState:
     """Resolve, build and (with --resume) restore: the state at the start of this invocation."""
     cfg = task.cfg
+    check_settings(cfg)
     device = resolve_device(cfg.device)
     manifest = load_store_manifest(cfg.data)
     model_cfg = json.loads(json.dumps(task.model_config(manifest)))  # as meta.json will hold it
@@ -255,10 +285,6 @@ def train(task: Task) -> dict:
         model = _LossModule(task, run.model)
         if run.world > 1:
             model = torch.nn.parallel.DistributedDataParallel(model)
-        if run.rank == 0:
-            run.out.mkdir(parents=True, exist_ok=True)
-            config = {"task": task.name, "train": asdict(run.cfg), "model": run.model_cfg}
-            (run.out / "config.json").write_text(json.dumps(config, indent=2))
         stream = Stream(
             StreamConfig(
                 run.cfg.data,
@@ -272,6 +298,10 @@ def train(task: Task) -> dict:
                 start_step=start,
             )
         )
+        if run.rank == 0:  # only once the settings, the store and the checkpoint were all accepted
+            run.out.mkdir(parents=True, exist_ok=True)
+            config = {"task": task.name, "train": asdict(run.cfg), "model": run.model_cfg}
+            (run.out / "config.json").write_text(json.dumps(config, indent=2))
         return _loop(model, stream, start, run)
     finally:
         if run.world > 1:

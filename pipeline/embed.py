@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob as globlib
 import logging
 import os
-import shutil
 import tarfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -102,16 +101,25 @@ def validate(cfg: EmbedConfig) -> list[str]:
     if cfg.latents == "vae":
         validate_vae(cfg.vae)
     shards = list_shards(cfg.shards)
+    is_store(Path(cfg.out))  # a file, or a folder of someone else's files, is refused before any work
     for s in shards:
         check_tar(s)
     return shards
+
+
+def is_store(root: Path) -> bool:
+    """True for a store, False for a new or empty folder; a UsageError for anything else (never written to)."""
+    try:
+        return store.check_is_store_or_empty(root)
+    except ValueError as e:
+        raise UsageError(f"--out {e}; name a new or empty folder (--overwrite only replaces a store)") from e
 
 
 def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
     """Check an existing store is compatible (or wipe it with --overwrite); return the manifest to use."""
     root = Path(cfg.out)
     identity = {k: getattr(cfg, k) for k in IDENTITY}
-    if (root / store.MANIFEST).exists():
+    if is_store(root):
         old = store.load_manifest(root)
         if old.get("identity") != identity and not cfg.overwrite:
             diff = [k for k in IDENTITY if old.get("identity", {}).get(k) != identity[k]]
@@ -122,10 +130,9 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
             )
         if old.get("identity") == identity and not cfg.overwrite:
             return old
-    if cfg.overwrite:
-        for name in [*{f[0] for f in store.FIELDS.values()}, "done", "logs", store.MANIFEST]:
-            p = root / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    if cfg.overwrite and is_store(root):
+        removed = store.wipe(root)
+        log.info("--overwrite: removed %d files this project wrote in %s", len(removed), root)
     from pipeline.embed_shard import calibrate_latents
     from pipeline.encoders import clip_dims
 
@@ -253,6 +260,8 @@ def _finish(
         "rows": sum(m["rows"] for m in markers),
         "errors": sum(m["errors"] for m in markers),
         "truncated_captions": sum(m["truncated_captions"] for m in markers),
+        "empty_captions": sum(m.get("empty_captions", 0) for m in markers),
+        "shards_not_cross_checked": sum(not m.get("checked_against_download_record", True) for m in markers),
         "latent_roundtrip_mae": float(np.mean(maes)) if maes else None,
         "rows_this_run": rows,
         "seconds_this_run": round(seconds, 2),

@@ -2,7 +2,10 @@
 
 A background thread reads the tar, decodes each image once and prepares the model inputs batch by batch,
 while the calling thread runs the models, so decoding overlaps the forward pass. Samples that cannot be used
-(undecodable image, no image, no caption) become rows of the shard's error table, never misaligned rows.
+(undecodable image, no image, no caption, a .json that is not an object, a key seen earlier in the shard)
+become rows of the shard's error table, never misaligned rows. When img2dataset's record of the shard
+(``NNNNN.parquet`` beside the tar) lists successful samples that the tar lacks (a tar cut short at a member
+boundary still reads cleanly), each one becomes an error row too: a shorter shard is never silent.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import resource
 import tarfile
 import time
@@ -28,7 +32,7 @@ from pipeline.prefetch import background
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")  # a gif gives its first frame, as in img2dataset
 # Pixels codec: the image at latent size, stored as is; it dequantises to [-1, 1] like a model input.
 PIXEL_RANGE = (-1.0, 1.0)
 
@@ -39,6 +43,8 @@ class Sample:
     image: bytes | None
     caption: str | None
     meta: dict
+    problem: str | None = None  # why the sample cannot be used, found while reading it
+    empty_caption: bool = False  # the source had no caption (None/NaN): stored as "" and counted
 
 
 def read_tar(url: str) -> Iterator[Sample]:
@@ -62,12 +68,43 @@ def read_tar(url: str) -> Iterator[Sample]:
 def _sample(key: str, parts: dict[str, bytes]) -> Sample:
     image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
     caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else None
-    meta = json.loads(parts["json"]) if "json" in parts else {}
-    return Sample(key, image, caption, meta)
+    meta, problem = {}, None
+    if "json" in parts:
+        try:
+            meta = json.loads(parts["json"])
+        except (ValueError, UnicodeDecodeError) as e:
+            meta, problem = {}, f"unparsable .json: {e}"
+        if not isinstance(meta, dict):
+            meta, problem = {}, f".json is not an object (a {type(meta).__name__})"
+    # img2dataset writes str(caption) into .txt: a missing caption arrives as "nan" or "None", and its .json
+    # holds NaN or null. Such a sample keeps its image, with an empty caption, counted in the done marker.
+    src = meta.get("caption", "")
+    empty = (
+        caption is not None
+        and "caption" in meta
+        and (src is None or (isinstance(src, float) and math.isnan(src)))
+    )
+    if empty:
+        caption = ""
+    return Sample(key, image, caption, meta, problem, empty)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with 16- and 32-bit grey scaled to 8 bits (PIL's own convert clips them, which turns a 16-bit
+    PNG nearly white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        img = Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def decode(sample: Sample) -> tuple[Image.Image | None, str | None]:
     """(RGB image, None) or (None, reason)."""
+    if sample.problem is not None:
+        return None, sample.problem
     if sample.image is None:
         return None, "no image in sample"
     if sample.caption is None:
@@ -75,9 +112,29 @@ def decode(sample: Sample) -> tuple[Image.Image | None, str | None]:
     try:
         img = Image.open(io.BytesIO(sample.image))
         img.load()
-        return img.convert("RGB"), None
+        return _to_rgb(img), None
     except Exception as e:  # PIL raises many kinds for corrupt data
         return None, f"cannot decode image: {type(e).__name__}: {e}"
+
+
+def download_record(url: str) -> list[str] | None:
+    """Keys img2dataset recorded as downloaded for this shard (``NNNNN.parquet`` beside ``NNNNN.tar``), or None
+    when there is no such record (shards made by another tool)."""
+    import pyarrow.parquet as pq
+
+    record = url[: -len(".tar")] + ".parquet" if url.endswith(".tar") else None
+    if record is None:
+        return None
+    fs, path = fsspec.core.url_to_fs(record)
+    if not fs.exists(path):
+        return None
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["key", "status"])
+    except Exception as e:  # an unreadable record is reported, not trusted
+        log.warning("cannot read the download record %s (%s): not cross-checked", record, e)
+        return None
+    return [k for k, st in zip(table["key"].to_pylist(), table["status"].to_pylist()) if st == "success"]
 
 
 @dataclass
@@ -87,6 +144,7 @@ class Batch:
     metas: list[dict]
     images: torch.Tensor  # [B, 3, H, W] CLIP input
     latent_input: np.ndarray | torch.Tensor | None  # uint8 [B, 3, s, s] (pixels) or [-1, 1] floats (vae)
+    empty_captions: int = 0
 
 
 def prepare_batches(
@@ -94,7 +152,14 @@ def prepare_batches(
 ) -> Iterator[Batch]:
     """Decode and preprocess in tar order; unusable samples go to ``errors``."""
     buf: list[tuple[Sample, Image.Image]] = []
+    seen: set[str] = set()
     for sample in read_tar(url):
+        if sample.key in seen:
+            errors.append(
+                {"key": sample.key, "reason": "duplicate key: an earlier sample of this shard has it"}
+            )
+            continue
+        seen.add(sample.key)
         img, reason = decode(sample)
         if img is None:
             errors.append({"key": sample.key, "reason": reason})
@@ -117,7 +182,14 @@ def _batch(buf, preprocess, latents: str, latent_px: int) -> Batch:
         lat = px.transpose(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W] uint8
         if latents == "vae":
             lat = torch.from_numpy(lat).float() / 127.5 - 1.0
-    return Batch([s.key for s, _ in buf], [s.caption for s, _ in buf], [s.meta for s, _ in buf], images, lat)
+    return Batch(
+        [s.key for s, _ in buf],
+        [s.caption for s, _ in buf],
+        [s.meta for s, _ in buf],
+        images,
+        lat,
+        sum(s.empty_caption for s, _ in buf),
+    )
 
 
 def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
@@ -172,6 +244,17 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
     }
 
 
+def _column(values: list) -> pa.Array:
+    """One metadata column; values of mixed or nested types that arrow cannot hold as one type (a hostile or
+    inconsistent .json) are kept as their JSON text rather than failing the shard."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        return pa.array(
+            [v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in values]
+        )
+
+
 def _metadata(keys: list[str], captions: list[str], metas: list[dict]) -> pa.Table:
     first = ["key", "caption", "url", "width", "height"]
     rows = [
@@ -179,8 +262,8 @@ def _metadata(keys: list[str], captions: list[str], metas: list[dict]) -> pa.Tab
         for k, c, m in zip(keys, captions, metas, strict=True)
     ]
     # Drop img2dataset's per-sample status columns: every stored row is a success by construction.
-    rows = [{k: v for k, v in r.items() if k not in ("status", "error_message")} for r in rows]
-    return pa.Table.from_pylist(rows)
+    names = [n for n in dict.fromkeys(n for r in rows for n in r) if n not in ("status", "error_message")]
+    return pa.table({n: _column([r.get(n) for r in rows]) for n in names})
 
 
 def warm_up(params: dict) -> None:
@@ -218,7 +301,7 @@ def embed_shard(url: str, params: dict) -> dict:
         "cap": [],
         "meta": [],
     }
-    truncated, mae = 0, []
+    truncated, empty, mae = 0, 0, []
     batches = prepare_batches(
         url, clip.preprocess, params["batch_size"], params["latents"], latent_px, errors
     )
@@ -242,13 +325,19 @@ def embed_shard(url: str, params: dict) -> dict:
         out["key"] += b.keys
         out["cap"] += b.captions
         out["meta"] += b.metas
-    marker = _write(root, shard, url, out, errors, truncated, mae)
+        empty += b.empty_captions
+    recorded = download_record(url)
+    if recorded is not None:
+        present = set(out["key"]) | {e["key"] for e in errors}
+        for key in sorted(set(recorded) - present):
+            errors.append({"key": key, "reason": "downloaded (img2dataset record) but not in the tar"})
+    marker = _write(root, shard, url, out, errors, truncated, mae, empty, recorded is not None)
     # Reported to the caller only (the marker on disk stays free of timings): for the summary and the bench.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {**marker, "worker_peak_rss_mb": round(rss, 1), "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _write(root, shard, url, out, errors, truncated, mae) -> dict:
+def _write(root, shard, url, out, errors, truncated, mae, empty, cross_checked) -> dict:
     rows = len(out["key"])
     arrays: dict[str, np.ndarray] = {}
     if rows:
@@ -271,6 +360,8 @@ def _write(root, shard, url, out, errors, truncated, mae) -> dict:
         "source": url,
         "errors": len(errors),
         "truncated_captions": truncated,
+        "empty_captions": empty,
+        "checked_against_download_record": cross_checked,
         "latent_roundtrip_mae": round(float(np.mean(mae)), 6) if mae else None,
     }
     return store.write_shard(root, shard, arrays, tables, rows, extra)

@@ -29,6 +29,8 @@ def resolve_device(device: str) -> str:
     """'auto' -> cuda when visible, else cpu; 'cuda' without a visible device is a UsageError."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise UsageError(f"unknown --device '{device}'; valid: auto, cpu, cuda, cuda:N")
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is visible; valid here: auto, cpu")
     return device

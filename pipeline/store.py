@@ -153,6 +153,53 @@ def remove_shard(root: str | Path, shard: str) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def check_is_store_or_empty(root: str | Path) -> bool:
+    """True when ``root`` holds a store (a manifest), False when it is absent or empty; raises ValueError for
+    a file or for a non-empty folder without a manifest: its files are not ours to write over or delete."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is a file, not a store folder")
+    if (root / MANIFEST).is_file():
+        return True
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(f"{root} is not empty and holds no {MANIFEST}, so it is not a store")
+    return False
+
+
+def wipe(root: str | Path) -> list[str]:
+    """Delete what this project wrote into a store: the files each done marker lists (only those), the markers,
+    the manifest, logs/embed_summary.json and temp files of ours; then the folders this left empty. Anything
+    else in the folder stays. Returns the paths removed, relative to ``root``."""
+    root = Path(root)
+    removed: list[str] = []
+
+    def rm(p: Path) -> None:
+        if p.is_file():
+            p.unlink()
+            removed.append(str(p.relative_to(root)))
+
+    for shard in done_shards(root):
+        try:
+            listed = list(read_done(root, shard).get("files", {}))
+        except (OSError, ValueError):
+            listed = []  # an unreadable marker names nothing: only the marker itself goes
+        for rel in listed:
+            p = (root / rel).resolve()
+            if p.is_relative_to(root.resolve()):  # a marker cannot send us outside the store
+                rm(p)
+        rm(done_path(root, shard))
+    folders = [root / f for f in {f[0] for f in FIELDS.values()}] + [root / "done", root / "logs"]
+    for folder in folders:
+        for tmp in folder.glob(".*.tmp*") if folder.is_dir() else []:
+            rm(tmp)
+    rm(root / "logs" / "embed_summary.json")
+    rm(root / MANIFEST)
+    for folder in folders:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
+
+
 def load_manifest(root: str | Path) -> dict:
     return read_json(Path(root) / MANIFEST)
 

@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import store
+from pipeline.errors import UsageError
 from pipeline.prefetch import background
 
 FIELDS = ("img_emb", "text_emb", "latents", "text_enc")
+SPLITS = ("train", "val", "all")
 
 
 @dataclass
@@ -131,9 +133,15 @@ class Stream:
     def __init__(self, cfg: StreamConfig):
         bad = [f for f in cfg.fields if f not in FIELDS]
         if bad:
-            raise ValueError(f"unknown stream field(s) {bad}; valid: {', '.join(FIELDS)}")
-        if cfg.split not in ("train", "val", "all"):
-            raise ValueError(f"unknown split '{cfg.split}'; valid: train, val, all")
+            raise UsageError(f"unknown stream field(s) {bad}; valid: {', '.join(FIELDS)}")
+        if cfg.split not in SPLITS:
+            raise UsageError(f"unknown --split '{cfg.split}'; valid: {', '.join(SPLITS)}")
+        if cfg.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1 (got {cfg.batch_size})")
+        if not 0.0 <= cfg.val_fraction < 1.0:
+            raise UsageError(
+                f"--val-fraction must be in [0, 1) (got {cfg.val_fraction}): training needs rows"
+            )
         self.cfg = cfg
         # Two blocks per field, plus text encodings' per-shard arrays (text and offsets) for two blocks.
         cached = 2 * len(cfg.fields) + (4 * cfg.shards_per_block if "text_enc" in cfg.fields else 0)
@@ -148,9 +156,10 @@ class Stream:
         self._next_block = 0
         self.global_batch = cfg.batch_size * cfg.world_size
         if self.num_samples < self.global_batch and cfg.split == "train":
-            raise ValueError(
-                f"the {cfg.split} split has {self.num_samples} samples, fewer than one step "
-                f"({cfg.batch_size} x {cfg.world_size} ranks)"
+            raise UsageError(
+                f"the train split of {cfg.store} has {self.num_samples} samples, fewer than one step of "
+                f"{cfg.batch_size} x {cfg.world_size} rank(s) ({sum(n for _, n in self.store.shards)} rows in "
+                f"{len(self.store.shards)} non-empty shards); lower --batch-size or --val-fraction, or add data"
             )
 
     @property

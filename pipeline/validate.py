@@ -31,7 +31,26 @@ def _tar_keys(url: str) -> list[str]:
     return [s.key for s in read_tar(url)]
 
 
+MARKER_KEYS = {"shard": str, "rows": int, "files": dict}
+
+
 def check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> list[str]:
+    """Problems of one done shard; a file that cannot be read is a problem naming it, never an exception."""
+    try:
+        return _check_shard(root, manifest, marker, check_tars)
+    except Exception as e:  # a damaged .npy/.parquet that still matches its checksum, or a missing field file
+        return [
+            f"{marker['shard']}: cannot read its files ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ]
+
+
+def _finite(a: np.ndarray, chunk: int = 1 << 16) -> bool:
+    return all(
+        np.isfinite(np.asarray(a[i : i + chunk], dtype=np.float32)).all() for i in range(0, len(a), chunk)
+    )
+
+
+def _check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> list[str]:
     shard, rows, problems = marker["shard"], marker["rows"], []
     for rel, digest in marker["files"].items():
         p = root / rel
@@ -67,8 +86,12 @@ def check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> l
         )
         if len(off) != rows + 1 or off[0] != 0 or off[-1] != len(tok) or np.any(np.diff(off) <= 0):
             problems.append(f"{shard}: text_enc offsets do not cover {rows} rows")
-        if tok.ndim != 2 or tok.shape[1] != enc["width"]:
-            problems.append(f"{shard}: text_enc width {tok.shape[1:]} != {enc['width']}")
+        if tok.ndim != 2 or tok.shape[1] != enc["width"] or tok.dtype != np.float16:
+            problems.append(
+                f"{shard}: text_enc is {tok.dtype}{list(tok.shape)}, manifest says float16[*, {enc['width']}]"
+            )
+        elif not _finite(tok):
+            problems.append(f"{shard}: text_enc has NaN or inf")
     meta = store.read_metadata(root, shard, ["key"])
     keys = meta["key"].to_pylist()
     if len(keys) != rows:
@@ -81,6 +104,8 @@ def check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> l
 
 
 def _check_keys(root: Path, shard: str, marker: dict, keys: list[str]) -> list[str]:
+    if not marker.get("source"):
+        return []
     try:
         tar_keys = _tar_keys(marker["source"])
     except Exception as e:  # the tar may live elsewhere; say so, do not fail for it
@@ -98,29 +123,74 @@ def _check_keys(root: Path, shard: str, marker: dict, keys: list[str]) -> list[s
     )
 
 
+def _read_json(path: Path, required: dict[str, type]) -> tuple[dict | None, str | None]:
+    """(object, None) or (None, what is wrong with the file)."""
+    try:
+        obj = store.read_json(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, f"{path.name} is not valid JSON ({str(e).splitlines()[0][:120]})"
+    if not isinstance(obj, dict):
+        return None, f"{path.name} is not a JSON object"
+    bad = [k for k, tp in required.items() if not isinstance(obj.get(k), tp) or isinstance(obj.get(k), bool)]
+    if bad:
+        return None, f"{path.name} lacks or mistypes {', '.join(bad)}"
+    return obj, None
+
+
+def _stray_files(root: Path, markers: dict[str, dict]) -> list[str]:
+    """Files in the store's field folders that no done marker lists: partial shards, temp files of a killed
+    writer, or files put there by hand."""
+    listed = {rel for m in markers.values() for rel in m["files"]}
+    problems = []
+    for folder in sorted({f[0] for f in store.FIELDS.values()}):
+        for p in sorted((root / folder).iterdir()) if (root / folder).is_dir() else []:
+            rel = str(p.relative_to(root))
+            if rel in listed:
+                continue
+            if p.name.startswith(".") and ".tmp" in p.name:
+                problems.append(f"{rel}: temp file of an interrupted write; rerun `unclip embed`")
+            else:
+                problems.append(
+                    f"{rel}: no done marker lists it (a partial shard or a stray file); rerun `unclip embed`"
+                )
+    return problems
+
+
 def run(cfg: ValidateConfig) -> dict:
     root = Path(cfg.store)
     if not (root / store.MANIFEST).exists():
         raise UsageError(f"{root} is not an embedding store (no {store.MANIFEST})")
-    manifest = store.load_manifest(root)
+    manifest, why = _read_json(root / store.MANIFEST, {"clip": dict, "img_emb": dict, "text_emb": dict})
+    if manifest is not None and not isinstance(manifest["clip"].get("dim"), int):
+        manifest, why = None, f"{store.MANIFEST} lacks clip.dim"
+    if manifest is None:
+        return _report(root, 0, 0, [f"{why}; the store cannot be read (re-embed it with --overwrite)"])
     problems: list[str] = []
     done = store.done_shards(root)
-    listed = [s["shard"] for s in manifest.get("shards", [])]
+    markers: dict[str, dict] = {}
+    for sid in done:
+        marker, why = _read_json(store.done_path(root, sid), MARKER_KEYS)
+        if marker is None:
+            problems.append(f"done/{sid}.json: {why}; delete it and rerun `unclip embed`")
+        elif marker["shard"] != sid or any(not isinstance(d, str) for d in marker["files"].values()):
+            problems.append(f"done/{sid}.json: names shard {marker['shard']!r} or has bad checksums")
+        else:
+            markers[sid] = marker
+    listed = [s.get("shard") for s in manifest.get("shards", []) if isinstance(s, dict)]
     if listed != done:
         problems.append(f"manifest lists {len(listed)} shards but {len(done)} are done; rerun `unclip embed`")
-    for folder in ("img_emb", "text_emb", "metadata"):
-        for p in sorted((root / folder).glob(f"{folder}_*")):
-            sid = p.name[len(folder) + 1 :].split(".")[0]
-            if sid not in done:
-                problems.append(f"{sid}: {p.name} has no done marker (partial shard); rerun `unclip embed`")
+    problems += _stray_files(root, markers)
     rows = 0
-    for sid in done:
-        marker = store.read_done(root, sid)
+    for marker in markers.values():
         rows += marker["rows"]
         problems += check_shard(root, manifest, marker, cfg.check_tars)
+    return _report(root, len(done), rows, problems)
+
+
+def _report(root: Path, shards: int, rows: int, problems: list[str]) -> dict:
     return {
         "store": str(root),
-        "shards": len(done),
+        "shards": shards,
         "rows": rows,
         "ok": not problems,
         "problems": problems,

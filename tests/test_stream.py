@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pipeline import store
+from pipeline.errors import UsageError
 from pipeline.stream import Stream, StreamConfig, dequantize_torch
 from tests.synthetic_store import make_store
 
@@ -92,9 +93,9 @@ def test_val_split_is_held_out_and_stable(root):
 def test_torch_batches_and_errors(root):
     b = next(Stream(StreamConfig(str(root), batch_size=8)).torch_batches("cpu"))
     assert b["img_emb"].dtype == torch.float16 and b["img_emb"].shape == (8, 16)
-    with pytest.raises(ValueError, match="unknown stream field"):
+    with pytest.raises(UsageError, match="unknown stream field"):
         Stream(StreamConfig(str(root), fields=("pixels",)))
-    with pytest.raises(ValueError, match="fewer than one step"):
+    with pytest.raises(UsageError, match="fewer than one step"):
         Stream(StreamConfig(str(root), batch_size=1000))
 
 

@@ -118,7 +118,8 @@ def test_removed_done_marker_is_a_partial_shard(copy, capsys):
     store.done_path(copy, "00001").unlink()
     code, out = validate(copy, capsys)
     assert code == 1
-    assert "00001: img_emb_00001.npy has no done marker (partial shard)" in out
+    assert "img_emb/img_emb_00001.npy: no done marker lists it (a partial shard" in out
+    assert "metadata/metadata_00001.parquet: no done marker lists it" in out
     assert "manifest lists 2 shards but 1 are done" in out
     assert "00000" not in out
 
