@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as e:
         print(f"unclip {args.command}: failed: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"unclip {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
     if cmd.report:
         _resolve(cmd.report)(report)
     elif report is not None and args.command != "demo":

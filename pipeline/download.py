@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -65,17 +66,82 @@ def count_rows(path: str, fmt: str) -> tuple[list[str], int]:
             opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
             reader = pacsv.open_csv(path, parse_options=opts)
             return list(reader.schema.names), sum(b.num_rows for b in reader)
-        with open(path) as f:
-            first, n = None, 0
-            for line in f:
-                if line.strip():
-                    first = first or json.loads(line)
-                    n += 1
-            return (list(first) if first else []), n
+        return _scan_jsonl(path)
     except UsageError:
         raise
     except Exception as e:  # a malformed file: name it, do not dump a traceback
         raise UsageError(f"cannot read {path} as {fmt}: {type(e).__name__}: {e}".splitlines()[0]) from e
+
+
+def _scan_jsonl(path: str) -> tuple[list[str], int]:
+    """Every line must be a JSON object (img2dataset would stop at the first that is not): columns of the
+    first, and the number of objects."""
+    first, n = None, 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise UsageError(f"{path} line {lineno} is not valid JSON ({e})") from e
+            if not isinstance(obj, dict):
+                raise UsageError(f"{path} line {lineno} is a JSON {type(obj).__name__}, not an object")
+            first = first or obj
+            n += 1
+    return (list(first) if first else []), n
+
+
+def check_columns(path: str, fmt: str, url_col: str, caption_col: str) -> None:
+    """URLs must be strings and captions strings or missing, in every row: img2dataset fails on the first
+    row that is not, after shards were started."""
+    import pyarrow as pa
+
+    if fmt == "parquet":
+        schema = pq.ParquetFile(path).schema_arrow
+        for flag, col, nullable_ok in (("--url-col", url_col, False), ("--caption-col", caption_col, True)):
+            tp = schema.field(col).type
+            if not (
+                pa.types.is_string(tp)
+                or pa.types.is_large_string(tp)
+                or (nullable_ok and pa.types.is_null(tp))
+            ):
+                raise UsageError(f"{flag} '{col}' of {path} holds {tp}, not text")
+    elif fmt == "jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+                if not isinstance(obj.get(url_col), str):
+                    raise UsageError(
+                        f"{path} line {lineno}: '{url_col}' is not a string ({obj.get(url_col)!r})"
+                    )
+                cap = obj.get(caption_col)
+                if cap is not None and not isinstance(cap, str):
+                    raise UsageError(f"{path} line {lineno}: '{caption_col}' is not a string ({cap!r})")
+
+
+def check_out(out: str) -> None:
+    """--out must be a folder we can write, holding nothing img2dataset would misread: it parses every
+    ``OUT/*.json`` as a shard's ``NNNNN_stats.json``."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"--out {out} is a file; name a folder for the shards")
+    parent = next((q for q in [p, *p.parents] if q.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {parent} is not writable")
+    if p.is_dir():
+        foreign = sorted(
+            q.name
+            for q in p.glob("*.json")
+            if not (q.name.endswith("_stats.json") and q.name.split("_")[0].isdigit())
+        )
+        if foreign:
+            raise UsageError(
+                f"--out {out} holds .json files that are not img2dataset shard stats ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); img2dataset would misread them: use another --out"
+            )
 
 
 def validate(cfg: DownloadConfig) -> tuple[str, list[str], int]:
@@ -101,6 +167,7 @@ def validate(cfg: DownloadConfig) -> tuple[str, list[str], int]:
             __import__(cfg.distributor)
         except ImportError as e:
             raise UsageError(f"--distributor {cfg.distributor} needs `pip install {cfg.distributor}`") from e
+    check_out(cfg.out)
     fmt = INPUT_FORMATS[ext]
     columns, rows = count_rows(cfg.urls, fmt)
     if rows == 0:
@@ -108,6 +175,7 @@ def validate(cfg: DownloadConfig) -> tuple[str, list[str], int]:
     for flag, col in (("--url-col", cfg.url_col), ("--caption-col", cfg.caption_col)):
         if col not in columns:
             raise UsageError(f"{flag} '{col}' is not a column of {cfg.urls}; columns: {', '.join(columns)}")
+    check_columns(cfg.urls, fmt, cfg.url_col, cfg.caption_col)
     return fmt, columns, rows
 
 
@@ -165,6 +233,8 @@ def run(cfg: DownloadConfig) -> dict:
     watcher = threading.Thread(target=_watch, args=(cfg.out, expected, len(before), stop), daemon=True)
     start = time.perf_counter()
     watcher.start()
+    interrupted = False
+    handler = signal.getsignal(signal.SIGINT)
     try:
         download(
             url_list=cfg.urls,
@@ -186,18 +256,28 @@ def run(cfg: DownloadConfig) -> dict:
             incremental_mode="incremental",
             enable_wandb=False,
         )
+    except (KeyboardInterrupt, SystemExit):
+        # img2dataset's SIGINT handler ends the run with sys.exit(0): an interrupt, not a success.
+        interrupted = True
     finally:
+        signal.signal(signal.SIGINT, handler)  # img2dataset leaves its handler installed
         stop.set()
         watcher.join()
     seconds = time.perf_counter() - start
     summary = summarize(cfg.out, finished_shards(cfg.out) - before, seconds, rows, expected)
     summary["config"] = asdict(cfg)
-    if not summary["complete"]:  # e.g. interrupted: img2dataset exits its workers quietly on SIGINT
+    summary["interrupted"] = interrupted
+    if not summary["complete"]:  # e.g. a worker killed, or Ctrl-C
+        remain = expected - summary["shards"]["finished"]
         log.error(
-            "download incomplete: %d of %d shards finished; rerun the same command to resume",
+            "download %s: %d of %d shards finished, %d shards remain; rerun the same command to finish",
+            "interrupted" if interrupted else "incomplete",
             summary["shards"]["finished"],
             expected,
+            remain,
         )
-        summary["exit_code"] = 1
+        summary["exit_code"] = 130 if interrupted else 1
+    elif interrupted:
+        summary["exit_code"] = 130
     write_json(Path(cfg.out) / SUMMARY, summary)
     return summary

@@ -89,7 +89,7 @@ def check_tar(url: str) -> None:
 
 
 def validate(cfg: EmbedConfig) -> list[str]:
-    from pipeline.encoders import validate_clip, validate_vae
+    from pipeline.encoders import ensure_pretrained, validate_clip, validate_vae
 
     if cfg.batch_size < 1 or cfg.workers < 1 or cfg.latent_size < 1:
         raise UsageError("--batch-size, --workers and --latent-size must be >= 1")
@@ -104,6 +104,7 @@ def validate(cfg: EmbedConfig) -> list[str]:
     is_store(Path(cfg.out))  # a file, or a folder of someone else's files, is refused before any work
     for s in shards:
         check_tar(s)
+    ensure_pretrained(cfg.clip, cfg.pretrained)  # once here, not once per dask worker
     return shards
 
 

@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipeline import store
-from pipeline.errors import UsageError
+from pipeline.errors import StageError, UsageError
 from pipeline.prefetch import background
 
 log = logging.getLogger(__name__)
@@ -50,17 +50,22 @@ class Sample:
 def read_tar(url: str) -> Iterator[Sample]:
     """Samples in the tar's own order (img2dataset writes them in completion order; the key is the truth)."""
     current: dict[str, bytes] = {}
-    key = None
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            k, _, ext = member.name.rpartition("/")[2].partition(".")
-            if k != key and key is not None:
-                yield _sample(key, current)
-                current = {}
-            key = k
-            current[ext.lower()] = tf.extractfile(member).read()
+    key, members = None, 0
+    try:
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                k, _, ext = member.name.rpartition("/")[2].partition(".")
+                if k != key and key is not None:
+                    yield _sample(key, current)
+                    current = {}
+                key = k
+                current[ext.lower()] = tf.extractfile(member).read()
+                members += 1
+    except (tarfile.TarError, EOFError, OSError) as e:
+        # Nothing of the shard is written (its marker is written last): rerun once the tar is fixed.
+        raise StageError(f"{url} is truncated or damaged after {members} members ({e})") from None
     if key is not None:
         yield _sample(key, current)
 

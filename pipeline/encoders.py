@@ -67,6 +67,45 @@ def validate_clip(arch: str, pretrained: str) -> None:
         )
 
 
+def ensure_pretrained(arch: str, pretrained: str, probe_timeout: float = 5.0) -> None:
+    """Make a pretrained tag's weights available locally, or fail in one line, fast.
+
+    Cached weights are used as they are. Otherwise the hub's host is probed once (a few seconds) before
+    downloading: unreachable, huggingface_hub would retry for about a minute per process. Paths and random
+    weights need nothing."""
+    if pretrained.lower() in RANDOM or is_path(pretrained):
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch, pretrained)
+    hint = "pass a local checkpoint with --pretrained PATH, or --pretrained none for random weights"
+    if hub := cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("open_clip_pytorch_model.bin", "open_clip_model.safetensors"):
+            if isinstance(try_to_load_from_cache(hub.rstrip("/"), filename), str):
+                return
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    else:
+        host = urlparse(cfg.get("url", "")).hostname
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise UsageError(f"CLIP weights {arch}/{pretrained} are not cached and HF_HUB_OFFLINE is set; {hint}")
+    try:
+        socket.create_connection((host, 443), timeout=probe_timeout).close()
+    except OSError as e:
+        raise UsageError(
+            f"CLIP weights {arch}/{pretrained} are not cached and {host} cannot be reached ({e}); {hint}"
+        ) from e
+    try:
+        download_pretrained(cfg)
+    except Exception as e:  # network or hub errors come in many types
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot fetch CLIP weights {arch}/{pretrained}: {first}; {hint}") from e
+
+
 @dataclass
 class Clip:
     model: torch.nn.Module
@@ -99,6 +138,7 @@ def load_clip(arch: str, pretrained: str, device: str, seed: int = 0) -> Clip:
     """The model in eval mode on ``device``; cached per process so that a dask worker loads it once."""
     oc = _open_clip()
     validate_clip(arch, pretrained)
+    ensure_pretrained(arch, pretrained)
     random_init = pretrained.lower() in RANDOM
     torch.manual_seed(seed)  # random weights are the same in every process for a seed
     model, _, preprocess = oc.create_model_and_transforms(

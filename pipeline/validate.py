@@ -116,8 +116,10 @@ def _check_keys(root: Path, shard: str, marker: dict, keys: list[str]) -> list[s
     if err_path.exists():
         import pyarrow.parquet as pq
 
-        err_keys = set(pq.read_table(err_path, columns=["key"])["key"].to_pylist())
-    expected = [k for k in tar_keys if k not in err_keys]
+        t = pq.read_table(err_path, columns=["key", "reason"]).to_pydict()
+        # A duplicate's error row names the key of the first sample, which was kept.
+        err_keys = {k for k, r in zip(t["key"], t["reason"]) if not r.startswith("duplicate key")}
+    expected = [k for k in dict.fromkeys(tar_keys) if k not in err_keys]
     return (
         [] if expected == keys else [f"{shard}: metadata keys differ from the tar's keys (order or content)"]
     )

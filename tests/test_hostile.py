@@ -1,0 +1,325 @@
+"""Hostile input, one parametrised test per class of promise (issue 9): nothing a user owns is deleted, no
+silent loss, every bad input is one line with exit 2 and nothing written, `validate` names every kind of
+damage, and a non-finite run never leaves a poisoned checkpoint behind.
+
+Each case states what it does to the input and the words the one line must contain. Slow paths (a real embed
+run) are few and shared: most cases are refused before any model is built.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from jobs import checkpoint
+from jobs.cli import main
+from pipeline import store
+from pipeline.errors import StageError
+from tests.synthetic_store import make_store
+from tests.test_embed import TINY, sample, write_tar
+
+# ---------------------------------------------------------------- helpers
+
+
+def files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes: 'nothing written, nothing deleted' is equality of these."""
+    if not root.exists():
+        return {}
+    if root.is_file():
+        return {"": root.read_bytes()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_line(capsys, command: str, code: int, want: str, rc: int = 2) -> str:
+    """The run exited ``rc`` with exactly one `unclip COMMAND:` line on stderr containing ``want``."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith(f"unclip {command}:")]
+    assert code == rc, (code, err[-2000:])
+    assert len(lines) == 1, err[-2000:]
+    assert want in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> dict[str, Path]:
+    """Synthetic stores (16-d, with latents and text encodings; 24-d; empty) and a 4-step prior run."""
+    d = tmp_path_factory.mktemp("hostile")
+    make_store(d / "good", [40, 40], dim=16, text_enc_width=8, latent_size=8)
+    make_store(d / "wide", [40, 40], dim=24)
+    make_store(d / "empty", [0, 0], dim=16)
+    args = ["--data", d / "good", "--out", d / "run", "--preset", "tiny", "--steps", "4", "--batch-size", "8"]
+    assert (
+        main(["train-prior", *map(str, args), "--save-every", "2", "--eval-every", "0", "--device", "cpu"])
+        == 0
+    )
+    return {k: d / k for k in ("good", "wide", "empty", "run")}
+
+
+# ---------------------------------------------------------------- 1. data loss: --overwrite and --out
+
+
+def _foreign_folder(p: Path) -> None:
+    for rel in ("logs/notes.txt", "metadata/metadata_00000.parquet", "done/00000.json", "errors/x.parquet"):
+        (p / rel).parent.mkdir(parents=True, exist_ok=True)
+        (p / rel).write_text(f"the user's {rel}")
+
+
+@pytest.mark.parametrize(
+    "case, want",
+    [
+        ("not_a_store_with_overwrite", "is not empty and holds no manifest.json"),
+        ("not_a_store", "is not empty and holds no manifest.json"),
+        ("out_is_a_file", "is a file, not a store folder"),
+        ("out_is_the_shards_folder", "is not empty and holds no manifest.json"),
+        ("config_string_false_on_a_store", "'overwrite' must be true or false, got the string \"false\""),
+    ],
+)
+def test_embed_never_deletes_or_overwrites_what_it_did_not_write(case, want, work, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    write_tar(shards / "00000.tar", [sample("000000000", 0), sample("000000001", 1)])
+    out, extra = tmp_path / "out", []
+    if case.startswith("not_a_store"):
+        _foreign_folder(out)
+        extra = ["--overwrite"] if case.endswith("overwrite") else []
+    elif case == "out_is_a_file":
+        out.write_text("a user's file")
+    elif case == "out_is_the_shards_folder":
+        out = shards
+    else:  # a store made with other settings; a config whose "false" used to read as true wiped it
+        shutil.copytree(work["good"], out)
+        cfg = tmp_path / "c.json"
+        cfg.write_text(json.dumps({"overwrite": "false"}))
+        extra = ["--config", str(cfg)]
+    before = files(out)
+    code = main(["embed", "--shards", str(shards), "--out", str(out), *TINY, *extra])
+    one_line(capsys, "embed", code, want)
+    assert files(out) == before
+
+
+def test_overwrite_removes_only_the_files_its_markers_list(work, tmp_path, capsys):
+    out = tmp_path / "store"
+    shutil.copytree(work["good"], out)
+    (out / "img_emb" / "my_notes.txt").write_text("mine")
+    (out / "logs").mkdir(exist_ok=True)
+    (out / "logs" / "my_run.log").write_text("mine too")
+    ours = [rel for s in store.done_shards(out) for rel in store.read_done(out, s)["files"]]
+    shards = tmp_path / "shards"
+    write_tar(shards / "00007.tar", [sample(f"00007{i:04d}", i) for i in range(3)])
+    assert main(["embed", "--shards", str(shards), "--out", str(out), *TINY, "--overwrite"]) == 0
+    assert (out / "img_emb" / "my_notes.txt").read_text() == "mine"
+    assert (out / "logs" / "my_run.log").read_text() == "mine too"
+    assert ours and not any((out / rel).exists() for rel in ours)
+    assert store.done_shards(out) == ["00007"] and store.load_manifest(out)["clip"]["dim"] == 64
+
+
+# ---------------------------------------------------------------- 2. --config values are typed
+
+
+def _required(command: str, tmp_path: Path, work: dict) -> list[str]:
+    shards = tmp_path / "shards"
+    write_tar(shards / "00000.tar", [sample("000000000", 0)])
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}), urls)
+    return {
+        "embed": ["--shards", str(shards), "--out", str(tmp_path / "out"), *TINY],
+        "train-prior": ["--data", str(work["good"]), "--out", str(tmp_path / "out")],
+        "eval-prior": [
+            "--ckpt",
+            str(work["run"]),
+            "--data",
+            str(work["good"]),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        "sample": [
+            "--prior",
+            str(work["run"]),
+            "--decoder",
+            str(work["run"]),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        "download": ["--urls", str(urls), "--out", str(tmp_path / "out")],
+        "validate": [str(work["good"])],
+    }[command]
+
+
+@pytest.mark.parametrize(
+    "command, text, want",
+    [
+        ("embed", '{"overwrite": "false"}', "'overwrite' must be true or false, got the string \"false\""),
+        ("embed", '{"device": "tpu"}', "unknown device 'tpu'; valid: auto, cpu, cuda"),
+        ("train-prior", '{"steps": "4"}', "'steps' must be an integer, got the string \"4\""),
+        ("train-prior", '{"lr": NaN}', "'lr' must be a finite number"),
+        ("train-prior", '{"resume": 1}', "'resume' must be true or false"),
+        ("train-prior", "[1, 2]", "must hold a JSON object of settings (got list)"),
+        ("eval-prior", "null", "must hold a JSON object of settings (got null)"),
+        ("eval-prior", '{"steps": 2.5}', "'steps' must be an integer"),
+        ("sample", '{"prompt": "a cat"}', "'prompt' must be a non-empty list, got the string \"a cat\""),
+        ("download", '{"image_size": 1.5}', "'image_size' must be an integer"),
+        ("download", "{not json", "cannot read --config"),
+        ("validate", '{"check_tars": "no"}', "'check_tars' must be true or false"),
+    ],
+)
+def test_config_values_are_checked_by_type_before_anything_runs(command, text, want, work, tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(text)
+    args = _required(command, tmp_path, work)
+    before = files(work["good"])
+    code = main([command, *args, "--config", str(cfg)])
+    one_line(capsys, command, code, want)
+    assert not (tmp_path / "out").exists() and files(work["good"]) == before
+
+
+# ---------------------------------------------------------------- 3. a non-finite run leaves no poisoned checkpoint
+
+
+def test_non_finite_weights_are_never_checkpointed(work, tmp_path, monkeypatch):
+    import jobs.train_loop as loop
+
+    real, calls = loop._ema_update, {"n": 0}
+
+    def poisoning(ema, model, decay):  # an optimiser step that blew the weights up (e.g. a huge --lr)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            with torch.no_grad():
+                next(model.parameters()).fill_(math.inf)
+        real(ema, model, decay)
+
+    monkeypatch.setattr(loop, "_ema_update", poisoning)
+    from jobs.train_prior import TrainPriorConfig
+    from jobs.train_prior import main as train
+
+    cfg = TrainPriorConfig(data=str(work["good"]), out=str(tmp_path), preset="tiny", steps=10, batch_size=8)
+    cfg.save_every, cfg.eval_every, cfg.device = 3, 0, "cpu"
+    with pytest.raises(StageError, match="weights are not finite at step 6: not checkpointed"):
+        train(cfg)
+    folder = checkpoint.resolve(tmp_path)
+    assert folder.name == "step_00000003" and not (tmp_path / "ckpt" / "step_00000006").exists()
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(folder / name)).values())
+
+
+# ---------------------------------------------------------------- 4. shards: a bad sample is one error row
+
+
+def png16() -> bytes:
+    """A 16-bit grey PNG at 3/4 of full scale: 8-bit grey 191 once scaled (PIL's own convert gives 255)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40), 49152, dtype=np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def gif() -> bytes:
+    buf = io.BytesIO()
+    frames = [Image.new("RGB", (40, 40), c) for c in ((200, 30, 30), (30, 30, 200))]
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+def _raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def _members(s: dict, image_ext: str = "jpg") -> list[tuple[str, bytes]]:
+    return [
+        (f"{s['key']}.{image_ext}", s["jpg"]),
+        (f"{s['key']}.txt", s["txt"]),
+        (f"{s['key']}.json", s["json"]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def hostile_store(tmp_path_factory) -> tuple[Path, Path, int]:
+    """Shard 00000: good samples around every kind of malformed one, and an img2dataset record listing a
+    sample the tar lacks (cut at a member boundary). Shard 00001: a tar cut in the middle of a member."""
+    d = tmp_path_factory.mktemp("hostile_shards")
+    good = [sample(f"0000000{i:02d}", i) for i in range(6)]
+    nan_caption = sample("000000020", 20)
+    nan_caption["txt"], nan_caption["json"] = b"nan", b'{"key": "000000020", "caption": NaN, "width": 48}'
+    members = _members(good[0])
+    members += [
+        ("000000010.jpg", good[1]["jpg"]),
+        ("000000010.txt", b"a cat"),
+        ("000000010.json", b"{not json"),
+    ]
+    members += [("000000011.jpg", good[1]["jpg"]), ("000000011.txt", b"a dog"), ("000000011.json", b"[1, 2]")]
+    members += _members(good[1]) + _members(good[2])
+    members += _members({**good[3], "key": good[1]["key"]})  # a second sample with an earlier key
+    members += [("000000012.png", png16()), ("000000012.txt", b"grey"), ("000000012.json", b'{"width": "x"}')]
+    members += [("000000013.gif", gif()), ("000000013.txt", b"red"), ("000000013.json", b'{"width": 40}')]
+    members += [("000000014.jpg", b"\x89PNG not really"), ("000000014.txt", b"x"), ("000000014.json", b"{}")]
+    members += _members(nan_caption) + _members(good[4])
+    _raw_tar(d / "shards" / "00000.tar", members)
+    recorded = [m[0].split(".")[0] for m in members if m[0].endswith(".json")] + ["000000099"]
+    pq.write_table(
+        pa.table({"key": recorded, "status": ["success"] * len(recorded)}), d / "shards" / "00000.parquet"
+    )
+    cut = write_tar(d / "shards" / "00001.tar", [sample(f"0001{i:05d}", 100 + i) for i in range(4)])
+    with tarfile.open(cut) as tf:
+        inside = tf.getmembers()[3].offset_data + 100  # in the middle of the second sample's image
+    cut.write_bytes(cut.read_bytes()[:inside])
+    out = d / "store"
+    code = main(["embed", "--shards", str(d / "shards"), "--out", str(out), *TINY, "--retries", "0"])
+    return out, d / "shards", code
+
+
+def test_each_malformed_sample_is_one_error_row_and_the_rest_is_embedded(hostile_store, capsys):
+    out, shards, code = hostile_store
+    assert code == 1  # shard 00001 failed: listed, exit 1
+    meta = store.read_metadata(out, "00000").to_pydict()
+    errors = dict(
+        zip(*pq.read_table(store.field_path(out, "errors", "00000")).to_pydict().values(), strict=True)
+    )
+    assert meta["key"] == [
+        "000000000",
+        "000000001",
+        "000000002",
+        "000000012",
+        "000000013",
+        "000000020",
+        "000000004",
+    ]
+    assert errors["000000010"].startswith("unparsable .json")
+    assert errors["000000011"] == ".json is not an object (a list)"
+    assert errors["000000014"].startswith("cannot decode image")
+    assert errors["000000099"] == "downloaded (img2dataset record) but not in the tar"
+    assert sum(k == "000000001" for k in meta["key"]) == 1  # the duplicate is an error row, not a second row
+    assert errors["000000001"].startswith("duplicate key")
+    marker = store.read_done(out, "00000")
+    assert marker["rows"] == 7 and marker["errors"] == 5 and marker["empty_captions"] == 1
+    assert marker["checked_against_download_record"] is True
+    assert meta["caption"][5] == ""  # not "nan"
+    assert meta["width"][3] == "x" and meta["width"][0] == "48"  # mixed types kept as text, not a lost shard
+    assert not store.is_done(out, "00001") and not list((out / "img_emb").glob("*00001*"))
+    summary = json.loads((out / "logs" / "embed_summary.json").read_text())
+    assert "truncated or damaged after" in summary["failed"][str(shards / "00001.tar")]
+    assert main(["validate", str(out)]) == 0  # what was written validates, on every rerun
+
+
+def test_sixteen_bit_and_gif_images_decode_to_their_colours():
+    from pipeline.embed_shard import Sample, decode
+
+    grey, _ = decode(Sample("a", png16(), "grey", {}))
+    red, _ = decode(Sample("b", gif(), "red", {}))
+    assert np.asarray(grey)[0, 0].tolist() == [191, 191, 191]
+    assert np.asarray(red)[0, 0].tolist() == [200, 30, 30]
