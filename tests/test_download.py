@@ -173,27 +173,46 @@ def _download_cmd(urls: Path, out: Path) -> list[str]:
     ]
 
 
-def test_killed_download_resumes_to_the_same_shards(tmp_path):
+def _wait_for_stats(folder: Path, more_than: int) -> None:
+    deadline = time.time() + 120
+    while len(list(folder.glob("*_stats.json"))) <= more_than and time.time() < deadline:
+        time.sleep(0.02)
+
+
+def test_interrupted_and_killed_download_resumes_to_the_same_shards(tmp_path):
     names = make_images(tmp_path / "www", 48)
+    resumed = tmp_path / "resumed"
     with serve_folder(str(tmp_path / "www"), delay=0.05) as base:
         urls = write_table(tmp_path / "urls.parquet", base, names)
         subprocess.run(_download_cmd(urls, tmp_path / "straight"), check=True, capture_output=True)
+        # Ctrl-C: the terminal sends SIGINT to the whole process group.
         proc = subprocess.Popen(
-            _download_cmd(urls, tmp_path / "resumed"),
+            _download_cmd(urls, resumed),
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        _wait_for_stats(resumed, 0)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        after_int = len(list(resumed.glob("*_stats.json")))
+        assert proc.returncode == 130, err.decode()[-2000:]
+        assert f"{6 - after_int} shards remain; rerun the same command to finish" in err.decode()
+        # A hard kill (no handler runs) in the next run.
+        proc = subprocess.Popen(
+            _download_cmd(urls, resumed),
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.time() + 120
-        while not list((tmp_path / "resumed").glob("*_stats.json")) and time.time() < deadline:
-            time.sleep(0.02)
+        _wait_for_stats(resumed, after_int)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        finished_before = len(list((tmp_path / "resumed").glob("*_stats.json")))
-        assert 1 <= finished_before < 6, "the kill should land mid-run"
-        subprocess.run(_download_cmd(urls, tmp_path / "resumed"), check=True, capture_output=True)
-    summary = json.loads((tmp_path / "resumed/summary/download_summary.json").read_text())
+        finished_before = len(list(resumed.glob("*_stats.json")))
+        assert 1 <= after_int < finished_before < 6, "the interrupt and the kill should land mid-run"
+        subprocess.run(_download_cmd(urls, resumed), check=True, capture_output=True)
+    summary = json.loads((resumed / "summary/download_summary.json").read_text())
     assert summary["shards"]["downloaded_this_run"] == 6 - finished_before and summary["complete"]
-    straight, resumed = read_tars(tmp_path / "straight"), read_tars(tmp_path / "resumed")
+    straight, got = read_tars(tmp_path / "straight"), read_tars(resumed)
     assert len(straight) == 48
-    assert resumed == straight  # same keys, same shard, same image bytes and captions
+    assert got == straight  # same keys, same shard, same image bytes and captions

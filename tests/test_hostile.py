@@ -8,6 +8,7 @@ run) are few and shared: most cases are refused before any model is built.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -323,3 +324,218 @@ def test_sixteen_bit_and_gif_images_decode_to_their_colours():
     red, _ = decode(Sample("b", gif(), "red", {}))
     assert np.asarray(grey)[0, 0].tolist() == [191, 191, 191]
     assert np.asarray(red)[0, 0].tolist() == [200, 30, 30]
+
+
+# ---------------------------------------------------------------- 5. one line, exit 2, nothing written
+
+
+class Evil:  # a pickle global that weights_only loading must refuse (and not run)
+    def __reduce__(self):
+        return (print, ("this code ran",))
+
+
+def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[str], Path]:
+    """(command, argv, the folder that must be left as it was) for one hostile case."""
+    out = tmp / "out"
+    good, run = str(work["good"]), tmp / "run"
+    tp = ["train-prior", "--preset", "tiny", "--steps", "4", "--batch-size", "8", "--device", "cpu"]
+    ep = ["eval-prior", "--steps", "2", "--device", "cpu"]
+    if case in (
+        "latest_names_a_missing_step",
+        "state_pt_holds_code",
+        "truncated_weights",
+        "resume_other_store",
+    ):
+        shutil.copytree(work["run"], run)
+        step = run / "ckpt" / "step_00000004"
+        if case == "latest_names_a_missing_step":
+            (run / "ckpt" / "latest").write_text("step_00000999")
+        elif case == "state_pt_holds_code":
+            torch.save({"opt": Evil()}, step / "state.pt")
+        elif case == "truncated_weights":
+            (step / "ema.safetensors").write_bytes((step / "ema.safetensors").read_bytes()[:200])
+    shards = tmp / "shards"
+    write_tar(shards / "00000.tar", [sample("000000000", 0)])
+    table = {
+        "download_bad_jsonl_line": ("download", ["--urls", "u.jsonl", "--out", out]),
+        "download_caption_not_text": ("download", ["--urls", "c.jsonl", "--out", out]),
+        "download_parquet_caption_not_text": ("download", ["--urls", "n.parquet", "--out", out]),
+        "download_out_is_a_file": ("download", ["--urls", "ok.parquet", "--out", tmp / "file"]),
+        "download_out_has_foreign_json": ("download", ["--urls", "ok.parquet", "--out", out]),
+        "embed_hub_unreachable": ("embed", ["--shards", shards, "--out", out, "--clip", "ViT-B-32"]),
+        "embed_out_is_a_file": ("embed", ["--shards", shards, "--out", tmp / "file", *TINY]),
+        "embed_unknown_device": ("embed", ["--shards", shards, "--out", out, *TINY, "--device", "gpu"]),
+        "train_empty_store": (tp[0], [*tp[1:], "--data", work["empty"], "--out", out]),
+        "train_val_fraction_1": (tp[0], [*tp[1:], "--data", good, "--out", out, "--val-fraction", "1"]),
+        "train_batch_larger_than_data": (
+            tp[0],
+            [*tp[1:], "--data", good, "--out", out, "--batch-size", "999"],
+        ),
+        "train_batch_0": (tp[0], [*tp[1:], "--data", good, "--out", out, "--batch-size", "0"]),
+        "train_lr_negative": (tp[0], [*tp[1:], "--data", good, "--out", out, "--lr", "-1"]),
+        "train_lr_nan": (tp[0], [*tp[1:], "--data", good, "--out", out, "--lr", "nan"]),
+        "train_steps_0": (tp[0], [*tp[1:], "--data", good, "--out", out, "--steps", "0"]),
+        "train_missing_data": (tp[0], [*tp[1:], "--data", tmp / "nowhere", "--out", out]),
+        "train_unknown_device": (tp[0], [*tp[1:], "--data", good, "--out", out, "--device", "tpu"]),
+        "latest_names_a_missing_step": (tp[0], [*tp[1:], "--data", good, "--out", run, "--resume"]),
+        "state_pt_holds_code": (tp[0], [*tp[1:], "--data", good, "--out", run, "--resume"]),
+        "resume_other_store": (tp[0], [*tp[1:], "--data", work["wide"], "--out", run, "--resume"]),
+        "truncated_weights": (ep[0], [*ep[1:], "--ckpt", run, "--data", good]),
+        "eval_missing_checkpoint": (ep[0], [*ep[1:], "--ckpt", tmp / "nothing", "--data", good]),
+        "eval_other_embedding_size": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", work["wide"]]),
+        "eval_unknown_split": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", good, "--split", "test"]),
+        "eval_empty_store": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", work["empty"]]),
+        "sample_prior_is_not_a_decoder": (
+            "sample",
+            ["--prior", work["run"], "--decoder", work["run"], "--prompt", "a", "--out", out / "g.png"],
+        ),
+    }
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}), tmp / "ok.parquet")
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": [3]}), tmp / "n.parquet")
+    lines = ['{"url": "http://127.0.0.1:9/a.jpg", "caption": "a"}'] * 3
+    (tmp / "u.jsonl").write_text("\n".join(lines[:2] + ["{broken"] + lines) + "\n")
+    (tmp / "c.jsonl").write_text(
+        "\n".join(lines + ['{"url": "http://127.0.0.1:9/b.jpg", "caption": 7}']) + "\n"
+    )
+    (tmp / "file").write_text("a user's file")
+    if case == "download_out_has_foreign_json":
+        out.mkdir()
+        (out / "settings.json").write_text("{}")
+    if case == "embed_hub_unreachable":  # nothing listens there: refused at once, whatever the network
+        monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")
+    command, argv = table[case]
+    argv = [str(tmp / a) if a in ("u.jsonl", "c.jsonl", "n.parquet", "ok.parquet") else str(a) for a in argv]
+    watched = {"latest_names_a_missing_step": run, "state_pt_holds_code": run, "resume_other_store": run}
+    return command, argv, watched.get(case, tmp / "file" if "out_is_a_file" in case else out)
+
+
+@pytest.mark.parametrize(
+    "case, want",
+    [
+        ("download_bad_jsonl_line", "u.jsonl line 3 is not valid JSON"),
+        ("download_caption_not_text", "c.jsonl line 4: 'caption' is not a string (7)"),
+        ("download_parquet_caption_not_text", "--caption-col 'caption' of"),
+        ("download_out_is_a_file", "is a file; name a folder for the shards"),
+        (
+            "download_out_has_foreign_json",
+            "holds .json files that are not img2dataset shard stats (settings.json)",
+        ),
+        ("embed_hub_unreachable", "are not cached and 127.0.0.1 cannot be reached"),
+        ("embed_out_is_a_file", "is a file, not a store folder"),
+        ("embed_unknown_device", "argument --device: invalid choice: 'gpu'"),
+        ("train_empty_store", "has 0 samples, fewer than one step of 8 x 1 rank(s)"),
+        ("train_val_fraction_1", "--val-fraction must be in [0, 1) (got 1.0)"),
+        ("train_batch_larger_than_data", "lower --batch-size or --val-fraction, or add data"),
+        ("train_batch_0", "--batch-size must be >= 1 (got 0)"),
+        ("train_lr_negative", "--lr must be > 0"),
+        ("train_lr_nan", "argument --lr: expected a finite number, got 'nan'"),
+        ("train_steps_0", "--steps must be >= 1 (got 0)"),
+        ("train_missing_data", "is not an embedding store (no manifest.json)"),
+        ("train_unknown_device", "unknown --device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
+        ("latest_names_a_missing_step", "names step_00000999, which is missing or incomplete"),
+        ("state_pt_holds_code", "state.pt cannot be loaded safely"),
+        ("resume_other_store", "checkpoint's model config differs"),
+        ("truncated_weights", "ema.safetensors cannot be read as safetensors"),
+        ("eval_missing_checkpoint", "no checkpoint at"),
+        ("eval_other_embedding_size", "was trained on 16-d CLIP embeddings"),
+        ("eval_unknown_split", "unknown --split 'test'; valid: train, val, all"),
+        ("eval_empty_store", "the evaluation split is empty"),
+        ("sample_prior_is_not_a_decoder", "is a prior checkpoint, not a decoder"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_is_written(case, want, work, tmp_path, capsys, monkeypatch):
+    command, argv, watched = _run_case(case, work, tmp_path, monkeypatch)
+    before = files(watched)
+    try:
+        code = main([command, *argv])
+    except SystemExit as e:  # argparse's own refusals (a flag's type or choices) exit 2 with one line too
+        code = e.code
+    line = one_line(capsys, command, code, want)
+    assert files(watched) == before, f"{case} changed {watched}"
+    assert "this code ran" not in line
+
+
+# ---------------------------------------------------------------- 6. validate names every kind of damage
+
+
+def _rewrite(root: Path, rel: str, change) -> None:
+    p = root / rel
+    a = np.load(p)
+    np.save(p, change(a))
+    m = store.read_done(root, rel.split("_")[-1].split(".")[0])
+    m["files"][rel] = hashlib.sha256(p.read_bytes()).hexdigest()  # checksums agree: the deeper checks run
+    store.write_json(store.done_path(root, m["shard"]), m)
+
+
+def _nan_at(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a.flat[3] = np.nan
+    return a
+
+
+VALIDATE_CASES = {
+    "nan_in_img_emb": (
+        lambda r: _rewrite(r, "img_emb/img_emb_00000.npy", _nan_at),
+        "00000: img_emb has NaN or inf",
+    ),
+    "inf_in_text_emb": (
+        lambda r: _rewrite(
+            r, "text_emb/text_emb_00001.npy", lambda a: np.where(a > 0.3, np.inf, a).astype(a.dtype)
+        ),
+        "00001: text_emb has NaN or inf",
+    ),
+    "nan_in_text_enc": (
+        lambda r: _rewrite(r, "text_enc/text_enc_00000.npy", _nan_at),
+        "00000: text_enc has NaN or inf",
+    ),
+    "latents_wrong_shape": (
+        lambda r: _rewrite(r, "latents/latents_00001.npy", lambda a: a[:, :, :4]),
+        "00001: latents are uint8[40, 3, 4, 8], manifest says uint8[40, 3, 8, 8]",
+    ),
+    "stray_file_in_latents": (
+        lambda r: (r / "latents" / "latents_00009.npy").write_bytes(b"x"),
+        "latents/latents_00009.npy: no done marker lists it",
+    ),
+    "partial_write_in_text_enc": (
+        lambda r: (r / "text_enc" / ".text_enc_00002.npy.tmp123").write_bytes(b"x"),
+        "text_enc/.text_enc_00002.npy.tmp123: temp file of an interrupted write",
+    ),
+    "marker_not_json": (
+        lambda r: store.done_path(r, "00001").write_text("{oops"),
+        "done/00001.json: 00001.json is not valid JSON",
+    ),
+    "marker_lacks_keys": (
+        lambda r: store.done_path(r, "00000").write_text('{"shard": "00000"}'),
+        "done/00000.json: 00000.json lacks or mistypes rows, files",
+    ),
+    "manifest_not_json": (lambda r: (r / store.MANIFEST).write_text("[1"), "manifest.json is not valid JSON"),
+    "manifest_lacks_clip": (
+        lambda r: (r / store.MANIFEST).write_text("{}"),
+        "manifest.json lacks or mistypes clip",
+    ),
+    "metadata_unreadable": (
+        lambda r: _replace_checksummed(r, "metadata/metadata_00000.parquet", b"PAR1 not parquet PAR1"),
+        "00000: cannot read its files",
+    ),
+}
+
+
+def _replace_checksummed(root: Path, rel: str, data: bytes) -> None:
+    (root / rel).write_bytes(data)
+    m = store.read_done(root, "00000")
+    m["files"][rel] = hashlib.sha256(data).hexdigest()
+    store.write_json(store.done_path(root, "00000"), m)
+
+
+@pytest.mark.parametrize("case", list(VALIDATE_CASES))
+def test_validate_names_each_kind_of_damage_without_a_traceback(case, work, tmp_path, capsys):
+    root = tmp_path / "store"
+    shutil.copytree(work["good"], root)
+    assert main(["validate", str(root)]) == 0
+    capsys.readouterr()
+    damage, want = VALIDATE_CASES[case]
+    damage(root)
+    code = main(["validate", str(root)])
+    captured = capsys.readouterr()
+    assert code == 1 and "Traceback" not in captured.err
+    assert any(want in ln for ln in captured.out.splitlines()), captured.out
