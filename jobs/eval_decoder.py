@@ -103,6 +103,9 @@ def _held_out(cfg: EvalDecoderConfig, codec: dict, fields: tuple[str, ...]) -> t
 def run(cfg: EvalDecoderConfig) -> dict:
     from pipeline.encoders import resolve_device
 
+    for name in ("max_samples", "prior_steps", "decoder_steps"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
     device = resolve_device(cfg.device)
     sc = SampleConfig(
         prior=cfg.prior or cfg.decoder,

@@ -121,6 +121,9 @@ def run(cfg: EvalPriorConfig) -> dict:
 
     if cfg.sampler not in SAMPLERS:
         raise UsageError(f"unknown --sampler '{cfg.sampler}'; valid: {', '.join(SAMPLERS)}")
+    for name in ("steps", "max_samples"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
 
     folder = checkpoint.resolve(cfg.ckpt)
     meta = checkpoint.read_meta(folder)

@@ -89,6 +89,11 @@ def load_models(prior: str, decoder: str, device: str) -> Models:
     d = build_decoder(dm["model"]).to(device).eval()
     checkpoint.load_weights(d, df / "ema.safetensors")
     clip = load_clip(a["arch"], a["pretrained"], device, a["seed"] or 0)
+    if clip.dim != pm["store"]["clip"]["dim"]:
+        raise UsageError(
+            f"CLIP {a['arch']} gives {clip.dim}-d embeddings but the checkpoints were trained on "
+            f"{pm['store']['clip']['dim']}-d ones; the store's manifest names another CLIP than it was made with"
+        )
     return Models(p, d, clip, pm, dm, device)
 
 

@@ -131,13 +131,14 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
             )
         if old.get("identity") == identity and not cfg.overwrite:
             return old
-    if cfg.overwrite and is_store(root):
-        removed = store.wipe(root)
-        log.info("--overwrite: removed %d files this project wrote in %s", len(removed), root)
     from pipeline.embed_shard import calibrate_latents
     from pipeline.encoders import clip_dims
 
     clip = clip_dims(cfg.clip)  # from the architecture's config: no model is built in this process
+    latents = calibrate_latents(cfg, shards, device)  # may still refuse: before anything is removed
+    if cfg.overwrite and is_store(root):
+        removed = store.wipe(root)
+        log.info("--overwrite: removed %d files this project wrote in %s", len(removed), root)
     manifest = {
         "format_version": store.FORMAT_VERSION,
         "identity": identity,
@@ -153,7 +154,7 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
         "text_enc": {"dtype": "float16", "width": clip.text_width, "layout": "flat tokens + offsets"}
         if cfg.text_encodings
         else None,
-        "latents": calibrate_latents(cfg, shards, device),
+        "latents": latents,
         "shards": [],
     }
     store.write_json(root / store.MANIFEST, manifest)

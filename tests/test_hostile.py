@@ -385,6 +385,23 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         "eval_other_embedding_size": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", work["wide"]]),
         "eval_unknown_split": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", good, "--split", "test"]),
         "eval_empty_store": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", work["empty"]]),
+        "eval_steps_0": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", good, "--steps", "0"]),
+        "eval_max_samples_0": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", good, "--max-samples", "0"]),
+        "sample_n_0": (
+            "sample",
+            [
+                "--prior",
+                work["run"],
+                "--decoder",
+                work["run"],
+                "--prompt",
+                "a",
+                "--n",
+                "0",
+                "--out",
+                out / "g.png",
+            ],
+        ),
         "sample_prior_is_not_a_decoder": (
             "sample",
             ["--prior", work["run"], "--decoder", work["run"], "--prompt", "a", "--out", out / "g.png"],
@@ -440,6 +457,9 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         ("eval_other_embedding_size", "was trained on 16-d CLIP embeddings"),
         ("eval_unknown_split", "unknown --split 'test'; valid: train, val, all"),
         ("eval_empty_store", "the evaluation split is empty"),
+        ("eval_steps_0", "--steps must be >= 1 (got 0)"),
+        ("eval_max_samples_0", "--max-samples must be >= 1 (got 0)"),
+        ("sample_n_0", "--n must be >= 1, got 0"),
         ("sample_prior_is_not_a_decoder", "is a prior checkpoint, not a decoder"),
     ],
 )
