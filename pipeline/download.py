@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.errors import UsageError
-from pipeline.store import write_json
+from pipeline.store import unwritable, write_json
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,8 @@ def check_out(out: str) -> None:
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise UsageError(f"--out {out} is a file; name a folder for the shards")
-    parent = next((q for q in [p, *p.parents] if q.exists()), Path("."))
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: {parent} is not writable")
+    if (blocked := unwritable(p)) is not None:
+        raise UsageError(f"--out {out} cannot be written ({blocked} is not writable)")
     if p.is_dir():
         foreign = sorted(
             q.name
@@ -226,7 +225,10 @@ def run(cfg: DownloadConfig) -> dict:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else albumentations checks for updates online
     from img2dataset import download  # heavy import (~10 s): after validation
 
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {cfg.out} cannot be created: {e}") from e
     before = finished_shards(cfg.out)
     extra = [c for c in columns if c not in (cfg.url_col, cfg.caption_col)] or None  # extra columns are kept
     stop = threading.Event()

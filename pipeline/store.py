@@ -153,6 +153,13 @@ def remove_shard(root: str | Path, shard: str) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def unwritable(path: str | Path) -> Path | None:
+    """The nearest existing folder on ``path``'s way that we may not write into, or None."""
+    p = Path(path).absolute()
+    parent = next((q for q in [p, *p.parents] if q.exists()), None)
+    return parent if parent is not None and not os.access(parent, os.W_OK | os.X_OK) else None
+
+
 def check_is_store_or_empty(root: str | Path) -> bool:
     """True when ``root`` holds a store (a manifest), False when it is absent or empty; raises ValueError for
     a file or for a non-empty folder without a manifest: its files are not ours to write over or delete."""
@@ -163,6 +170,8 @@ def check_is_store_or_empty(root: str | Path) -> bool:
         return True
     if root.exists() and any(root.iterdir()):
         raise ValueError(f"{root} is not empty and holds no {MANIFEST}, so it is not a store")
+    if (blocked := unwritable(root)) is not None:
+        raise ValueError(f"{root} cannot be written ({blocked} is not writable)")
     return False
 
 
