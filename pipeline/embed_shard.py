@@ -57,7 +57,8 @@ def read_tar(url: str) -> Iterator[Sample]:
                 if not member.isfile():
                     continue
                 k, _, ext = member.name.rpartition("/")[2].partition(".")
-                if k != key and key is not None:
+                # A member the current sample already has starts a new sample with the same key (a duplicate).
+                if key is not None and (k != key or ext.lower() in current):
                     yield _sample(key, current)
                     current = {}
                 key = k

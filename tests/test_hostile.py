@@ -270,6 +270,7 @@ def hostile_store(tmp_path_factory) -> tuple[Path, Path, int]:
     members += [("000000013.gif", gif()), ("000000013.txt", b"red"), ("000000013.json", b'{"width": 40}')]
     members += [("000000014.jpg", b"\x89PNG not really"), ("000000014.txt", b"x"), ("000000014.json", b"{}")]
     members += _members(nan_caption) + _members(good[4])
+    members += _members({**good[5], "key": good[4]["key"]})  # the same key twice in a row
     _raw_tar(d / "shards" / "00000.tar", members)
     recorded = [m[0].split(".")[0] for m in members if m[0].endswith(".json")] + ["000000099"]
     pq.write_table(
@@ -305,9 +306,9 @@ def test_each_malformed_sample_is_one_error_row_and_the_rest_is_embedded(hostile
     assert errors["000000014"].startswith("cannot decode image")
     assert errors["000000099"] == "downloaded (img2dataset record) but not in the tar"
     assert sum(k == "000000001" for k in meta["key"]) == 1  # the duplicate is an error row, not a second row
-    assert errors["000000001"].startswith("duplicate key")
+    assert errors["000000001"].startswith("duplicate key") and errors["000000004"].startswith("duplicate key")
     marker = store.read_done(out, "00000")
-    assert marker["rows"] == 7 and marker["errors"] == 5 and marker["empty_captions"] == 1
+    assert marker["rows"] == 7 and marker["errors"] == 6 and marker["empty_captions"] == 1
     assert marker["checked_against_download_record"] is True
     assert meta["caption"][5] == ""  # not "nan"
     assert meta["width"][3] == "x" and meta["width"][0] == "48"  # mixed types kept as text, not a lost shard
