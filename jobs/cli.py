@@ -43,6 +43,12 @@ COMMANDS: dict[str, Command] = {
         positional=("store",),
         report="pipeline.validate:print_report",
     ),
+    "adopt": Command(
+        "make a clip-retrieval / LAION embedding folder a store (writes only manifest.json and done/)",
+        "pipeline.adopt",
+        "AdoptConfig",
+        positional=("folder",),
+    ),
     "train-prior": Command(
         "train the diffusion prior on an embedding store", "jobs.train_prior", "TrainPriorConfig"
     ),

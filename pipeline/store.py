@@ -213,10 +213,15 @@ def load_manifest(root: str | Path) -> dict:
     return read_json(Path(root) / MANIFEST)
 
 
+def shard_sort_key(shard: str) -> tuple:
+    """Numeric order for numbered shards, padded ("00012", ours) or not ("12", clip-retrieval's), names after."""
+    return (0, int(shard), shard) if shard.isdigit() else (1, 0, shard)
+
+
 def done_shards(root: str | Path) -> list[str]:
-    """Shard ids with a done marker, sorted."""
+    """Shard ids with a done marker, in shard order."""
     d = Path(root) / "done"
-    return sorted(p.stem for p in d.glob("*.json")) if d.exists() else []
+    return sorted((p.stem for p in d.glob("*.json")), key=shard_sort_key) if d.exists() else []
 
 
 def shard_rows(root: str | Path) -> list[tuple[str, int]]:

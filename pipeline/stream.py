@@ -82,6 +82,9 @@ class Store:
             for i, m in zip(members, maps):
                 arr[pos : pos + len(m)] = m  # one sequential copy per shard file
                 start[i], pos = pos, pos + len(m)
+            if (self.manifest.get(field) or {}).get("normalize_on_read"):  # adopted un-normalised folders
+                x = arr.astype(np.float32)
+                arr[:] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
             self._cache[key] = (arr, start)
             if len(self._cache) > self._max_cached:
                 _, old = self._cache.popitem(last=False)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from pipeline import store
 from pipeline.errors import UsageError
@@ -63,15 +64,18 @@ def _check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> 
     dim = manifest["clip"]["dim"]
     for fld in ("img_emb", "text_emb"):
         a = store.open_array(root, fld, shard)
-        if a.shape != (rows, dim) or a.dtype != np.float16:
+        want = manifest[fld].get("dtype", "float16")  # adopted folders may hold float32
+        if a.shape != (rows, dim) or str(a.dtype) != want:
             problems.append(
-                f"{shard}: {fld} is {a.dtype}{list(a.shape)}, manifest says float16[{rows}, {dim}]"
+                f"{shard}: {fld} is {a.dtype}{list(a.shape)}, manifest says {want}[{rows}, {dim}]"
             )
             continue
         x = np.asarray(a, dtype=np.float32)
         if not np.isfinite(x).all():
             problems.append(f"{shard}: {fld} has NaN or inf")
-        elif bad := int((np.abs(np.linalg.norm(x, axis=1) - 1) > NORM_TOLERANCE).sum()):
+        elif manifest[fld].get("normalized", True) and (
+            bad := int((np.abs(np.linalg.norm(x, axis=1) - 1) > NORM_TOLERANCE).sum())
+        ):
             problems.append(f"{shard}: {fld} has {bad} rows whose norm is not 1")
     if (lat := manifest.get("latents")) is not None:
         a = store.open_array(root, "latents", shard)
@@ -92,8 +96,11 @@ def _check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> 
             )
         elif not _finite(tok):
             problems.append(f"{shard}: text_enc has NaN or inf")
-    meta = store.read_metadata(root, shard, ["key"])
-    keys = meta["key"].to_pylist()
+    names = pq.ParquetFile(store.field_path(root, "metadata", shard)).schema_arrow.names
+    if "key" not in names:  # an adopted folder's metadata may have no key column: count its rows
+        n = pq.ParquetFile(store.field_path(root, "metadata", shard)).metadata.num_rows
+        return problems + ([f"{shard}: metadata has {n} rows, done marker says {rows}"] if n != rows else [])
+    keys = store.read_metadata(root, shard, ["key"])["key"].to_pylist()
     if len(keys) != rows:
         problems.append(f"{shard}: metadata has {len(keys)} rows, done marker says {rows}")
     if len(set(keys)) != len(keys):

@@ -1,0 +1,239 @@
+"""`unclip adopt FOLDER`: make an embedding folder written elsewhere (clip-retrieval's output, LAION's published
+embedding sets) a store that `validate`, `train-prior` and the stream accept, without moving or rewriting it.
+
+The folder holds ``img_emb/img_emb_N.npy``, ``text_emb/text_emb_N.npy`` and ``metadata/metadata_N.parquet``,
+numbered with or without zero padding, gaps allowed, float16 or float32, and no manifest. Adopt checks every
+shard (row counts agree across the three files, dims and dtypes agree across shards and with the named CLIP
+model, every row finite, norms measured), then writes only ``manifest.json`` and ``done/N.json`` markers with
+checksums, the markers first and the manifest last, each atomically. A folder that fails a check gets one line
+per problem (the first few, then a count), exit 2, and nothing written. Rerunning on an adopted folder is a
+no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline import store
+from pipeline.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+FLOAT_DTYPES = ("float16", "float32")
+NORM_TOLERANCE = 1e-2
+SHOWN = 5  # problems listed before "and N more"
+
+
+@dataclass
+class AdoptConfig:
+    folder: str = field(metadata={"help": "clip-retrieval-layout folder: img_emb/, text_emb/, metadata/"})
+    clip: str = field(
+        metadata={"help": "open_clip architecture the embeddings were made with, e.g. ViT-L-14"}
+    )
+    pretrained: str = field(
+        metadata={"help": "its pretrained tag or checkpoint path (recorded for sampling)"}
+    )
+    normalize: bool = False  # L2-normalise embeddings when they are read (for folders stored un-normalised)
+
+
+def discover(folder: Path) -> list[str]:
+    """Shard ids (the file names' numbers as written: "0", "12" or "00012"), in numeric order."""
+    ids = []
+    for p in (folder / "img_emb").glob("img_emb_*.npy"):
+        m = re.fullmatch(r"img_emb_(\d+)\.npy", p.name)
+        if m:
+            ids.append(m.group(1))
+    numbers = [int(i) for i in ids]
+    if len(set(numbers)) != len(numbers):
+        raise UsageError(f"{folder}/img_emb names the same shard number twice (padded and unpadded)")
+    return sorted(ids, key=int)
+
+
+@dataclass
+class ShardCheck:
+    shard: str
+    rows: int
+    dims: dict[str, tuple[int, str]]  # field -> (dim, dtype)
+    norm_min: float
+    norm_max: float
+
+
+def _norms(a: np.ndarray, chunk: int = 1 << 16) -> tuple[bool, float, float]:
+    """(all rows finite, smallest norm, largest norm) read in chunks: a memory map is never loaded whole."""
+    lo, hi, finite = np.inf, 0.0, True
+    for i in range(0, len(a), chunk):
+        x = np.asarray(a[i : i + chunk], dtype=np.float32)
+        if not np.isfinite(x).all():
+            finite = False
+            continue
+        n = np.linalg.norm(x, axis=1)
+        if len(n):
+            lo, hi = min(lo, float(n.min())), max(hi, float(n.max()))
+    return finite, lo, hi
+
+
+def check_shard(folder: Path, shard: str, dim: int) -> tuple[ShardCheck | None, list[str]]:
+    problems: list[str] = []
+    paths = {f: store.field_path(folder, f, shard) for f in ("img_emb", "text_emb", "metadata")}
+    for p in paths.values():
+        if not p.is_file():
+            problems.append(f"shard {shard}: {p.relative_to(folder)} is missing")
+    if problems:
+        return None, problems
+    arrays, dims, lo, hi = {}, {}, np.inf, 0.0
+    for f in ("img_emb", "text_emb"):
+        try:
+            a = np.load(paths[f], mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            problems.append(f"shard {shard}: {paths[f].relative_to(folder)} is not a readable .npy ({e})")
+            continue
+        if a.ndim != 2 or str(a.dtype) not in FLOAT_DTYPES:
+            problems.append(
+                f"shard {shard}: {f} is {a.dtype}{list(a.shape)}; expected float16 or float32 [rows, dim]"
+            )
+            continue
+        if a.shape[1] != dim:
+            problems.append(f"shard {shard}: {f} is {a.shape[1]}-d; the named CLIP model gives {dim}-d")
+        arrays[f], dims[f] = a, (a.shape[1], str(a.dtype))
+        finite, n_lo, n_hi = _norms(a)
+        if not finite:
+            problems.append(f"shard {shard}: {f} has NaN or inf rows")
+        lo, hi = min(lo, n_lo), max(hi, n_hi)
+    try:
+        meta_rows = pq.ParquetFile(paths["metadata"]).metadata.num_rows
+    except Exception as e:  # pyarrow raises several types for a file that is not parquet
+        problems.append(
+            f"shard {shard}: {paths['metadata'].relative_to(folder)} is not readable parquet ({e})"
+        )
+        meta_rows = None
+    counts = {f: len(a) for f, a in arrays.items()}
+    if meta_rows is not None:
+        counts["metadata"] = meta_rows
+    if len(set(counts.values())) > 1:
+        problems.append(
+            f"shard {shard}: row counts differ: " + ", ".join(f"{f} {n}" for f, n in counts.items())
+        )
+    if problems:
+        return None, problems
+    return ShardCheck(shard, counts["img_emb"], dims, lo, hi), []
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(cfg: AdoptConfig, checks: list[ShardCheck], dim: int, context_length: int) -> dict:
+    normalized = all(
+        abs(c.norm_min - 1) <= NORM_TOLERANCE and abs(c.norm_max - 1) <= NORM_TOLERANCE for c in checks
+    )
+
+    def emb(f: str) -> dict:
+        return {
+            "dtype": checks[0].dims[f][1],
+            "shape": [dim],
+            "normalized": normalized,
+            "normalize_on_read": cfg.normalize and not normalized,
+        }
+
+    return {
+        "format_version": store.FORMAT_VERSION,
+        "identity": {"adopted": True, "clip": cfg.clip, "pretrained": cfg.pretrained},
+        "clip": {
+            "arch": cfg.clip,
+            "pretrained": cfg.pretrained,
+            "random_init": cfg.pretrained.lower() in ("none", "random", ""),
+            "dim": dim,
+            "context_length": context_length,
+        },
+        "img_emb": emb("img_emb"),
+        "text_emb": emb("text_emb"),
+        "text_enc": None,
+        "latents": None,
+        "adopted": {"norm_min": min(c.norm_min for c in checks), "norm_max": max(c.norm_max for c in checks)},
+        "shards": [{"shard": c.shard, "rows": c.rows, "source": "adopted"} for c in checks],
+    }
+
+
+def run(cfg: AdoptConfig) -> dict:
+    from pipeline.encoders import clip_dims, validate_clip
+
+    folder = Path(cfg.folder)
+    if not (folder / "img_emb").is_dir():
+        raise UsageError(f"{folder} has no img_emb/ folder: not a clip-retrieval-layout embedding folder")
+    validate_clip(cfg.clip, cfg.pretrained)
+    dims = clip_dims(cfg.clip)
+    shards = discover(folder)
+    if not shards:
+        raise UsageError(f"{folder}/img_emb holds no img_emb_<number>.npy files")
+    checks, problems = [], []
+    for s in tqdm(shards, desc="adopt: check", unit="shard", disable=None):
+        c, p = check_shard(folder, s, dims.dim)
+        problems += p
+        if c is not None:
+            checks.append(c)
+    dtypes = {(f, c.dims[f][1]) for c in checks for f in c.dims}
+    if (
+        len({d for f, d in dtypes if f == "img_emb"}) > 1
+        or len({d for f, d in dtypes if f == "text_emb"}) > 1
+    ):
+        problems.append("dtypes differ across shards: " + ", ".join(sorted(f"{f} {d}" for f, d in dtypes)))
+    stale = [p.name for p in (folder / "done").glob("*.json") if p.stem not in shards]
+    if stale and not (folder / store.MANIFEST).exists():
+        problems.append(f"done/ holds markers of no shard here ({', '.join(sorted(stale)[:3])}); remove them")
+    if problems:
+        more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+        raise UsageError(f"{folder} cannot be adopted: " + "; ".join(problems[:SHOWN]) + more)
+    manifest = _manifest(cfg, checks, dims.dim, dims.context_length)
+    if (folder / store.MANIFEST).exists():
+        old = store.load_manifest(folder)
+        if old == manifest and store.done_shards(folder) == sorted(shards, key=store.shard_sort_key):
+            return _report(folder, manifest, checks, adopted_now=False)
+        if not old.get("identity", {}).get("adopted"):
+            raise UsageError(f"{folder} is already a store written by `unclip embed`; it needs no adopting")
+    for c in tqdm(checks, desc="adopt: checksums", unit="shard", disable=None):
+        files = {
+            str(store.field_path(folder, f, c.shard).relative_to(folder)): _digest(
+                store.field_path(folder, f, c.shard)
+            )
+            for f in ("img_emb", "text_emb", "metadata")
+        }
+        marker = {"shard": c.shard, "rows": c.rows, "files": files, "source": "adopted", "errors": 0}
+        store.write_json(store.done_path(folder, c.shard), {**marker, "truncated_captions": 0})
+    store.write_json(
+        folder / store.MANIFEST, manifest
+    )  # last: a folder with a manifest is a finished adoption
+    return _report(folder, manifest, checks, adopted_now=True)
+
+
+def _report(folder: Path, manifest: dict, checks: list[ShardCheck], adopted_now: bool) -> dict:
+    a = manifest["adopted"]
+    state = (
+        "normalised"
+        if manifest["img_emb"]["normalized"]
+        else (
+            "NOT normalised: normalised on read"
+            if manifest["img_emb"]["normalize_on_read"]
+            else "NOT normalised (pass --normalize to normalise them on read)"
+        )
+    )
+    return {
+        "store": str(folder),
+        "shards": len(checks),
+        "rows": sum(c.rows for c in checks),
+        "dim": manifest["clip"]["dim"],
+        "dtype": manifest["img_emb"]["dtype"],
+        "norms": f"{a['norm_min']:.4f} .. {a['norm_max']:.4f} ({state})",
+        "adopted_now": adopted_now,
+    }

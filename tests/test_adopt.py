@@ -1,0 +1,153 @@
+"""`unclip adopt`: a folder written the way clip-retrieval writes it (unpadded shard numbers with a gap,
+float16 embeddings, metadata with image_path/caption/url and no key column) becomes a store that validate,
+the stream and train-prior accept, with only manifest.json and done/ added."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from pipeline import store
+from pipeline.stream import Stream, StreamConfig
+
+DIM = 64  # unclip-tiny's embedding size
+ADOPT = ["--clip", "unclip-tiny", "--pretrained", "none"]
+
+
+def write_clip_retrieval_folder(
+    root: Path, rows: dict[int, int], dtype="float16", scale: float = 1.0
+) -> None:
+    """img_emb/img_emb_{n}.npy, text_emb/text_emb_{n}.npy, metadata/metadata_{n}.parquet, n unpadded."""
+    rng = np.random.default_rng(0)
+    for n, count in rows.items():
+        for field in ("img_emb", "text_emb"):
+            x = rng.normal(size=(count, DIM))
+            x = scale * x / np.linalg.norm(x, axis=1, keepdims=True)
+            (root / field).mkdir(parents=True, exist_ok=True)
+            np.save(root / field / f"{field}_{n}.npy", x.astype(dtype))
+        (root / "metadata").mkdir(exist_ok=True)
+        pq.write_table(
+            pa.table(
+                {
+                    "image_path": [f"{n}_{i:04d}" for i in range(count)],
+                    "caption": [f"picture {i} of part {n}" for i in range(count)],
+                    "url": [f"http://img.test/{n}/{i}.jpg" for i in range(count)],
+                }
+            ),
+            root / "metadata" / f"metadata_{n}.parquet",
+        )
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_adopted_folder_validates_streams_in_order_and_trains(tmp_path, capsys):
+    folder = tmp_path / "laion"
+    write_clip_retrieval_folder(folder, {0: 30, 1: 25, 3: 20, 10: 15})  # a gap, and 10 after 3, not after 1
+    before = snapshot(folder)
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows"] == 90 and report["shards"] == 4 and report["adopted_now"]
+    after = snapshot(folder)
+    added = sorted(set(after) - set(before))
+    assert added == ["done/0.json", "done/1.json", "done/10.json", "done/3.json", "manifest.json"]
+    assert {k: after[k] for k in before} == before  # the data is neither moved nor rewritten
+    assert main(["validate", str(folder)]) == 0
+    capsys.readouterr()
+
+    stream = Stream(StreamConfig(str(folder), batch_size=90, split="all"))
+    batch = next(stream.batches())
+    expected = np.concatenate([np.load(folder / "img_emb" / f"img_emb_{n}.npy") for n in (0, 1, 3, 10)])
+    assert np.array_equal(batch["img_emb"], expected)  # numeric shard order, rows aligned
+
+    mtimes = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    assert main(["adopt", str(folder), *ADOPT]) == 0  # a rerun is a no-op
+    assert json.loads(capsys.readouterr().out)["adopted_now"] is False
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == mtimes
+
+    run = ["--data", str(folder), "--out", str(tmp_path / "prior"), "--preset", "tiny", "--steps", "3"]
+    assert main(["train-prior", *run, "--batch-size", "8", "--device", "cpu", "--eval-every", "0"]) == 0
+    assert (tmp_path / "prior" / "ckpt" / "latest").exists()
+
+
+def test_unnormalised_embeddings_are_stated_and_normalised_on_read_when_asked(tmp_path, capsys):
+    folder = tmp_path / "raw"
+    write_clip_retrieval_folder(folder, {0: 12, 1: 8}, dtype="float32", scale=7.0)
+    copy = tmp_path / "raw_norm"
+    shutil.copytree(folder, copy)
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    assert "NOT normalised (pass --normalize" in json.loads(capsys.readouterr().out)["norms"]
+    assert main(["adopt", str(copy), *ADOPT, "--normalize"]) == 0
+    assert "normalised on read" in json.loads(capsys.readouterr().out)["norms"]
+    assert main(["validate", str(copy)]) == 0
+    raw = next(Stream(StreamConfig(str(folder), batch_size=20, split="all")).batches())["img_emb"]
+    unit = next(Stream(StreamConfig(str(copy), batch_size=20, split="all")).batches())["img_emb"]
+    assert raw.dtype == np.float32 and np.allclose(np.linalg.norm(raw, axis=1), 7.0, atol=1e-4)
+    assert np.allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(unit * 7.0, raw, atol=1e-4)
+
+
+def _break(folder: Path, case: str) -> None:
+    if case == "row_counts_differ":
+        np.save(folder / "text_emb" / "text_emb_1.npy", np.load(folder / "text_emb" / "text_emb_1.npy")[:-1])
+    elif case == "wrong_dim_for_the_clip":
+        for n in (0, 1):
+            np.save(folder / "img_emb" / f"img_emb_{n}.npy", (np.ones((10, 32)) / np.sqrt(32)).astype(np.float16))
+    elif case == "nan_rows":
+        a = np.load(folder / "img_emb" / "img_emb_0.npy")
+        a[3, 0] = np.nan
+        np.save(folder / "img_emb" / "img_emb_0.npy", a)
+    elif case == "dtypes_differ":
+        a = np.load(folder / "text_emb" / "text_emb_1.npy")
+        np.save(folder / "text_emb" / "text_emb_1.npy", a.astype(np.float32))
+    elif case == "missing_text_emb":
+        (folder / "text_emb" / "text_emb_0.npy").unlink()
+    elif case == "integer_embeddings":
+        np.save(folder / "img_emb" / "img_emb_0.npy", np.zeros((10, DIM), np.int8))
+    elif case == "not_an_embedding_folder":
+        shutil.rmtree(folder / "img_emb")
+    elif case == "metadata_not_parquet":
+        (folder / "metadata" / "metadata_1.parquet").write_bytes(b"not parquet at all")
+
+
+@pytest.mark.parametrize(
+    "case, want",
+    [
+        ("row_counts_differ", "shard 1: row counts differ: img_emb 10, text_emb 9, metadata 10"),
+        ("wrong_dim_for_the_clip", "shard 0: img_emb is 32-d; the named CLIP model gives 64-d"),
+        ("nan_rows", "shard 0: img_emb has NaN or inf rows"),
+        ("dtypes_differ", "dtypes differ across shards"),
+        ("missing_text_emb", "shard 0: text_emb/text_emb_0.npy is missing"),
+        ("integer_embeddings", "shard 0: img_emb is int8[10, 64]; expected float16 or float32"),
+        ("not_an_embedding_folder", "has no img_emb/ folder"),
+        ("metadata_not_parquet", "shard 1: metadata/metadata_1.parquet is not readable parquet"),
+    ],
+)
+def test_a_folder_that_fails_a_check_is_one_line_exit_2_and_nothing_written(case, want, tmp_path, capsys):
+    folder = tmp_path / "f"
+    write_clip_retrieval_folder(folder, {0: 10, 1: 10})
+    _break(folder, case)
+    before = snapshot(folder)
+    assert main(["adopt", str(folder), *ADOPT]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("unclip adopt: error: ") and want in err[0], err
+    assert snapshot(folder) == before
+
+
+def test_many_problems_list_the_first_few_then_a_count(tmp_path, capsys):
+    folder = tmp_path / "f"
+    write_clip_retrieval_folder(folder, {n: 4 for n in range(9)})
+    for n in range(9):
+        (folder / "metadata" / f"metadata_{n}.parquet").unlink()
+    assert main(["adopt", str(folder), *ADOPT]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is missing") == 5 and "; and 4 more" in err
+    assert not (folder / store.MANIFEST).exists() and not (folder / "done").exists()
