@@ -390,7 +390,9 @@ def bench_embed(cfg: AnchorsConfig, work: Path, shards: Path) -> tuple[list[dict
         ),
         "rows": agree["rows_matched"],
     }
-    return comps, [same]
+    from jobs.bench_anchors_adopt import check_adopt
+
+    return comps, [same, check_adopt(cfg.clip, work / "embed_theirs", work)]
 
 
 # ---------------------------------------------------------------- 3. stream vs embedding-reader
