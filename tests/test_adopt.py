@@ -100,7 +100,9 @@ def _break(folder: Path, case: str) -> None:
         np.save(folder / "text_emb" / "text_emb_1.npy", np.load(folder / "text_emb" / "text_emb_1.npy")[:-1])
     elif case == "wrong_dim_for_the_clip":
         for n in (0, 1):
-            np.save(folder / "img_emb" / f"img_emb_{n}.npy", (np.ones((10, 32)) / np.sqrt(32)).astype(np.float16))
+            np.save(
+                folder / "img_emb" / f"img_emb_{n}.npy", (np.ones((10, 32)) / np.sqrt(32)).astype(np.float16)
+            )
     elif case == "nan_rows":
         a = np.load(folder / "img_emb" / "img_emb_0.npy")
         a[3, 0] = np.nan
