@@ -21,7 +21,7 @@ $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision pinned together: open_clip needs torchvision, and only these two import side by side here.
-	$(PY) -m pip install -q -e '.[dev]' 'torch==2.14.1' 'torchvision==0.29.1'
+	$(PY) -m pip install -q -e '.[dev,export]' 'torch==2.14.1' 'torchvision==0.29.1'
 	touch $(VENV_STAMP)
 
 install: $(VENV_STAMP) ## create .venv and install the project (fast when already done)

@@ -72,6 +72,11 @@ COMMANDS: dict[str, Command] = {
         "EvalDecoderConfig",
         report="jobs.eval_decoder:print_report",
     ),
+    "export": Command(
+        "write a trained decoder as a diffusers KandinskyV22Pipeline folder",
+        "jobs.export",
+        "ExportConfig",
+    ),
     "bench": Command(
         "measure every stage against its physical limit (writes bench/results.json)",
         "jobs.bench",

@@ -1,0 +1,155 @@
+"""`unclip export`: a trained decoder as a diffusers `KandinskyV22Pipeline` folder that loads offline with
+`DiffusionPipeline.from_pretrained(OUT/decoder)`.
+
+What is written under ``OUT/decoder/``:
+- ``unet/``: the decoder's EMA UNet, as is (it is a diffusers `UNet2DConditionModel` in Kandinsky 2.2's form);
+- ``scheduler/``: the `DDIMScheduler` our `ddim` sampler steps with (cosine schedule, trailing spacing,
+  v-prediction, no clipping), so the pipeline and `unclip sample --sampler ddim` take the same steps;
+- ``movq/``: for the ``vae`` codec, a `VQModel` holding the store's VAE decoder. The UNet generates latents at
+  the store's scale (the VAE posterior mean x its scaling factor, as dequantised from uint8 for training), and
+  `VQModel.decode(x, force_not_quantize=True)` runs ``decoder(post_quant_conv(x))``; dividing the
+  ``post_quant_conv`` weights by the scaling factor makes that equal `AutoencoderKL.decode(x / scale)` exactly.
+  The VQModel's encoder is not the VAE's (a KL encoder's mean/log-variance head has no VQ equivalent): the
+  pipeline never encodes, and the exported movq is for decoding only.
+  For the ``pixels`` codec there is no movq equivalent (the UNet works on space-to-depth folded pixels):
+  the export is refused with a line that says so.
+
+The negative image embedding of the pipeline is zeros (what the decoder was trained to treat as
+"unconditional"), and image embeddings should be L2-normalised as the store's are.
+Exporting the prior (`KandinskyV22PriorPipeline`) is not built yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from jobs import checkpoint
+from pipeline.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportConfig:
+    decoder: str = field(metadata={"help": "decoder training folder, ckpt/ or step_* folder"})
+    out: str = field(metadata={"help": "output folder; the pipeline goes to OUT/decoder"})
+    prior: str = ""  # not exported yet: giving one is refused with a clear line
+    overwrite: bool = False
+
+
+def scheduler_for_export(num_train_timesteps: int):
+    from models.samplers import make_scheduler
+
+    return make_scheduler("ddim", "v_prediction", num_train_timesteps)
+
+
+def movq_from_vae(vae) -> torch.nn.Module:
+    """A diffusers VQModel whose ``decode(x, force_not_quantize=True)`` equals ``vae.decode(x / scale)`` for an
+    `AutoencoderKL` ``vae`` (its decoder and post_quant_conv, the scale folded into the latter)."""
+    from diffusers import VQModel
+
+    c = vae.config
+    if not c.get("use_post_quant_conv", True):
+        raise UsageError(
+            "this VAE has no post_quant_conv to fold its scaling factor into; it cannot be exported"
+        )
+    movq = VQModel(
+        in_channels=c.in_channels,
+        out_channels=c.out_channels,
+        down_block_types=tuple(c.down_block_types),
+        up_block_types=tuple(c.up_block_types),
+        block_out_channels=tuple(c.block_out_channels),
+        layers_per_block=c.layers_per_block,
+        act_fn=c.act_fn,
+        latent_channels=c.latent_channels,
+        sample_size=c.sample_size,
+        num_vq_embeddings=256,  # unused: the pipeline decodes with force_not_quantize=True
+        norm_num_groups=c.norm_num_groups,
+        vq_embed_dim=c.latent_channels,
+        scaling_factor=c.scaling_factor,
+        norm_type="group",
+    )
+    state = movq.state_dict()
+    src = vae.state_dict()
+    for k in state:
+        if k.startswith("decoder."):
+            state[k] = src[k].clone()
+    scale = float(c.scaling_factor)
+    state["post_quant_conv.weight"] = src["post_quant_conv.weight"] / scale
+    state["post_quant_conv.bias"] = src["post_quant_conv.bias"].clone()
+    movq.load_state_dict(state)
+    return movq.eval()
+
+
+def export_decoder(folder: Path, meta: dict, out: Path) -> dict:
+    from diffusers import KandinskyV22Pipeline
+
+    from models.decoder import build_decoder
+    from pipeline.encoders import load_vae
+
+    codec = meta["store"]["latents"]
+    decoder = build_decoder(meta["model"]).eval()
+    checkpoint.load_weights(decoder, folder / "ema.safetensors")
+    vae = load_vae(codec["vae"], "cpu")
+    movq = movq_from_vae(vae.model if hasattr(vae, "model") else vae)
+    pipe = KandinskyV22Pipeline(
+        unet=decoder.unet, scheduler=scheduler_for_export(decoder.cfg.timesteps), movq=movq
+    )
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    (tmp / "unclip_export.json").write_text(
+        json.dumps(
+            {
+                "source_checkpoint": str(folder),
+                "step": meta["step"],
+                "clip": meta["store"]["clip"],
+                "latents": codec,
+                "negative_image_embeds": "zeros",
+                "image_embeds": "L2-normalised CLIP image embeddings",
+            },
+            indent=2,
+        )
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return {
+        "decoder": str(out),
+        "step": meta["step"],
+        "unet_parameters": sum(p.numel() for p in decoder.unet.parameters()),
+    }
+
+
+def run(cfg: ExportConfig) -> dict:
+    try:
+        import transformers  # noqa: F401  (diffusers only exposes the Kandinsky pipelines with it)
+    except ImportError:
+        raise UsageError("unclip export needs transformers: pip install -e '.[export]'") from None
+    if cfg.prior:
+        raise UsageError(
+            "exporting the prior (KandinskyV22PriorPipeline) is not built yet; export --decoder only"
+        )
+    folder = checkpoint.resolve(cfg.decoder)
+    meta = checkpoint.read_meta(folder)
+    if meta.get("task") != "decoder":
+        raise UsageError(f"--decoder {cfg.decoder} is a {meta.get('task')} checkpoint, not a decoder")
+    codec = (meta.get("store") or {}).get("latents") or {}
+    if codec.get("codec") != "vae":
+        raise UsageError(
+            f"the decoder was trained on the '{codec.get('codec')}' latent codec; only 'vae' decoders export to "
+            "KandinskyV22Pipeline (its movq decodes VAE latents; pixels folded space-to-depth have no movq)"
+        )
+    out = Path(cfg.out) / "decoder"
+    if out.exists() and not cfg.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = export_decoder(folder, meta, out)
+    print(f"export: decoder step {report['step']} -> {out} (load with DiffusionPipeline.from_pretrained)")
+    return report

@@ -1,0 +1,133 @@
+"""`unclip export`: a decoder trained on VAE latents becomes a diffusers `KandinskyV22Pipeline` that loads offline
+and draws the same images as our own sampler (tiny random models saved to disk first; no hub)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from jobs import checkpoint
+from jobs.cli import main
+from tests.test_embed import tiny_vae
+
+pytest.importorskip("transformers")  # the export extra; `make install` installs it
+
+
+def tiny_decoder_checkpoint(root: Path, vae_dir: Path | None, codec: str = "vae") -> tuple[Path, object]:
+    """A randomly initialised decoder (seed 0) saved the way train-decoder saves one, for a VAE-latents store."""
+    from models.decoder import DiffusionDecoder, decoder_config
+
+    torch.manual_seed(0)
+    cfg = decoder_config(
+        "tiny",
+        emb_dim=16,
+        latent_channels=4,
+        latent_size=8,
+        space_to_depth=1,
+        widths=(32, 64),
+        guidance_scale=1.0,
+    )
+    dec = DiffusionDecoder(cfg).eval()
+    with torch.no_grad():  # zero-initialised output layers would make every sample the same: randomise them
+        for p in dec.unet.conv_out.parameters():
+            p.normal_(0, 0.05)
+    latents = (
+        {"codec": "vae", "vae": str(vae_dir), "scale": 0.18215, "shape": [4, 8, 8], "image_size": 16}
+        if codec == "vae"
+        else {"codec": "pixels", "shape": [3, 32, 32], "image_size": 32}
+    )
+    meta = {
+        "task": "decoder",
+        "config": {},
+        "model": dataclasses.asdict(cfg),
+        "stream_step": 3,
+        "world_size": 1,
+        "store": {"clip": {"arch": "synthetic", "dim": 16}, "latents": latents, "text_enc": None},
+    }
+    checkpoint.save(root / "ckpt", 3, dec, dec, {}, meta)
+    return root, dec
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    vae_dir = tiny_vae(d / "vae")
+    run, dec = tiny_decoder_checkpoint(d / "run", vae_dir)
+    assert main(["export", "--decoder", str(run), "--out", str(d / "out")]) == 0
+    return d, vae_dir, dec
+
+
+def test_movq_decode_equals_the_vae_decode_of_the_dequantised_latents(exported):
+    from diffusers import AutoencoderKL, VQModel
+
+    d, vae_dir, _ = exported
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    movq = VQModel.from_pretrained(d / "out" / "decoder" / "movq").eval()
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 2  # model-scale latents
+    with torch.no_grad():
+        want = vae.decode(x / vae.config.scaling_factor).sample
+        got = movq.decode(x, force_not_quantize=True).sample
+    assert want.shape == (3, 3, 16, 16)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_exported_pipeline_draws_the_images_unclip_draws(exported, guidance):
+    from diffusers import DiffusionPipeline
+
+    from pipeline.encoders import load_vae, vae_decode
+
+    d, vae_dir, dec = exported
+    pipe = DiffusionPipeline.from_pretrained(d / "out" / "decoder")
+    assert type(pipe).__name__ == "KandinskyV22Pipeline"
+    emb = torch.nn.functional.normalize(
+        torch.randn(2, 16, generator=torch.Generator().manual_seed(2)), dim=-1
+    )
+    images = pipe(
+        image_embeds=emb,
+        negative_image_embeds=torch.zeros_like(emb),
+        height=16,
+        width=16,
+        num_inference_steps=6,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images  # [B, H, W, 3] in [0, 1]
+    lat = dec.sample(
+        emb, steps=6, sampler="ddim", guidance_scale=guidance, generator=torch.Generator().manual_seed(0)
+    )
+    ours = (
+        (vae_decode(load_vae(str(vae_dir), "cpu"), lat) * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    )
+    assert images.shape == (2, 16, 16, 3)
+    assert np.abs(images - ours).max() <= 1e-4
+    assert np.abs(images[0] - images[1]).max() > 1e-3  # different embeddings, different pictures
+
+
+@pytest.mark.parametrize(
+    "case, want",
+    [
+        ("pixels_codec", "only 'vae' decoders export to KandinskyV22Pipeline"),
+        ("prior_given", "exporting the prior (KandinskyV22PriorPipeline) is not built yet"),
+        ("exists", "exists; pass --overwrite to replace it"),
+    ],
+)
+def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
+    d = exported[0]
+    run, out = d / "run", tmp_path / "out"
+    args = ["export", "--decoder", str(run), "--out", str(out)]
+    if case == "pixels_codec":
+        run, _ = tiny_decoder_checkpoint(tmp_path / "pix", None, codec="pixels")
+        args[2] = str(run)
+    elif case == "prior_given":
+        args += ["--prior", str(run)]
+    else:
+        args[4] = str(d / "out")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and want in err[0], err
+    assert not out.exists()
