@@ -33,7 +33,9 @@ class BenchConfig:
     out: str = "bench"
     repeats: int = 3
     quick: bool = False  # tiny sizes: the smoke test's setting, figures not meaningful
-    clip: str = "ViT-B-32"  # the embed ratio's model (random weights); batch 64 as in the issue
+    clip: str = (
+        "ViT-B-32"  # the embed ratio's model (random weights), batch 64: the common CPU-feasible setting
+    )
     stages: str = "download,embed,stream,prior,decoder"
 
 

@@ -15,7 +15,7 @@ import logging
 import os
 import tarfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
@@ -195,12 +195,22 @@ def run(cfg: EmbedConfig) -> dict:
     manifest = prepare_store(cfg, shards, device)
     todo = [s for s in shards if not store.is_done(cfg.out, store.shard_id_of(s))]
     log.info("embed: %d shards, %d already done, %d to do", len(shards), len(shards) - len(todo), len(todo))
-    params = {
-        **asdict(cfg),
-        "device": device,
-        "latent_params": manifest["latents"],
-        "torch_threads": cfg.torch_threads or (0 if cfg.scheduler else max(1, os.cpu_count() // cfg.workers)),
-    }
+    from pipeline.embed_shard import ShardParams
+
+    params = ShardParams(
+        out=cfg.out,
+        clip=cfg.clip,
+        pretrained=cfg.pretrained,
+        seed=cfg.seed,
+        device=device,
+        batch_size=cfg.batch_size,
+        latents=cfg.latents,
+        vae=cfg.vae,
+        text_encodings=cfg.text_encodings,
+        torch_threads=cfg.torch_threads
+        or (0 if cfg.scheduler else max(1, (os.cpu_count() or 1) // cfg.workers)),
+        latent_params=manifest["latents"],
+    )
     start, rows, failed, stats = time.perf_counter(), 0, {}, {}
     if todo:
         client, cluster = _client(cfg, device)
@@ -214,13 +224,13 @@ def run(cfg: EmbedConfig) -> dict:
     return _finish(cfg, manifest, shards, rows, seconds, failed, stats)
 
 
-def _map(client, todo: list[str], params: dict, cfg: EmbedConfig) -> tuple[int, dict]:
+def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:
     from dask.distributed import as_completed
 
     from pipeline.embed_shard import embed_shard, warm_up
 
     client.run(warm_up, params)  # every worker builds its models now, not inside its first shard
-    resources = {"GPU": 1} if cfg.scheduler and params["device"] == "cuda" else None
+    resources = {"GPU": 1} if cfg.scheduler and params.device == "cuda" else None
     futures = client.map(
         embed_shard, todo, params=params, retries=cfg.retries, pure=False, resources=resources
     )

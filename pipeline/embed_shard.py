@@ -143,6 +143,23 @@ def download_record(url: str) -> list[str] | None:
     return [k for k, st in zip(table["key"].to_pylist(), table["status"].to_pylist()) if st == "success"]
 
 
+@dataclass(frozen=True)
+class ShardParams:
+    """What a dask worker needs to embed a shard: sent once with every task, so plain, picklable values."""
+
+    out: str  # store root, absolute (workers may run in another directory)
+    clip: str
+    pretrained: str
+    seed: int
+    device: str  # resolved: "cpu", "cuda" or "cuda:N"
+    batch_size: int
+    latents: str  # codec: none, pixels or vae
+    vae: str
+    text_encodings: bool
+    torch_threads: int  # 0 = leave torch's default
+    latent_params: dict | None  # the manifest's latents entry (codec constants), None without latents
+
+
 @dataclass
 class Batch:
     keys: list[str]
@@ -272,29 +289,29 @@ def _metadata(keys: list[str], captions: list[str], metas: list[dict]) -> pa.Tab
     return pa.table({n: _column([r.get(n) for r in rows]) for n in names})
 
 
-def warm_up(params: dict) -> None:
+def warm_up(params: ShardParams) -> None:
     """Load the models a worker will use (cached per process)."""
     from pipeline.encoders import load_clip, load_vae
 
-    if params["torch_threads"]:
-        torch.set_num_threads(params["torch_threads"])
-    load_clip(params["clip"], params["pretrained"], params["device"], params["seed"])
-    if params["latents"] == "vae":
-        load_vae(params["vae"], params["device"])
+    if params.torch_threads:
+        torch.set_num_threads(params.torch_threads)
+    load_clip(params.clip, params.pretrained, params.device, params.seed)
+    if params.latents == "vae":
+        load_vae(params.vae, params.device)
 
 
-def embed_shard(url: str, params: dict) -> dict:
+def embed_shard(url: str, params: ShardParams) -> dict:
     """Embed one shard and write it to the store; returns its done marker. Runs in a dask worker."""
     from pipeline.encoders import encode_image, encode_text, load_clip, load_vae, normalize, vae_encode
 
-    if params["torch_threads"]:
-        torch.set_num_threads(params["torch_threads"])
+    if params.torch_threads:
+        torch.set_num_threads(params.torch_threads)
     t0 = time.perf_counter()
-    root, shard, device = params["out"], store.shard_id_of(url), params["device"]
+    root, shard, device = params.out, store.shard_id_of(url), params.device
     store.remove_shard(root, shard)  # a partial shard from an interrupted run is redone from scratch
-    clip = load_clip(params["clip"], params["pretrained"], device, params["seed"])
-    lp = params["latent_params"]
-    vae = load_vae(params["vae"], device) if params["latents"] == "vae" else None
+    clip = load_clip(params.clip, params.pretrained, device, params.seed)
+    lp = params.latent_params
+    vae = load_vae(params.vae, device) if params.latents == "vae" else None
     latent_px = lp["image_size"] if lp else 0
     errors: list[dict] = []
     out: dict[str, list] = {
@@ -308,15 +325,13 @@ def embed_shard(url: str, params: dict) -> dict:
         "meta": [],
     }
     truncated, empty, mae = 0, 0, []
-    batches = prepare_batches(
-        url, clip.preprocess, params["batch_size"], params["latents"], latent_px, errors
-    )
+    batches = prepare_batches(url, clip.preprocess, params.batch_size, params.latents, latent_px, errors)
     for b in background(batches):
         tokens = clip.tokenizer(b.captions)  # [B, context]
         truncated += int((tokens[:, -1] != 0).sum())  # the caption filled or overflowed the context
         with torch.autocast("cuda", dtype=torch.float16, enabled=device == "cuda"):
             out["img"].append(normalize(encode_image(clip, b.images.to(device))).half().cpu().numpy())
-            txt, enc, lengths = encode_text(clip, tokens.to(device), params["text_encodings"])
+            txt, enc, lengths = encode_text(clip, tokens.to(device), params.text_encodings)
         out["txt"].append(normalize(txt).half().cpu().numpy())
         if enc is not None:
             out["enc"] += [enc[i, : lengths[i]].half().cpu().numpy() for i in range(len(b.keys))]

@@ -27,7 +27,11 @@ def test_bench_quick_writes_ratios_and_table(tmp_path):
             r[name]["repeats"] == 1 and r[name]["ratio_median"] > 0 and math.isfinite(r[name]["ratio_median"])
         )
         assert r[name]["ratio_median"] == r[name]["ours"][0] / r[name]["theirs"][0]
-        assert r[name]["met"] in (True, False)
+        op, bound = r[name]["target"].split()
+        want = (
+            r[name]["ratio_median"] <= float(bound) if op == "<=" else r[name]["ratio_median"] >= float(bound)
+        )
+        assert r[name]["met"] is want  # the verdict follows from the measured ratio and the stated target
     assert r["prior_train"]["median"] > 0 and r["prior_sample"]["median"] > 0
     assert set(r["prior_peak_rss_mb"]) == {"1x", "2x"} and all(
         v > 50 for v in r["prior_peak_rss_mb"].values()

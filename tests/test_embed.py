@@ -131,12 +131,17 @@ def clip():
 
 
 def direct(clip, image: bytes, text: str) -> tuple[np.ndarray, np.ndarray]:
-    """The CLIP image and text embeddings of one sample, computed without the pipeline."""
-    from pipeline.encoders import encode_image, encode_text, normalize
-
+    """The CLIP image and text embeddings of one sample, computed without the pipeline: open_clip's own
+    `encode_image` and `encode_text` over the full context (the pipeline trims the text tower to the batch's
+    longest caption, so this also checks that the trimming changes nothing)."""
     img = clip.preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None]
-    tokens = clip.tokenizer([text])
-    return (normalize(encode_image(clip, img))[0].numpy(), normalize(encode_text(clip, tokens)[0])[0].numpy())
+    tokens = clip.tokenizer([text])  # [1, context_length], padded
+    with torch.no_grad():
+        i, t = clip.model.encode_image(img), clip.model.encode_text(tokens)
+    return (
+        torch.nn.functional.normalize(i.float(), dim=-1)[0].numpy(),
+        torch.nn.functional.normalize(t.float(), dim=-1)[0].numpy(),
+    )
 
 
 def files_of(root: Path) -> dict[str, bytes]:
