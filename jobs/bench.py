@@ -302,23 +302,10 @@ def random_store(root: Path, shards: int, rows: int, dim: int = 512, seed: int =
         return root
     shutil.rmtree(root, ignore_errors=True)
     rng = np.random.default_rng(seed)
-    manifest = {
-        "format_version": store.FORMAT_VERSION,
-        "identity": {"bench_scale_store": want},
-        "clip": {
-            "arch": "random",
-            "pretrained": "none",
-            "random_init": True,
-            "dim": dim,
-            "context_length": 77,
-        },
-        "img_emb": {"dtype": "float16", "shape": [dim], "normalized": True},
-        "text_emb": {"dtype": "float16", "shape": [dim], "normalized": True},
-        "text_enc": None,
-        "latents": None,
-        "shards": [],
-    }
-    store.write_json(root / store.MANIFEST, manifest)
+    manifest = store.Manifest.new(
+        {"bench_scale_store": want}, store.ClipInfo("random", "none", dim, random_init=True)
+    )
+    store.write_manifest(root, manifest)
     for i in range(shards):
         sid = f"{i:05d}"
         arrays = {}
@@ -331,8 +318,8 @@ def random_store(root: Path, shards: int, rows: int, dim: int = 512, seed: int =
         store.write_shard(
             root, sid, arrays, {"metadata": meta, "errors": None}, rows, {"source": f"random/{sid}"}
         )
-    manifest["shards"] = [{"shard": s, "rows": n} for s, n in store.shard_rows(root)]
-    store.write_json(root / store.MANIFEST, manifest)
+    manifest.shards = [{"shard": s, "rows": n} for s, n in store.shard_rows(root)]
+    store.write_manifest(root, manifest)
     stamp.write_text(json.dumps(want))
     return root
 

@@ -135,35 +135,23 @@ def _digest(path: Path) -> str:
 
 
 def _manifest(cfg: AdoptConfig, checks: list[ShardCheck], dim: int, context_length: int) -> dict:
-    normalized = all(
-        abs(c.norm_min - 1) <= NORM_TOLERANCE and abs(c.norm_max - 1) <= NORM_TOLERANCE for c in checks
+    lo, hi = min(c.norm_min for c in checks), max(c.norm_max for c in checks)
+    normalized = abs(lo - 1) <= NORM_TOLERANCE and abs(hi - 1) <= NORM_TOLERANCE
+
+    def emb(f: str) -> store.EmbeddingInfo:
+        return store.EmbeddingInfo(dim, checks[0].dims[f][1], normalized, cfg.normalize and not normalized)
+
+    clip = store.ClipInfo(
+        cfg.clip, cfg.pretrained, dim, context_length, cfg.pretrained.lower() in ("none", "random", "")
     )
-
-    def emb(f: str) -> dict:
-        return {
-            "dtype": checks[0].dims[f][1],
-            "shape": [dim],
-            "normalized": normalized,
-            "normalize_on_read": cfg.normalize and not normalized,
-        }
-
-    return {
-        "format_version": store.FORMAT_VERSION,
-        "identity": {"adopted": True, "clip": cfg.clip, "pretrained": cfg.pretrained},
-        "clip": {
-            "arch": cfg.clip,
-            "pretrained": cfg.pretrained,
-            "random_init": cfg.pretrained.lower() in ("none", "random", ""),
-            "dim": dim,
-            "context_length": context_length,
-        },
-        "img_emb": emb("img_emb"),
-        "text_emb": emb("text_emb"),
-        "text_enc": None,
-        "latents": None,
-        "adopted": {"norm_min": min(c.norm_min for c in checks), "norm_max": max(c.norm_max for c in checks)},
-        "shards": [{"shard": c.shard, "rows": c.rows, "source": "adopted"} for c in checks],
-    }
+    return store.Manifest(
+        identity={"adopted": True, "clip": cfg.clip, "pretrained": cfg.pretrained},
+        clip=clip,
+        img_emb=emb("img_emb"),
+        text_emb=emb("text_emb"),
+        adopted={"norm_min": lo, "norm_max": hi},
+        shards=[{"shard": c.shard, "rows": c.rows, "source": "adopted"} for c in checks],
+    ).to_json()
 
 
 def run(cfg: AdoptConfig) -> dict:
@@ -224,7 +212,7 @@ def _report(folder: Path, manifest: dict, checks: list[ShardCheck], adopted_now:
         if manifest["img_emb"]["normalized"]
         else (
             "NOT normalised: normalised on read"
-            if manifest["img_emb"]["normalize_on_read"]
+            if manifest["img_emb"].get("normalize_on_read")
             else "NOT normalised (pass --normalize to normalise them on read)"
         )
     )

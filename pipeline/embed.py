@@ -139,24 +139,18 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
     if cfg.overwrite and is_store(root):
         removed = store.wipe(root)
         log.info("--overwrite: removed %d files this project wrote in %s", len(removed), root)
-    manifest = {
-        "format_version": store.FORMAT_VERSION,
-        "identity": identity,
-        "clip": {
-            "arch": cfg.clip,
-            "pretrained": cfg.pretrained,
-            "random_init": cfg.pretrained.lower() in ("none", "random", ""),
-            "dim": clip.dim,
-            "context_length": clip.context_length,
-        },
-        "img_emb": {"dtype": "float16", "shape": [clip.dim], "normalized": True},
-        "text_emb": {"dtype": "float16", "shape": [clip.dim], "normalized": True},
-        "text_enc": {"dtype": "float16", "width": clip.text_width, "layout": "flat tokens + offsets"}
-        if cfg.text_encodings
-        else None,
-        "latents": latents,
-        "shards": [],
-    }
+    manifest = store.Manifest.new(
+        identity,
+        store.ClipInfo(
+            arch=cfg.clip,
+            pretrained=cfg.pretrained,
+            dim=clip.dim,
+            context_length=clip.context_length,
+            random_init=cfg.pretrained.lower() in ("none", "random", ""),
+        ),
+        text_enc_width=clip.text_width if cfg.text_encodings else 0,
+        latents=latents,
+    ).to_json()
     store.write_json(root / store.MANIFEST, manifest)
     return manifest
 

@@ -33,8 +33,6 @@ from pipeline.prefetch import background
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")  # a gif gives its first frame, as in img2dataset
-# Pixels codec: the image at latent size, stored as is; it dequantises to [-1, 1] like a model input.
-PIXEL_RANGE = (-1.0, 1.0)
 
 
 @dataclass
@@ -224,16 +222,7 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
     if cfg.latents == "none":
         return None
     if cfg.latents == "pixels":
-        c = 3
-        lo, hi = [PIXEL_RANGE[0]] * c, [PIXEL_RANGE[1]] * c
-        return {
-            "codec": "pixels",
-            "shape": [c, cfg.latent_size, cfg.latent_size],
-            "dtype": "uint8",
-            "lo": lo,
-            "hi": hi,
-            "image_size": cfg.latent_size,
-        }
+        return store.pixels_latents(cfg.latent_size)
     from pipeline.encoders import load_vae, vae_encode
 
     vae = load_vae(cfg.vae, device)
@@ -259,7 +248,7 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
         "vae": cfg.vae,
         "scale": vae.scale,
         "image_size": px,
-        "dtype": "uint8",
+        "dtype": np.dtype(store.LATENT_DTYPE).name,
         "shape": [vae.channels, cfg.latent_size, cfg.latent_size],
         "lo": lo.tolist(),
         "hi": hi.tolist(),

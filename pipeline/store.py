@@ -23,12 +23,15 @@ import hashlib
 import io
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipeline.errors import UsageError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -43,8 +46,141 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "errors": ("errors", "errors", ".parquet"),
 }
 LATENT_CODECS = ("none", "pixels", "vae")
-EMB_DTYPE = np.float16
+EMB_DTYPE = np.float16  # what `unclip embed` writes; adopted folders may hold float32 (the manifest says)
 LATENT_DTYPE = np.uint8
+TEXT_ENC_LAYOUT = "flat tokens + offsets"
+
+
+class ManifestError(UsageError):
+    """A manifest this code cannot read: not an object, missing keys, or a newer format version."""
+
+
+@dataclass
+class ClipInfo:
+    arch: str
+    pretrained: str
+    dim: int
+    context_length: int = 77
+    random_init: bool = False
+
+
+@dataclass
+class EmbeddingInfo:
+    """One embedding field (img_emb or text_emb): [rows, dim] of ``dtype``."""
+
+    dim: int
+    dtype: str = np.dtype(EMB_DTYPE).name
+    normalized: bool = True
+    normalize_on_read: bool = False  # adopted folders stored un-normalised, normalised by the stream
+
+    def to_json(self) -> dict:
+        out = {"dtype": self.dtype, "shape": [self.dim], "normalized": self.normalized}
+        return {**out, "normalize_on_read": True} if self.normalize_on_read else out
+
+    @classmethod
+    def from_json(cls, d: dict) -> EmbeddingInfo:
+        return cls(
+            int(d["shape"][0]), d["dtype"], bool(d["normalized"]), bool(d.get("normalize_on_read", False))
+        )
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``: what the store holds, as every writer records it and every reader checks it.
+
+    ``latents`` is the codec's own description (``codec``, ``shape``, ``dtype``, ``lo``/``hi`` quantisation
+    constants, ``image_size``, and for ``vae`` the model and its ``scale``), kept as the codec wrote it.
+    """
+
+    identity: dict  # the settings that made the store; a rerun with others is refused
+    clip: ClipInfo
+    img_emb: EmbeddingInfo
+    text_emb: EmbeddingInfo
+    text_enc_width: int = 0  # 0 = no per-token text encodings
+    latents: dict | None = None
+    shards: list[dict] = field(default_factory=list)
+    adopted: dict | None = None  # norms measured by `unclip adopt`
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def new(
+        cls, identity: dict, clip: ClipInfo, text_enc_width: int = 0, latents: dict | None = None
+    ) -> Manifest:
+        """A fresh store's manifest: unit-norm float16 embeddings of the CLIP's size, no shards yet."""
+        return cls(identity, clip, EmbeddingInfo(clip.dim), EmbeddingInfo(clip.dim), text_enc_width, latents)
+
+    def to_json(self) -> dict:
+        out = {
+            "format_version": self.format_version,
+            "identity": self.identity,
+            "clip": {
+                "arch": self.clip.arch,
+                "pretrained": self.clip.pretrained,
+                "random_init": self.clip.random_init,
+                "dim": self.clip.dim,
+                "context_length": self.clip.context_length,
+            },
+            "img_emb": self.img_emb.to_json(),
+            "text_emb": self.text_emb.to_json(),
+            "text_enc": {
+                "dtype": np.dtype(EMB_DTYPE).name,
+                "width": self.text_enc_width,
+                "layout": TEXT_ENC_LAYOUT,
+            }
+            if self.text_enc_width
+            else None,
+            "latents": self.latents,
+            "shards": self.shards,
+        }
+        return {**out, "adopted": self.adopted} if self.adopted is not None else out
+
+    @classmethod
+    def from_json(cls, d: Any) -> Manifest:
+        if not isinstance(d, dict):
+            raise ManifestError(f"{MANIFEST} is not a JSON object")
+        version = d.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ManifestError(
+                f"store format version {version} is not one this code reads (<= {FORMAT_VERSION}); "
+                "upgrade unclip-pipeline, or re-embed"
+            )
+        try:
+            c = d["clip"]
+            return cls(
+                identity=d["identity"],
+                clip=ClipInfo(
+                    c["arch"],
+                    c["pretrained"],
+                    int(c["dim"]),
+                    int(c["context_length"]),
+                    bool(c["random_init"]),
+                ),
+                img_emb=EmbeddingInfo.from_json(d["img_emb"]),
+                text_emb=EmbeddingInfo.from_json(d["text_emb"]),
+                text_enc_width=int(d["text_enc"]["width"]) if d.get("text_enc") else 0,
+                latents=d.get("latents"),
+                shards=list(d.get("shards", [])),
+                adopted=d.get("adopted"),
+                format_version=version,
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ManifestError(f"{MANIFEST} lacks or mistypes {e}") from e
+
+
+def pixels_latents(size: int) -> dict:
+    """The ``pixels`` codec's description: the image itself at ``size`` px, uint8, dequantising to [-1, 1]."""
+    return {
+        "codec": "pixels",
+        "shape": [3, size, size],
+        "dtype": np.dtype(LATENT_DTYPE).name,
+        "lo": [-1.0] * 3,
+        "hi": [1.0] * 3,
+        "image_size": size,
+    }
+
+
+def write_manifest(root: str | Path, manifest: Manifest) -> None:
+    write_json(Path(root) / MANIFEST, manifest.to_json())
 
 
 def shard_id_of(path: str) -> str:
@@ -210,7 +346,10 @@ def wipe(root: str | Path) -> list[str]:
 
 
 def load_manifest(root: str | Path) -> dict:
-    return read_json(Path(root) / MANIFEST)
+    """The manifest as JSON, checked to be one this code reads (`ManifestError` otherwise)."""
+    d = read_json(Path(root) / MANIFEST)
+    Manifest.from_json(d)
+    return d
 
 
 def shard_sort_key(shard: str) -> tuple:

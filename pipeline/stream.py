@@ -122,7 +122,7 @@ class Store:
             spans.append((s, int(off[r]), int(off[r + 1])))
         width = self.array("text_enc", self.shards[shards[0]][0]).shape[1]
         longest = max(b - a for _, a, b in spans)
-        enc = np.zeros((len(rows), longest, width), dtype=np.float16)
+        enc = np.zeros((len(rows), longest, width), dtype=store.EMB_DTYPE)
         mask = np.zeros((len(rows), longest), dtype=bool)
         for i, (s, a, b) in enumerate(spans):
             enc[i, : b - a] = self.array("text_enc", self.shards[s][0])[a:b]

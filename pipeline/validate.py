@@ -64,7 +64,7 @@ def _check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> 
     dim = manifest["clip"]["dim"]
     for fld in ("img_emb", "text_emb"):
         a = store.open_array(root, fld, shard)
-        want = manifest[fld].get("dtype", "float16")  # adopted folders may hold float32
+        want = manifest[fld]["dtype"]  # float16 from embed; adopted folders may hold float32
         if a.shape != (rows, dim) or str(a.dtype) != want:
             problems.append(
                 f"{shard}: {fld} is {a.dtype}{list(a.shape)}, manifest says {want}[{rows}, {dim}]"
@@ -79,7 +79,7 @@ def _check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> 
             problems.append(f"{shard}: {fld} has {bad} rows whose norm is not 1")
     if (lat := manifest.get("latents")) is not None:
         a = store.open_array(root, "latents", shard)
-        if a.shape != (rows, *lat["shape"]) or a.dtype != np.uint8:
+        if a.shape != (rows, *lat["shape"]) or a.dtype != store.LATENT_DTYPE:
             problems.append(
                 f"{shard}: latents are {a.dtype}{list(a.shape)}, manifest says uint8{[rows, *lat['shape']]}"
             )
@@ -90,9 +90,9 @@ def _check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> 
         )
         if len(off) != rows + 1 or off[0] != 0 or off[-1] != len(tok) or np.any(np.diff(off) <= 0):
             problems.append(f"{shard}: text_enc offsets do not cover {rows} rows")
-        if tok.ndim != 2 or tok.shape[1] != enc["width"] or tok.dtype != np.float16:
+        if tok.ndim != 2 or tok.shape[1] != enc["width"] or tok.dtype != enc["dtype"]:
             problems.append(
-                f"{shard}: text_enc is {tok.dtype}{list(tok.shape)}, manifest says float16[*, {enc['width']}]"
+                f"{shard}: text_enc is {tok.dtype}{list(tok.shape)}, manifest says {enc['dtype']}[*, {enc['width']}]"
             )
         elif not _finite(tok):
             problems.append(f"{shard}: text_enc has NaN or inf")
@@ -170,8 +170,11 @@ def run(cfg: ValidateConfig) -> dict:
     if not (root / store.MANIFEST).exists():
         raise UsageError(f"{root} is not an embedding store (no {store.MANIFEST})")
     manifest, why = _read_json(root / store.MANIFEST, {"clip": dict, "img_emb": dict, "text_emb": dict})
-    if manifest is not None and not isinstance(manifest["clip"].get("dim"), int):
-        manifest, why = None, f"{store.MANIFEST} lacks clip.dim"
+    if manifest is not None:
+        try:
+            store.Manifest.from_json(manifest)
+        except store.ManifestError as e:
+            manifest, why = None, str(e)
     if manifest is None:
         return _report(root, 0, 0, [f"{why}; the store cannot be read (re-embed it with --overwrite)"])
     problems: list[str] = []

@@ -34,36 +34,15 @@ def make_store(
     rng = np.random.default_rng(seed)
     img_proto, txt_proto = rng.normal(size=(n_classes, dim)), rng.normal(size=(n_classes, dim))
     tok_proto = rng.normal(size=(n_classes, 12, max(text_enc_width, 1)))
-    manifest = {
-        "format_version": store.FORMAT_VERSION,
-        "identity": {"synthetic": True},
-        "clip": {
-            "arch": clip_arch,
-            "pretrained": "none",
-            "random_init": True,
-            "dim": dim,
-            "context_length": 77,
-        },
-        "img_emb": {"dtype": "float16", "shape": [dim], "normalized": True},
-        "text_emb": {"dtype": "float16", "shape": [dim], "normalized": True},
-        "text_enc": {"dtype": "float16", "width": text_enc_width, "layout": "flat tokens + offsets"}
-        if text_enc_width
-        else None,
-        "latents": {
-            "codec": "pixels",
-            "shape": [3, latent_size, latent_size],
-            "dtype": "uint8",
-            "lo": [-1.0] * 3,
-            "hi": [1.0] * 3,
-            "image_size": latent_size,
-        }
-        if latent_size
-        else None,
-        "shards": [],
-    }
+    manifest = store.Manifest.new(
+        {"synthetic": True},
+        store.ClipInfo(clip_arch, "none", dim, random_init=True),
+        text_enc_width=text_enc_width,
+        latents=store.pixels_latents(latent_size) if latent_size else None,
+    )
     # Own generator: the other arrays stay what they were before latents existed.
     colours = np.random.default_rng([seed, 1]).integers(0, 256, size=(n_classes, 3), dtype=np.uint8)
-    store.write_json(f"{root}/{store.MANIFEST}", manifest)
+    store.write_manifest(root, manifest)
     for i, n in enumerate(rows_per_shard):
         shard = f"{i:05d}"
         cls = rng.integers(n_classes, size=n)
@@ -101,6 +80,6 @@ def make_store(
                 "latent_roundtrip_mae": None,
             },
         )
-    manifest["shards"] = [{"shard": s, "rows": r} for s, r in store.shard_rows(root)]
-    store.write_json(f"{root}/{store.MANIFEST}", manifest)
-    return manifest
+    manifest.shards = [{"shard": s, "rows": r} for s, r in store.shard_rows(root)]
+    store.write_manifest(root, manifest)
+    return manifest.to_json()

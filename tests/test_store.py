@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import store
+from tests.synthetic_store import make_store
 
 
 def test_quantize_round_trip_is_within_half_a_step():
@@ -132,3 +133,73 @@ def test_rows_that_disagree_are_refused_before_anything_is_written(tmp_path):
 def test_shard_id_of():
     assert store.shard_id_of("s3://bucket/data/00012.tar") == "00012"
     assert store.shard_id_of("/x/00003.tar") == "00003"
+
+
+# ---------------------------------------------------------------- the manifest
+
+
+EMBED_MANIFEST = {  # what `unclip embed` wrote before the manifest was typed (a real store's, paths shortened)
+    "clip": {
+        "arch": "unclip-tiny",
+        "context_length": 32,
+        "dim": 64,
+        "pretrained": "clip.pt",
+        "random_init": False,
+    },
+    "format_version": 1,
+    "identity": {
+        "clip": "unclip-tiny",
+        "latent_size": 32,
+        "latents": "pixels",
+        "pretrained": "clip.pt",
+        "seed": 0,
+    },
+    "img_emb": {"dtype": "float16", "normalized": True, "shape": [64]},
+    "latents": {
+        "codec": "pixels",
+        "dtype": "uint8",
+        "hi": [1.0, 1.0, 1.0],
+        "image_size": 32,
+        "lo": [-1.0, -1.0, -1.0],
+        "shape": [3, 32, 32],
+    },
+    "shards": [{"rows": 500, "shard": "00000", "source": "shards/00000.tar"}],
+    "text_emb": {"dtype": "float16", "normalized": True, "shape": [64]},
+    "text_enc": {"dtype": "float16", "layout": "flat tokens + offsets", "width": 128},
+}
+
+
+def test_manifest_round_trips_the_format_stores_already_have():
+    m = store.Manifest.from_json(EMBED_MANIFEST)
+    assert m.clip.dim == 64 and m.text_enc_width == 128 and m.img_emb.dtype == "float16"
+    assert m.to_json() == EMBED_MANIFEST
+    fresh = store.Manifest.new(
+        EMBED_MANIFEST["identity"],
+        store.ClipInfo("unclip-tiny", "clip.pt", 64, 32),
+        text_enc_width=128,
+        latents=store.pixels_latents(32),
+    )
+    assert fresh.to_json() == {**EMBED_MANIFEST, "shards": []}
+
+
+@pytest.mark.parametrize(
+    "change, want",
+    [
+        ({"format_version": 2}, "store format version 2 is not one this code reads (<= 1)"),
+        ({"clip": {"arch": "x"}}, "lacks or mistypes 'pretrained'"),
+        ({"img_emb": None}, "lacks or mistypes"),
+    ],
+)
+def test_unreadable_manifests_are_refused_in_one_line(change, want, tmp_path, capsys):
+    from jobs.cli import main
+
+    make_store(tmp_path / "s", [20, 20], dim=16)
+    d = {**store.read_json(tmp_path / "s" / store.MANIFEST), **change}
+    store.write_json(tmp_path / "s" / store.MANIFEST, d)
+    with pytest.raises(store.ManifestError, match=want.replace("(", r"\(").replace(")", r"\)")):
+        store.load_manifest(tmp_path / "s")
+    args = ["train-prior", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "run"), "--preset", "tiny"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and want in err[0] and not (tmp_path / "run").exists()
+    assert main(["validate", str(tmp_path / "s")]) == 1
