@@ -179,6 +179,28 @@ def _wait_for_stats(folder: Path, more_than: int) -> None:
         time.sleep(0.02)
 
 
+def test_ctrl_c_exits_130_and_says_how_many_shards_remain(tmp_path):
+    names = make_images(tmp_path / "www", 48)
+    out = tmp_path / "out"
+    with serve_folder(str(tmp_path / "www"), delay=0.05) as base:
+        urls = write_table(tmp_path / "urls.parquet", base, names)
+        proc = subprocess.Popen(
+            _download_cmd(urls, out), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        _wait_for_stats(out, 0)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole process group
+        _, err = proc.communicate(timeout=120)
+    finished = len(list(out.glob("*_stats.json")))
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert (
+        1 <= finished < 6
+        and f"{6 - finished} shards remain; rerun the same command to finish" in err.decode()
+    )
+    summary = json.loads((out / "summary/download_summary.json").read_text())
+    assert summary["interrupted"] and not summary["complete"]
+
+
+@pytest.mark.slow  # ~35 s: four img2dataset runs
 def test_interrupted_and_killed_download_resumes_to_the_same_shards(tmp_path):
     names = make_images(tmp_path / "www", 48)
     resumed = tmp_path / "resumed"

@@ -458,6 +458,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~9 s: a dask scheduler and two worker processes
 def test_external_scheduler_gives_the_local_cluster_result(base, shards, tmp_path):
     from dask.distributed import Client
 

@@ -120,6 +120,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, mo
     )
 
 
+@pytest.mark.slow  # ~11 s: 400 steps; the quick learning check is test_tiny_prior_overfits_16_pairs
 def test_prior_learns_the_mapping(data, tmp_path, capsys):
     main(
         cfg_for(
@@ -135,6 +136,7 @@ def test_prior_learns_the_mapping(data, tmp_path, capsys):
     assert m["sim_pred_image"] > m["sim_image_unrelated_pred"]
 
 
+@pytest.mark.slow  # ~8 s: two torchrun processes
 def test_two_process_gloo_training(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
