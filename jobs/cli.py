@@ -73,7 +73,7 @@ COMMANDS: dict[str, Command] = {
         report="jobs.eval_decoder:print_report",
     ),
     "export": Command(
-        "write a trained decoder as a diffusers KandinskyV22Pipeline folder",
+        "write a trained prior and decoder as diffusers pipeline folders (Kandinsky 2.2 form)",
         "jobs.export",
         "ExportConfig",
     ),

@@ -16,7 +16,7 @@ What is written under ``OUT/decoder/``:
 
 The negative image embedding of the pipeline is zeros (what the decoder was trained to treat as
 "unconditional"), and image embeddings should be L2-normalised as the store's are.
-Exporting the prior (`KandinskyV22PriorPipeline`) is not built yet.
+``--prior`` writes ``OUT/prior/``, a `KandinskyV22PriorPipeline` (`jobs.export_prior` says how and what is exact).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ExportConfig:
-    decoder: str = field(metadata={"help": "decoder training folder, ckpt/ or step_* folder"})
-    out: str = field(metadata={"help": "output folder; the pipeline goes to OUT/decoder"})
-    prior: str = ""  # not exported yet: giving one is refused with a clear line
+    out: str = field(metadata={"help": "output folder; the pipelines go to OUT/prior and OUT/decoder"})
+    decoder: str = field(default="", metadata={"help": "decoder training folder, ckpt/ or step_* folder"})
+    prior: str = field(default="", metadata={"help": "prior training folder, ckpt/ or step_* folder"})
     overwrite: bool = False
 
 
@@ -127,29 +127,64 @@ def export_decoder(folder: Path, meta: dict, out: Path) -> dict:
     }
 
 
+def _checkpoint(path: str, task: str) -> tuple[Path, dict]:
+    folder = checkpoint.resolve(path)
+    meta = checkpoint.read_meta(folder)
+    if meta.get("task") != task:
+        raise UsageError(f"--{task} {path} is a {meta.get('task')} checkpoint, not a {task}")
+    return folder, meta
+
+
+def _target(cfg: ExportConfig, name: str) -> Path:
+    out = Path(cfg.out) / name
+    if out.exists() and not cfg.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    return out
+
+
 def run(cfg: ExportConfig) -> dict:
     try:
         import transformers  # noqa: F401  (diffusers only exposes the Kandinsky pipelines with it)
     except ImportError:
         raise UsageError("unclip export needs transformers: pip install -e '.[export]'") from None
+    if not cfg.prior and not cfg.decoder:
+        raise UsageError("unclip export needs --prior DIR, --decoder DIR or both")
+    jobs = []
+    if cfg.decoder:
+        folder, meta = _checkpoint(cfg.decoder, "decoder")
+        codec = (meta.get("store") or {}).get("latents") or {}
+        if codec.get("codec") != "vae":
+            raise UsageError(
+                f"the decoder was trained on the '{codec.get('codec')}' latent codec; only 'vae' decoders export "
+                "to KandinskyV22Pipeline (its movq decodes VAE latents; pixels folded space-to-depth have no movq)"
+            )
+        jobs.append((export_decoder, folder, meta, _target(cfg, "decoder")))
     if cfg.prior:
-        raise UsageError(
-            "exporting the prior (KandinskyV22PriorPipeline) is not built yet; export --decoder only"
+        from jobs.export_prior import export_prior, exportable
+        from models.prior import PriorConfig
+        from pipeline.encoders import clip_dims
+
+        folder, meta = _checkpoint(cfg.prior, "prior")
+        why = exportable(
+            PriorConfig(**meta["model"]), clip_dims(meta["store"]["clip"]["arch"]).context_length
         )
-    folder = checkpoint.resolve(cfg.decoder)
-    meta = checkpoint.read_meta(folder)
-    if meta.get("task") != "decoder":
-        raise UsageError(f"--decoder {cfg.decoder} is a {meta.get('task')} checkpoint, not a decoder")
-    codec = (meta.get("store") or {}).get("latents") or {}
-    if codec.get("codec") != "vae":
-        raise UsageError(
-            f"the decoder was trained on the '{codec.get('codec')}' latent codec; only 'vae' decoders export to "
-            "KandinskyV22Pipeline (its movq decodes VAE latents; pixels folded space-to-depth have no movq)"
+        if why:
+            raise UsageError("this prior cannot be exported to PriorTransformer: " + "; ".join(why))
+        jobs.append((export_prior, folder, meta, _target(cfg, "prior")))
+    if len(jobs) == 2:
+        from jobs.sample import _clip_id
+
+        a, b = _clip_id(jobs[0][2]), _clip_id(jobs[1][2])
+        if a != b:
+            raise UsageError(
+                f"the decoder was trained on CLIP {a['arch']} ({a['pretrained']}) embeddings and the prior on "
+                f"{b['arch']} ({b['pretrained']}); export a pair trained with the same CLIP"
+            )
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    report = {}
+    for export, folder, meta, out in jobs:
+        report.update(export(folder, meta, out))
+        print(
+            f"export: {meta['task']} step {meta['step']} -> {out} (load with DiffusionPipeline.from_pretrained)"
         )
-    out = Path(cfg.out) / "decoder"
-    if out.exists() and not cfg.overwrite:
-        raise UsageError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = export_decoder(folder, meta, out)
-    print(f"export: decoder step {report['step']} -> {out} (load with DiffusionPipeline.from_pretrained)")
     return report

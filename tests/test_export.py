@@ -112,7 +112,7 @@ def test_exported_pipeline_draws_the_images_unclip_draws(exported, guidance):
     "case, want",
     [
         ("pixels_codec", "only 'vae' decoders export to KandinskyV22Pipeline"),
-        ("prior_given", "exporting the prior (KandinskyV22PriorPipeline) is not built yet"),
+        ("prior_given", "is a decoder checkpoint, not a prior"),
         ("exists", "exists; pass --overwrite to replace it"),
     ],
 )
