@@ -10,6 +10,7 @@ skipped; any other shard is redone from scratch, so a rerun after a crash ends b
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import logging
 import os
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from pipeline import store
 from pipeline.errors import UsageError
+from pipeline.image_input import IMAGE_DECODES
 from pipeline.store import LATENT_CODECS
 
 log = logging.getLogger(__name__)
@@ -42,8 +44,10 @@ class EmbedConfig:
     # 'none' = random weights (offline demo/tests); a tag such as laion2b_s34b_b79k, or a checkpoint path.
     pretrained: str = "laion2b_s34b_b79k"
     seed: int = 0  # seeds random CLIP weights, so every worker builds the same model
-    batch_size: int = 64
+    batch_size: int = 0  # 0 = 256 on CUDA, 64 on CPU
     device: str = field(default="auto", metadata={"choices": DEVICES})
+    # auto = JPEGs decoded on the GPU for embedding-only CUDA runs, PIL otherwise (pipeline.image_input)
+    image_decode: str = field(default="auto", metadata={"choices": IMAGE_DECODES})
     latents: str = field(default="none", metadata={"choices": LATENT_CODECS})
     latent_size: int = 32
     vae: str = ""
@@ -91,10 +95,12 @@ def check_tar(url: str) -> None:
 def validate(cfg: EmbedConfig) -> list[str]:
     from pipeline.encoders import ensure_pretrained, validate_clip, validate_vae
 
-    if cfg.batch_size < 1 or cfg.workers < 1 or cfg.latent_size < 1:
-        raise UsageError("--batch-size, --workers and --latent-size must be >= 1")
+    if cfg.batch_size < 0 or cfg.workers < 1 or cfg.latent_size < 1:
+        raise UsageError("--batch-size must be >= 0 (0 = by device); --workers and --latent-size >= 1")
     if cfg.device not in DEVICES:
         raise UsageError(f"unknown --device '{cfg.device}'; valid: {', '.join(DEVICES)}")
+    if cfg.image_decode not in IMAGE_DECODES:
+        raise UsageError(f"unknown --image-decode '{cfg.image_decode}'; valid: {', '.join(IMAGE_DECODES)}")
     if cfg.latents not in LATENT_CODECS:
         raise UsageError(f"unknown --latents '{cfg.latents}'; valid: {', '.join(LATENT_CODECS)}")
     validate_clip(cfg.clip, cfg.pretrained)
@@ -186,6 +192,7 @@ def run(cfg: EmbedConfig) -> dict:
     from pipeline.encoders import resolve_device
 
     device = resolve_device(cfg.device)
+    cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or (256 if device.startswith("cuda") else 64))
     manifest = prepare_store(cfg, shards, device)
     todo = [s for s in shards if not store.is_done(cfg.out, store.shard_id_of(s))]
     log.info("embed: %d shards, %d already done, %d to do", len(shards), len(shards) - len(todo), len(todo))
@@ -204,6 +211,7 @@ def run(cfg: EmbedConfig) -> dict:
         torch_threads=cfg.torch_threads
         or (0 if cfg.scheduler else max(1, (os.cpu_count() or 1) // cfg.workers)),
         latent_params=manifest["latents"],
+        image_decode=_image_decode(cfg, device),
     )
     start, rows, failed, stats = time.perf_counter(), 0, {}, {}
     if todo:
@@ -216,6 +224,19 @@ def run(cfg: EmbedConfig) -> dict:
                 cluster.close()
     seconds = time.perf_counter() - start
     return _finish(cfg, manifest, shards, rows, seconds, failed, stats)
+
+
+def _image_decode(cfg: EmbedConfig, device: str) -> str:
+    from pipeline.encoders import clip_preprocess_cfg
+    from pipeline.image_input import resolve_image_decode, tensor_preprocess_supported
+
+    supported = tensor_preprocess_supported(clip_preprocess_cfg(cfg.clip, cfg.pretrained))
+    if cfg.image_decode == "device" and not supported:
+        raise UsageError(
+            f"--image-decode device: CLIP {cfg.clip}'s preprocessing (resize mode or interpolation) has no "
+            "tensor equivalent; valid here: auto, pil"
+        )
+    return resolve_image_decode(cfg.image_decode, device, cfg.latents, supported)
 
 
 def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import re
 import resource
 import tarfile
 import time
@@ -28,6 +29,7 @@ from PIL import Image, ImageOps
 
 from pipeline import store
 from pipeline.errors import StageError, UsageError
+from pipeline.image_input import TensorPreprocess, is_jpeg
 from pipeline.prefetch import background
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,9 @@ def decode(sample: Sample) -> tuple[Image.Image | None, str | None]:
         img.load()
         return _to_rgb(img), None
     except Exception as e:  # PIL raises many kinds for corrupt data
-        return None, f"cannot decode image: {type(e).__name__}: {e}"
+        # PIL names the BytesIO by address ("<_io.BytesIO object at 0x7f..>"): error rows must not vary by run
+        why = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e))
+        return None, f"cannot decode image: {type(e).__name__}: {why}"
 
 
 def download_record(url: str) -> list[str] | None:
@@ -156,6 +160,7 @@ class ShardParams:
     text_encodings: bool
     torch_threads: int  # 0 = leave torch's default
     latent_params: dict | None  # the manifest's latents entry (codec constants), None without latents
+    image_decode: str = "pil"  # resolved: "pil" (CPU, PIL) or "device" (JPEGs decoded on `device`)
 
 
 @dataclass
@@ -163,53 +168,132 @@ class Batch:
     keys: list[str]
     captions: list[str]
     metas: list[dict]
-    images: torch.Tensor  # [B, 3, H, W] CLIP input
+    images: torch.Tensor | None  # [B, 3, H, W] CLIP input, when every sample went through PIL
     latent_input: np.ndarray | torch.Tensor | None  # uint8 [B, 3, s, s] (pixels) or [-1, 1] floats (vae)
     empty_captions: int = 0
+    tokens: torch.Tensor | None = None  # [B, context], when a tokenizer was given (made off the model thread)
+    # --image-decode device: per sample, its JPEG bytes (decoded on the device) or its PIL-made CLIP input
+    parts: list[bytes | torch.Tensor] | None = None
+    positions: list[int] | None = None  # each sample's index in the tar, for error-row order
+    empty_flags: list[bool] | None = None  # per sample: its caption was missing in the source
 
 
 def prepare_batches(
-    url: str, preprocess, batch_size: int, latents: str, latent_px: int, errors: list[dict]
+    url: str,
+    preprocess,
+    batch_size: int,
+    latents: str,
+    latent_px: int,
+    errors: list[dict],
+    tokenizer=None,
+    device_jpegs: bool = False,
+    pin_memory: bool = False,
 ) -> Iterator[Batch]:
-    """Decode and preprocess in tar order; unusable samples go to ``errors``."""
-    buf: list[tuple[Sample, Image.Image]] = []
+    """Decode and preprocess in tar order; unusable samples go to ``errors`` (with their tar index, ``pos``).
+
+    ``pin_memory`` (CUDA) puts the CLIP input in page-locked memory, so its copy to the device does not block.
+    With ``device_jpegs`` JPEG samples are passed on undecoded for `assemble_images`; every
+    other sample is decoded by PIL here, as without it.
+    """
+    buf: list[tuple[Sample, Image.Image | None, int]] = []
     seen: set[str] = set()
-    for sample in read_tar(url):
+    for pos, sample in enumerate(read_tar(url)):
         if sample.key in seen:
             errors.append(
-                {"key": sample.key, "reason": "duplicate key: an earlier sample of this shard has it"}
+                {
+                    "key": sample.key,
+                    "reason": "duplicate key: an earlier sample of this shard has it",
+                    "pos": pos,
+                }
             )
             continue
         seen.add(sample.key)
-        img, reason = decode(sample)
-        if img is None:
-            errors.append({"key": sample.key, "reason": reason})
-            continue
-        buf.append((sample, img))
+        on_device = (
+            device_jpegs and sample.problem is None and sample.caption is not None and is_jpeg(sample.image)
+        )
+        if on_device and latents == "none":
+            img, reason = None, None  # decoded later, on the device
+        else:  # latents are always made from the PIL decode, so they do not depend on --image-decode
+            img, reason = decode(sample)
+            if img is None:
+                errors.append({"key": sample.key, "reason": reason, "pos": pos})
+                continue
+        buf.append((sample, img, pos))
         if len(buf) == batch_size:
-            yield _batch(buf, preprocess, latents, latent_px)
+            yield _batch(buf, preprocess, latents, latent_px, tokenizer, device_jpegs, pin_memory)
             buf = []
     if buf:
-        yield _batch(buf, preprocess, latents, latent_px)
+        yield _batch(buf, preprocess, latents, latent_px, tokenizer, device_jpegs, pin_memory)
 
 
-def _batch(buf, preprocess, latents: str, latent_px: int) -> Batch:
-    images = torch.stack([preprocess(img) for _, img in buf])  # [B, 3, H, W]
+def _batch(buf, preprocess, latents: str, latent_px: int, tokenizer, device_jpegs: bool, pin: bool) -> Batch:
+    parts = [
+        s.image if device_jpegs and is_jpeg(s.image) else preprocess(img) for s, img, _ in buf
+    ]  # bytes for the device decoder, else [3, H, W] CLIP input
+    images = None if device_jpegs else torch.stack(parts)  # [B, 3, H, W]
+    if pin and images is not None:
+        images = images.pin_memory()
     lat = None
     if latents != "none":
         px = np.stack(
-            [np.asarray(ImageOps.fit(img, (latent_px, latent_px), Image.BICUBIC)) for _, img in buf]
+            [np.asarray(ImageOps.fit(img, (latent_px, latent_px), Image.BICUBIC)) for _, img, _ in buf]
         )
         lat = px.transpose(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W] uint8
         if latents == "vae":
             lat = torch.from_numpy(lat).float() / 127.5 - 1.0
+    captions = [s.caption for s, _, _ in buf]
     return Batch(
-        [s.key for s, _ in buf],
-        [s.caption for s, _ in buf],
-        [s.meta for s, _ in buf],
+        [s.key for s, _, _ in buf],
+        captions,
+        [s.meta for s, _, _ in buf],
         images,
         lat,
-        sum(s.empty_caption for s, _ in buf),
+        sum(s.empty_caption for s, _, _ in buf),
+        tokens=tokenizer(captions) if tokenizer is not None else None,
+        parts=parts if device_jpegs else None,
+        positions=[p for _, _, p in buf],
+        empty_flags=[s.empty_caption for s, _, _ in buf],
+    )
+
+
+def assemble_images(b: Batch, preprocess, tensor_preprocess, device: str, errors: list[dict]) -> Batch:
+    """The CLIP input of a ``--image-decode device`` batch on ``device``: its JPEGs decoded there in one call.
+
+    A JPEG the device decoder refuses is decoded by PIL instead; one PIL cannot read either becomes an error
+    row (with its reason) and leaves the batch, so rows stay aligned. Returns the batch with ``images`` set.
+    """
+    from pipeline.image_input import decode_jpegs
+
+    jpeg_at = [i for i, p in enumerate(b.parts) if isinstance(p, bytes)]
+    decoded = decode_jpegs([b.parts[i] for i in jpeg_at], device)
+    ready: dict[int, torch.Tensor] = {}
+    for i, t in zip(jpeg_at, decoded, strict=True):
+        if t is not None:
+            ready[i] = tensor_preprocess.one(t)
+            continue
+        img, reason = decode(Sample(b.keys[i], b.parts[i], b.captions[i], b.metas[i]))
+        if img is None:
+            errors.append({"key": b.keys[i], "reason": reason, "pos": b.positions[i]})
+        else:
+            ready[i] = preprocess(img).to(device)
+    for i, p in enumerate(b.parts):
+        if isinstance(p, torch.Tensor):
+            ready[i] = p.to(device, non_blocking=True)
+    keep = [i for i in range(len(b.keys)) if i in ready]
+    if len(keep) == len(b.keys):
+        b.images = torch.stack([ready[i] for i in keep])
+        return b
+    pick = torch.tensor(keep, dtype=torch.long)
+    return Batch(
+        [b.keys[i] for i in keep],
+        [b.captions[i] for i in keep],
+        [b.metas[i] for i in keep],
+        torch.stack([ready[i] for i in keep]) if keep else torch.zeros(0),
+        b.latent_input[keep] if b.latent_input is not None else None,
+        sum(b.empty_flags[i] for i in keep),
+        tokens=b.tokens[pick] if b.tokens is not None else None,
+        positions=[b.positions[i] for i in keep],
+        empty_flags=[b.empty_flags[i] for i in keep],
     )
 
 
@@ -314,13 +398,35 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         "meta": [],
     }
     truncated, empty, mae = 0, 0, []
-    batches = prepare_batches(url, clip.preprocess, params.batch_size, params.latents, latent_px, errors)
+    device_jpegs = params.image_decode == "device"
+    tensor_preprocess = TensorPreprocess.from_open_clip(clip.model) if device_jpegs else None
+    if device_jpegs and tensor_preprocess is None:
+        raise UsageError(
+            f"--image-decode device: CLIP {params.clip}'s preprocessing has no tensor equivalent"
+        )
+    batches = prepare_batches(
+        url,
+        clip.preprocess,
+        params.batch_size,
+        params.latents,
+        latent_px,
+        errors,
+        tokenizer=clip.tokenizer,  # tokenised beside the decoding, off the thread that runs the models
+        device_jpegs=device_jpegs,
+        pin_memory=device.startswith("cuda"),
+    )
+    cuda = device.startswith("cuda")
     for b in background(batches):
-        tokens = clip.tokenizer(b.captions)  # [B, context]
+        if device_jpegs:
+            b = assemble_images(b, clip.preprocess, tensor_preprocess, device, errors)
+            if not b.keys:
+                continue
+        tokens = b.tokens  # [B, context]
         truncated += int((tokens[:, -1] != 0).sum())  # the caption filled or overflowed the context
-        with torch.autocast("cuda", dtype=torch.float16, enabled=device == "cuda"):
-            out["img"].append(normalize(encode_image(clip, b.images.to(device))).half().cpu().numpy())
-            txt, enc, lengths = encode_text(clip, tokens.to(device), params.text_encodings)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+            images = b.images.to(device, non_blocking=True)
+            out["img"].append(normalize(encode_image(clip, images)).half().cpu().numpy())
+            txt, enc, lengths = encode_text(clip, tokens.to(device, non_blocking=True), params.text_encodings)
         out["txt"].append(normalize(txt).half().cpu().numpy())
         if enc is not None:
             out["enc"] += [enc[i, : lengths[i]].half().cpu().numpy() for i in range(len(b.keys))]
@@ -336,6 +442,7 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         out["cap"] += b.captions
         out["meta"] += b.metas
         empty += b.empty_captions
+    errors.sort(key=lambda e: e.pop("pos"))  # tar order, whichever thread found the problem
     recorded = download_record(url)
     if recorded is not None:
         present = set(out["key"]) | {e["key"] for e in errors}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -277,3 +277,17 @@ def vae_encode(vae: Vae, images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def vae_decode(vae: Vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.model.decode(latents.to(vae.device) / vae.scale).sample
+
+
+def clip_preprocess_cfg(arch: str, pretrained: str = "none") -> dict:
+    """open_clip's image preprocessing for an architecture and weights tag, without building the model:
+    its defaults, then the architecture's config, then the tag's (as open_clip's factory merges them)."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    oc = _open_clip()
+    arch_cfg = oc.get_model_config(arch) or {}
+    cfg = merge_preprocess_dict(asdict(PreprocessCfg()), arch_cfg.get("preprocess_cfg", {}))
+    if pretrained.lower() not in RANDOM and not is_path(pretrained):
+        cfg = merge_preprocess_dict(cfg, oc.get_pretrained_cfg(arch, pretrained) or {})
+    cfg["size"] = arch_cfg.get("vision_cfg", {}).get("image_size", cfg["size"])
+    return cfg

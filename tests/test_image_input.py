@@ -1,0 +1,107 @@
+"""`--image-decode device`: JPEGs decoded by torchvision and preprocessed as tensor ops, checked on CPU (the same
+code path a GPU runs, with device "cpu") against the PIL path: embeddings, row order, error rows, latents."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import store
+from pipeline.image_input import TensorPreprocess, decode_jpegs, is_jpeg, resolve_image_decode
+from tests.test_embed import PIXELS, TINY, clip, embed, jpeg, sample, write_tar  # noqa: F401  (fixture)
+
+
+def _image(fmt: str, size=(40, 52), seed=3, mode="RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    px = rng.integers(0, 256, (size[1], size[0], 3)).astype(np.uint8)
+    img = Image.fromarray(px).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_tensor_preprocessing_matches_open_clip_per_image(clip):  # noqa: F811
+    from pipeline.encoders import encode_image, normalize
+
+    tp = TensorPreprocess.from_open_clip(clip.model)
+    assert tp is not None and tp.size == 64
+    blobs = [jpeg(s, size) for s, size in enumerate([(48, 48), (56, 40), (300, 200), (17, 90), (64, 64)])]
+    decoded = decode_jpegs(blobs, "cpu")
+    assert all(t is not None and t.dtype == torch.uint8 for t in decoded)
+    ours = tp(decoded)
+    pil = torch.stack([clip.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
+    assert ours.shape == pil.shape == (5, 3, 64, 64)
+    assert (ours - pil).abs().mean() < 0.05  # normalised units; resampling arithmetic differs slightly
+    cos = (normalize(encode_image(clip, ours)) * normalize(encode_image(clip, pil))).sum(-1)
+    assert cos.min().item() >= 0.999, cos
+
+
+def test_decoder_refusals_fall_back_one_by_one():
+    good = jpeg(1)
+    blobs = [good, b"\xff\xd8\xff" + b"garbage" * 20, good[: len(good) // 2], _image("JPEG", mode="CMYK")]
+    out = decode_jpegs(blobs, "cpu")
+    assert out[0] is not None and out[1] is None and out[2] is None
+    assert out[3] is not None and out[3].shape == (3, 52, 40)  # CMYK converted, as PIL converts it
+    assert is_jpeg(good) and not is_jpeg(_image("PNG")) and not is_jpeg(None)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """JPEGs of several sizes, a PNG, a GIF, a CMYK JPEG, a JPEG cut in half, garbage behind a JPEG magic."""
+    d = tmp_path_factory.mktemp("mixed")
+    good = [sample(f"0000000{i:02d}", i, size=(48, 48) if i % 2 else (70, 33)) for i in range(10)]
+    odd = {
+        "000000050": _image("PNG"),
+        "000000051": _image("GIF"),
+        "000000052": _image("JPEG", mode="CMYK"),
+        "000000053": jpeg(53)[:300],
+        "000000054": b"\xff\xd8\xff" + b"not really" * 30,
+    }
+    samples = good[:3] + [sample(k, 50 + i, image=v) for i, (k, v) in enumerate(odd.items())] + good[3:]
+    write_tar(d / "shards" / "00000.tar", samples)
+    return d
+
+
+def _embed(mixed, name: str, *extra: str):
+    out = mixed / name
+    assert (
+        embed("--shards", mixed / "shards" / "00000.tar", "--out", out, *TINY, "--device", "cpu", *extra) == 0
+    )
+    return out
+
+
+def test_device_path_embeds_the_rows_and_errors_the_pil_path_does(mixed):
+    pil = _embed(mixed, "pil", "--image-decode", "pil", *PIXELS)
+    dev = _embed(mixed, "dev", "--image-decode", "device", *PIXELS)
+    keys = store.read_metadata(pil, "00000")["key"].to_pylist()
+    assert keys == store.read_metadata(dev, "00000")["key"].to_pylist()
+    assert len(keys) == 13  # 10 JPEGs, the PNG, the GIF, the CMYK JPEG
+    errors = [pq.read_table(store.field_path(s, "errors", "00000")).to_pylist() for s in (pil, dev)]
+    assert errors[0] == errors[1] and [e["key"] for e in errors[0]] == ["000000053", "000000054"]
+    a, b = (store.open_array(s, "img_emb", "00000").astype(np.float32) for s in (pil, dev))
+    assert (a * b).sum(-1).min() >= 0.999
+    for field in ("text_emb", "latents"):  # latents come from the PIL decode in both paths
+        assert np.array_equal(store.open_array(pil, field, "00000"), store.open_array(dev, field, "00000"))
+
+
+def test_auto_picks_the_device_decoder_only_for_embedding_only_cuda_runs():
+    assert resolve_image_decode("auto", "cuda", "none", True) == "device"
+    assert resolve_image_decode("auto", "cuda", "vae", True) == "pil"
+    assert resolve_image_decode("auto", "cpu", "none", True) == "pil"
+    assert resolve_image_decode("auto", "cuda", "none", False) == "pil"
+    assert resolve_image_decode("device", "cpu", "none", True) == "device"
+
+
+def test_unknown_image_decode_is_one_line(mixed, capsys):
+    args = ["--shards", mixed / "shards" / "00000.tar", "--out", mixed / "x", *TINY, "--image-decode", "gpu"]
+    with pytest.raises(SystemExit) as e:  # argparse's choices: one line, exit 2
+        embed(*args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--image-decode: invalid choice: 'gpu'" in err[-1] and "'auto', 'pil', 'device'" in err[-1], err
+    assert not (mixed / "x").exists()
