@@ -12,11 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
 from jobs.http_server import serve_folder
+from jobs.serve import served_urls
 from pipeline import demo_data, download, store
 
 log = logging.getLogger(__name__)
@@ -53,15 +50,6 @@ DEMO_PROMPTS = (
     "a black circle at the top left and a red triangle at the bottom right on a white background",
     "an orange diamond in the center on a black background",
 )
-
-
-def served_urls(data_dir: Path, base_url: str, out: Path) -> Path:
-    """Rewrite demo.parquet's relative paths as URLs on the local server."""
-    table = pq.read_table(data_dir / "demo.parquet")
-    urls = pc.binary_join_element_wise(pa.scalar(base_url + "/"), table["url"], "")
-    table = table.set_column(table.schema.get_field_index("url"), "url", urls)
-    pq.write_table(table, out)
-    return out
 
 
 def run(cfg: DemoConfig) -> dict:
