@@ -93,4 +93,4 @@ $(ANCHORS_STAMP):
 	touch $(ANCHORS_STAMP)
 
 bench-anchors: $(VENV_STAMP) $(ANCHORS_STAMP) ## ours vs clip-retrieval, embedding-reader, dalle2-pytorch -> bench/anchors.{json,md} (6-12 min on 2 cores)
-	$(PY) -m jobs.bench_anchors $(ARGS)
+	.venv/bin/unclip bench-anchors --anchors-python $(ANCHORS_PY) $(ARGS)

@@ -79,8 +79,14 @@ COMMANDS: dict[str, Command] = {
     ),
     "bench": Command(
         "measure every stage against its physical limit (writes bench/results.json)",
-        "jobs.bench",
+        "jobs.bench.main",
         "BenchConfig",
+    ),
+    "bench-anchors": Command(
+        "our stages against clip-retrieval, embedding-reader and dalle2-pytorch (writes bench/anchors.json)",
+        "jobs.bench.anchors",
+        "AnchorsConfig",
+        report="jobs.bench.anchors:print_report",
     ),
     "demo": Command("run every stage on the built-in demo dataset", "jobs.demo", "DemoConfig"),
 }

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from jobs.bench import BenchConfig, markdown, run
+from jobs.bench.main import BenchConfig, markdown, run
 
 
 def test_bench_decoder_stage_quick(tmp_path):
@@ -39,3 +39,24 @@ def test_bench_quick_writes_ratios_and_table(tmp_path):
     assert set(r["embed_peak_rss"]["doubling_unclip_tiny_mb"]) == {"2_shards", "4_shards"}
     table = (tmp_path / "results.md").read_text()
     assert table == markdown(report) and "| stream_vs_mmap |" in table and report["commit"] in table
+
+
+@pytest.mark.parametrize("value, want", [(["false"], False), (["no"], False), (["true"], True), ([], True)])
+def test_quick_flag_parses_like_every_boolean_flag(value, want):
+    from jobs.cli import build_parser
+    from jobs.config import build_config
+
+    argv = ["bench", "--quick", *value, "--stages", "stream"]
+    cfg = build_config(BenchConfig, build_parser(argv).parse_args(argv))
+    assert cfg.quick is want and cfg.stages == "stream"
+
+
+def test_unknown_stage_is_one_line_exit_2_before_anything_runs(tmp_path, capsys):
+    from jobs.cli import main
+
+    code = main(["bench", "--out", str(tmp_path / "out"), "--stages", "stream,bogus"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == (
+        "unclip bench: error: unknown bench stage 'bogus'; valid: download, embed, stream, prior, decoder"
+    )
+    assert not (tmp_path / "out").exists()
