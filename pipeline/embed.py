@@ -251,7 +251,7 @@ def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:
     )
     names = {f.key: s for f, s in zip(futures, todo, strict=True)}
     rows, failed, start = 0, {}, time.perf_counter()
-    stats = {"task_seconds": 0.0, "worker_peak_rss_mb": 0.0}
+    stats = {"task_seconds": 0.0, "worker_peak_rss_mb": 0.0, "gpu_peak_mb": 0.0}
     with tqdm(total=len(todo), desc="embed", unit="shard") as bar:
         for fut in as_completed(futures):
             try:
@@ -259,6 +259,7 @@ def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:
                 rows += res["rows"]
                 stats["task_seconds"] += res["seconds"]
                 stats["worker_peak_rss_mb"] = max(stats["worker_peak_rss_mb"], res["worker_peak_rss_mb"])
+                stats["gpu_peak_mb"] = max(stats["gpu_peak_mb"], res.get("gpu_peak_mb", 0.0))
             except Exception as e:  # after dask's retries: list it, keep going with the others
                 failed[names[fut.key]] = f"{type(e).__name__}: {e}"
                 log.error("shard %s failed: %s", names[fut.key], failed[names[fut.key]])
@@ -298,6 +299,7 @@ def _finish(
         if stats.get("task_seconds")
         else None,
         "worker_peak_rss_mb": stats.get("worker_peak_rss_mb"),
+        "gpu_peak_mb": stats.get("gpu_peak_mb") or None,
     }
     store.write_json(Path(cfg.out) / "logs" / "embed_summary.json", summary)
     if failed:

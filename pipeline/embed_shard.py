@@ -463,7 +463,13 @@ def embed_shard(url: str, params: ShardParams) -> dict:
     marker = _write(root, shard, url, out, errors, truncated, mae, empty, recorded is not None)
     # Reported to the caller only (the marker on disk stays free of timings): for the summary and the bench.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {**marker, "worker_peak_rss_mb": round(rss, 1), "seconds": round(time.perf_counter() - t0, 3)}
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else 0.0
+    return {
+        **marker,
+        "worker_peak_rss_mb": round(rss, 1),
+        "gpu_peak_mb": round(gpu, 1),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def _write(root, shard, url, out, errors, truncated, mae, empty, cross_checked) -> dict:

@@ -57,6 +57,17 @@ def test_unknown_stage_is_one_line_exit_2_before_anything_runs(tmp_path, capsys)
     code = main(["bench", "--out", str(tmp_path / "out"), "--stages", "stream,bogus"])
     err = capsys.readouterr().err
     assert code == 2 and err.strip() == (
-        "unclip bench: error: unknown bench stage 'bogus'; valid: download, embed, stream, prior, decoder"
+        "unclip bench: error: unknown bench stage 'bogus'; valid: download, embed, embed_gpu, stream, prior, decoder"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_embed_stage_says_it_was_skipped_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the stage measures instead (make bench)")
+    run(BenchConfig(out=str(tmp_path), repeats=1, quick=True, stages="embed_gpu"))
+    r = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert r == {"embed_gpu": {"skipped": "no CUDA device visible", "unit": "GPU embed figures need a GPU"}}
+    assert "| embed_gpu | skipped no CUDA device visible |" in (tmp_path / "results.md").read_text()

@@ -12,13 +12,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from jobs.bench import decoder, download, embed, prior, stream
+from jobs.bench import decoder, download, embed, embed_gpu, prior, stream
 from jobs.bench.harness import git_commit, machine_line, table, write_report
 from pipeline.errors import UsageError
 
 STAGES = {
     "download": download.bench,
     "embed": embed.bench,
+    "embed_gpu": embed_gpu.bench,  # only where a CUDA device is visible; a "skipped" row elsewhere
     "stream": stream.bench,
     "prior": prior.bench,
     "decoder": decoder.bench,

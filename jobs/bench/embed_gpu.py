@@ -1,0 +1,132 @@
+"""`unclip bench`, embed on a GPU (only when one is visible): `unclip embed --device cuda` end to end and inside
+its shard tasks against the pure fp16 forward on the same GPU, for ViT-B-32 and ViT-L-14 at batch 256, with
+JPEGs decoded on the device (``--image-decode device``) and by PIL on the CPU; peak GPU memory and the device.
+
+The shards are written directly (8 x 1,024 samples of 256 px JPEGs): decode and resize cost per sample is what
+matters here, and img2dataset is measured by the download stage.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from jobs.bench.harness import PY, alternate, measure, probe, ratio_figure
+
+if TYPE_CHECKING:
+    from jobs.bench.main import BenchConfig
+
+ARCHS = ("ViT-B-32", "ViT-L-14")
+BATCH = 256
+
+
+def gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def write_jpeg_shards(root: Path, shards: int, per: int, size: int = 256) -> Path:
+    """``shards`` tars of ``per`` distinct-looking JPEG samples with captions (procedural, seeded)."""
+    import numpy as np
+    from PIL import Image
+
+    if (root / "ok").exists():
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for s in range(shards):
+        with tarfile.open(root / f"{s:05d}.tar", "w") as tf:
+            for i in range(per):
+                px = rng.integers(0, 256, 3) + rng.integers(-50, 50, (size, size, 3))
+                buf = io.BytesIO()
+                Image.fromarray(px.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+                key = f"{s:05d}{i:04d}"
+                cap = f"a photo of object {i} in shard {s}, seen from the left".encode()
+                for ext, data in (
+                    ("jpg", buf.getvalue()),
+                    ("txt", cap),
+                    ("json", json.dumps({"key": key}).encode()),
+                ):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    (root / "ok").write_text("")
+    return root
+
+
+def embed_run(shards: Path, out: Path, clip: str, decode: str) -> tuple[dict, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [PY, "-m", "jobs.cli", "embed", "--shards", str(shards), "--out", str(out), "--clip", clip]
+    cmd += f"--pretrained none --batch-size {BATCH} --device cuda --image-decode {decode}".split()
+    run = measure(cmd)
+    return json.loads(run.stdout[run.stdout.index("{") :]), run.seconds
+
+
+def probe_forward_gpu(clip: str, batch: int, batches: int) -> dict:
+    """Pure fp16 forward of both towers on the GPU: random pixels, fixed captions, synchronised timing."""
+    import torch
+
+    from pipeline.encoders import encode_image, encode_text, load_clip
+
+    c = load_clip(clip, "none", "cuda", 0)
+    size = c.preprocess.transforms[1].size
+    images = torch.randn(batch, 3, *size, device="cuda")
+    tokens = c.tokenizer(
+        [f"a photo of object {i} in shard 0, seen from the left" for i in range(batch)]
+    ).cuda()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        for _ in range(3):  # warm-up: kernels, cuDNN/cuBLAS heuristics
+            encode_image(c, images), encode_text(c, tokens)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            encode_image(c, images), encode_text(c, tokens)
+        torch.cuda.synchronize()
+    return {
+        "images_per_s": batches * batch / (time.perf_counter() - t0),
+        "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+    }
+
+
+def bench(cfg: BenchConfig, work: Path) -> dict:
+    name = gpu_name()
+    if name is None:
+        return {"embed_gpu": {"skipped": "no CUDA device visible", "unit": "GPU embed figures need a GPU"}}
+    shards = write_jpeg_shards(
+        work / "gpu_shards", shards=2 if cfg.quick else 8, per=256 if cfg.quick else 1024
+    )
+    out: dict = {}
+    for arch in ("ViT-B-32",) if cfg.quick else ARCHS:
+        for decode in ("device", "pil"):
+            runs, fwd = alternate(
+                cfg.repeats,
+                lambda i, a=arch, d=decode: embed_run(shards, work / f"gpu_store_{a}_{d}", a, d),
+                lambda i, a=arch: probe(probe_forward_gpu, clip=a, batch=BATCH, batches=20)[0],
+            )
+            e2e = [s["rows"] / sec for s, sec in runs]
+            in_task = [s["samples_per_second_in_tasks"] for s, _ in runs]
+            forward = [f["images_per_s"] for f in fwd]
+            rt = ratio_figure(in_task, forward)
+            key = f"embed_gpu_{arch}_{decode}"
+            out[f"{key}_in_tasks_vs_forward"] = {
+                **rt,
+                "unit": f"{name}: images/s inside the shard tasks / pure fp16 forward, {arch}, batch {BATCH}, "
+                f"--image-decode {decode}",
+                "target": ">= 0.9",
+                "met": rt["ratio_median"] >= 0.9,
+            }
+            out[f"{key}_end_to_end"] = {
+                **ratio_figure(e2e, forward),
+                "unit": f"{name}: images/s end to end (start-up included) / pure forward",
+                "images_per_s_in_tasks": in_task,
+                "embed_gpu_peak_mb": [s["gpu_peak_mb"] for s, _ in runs],
+                "forward_gpu_peak_mb": [f["gpu_peak_mb"] for f in fwd],
+            }
+    return out
