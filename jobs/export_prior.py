@@ -107,16 +107,31 @@ def prior_transformer(prior, context_length: int):
     )
     s = {k: v.clone() for k, v in pt.state_dict().items()}
     src = net.state_dict()
+    s.update(_time_and_inputs(src, d, emb, context_length))
+    for i in range(cfg.depth):
+        s.update(_block(src, f"blocks.{i}.", f"transformer_blocks.{i}."))
+    s["norm_out.weight"], s["norm_out.bias"] = src["ln_out.weight"], src["ln_out.bias"]
+    s["proj_to_clip_embeddings.weight"], s["proj_to_clip_embeddings.bias"] = (
+        src["out.weight"],
+        src["out.bias"],
+    )
+    s["clip_mean"] = torch.zeros(1, emb)
+    s["clip_std"] = torch.full((1, emb), 1.0 / cfg.embed_scale)
+    pt.load_state_dict(s, strict=True)
+    return pt.eval()
+
+
+def _time_and_inputs(src: dict, d: int, emb: int, context_length: int) -> dict:
+    """PriorTransformer weights of the timestep MLP, the input projections, positions and the query token."""
+    s = {}
     # time: ours is Linear(256 sinusoids) -> SiLU -> Linear; its sinusoids are [cos | sin] of d/2 frequencies
     w1 = torch.zeros(d, d)
     stride, half = d // 256, d // 2
     w1[:, 0:half:stride] = src["time_in.mlp.0.weight"][:, :128]  # cos of our frequency j = its j * stride
     w1[:, half:d:stride] = src["time_in.mlp.0.weight"][:, 128:]
     s["time_embedding.linear_1.weight"], s["time_embedding.linear_1.bias"] = w1, src["time_in.mlp.0.bias"]
-    s["time_embedding.linear_2.weight"], s["time_embedding.linear_2.bias"] = (
-        src["time_in.mlp.2.weight"],
-        src["time_in.mlp.2.bias"],
-    )
+    s["time_embedding.linear_2.weight"] = src["time_in.mlp.2.weight"]
+    s["time_embedding.linear_2.bias"] = src["time_in.mlp.2.bias"]
     s["proj_in.weight"], s["proj_in.bias"] = src["image_in.weight"], src["image_in.bias"]
     q = zero_sum_isometry(emb).float()  # [D + 1, D]
     s["embedding_proj.weight"] = src["text_in.weight"] @ q.T / math.sqrt(emb + 1)  # [d, D + 1]
@@ -127,33 +142,26 @@ def prior_transformer(prior, context_length: int):
     pos[0, :context_length] = src["text_enc_pos"][:context_length]
     s["positional_embedding"] = pos
     s["prd_embedding"] = src["query"].view(1, 1, d)
-    for i in range(cfg.depth):
-        a, b = f"blocks.{i}.", f"transformer_blocks.{i}."
-        wq, wk, wv = src[a + "attn.qkv.weight"].chunk(3, dim=0)
-        bq, bk, bv = src[a + "attn.qkv.bias"].chunk(3, dim=0)
-        pairs = {
-            "norm1": "ln_attn",
-            "attn1.to_out.0": "attn.proj",
-            "norm3": "ln_mlp",
-            "ff.net.0.proj": "mlp.fc",
-            "ff.net.2": "mlp.proj",
-        }
-        for theirs, ours in pairs.items():
-            s[f"{b}{theirs}.weight"], s[f"{b}{theirs}.bias"] = (
-                src[f"{a}{ours}.weight"],
-                src[f"{a}{ours}.bias"],
-            )
-        for name, w, bias in (("to_q", wq, bq), ("to_k", wk, bk), ("to_v", wv, bv)):
-            s[f"{b}attn1.{name}.weight"], s[f"{b}attn1.{name}.bias"] = w, bias
-    s["norm_out.weight"], s["norm_out.bias"] = src["ln_out.weight"], src["ln_out.bias"]
-    s["proj_to_clip_embeddings.weight"], s["proj_to_clip_embeddings.bias"] = (
-        src["out.weight"],
-        src["out.bias"],
-    )
-    s["clip_mean"] = torch.zeros(1, emb)
-    s["clip_std"] = torch.full((1, emb), 1.0 / cfg.embed_scale)
-    pt.load_state_dict(s, strict=True)
-    return pt.eval()
+    return s
+
+
+def _block(src: dict, a: str, b: str) -> dict:
+    """One of our pre-LN blocks (prefix ``a``) as a diffusers BasicTransformerBlock (prefix ``b``)."""
+    s = {}
+    wq, wk, wv = src[a + "attn.qkv.weight"].chunk(3, dim=0)
+    bq, bk, bv = src[a + "attn.qkv.bias"].chunk(3, dim=0)
+    pairs = {
+        "norm1": "ln_attn",
+        "attn1.to_out.0": "attn.proj",
+        "norm3": "ln_mlp",
+        "ff.net.0.proj": "mlp.fc",
+        "ff.net.2": "mlp.proj",
+    }
+    for theirs, ours in pairs.items():
+        s[f"{b}{theirs}.weight"], s[f"{b}{theirs}.bias"] = src[f"{a}{ours}.weight"], src[f"{a}{ours}.bias"]
+    for name, w, bias in (("to_q", wq, bq), ("to_k", wk, bk), ("to_v", wv, bv)):
+        s[f"{b}attn1.{name}.weight"], s[f"{b}attn1.{name}.bias"] = w, bias
+    return s
 
 
 def _act(block: nn.Module) -> str:

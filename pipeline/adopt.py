@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,11 +45,7 @@ class AdoptConfig:
 
 def discover(folder: Path) -> list[str]:
     """Shard ids (the file names' numbers as written: "0", "12" or "00012"), in numeric order."""
-    ids = []
-    for p in (folder / "img_emb").glob("img_emb_*.npy"):
-        m = re.fullmatch(r"img_emb_(\d+)\.npy", p.name)
-        if m:
-            ids.append(m.group(1))
+    ids = store.field_shard_ids(folder, "img_emb")
     numbers = [int(i) for i in ids]
     if len(set(numbers)) != len(numbers):
         raise UsageError(f"{folder}/img_emb names the same shard number twice (padded and unpadded)")
@@ -158,7 +153,7 @@ def run(cfg: AdoptConfig) -> dict:
     from pipeline.encoders import clip_dims, validate_clip
 
     folder = Path(cfg.folder)
-    if not (folder / "img_emb").is_dir():
+    if not store.field_dir(folder, "img_emb").is_dir():
         raise UsageError(f"{folder} has no img_emb/ folder: not a clip-retrieval-layout embedding folder")
     validate_clip(cfg.clip, cfg.pretrained)
     dims = clip_dims(cfg.clip)

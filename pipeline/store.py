@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,21 @@ def shard_id_of(path: str) -> str:
 def field_path(root: str | Path, field: str, shard: str) -> Path:
     folder, prefix, suffix = FIELDS[field]
     return Path(root) / folder / f"{prefix}_{shard}{suffix}"
+
+
+def field_shard_ids(root: str | Path, field: str) -> list[str]:
+    """The shard ids that ``field``'s folder holds a file for, as written ("0", "12" or "00012"), unsorted."""
+    folder, prefix, suffix = FIELDS[field]
+    pattern = re.compile(rf"{re.escape(prefix)}_(\d+){re.escape(suffix)}")
+    return [
+        m.group(1)
+        for p in (Path(root) / folder).glob(f"{prefix}_*{suffix}")
+        if (m := pattern.fullmatch(p.name))
+    ]
+
+
+def field_dir(root: str | Path, field: str) -> Path:
+    return Path(root) / FIELDS[field][0]
 
 
 def done_path(root: str | Path, shard: str) -> Path:

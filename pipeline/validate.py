@@ -27,7 +27,7 @@ class ValidateConfig:
 
 
 def _tar_keys(url: str) -> list[str]:
-    from pipeline.embed_shard import read_tar
+    from pipeline.shard_samples import read_tar
 
     return [s.key for s in read_tar(url)]
 

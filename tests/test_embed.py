@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from jobs.cli import main
 from pipeline import store
-from pipeline.embed_shard import read_tar
+from pipeline.shard_samples import read_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

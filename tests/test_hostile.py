@@ -319,7 +319,7 @@ def test_each_malformed_sample_is_one_error_row_and_the_rest_is_embedded(hostile
 
 
 def test_sixteen_bit_and_gif_images_decode_to_their_colours():
-    from pipeline.embed_shard import Sample, decode
+    from pipeline.shard_samples import Sample, decode
 
     grey, _ = decode(Sample("a", png16(), "grey", {}))
     red, _ = decode(Sample("b", gif(), "red", {}))

@@ -1,0 +1,272 @@
+"""Reading a webdataset shard for the embed stage: its samples in tar order, each decoded once, batched as
+model inputs, with every unusable sample reported as an error row (never a misaligned row).
+
+Samples that cannot be used: undecodable image, no image, no caption, a .json that is not an object, a key seen
+earlier in the shard. `download_record` reads img2dataset's record of the shard (``NNNNN.parquet`` beside the
+tar), so that samples it lists as downloaded but the tar lacks can be reported too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from pipeline.errors import StageError
+from pipeline.image_input import is_jpeg
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")  # a gif gives its first frame, as in img2dataset
+
+
+@dataclass
+class Sample:
+    key: str
+    image: bytes | None
+    caption: str | None
+    meta: dict
+    problem: str | None = None  # why the sample cannot be used, found while reading it
+    empty_caption: bool = False  # the source had no caption (None/NaN): stored as "" and counted
+
+
+def read_tar(url: str) -> Iterator[Sample]:
+    """Samples in the tar's own order (img2dataset writes them in completion order; the key is the truth)."""
+    current: dict[str, bytes] = {}
+    key, members = None, 0
+    try:
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                k, _, ext = member.name.rpartition("/")[2].partition(".")
+                # A member the current sample already has starts a new sample with the same key (a duplicate).
+                if key is not None and (k != key or ext.lower() in current):
+                    yield _sample(key, current)
+                    current = {}
+                key = k
+                current[ext.lower()] = tf.extractfile(member).read()
+                members += 1
+    except (tarfile.TarError, EOFError, OSError) as e:
+        # Nothing of the shard is written (its marker is written last): rerun once the tar is fixed.
+        raise StageError(f"{url} is truncated or damaged after {members} members ({e})") from None
+    if key is not None:
+        yield _sample(key, current)
+
+
+def _sample(key: str, parts: dict[str, bytes]) -> Sample:
+    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else None
+    meta, problem = {}, None
+    if "json" in parts:
+        try:
+            meta = json.loads(parts["json"])
+        except (ValueError, UnicodeDecodeError) as e:
+            meta, problem = {}, f"unparsable .json: {e}"
+        if not isinstance(meta, dict):
+            meta, problem = {}, f".json is not an object (a {type(meta).__name__})"
+    # img2dataset writes str(caption) into .txt: a missing caption arrives as "nan" or "None", and its .json
+    # holds NaN or null. Such a sample keeps its image, with an empty caption, counted in the done marker.
+    src = meta.get("caption", "")
+    empty = (
+        caption is not None
+        and "caption" in meta
+        and (src is None or (isinstance(src, float) and math.isnan(src)))
+    )
+    if empty:
+        caption = ""
+    return Sample(key, image, caption, meta, problem, empty)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with 16- and 32-bit grey scaled to 8 bits (PIL's own convert clips them, which turns a 16-bit
+    PNG nearly white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        img = Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def decode(sample: Sample) -> tuple[Image.Image | None, str | None]:
+    """(RGB image, None) or (None, reason)."""
+    if sample.problem is not None:
+        return None, sample.problem
+    if sample.image is None:
+        return None, "no image in sample"
+    if sample.caption is None:
+        return None, "no caption in sample"
+    try:
+        img = Image.open(io.BytesIO(sample.image))
+        img.load()
+        return _to_rgb(img), None
+    except Exception as e:  # PIL raises many kinds for corrupt data
+        # PIL names the BytesIO by address ("<_io.BytesIO object at 0x7f..>"): error rows must not vary by run
+        why = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e))
+        return None, f"cannot decode image: {type(e).__name__}: {why}"
+
+
+def download_record(url: str) -> list[str] | None:
+    """Keys img2dataset recorded as downloaded for this shard (``NNNNN.parquet`` beside ``NNNNN.tar``), or None
+    when there is no such record (shards made by another tool)."""
+    import pyarrow.parquet as pq
+
+    record = url[: -len(".tar")] + ".parquet" if url.endswith(".tar") else None
+    if record is None:
+        return None
+    fs, path = fsspec.core.url_to_fs(record)
+    if not fs.exists(path):
+        return None
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["key", "status"])
+    except Exception as e:  # an unreadable record is reported, not trusted
+        log.warning("cannot read the download record %s (%s): not cross-checked", record, e)
+        return None
+    return [k for k, st in zip(table["key"].to_pylist(), table["status"].to_pylist()) if st == "success"]
+
+
+@dataclass
+class Batch:
+    keys: list[str]
+    captions: list[str]
+    metas: list[dict]
+    images: torch.Tensor | None  # [B, 3, H, W] CLIP input, when every sample went through PIL
+    latent_input: np.ndarray | torch.Tensor | None  # uint8 [B, 3, s, s] (pixels) or [-1, 1] floats (vae)
+    empty_captions: int = 0
+    tokens: torch.Tensor | None = None  # [B, context], when a tokenizer was given (made off the model thread)
+    # --image-decode device: per sample, its JPEG bytes (decoded on the device) or its PIL-made CLIP input
+    parts: list[bytes | torch.Tensor] | None = None
+    positions: list[int] | None = None  # each sample's index in the tar, for error-row order
+    empty_flags: list[bool] | None = None  # per sample: its caption was missing in the source
+
+
+def prepare_batches(
+    url: str,
+    preprocess,
+    batch_size: int,
+    latents: str,
+    latent_px: int,
+    errors: list[dict],
+    tokenizer=None,
+    device_jpegs: bool = False,
+    pin_memory: bool = False,
+) -> Iterator[Batch]:
+    """Decode and preprocess in tar order; unusable samples go to ``errors`` (with their tar index, ``pos``).
+
+    ``pin_memory`` (CUDA) puts the CLIP input in page-locked memory, so its copy to the device does not block.
+    With ``device_jpegs`` JPEG samples are passed on undecoded for `assemble_images`; every
+    other sample is decoded by PIL here, as without it.
+    """
+    buf: list[tuple[Sample, Image.Image | None, int]] = []
+    seen: set[str] = set()
+    for pos, sample in enumerate(read_tar(url)):
+        if sample.key in seen:
+            errors.append(
+                {
+                    "key": sample.key,
+                    "reason": "duplicate key: an earlier sample of this shard has it",
+                    "pos": pos,
+                }
+            )
+            continue
+        seen.add(sample.key)
+        on_device = (
+            device_jpegs and sample.problem is None and sample.caption is not None and is_jpeg(sample.image)
+        )
+        if on_device and latents == "none":
+            img, reason = None, None  # decoded later, on the device
+        else:  # latents are always made from the PIL decode, so they do not depend on --image-decode
+            img, reason = decode(sample)
+            if img is None:
+                errors.append({"key": sample.key, "reason": reason, "pos": pos})
+                continue
+        buf.append((sample, img, pos))
+        if len(buf) == batch_size:
+            yield _batch(buf, preprocess, latents, latent_px, tokenizer, device_jpegs, pin_memory)
+            buf = []
+    if buf:
+        yield _batch(buf, preprocess, latents, latent_px, tokenizer, device_jpegs, pin_memory)
+
+
+def _batch(buf, preprocess, latents: str, latent_px: int, tokenizer, device_jpegs: bool, pin: bool) -> Batch:
+    parts = [
+        s.image if device_jpegs and is_jpeg(s.image) else preprocess(img) for s, img, _ in buf
+    ]  # bytes for the device decoder, else [3, H, W] CLIP input
+    images = None if device_jpegs else torch.stack(parts)  # [B, 3, H, W]
+    if pin and images is not None:
+        images = images.pin_memory()
+    lat = None
+    if latents != "none":
+        px = np.stack(
+            [np.asarray(ImageOps.fit(img, (latent_px, latent_px), Image.BICUBIC)) for _, img, _ in buf]
+        )
+        lat = px.transpose(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W] uint8
+        if latents == "vae":
+            lat = torch.from_numpy(lat).float() / 127.5 - 1.0
+    captions = [s.caption for s, _, _ in buf]
+    return Batch(
+        [s.key for s, _, _ in buf],
+        captions,
+        [s.meta for s, _, _ in buf],
+        images,
+        lat,
+        sum(s.empty_caption for s, _, _ in buf),
+        tokens=tokenizer(captions) if tokenizer is not None else None,
+        parts=parts if device_jpegs else None,
+        positions=[p for _, _, p in buf],
+        empty_flags=[s.empty_caption for s, _, _ in buf],
+    )
+
+
+def assemble_images(b: Batch, preprocess, tensor_preprocess, device: str, errors: list[dict]) -> Batch:
+    """The CLIP input of a ``--image-decode device`` batch on ``device``: its JPEGs decoded there in one call.
+
+    A JPEG the device decoder refuses is decoded by PIL instead; one PIL cannot read either becomes an error
+    row (with its reason) and leaves the batch, so rows stay aligned. Returns the batch with ``images`` set.
+    """
+    from pipeline.image_input import decode_jpegs
+
+    jpeg_at = [i for i, p in enumerate(b.parts) if isinstance(p, bytes)]
+    decoded = decode_jpegs([b.parts[i] for i in jpeg_at], device)
+    ready: dict[int, torch.Tensor] = {}
+    for i, t in zip(jpeg_at, decoded, strict=True):
+        if t is not None:
+            ready[i] = tensor_preprocess.one(t)
+            continue
+        img, reason = decode(Sample(b.keys[i], b.parts[i], b.captions[i], b.metas[i]))
+        if img is None:
+            errors.append({"key": b.keys[i], "reason": reason, "pos": b.positions[i]})
+        else:
+            ready[i] = preprocess(img).to(device)
+    for i, p in enumerate(b.parts):
+        if isinstance(p, torch.Tensor):
+            ready[i] = p.to(device, non_blocking=True)
+    keep = [i for i in range(len(b.keys)) if i in ready]
+    if len(keep) == len(b.keys):
+        b.images = torch.stack([ready[i] for i in keep])
+        return b
+    pick = torch.tensor(keep, dtype=torch.long)
+    return Batch(
+        [b.keys[i] for i in keep],
+        [b.captions[i] for i in keep],
+        [b.metas[i] for i in keep],
+        torch.stack([ready[i] for i in keep]) if keep else torch.zeros(0),
+        b.latent_input[keep] if b.latent_input is not None else None,
+        sum(b.empty_flags[i] for i in keep),
+        tokens=b.tokens[pick] if b.tokens is not None else None,
+        positions=[b.positions[i] for i in keep],
+        empty_flags=[b.empty_flags[i] for i in keep],
+    )
