@@ -4,6 +4,7 @@ code path a GPU runs, with device "cpu") against the PIL path: embeddings, row o
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,8 +13,9 @@ import torch
 from PIL import Image
 
 from pipeline import store
+from pipeline.embed_shard import ShardParams, embed_shard
 from pipeline.image_input import TensorPreprocess, decode_jpegs, is_jpeg, resolve_image_decode
-from tests.test_embed import PIXELS, TINY, clip, embed, jpeg, sample, write_tar  # noqa: F401  (fixture)
+from tests.test_embed import TINY, clip, embed, jpeg, sample, write_tar  # noqa: F401  (fixture)
 
 
 def _image(fmt: str, size=(40, 52), seed=3, mode="RGB") -> bytes:
@@ -67,17 +69,32 @@ def mixed(tmp_path_factory):
     return d
 
 
-def _embed(mixed, name: str, *extra: str):
+def _embed(mixed, name: str, decode: str) -> Path:
+    """One shard through the shard task itself (no dask cluster: the task is what differs between paths)."""
     out = mixed / name
-    assert (
-        embed("--shards", mixed / "shards" / "00000.tar", "--out", out, *TINY, "--device", "cpu", *extra) == 0
+    latents = store.pixels_latents(16)
+    out.mkdir()
+    params = ShardParams(
+        out=str(out),
+        clip="unclip-tiny",
+        pretrained="none",
+        seed=0,
+        device="cpu",
+        batch_size=8,
+        latents="pixels",
+        vae="",
+        text_encodings=False,
+        torch_threads=0,
+        latent_params=latents,
+        image_decode=decode,
     )
+    marker = embed_shard(str(mixed / "shards" / "00000.tar"), params)
+    assert marker["rows"] == 13
     return out
 
 
 def test_device_path_embeds_the_rows_and_errors_the_pil_path_does(mixed):
-    pil = _embed(mixed, "pil", "--image-decode", "pil", *PIXELS)
-    dev = _embed(mixed, "dev", "--image-decode", "device", *PIXELS)
+    pil, dev = _embed(mixed, "pil", "pil"), _embed(mixed, "dev", "device")
     keys = store.read_metadata(pil, "00000")["key"].to_pylist()
     assert keys == store.read_metadata(dev, "00000")["key"].to_pylist()
     assert len(keys) == 13  # 10 JPEGs, the PNG, the GIF, the CMYK JPEG
