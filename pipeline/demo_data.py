@@ -1,7 +1,7 @@
 """Procedural captioned-image dataset for the CPU demo and the tests.
 
 Writes ``OUT/images/00000.png ...`` and ``OUT/demo.parquet`` with columns ``url`` (path relative to OUT;
-`jobs.demo` rewrites it to an http://127.0.0.1 address while it serves the folder), ``caption`` and the
+`jobs.serve` rewrites it to an http://127.0.0.1 address while it serves the folder), ``caption`` and the
 attributes that the caption states (for evaluation). The caption determines the picture: background colour,
 then one or two shapes, each with a colour and one of five positions. Deterministic for a seed.
 """
