@@ -8,6 +8,7 @@ import pytest
 from jobs.bench.main import BenchConfig, markdown, run
 
 
+@pytest.mark.slow  # ~10 s: a benchmark smoke test (the decoder's own tests are in the default suite)
 def test_bench_decoder_stage_quick(tmp_path):
     run(BenchConfig(out=str(tmp_path), repeats=1, quick=True, stages="decoder"))
     r = json.loads((tmp_path / "results.json").read_text())["results"]
