@@ -1,4 +1,4 @@
-"""Hostile input, one parametrised test per class of promise (issue 9): nothing a user owns is deleted, no
+"""Hostile input, one parametrised test per class of promise the README makes: nothing a user owns is deleted, no
 silent loss, every bad input is one line with exit 2 and nothing written, `validate` names every kind of
 damage, and a non-finite run never leaves a poisoned checkpoint behind.
 
