@@ -1,6 +1,6 @@
 """Hostile input, one parametrised test per class of promise the README makes: nothing a user owns is
-deleted, no silent loss, every bad input is one line with exit 2 and nothing written, `validate` names every kind of
-damage, and a non-finite run never leaves a poisoned checkpoint behind.
+deleted, no silent loss, every bad input is one line with exit 2 and nothing written, `validate` names every
+kind of damage, and a non-finite run never leaves a poisoned checkpoint behind.
 
 Each case states what it does to the input and the words the one line must contain. Slow paths (a real embed
 run) are few and shared: most cases are refused before any model is built.
