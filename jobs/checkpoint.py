@@ -104,6 +104,15 @@ def read_meta(folder: str | Path) -> dict:
     return meta
 
 
+def open_task(path: str | Path, task: str) -> tuple[Path, dict]:
+    """The checkpoint folder ``path`` names and its meta, refused in one line unless it is a ``task`` one."""
+    folder = resolve(path)
+    meta = read_meta(folder)
+    if meta.get("task") != task:
+        raise UsageError(f"--{task} {path} is a {meta.get('task')} checkpoint, not a {task}")
+    return folder, meta
+
+
 def load_weights(module: torch.nn.Module, file: str | Path) -> None:
     """Strict load: a missing or unexpected key is an error naming it."""
     try:

@@ -173,11 +173,11 @@ def print_report(report: dict) -> None:
 
 def _decoder_only(decoder: str, device: str):
     """The decoder and its CLIP, without a prior."""
-    from jobs.sample import Models, _clip_id, _load_checkpoint
+    from jobs.sample import Models, _clip_id
     from models.decoder import build_decoder
     from pipeline.encoders import load_clip
 
-    folder, meta = _load_checkpoint(decoder, "decoder")
+    folder, meta = checkpoint.open_task(decoder, "decoder")
     d = build_decoder(meta["model"]).to(device).eval()
     checkpoint.load_weights(d, folder / "ema.safetensors")
     c = _clip_id(meta)

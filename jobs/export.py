@@ -127,14 +127,6 @@ def export_decoder(folder: Path, meta: dict, out: Path) -> dict:
     }
 
 
-def _checkpoint(path: str, task: str) -> tuple[Path, dict]:
-    folder = checkpoint.resolve(path)
-    meta = checkpoint.read_meta(folder)
-    if meta.get("task") != task:
-        raise UsageError(f"--{task} {path} is a {meta.get('task')} checkpoint, not a {task}")
-    return folder, meta
-
-
 def _target(cfg: ExportConfig, name: str) -> Path:
     out = Path(cfg.out) / name
     if out.exists() and not cfg.overwrite:
@@ -151,7 +143,7 @@ def run(cfg: ExportConfig) -> dict:
         raise UsageError("unclip export needs --prior DIR, --decoder DIR or both")
     jobs = []
     if cfg.decoder:
-        folder, meta = _checkpoint(cfg.decoder, "decoder")
+        folder, meta = checkpoint.open_task(cfg.decoder, "decoder")
         codec = (meta.get("store") or {}).get("latents") or {}
         if codec.get("codec") != "vae":
             raise UsageError(
@@ -164,7 +156,7 @@ def run(cfg: ExportConfig) -> dict:
         from models.prior import PriorConfig
         from pipeline.encoders import clip_dims
 
-        folder, meta = _checkpoint(cfg.prior, "prior")
+        folder, meta = checkpoint.open_task(cfg.prior, "prior")
         why = exportable(
             PriorConfig(**meta["model"]), clip_dims(meta["store"]["clip"]["arch"]).context_length
         )

@@ -62,22 +62,14 @@ def _clip_id(meta: dict) -> dict:
     }
 
 
-def _load_checkpoint(path: str, task: str) -> tuple[Path, dict]:
-    folder = checkpoint.resolve(path)
-    meta = checkpoint.read_meta(folder)
-    if meta.get("task") != task:
-        raise UsageError(f"--{task} {path} is a {meta.get('task')} checkpoint, not a {task}")
-    return folder, meta
-
-
 def load_models(prior: str, decoder: str, device: str) -> Models:
     """Both checkpoints, checked to share one CLIP model, and that CLIP."""
     from models.decoder import build_decoder
     from models.prior import build_prior
     from pipeline.encoders import load_clip
 
-    pf, pm = _load_checkpoint(prior, "prior")
-    df, dm = _load_checkpoint(decoder, "decoder")
+    pf, pm = checkpoint.open_task(prior, "prior")
+    df, dm = checkpoint.open_task(decoder, "decoder")
     a, b = _clip_id(pm), _clip_id(dm)
     if a != b:
         raise UsageError(
