@@ -104,6 +104,11 @@ def validate(cfg: EmbedConfig) -> list[str]:
     if cfg.latents not in LATENT_CODECS:
         raise UsageError(f"unknown --latents '{cfg.latents}'; valid: {', '.join(LATENT_CODECS)}")
     validate_clip(cfg.clip, cfg.pretrained)
+    if cfg.image_decode == "device" and not _tensor_preprocess_supported(cfg):
+        raise UsageError(
+            f"--image-decode device: CLIP {cfg.clip}'s preprocessing (resize mode or interpolation) has no "
+            "tensor equivalent; valid here: auto, pil"
+        )
     if cfg.latents == "vae":
         validate_vae(cfg.vae)
     shards = list_shards(cfg.shards)
@@ -226,17 +231,17 @@ def run(cfg: EmbedConfig) -> dict:
     return _finish(cfg, manifest, shards, rows, seconds, failed, stats)
 
 
-def _image_decode(cfg: EmbedConfig, device: str) -> str:
+def _tensor_preprocess_supported(cfg: EmbedConfig) -> bool:
     from pipeline.encoders import clip_preprocess_cfg
-    from pipeline.image_input import resolve_image_decode, tensor_preprocess_supported
+    from pipeline.image_input import tensor_preprocess_supported
 
-    supported = tensor_preprocess_supported(clip_preprocess_cfg(cfg.clip, cfg.pretrained))
-    if cfg.image_decode == "device" and not supported:
-        raise UsageError(
-            f"--image-decode device: CLIP {cfg.clip}'s preprocessing (resize mode or interpolation) has no "
-            "tensor equivalent; valid here: auto, pil"
-        )
-    return resolve_image_decode(cfg.image_decode, device, cfg.latents, supported)
+    return tensor_preprocess_supported(clip_preprocess_cfg(cfg.clip, cfg.pretrained))
+
+
+def _image_decode(cfg: EmbedConfig, device: str) -> str:
+    from pipeline.image_input import resolve_image_decode
+
+    return resolve_image_decode(cfg.image_decode, device, cfg.latents, _tensor_preprocess_supported(cfg))
 
 
 def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:

@@ -118,5 +118,5 @@ def resolve_image_decode(choice: str, device: str, latents: str, has_tensor_prep
     auto keeps PIL there; ``device`` may still be asked for explicitly.
     """
     if choice != "auto":
-        return choice if has_tensor_preprocess or choice == "pil" else "pil"
+        return choice  # an explicit "device" without a tensor equivalent is refused by `unclip embed` first
     return "device" if device.startswith("cuda") and latents == "none" and has_tensor_preprocess else "pil"

@@ -122,3 +122,23 @@ def test_unknown_image_decode_is_one_line(mixed, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert "--image-decode: invalid choice: 'gpu'" in err[-1] and "'auto', 'pil', 'device'" in err[-1], err
     assert not (mixed / "x").exists()
+
+
+def test_device_decode_of_a_clip_without_a_tensor_equivalent_is_refused_before_anything(mixed, capsys):
+    import json
+
+    from pipeline.encoders import _open_clip
+
+    cfg_dir = mixed / "clipcfg"
+    cfg_dir.mkdir()
+    spec = json.loads((Path(__file__).parents[1] / "pipeline/clip_configs/unclip-tiny.json").read_text())
+    (cfg_dir / "unclip-tiny-bilinear.json").write_text(
+        json.dumps({**spec, "preprocess_cfg": {"interpolation": "bilinear"}})
+    )
+    _open_clip().add_model_config(cfg_dir)
+    out = mixed / "refused"
+    args = ["--shards", mixed / "shards" / "00000.tar", "--out", out, "--clip", "unclip-tiny-bilinear"]
+    assert embed(*args, "--pretrained", "none", "--image-decode", "device", "--device", "cpu") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no tensor equivalent; valid here: auto, pil" in err[0], err
+    assert not out.exists()
