@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import resource
 import statistics
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobs.bench.harness import ANCHOR_SCRIPTS, alternate, comparison, probe_cmd, side_json
+from jobs.bench.harness import ANCHOR_SCRIPTS, alternate, comparison, probe_cmd, side_json, timed_train_steps
 
 if TYPE_CHECKING:
     from jobs.bench.anchors import AnchorsConfig
@@ -33,16 +32,7 @@ def decoder_worker(args: dict) -> dict:
     gen = torch.Generator().manual_seed(args["seed"])
     lat = torch.rand(BATCH, 3, 32, 32, generator=gen) * 2 - 1
     emb = torch.nn.functional.normalize(torch.randn(BATCH, EMB_DIM, generator=gen), dim=-1)
-    times = []
-    for i in range(args["warmup"] + args["steps"]):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = dec.loss(lat, emb)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
-        opt.step()
-        if i >= args["warmup"]:
-            times.append(time.perf_counter() - t0)
+    times, _ = timed_train_steps(dec, opt, lambda: dec.loss(lat, emb), args["warmup"], args["steps"])
     return {
         "impl": "unclip-pipeline",
         "step_seconds": times,

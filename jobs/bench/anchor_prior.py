@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import resource
 import statistics
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobs.bench.harness import ANCHOR_SCRIPTS, alternate, comparison, probe_cmd, side_json
+from jobs.bench.harness import ANCHOR_SCRIPTS, alternate, comparison, probe_cmd, side_json, timed_train_steps
 
 if TYPE_CHECKING:
     from jobs.bench.anchors import AnchorsConfig
@@ -41,18 +40,7 @@ def prior_worker(args: dict) -> dict:
     gen = torch.Generator().manual_seed(args["seed"])
     img = F.normalize(torch.randn(args["batch"], cfg.emb_dim, generator=gen), dim=-1)
     txt = F.normalize(torch.randn(args["batch"], cfg.emb_dim, generator=gen), dim=-1)
-    times, losses = [], []
-    for i in range(args["warmup"] + args["steps"]):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = model.loss(img, txt)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        dt_ = time.perf_counter() - t0
-        losses.append(float(loss.detach()))
-        if i >= args["warmup"]:
-            times.append(dt_)
+    times, losses = timed_train_steps(model, opt, lambda: model.loss(img, txt), args["warmup"], args["steps"])
     return {
         "impl": "unclip-pipeline",
         "step_seconds": times,

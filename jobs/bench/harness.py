@@ -161,6 +161,28 @@ def side_json(cmd: list[str], log: Path, what: str) -> dict:
 # ---------------------------------------------------------------- alternation, median and spread
 
 
+def timed_train_steps(
+    model, opt, loss_fn: Callable[[], Any], warmup: int, steps: int
+) -> tuple[list[float], list[float]]:
+    """``warmup + steps`` optimiser steps (zero grad, backward, clip the norm to 1, step) on a fixed batch:
+    the seconds of each step after the warm-up, and every step's loss."""
+    import torch
+
+    times, losses = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        dt = time.perf_counter() - t0
+        losses.append(float(loss.detach()))
+        if i >= warmup:
+            times.append(dt)
+    return times, losses
+
+
 def alternate(
     repeats: int,
     first: Callable[[int], Any],
