@@ -256,13 +256,22 @@ def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:
     )
     names = {f.key: s for f, s in zip(futures, todo, strict=True)}
     rows, failed, start = 0, {}, time.perf_counter()
-    stats = {"task_seconds": 0.0, "worker_peak_rss_mb": 0.0, "gpu_peak_mb": 0.0}
+    stats = {
+        "task_seconds": 0.0,
+        "worker_peak_rss_mb": 0.0,
+        "gpu_peak_mb": 0.0,
+        "warm_rows": 0,
+        "warm_seconds": 0.0,
+    }
     with tqdm(total=len(todo), desc="embed", unit="shard") as bar:
         for fut in as_completed(futures):
             try:
                 res = fut.result()
                 rows += res["rows"]
                 stats["task_seconds"] += res["seconds"]
+                if not res.get("first_in_process", True):  # a worker's later shards: no one-off costs
+                    stats["warm_rows"] += res["rows"]
+                    stats["warm_seconds"] += res["seconds"]
                 stats["worker_peak_rss_mb"] = max(stats["worker_peak_rss_mb"], res["worker_peak_rss_mb"])
                 stats["gpu_peak_mb"] = max(stats["gpu_peak_mb"], res.get("gpu_peak_mb", 0.0))
             except Exception as e:  # after dask's retries: list it, keep going with the others
@@ -302,6 +311,10 @@ def _finish(
         # Inside the shard tasks (model loaded, dask started): what the embedding itself sustains.
         "samples_per_second_in_tasks": round(rows / stats["task_seconds"], 2)
         if stats.get("task_seconds")
+        else None,
+        # The same over each worker's later shards only (None when every worker embedded one shard).
+        "samples_per_second_in_warm_tasks": round(stats["warm_rows"] / stats["warm_seconds"], 2)
+        if stats.get("warm_seconds")
         else None,
         "worker_peak_rss_mb": stats.get("worker_peak_rss_mb"),
         "gpu_peak_mb": stats.get("gpu_peak_mb") or None,

@@ -153,6 +153,15 @@ class Batch:
     empty_flags: list[bool] | None = None  # per sample: its caption was missing in the source
 
 
+def first_batch_size(batch_size: int) -> int:
+    """A shard's batches ramp up, doubling from ``batch_size // 8`` to ``batch_size``: the models wait only for
+    the first small batch to be decoded, not a full one. Measured (ViT-B-32, batch 64, 2 cores, 128-sample
+    shard): waiting for a full first batch was 0.24-0.30 s of a 7.6-9 s shard (3-4%); a CPU forward is as fast
+    per image at batch 8 as at 64 (16-20 images/s at each). The split depends only on the tar, so reruns
+    batch, and store, the same bytes."""
+    return max(1, batch_size // 8)
+
+
 def prepare_batches(
     url: str,
     preprocess,
@@ -164,7 +173,8 @@ def prepare_batches(
     device_jpegs: bool = False,
     pin_memory: bool = False,
 ) -> Iterator[Batch]:
-    """Decode and preprocess in tar order; unusable samples go to ``errors`` (with their tar index, ``pos``).
+    """Decode and preprocess in tar order, in batches ramping up to ``batch_size`` (`first_batch_size`);
+    unusable samples go to ``errors`` (with their tar index, ``pos``).
 
     ``pin_memory`` (CUDA) puts the CLIP input in page-locked memory, so its copy to the device does not block.
     With ``device_jpegs`` JPEG samples are passed on undecoded for `assemble_images`; every
@@ -172,6 +182,7 @@ def prepare_batches(
     """
     buf: list[tuple[Sample, Image.Image | None, int]] = []
     seen: set[str] = set()
+    size = first_batch_size(batch_size)
     for pos, sample in enumerate(read_tar(url)):
         if sample.key in seen:
             errors.append(
@@ -194,9 +205,9 @@ def prepare_batches(
                 errors.append({"key": sample.key, "reason": reason, "pos": pos})
                 continue
         buf.append((sample, img, pos))
-        if len(buf) == batch_size:
+        if len(buf) == size:
             yield _batch(buf, preprocess, latents, latent_px, tokenizer, device_jpegs, pin_memory)
-            buf = []
+            buf, size = [], min(batch_size, 2 * size)
     if buf:
         yield _batch(buf, preprocess, latents, latent_px, tokenizer, device_jpegs, pin_memory)
 

@@ -191,6 +191,13 @@ def test_rows_are_aligned_with_the_samples_they_come_from(base, shards, clip):
             np.testing.assert_array_equal(lat[i], want_px)
 
 
+def test_summary_reports_the_rate_inside_tasks_and_without_each_workers_first_shard(base):
+    s = json.loads((base / "logs" / "embed_summary.json").read_text())
+    assert s["rows_this_run"] == 22 and s["samples_per_second_in_tasks"] > 0
+    # One worker, three shards: its later two (rows > 0 among them whatever the order) make the warm figure.
+    assert s["samples_per_second_in_warm_tasks"] > 0
+
+
 def test_unusable_samples_become_error_rows_not_misaligned_rows(base):
     errors = pq.read_table(store.field_path(base, "errors", "00000")).to_pylist()
     assert sorted(e["key"] for e in errors) == sorted(BAD_KEYS)

@@ -142,3 +142,25 @@ def test_device_decode_of_a_clip_without_a_tensor_equivalent_is_refused_before_a
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no tensor equivalent; valid here: auto, pil" in err[0], err
     assert not out.exists()
+
+
+def test_batches_ramp_up_in_tar_order_around_bad_samples(tmp_path, clip):  # noqa: F811
+    """A shard's batches double from batch_size // 8 up to batch_size (the models start after a small first
+    decode); every good sample is in exactly one batch, in tar order, and bad ones are errors at their place."""
+    from pipeline.shard_samples import first_batch_size, prepare_batches
+
+    samples = [sample(f"{i:09d}", i) for i in range(40)]
+    for i in (3, 17):
+        samples[i]["jpg"] = b"not an image"
+    tar = write_tar(tmp_path / "00000.tar", samples)
+    errors: list[dict] = []
+    batches = list(
+        prepare_batches(str(tar), clip.preprocess, 16, "none", 0, errors, tokenizer=clip.tokenizer)
+    )
+    assert first_batch_size(16) == 2 and first_batch_size(4) == 1 and first_batch_size(256) == 32
+    assert [len(b.keys) for b in batches] == [2, 4, 8, 16, 8]  # 38 good samples
+    assert [k for b in batches for k in b.keys] == [
+        s["key"] for i, s in enumerate(samples) if i not in (3, 17)
+    ]
+    assert [(e["key"], e["pos"]) for e in errors] == [("000000003", 3), ("000000017", 17)]
+    assert all(len(b.keys) == b.images.shape[0] == b.tokens.shape[0] for b in batches)
