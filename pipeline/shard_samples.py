@@ -157,8 +157,8 @@ def first_batch_size(batch_size: int) -> int:
     """A shard's batches ramp up, doubling from ``batch_size // 8`` to ``batch_size``: the models wait only for
     the first small batch to be decoded, not a full one. Measured (ViT-B-32, batch 64, 2 cores, 128-sample
     shard): waiting for a full first batch was 0.24-0.30 s of a 7.6-9 s shard (3-4%); a CPU forward is as fast
-    per image at batch 8 as at 64 (16-20 images/s at each). The split depends only on the tar, so reruns
-    batch, and store, the same bytes."""
+    per image at batch 8 as at 64 (16-20 images/s at each). The split depends only on the tar, so a rerun
+    splits a shard the same way and stores the same bytes."""
     return max(1, batch_size // 8)
 
 
