@@ -269,7 +269,7 @@ def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:
                 res = fut.result()
                 rows += res["rows"]
                 stats["task_seconds"] += res["seconds"]
-                if not res.get("first_in_process", True):  # a worker's later shards: no one-off costs
+                if not res["first_in_process"]:  # a worker's later shards: no one-off costs
                     stats["warm_rows"] += res["rows"]
                     stats["warm_seconds"] += res["seconds"]
                 stats["worker_peak_rss_mb"] = max(stats["worker_peak_rss_mb"], res["worker_peak_rss_mb"])
