@@ -158,10 +158,10 @@ class _Rows:
 
 
 _thread_state = threading.local()
-# Shards embedded by this process so far. A process's first shard pays one-off costs that later ones do not (its
-# first full-size batches touch fresh memory, the first parquet write imports and allocates): measured in a
-# dask worker (ViT-B-32, batch 64, 2 cores, 128-image shards), the first ran at 11.3 images/s and the next three
-# at 13.9-14.2, against a pure forward of 13.4-14.0 in the same worker.
+# Shards embedded by this process so far. A process's first shard pays one-off costs that later ones do not
+# (not pinned down; writing a shard takes ~6 ms, so not the write): measured in a dask worker (ViT-B-32, batch
+# 64, 2 cores, 128-image shards), the first ran at 11.3 images/s and the next three at 13.9-14.2, against a pure
+# forward of 13.4-14.0 in the same worker.
 _process_state = {"tasks": 0}
 
 
