@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from jobs import checkpoint, distributed
+from jobs import checkpoint, distributed, metrics
 from pipeline import store
 from pipeline.encoders import resolve_device
 from pipeline.errors import StageError, UsageError
@@ -257,8 +257,15 @@ def _prepare(task: Task) -> RunState:
 
 
 def _restore(run: RunState) -> int:
-    """Load the latest checkpoint into `run` (with --resume); the step to continue from."""
+    """Load the latest checkpoint into `run` (with --resume); the step to continue from. Without --resume an
+    --out that already holds a checkpoint is refused: a new run there would overwrite it step by step."""
     if not run.cfg.resume:
+        if (run.ckpt_dir / "latest").exists():
+            raise UsageError(
+                f"--out {run.out} already holds a training run (its latest checkpoint: "
+                f"{(run.ckpt_dir / 'latest').read_text().strip()}); pass --resume to continue it, or choose "
+                "a new --out"
+            )
         return 0
     if not (run.ckpt_dir / "latest").exists():
         log.warning("--resume: no checkpoint in %s, starting from scratch", run.ckpt_dir)
@@ -301,7 +308,8 @@ def train(task: Task) -> dict:
         if run.rank == 0:  # only once the settings, the store and the checkpoint were all accepted
             run.out.mkdir(parents=True, exist_ok=True)
             config = {"task": task.name, "train": asdict(run.cfg), "model": run.model_cfg}
-            (run.out / "config.json").write_text(json.dumps(config, indent=2))
+            store.write_json(run.out / "config.json", config)
+            metrics.truncate(run.out / "metrics.jsonl", start)
         return _loop(model, stream, start, run)
     finally:
         if run.world > 1:
@@ -379,18 +387,18 @@ def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> 
             bar.set_postfix(loss=f"{last_loss:.4f}", samples_per_s=f"{sps:.0f}")
             lr = run.sched.get_last_lr()[0]
             row = {"step": done, "loss": last_loss, "grad_norm": grad_norm, "lr": lr, "samples_per_s": sps}
-            append_jsonl(metrics_file, row)
+            metrics.append(metrics_file, row)
         if rank == 0 and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
             report_eval = run.task.evaluate(run, done)
             if report_eval is not None:
-                append_jsonl(metrics_file, {"step": done, "eval": report_eval})
+                metrics.append(metrics_file, {"step": done, "eval": report_eval})
         if done == end or (cfg.save_every and done % cfg.save_every == 0):
             _save(done, run)
     if rows_log:
         torch.save(torch.cat(rows_log), run.out / f"rows_rank{rank}.pt")
     distributed.record_weight_digests(run.model, run.rank, run.world, run.out)
     if rank == 0:
-        plot_loss(metrics_file, run.out / "loss.png", name, run.task.loss_label)
+        metrics.plot_loss(metrics_file, run.out / "loss.png", name, run.task.loss_label)
     elapsed = time.perf_counter() - t0
     return {
         "steps": end,
@@ -401,26 +409,3 @@ def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> 
         "ckpt": str(run.ckpt_dir),
         "eval": report_eval,
     }
-
-
-def append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def plot_loss(metrics_file: Path, png: Path, title: str, ylabel: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in open(metrics_file)] if metrics_file.exists() else []
-    pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    if not pts:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*zip(*pts))
-    ax.set(xlabel="step", ylabel=ylabel, yscale="log", title=title)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)

@@ -88,6 +88,34 @@ def test_resume_with_another_world_size_is_refused(data, tmp_path):
     assert checkpoint.resolve(tmp_path).name == "step_00000010"  # nothing moved
 
 
+def test_a_new_run_over_a_finished_one_is_refused(data, tmp_path, capsys):
+    main(cfg_for(data, tmp_path, stop_after=10))
+    before = weights(tmp_path / "ckpt/step_00000010")
+    args = ["train-prior", "--data", data, "--out", str(tmp_path), "--batch-size", "32", "--steps", "20"]
+    capsys.readouterr()
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a training run" in err[0] and "step_00000010" in err[0]
+    assert "--resume" in err[0]
+    assert weights(tmp_path / "ckpt/step_00000010") == before
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_00000010"]
+
+
+def test_metrics_of_a_resumed_run_read_as_one_run(data, tmp_path):
+    """Killed after its last checkpoint, a run has logged steps its resumed run logs again: they are dropped."""
+    main(cfg_for(data, tmp_path / "straight"))
+    main(cfg_for(data, tmp_path / "killed", stop_after=15))  # checkpoints at 10 and 15, logs 5, 10, 15
+    (tmp_path / "killed/ckpt/latest").write_text("step_00000010")  # as if killed at 15 before its checkpoint
+    main(cfg_for(data, tmp_path / "killed", resume=True))
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in rows]
+
+    assert [s for s, _ in losses("killed")] == [5, 10, 15, 20]
+    assert losses("killed") == losses("straight")  # exact resume: the same losses, each logged once
+
+
 def test_resume_of_another_task_is_refused(data, tmp_path):
     main(cfg_for(data, tmp_path, stop_after=10))
     meta_file = tmp_path / "ckpt/step_00000010/meta.json"
