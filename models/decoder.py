@@ -33,7 +33,6 @@ class DecoderConfig:
     latent_channels: int = 4  # 4 for an SD-style VAE, 3 for the pixels codec
     latent_size: int = 32  # latents are latent_size x latent_size
     space_to_depth: int = 1  # fold f x f pixel blocks into channels before the UNet (1 = none)
-    coord_channels: bool = False  # append x, y coordinate maps to the UNet's input (not Kandinsky-loadable)
     widths: tuple[int, ...] = (256, 512, 768, 1024)  # UNet block widths; the first block has no attention
     layers_per_block: int = 2
     attention_head_dim: int = 64
@@ -122,7 +121,7 @@ def unet_kwargs(cfg: DecoderConfig) -> dict:
     n = len(cfg.widths)
     return dict(
         sample_size=cfg.latent_size // cfg.space_to_depth,
-        in_channels=cfg.unet_channels + (2 if cfg.coord_channels else 0),
+        in_channels=cfg.unet_channels,
         out_channels=2 * cfg.unet_channels,  # [prediction, variance] as Kandinsky's; the variance is unused
         down_block_types=["ResnetDownsampleBlock2D"] + ["SimpleCrossAttnDownBlock2D"] * (n - 1),
         mid_block_type="UNetMidBlock2DSimpleCrossAttn",
@@ -169,15 +168,8 @@ class DiffusionDecoder(nn.Module):
         unconditional embedding). Inputs are cast to the UNet's dtype.
         """
         ref = self.unet.conv_in.weight
-        x_t = x_t.to(ref)
-        if self.cfg.coord_channels:
-            b, _, h, w = x_t.shape
-            ys = torch.linspace(-1, 1, h, device=ref.device, dtype=ref.dtype)
-            xs = torch.linspace(-1, 1, w, device=ref.device, dtype=ref.dtype)
-            grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))  # [2, h, w]
-            x_t = torch.cat([x_t, grid.expand(b, 2, h, w)], dim=1)
         out = self.unet(
-            x_t, t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": image_emb.to(ref)}
+            x_t.to(ref), t, encoder_hidden_states=None, added_cond_kwargs={"image_embeds": image_emb.to(ref)}
         ).sample  # [B, 2C', h, w]
         return out[:, : self.cfg.unet_channels]  # [B, C', h, w]
 
