@@ -12,13 +12,21 @@ def append(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # a line torn by a kill in the middle of its write
+        return float("inf")
+
+
 def truncate(path: Path, start: int) -> None:
     """Keep the rows of steps <= `start`, rewritten atomically. A run killed after its last checkpoint logged
-    steps that its resumed run logs again; so the file reads as one uninterrupted run."""
+    steps that its resumed run logs again (and a kill mid-write leaves a torn last line): dropped, so the file
+    reads as one uninterrupted run."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in lines if json.loads(line).get("step", 0) <= start]
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if _step_of(line) <= start]
     if len(keep) == len(lines):
         return
     tmp = path.with_name(f".{path.name}.tmp")

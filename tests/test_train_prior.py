@@ -106,6 +106,8 @@ def test_metrics_of_a_resumed_run_read_as_one_run(data, tmp_path):
     main(cfg_for(data, tmp_path / "straight"))
     main(cfg_for(data, tmp_path / "killed", stop_after=15))  # checkpoints at 10 and 15, logs 5, 10, 15
     (tmp_path / "killed/ckpt/latest").write_text("step_00000010")  # as if killed at 15 before its checkpoint
+    with open(tmp_path / "killed/metrics.jsonl", "a") as f:
+        f.write('{"step": 16, "loss": 0.')  # and in the middle of writing a line
     main(cfg_for(data, tmp_path / "killed", resume=True))
 
     def losses(run):
