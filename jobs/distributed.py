@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from pipeline import store
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,6 @@ def record_weight_digests(model: torch.nn.Module, rank: int, world: int, out: Pa
         digests = [None] * world
         dist.all_gather_object(digests, h.hexdigest())
     if rank == 0:
-        (out / "weights_by_rank.json").write_text(json.dumps(digests))
+        store.write_json(out / "weights_by_rank.json", digests)
         if len(set(digests)) > 1:
             log.error("ranks ended with different weights: %s", digests)

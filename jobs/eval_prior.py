@@ -5,7 +5,6 @@ Reads a checkpoint (EMA weights) and a store; writes ``eval.json`` next to the c
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline import store
 from pipeline.errors import UsageError
 from pipeline.stream import Stream, StreamConfig
 
@@ -158,6 +158,6 @@ def run(cfg: EvalPriorConfig) -> dict:
     metrics["step"] = meta["step"]
     out = Path(cfg.out) if cfg.out else folder / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2))
+    store.write_json(out, metrics)
     print(format_table(metrics))
     return metrics

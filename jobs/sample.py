@@ -18,6 +18,7 @@ import torch
 
 from jobs import checkpoint
 from jobs.render import latents_to_images, save_grid
+from pipeline import store
 from pipeline.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ def run(cfg: SampleConfig) -> dict:
             "decoder": m.decoder.cfg.guidance_scale if cfg.decoder_guidance is None else cfg.decoder_guidance,
         },
     }
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    store.write_json(out.with_suffix(".json"), json.loads(json.dumps(report, default=str)))
     return report
 
 
