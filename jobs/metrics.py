@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from pathlib import Path
+
+from pipeline import store
 
 
 def append(path: Path, row: dict) -> None:
@@ -29,9 +31,7 @@ def truncate(path: Path, start: int) -> None:
     keep = [line for line in lines if _step_of(line) <= start]
     if len(keep) == len(lines):
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in keep))
-    os.replace(tmp, path)
+    store.atomic_write(path, "".join(f"{line}\n" for line in keep).encode())
 
 
 def plot_loss(metrics_file: Path, png: Path, title: str, ylabel: str) -> None:
@@ -49,7 +49,7 @@ def plot_loss(metrics_file: Path, png: Path, title: str, ylabel: str) -> None:
     ax.plot(*zip(*pts))
     ax.set(xlabel="step", ylabel=ylabel, yscale="log", title=title)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp{os.getpid()}")
-    fig.savefig(tmp, dpi=100, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, png)
+    store.atomic_write(png, buf.getvalue())

@@ -12,10 +12,10 @@ Writes under ``--out``: ``ckpt/``, ``metrics.jsonl``, ``loss.png``, ``config.jso
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -396,9 +396,9 @@ def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> 
         if done == end or (cfg.save_every and done % cfg.save_every == 0):
             _save(done, run)
     if rows_log:
-        tmp = run.out / f".rows_rank{rank}.pt.tmp"
-        torch.save(torch.cat(rows_log), tmp)
-        os.replace(tmp, run.out / f"rows_rank{rank}.pt")
+        buf = io.BytesIO()
+        torch.save(torch.cat(rows_log), buf)
+        store.atomic_write(run.out / f"rows_rank{rank}.pt", buf.getvalue())
     distributed.record_weight_digests(run.model, run.rank, run.world, run.out)
     if rank == 0:
         metrics.plot_loss(metrics_file, run.out / "loss.png", name, run.task.loss_label)

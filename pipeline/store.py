@@ -217,7 +217,8 @@ def done_path(root: str | Path, shard: str) -> Path:
 # ---------------------------------------------------------------- atomic writes
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in its folder, synced, then renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -241,7 +242,7 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    _atomic_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: str | Path) -> Any:
@@ -281,7 +282,7 @@ def write_shard(
         payloads["errors"] = parquet_bytes(tables["errors"])
     for field, data in payloads.items():
         path = field_path(root, field, shard)
-        _atomic_bytes(path, data)
+        atomic_write(path, data)
         files[str(path.relative_to(root))] = hashlib.sha256(data).hexdigest()
     marker = {"shard": shard, "rows": rows, "files": files, **(extra or {})}
     write_json(done_path(root, shard), marker)

@@ -65,9 +65,9 @@ def arrays(n: int) -> dict[str, np.ndarray]:
 
 def test_write_shard_writes_the_marker_last_with_checksums(tmp_path, monkeypatch):
     order = []
-    real = store._atomic_bytes
+    real = store.atomic_write
     monkeypatch.setattr(
-        store, "_atomic_bytes", lambda p, d: (order.append(p.relative_to(tmp_path)), real(p, d))
+        store, "atomic_write", lambda p, d: (order.append(p.relative_to(tmp_path)), real(p, d))
     )
     marker = store.write_shard(
         tmp_path, "00007", arrays(3), tables(["a", "b", "c"], ["z"]), 3, {"source": "x"}
