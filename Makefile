@@ -17,7 +17,17 @@ DEMO_OUT ?= demo_out
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
+# torch's CUDA build (the only one that imports beside torchvision here) fills ~6.6 GiB of .venv: say so up front
+# rather than let pip die of ENOSPC minutes in.
+NEED_KIB := 7340032
 $(VENV_STAMP): pyproject.toml
+	@if ! ls -d .venv/lib/python3*/site-packages/torch >/dev/null 2>&1; then \
+	  free=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
+	  if [ "$$free" -lt $(NEED_KIB) ]; then \
+	    echo "error: installing needs about 7 GiB free on $$(df -P . | awk 'NR==2 {print $$6}'), $$((free / 1048576)) GiB free; free some space and rerun" >&2; \
+	    exit 2; \
+	  fi; \
+	fi
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision pinned together: open_clip needs torchvision, and only these two import side by side here.
