@@ -104,3 +104,13 @@ $(ANCHORS_STAMP):
 
 bench-anchors: $(VENV_STAMP) $(ANCHORS_STAMP) ## ours vs clip-retrieval, embedding-reader, dalle2-pytorch -> bench/anchors.{json,md} (6-12 min on 2 cores)
 	.venv/bin/unclip bench-anchors --anchors-python $(ANCHORS_PY) $(ARGS)
+
+# What a lent GPU machine (its own Python 3.12 and torch, no network) lacks, at the versions .venv holds.
+DEVICE_KIT := open_clip_torch ftfy wcwidth diffusers importlib_metadata dask distributed partd locket tblib zict \
+	tornado webdataset braceexpand
+device-kit: $(VENV_STAMP) ## wheels for bench/device_check.sh on a lent GPU machine -> .whl/ (carry it)
+	rm -rf .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$($(PY) -m pip freeze | grep -iE '^($(shell echo $(DEVICE_KIT) | tr ' ' '|'))==' | sed 's/_/-/g')
+	@du -sh .whl

@@ -88,6 +88,11 @@ COMMANDS: dict[str, Command] = {
         "AnchorsConfig",
         report="jobs.bench.anchors:print_report",
     ),
+    "device-check": Command(
+        "on a GPU: every CUDA path in one short run (writes device_out/device_check.json)",
+        "jobs.bench.device_check",
+        "DeviceCheckConfig",
+    ),
     "demo": Command("run every stage on the built-in demo dataset", "jobs.demo", "DemoConfig"),
 }
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# On a lent GPU machine (no network, its own Python with torch): install the wheels `make device-kit` put in
+# .whl/, then run `unclip device-check`. Results land in $OUT (device_check.json/.md, log.txt, samples.png).
+# From a session: run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=540).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device_out}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "device_check.sh: installing .whl/ failed" >&2; exit 3; }
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+python3 -m jobs.cli device-check --out "$OUT" "$@"

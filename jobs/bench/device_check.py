@@ -1,0 +1,297 @@
+"""`unclip device-check`: every CUDA path of the project in one short run, for a session lent a GPU.
+
+No CUDA path is exercised by the tests (CI has no GPU), so this is where they run: embed with ``--device cuda``
+(JPEGs decoded on the device, and an SD-sized VAE), the prior and the decoder trained on the GPU (bf16
+autocast), exact resume on CUDA, text -> image sampling, then the GPU rows of `unclip bench` (embed_gpu and
+the `base` decoder). Each stage is a subprocess with its own time limit; a failed, timed-out or
+out-of-budget stage is recorded with its reason and the next one runs. ``OUT/device_check.json`` (and
+``.md``) is rewritten atomically after every stage, so a run cut short still reports what it measured.
+``bench/device_check.sh`` installs the wheels of `make device-kit` on the GPU machine and runs this.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobs.bench.harness import PY, machine_line, measure, table
+from pipeline.errors import UsageError
+from pipeline.store import atomic_write
+
+STAGE_NAMES = (
+    "env",
+    "embed",
+    "train_prior",
+    "resume",
+    "train_decoder",
+    "sample",
+    "embed_vae",
+    "bench_embed_gpu",
+    "bench_decoder",
+)
+
+
+@dataclass
+class DeviceCheckConfig:
+    out: str = field(default="device_out", metadata={"help": "device_check.json/.md, log.txt, samples.png"})
+    device: str = field(default="cuda", metadata={"help": "cuda; cpu only for a dry run of the script"})
+    budget_s: float = field(
+        default=420.0, metadata={"help": "stop starting stages after this many seconds (a lease is short)"}
+    )
+    stages: str = field(default=",".join(STAGE_NAMES), metadata={"help": "comma-separated subset, in order"})
+    quick: bool = field(default=False, metadata={"help": "tiny sizes (the CPU dry run and its test)"})
+
+
+@dataclass
+class Check:
+    """What each stage shares: the config, the work folder, the log and the deadline."""
+
+    cfg: DeviceCheckConfig
+    work: Path
+    log: Path
+    deadline: float
+
+    def cli(self, *args: str, limit: float = 240.0) -> dict:
+        """`unclip ARGS` in its own process, its stderr appended to the log; the JSON line it printed (if any)
+        with its wall seconds."""
+        left = self.deadline - time.monotonic()
+        if left < 10:
+            raise TimeoutError("out of budget")
+        part = self.work / "stage.log"
+        run = measure([PY, "-m", "jobs.cli", *args], log=part, timeout=min(limit, left))
+        with open(self.log, "a") as f:
+            f.write(part.read_text())
+        start = run.stdout.find("{\n") if run.stdout.startswith("{\n") else run.stdout.find("\n{\n") + 1
+        res = json.loads(run.stdout[start:]) if start >= 0 and "{\n" in run.stdout else {}
+        return {**res, "wall_s": round(run.seconds, 1)}
+
+
+def _env(c: Check) -> dict:
+    import torch
+
+    smi = shutil.which("nvidia-smi")
+    line = subprocess.run([smi, "-L"], capture_output=True, text=True).stdout.strip() if smi else None
+    cuda = torch.cuda.is_available()
+    return {
+        "machine": machine_line(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device_name": torch.cuda.get_device_name(0) if cuda else None,
+        "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
+        "nvidia_smi": line,
+    }
+
+
+def _shards(c: Check) -> Path:
+    from jobs.bench.embed_gpu import write_jpeg_shards
+
+    return write_jpeg_shards(c.work / "shards", shards=2, per=64 if c.cfg.quick else 1024)
+
+
+def _clip(c: Check) -> list[str]:
+    return ["--clip", "unclip-tiny" if c.cfg.quick else "ViT-B-32", "--pretrained", "none"]
+
+
+def _embed(c: Check) -> dict:
+    shards, store = _shards(c), c.work / "store"
+    shutil.rmtree(store, ignore_errors=True)
+    batch = "32" if c.cfg.quick else "256"
+    r = c.cli(
+        "embed", "--shards", str(shards / "{00000..00001}.tar"), "--out", str(store), *_clip(c),
+        "--batch-size", batch, "--device", c.cfg.device, "--image-decode", "device" if c.cfg.device == "cuda" else "pil",
+        "--latents", "pixels", "--latent-size", "32", "--text-encodings",
+    )  # fmt: skip
+    c.cli("validate", str(store))  # exits 1 (and so fails the stage) on any problem
+    keep = ("rows", "errors", "samples_per_second", "samples_per_second_in_tasks", "gpu_peak_mb", "wall_s")
+    return {**{k: r.get(k) for k in keep}, "validate": "ok"}
+
+
+def _train(c: Check, model: str, out: str, steps: int, *extra: str) -> dict:
+    run = c.work / out
+    shutil.rmtree(run, ignore_errors=True)
+    r = c.cli(
+        f"train-{model}", "--data", str(c.work / "store"), "--out", str(run), "--steps", str(steps),
+        "--device", c.cfg.device, "--eval-every", "0", "--save-every", str(steps), "--warmup-steps", "20",
+        *extra,
+    )  # fmt: skip
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows]
+    return {
+        "steps": steps,
+        "samples_per_s": r.get("samples_per_s"),
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+        "wall_s": r["wall_s"],
+    }
+
+
+def _train_prior(c: Check) -> dict:
+    return _train(
+        c, "prior", "prior", 50 if c.cfg.quick else 500, "--preset", "tiny" if c.cfg.quick else "vit-b-32"
+    )
+
+
+def _train_decoder(c: Check) -> dict:
+    steps = 20 if c.cfg.quick else 500
+    return _train(
+        c, "decoder", "decoder", steps, "--preset", "tiny", "--batch-size", "32" if c.cfg.quick else "256"
+    )
+
+
+def _resume(c: Check) -> dict:
+    """The prior 10 + 10 steps against 20 straight: on CUDA the weights are compared, not required equal (some
+    kernels are not deterministic); on CPU they are byte for byte the same."""
+    from safetensors.torch import load_file
+
+    def weights(run: Path) -> dict:
+        return load_file(str(max((run / "ckpt").glob("step_*/model.safetensors"))))
+
+    common = ("--preset", "tiny", "--batch-size", "16", "--warmup-steps", "5")
+    for name in ("straight", "halves"):
+        shutil.rmtree(c.work / name, ignore_errors=True)
+    base = [
+        "--data",
+        str(c.work / "store"),
+        "--device",
+        c.cfg.device,
+        "--eval-every",
+        "0",
+        "--save-every",
+        "10",
+    ]
+    c.cli("train-prior", *base, "--out", str(c.work / "straight"), "--steps", "20", *common)
+    c.cli(
+        "train-prior", *base, "--out", str(c.work / "halves"), "--steps", "20", "--stop-after", "10", *common
+    )
+    c.cli("train-prior", *base, "--out", str(c.work / "halves"), "--steps", "20", "--resume", *common)
+    a, b = weights(c.work / "straight"), weights(c.work / "halves")
+    diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    return {"max_abs_weight_diff": diff, "identical": diff == 0.0}
+
+
+def _sample(c: Check) -> dict:
+    grid = c.work / "samples.png"
+    prompts = ["a photo of object 1 in shard 0, seen from the left", "a photo of object 7 in shard 1"]
+    r = c.cli(
+        "sample", "--prior", str(c.work / "prior"), "--decoder", str(c.work / "decoder"),
+        "--prompt", *prompts, "--n", "4", "--out", str(grid), "--device", c.cfg.device,
+    )  # fmt: skip
+    shutil.copyfile(grid, Path(c.cfg.out) / "samples.png")
+    settings = json.loads(grid.with_suffix(".json").read_text())
+    return {"images": settings.get("images"), "seconds": settings.get("seconds"), "wall_s": r["wall_s"]}
+
+
+def _embed_vae(c: Check) -> dict:
+    """--latents vae with a randomly initialised Stable Diffusion-sized AutoencoderKL (~84 M), by path."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = c.work / "sd_vae"
+    if not (vae / "config.json").exists():
+        torch.manual_seed(0)
+        widths = (8, 16) if c.cfg.quick else (128, 256, 512, 512)
+        AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * len(widths),
+            up_block_types=("UpDecoderBlock2D",) * len(widths),
+            block_out_channels=widths,
+            layers_per_block=1 if c.cfg.quick else 2,
+            latent_channels=4,
+            norm_num_groups=4 if c.cfg.quick else 32,
+            sample_size=256,
+        ).save_pretrained(vae)
+    store = c.work / "store_vae"
+    shutil.rmtree(store, ignore_errors=True)
+    r = c.cli(
+        "embed", "--shards", str(_shards(c) / "{00000..00001}.tar"), "--out", str(store), *_clip(c),
+        "--batch-size", "32" if c.cfg.quick else "128", "--device", c.cfg.device,
+        "--latents", "vae", "--vae", str(vae), "--latent-size", "64" if c.cfg.quick else "256",
+    )  # fmt: skip
+    keep = ("rows", "errors", "samples_per_second", "samples_per_second_in_tasks", "gpu_peak_mb", "wall_s")
+    return {k: r.get(k) for k in keep}
+
+
+def _bench(c: Check, stage: str) -> dict:
+    out = c.work / f"bench_{stage}"
+    args = ["bench", "--stages", stage, "--repeats", "1", "--out", str(out)] + (
+        ["--quick"] if c.cfg.quick else []
+    )
+    c.cli(*args, limit=300.0)
+    res = json.loads((out / "results.json").read_text())["results"]
+    return res
+
+
+STAGES: dict[str, Callable[[Check], dict]] = {
+    "env": _env,
+    "embed": _embed,
+    "train_prior": _train_prior,
+    "resume": _resume,
+    "train_decoder": _train_decoder,
+    "sample": _sample,
+    "embed_vae": _embed_vae,
+    "bench_embed_gpu": lambda c: _bench(c, "embed_gpu"),
+    "bench_decoder": lambda c: _bench(c, "decoder"),
+}
+
+
+def markdown(report: dict) -> str:
+    rows = []
+    for name, r in report["stages"].items():
+        status = r.get("status", "")
+        body = r.get("error") or "; ".join(
+            f"{k} {json.dumps(v) if isinstance(v, (dict, list)) else v}"
+            for k, v in r.items()
+            if k not in ("status", "seconds")
+        )
+        rows.append([name, status, f"{r.get('seconds', '')}", body[:400]])
+    head = f"Device check: {report['env'].get('device_name') or report['device']}; {report['date']}; commit {report['commit']}."
+    return "\n".join([head, "", *table(["stage", "status", "s", "figures"], rows)]) + "\n"
+
+
+def run(cfg: DeviceCheckConfig) -> dict:
+    from jobs.bench.harness import git_commit
+
+    names = [s for s in cfg.stages.split(",") if s]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        raise UsageError(f"unknown device-check stage(s) {', '.join(unknown)}; valid: {', '.join(STAGES)}")
+    if cfg.device not in ("cuda", "cpu"):
+        raise UsageError(f"unknown device '{cfg.device}'; valid: cuda, cpu")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda but no CUDA device is visible; --device cpu runs the script dry")
+    out = Path(cfg.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    check = Check(cfg, work, out / "log.txt", time.monotonic() + cfg.budget_s)
+    check.log.write_text("")
+    report: dict = {
+        "device": cfg.device,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "commit": git_commit()[:10],
+    }
+    report["env"], report["stages"] = {}, {}
+    for name in names:
+        t0 = time.monotonic()
+        print(f"[device-check] {name} ...", flush=True)
+        try:
+            res = {"status": "ok", **STAGES[name](check)}
+        except TimeoutError as e:
+            res = {"status": "skipped", "error": str(e)}
+        except Exception as e:  # recorded, and the next stage runs: one broken path must not hide the others
+            res = {"status": "failed", "error": f"{type(e).__name__}: {e}"[-1500:]}
+        res["seconds"] = round(time.monotonic() - t0, 1)
+        if name == "env" and res["status"] == "ok":
+            report["env"] = {k: v for k, v in res.items() if k not in ("status", "seconds")}
+        report["stages"][name] = res
+        print(f"[device-check] {name}: {res['status']} in {res['seconds']} s", flush=True)
+        atomic_write(out / "device_check.json", (json.dumps(report, indent=1) + "\n").encode())
+        atomic_write(out / "device_check.md", markdown(report).encode())
+    print(markdown(report))
+    return {name: r["status"] for name, r in report["stages"].items()}

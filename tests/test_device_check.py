@@ -1,0 +1,64 @@
+"""`unclip device-check`: the one-run script for a lent GPU. Here (no GPU) its bookkeeping is tested, and in
+the slow suite a dry run of every stage on the CPU at tiny sizes."""
+
+import json
+
+import pytest
+
+from jobs.bench import device_check
+from jobs.bench.device_check import DeviceCheckConfig, run
+from jobs.cli import main
+from pipeline.errors import UsageError
+
+
+def test_a_failing_stage_is_recorded_and_the_next_still_runs(tmp_path, monkeypatch):
+    ran = []
+
+    def broken(c):
+        ran.append("broken")
+        raise RuntimeError("unclip embed exited 1: CUDA error: out of memory")
+
+    def fine(c):
+        ran.append("fine")
+        return {"samples_per_s": 123.0}
+
+    monkeypatch.setitem(device_check.STAGES, "embed", broken)
+    monkeypatch.setitem(device_check.STAGES, "sample", fine)
+    status = run(DeviceCheckConfig(out=str(tmp_path), device="cpu", stages="embed,sample"))
+    assert ran == ["broken", "fine"] and status == {"embed": "failed", "sample": "ok"}
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    assert (
+        report["stages"]["embed"]["error"] == "RuntimeError: unclip embed exited 1: CUDA error: out of memory"
+    )
+    assert report["stages"]["sample"]["samples_per_s"] == 123.0
+    md = (tmp_path / "device_check.md").read_text()
+    assert "| embed | failed |" in md and "| sample | ok |" in md
+
+
+def test_stages_past_the_budget_are_skipped_not_started(tmp_path):
+    # budget 5 s: a stage that would start a command (under 10 s left) is recorded as skipped
+    status = run(DeviceCheckConfig(out=str(tmp_path), device="cpu", stages="env,train_prior", budget_s=5))
+    assert status == {"env": "ok", "train_prior": "skipped"}
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    assert report["stages"]["train_prior"]["error"] == "out of budget"
+    assert report["env"]["device_name"] is None and report["env"]["torch"]
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(UsageError, match="unknown device-check stage.*warp.*valid: env, embed"):
+        run(DeviceCheckConfig(out=str(tmp_path), device="cpu", stages="env,warp"))
+    assert main(["device-check", "--out", str(tmp_path / "x"), "--device", "tpu"]) == 2
+    assert "valid: cuda, cpu" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing written for bad input
+
+
+@pytest.mark.slow  # ~3 min: every stage's commands at tiny sizes on the CPU
+def test_dry_run_of_every_stage_on_cpu(tmp_path):
+    status = run(DeviceCheckConfig(out=str(tmp_path), device="cpu", quick=True, budget_s=900))
+    assert set(status.values()) == {"ok"}, status
+    r = json.loads((tmp_path / "device_check.json").read_text())["stages"]
+    assert r["embed"]["rows"] == 128 and r["embed"]["errors"] == 0 and r["embed_vae"]["rows"] == 128
+    assert r["train_prior"]["final_loss"] < r["train_prior"]["first_loss"]
+    assert r["resume"]["identical"] is True  # on the CPU, 10 + 10 steps == 20 byte for byte
+    assert r["sample"]["images"] == 8 and (tmp_path / "samples.png").stat().st_size > 0
+    assert r["bench_embed_gpu"]["embed_gpu"]["skipped"] == "no CUDA device visible"
