@@ -19,23 +19,27 @@ def setup(device: str) -> tuple[int, int, str]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
-    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-    rank = dist.get_rank()
-    if device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank))
+    cuda = device.startswith("cuda")
+    if cuda:  # each rank its own GPU (LOCAL_RANK), chosen before NCCL starts so that it binds to that one
+        local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
-    return rank, world, device
+        dist.init_process_group(backend="nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group(backend="gloo")
+    return dist.get_rank(), world, device
 
 
-def gather_rng_states(gen: torch.Generator, world: int) -> tuple[list, list]:
-    """Every rank's RNG states, so that a resume restores each rank's own stream of noise."""
-    mine = [gen.get_state(), torch.get_rng_state()]
+def gather_rng_states(gen: torch.Generator, world: int, device: str = "cpu") -> tuple[list, list, list]:
+    """Every rank's RNG states, so that a resume restores each rank's own stream of noise: the loop's generator,
+    torch's CPU state and, on CUDA, the device's default generator (dropout draws from it there)."""
+    cuda = torch.cuda.get_rng_state(device) if device.startswith("cuda") else None
+    mine = [gen.get_state(), torch.get_rng_state(), cuda]
     if world == 1:
-        return [mine[0]], [mine[1]]
+        return [mine[0]], [mine[1]], [mine[2]]
     allst = [None] * world
     dist.all_gather_object(allst, mine)
-    return [s[0] for s in allst], [s[1] for s in allst]
+    return [s[0] for s in allst], [s[1] for s in allst], [s[2] for s in allst]
 
 
 def record_weight_digests(model: torch.nn.Module, rank: int, world: int, out: Path) -> None:

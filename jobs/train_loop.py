@@ -281,6 +281,9 @@ def _restore(run: RunState) -> int:
     run.sched.load_state_dict(state["sched"])
     run.gen.set_state(state["gen"][run.rank])
     torch.set_rng_state(state["torch_rng"][run.rank])
+    cuda_rng = state.get("cuda_rng", [None] * run.world)[run.rank]  # absent in checkpoints made before it was
+    if cuda_rng is not None and run.device.startswith("cuda"):
+        torch.cuda.set_rng_state(cuda_rng, run.device)
     log.info("resumed from %s at step %d", folder, meta["step"])
     return int(meta["step"])
 
@@ -328,10 +331,11 @@ def _save(step: int, run: RunState) -> None:
             f"weights are not finite at step {step}: not checkpointed; the last good checkpoint is in "
             f"{run.ckpt_dir} (lower --lr or raise --warmup-steps, then --resume)"
         )
-    gens, rngs = distributed.gather_rng_states(run.gen, run.world)
+    gens, rngs, cuda_rngs = distributed.gather_rng_states(run.gen, run.world, run.device)
     if run.rank != 0:
         return
     state = {"opt": run.opt.state_dict(), "sched": run.sched.state_dict(), "gen": gens, "torch_rng": rngs}
+    state["cuda_rng"] = cuda_rngs
     meta = {
         "task": run.task.name,
         "config": asdict(run.cfg),

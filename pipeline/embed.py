@@ -262,6 +262,7 @@ def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:
         "gpu_peak_mb": 0.0,
         "warm_rows": 0,
         "warm_seconds": 0.0,
+        "device_decode_fallbacks": 0,
     }
     with tqdm(total=len(todo), desc="embed", unit="shard") as bar:
         for fut in as_completed(futures):
@@ -274,6 +275,7 @@ def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:
                     stats["warm_seconds"] += res["seconds"]
                 stats["worker_peak_rss_mb"] = max(stats["worker_peak_rss_mb"], res["worker_peak_rss_mb"])
                 stats["gpu_peak_mb"] = max(stats["gpu_peak_mb"], res.get("gpu_peak_mb", 0.0))
+                stats["device_decode_fallbacks"] += res.get("device_decode_fallbacks", 0)
             except Exception as e:  # after dask's retries: list it, keep going with the others
                 failed[names[fut.key]] = f"{type(e).__name__}: {e}"
                 log.error("shard %s failed: %s", names[fut.key], failed[names[fut.key]])
@@ -318,6 +320,8 @@ def _finish(
         else None,
         "worker_peak_rss_mb": stats.get("worker_peak_rss_mb"),
         "gpu_peak_mb": stats.get("gpu_peak_mb") or None,
+        # --image-decode device, this run: JPEGs its decoder refused or that were incomplete (PIL took them)
+        "device_decode_fallbacks": stats.get("device_decode_fallbacks", 0),
     }
     store.write_json(Path(cfg.out) / "logs" / "embed_summary.json", summary)
     if failed:

@@ -83,13 +83,18 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
         )
     lo, hi = store.fit_quantization(np.concatenate(xs)[: cfg.calib_samples])
     log.info("vae latent range fitted on %d images: lo=%s hi=%s", min(n, cfg.calib_samples), lo, hi)
+    info = (vae.scale, vae.channels)
+    if device.startswith("cuda"):  # this (the client) process is done with the GPU: leave it to the workers
+        del vae
+        load_vae.cache_clear()
+        torch.cuda.empty_cache()
     return {
         "codec": "vae",
         "vae": cfg.vae,
-        "scale": vae.scale,
+        "scale": info[0],
         "image_size": px,
         "dtype": np.dtype(store.LATENT_DTYPE).name,
-        "shape": [vae.channels, cfg.latent_size, cfg.latent_size],
+        "shape": [info[1], cfg.latent_size, cfg.latent_size],
         "lo": lo.tolist(),
         "hi": hi.tolist(),
         "fitted_on": min(n, cfg.calib_samples),
@@ -154,6 +159,7 @@ class _Rows:
     )
     truncated: int = 0
     empty: int = 0
+    device_decode_fallbacks: int = 0  # reported with the timings, not in the done marker
     mae: list[float] = field(default_factory=list)
 
 
@@ -253,6 +259,7 @@ def embed_shard(url: str, params: ShardParams) -> dict:
     for b in background(_threads(batches, DECODE_THREADS)):
         if m.tensor_preprocess is not None:
             b = assemble_images(b, m.clip.preprocess, m.tensor_preprocess, device, errors)
+            acc.device_decode_fallbacks += b.device_decode_fallbacks  # a batch left empty counts too
         if b.keys:
             _embed_batch(b, m, params, acc)
     errors.sort(key=lambda e: e.pop("pos"))  # tar order, whichever thread found the problem
@@ -273,6 +280,7 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         "gpu_peak_mb": round(gpu, 1),
         "seconds": round(time.perf_counter() - t0, 3),
         "first_in_process": first,
+        "device_decode_fallbacks": acc.device_decode_fallbacks,
     }
 
 

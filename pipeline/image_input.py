@@ -10,17 +10,38 @@ corrupt JPEG) goes through the PIL path, sample by sample, so error rows stay ex
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 import torch
 
+log = logging.getLogger(__name__)
+
 JPEG_MAGIC = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
 IMAGE_DECODES = ("auto", "pil", "device")
 _MODES = ("shortest", "squash")  # open_clip resize modes with an exact tensor equivalent here
 
 
 def is_jpeg(data: bytes | None) -> bool:
     return data is not None and data[:3] == JPEG_MAGIC
+
+
+def is_complete_jpeg(data: bytes) -> bool:
+    """A JPEG whose last marker (past any zero padding) is end-of-image. nvJPEG reads the header up front and
+    may fill a cut-off file's missing rows instead of failing where libjpeg (PIL) fails, so only complete files
+    go to the device decoder; the rest take the PIL path, which keeps their error rows what they were."""
+    return data.rstrip(b"\x00")[-2:] == JPEG_END
+
+
+@functools.lru_cache(maxsize=16)
+def _stats(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as [3, 1, 1] tensors on ``device``, made once (a host-to-device copy syncs the stream)."""
+    return (
+        torch.tensor(mean, device=device).view(3, 1, 1),
+        torch.tensor(std, device=device).view(3, 1, 1),
+    )
 
 
 @dataclass(frozen=True)
@@ -48,28 +69,46 @@ class TensorPreprocess:
 
         return cls.from_cfg(get_model_preprocess_cfg(model))
 
-    def one(self, img: torch.Tensor) -> torch.Tensor:
-        """uint8 [3, H, W] (any device) -> float [3, S, S] normalised, on the same device."""
+    def resized(self, img: torch.Tensor) -> torch.Tensor:
+        """uint8 [3, H, W] or [B, 3, H, W] (one size) -> uint8 [..., 3, S, S]: resize then centre crop."""
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 
         s = self.size
         h, w = img.shape[-2:]
         if self.resize_mode == "squash":
-            out = TF.resize(img, [s, s], InterpolationMode.BICUBIC, antialias=True)
-        else:  # shortest side to s (as torchvision's Resize(int) on a PIL image), then centre crop
-            short, long = (h, w) if h <= w else (w, h)
-            new_long = int(s * long / short)
-            size = [s, new_long] if h <= w else [new_long, s]
-            out = TF.center_crop(TF.resize(img, size, InterpolationMode.BICUBIC, antialias=True), [s, s])
-        x = out.float().div_(255.0)
-        mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
-        return (x - mean) / std
+            return TF.resize(img, [s, s], InterpolationMode.BICUBIC, antialias=True)
+        # shortest side to s (as torchvision's Resize(int) on a PIL image), then centre crop
+        short, long = (h, w) if h <= w else (w, h)
+        new_long = int(s * long / short)
+        size = [s, new_long] if h <= w else [new_long, s]
+        return TF.center_crop(TF.resize(img, size, InterpolationMode.BICUBIC, antialias=True), [s, s])
+
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., 3, S, S] -> float, normalised with the model's mean and std, on the same device."""
+        mean, std = _stats(self.mean, self.std, str(x.device))
+        return (x.float().div_(255.0) - mean) / std
+
+    def one(self, img: torch.Tensor) -> torch.Tensor:
+        """uint8 [3, H, W] (any device) -> float [3, S, S] normalised, on the same device."""
+        return self.normalized(self.resized(img))
+
+    def many(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`one` of each image, with the images of one size resized together (a few kernels a batch on a GPU,
+        not a few an image); the same values as `one` image by image."""
+        out: list[torch.Tensor | None] = [None] * len(images)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            by_size.setdefault(tuple(img.shape[-2:]), []).append(i)
+        for idx in by_size.values():
+            x = self.normalized(self.resized(torch.stack([images[i] for i in idx])))
+            for i, t in zip(idx, x, strict=True):
+                out[i] = t
+        return out
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
         """A list of uint8 [3, H, W] of any sizes -> [B, 3, S, S]."""
-        return torch.stack([self.one(img) for img in images])
+        return torch.stack(self.many(images))
 
 
 def tensor_preprocess_supported(cfg: dict) -> bool:
@@ -83,28 +122,46 @@ def tensor_preprocess_supported(cfg: dict) -> bool:
 
 
 def decode_jpegs(blobs: list[bytes], device: str) -> list[torch.Tensor | None]:
-    """uint8 RGB [3, H, W] per blob on ``device``, None where the decoder refused it (fall back to PIL).
+    """uint8 RGB [3, H, W] per blob on ``device``, None where the decoder refused it or it is not a complete
+    JPEG (`is_complete_jpeg`): those fall back to PIL.
 
     One batched call first (nvJPEG decodes a list at once); if it fails, the blobs are tried one by one so that
-    a single bad file costs only itself.
+    a single bad file costs only itself. The first refusal in a process is logged with the decoder's reason:
+    a device decoder that refuses everything would otherwise just look slow.
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
     if not blobs:
         return []
-    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    if device.startswith("cuda"):
+        # torchvision decodes on its own stream into new memory without waiting for ours: let ours drain first
+        torch.cuda.current_stream(device).synchronize()
+    take = [i for i, b in enumerate(blobs) if is_complete_jpeg(b)]
+    data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in take]
+    result: list[torch.Tensor | None] = [None] * len(blobs)
     try:
-        out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        return [_rgb(t) for t in out]
-    except (RuntimeError, ValueError):
-        pass
-    result: list[torch.Tensor | None] = []
-    for d in data:
+        out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device) if data else []
+        for i, t in zip(take, out, strict=True):
+            result[i] = _rgb(t)
+        return result
+    except (RuntimeError, ValueError) as e:
+        _log_first_refusal(e, device)
+    for i, d in zip(take, data, strict=True):
         try:
-            result.append(_rgb(decode_jpeg(d, mode=ImageReadMode.RGB, device=device)))
-        except (RuntimeError, ValueError):
-            result.append(None)
+            result[i] = _rgb(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+        except (RuntimeError, ValueError) as e:
+            _log_first_refusal(e, device)
     return result
+
+
+_refusals = {"logged": False}
+
+
+def _log_first_refusal(e: Exception, device: str) -> None:
+    if not _refusals["logged"]:
+        _refusals["logged"] = True
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        log.warning("the %s JPEG decoder refused a file (%s); such files go through PIL", device, first)
 
 
 def _rgb(t: torch.Tensor) -> torch.Tensor | None:

@@ -72,3 +72,70 @@ def test_gpu_embed_stage_says_it_was_skipped_without_a_gpu(tmp_path):
     r = json.loads((tmp_path / "results.json").read_text())["results"]
     assert r == {"embed_gpu": {"skipped": "no CUDA device visible", "unit": "GPU embed figures need a GPU"}}
     assert "| embed_gpu | skipped no CUDA device visible |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_timed_out_command_takes_the_sessions_it_started_with_it():
+    # The device check runs `unclip bench`, whose measurements start in sessions of their own; on a timeout they
+    # must go too (they would hold the GPU, and the pipe they inherit kept measure() waiting for them).
+    import subprocess
+    import sys
+    import time
+
+    from jobs.bench.harness import measure
+
+    child = "import time; time.sleep(61.5)"
+    cmd = [
+        sys.executable,
+        "-c",
+        f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}], "
+        "start_new_session=True); time.sleep(61.5)",
+    ]
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="exited -9"):
+        measure(cmd, timeout=1.5)
+    assert time.perf_counter() - t0 < 10
+    time.sleep(0.3)
+    left = subprocess.run(["pgrep", "-f", r"time.sleep\(61.5\)"], capture_output=True, text=True).stdout
+    assert left.split() == []
+
+
+def test_gpu_embed_rows_are_assembled_from_both_decode_paths_and_one_forward(tmp_path, monkeypatch):
+    # The embed_gpu stage runs only where CUDA is: its bookkeeping is checked here with the measurements faked.
+    from jobs.bench import embed_gpu
+
+    calls = []
+
+    def fake_embed(shards, out, clip, decode):
+        calls.append((clip, decode))
+        rate = {"device": 900.0, "pil": 300.0}[decode]
+        return {
+            "rows": 8192,
+            "samples_per_second_in_tasks": rate,
+            "gpu_peak_mb": 1e3,
+            "device_decode_fallbacks": 0,
+        }, 20.0
+
+    def fake_probe(fn, **kw):
+        calls.append((kw["clip"], "forward"))
+        return {"images_per_s": 1000.0, "gpu_peak_mb": 900.0}, None
+
+    monkeypatch.setattr(embed_gpu, "gpu_name", lambda: "Fake H200")
+    monkeypatch.setattr(embed_gpu, "write_jpeg_shards", lambda root, shards, per: root)
+    monkeypatch.setattr(embed_gpu, "embed_run", fake_embed)
+    monkeypatch.setattr(embed_gpu, "probe", fake_probe)
+    r = embed_gpu.bench(BenchConfig(out=str(tmp_path), repeats=2), tmp_path)
+    per_arch = [("ViT-B-32", "device"), ("ViT-B-32", "pil"), ("ViT-B-32", "forward")] * 2
+    assert calls == per_arch + [(c.replace("B-32", "L-14"), d) for c, d in per_arch]
+    dev, pil = (
+        r["embed_gpu_ViT-L-14_device_in_tasks_vs_forward"],
+        r["embed_gpu_ViT-L-14_pil_in_tasks_vs_forward"],
+    )
+    assert (
+        dev["ratio_median"] == 0.9
+        and dev["met"] is True
+        and pil["ratio_median"] == 0.3
+        and pil["met"] is False
+    )
+    assert "Fake H200" in dev["unit"] and "--image-decode pil" in pil["unit"]
+    e2e = r["embed_gpu_ViT-B-32_device_end_to_end"]
+    assert e2e["ratio_median"] == 8192 / 20.0 / 1000.0 and e2e["device_decode_fallbacks"] == [0, 0]

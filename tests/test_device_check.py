@@ -58,6 +58,12 @@ def test_dry_run_of_every_stage_on_cpu(tmp_path):
     assert set(status.values()) == {"ok"}, status
     r = json.loads((tmp_path / "device_check.json").read_text())["stages"]
     assert r["embed"]["rows"] == 128 and r["embed"]["errors"] == 0 and r["embed_vae"]["rows"] == 128
+    # the odd samples: PIL's rows and error rows on the device path too; the cut and the garbage JPEG fell back
+    assert r["decode_rules"]["rows"] == 10 and r["decode_rules"]["error_rows"] == 2
+    assert (
+        r["decode_rules"]["device_decode_fallbacks"] == 2
+        and r["decode_rules"]["min_cos_device_vs_pil"] >= 0.999
+    )
     assert r["train_prior"]["final_loss"] < r["train_prior"]["first_loss"]
     assert r["resume"]["identical"] is True  # on the CPU, 10 + 10 steps == 20 byte for byte
     assert r["sample"]["images"] == 8 and (tmp_path / "samples.png").stat().st_size > 0

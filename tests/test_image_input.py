@@ -14,7 +14,13 @@ from PIL import Image
 
 from pipeline import store
 from pipeline.embed_shard import ShardParams, embed_shard
-from pipeline.image_input import TensorPreprocess, decode_jpegs, is_jpeg, resolve_image_decode
+from pipeline.image_input import (
+    TensorPreprocess,
+    decode_jpegs,
+    is_complete_jpeg,
+    is_jpeg,
+    resolve_image_decode,
+)
 from tests.test_embed import TINY, clip, embed, jpeg, sample, write_tar  # noqa: F401  (fixture)
 
 
@@ -50,6 +56,18 @@ def test_decoder_refusals_fall_back_one_by_one():
     assert out[0] is not None and out[1] is None and out[2] is None
     assert out[3] is not None and out[3].shape == (3, 52, 40)  # CMYK converted, as PIL converts it
     assert is_jpeg(good) and not is_jpeg(_image("PNG")) and not is_jpeg(None)
+    # a cut-off file never reaches the device decoder (nvJPEG may fill in its missing rows); zero padding is fine
+    assert is_complete_jpeg(good) and is_complete_jpeg(good + b"\x00" * 7) and not is_complete_jpeg(good[:-1])
+
+
+def test_images_of_one_size_are_preprocessed_together_to_the_same_values(clip):  # noqa: F811
+    tp = TensorPreprocess.from_open_clip(clip.model)
+    sizes = [(48, 48), (56, 40), (48, 48), (300, 200), (56, 40), (48, 48)]
+    decoded = decode_jpegs([jpeg(s, size) for s, size in enumerate(sizes)], "cpu")
+    together = tp.many(decoded)
+    assert len(together) == 6
+    for t, img in zip(together, decoded, strict=True):  # each in its own place, as `one` makes it
+        assert torch.allclose(t, tp.one(img), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +87,10 @@ def mixed(tmp_path_factory):
     return d
 
 
-def _embed(mixed, name: str, decode: str) -> Path:
+def _embed(mixed, name: str, decode: str, latents: str = "pixels") -> Path:
     """One shard through the shard task itself (no dask cluster: the task is what differs between paths)."""
     out = mixed / name
-    latents = store.pixels_latents(16)
+    lp = store.pixels_latents(16) if latents == "pixels" else None
     out.mkdir()
     params = ShardParams(
         out=str(out),
@@ -81,15 +99,18 @@ def _embed(mixed, name: str, decode: str) -> Path:
         seed=0,
         device="cpu",
         batch_size=8,
-        latents="pixels",
+        latents=latents,
         vae="",
         text_encodings=False,
         torch_threads=0,
-        latent_params=latents,
+        latent_params=lp,
         image_decode=decode,
     )
     marker = embed_shard(str(mixed / "shards" / "00000.tar"), params)
     assert marker["rows"] == 13
+    # Without latents the JPEG cut in half and the garbage behind a JPEG magic reach the device path, which
+    # hands them to PIL (which refuses them too); with latents PIL decodes every sample first and refuses them.
+    assert marker["device_decode_fallbacks"] == (2 if decode == "device" and latents == "none" else 0)
     return out
 
 
@@ -104,6 +125,18 @@ def test_device_path_embeds_the_rows_and_errors_the_pil_path_does(mixed):
     assert (a * b).sum(-1).min() >= 0.999
     for field in ("text_emb", "latents"):  # latents come from the PIL decode in both paths
         assert np.array_equal(store.open_array(pil, field, "00000"), store.open_array(dev, field, "00000"))
+
+
+def test_without_latents_the_refused_jpegs_fall_back_to_the_same_error_rows(mixed):
+    pil, dev = _embed(mixed, "pil0", "pil", "none"), _embed(mixed, "dev0", "device", "none")
+    assert (
+        store.read_metadata(pil, "00000")["key"].to_pylist()
+        == store.read_metadata(dev, "00000")["key"].to_pylist()
+    )
+    errors = [pq.read_table(store.field_path(s, "errors", "00000")).to_pylist() for s in (pil, dev)]
+    assert errors[0] == errors[1] and [e["key"] for e in errors[0]] == ["000000053", "000000054"]
+    a, b = (store.open_array(s, "img_emb", "00000").astype(np.float32) for s in (pil, dev))
+    assert (a * b).sum(-1).min() >= 0.999
 
 
 def test_auto_picks_the_device_decoder_only_for_embedding_only_cuda_runs():

@@ -55,7 +55,9 @@ def probe_decoder(
     sync()
     out = {"train_samples_per_s": batch * steps / (time.perf_counter() - t0), "sample_seconds": {}}
     e = torch.randn(images, emb_dim, device=device)
-    dec.sample(e[:2], steps=2)  # warm-up
+    for sampler in ("ddim", "dpm++"):  # warm-up at the timed batch and precision: kernels, autotuning
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            dec.sample(e, steps=2, sampler=sampler, guidance_scale=1.0)
     for sampler in ("ddim", "dpm++"):
         for n in sample_steps:
             sync()

@@ -23,17 +23,18 @@ from jobs.bench.harness import PY, machine_line, measure, table
 from pipeline.errors import UsageError
 from pipeline.store import atomic_write
 
-# In order of what a short lease must not miss: the CUDA paths, then the GPU benchmark rows, then the rest.
+# In order of what a short lease must not miss: the CUDA paths first, then the GPU benchmark rows.
 STAGE_NAMES = (
     "env",
     "embed",
+    "decode_rules",
     "train_prior",
     "train_decoder",
     "sample",
-    "bench_embed_gpu",
-    "bench_decoder",
     "resume",
     "embed_vae",
+    "bench_embed_gpu",
+    "bench_decoder",
 )
 
 
@@ -42,7 +43,7 @@ class DeviceCheckConfig:
     out: str = field(default="device_out", metadata={"help": "device_check.json/.md, log.txt, samples.png"})
     device: str = field(default="cuda", metadata={"help": "cuda; cpu only for a dry run of the script"})
     budget_s: float = field(
-        default=450.0, metadata={"help": "stop starting stages after this many seconds (a lease is short)"}
+        default=480.0, metadata={"help": "stop starting stages after this many seconds (a lease is short)"}
     )
     stages: str = field(default=",".join(STAGE_NAMES), metadata={"help": "comma-separated subset, in order"})
     quick: bool = field(default=False, metadata={"help": "tiny sizes (the CPU dry run and its test)"})
@@ -108,8 +109,75 @@ def _embed(c: Check) -> dict:
         "--latents", "pixels", "--latent-size", "32", "--text-encodings",
     )  # fmt: skip
     c.cli("validate", str(store))  # exits 1 (and so fails the stage) on any problem
+    if r.get("device_decode_fallbacks"):  # clean baseline JPEGs: the device decoder must take every one
+        raise RuntimeError(
+            f"the device JPEG decoder refused {r['device_decode_fallbacks']} clean JPEGs (log.txt)"
+        )
     keep = ("rows", "errors", "samples_per_second", "samples_per_second_in_tasks", "gpu_peak_mb", "wall_s")
-    return {**{k: r.get(k) for k in keep}, "validate": "ok"}
+    return {**{k: r.get(k) for k in keep}, "validate": "ok", "device_decode_fallbacks": 0}
+
+
+def _decode_rules(c: Check) -> dict:
+    """One shard of good JPEGs among a PNG, a CMYK JPEG, a JPEG cut short and garbage behind a JPEG magic,
+    through the shard task with ``--image-decode device`` and ``pil``: the same rows, the same error rows,
+    embeddings at cosine >= 0.999 (the promise `tests/test_image_input.py` checks on the CPU)."""
+    import io
+    import tarfile
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline import store
+    from pipeline.embed_shard import ShardParams, embed_shard
+
+    def img(seed: int, size: tuple[int, int], fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+        rng = np.random.default_rng(seed)
+        px = np.clip(rng.integers(0, 256, 3) + rng.integers(-60, 60, (size[1], size[0], 3)), 0, 255)
+        buf = io.BytesIO()
+        Image.fromarray(px.astype(np.uint8)).convert(mode).save(buf, format=fmt)
+        return buf.getvalue()
+
+    blobs = [img(i, (300, 200) if i % 2 else (180, 260)) for i in range(8)]
+    blobs += [img(8, (200, 200), "PNG"), img(9, (200, 150), mode="CMYK"), img(10, (256, 256))[:500]]
+    blobs += [b"\xff\xd8\xff" + b"not really" * 30]
+    tar = c.work / "rules" / "00000.tar"
+    tar.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar, "w") as tf:
+        for i, b in enumerate(blobs):
+            for ext, data in (("jpg", b), ("txt", f"sample {i}".encode()), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    outs, markers = {}, {}
+    for decode in ("device", "pil"):
+        out = c.work / "rules" / decode
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        markers[decode] = embed_shard(
+            str(tar),
+            ShardParams(
+                out=str(out), clip=_clip(c)[1], pretrained="none", seed=0, device=c.cfg.device,
+                batch_size=4, latents="none", vae="", text_encodings=False, torch_threads=0,
+                latent_params=None, image_decode=decode,
+            ),
+        )  # fmt: skip
+        outs[decode] = out
+    keys = {d: store.read_metadata(o, "00000")["key"].to_pylist() for d, o in outs.items()}
+    errs = {d: store.read_json(store.done_path(o, "00000"))["errors"] for d, o in outs.items()}
+    reasons = {d: pq.read_table(store.field_path(o, "errors", "00000")).to_pylist() for d, o in outs.items()}
+    a, b = (store.open_array(outs[d], "img_emb", "00000").astype(np.float32) for d in ("device", "pil"))
+    res = {
+        "rows": len(keys["device"]),
+        "same_rows": keys["device"] == keys["pil"],
+        "same_error_rows": reasons["device"] == reasons["pil"],
+        "error_rows": errs["device"],
+        "min_cos_device_vs_pil": round(float((a * b).sum(-1).min()), 5) if len(a) == len(b) else None,
+        "device_decode_fallbacks": markers["device"]["device_decode_fallbacks"],
+    }
+    if not (res["same_rows"] and res["same_error_rows"] and (res["min_cos_device_vs_pil"] or 0) >= 0.999):
+        raise RuntimeError(f"device and PIL paths differ: {res} errors {reasons}")
+    return res
 
 
 def _train(c: Check, model: str, out: str, steps: int, *extra: str) -> dict:
@@ -188,7 +256,8 @@ def _sample(c: Check) -> dict:
 
 
 def _embed_vae(c: Check) -> dict:
-    """--latents vae with a randomly initialised Stable Diffusion-sized AutoencoderKL (~84 M), by path."""
+    """--latents vae with a randomly initialised Stable Diffusion-sized AutoencoderKL (~84 M), by path: 256 px
+    images to 4 x 32 x 32 latents (--latent-size is the latent's side; the image is 8x that)."""
     import torch
     from diffusers import AutoencoderKL
 
@@ -210,7 +279,7 @@ def _embed_vae(c: Check) -> dict:
     r = c.cli(
         "embed", "--shards", str(_shards(c) / "{00000..00001}.tar"), "--out", str(store), *_clip(c),
         "--batch-size", "32" if c.cfg.quick else "128", "--device", c.cfg.device,
-        "--latents", "vae", "--vae", str(vae), "--latent-size", "64" if c.cfg.quick else "256",
+        "--latents", "vae", "--vae", str(vae), "--latent-size", "32",
     )  # fmt: skip
     keep = ("rows", "errors", "samples_per_second", "samples_per_second_in_tasks", "gpu_peak_mb", "wall_s")
     return {k: r.get(k) for k in keep}
@@ -229,13 +298,14 @@ def _bench(c: Check, stage: str) -> dict:
 STAGES: dict[str, Callable[[Check], dict]] = {
     "env": _env,
     "embed": _embed,
+    "decode_rules": _decode_rules,
     "train_prior": _train_prior,
     "train_decoder": _train_decoder,
     "sample": _sample,
-    "bench_embed_gpu": lambda c: _bench(c, "embed_gpu"),
-    "bench_decoder": lambda c: _bench(c, "decoder"),
     "resume": _resume,
     "embed_vae": _embed_vae,
+    "bench_embed_gpu": lambda c: _bench(c, "embed_gpu"),
+    "bench_decoder": lambda c: _bench(c, "decoder"),
 }
 assert tuple(STAGES) == STAGE_NAMES
 

@@ -121,10 +121,26 @@ def _stderr_file(log: Path | None, cmd: list[str]):
 
 
 def _kill_group(pid: int) -> None:
+    """Kill the command's process group and those of its descendants: a command that is itself a bench (the
+    device check runs `unclip bench`) starts its measurements in sessions of their own, which killing the
+    command's group alone would leave running (holding the GPU and the cores)."""
+    groups: set[int] = set()
     try:
-        os.killpg(pid, signal.SIGKILL)  # the command and the workers it started, nothing else
-    except ProcessLookupError:
-        pass
+        import psutil  # dask[distributed] brings it
+
+        kids = psutil.Process(pid).children(recursive=True)
+    except Exception:  # gone already, or no psutil: the command's own group still goes
+        kids = []
+    for p in kids:
+        try:
+            groups.add(os.getpgid(p.pid))
+        except ProcessLookupError:
+            pass
+    for g in [pid, *sorted(groups - {pid, os.getpgrp()})]:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def probe_cmd(fn: Callable[..., dict], **kwargs: Any) -> list[str]:
