@@ -20,8 +20,10 @@ help: ## list the targets
 # torch's CUDA build (the only one that imports beside torchvision here) fills ~6.6 GiB of .venv: say so up front
 # rather than let pip die of ENOSPC minutes in.
 NEED_KIB := 7340032
+TORCH := 2.14.1
+TORCHVISION := 0.29.1
 $(VENV_STAMP): pyproject.toml
-	@if ! ls -d .venv/lib/python3*/site-packages/torch >/dev/null 2>&1; then \
+	@if ! ls .venv/lib/python3*/site-packages/torch-$(TORCH).dist-info/RECORD >/dev/null 2>&1; then \
 	  free=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
 	  if [ "$$free" -lt $(NEED_KIB) ]; then \
 	    echo "error: installing needs about 7 GiB free on $$(df -P . | awk 'NR==2 {print $$6}'), $$((free / 1048576)) GiB free; free some space and rerun" >&2; \
@@ -31,7 +33,7 @@ $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision pinned together: open_clip needs torchvision, and only these two import side by side here.
-	$(PY) -m pip install -q -e '.[dev,export]' 'torch==2.14.1' 'torchvision==0.29.1'
+	$(PY) -m pip install -q -e '.[dev,export]' 'torch==$(TORCH)' 'torchvision==$(TORCHVISION)'
 	touch $(VENV_STAMP)
 
 install: $(VENV_STAMP) ## create .venv and install the project (fast when already done)
@@ -99,7 +101,7 @@ $(ANCHORS_STAMP):
 	test -x $(ANCHORS_PY) || python3 -m venv .venv-anchors
 	$(ANCHORS_PY) -m pip install -q --upgrade pip 'setuptools<81' wheel
 	$(ANCHORS_PY) -m pip install -q 'clip-retrieval==2.45.0' 'dalle2-pytorch==1.15.6' 'open_clip_torch<3' \
-		'numpy<2' 'pyarrow<16' 'setuptools<81' 'torch==2.14.1' 'torchvision==0.29.1'
+		'numpy<2' 'pyarrow<16' 'setuptools<81' 'torch==$(TORCH)' 'torchvision==$(TORCHVISION)'
 	touch $(ANCHORS_STAMP)
 
 bench-anchors: $(VENV_STAMP) $(ANCHORS_STAMP) ## ours vs clip-retrieval, embedding-reader, dalle2-pytorch -> bench/anchors.{json,md} (6-12 min on 2 cores)

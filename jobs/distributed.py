@@ -21,7 +21,7 @@ def setup(device: str) -> tuple[int, int, str]:
         return 0, 1, device
     cuda = device.startswith("cuda")
     if cuda:  # each rank its own GPU (LOCAL_RANK), chosen before NCCL starts so that it binds to that one
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))  # torchrun sets LOCAL_RANK
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
         dist.init_process_group(backend="nccl", device_id=torch.device(device))

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
+# Pixels resized in one call (~0.8 GB of float32 RGB at most): a batch of 256 same-size 12 MP photos would
+# otherwise need ~37 GB at once.
+RESIZE_PIXELS = 64 * 2**20
 IMAGE_DECODES = ("auto", "pil", "device")
 _MODES = ("shortest", "squash")  # open_clip resize modes with an exact tensor equivalent here
 
@@ -100,10 +103,13 @@ class TensorPreprocess:
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
             by_size.setdefault(tuple(img.shape[-2:]), []).append(i)
-        for idx in by_size.values():
-            x = self.normalized(self.resized(torch.stack([images[i] for i in idx])))
-            for i, t in zip(idx, x, strict=True):
-                out[i] = t
+        for (h, w), same in by_size.items():
+            step = max(1, RESIZE_PIXELS // (h * w))  # the resize works in float32: bound each call's memory
+            for k in range(0, len(same), step):
+                idx = same[k : k + step]
+                x = self.normalized(self.resized(torch.stack([images[i] for i in idx])))
+                for i, t in zip(idx, x, strict=True):
+                    out[i] = t
         return out
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:

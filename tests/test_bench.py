@@ -74,29 +74,34 @@ def test_gpu_embed_stage_says_it_was_skipped_without_a_gpu(tmp_path):
     assert "| embed_gpu | skipped no CUDA device visible |" in (tmp_path / "results.md").read_text()
 
 
-def test_a_timed_out_command_takes_the_sessions_it_started_with_it():
+def test_a_timed_out_command_takes_the_sessions_it_started_with_it(tmp_path):
     # The device check runs `unclip bench`, whose measurements start in sessions of their own; on a timeout they
     # must go too (they would hold the GPU, and the pipe they inherit kept measure() waiting for them).
-    import subprocess
     import sys
     import time
 
+    import psutil
+
     from jobs.bench.harness import measure
 
-    child = "import time; time.sleep(61.5)"
+    pid_file = tmp_path / "grandchild.pid"
     cmd = [
         sys.executable,
         "-c",
-        f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}], "
-        "start_new_session=True); time.sleep(61.5)",
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)",
     ]
     t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match="exited -9"):
         measure(cmd, timeout=1.5)
     assert time.perf_counter() - t0 < 10
     time.sleep(0.3)
-    left = subprocess.run(["pgrep", "-f", r"time.sleep\(61.5\)"], capture_output=True, text=True).stdout
-    assert left.split() == []
+    try:
+        alive = psutil.Process(int(pid_file.read_text())).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        alive = False
+    assert not alive
 
 
 def test_gpu_embed_rows_are_assembled_from_both_decode_paths_and_one_forward(tmp_path, monkeypatch):

@@ -1,7 +1,9 @@
 """`unclip device-check`: the one-run script for a lent GPU. Here (no GPU) its bookkeeping is tested, and in
 the slow suite a dry run of every stage on the CPU at tiny sizes."""
 
+import dataclasses
 import json
+import sys
 
 import pytest
 
@@ -24,7 +26,9 @@ def test_a_failing_stage_is_recorded_and_the_next_still_runs(tmp_path, monkeypat
 
     monkeypatch.setitem(device_check.STAGES, "embed", broken)
     monkeypatch.setitem(device_check.STAGES, "sample", fine)
-    status = run(DeviceCheckConfig(out=str(tmp_path), device="cpu", stages="embed,sample"))
+    status = run(
+        DeviceCheckConfig(out=str(tmp_path), device="cpu", stages="embed,sample", work=str(tmp_path))
+    )
     assert ran == ["broken", "fine"] and status == {"embed": "failed", "sample": "ok"}
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert (
@@ -37,11 +41,39 @@ def test_a_failing_stage_is_recorded_and_the_next_still_runs(tmp_path, monkeypat
 
 def test_stages_past_the_budget_are_skipped_not_started(tmp_path):
     # budget 5 s: a stage that would start a command (under 10 s left) is recorded as skipped
-    status = run(DeviceCheckConfig(out=str(tmp_path), device="cpu", stages="env,train_prior", budget_s=5))
+    cfg = DeviceCheckConfig(out=str(tmp_path), device="cpu", stages="env,train_prior", budget_s=5)
+    status = run(dataclasses.replace(cfg, work=str(tmp_path / "work")))
     assert status == {"env": "ok", "train_prior": "skipped"}
     report = json.loads((tmp_path / "device_check.json").read_text())
-    assert report["stages"]["train_prior"]["error"] == "out of budget"
+    assert report["stages"]["train_prior"]["error"] == "out of budget: not started"
     assert report["env"]["device_name"] is None and report["env"]["torch"]
+
+
+def test_a_command_cut_short_is_timed_out_with_its_log_kept(tmp_path, monkeypatch):
+    def slow(c):
+        c.run(
+            [sys.executable, "-c", "import sys, time; print('started', file=sys.stderr); time.sleep(30)"], 1.5
+        )
+        return {}
+
+    monkeypatch.setitem(device_check.STAGES, "embed", slow)
+    cfg = DeviceCheckConfig(out=str(tmp_path), device="cpu", stages="embed", work=str(tmp_path / "w"))
+    assert run(cfg) == {"embed": "timed_out"}
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    assert report["stages"]["embed"]["error"].startswith("cut short after 2 s")
+    assert "started" in (tmp_path / "log.txt").read_text()  # a failed command's log reaches log.txt too
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "device_check.json",
+        "device_check.md",
+        "log.txt",
+        "w",
+    ]
+
+
+def test_the_cli_report_is_found_past_other_output():
+    out = 'progress\n{\n  "rows": 3,\n  "nested": {\n    "a": 1\n  }\n}\ntrailing line\n'
+    assert device_check._last_report(out) == {"rows": 3, "nested": {"a": 1}}
+    assert device_check._last_report("no report here\n") == {}
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
@@ -54,7 +86,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
 
 @pytest.mark.slow  # ~3 min: every stage's commands at tiny sizes on the CPU
 def test_dry_run_of_every_stage_on_cpu(tmp_path):
-    status = run(DeviceCheckConfig(out=str(tmp_path), device="cpu", quick=True, budget_s=900))
+    cfg = DeviceCheckConfig(out=str(tmp_path / "out"), device="cpu", quick=True, budget_s=900)
+    status = run(dataclasses.replace(cfg, work=str(tmp_path / "work")))
+    tmp_path = tmp_path / "out"
     assert set(status.values()) == {"ok"}, status
     r = json.loads((tmp_path / "device_check.json").read_text())["stages"]
     assert r["embed"]["rows"] == 128 and r["embed"]["errors"] == 0 and r["embed_vae"]["rows"] == 128
@@ -64,7 +98,7 @@ def test_dry_run_of_every_stage_on_cpu(tmp_path):
         r["decode_rules"]["device_decode_fallbacks"] == 2
         and r["decode_rules"]["min_cos_device_vs_pil"] >= 0.999
     )
-    assert r["train_prior"]["final_loss"] < r["train_prior"]["first_loss"]
+    assert r["train_prior"]["final_loss"] < r["train_prior"]["loss_at_first_log"]
     assert r["resume"]["identical"] is True  # on the CPU, 10 + 10 steps == 20 byte for byte
     assert r["sample"]["images"] == 8 and (tmp_path / "samples.png").stat().st_size > 0
     assert r["bench_embed_gpu"]["embed_gpu"]["skipped"] == "no CUDA device visible"

@@ -60,7 +60,10 @@ def test_decoder_refusals_fall_back_one_by_one():
     assert is_complete_jpeg(good) and is_complete_jpeg(good + b"\x00" * 7) and not is_complete_jpeg(good[:-1])
 
 
-def test_images_of_one_size_are_preprocessed_together_to_the_same_values(clip):  # noqa: F811
+def test_images_of_one_size_are_preprocessed_together_to_the_same_values(clip, monkeypatch):  # noqa: F811
+    import pipeline.image_input
+
+    monkeypatch.setattr(pipeline.image_input, "RESIZE_PIXELS", 2 * 48 * 48)  # the three 48 x 48: calls of 2 + 1
     tp = TensorPreprocess.from_open_clip(clip.model)
     sizes = [(48, 48), (56, 40), (48, 48), (300, 200), (56, 40), (48, 48)]
     decoded = decode_jpegs([jpeg(s, size) for s, size in enumerate(sizes)], "cpu")

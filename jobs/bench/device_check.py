@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.bench.harness import PY, machine_line, measure, table
+from jobs.bench.harness import PY, Run, machine_line, measure, probe_cmd, table
 from pipeline.errors import UsageError
 from pipeline.store import atomic_write
 
@@ -47,6 +48,12 @@ class DeviceCheckConfig:
     )
     stages: str = field(default=",".join(STAGE_NAMES), metadata={"help": "comma-separated subset, in order"})
     quick: bool = field(default=False, metadata={"help": "tiny sizes (the CPU dry run and its test)"})
+    work: str = field(
+        default="",
+        metadata={
+            "help": "shards, stores, checkpoints (default: a folder in the system temp dir, not --out)"
+        },
+    )
 
 
 @dataclass
@@ -58,19 +65,48 @@ class Check:
     log: Path
     deadline: float
 
-    def cli(self, *args: str, limit: float = 240.0) -> dict:
-        """`unclip ARGS` in its own process, its stderr appended to the log; the JSON line it printed (if any)
-        with its wall seconds."""
+    def run(self, cmd: list[str], limit: float) -> Run:
+        """``cmd`` in its own process (and session) with a time limit, its output appended to the log whether it
+        succeeds or not. A command cut short raises `StageTimeout`; none starts with under 30 s left."""
         left = self.deadline - time.monotonic()
-        if left < 10:
-            raise TimeoutError("out of budget")
+        if left < 30:
+            raise StageTimeout("out of budget: not started")
         part = self.work / "stage.log"
-        run = measure([PY, "-m", "jobs.cli", *args], log=part, timeout=min(limit, left))
-        with open(self.log, "a") as f:
-            f.write(part.read_text())
-        start = run.stdout.find("{\n") if run.stdout.startswith("{\n") else run.stdout.find("\n{\n") + 1
-        res = json.loads(run.stdout[start:]) if start >= 0 and "{\n" in run.stdout else {}
-        return {**res, "wall_s": round(run.seconds, 1)}
+        limit = min(limit, left)
+        t0 = time.monotonic()
+        try:
+            return measure(cmd, log=part, timeout=limit)
+        except RuntimeError as e:
+            if time.monotonic() - t0 >= limit - 1:
+                raise StageTimeout(f"cut short after {limit:.0f} s (the log's end: log.txt)") from e
+            raise
+        finally:
+            with open(self.log, "a") as f:
+                f.write(part.read_text() if part.exists() else "")
+
+    def cli(self, *args: str, limit: float = 240.0) -> dict:
+        """`unclip ARGS`: the JSON report it printed last (pretty-printed; {} if none) with its wall seconds."""
+        run = self.run([PY, "-m", "jobs.cli", *args], limit)
+        return {**_last_report(run.stdout), "wall_s": round(run.seconds, 1)}
+
+    def probe(self, fn: Callable[..., dict], limit: float = 180.0, **kwargs) -> dict:
+        """``fn(**kwargs)`` (a module-level function) in a fresh process: its JSON result."""
+        return self.run(probe_cmd(fn, **kwargs), limit).result()
+
+
+class StageTimeout(Exception):
+    """A stage not started for want of budget, or a command of it cut short at its limit."""
+
+
+def _last_report(stdout: str) -> dict:
+    """The last JSON object the `unclip` CLI printed (``json.dumps(report, indent=2)``: it opens with a line
+    holding only "{"); whatever follows it is ignored."""
+    lines = stdout.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.rstrip() == "{"]
+    if not starts:
+        return {}
+    obj, _ = json.JSONDecoder().raw_decode("".join(lines[starts[-1] :]))
+    return obj
 
 
 def _env(c: Check) -> dict:
@@ -125,11 +161,7 @@ def _decode_rules(c: Check) -> dict:
     import tarfile
 
     import numpy as np
-    import pyarrow.parquet as pq
     from PIL import Image
-
-    from pipeline import store
-    from pipeline.embed_shard import ShardParams, embed_shard
 
     def img(seed: int, size: tuple[int, int], fmt: str = "JPEG", mode: str = "RGB") -> bytes:
         rng = np.random.default_rng(seed)
@@ -149,35 +181,46 @@ def _decode_rules(c: Check) -> dict:
                 info = tarfile.TarInfo(f"{i:09d}.{ext}")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
+    res = c.probe(decode_rules_probe, tar=str(tar), clip=_clip(c)[1], device=c.cfg.device)
+    if not (res["same_rows"] and res["same_error_rows"] and (res["min_cos_device_vs_pil"] or 0) >= 0.999):
+        raise RuntimeError(f"device and PIL paths differ: {res}")
+    return res
+
+
+def decode_rules_probe(tar: str, clip: str, device: str) -> dict:
+    """`_decode_rules`' measurement, in its own process: ``tar`` through `embed_shard` with both decoders."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline import store
+    from pipeline.embed_shard import ShardParams, embed_shard
+
     outs, markers = {}, {}
     for decode in ("device", "pil"):
-        out = c.work / "rules" / decode
+        out = Path(tar).parent / decode
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         markers[decode] = embed_shard(
-            str(tar),
+            tar,
             ShardParams(
-                out=str(out), clip=_clip(c)[1], pretrained="none", seed=0, device=c.cfg.device,
-                batch_size=4, latents="none", vae="", text_encodings=False, torch_threads=0,
-                latent_params=None, image_decode=decode,
+                out=str(out), clip=clip, pretrained="none", seed=0, device=device, batch_size=4,
+                latents="none", vae="", text_encodings=False, torch_threads=0, latent_params=None,
+                image_decode=decode,
             ),
         )  # fmt: skip
         outs[decode] = out
     keys = {d: store.read_metadata(o, "00000")["key"].to_pylist() for d, o in outs.items()}
-    errs = {d: store.read_json(store.done_path(o, "00000"))["errors"] for d, o in outs.items()}
     reasons = {d: pq.read_table(store.field_path(o, "errors", "00000")).to_pylist() for d, o in outs.items()}
     a, b = (store.open_array(outs[d], "img_emb", "00000").astype(np.float32) for d in ("device", "pil"))
-    res = {
+    return {
         "rows": len(keys["device"]),
         "same_rows": keys["device"] == keys["pil"],
         "same_error_rows": reasons["device"] == reasons["pil"],
-        "error_rows": errs["device"],
+        "error_rows": len(reasons["device"]),
+        "error_reasons": sorted({e["reason"] for e in reasons["device"]}),
         "min_cos_device_vs_pil": round(float((a * b).sum(-1).min()), 5) if len(a) == len(b) else None,
         "device_decode_fallbacks": markers["device"]["device_decode_fallbacks"],
     }
-    if not (res["same_rows"] and res["same_error_rows"] and (res["min_cos_device_vs_pil"] or 0) >= 0.999):
-        raise RuntimeError(f"device and PIL paths differ: {res} errors {reasons}")
-    return res
 
 
 def _train(c: Check, model: str, out: str, steps: int, *extra: str) -> dict:
@@ -193,7 +236,7 @@ def _train(c: Check, model: str, out: str, steps: int, *extra: str) -> dict:
     return {
         "steps": steps,
         "samples_per_s": r.get("samples_per_s"),
-        "first_loss": losses[0],
+        "loss_at_first_log": losses[0],
         "final_loss": losses[-1],
         "wall_s": r["wall_s"],
     }
@@ -339,7 +382,9 @@ def run(cfg: DeviceCheckConfig) -> dict:
         if not torch.cuda.is_available():
             raise UsageError("--device cuda but no CUDA device is visible; --device cpu runs the script dry")
     out = Path(cfg.out)
-    work = out / "work"
+    # The lease's tool returns only a few small files from OUT: the bulky work stays out of it.
+    work = Path(cfg.work) if cfg.work else Path(tempfile.gettempdir()) / "unclip_device_check"
+    out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     check = Check(cfg, work, out / "log.txt", time.monotonic() + cfg.budget_s)
     check.log.write_text("")
@@ -354,8 +399,8 @@ def run(cfg: DeviceCheckConfig) -> dict:
         print(f"[device-check] {name} ...", flush=True)
         try:
             res = {"status": "ok", **STAGES[name](check)}
-        except TimeoutError as e:
-            res = {"status": "skipped", "error": str(e)}
+        except StageTimeout as e:
+            res = {"status": "skipped" if "not started" in str(e) else "timed_out", "error": str(e)}
         except Exception as e:  # recorded, and the next stage runs: one broken path must not hide the others
             res = {"status": "failed", "error": f"{type(e).__name__}: {e}"[-1500:]}
         res["seconds"] = round(time.monotonic() - t0, 1)
