@@ -63,7 +63,8 @@ def test_decoder_refusals_fall_back_one_by_one():
 def test_images_of_one_size_are_preprocessed_together_to_the_same_values(clip, monkeypatch):  # noqa: F811
     import pipeline.image_input
 
-    monkeypatch.setattr(pipeline.image_input, "RESIZE_PIXELS", 2 * 48 * 48)  # the three 48 x 48: calls of 2 + 1
+    # the three 48 x 48 images: resized in calls of 2 and 1
+    monkeypatch.setattr(pipeline.image_input, "RESIZE_PIXELS", 2 * 48 * 48)
     tp = TensorPreprocess.from_open_clip(clip.model)
     sizes = [(48, 48), (56, 40), (48, 48), (300, 200), (56, 40), (48, 48)]
     decoded = decode_jpegs([jpeg(s, size) for s, size in enumerate(sizes)], "cpu")
