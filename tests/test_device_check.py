@@ -45,7 +45,7 @@ def test_stages_past_the_budget_are_skipped_not_started(tmp_path):
     status = run(dataclasses.replace(cfg, work=str(tmp_path / "work")))
     assert status == {"env": "ok", "train_prior": "skipped"}
     report = json.loads((tmp_path / "device_check.json").read_text())
-    assert report["stages"]["train_prior"]["error"] == "out of budget: not started"
+    assert report["stages"]["train_prior"]["error"] == "out of budget: command not started"
     assert report["env"]["device_name"] is None and report["env"]["torch"]
 
 

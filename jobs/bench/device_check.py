@@ -70,7 +70,7 @@ class Check:
         succeeds or not. A command cut short raises `StageTimeout`; none starts with under 30 s left."""
         left = self.deadline - time.monotonic()
         if left < 30:
-            raise StageTimeout("out of budget: not started")
+            raise StageTimeout("out of budget: command not started")
         part = self.work / "stage.log"
         limit = min(limit, left)
         t0 = time.monotonic()
