@@ -102,3 +102,14 @@ def test_dry_run_of_every_stage_on_cpu(tmp_path):
     assert r["resume"]["identical"] is True  # on the CPU, 10 + 10 steps == 20 byte for byte
     assert r["sample"]["images"] == 8 and (tmp_path / "samples.png").stat().st_size > 0
     assert r["bench_embed_gpu"]["embed_gpu"]["skipped"] == "no CUDA device visible"
+
+
+def test_decode_rules_stage_on_cpu(tmp_path):
+    # the stage's own measurement, in process: what it will check on the GPU, seen to pass on the CPU
+    from jobs.bench.decode_rules import decode_rules_probe, write_rules_shard
+
+    tar = write_rules_shard(tmp_path / "rules" / "00000.tar")
+    r = decode_rules_probe(str(tar), "unclip-tiny", "cpu")
+    assert r["rows"] == 10 and r["same_rows"] and r["same_error_rows"] and r["error_rows"] == 2
+    assert r["device_decode_fallbacks"] == 2 and r["min_cos_device_vs_pil"] >= 0.999
+    assert any("Truncated" in reason for reason in r["error_reasons"])

@@ -154,73 +154,15 @@ def _embed(c: Check) -> dict:
 
 
 def _decode_rules(c: Check) -> dict:
-    """One shard of good JPEGs among a PNG, a CMYK JPEG, a JPEG cut short and garbage behind a JPEG magic,
-    through the shard task with ``--image-decode device`` and ``pil``: the same rows, the same error rows,
-    embeddings at cosine >= 0.999 (the promise `tests/test_image_input.py` checks on the CPU)."""
-    import io
-    import tarfile
+    """Odd samples through the device and PIL decoders: the same rows, the same error rows, embeddings at
+    cosine >= 0.999 (`jobs.bench.decode_rules`)."""
+    from jobs.bench.decode_rules import decode_rules_probe, write_rules_shard
 
-    import numpy as np
-    from PIL import Image
-
-    def img(seed: int, size: tuple[int, int], fmt: str = "JPEG", mode: str = "RGB") -> bytes:
-        rng = np.random.default_rng(seed)
-        px = np.clip(rng.integers(0, 256, 3) + rng.integers(-60, 60, (size[1], size[0], 3)), 0, 255)
-        buf = io.BytesIO()
-        Image.fromarray(px.astype(np.uint8)).convert(mode).save(buf, format=fmt)
-        return buf.getvalue()
-
-    blobs = [img(i, (300, 200) if i % 2 else (180, 260)) for i in range(8)]
-    blobs += [img(8, (200, 200), "PNG"), img(9, (200, 150), mode="CMYK"), img(10, (256, 256))[:500]]
-    blobs += [b"\xff\xd8\xff" + b"not really" * 30]
-    tar = c.work / "rules" / "00000.tar"
-    tar.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(tar, "w") as tf:
-        for i, b in enumerate(blobs):
-            for ext, data in (("jpg", b), ("txt", f"sample {i}".encode()), ("json", b"{}")):
-                info = tarfile.TarInfo(f"{i:09d}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
+    tar = write_rules_shard(c.work / "rules" / "00000.tar")
     res = c.probe(decode_rules_probe, tar=str(tar), clip=_clip(c)[1], device=c.cfg.device)
     if not (res["same_rows"] and res["same_error_rows"] and (res["min_cos_device_vs_pil"] or 0) >= 0.999):
         raise RuntimeError(f"device and PIL paths differ: {res}")
     return res
-
-
-def decode_rules_probe(tar: str, clip: str, device: str) -> dict:
-    """`_decode_rules`' measurement, in its own process: ``tar`` through `embed_shard` with both decoders."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from pipeline import store
-    from pipeline.embed_shard import ShardParams, embed_shard
-
-    outs, markers = {}, {}
-    for decode in ("device", "pil"):
-        out = Path(tar).parent / decode
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
-        markers[decode] = embed_shard(
-            tar,
-            ShardParams(
-                out=str(out), clip=clip, pretrained="none", seed=0, device=device, batch_size=4,
-                latents="none", vae="", text_encodings=False, torch_threads=0, latent_params=None,
-                image_decode=decode,
-            ),
-        )  # fmt: skip
-        outs[decode] = out
-    keys = {d: store.read_metadata(o, "00000")["key"].to_pylist() for d, o in outs.items()}
-    reasons = {d: pq.read_table(store.field_path(o, "errors", "00000")).to_pylist() for d, o in outs.items()}
-    a, b = (store.open_array(outs[d], "img_emb", "00000").astype(np.float32) for d in ("device", "pil"))
-    return {
-        "rows": len(keys["device"]),
-        "same_rows": keys["device"] == keys["pil"],
-        "same_error_rows": reasons["device"] == reasons["pil"],
-        "error_rows": len(reasons["device"]),
-        "error_reasons": sorted({e["reason"] for e in reasons["device"]}),
-        "min_cos_device_vs_pil": round(float((a * b).sum(-1).min()), 5) if len(a) == len(b) else None,
-        "device_decode_fallbacks": markers["device"]["device_decode_fallbacks"],
-    }
 
 
 def _train(c: Check, model: str, out: str, steps: int, *extra: str) -> dict:
