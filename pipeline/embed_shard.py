@@ -83,22 +83,22 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
         )
     lo, hi = store.fit_quantization(np.concatenate(xs)[: cfg.calib_samples])
     log.info("vae latent range fitted on %d images: lo=%s hi=%s", min(n, cfg.calib_samples), lo, hi)
-    info = (vae.scale, vae.channels)
-    if device.startswith("cuda"):  # this (the client) process is done with the GPU: leave it to the workers
-        del vae
-        load_vae.cache_clear()
-        torch.cuda.empty_cache()
-    return {
+    codec = {
         "codec": "vae",
         "vae": cfg.vae,
-        "scale": info[0],
+        "scale": vae.scale,
         "image_size": px,
         "dtype": np.dtype(store.LATENT_DTYPE).name,
-        "shape": [info[1], cfg.latent_size, cfg.latent_size],
+        "shape": [vae.channels, cfg.latent_size, cfg.latent_size],
         "lo": lo.tolist(),
         "hi": hi.tolist(),
         "fitted_on": min(n, cfg.calib_samples),
     }
+    if device.startswith("cuda"):  # this (the client) process is done with the GPU: leave it to the workers
+        del vae
+        load_vae.cache_clear()
+        torch.cuda.empty_cache()
+    return codec
 
 
 def _column(values: list) -> pa.Array:

@@ -151,9 +151,8 @@ class Batch:
     parts: list[bytes | torch.Tensor] | None = None
     positions: list[int] | None = None  # each sample's index in the tar, for error-row order
     empty_flags: list[bool] | None = None  # per sample: its caption was missing in the source
-    device_decode_fallbacks: int = (
-        0  # --image-decode device: JPEGs the device decoder refused (PIL took them)
-    )
+    # --image-decode device: JPEGs the device decoder refused or was not given (PIL took them)
+    device_decode_fallbacks: int = 0
 
 
 def first_batch_size(batch_size: int) -> int:
@@ -259,10 +258,8 @@ def assemble_images(b: Batch, preprocess, tensor_preprocess, device: str, errors
     ready: dict[int, torch.Tensor] = dict(
         zip([i for i, _ in on_device], tensor_preprocess.many([t for _, t in on_device]), strict=True)
     )
-    fallbacks = len(jpeg_at) - len(on_device)
-    for i, t in zip(jpeg_at, decoded, strict=True):
-        if t is not None:
-            continue
+    refused = [i for i, t in zip(jpeg_at, decoded, strict=True) if t is None]
+    for i in refused:
         img, reason = decode(Sample(b.keys[i], b.parts[i], b.captions[i], b.metas[i]))
         if img is None:
             errors.append({"key": b.keys[i], "reason": reason, "pos": b.positions[i]})
@@ -274,7 +271,7 @@ def assemble_images(b: Batch, preprocess, tensor_preprocess, device: str, errors
     keep = [i for i in range(len(b.keys)) if i in ready]
     if len(keep) == len(b.keys):
         b.images = torch.stack([ready[i] for i in keep])
-        b.device_decode_fallbacks = fallbacks
+        b.device_decode_fallbacks = len(refused)
         return b
     pick = torch.tensor(keep, dtype=torch.long)
     return Batch(
@@ -287,5 +284,5 @@ def assemble_images(b: Batch, preprocess, tensor_preprocess, device: str, errors
         tokens=b.tokens[pick] if b.tokens is not None else None,
         positions=[b.positions[i] for i in keep],
         empty_flags=[b.empty_flags[i] for i in keep],
-        device_decode_fallbacks=fallbacks,
+        device_decode_fallbacks=len(refused),
     )

@@ -20,22 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.bench.harness import PY, Run, machine_line, measure, probe_cmd, table
+from jobs.bench.harness import PY, Run, git_commit, machine_line, measure, probe_cmd, table
 from pipeline.errors import UsageError
 from pipeline.store import atomic_write
 
-# In order of what a short lease must not miss: the CUDA paths first, then the GPU benchmark rows.
-STAGE_NAMES = (
-    "env",
-    "embed",
-    "decode_rules",
-    "train_prior",
-    "train_decoder",
-    "sample",
-    "resume",
-    "embed_vae",
-    "bench_embed_gpu",
-    "bench_decoder",
+# What each embed stage reports of `unclip embed`'s summary.
+EMBED_FIGURES = (
+    "rows",
+    "errors",
+    "samples_per_second",
+    "samples_per_second_in_tasks",
+    "gpu_peak_mb",
+    "wall_s",
 )
 
 
@@ -46,7 +42,9 @@ class DeviceCheckConfig:
     budget_s: float = field(
         default=480.0, metadata={"help": "stop starting stages after this many seconds (a lease is short)"}
     )
-    stages: str = field(default=",".join(STAGE_NAMES), metadata={"help": "comma-separated subset, in order"})
+    stages: str = field(
+        default="", metadata={"help": "comma-separated subset, in order (default: every stage)"}
+    )
     quick: bool = field(default=False, metadata={"help": "tiny sizes (the CPU dry run and its test)"})
     work: str = field(
         default="",
@@ -70,7 +68,7 @@ class Check:
         succeeds or not. A command cut short raises `StageTimeout`; none starts with under 30 s left."""
         left = self.deadline - time.monotonic()
         if left < 30:
-            raise StageTimeout("out of budget: command not started")
+            raise StageTimeout("out of budget: command not started", status="skipped")
         part = self.work / "stage.log"
         limit = min(limit, left)
         t0 = time.monotonic()
@@ -95,7 +93,11 @@ class Check:
 
 
 class StageTimeout(Exception):
-    """A stage not started for want of budget, or a command of it cut short at its limit."""
+    """A command of a stage not started for want of budget ("skipped"), or cut short at its limit."""
+
+    def __init__(self, message: str, status: str = "timed_out") -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _last_report(stdout: str) -> dict:
@@ -149,8 +151,7 @@ def _embed(c: Check) -> dict:
         raise RuntimeError(
             f"the device JPEG decoder refused {r['device_decode_fallbacks']} clean JPEGs (log.txt)"
         )
-    keep = ("rows", "errors", "samples_per_second", "samples_per_second_in_tasks", "gpu_peak_mb", "wall_s")
-    return {**{k: r.get(k) for k in keep}, "validate": "ok", "device_decode_fallbacks": 0}
+    return {**{k: r.get(k) for k in EMBED_FIGURES}, "validate": "ok", "device_decode_fallbacks": 0}
 
 
 def _decode_rules(c: Check) -> dict:
@@ -266,8 +267,7 @@ def _embed_vae(c: Check) -> dict:
         "--batch-size", "32" if c.cfg.quick else "128", "--device", c.cfg.device,
         "--latents", "vae", "--vae", str(vae), "--latent-size", "32",
     )  # fmt: skip
-    keep = ("rows", "errors", "samples_per_second", "samples_per_second_in_tasks", "gpu_peak_mb", "wall_s")
-    return {k: r.get(k) for k in keep}
+    return {k: r.get(k) for k in EMBED_FIGURES}
 
 
 def _bench(c: Check, stage: str) -> dict:
@@ -276,10 +276,10 @@ def _bench(c: Check, stage: str) -> dict:
         ["--quick"] if c.cfg.quick else []
     )
     c.cli(*args, limit=300.0)
-    res = json.loads((out / "results.json").read_text())["results"]
-    return res
+    return json.loads((out / "results.json").read_text())["results"]
 
 
+# In order of what a short lease must not miss: the CUDA paths first, then the GPU benchmark rows.
 STAGES: dict[str, Callable[[Check], dict]] = {
     "env": _env,
     "embed": _embed,
@@ -292,7 +292,6 @@ STAGES: dict[str, Callable[[Check], dict]] = {
     "bench_embed_gpu": lambda c: _bench(c, "embed_gpu"),
     "bench_decoder": lambda c: _bench(c, "decoder"),
 }
-assert tuple(STAGES) == STAGE_NAMES
 
 
 def markdown(report: dict) -> str:
@@ -310,9 +309,7 @@ def markdown(report: dict) -> str:
 
 
 def run(cfg: DeviceCheckConfig) -> dict:
-    from jobs.bench.harness import git_commit
-
-    names = [s for s in cfg.stages.split(",") if s]
+    names = [s for s in cfg.stages.split(",") if s] or list(STAGES)
     unknown = [s for s in names if s not in STAGES]
     if unknown:
         raise UsageError(f"unknown device-check stage(s) {', '.join(unknown)}; valid: {', '.join(STAGES)}")
@@ -342,7 +339,7 @@ def run(cfg: DeviceCheckConfig) -> dict:
         try:
             res = {"status": "ok", **STAGES[name](check)}
         except StageTimeout as e:
-            res = {"status": "skipped" if "not started" in str(e) else "timed_out", "error": str(e)}
+            res = {"status": e.status, "error": str(e)}
         except Exception as e:  # recorded, and the next stage runs: one broken path must not hide the others
             res = {"status": "failed", "error": f"{type(e).__name__}: {e}"[-1500:]}
         res["seconds"] = round(time.monotonic() - t0, 1)
