@@ -201,9 +201,25 @@ def run(cfg: EmbedConfig) -> dict:
     manifest = prepare_store(cfg, shards, device)
     todo = [s for s in shards if not store.is_done(cfg.out, store.shard_id_of(s))]
     log.info("embed: %d shards, %d already done, %d to do", len(shards), len(shards) - len(todo), len(todo))
+    params = shard_params(cfg, device, manifest)
+    start, rows, failed, stats = time.perf_counter(), 0, {}, {}
+    if todo:
+        client, cluster = _client(cfg, device)
+        try:
+            rows, failed, stats = _map(client, todo, params, cfg)
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    seconds = time.perf_counter() - start
+    return _finish(cfg, manifest, shards, rows, seconds, failed, stats)
+
+
+def shard_params(cfg: EmbedConfig, device: str, manifest: dict):
+    """What every shard task of this run is sent (`pipeline.embed_shard.ShardParams`)."""
     from pipeline.embed_shard import ShardParams
 
-    params = ShardParams(
+    return ShardParams(
         out=cfg.out,
         clip=cfg.clip,
         pretrained=cfg.pretrained,
@@ -218,17 +234,6 @@ def run(cfg: EmbedConfig) -> dict:
         latent_params=manifest["latents"],
         image_decode=_image_decode(cfg, device),
     )
-    start, rows, failed, stats = time.perf_counter(), 0, {}, {}
-    if todo:
-        client, cluster = _client(cfg, device)
-        try:
-            rows, failed, stats = _map(client, todo, params, cfg)
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
-    seconds = time.perf_counter() - start
-    return _finish(cfg, manifest, shards, rows, seconds, failed, stats)
 
 
 def _tensor_preprocess_supported(cfg: EmbedConfig) -> bool:
@@ -244,12 +249,24 @@ def _image_decode(cfg: EmbedConfig, device: str) -> str:
     return resolve_image_decode(cfg.image_decode, device, cfg.latents, _tensor_preprocess_supported(cfg))
 
 
+def warm_workers(client, params) -> None:
+    """Every worker builds its models and warms its task thread now, in a task pinned to it (a task, not
+    `client.run`, which would run in the worker's event-loop thread instead). A worker that joins later warms
+    up inside its first shard."""
+    from pipeline.embed_shard import warm_up
+
+    workers = list(client.scheduler_info()["workers"])
+    client.gather(
+        [client.submit(warm_up, params, workers=[w], allow_other_workers=False, pure=False) for w in workers]
+    )
+
+
 def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:
     from dask.distributed import as_completed
 
-    from pipeline.embed_shard import embed_shard, warm_up
+    from pipeline.embed_shard import embed_shard
 
-    client.run(warm_up, params)  # every worker builds its models now, not inside its first shard
+    warm_workers(client, params)
     resources = {"GPU": 1} if cfg.scheduler and params.device == "cuda" else None
     futures = client.map(
         embed_shard, todo, params=params, retries=cfg.retries, pure=False, resources=resources

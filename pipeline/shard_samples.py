@@ -155,13 +155,16 @@ class Batch:
     device_decode_fallbacks: int = 0
 
 
-def first_batch_size(batch_size: int) -> int:
-    """A shard's batches ramp up, doubling from ``batch_size // 8`` to ``batch_size``: the models wait only for
-    the first small batch to be decoded, not a full one. Measured (ViT-B-32, batch 64, 2 cores, 128-sample
-    shard): waiting for a full first batch was 0.24-0.30 s of a 7.6-9 s shard (3-4%); a CPU forward is as fast
-    per image at batch 8 as at 64 (16-20 images/s at each). The split depends only on the tar, so a rerun
-    splits a shard the same way and stores the same bytes."""
-    return max(1, batch_size // 8)
+def batch_ramp(batch_size: int) -> Iterator[int]:
+    """A shard's batch sizes, in order: they ramp up, doubling from ``batch_size // 8`` to ``batch_size``, so
+    the models wait only for the first small batch to be decoded, not a full one. Measured (ViT-B-32, batch 64,
+    2 cores, 128-sample shard): waiting for a full first batch was 0.24-0.30 s of a 7.6-9 s shard (3-4%); a
+    CPU forward is as fast per image at batch 8 as at 64 (16-20 images/s at each). The split depends only on
+    the tar, so a rerun splits a shard the same way and stores the same bytes."""
+    size = max(1, batch_size // 8)
+    while True:
+        yield size
+        size = min(batch_size, 2 * size)
 
 
 def prepare_batches(
@@ -175,7 +178,7 @@ def prepare_batches(
     device_jpegs: bool = False,
     pin_memory: bool = False,
 ) -> Iterator[Batch]:
-    """Decode and preprocess in tar order, in batches ramping up to ``batch_size`` (`first_batch_size`);
+    """Decode and preprocess in tar order, in batches ramping up to ``batch_size`` (`batch_ramp`);
     unusable samples go to ``errors`` (with their tar index, ``pos``).
 
     ``pin_memory`` (CUDA) puts the CLIP input in page-locked memory, so its copy to the device does not block.
@@ -184,7 +187,8 @@ def prepare_batches(
     """
     buf: list[tuple[Sample, Image.Image | None, int]] = []
     seen: set[str] = set()
-    size = first_batch_size(batch_size)
+    sizes = batch_ramp(batch_size)
+    size = next(sizes)
     for pos, sample in enumerate(read_tar(url)):
         if sample.key in seen:
             errors.append(
@@ -209,7 +213,7 @@ def prepare_batches(
         buf.append((sample, img, pos))
         if len(buf) == size:
             yield _batch(buf, preprocess, latents, latent_px, tokenizer, device_jpegs, pin_memory)
-            buf, size = [], min(batch_size, 2 * size)
+            buf, size = [], next(sizes)
     if buf:
         yield _batch(buf, preprocess, latents, latent_px, tokenizer, device_jpegs, pin_memory)
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 
 import pytest
 
@@ -24,10 +25,14 @@ def test_bench_quick_writes_ratios_and_table(tmp_path):
     report = json.loads((tmp_path / "results.json").read_text())
     r = report["results"]
     for name in ("download_overhead", "embed_vs_forward", "embed_in_tasks_vs_forward", "stream_vs_mmap"):
+        # The in-task figure pairs each of the 8 shards with a forward on its captions (one per shard).
+        n = 8 if name == "embed_in_tasks_vs_forward" else 1
         assert (
-            r[name]["repeats"] == 1 and r[name]["ratio_median"] > 0 and math.isfinite(r[name]["ratio_median"])
+            r[name]["repeats"] == n and r[name]["ratio_median"] > 0 and math.isfinite(r[name]["ratio_median"])
         )
-        assert r[name]["ratio_median"] == r[name]["ours"][0] / r[name]["theirs"][0]
+        assert r[name]["ratio_median"] == statistics.median(
+            a / b for a, b in zip(r[name]["ours"], r[name]["theirs"], strict=True)
+        )
         op, bound = r[name]["target"].split()
         want = (
             r[name]["ratio_median"] <= float(bound) if op == "<=" else r[name]["ratio_median"] >= float(bound)

@@ -198,6 +198,42 @@ def test_summary_reports_the_rate_inside_tasks_and_without_each_workers_first_sh
     assert s["samples_per_second_in_warm_tasks"] > 0
 
 
+def _task_thread_is_warm(params) -> bool:
+    from pipeline import embed_shard
+    from pipeline.encoders import load_clip
+
+    clip = load_clip(params.clip, params.pretrained, params.device, params.seed)
+    return getattr(embed_shard._thread_state, "warm", None) == id(clip)
+
+
+def test_every_workers_task_thread_is_warmed_before_the_shards(tmp_path):
+    # The warm-up must run where shard tasks run (a worker's task thread), not in its event-loop thread as
+    # `client.run` would: OpenMP and oneDNN set-up are per thread, and the first shard would pay them.
+    from dask.distributed import Client, LocalCluster
+
+    from pipeline.embed import warm_workers
+    from pipeline.embed_shard import ShardParams
+
+    tiny = {"clip": "unclip-tiny", "pretrained": "none", "seed": 0, "device": "cpu", "batch_size": 8}
+    params = ShardParams(
+        out=str(tmp_path),
+        latents="none",
+        vae="",
+        text_encodings=False,
+        torch_threads=1,
+        latent_params=None,
+        **tiny,
+    )
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            workers = list(client.scheduler_info()["workers"])
+            probe = [client.submit(_task_thread_is_warm, params, workers=[w], pure=False) for w in workers]
+            assert client.gather(probe) == [False, False]  # in-process workers: the same models, cold threads
+            warm_workers(client, params)
+            probe = [client.submit(_task_thread_is_warm, params, workers=[w], pure=False) for w in workers]
+            assert client.gather(probe) == [True, True]
+
+
 def test_unusable_samples_become_error_rows_not_misaligned_rows(base):
     errors = pq.read_table(store.field_path(base, "errors", "00000")).to_pylist()
     assert sorted(e["key"] for e in errors) == sorted(BAD_KEYS)

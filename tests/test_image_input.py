@@ -184,7 +184,9 @@ def test_device_decode_of_a_clip_without_a_tensor_equivalent_is_refused_before_a
 def test_batches_ramp_up_in_tar_order_around_bad_samples(tmp_path, clip):  # noqa: F811
     """A shard's batches double from batch_size // 8 up to batch_size (the models start after a small first
     decode); every good sample is in exactly one batch, in tar order, and bad ones are errors at their place."""
-    from pipeline.shard_samples import first_batch_size, prepare_batches
+    from itertools import islice
+
+    from pipeline.shard_samples import batch_ramp, prepare_batches
 
     samples = [sample(f"{i:09d}", i) for i in range(40)]
     for i in (3, 17):
@@ -194,7 +196,8 @@ def test_batches_ramp_up_in_tar_order_around_bad_samples(tmp_path, clip):  # noq
     batches = list(
         prepare_batches(str(tar), clip.preprocess, 16, "none", 0, errors, tokenizer=clip.tokenizer)
     )
-    assert first_batch_size(16) == 2 and first_batch_size(4) == 1 and first_batch_size(256) == 32
+    assert list(islice(batch_ramp(16), 6)) == [2, 4, 8, 16, 16, 16]
+    assert next(batch_ramp(4)) == 1 and list(islice(batch_ramp(256), 5)) == [32, 64, 128, 256, 256]
     assert [len(b.keys) for b in batches] == [2, 4, 8, 16, 8]  # 38 good samples
     assert [k for b in batches for k in b.keys] == [
         s["key"] for i, s in enumerate(samples) if i not in (3, 17)
