@@ -251,14 +251,28 @@ def _image_decode(cfg: EmbedConfig, device: str) -> str:
 
 def warm_workers(client, params) -> None:
     """Every worker builds its models and warms its task thread now, in a task pinned to it (a task, not
-    `client.run`, which would run in the worker's event-loop thread instead). A worker that joins later warms
-    up inside its first shard."""
+    `client.run`, which would run in the worker's event-loop thread instead), and learns its GPU slot
+    (`gpu_slots`). A worker that joins later warms up inside its first shard."""
     from pipeline.embed_shard import warm_up
 
-    workers = list(client.scheduler_info()["workers"])
+    slots = gpu_slots(list(client.scheduler_info()["workers"]))
     client.gather(
-        [client.submit(warm_up, params, workers=[w], allow_other_workers=False, pure=False) for w in workers]
+        [
+            client.submit(warm_up, params, slot, workers=[w], allow_other_workers=False, pure=False)
+            for w, slot in slots.items()
+        ]
     )
+
+
+def gpu_slots(workers: list[str]) -> dict[str, int]:
+    """Each worker's place among the workers on its host, in address order: with one worker per GPU on a host,
+    worker k embeds on GPU k (`pipeline.embed_shard.worker_params`)."""
+    from distributed.comm import get_address_host
+
+    by_host: dict[str, list[str]] = {}
+    for w in sorted(workers):
+        by_host.setdefault(get_address_host(w), []).append(w)
+    return {w: i for ws in by_host.values() for i, w in enumerate(ws)}
 
 
 def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:

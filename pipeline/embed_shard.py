@@ -9,6 +9,7 @@ member boundary still reads cleanly), each one becomes an error row too: a short
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import resource
@@ -123,15 +124,33 @@ def _metadata(keys: list[str], captions: list[str], metas: list[dict]) -> pa.Tab
     return pa.table({n: _column([r.get(n) for r in rows]) for n in names})
 
 
-def warm_up(params: ShardParams) -> None:
+def warm_up(params: ShardParams, gpu_slot: int | None = None) -> None:
     """Build the models a worker will use (cached per process) and warm the calling thread's torch state.
 
     `pipeline.embed` runs it as one task pinned to each worker, before the shards, so that it runs in the
     thread that then runs the worker's shard tasks: no shard pays these one-off costs (~0.25 s of a ~8 s
-    128-image shard for the thread's warm-up forward alone, ViT-B-32 on 2 cores)."""
+    128-image shard for the thread's warm-up forward alone, ViT-B-32 on 2 cores). ``gpu_slot`` is the worker's
+    place among the workers on its host (`worker_params`)."""
+    if gpu_slot is not None:
+        _process_state["gpu_slot"] = gpu_slot
+    params = worker_params(params)
     if params.torch_threads:
         torch.set_num_threads(params.torch_threads)
     _warm_this_thread(_models(params))
+
+
+def worker_params(params: ShardParams) -> ShardParams:
+    """``params`` on this worker's own GPU. ``--device cuda`` means every visible GPU: the worker given slot k
+    (by `warm_up`) embeds on ``cuda:{k % device_count}``, so one worker per GPU on a host uses each GPU once,
+    and a worker that sees a single GPU (CUDA_VISIBLE_DEVICES set per worker) uses that one. A worker that
+    joined after the warm-up keeps the current device. The chosen GPU is made current too: pinned memory and
+    the decoder's stream use the current device."""
+    slot = _process_state.get("gpu_slot")
+    if params.device != "cuda" or slot is None:
+        return params
+    device = f"cuda:{slot % torch.cuda.device_count()}"
+    torch.cuda.set_device(device)
+    return dataclasses.replace(params, device=device)
 
 
 def _threads(gen: Iterator, n: int) -> Iterator:
@@ -164,11 +183,10 @@ class _Rows:
 
 
 _thread_state = threading.local()
-# Shards embedded by this process so far. A process's first shard pays one-off costs that later ones do not
-# (not pinned down; writing a shard takes ~6 ms, so not the write): measured in a dask worker (ViT-B-32, batch
-# 64, 2 cores, 128-image shards), the first ran at 11.3 images/s and the next three at 13.9-14.2, against a pure
-# forward of 13.4-14.0 in the same worker.
-_process_state = {"tasks": 0}
+# "tasks": shards embedded by this process so far (its first is reported apart: a worker's first shard can pay
+# one-off costs that a run of thousands of shards pays once); "gpu_slot": this worker's place on its host
+# (`warm_up`, `worker_params`).
+_process_state: dict = {"tasks": 0, "gpu_slot": None}
 
 
 def _warm_this_thread(m: _Models) -> None:
@@ -235,6 +253,7 @@ def _embed_batch(b: Batch, m: _Models, params: ShardParams, acc: _Rows) -> None:
 
 def embed_shard(url: str, params: ShardParams) -> dict:
     """Embed one shard and write it to the store; returns its done marker. Runs in a dask worker."""
+    params = worker_params(params)
     if params.torch_threads:
         torch.set_num_threads(params.torch_threads)
     t0 = time.perf_counter()

@@ -3,6 +3,7 @@ against the encoders called directly."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -198,19 +199,23 @@ def test_summary_reports_the_rate_inside_tasks_and_without_each_workers_first_sh
     assert s["samples_per_second_in_warm_tasks"] > 0
 
 
-def _task_thread_is_warm(params) -> bool:
+def _worker_state(params) -> tuple[bool, int | None]:
+    """In a dask worker: is this task thread warm for the run's CLIP, and the worker's GPU slot."""
     from pipeline import embed_shard
     from pipeline.encoders import load_clip
 
     clip = load_clip(params.clip, params.pretrained, params.device, params.seed)
-    return getattr(embed_shard._thread_state, "warm", None) == id(clip)
+    warm = getattr(embed_shard._thread_state, "warm", None) == id(clip)
+    return warm, embed_shard._process_state["gpu_slot"]
 
 
-def test_every_workers_task_thread_is_warmed_before_the_shards(tmp_path):
+def test_every_worker_is_warmed_in_its_task_thread_and_given_its_gpu_slot(tmp_path, monkeypatch):
     # The warm-up must run where shard tasks run (a worker's task thread), not in its event-loop thread as
     # `client.run` would: OpenMP and oneDNN set-up are per thread, and the first shard would pay them.
+    # In-process workers (fast): they share the models and the process state, not their task threads.
     from dask.distributed import Client, LocalCluster
 
+    from pipeline import embed_shard
     from pipeline.embed import warm_workers
     from pipeline.embed_shard import ShardParams
 
@@ -224,14 +229,45 @@ def test_every_workers_task_thread_is_warmed_before_the_shards(tmp_path):
         latent_params=None,
         **tiny,
     )
+    monkeypatch.setitem(embed_shard._process_state, "gpu_slot", None)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         with Client(cluster) as client:
             workers = list(client.scheduler_info()["workers"])
-            probe = [client.submit(_task_thread_is_warm, params, workers=[w], pure=False) for w in workers]
-            assert client.gather(probe) == [False, False]  # in-process workers: the same models, cold threads
+
+            def state() -> list:
+                return client.gather(
+                    [client.submit(_worker_state, params, workers=[w], pure=False) for w in workers]
+                )
+
+            assert state() == [(False, None), (False, None)]
             warm_workers(client, params)
-            probe = [client.submit(_task_thread_is_warm, params, workers=[w], pure=False) for w in workers]
-            assert client.gather(probe) == [True, True]
+            after = state()
+    # Both task threads warm; the slot reached the workers (one process here, so the last one written shows).
+    assert [warm for warm, _ in after] == [True, True] and after[0][1] in (0, 1)
+
+
+def test_gpu_slots_number_the_workers_of_each_host_and_cuda_maps_a_slot_to_a_visible_gpu(monkeypatch):
+    from pipeline import embed_shard
+    from pipeline.embed import gpu_slots
+    from pipeline.embed_shard import ShardParams, worker_params
+
+    workers = ["tcp://10.0.0.2:9001", "tcp://10.0.0.1:9002", "tcp://10.0.0.1:9001", "tcp://10.0.0.2:9000"]
+    assert gpu_slots(workers) == {
+        "tcp://10.0.0.1:9001": 0,
+        "tcp://10.0.0.1:9002": 1,
+        "tcp://10.0.0.2:9000": 0,
+        "tcp://10.0.0.2:9001": 1,
+    }
+    current = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    params = ShardParams("/s", "ViT-B-32", "none", 0, "cuda", 256, "none", "", False, 0, None)
+    monkeypatch.setitem(embed_shard._process_state, "gpu_slot", None)  # joined after the warm-up: unchanged
+    assert worker_params(params) is params and current == []
+    monkeypatch.setitem(embed_shard._process_state, "gpu_slot", 5)  # more workers than GPUs: they share
+    assert worker_params(params).device == "cuda:1" and current == ["cuda:1"]
+    assert worker_params(dataclasses.replace(params, device="cpu")).device == "cpu"  # only "cuda" is spread
+    assert worker_params(dataclasses.replace(params, device="cuda:3")).device == "cuda:3"  # and not "cuda:N"
 
 
 def test_unusable_samples_become_error_rows_not_misaligned_rows(base):
