@@ -249,13 +249,23 @@ def _image_decode(cfg: EmbedConfig, device: str) -> str:
     return resolve_image_decode(cfg.image_decode, device, cfg.latents, _tensor_preprocess_supported(cfg))
 
 
-def warm_workers(client, params) -> None:
-    """Every worker builds its models and warms its task thread now, in a task pinned to it (a task, not
-    `client.run`, which would run in the worker's event-loop thread instead), and learns its GPU slot
-    (`gpu_slots`). A worker that joins later warms up inside its first shard."""
+def warm_workers(client, params, resources: dict | None = None) -> None:
+    """Every worker that can take the shard tasks (has ``resources``) builds its models and warms its task
+    thread now, in a task pinned to it (a task, not `client.run`, which would run in the worker's event-loop
+    thread instead), and learns its GPU slot (`gpu_slots`). A worker that joins later warms up inside its first
+    shard."""
     from pipeline.embed_shard import warm_up
 
-    slots = gpu_slots(list(client.scheduler_info()["workers"]))
+    info = client.scheduler_info()["workers"]
+    able = [
+        w
+        for w, i in info.items()
+        if all(i.get("resources", {}).get(k, 0) >= n for k, n in (resources or {}).items())
+    ]
+    if not able:  # none has joined yet: the tasks wait for one, which then warms up inside its first shard
+        log.warning("no dask worker has the resources the shard tasks ask for (%s) yet", resources or "none")
+        return
+    slots = gpu_slots(able)
     client.gather(
         [
             client.submit(warm_up, params, slot, workers=[w], allow_other_workers=False, pure=False)
@@ -280,8 +290,8 @@ def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:
 
     from pipeline.embed_shard import embed_shard
 
-    warm_workers(client, params)
     resources = {"GPU": 1} if cfg.scheduler and params.device == "cuda" else None
+    warm_workers(client, params, resources)
     futures = client.map(
         embed_shard, todo, params=params, retries=cfg.retries, pure=False, resources=resources
     )

@@ -270,6 +270,37 @@ def test_gpu_slots_number_the_workers_of_each_host_and_cuda_maps_a_slot_to_a_vis
     assert worker_params(dataclasses.replace(params, device="cuda:3")).device == "cuda:3"  # and not "cuda:N"
 
 
+def test_warm_up_goes_to_each_worker_that_can_take_the_shards_with_its_own_slot(caplog):
+    from pipeline.embed import warm_workers
+
+    class FakeClient:  # records what would be sent; the dask wiring is tested with real workers above
+        def __init__(self, workers):
+            self.workers, self.sent = workers, []
+
+        def scheduler_info(self):
+            return {"workers": self.workers}
+
+        def submit(self, fn, params, slot, workers, allow_other_workers, pure):
+            self.sent.append((fn.__name__, slot, workers, allow_other_workers))
+
+        def gather(self, futures):
+            return futures
+
+    gpu, cpu = {"resources": {"GPU": 1}}, {"resources": {}}
+    c = FakeClient(
+        {"tcp://10.0.0.1:2": gpu, "tcp://10.0.0.1:1": gpu, "tcp://10.0.0.1:3": cpu, "tcp://10.0.0.2:1": gpu}
+    )
+    warm_workers(c, None, {"GPU": 1})
+    assert sorted(c.sent) == [
+        ("warm_up", 0, ["tcp://10.0.0.1:1"], False),
+        ("warm_up", 0, ["tcp://10.0.0.2:1"], False),
+        ("warm_up", 1, ["tcp://10.0.0.1:2"], False),
+    ]  # the CPU-only worker gets no GPU model and takes no GPU slot
+    c = FakeClient({"tcp://10.0.0.1:3": cpu})
+    warm_workers(c, None, {"GPU": 1})
+    assert c.sent == [] and "no dask worker has the resources" in caplog.text  # they may join later
+
+
 def test_unusable_samples_become_error_rows_not_misaligned_rows(base):
     errors = pq.read_table(store.field_path(base, "errors", "00000")).to_pylist()
     assert sorted(e["key"] for e in errors) == sorted(BAD_KEYS)
