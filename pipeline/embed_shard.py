@@ -151,7 +151,10 @@ def worker_params(params: ShardParams) -> ShardParams:
     slot = _process_state.get("gpu_slot")
     if params.device != "cuda" or slot is None:
         return params
-    device = f"cuda:{slot % torch.cuda.device_count()}"
+    count = torch.cuda.device_count()
+    if not count:
+        raise UsageError(f"--device cuda: a dask worker (slot {slot} on its host) sees no CUDA device")
+    device = f"cuda:{slot % count}"
     torch.cuda.set_device(device)
     return dataclasses.replace(params, device=device)
 

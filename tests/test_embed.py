@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 
 from jobs.cli import main
 from pipeline import store
+from pipeline.errors import UsageError
 from pipeline.shard_samples import read_tar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,6 +269,11 @@ def test_gpu_slots_number_the_workers_of_each_host_and_cuda_maps_a_slot_to_a_vis
     assert worker_params(params).device == "cuda:1" and current == ["cuda:1"]
     assert worker_params(dataclasses.replace(params, device="cpu")).device == "cpu"  # only "cuda" is spread
     assert worker_params(dataclasses.replace(params, device="cuda:3")).device == "cuda:3"  # and not "cuda:N"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(
+        UsageError, match=r"--device cuda: a dask worker \(slot 5 on its host\) sees no CUDA device"
+    ):
+        worker_params(params)
 
 
 def test_warm_up_goes_to_each_worker_that_can_take_the_shards_with_its_own_slot(caplog):
