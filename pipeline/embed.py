@@ -252,11 +252,14 @@ def _image_decode(cfg: EmbedConfig, device: str) -> str:
 def warm_workers(client, params, resources: dict | None = None) -> None:
     """Every worker that can take the shard tasks (has ``resources``) builds its models and warms its task
     thread now, in a task pinned to it (a task, not `client.run`, which would run in the worker's event-loop
-    thread instead), and learns its GPU slot (`gpu_slots`). A worker that joins later warms up inside its first
-    shard."""
+    thread instead), and learns its GPU slot (`gpu_slots`). With one thread per worker no shard then pays these
+    one-off costs; a worker's other threads, and a worker that joins later, warm up inside their first shard.
+    A worker that leaves before its warm-up ran is skipped (its pinned task could never run)."""
+    from distributed import wait
+
     from pipeline.embed_shard import warm_up
 
-    info = client.scheduler_info()["workers"]
+    info = _workers(client)
     able = [
         w
         for w, i in info.items()
@@ -265,24 +268,54 @@ def warm_workers(client, params, resources: dict | None = None) -> None:
     if not able:  # none has joined yet: the tasks wait for one, which then warms up inside its first shard
         log.warning("no dask worker has the resources the shard tasks ask for (%s) yet", resources or "none")
         return
-    slots = gpu_slots(able)
-    client.gather(
-        [
-            client.submit(warm_up, params, slot, workers=[w], allow_other_workers=False, pure=False)
-            for w, slot in slots.items()
-        ]
-    )
+    visible = client.run(_cuda_visible_devices, workers=able) if params.device == "cuda" else {}
+    futures = {
+        w: client.submit(warm_up, params, slot, workers=[w], allow_other_workers=False, pure=False)
+        for w, slot in gpu_slots(able, visible).items()
+    }
+    pending = set(futures)
+    while pending:
+        try:
+            wait([futures[w] for w in pending], timeout=10)
+        except TimeoutError:
+            pass
+        gone = {w for w in pending if futures[w].status == "pending" and w not in _workers(client)}
+        for w in gone:
+            futures[w].cancel()
+            log.warning("dask worker %s left before its warm-up; skipped", w)
+        pending = {w for w in pending - gone if futures[w].status == "pending"}
+    for f in futures.values():
+        if f.status == "error":
+            f.result()  # a model that cannot be built fails the run here, once, with its own error
 
 
-def gpu_slots(workers: list[str]) -> dict[str, int]:
+def _workers(client) -> dict:
+    try:  # every worker: dask 2025.4-2026.3 list only 5 by default
+        return client.scheduler_info(n_workers=-1)["workers"]
+    except TypeError:  # older dask lists them all and has no such argument
+        return client.scheduler_info()["workers"]
+
+
+def _cuda_visible_devices() -> str | None:
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def gpu_slots(workers: list[str], visible: dict[str, str | None] | None = None) -> dict[str, int]:
     """Each worker's place among the workers on its host, in address order: with one worker per GPU on a host,
-    worker k embeds on GPU k (`pipeline.embed_shard.worker_params`)."""
+    worker k embeds on visible GPU k (`pipeline.embed_shard.worker_params`). Where the workers of a host were
+    started with different ``CUDA_VISIBLE_DEVICES`` (``visible``), whoever started them gave each its GPU
+    first in its list (dask-cuda rotates the list per worker), so each there gets slot 0."""
     from distributed.comm import get_address_host
 
+    visible = visible or {}
     by_host: dict[str, list[str]] = {}
     for w in sorted(workers):
         by_host.setdefault(get_address_host(w), []).append(w)
-    return {w: i for ws in by_host.values() for i, w in enumerate(ws)}
+    slots = {}
+    for ws in by_host.values():
+        own = len({visible.get(w) for w in ws}) > 1
+        slots.update({w: 0 if own else i for i, w in enumerate(ws)})
+    return slots
 
 
 def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:

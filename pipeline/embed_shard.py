@@ -146,8 +146,8 @@ def worker_params(params: ShardParams) -> ShardParams:
     """``params`` on this worker's own GPU. ``--device cuda`` means every visible GPU: the worker given slot k
     (by `warm_up`) embeds on ``cuda:{k % device_count}``, so one worker per GPU on a host uses each GPU once,
     and a worker that sees a single GPU (CUDA_VISIBLE_DEVICES set per worker) uses that one. A worker that
-    joined after the warm-up keeps the current device. The chosen GPU is made current too: pinned memory and
-    the decoder's stream use the current device."""
+    joined after the warm-up, or that dask restarted, keeps the current device (no slot). The chosen GPU is
+    made the thread's current device too, for anything that does not name its device."""
     slot = _process_state.get("gpu_slot")
     if params.device != "cuda" or slot is None:
         return params

@@ -15,8 +15,10 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -276,35 +278,109 @@ def test_gpu_slots_number_the_workers_of_each_host_and_cuda_maps_a_slot_to_a_vis
         worker_params(params)
 
 
-def test_warm_up_goes_to_each_worker_that_can_take_the_shards_with_its_own_slot(caplog):
+class _FakeFuture:
+    def __init__(self, status="finished"):
+        self.status = status
+
+    def cancel(self):
+        self.status = "cancelled"
+
+    def result(self):
+        raise RuntimeError("the model could not be built")
+
+
+class _FakeClient:
+    """Records what `warm_workers` would send; the dask wiring is tested with real workers above."""
+
+    def __init__(self, workers, visible=None, status="finished", leave=()):
+        self.workers, self.visible, self.status, self.leave, self.sent = (
+            workers,
+            visible or {},
+            status,
+            leave,
+            [],
+        )
+
+    def scheduler_info(self, n_workers=-1):
+        info = {"workers": dict(self.workers)}
+        for w in self.leave if self.sent else ():  # these leave once their warm-up was sent
+            info["workers"].pop(w)
+        return info
+
+    def run(self, fn, workers):
+        return {w: self.visible.get(w) for w in workers}
+
+    def submit(self, fn, params, slot, workers, allow_other_workers, pure):
+        self.sent.append((fn.__name__, slot, workers, allow_other_workers))
+        return _FakeFuture("pending" if workers[0] in self.leave else self.status)
+
+
+def test_warm_up_goes_to_each_worker_that_can_take_the_shards_with_its_own_slot(caplog, monkeypatch):
+    import distributed
+
     from pipeline.embed import warm_workers
 
-    class FakeClient:  # records what would be sent; the dask wiring is tested with real workers above
-        def __init__(self, workers):
-            self.workers, self.sent = workers, []
-
-        def scheduler_info(self):
-            return {"workers": self.workers}
-
-        def submit(self, fn, params, slot, workers, allow_other_workers, pure):
-            self.sent.append((fn.__name__, slot, workers, allow_other_workers))
-
-        def gather(self, futures):
-            return futures
-
+    monkeypatch.setattr(distributed, "wait", lambda futures, timeout: None)
+    cuda = SimpleNamespace(device="cuda")
     gpu, cpu = {"resources": {"GPU": 1}}, {"resources": {}}
-    c = FakeClient(
-        {"tcp://10.0.0.1:2": gpu, "tcp://10.0.0.1:1": gpu, "tcp://10.0.0.1:3": cpu, "tcp://10.0.0.2:1": gpu}
-    )
-    warm_workers(c, None, {"GPU": 1})
+    hosts = {
+        "tcp://10.0.0.1:2": gpu,
+        "tcp://10.0.0.1:1": gpu,
+        "tcp://10.0.0.1:3": cpu,
+        "tcp://10.0.0.2:1": gpu,
+    }
+    c = _FakeClient(hosts)
+    warm_workers(c, cuda, {"GPU": 1})
     assert sorted(c.sent) == [
         ("warm_up", 0, ["tcp://10.0.0.1:1"], False),
         ("warm_up", 0, ["tcp://10.0.0.2:1"], False),
         ("warm_up", 1, ["tcp://10.0.0.1:2"], False),
     ]  # the CPU-only worker gets no GPU model and takes no GPU slot
-    c = FakeClient({"tcp://10.0.0.1:3": cpu})
-    warm_workers(c, None, {"GPU": 1})
+    # Workers started with their own CUDA_VISIBLE_DEVICES (dask-cuda rotates the list): each its first GPU.
+    c = _FakeClient(hosts, visible={"tcp://10.0.0.1:1": "0,1", "tcp://10.0.0.1:2": "1,0"})
+    warm_workers(c, cuda, {"GPU": 1})
+    assert sorted(slot for _, slot, _, _ in c.sent) == [0, 0, 0]
+    c = _FakeClient({"tcp://10.0.0.1:3": cpu})
+    warm_workers(c, cuda, {"GPU": 1})
     assert c.sent == [] and "no dask worker has the resources" in caplog.text  # they may join later
+    # A worker that leaves before its warm-up ran: its pinned task could never run; skipped, not waited on.
+    c = _FakeClient(hosts, leave=("tcp://10.0.0.1:2",))
+    warm_workers(c, cuda, {"GPU": 1})
+    assert "dask worker tcp://10.0.0.1:2 left before its warm-up; skipped" in caplog.text
+    with pytest.raises(RuntimeError, match="the model could not be built"):  # once, with its own error
+        warm_workers(_FakeClient(hosts, status="error"), cuda, {"GPU": 1})
+
+
+def test_a_shard_task_embeds_on_its_workers_gpu(monkeypatch, tmp_path):
+    from pipeline import embed_shard
+    from pipeline.embed_shard import ShardParams
+
+    seen = []
+
+    def models(params):
+        seen.append(params.device)
+        raise StopIteration  # the device is all this test needs
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(embed_shard, "_models", models)
+    monkeypatch.setitem(embed_shard._process_state, "gpu_slot", 3)
+    params = ShardParams(str(tmp_path), "unclip-tiny", "none", 0, "cuda", 8, "none", "", False, 0, None)
+    with pytest.raises(StopIteration):
+        embed_shard.embed_shard(str(tmp_path / "00000.tar"), params)
+    assert seen == ["cuda:1"]
+
+
+def test_a_download_record_without_its_status_column_is_reported_not_trusted(tmp_path, caplog):
+    from pipeline.shard_samples import download_record
+
+    pq.write_table(pa.table({"key": ["000000000"]}), tmp_path / "00000.parquet")
+    assert download_record(str(tmp_path / "00000.tar")) is None
+    assert "not cross-checked" in caplog.text and "no column status" in caplog.text
+    pq.write_table(
+        pa.table({"key": ["a", "b"], "status": ["success", "failed_to_download"]}), tmp_path / "00001.parquet"
+    )
+    assert download_record(str(tmp_path / "00001.tar")) == ["a"]
 
 
 def test_unusable_samples_become_error_rows_not_misaligned_rows(base):
