@@ -279,7 +279,8 @@ def warm_workers(client, params, resources: dict | None = None) -> None:
             wait([futures[w] for w in pending], timeout=10)
         except TimeoutError:
             pass
-        gone = {w for w in pending if futures[w].status == "pending" and w not in _workers(client)}
+        live = _workers(client)
+        gone = {w for w in pending if futures[w].status == "pending" and w not in live}
         for w in gone:
             futures[w].cancel()
             log.warning("dask worker %s left before its warm-up; skipped", w)

@@ -94,6 +94,7 @@ def probe_forward(clip: str, store: str, batch: int) -> dict:
     import pyarrow.parquet as pq
     import torch
 
+    from pipeline.embed_shard import _clip_input_size
     from pipeline.encoders import encode_image, encode_text, load_clip
 
     torch.set_num_threads(os.cpu_count())
@@ -104,8 +105,8 @@ def probe_forward(clip: str, store: str, batch: int) -> dict:
         for c in pq.read_table(p, columns=["caption"])["caption"].to_pylist()
     ]
     batch = min(batch, len(caps))
-    size = c.preprocess.transforms[1].size if hasattr(c.preprocess, "transforms") else (224, 224)
-    images = torch.randn(batch, 3, *size)
+    size = _clip_input_size(c)
+    images = torch.randn(batch, 3, size, size)
     batches = [c.tokenizer(caps[i : i + batch]) for i in range(0, len(caps) - batch + 1, batch)]
     res = {}
     for name, fn in (
@@ -127,11 +128,12 @@ def _forward(c, captions: list[str], batch: int) -> float:
     task splits them (`batch_ramp`), tokenised beforehand."""
     import torch
 
+    from pipeline.embed_shard import _clip_input_size
     from pipeline.encoders import encode_image, encode_text
     from pipeline.shard_samples import batch_ramp
 
-    size = c.preprocess.transforms[1].size if hasattr(c.preprocess, "transforms") else (224, 224)
-    images, tokens, i = torch.randn(batch, 3, *size), [], 0
+    size = _clip_input_size(c)
+    images, tokens, i = torch.randn(batch, 3, size, size), [], 0
     for n in batch_ramp(batch):
         if i >= len(captions):
             break
