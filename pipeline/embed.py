@@ -25,13 +25,13 @@ from braceexpand import braceexpand
 from tqdm import tqdm
 
 from pipeline import store
+from pipeline.embed_cluster import cluster_device, connect, task_resources, warm_workers
 from pipeline.errors import UsageError
 from pipeline.image_input import IMAGE_DECODES
 from pipeline.store import LATENT_CODECS
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda")
 # Settings that change what the store holds: a store made with others is refused unless --overwrite.
 IDENTITY = ("clip", "pretrained", "seed", "latents", "latent_size", "vae", "text_encodings")
 
@@ -45,7 +45,8 @@ class EmbedConfig:
     pretrained: str = "laion2b_s34b_b79k"
     seed: int = 0  # seeds random CLIP weights, so every worker builds the same model
     batch_size: int = 0  # 0 = 256 on CUDA, 64 on CPU
-    device: str = field(default="auto", metadata={"choices": DEVICES})
+    # cuda = every visible GPU, one per worker (embed_shard.worker_params); cuda:N = GPU N for every worker
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda (every visible GPU) or cuda:N"})
     # auto = JPEGs decoded on the GPU for embedding-only CUDA runs, PIL otherwise (pipeline.image_input)
     image_decode: str = field(default="auto", metadata={"choices": IMAGE_DECODES})
     latents: str = field(default="none", metadata={"choices": LATENT_CODECS})
@@ -93,12 +94,20 @@ def check_tar(url: str) -> None:
 
 
 def validate(cfg: EmbedConfig) -> list[str]:
-    from pipeline.encoders import ensure_pretrained, validate_clip, validate_vae
+    from pipeline.encoders import (
+        check_device_name,
+        ensure_pretrained,
+        resolve_device,
+        validate_clip,
+        validate_vae,
+    )
 
     if cfg.batch_size < 0 or cfg.workers < 1 or cfg.latent_size < 1:
         raise UsageError("--batch-size must be >= 0 (0 = by device); --workers and --latent-size >= 1")
-    if cfg.device not in DEVICES:
-        raise UsageError(f"unknown --device '{cfg.device}'; valid: {', '.join(DEVICES)}")
+    if cfg.scheduler:
+        check_device_name(cfg.device)  # the workers settle it (`embed_cluster.cluster_device`)
+    else:
+        resolve_device(cfg.device)  # a device this host lacks is refused before the shards are read
     if cfg.image_decode not in IMAGE_DECODES:
         raise UsageError(f"unknown --image-decode '{cfg.image_decode}'; valid: {', '.join(IMAGE_DECODES)}")
     if cfg.latents not in LATENT_CODECS:
@@ -127,8 +136,9 @@ def is_store(root: Path) -> bool:
         raise UsageError(f"--out {e}; name a new or empty folder (--overwrite only replaces a store)") from e
 
 
-def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
-    """Check an existing store is compatible (or wipe it with --overwrite); return the manifest to use."""
+def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None) -> dict:
+    """Check an existing store is compatible (or wipe it with --overwrite); return the manifest to use.
+    With a ``client`` (``--scheduler``) the vae codec's range is fitted on a worker, on the workers' device."""
     root = Path(cfg.out)
     identity = {k: getattr(cfg, k) for k in IDENTITY}
     if is_store(root):
@@ -146,7 +156,13 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
     from pipeline.encoders import clip_dims
 
     clip = clip_dims(cfg.clip)  # from the architecture's config: no model is built in this process
-    latents = calibrate_latents(cfg, shards, device)  # may still refuse: before anything is removed
+    if client is not None and cfg.latents == "vae":
+        resources = task_resources(cfg, device)
+        latents = client.submit(
+            calibrate_latents, cfg, shards, device, resources=resources, pure=False
+        ).result()
+    else:
+        latents = calibrate_latents(cfg, shards, device)  # may still refuse: before anything is removed
     if cfg.overwrite and is_store(root):
         removed = store.wipe(root)
         log.info("--overwrite: removed %d files this project wrote in %s", len(removed), root)
@@ -166,51 +182,38 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str) -> dict:
     return manifest
 
 
-def _client(cfg: EmbedConfig, device: str):
-    import dask
-    from dask.distributed import Client, LocalCluster
-
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # dask logs each worker start/stop at INFO
-
-    if cfg.scheduler:
-        return Client(cfg.scheduler, timeout="30s"), None
-    # dask's nanny starts workers with OMP/MKL/OpenBLAS pinned to one thread and an aggressive malloc trim
-    # threshold: both slow torch down (a ViT-B-32 forward ran ~20% slower in such a worker). Give the cores
-    # to torch instead.
-    threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.workers)
-    environ = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        cluster = LocalCluster(
-            n_workers=cfg.workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
-    return Client(cluster), cluster
-
-
 def run(cfg: EmbedConfig) -> dict:
     """Validate, list shards, skip done ones, embed the rest on dask, write the manifest and summary."""
     shards = validate(cfg)
     cfg.out = os.path.abspath(cfg.out)  # dask workers may have another working directory
     from pipeline.encoders import resolve_device
 
-    device = resolve_device(cfg.device)
-    cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or (256 if device.startswith("cuda") else 64))
-    manifest = prepare_store(cfg, shards, device)
-    todo = [s for s in shards if not store.is_done(cfg.out, store.shard_id_of(s))]
-    log.info("embed: %d shards, %d already done, %d to do", len(shards), len(shards) - len(todo), len(todo))
-    params = shard_params(cfg, device, manifest)
-    start, rows, failed, stats = time.perf_counter(), 0, {}, {}
-    if todo:
-        client, cluster = _client(cfg, device)
-        try:
+    client = cluster = None
+    try:
+        if cfg.scheduler:  # its workers, not this host, have the GPUs
+            client, cluster = connect(cfg)
+            device = cluster_device(client, cfg.device)
+        else:
+            device = resolve_device(cfg.device)
+        cfg = dataclasses.replace(
+            cfg, batch_size=cfg.batch_size or (256 if device.startswith("cuda") else 64)
+        )
+        manifest = prepare_store(cfg, shards, device, client)
+        todo = [s for s in shards if not store.is_done(cfg.out, store.shard_id_of(s))]
+        log.info(
+            "embed: %d shards, %d already done, %d to do", len(shards), len(shards) - len(todo), len(todo)
+        )
+        params = shard_params(cfg, device, manifest)
+        start, rows, failed, stats = time.perf_counter(), 0, {}, {}
+        if todo:
+            if client is None:
+                client, cluster = connect(cfg)
             rows, failed, stats = _map(client, todo, params, cfg)
-        finally:
+    finally:
+        if client is not None:
             client.close()
-            if cluster is not None:
-                cluster.close()
+        if cluster is not None:
+            cluster.close()
     seconds = time.perf_counter() - start
     return _finish(cfg, manifest, shards, rows, seconds, failed, stats)
 
@@ -249,82 +252,12 @@ def _image_decode(cfg: EmbedConfig, device: str) -> str:
     return resolve_image_decode(cfg.image_decode, device, cfg.latents, _tensor_preprocess_supported(cfg))
 
 
-def warm_workers(client, params, resources: dict | None = None) -> None:
-    """Every worker that can take the shard tasks (has ``resources``) builds its models and warms its task
-    thread now, in a task pinned to it (a task, not `client.run`, which would run in the worker's event-loop
-    thread instead), and learns its GPU slot (`gpu_slots`). With one thread per worker no shard then pays these
-    one-off costs; a worker's other threads, and a worker that joins later, warm up inside their first shard.
-    A worker that leaves before its warm-up ran is skipped (its pinned task could never run)."""
-    from distributed import wait
-
-    from pipeline.embed_shard import warm_up
-
-    info = _workers(client)
-    able = [
-        w
-        for w, i in info.items()
-        if all(i.get("resources", {}).get(k, 0) >= n for k, n in (resources or {}).items())
-    ]
-    if not able:  # none has joined yet: the tasks wait for one, which then warms up inside its first shard
-        log.warning("no dask worker has the resources the shard tasks ask for (%s) yet", resources or "none")
-        return
-    visible = client.run(_cuda_visible_devices, workers=able) if params.device == "cuda" else {}
-    futures = {
-        w: client.submit(warm_up, params, slot, workers=[w], allow_other_workers=False, pure=False)
-        for w, slot in gpu_slots(able, visible).items()
-    }
-    pending = set(futures)
-    while pending:
-        try:
-            wait([futures[w] for w in pending], timeout=10)
-        except TimeoutError:
-            pass
-        live = _workers(client)
-        gone = {w for w in pending if futures[w].status == "pending" and w not in live}
-        for w in gone:
-            futures[w].cancel()
-            log.warning("dask worker %s left before its warm-up; skipped", w)
-        pending = {w for w in pending - gone if futures[w].status == "pending"}
-    for f in futures.values():
-        if f.status == "error":
-            f.result()  # a model that cannot be built fails the run here, once, with its own error
-
-
-def _workers(client) -> dict:
-    try:  # every worker: dask 2025.4-2026.3 list only 5 by default
-        return client.scheduler_info(n_workers=-1)["workers"]
-    except TypeError:  # older dask lists them all and has no such argument
-        return client.scheduler_info()["workers"]
-
-
-def _cuda_visible_devices() -> str | None:
-    return os.environ.get("CUDA_VISIBLE_DEVICES")
-
-
-def gpu_slots(workers: list[str], visible: dict[str, str | None] | None = None) -> dict[str, int]:
-    """Each worker's place among the workers on its host, in address order: with one worker per GPU on a host,
-    worker k embeds on visible GPU k (`pipeline.embed_shard.worker_params`). Where the workers of a host were
-    started with different ``CUDA_VISIBLE_DEVICES`` (``visible``), whoever started them gave each its GPU
-    first in its list (dask-cuda rotates the list per worker), so each there gets slot 0."""
-    from distributed.comm import get_address_host
-
-    visible = visible or {}
-    by_host: dict[str, list[str]] = {}
-    for w in sorted(workers):
-        by_host.setdefault(get_address_host(w), []).append(w)
-    slots = {}
-    for ws in by_host.values():
-        own = len({visible.get(w) for w in ws}) > 1
-        slots.update({w: 0 if own else i for i, w in enumerate(ws)})
-    return slots
-
-
 def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:
     from dask.distributed import as_completed
 
     from pipeline.embed_shard import embed_shard
 
-    resources = {"GPU": 1} if cfg.scheduler and params.device == "cuda" else None
+    resources = task_resources(cfg, params.device)
     warm_workers(client, params, resources)
     futures = client.map(
         embed_shard, todo, params=params, retries=cfg.retries, pure=False, resources=resources

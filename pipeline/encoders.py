@@ -26,14 +26,24 @@ RANDOM = ("none", "random", "")
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> cuda when visible, else cpu; 'cuda' without a visible device is a UsageError."""
+    """'auto' -> cuda when visible, else cpu; 'cuda' without a visible device, or 'cuda:N' beyond the visible
+    ones, is a UsageError."""
+    check_device_name(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-        raise UsageError(f"unknown --device '{device}'; valid: auto, cpu, cuda, cuda:N")
-    if device == "cuda" and not torch.cuda.is_available():
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "cuda" and not count:
         raise UsageError("--device cuda but no CUDA device is visible; valid here: auto, cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= count:
+        here = f"auto, cpu, cuda, cuda:0..cuda:{count - 1}" if count else "auto, cpu"
+        raise UsageError(f"--device {device} but {count} CUDA device(s) are visible; valid here: {here}")
     return device
+
+
+def check_device_name(device: str) -> None:
+    """A UsageError unless ``device`` is auto, cpu, cuda or cuda:N (whether this host has it is not asked)."""
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise UsageError(f"unknown --device '{device}'; valid: auto, cpu, cuda, cuda:N")
 
 
 def _open_clip():

@@ -219,7 +219,7 @@ def test_every_worker_is_warmed_in_its_task_thread_and_given_its_gpu_slot(tmp_pa
     from dask.distributed import Client, LocalCluster
 
     from pipeline import embed_shard
-    from pipeline.embed import warm_workers
+    from pipeline.embed_cluster import warm_workers
     from pipeline.embed_shard import ShardParams
 
     tiny = {"clip": "unclip-tiny", "pretrained": "none", "seed": 0, "device": "cpu", "batch_size": 8}
@@ -251,7 +251,7 @@ def test_every_worker_is_warmed_in_its_task_thread_and_given_its_gpu_slot(tmp_pa
 
 def test_gpu_slots_number_the_workers_of_each_host_and_cuda_maps_a_slot_to_a_visible_gpu(monkeypatch):
     from pipeline import embed_shard
-    from pipeline.embed import gpu_slots
+    from pipeline.embed_cluster import gpu_slots
     from pipeline.embed_shard import ShardParams, worker_params
 
     workers = ["tcp://10.0.0.2:9001", "tcp://10.0.0.1:9002", "tcp://10.0.0.1:9001", "tcp://10.0.0.2:9000"]
@@ -318,7 +318,7 @@ class _FakeClient:
 def test_warm_up_goes_to_each_worker_that_can_take_the_shards_with_its_own_slot(caplog, monkeypatch):
     import distributed
 
-    from pipeline.embed import warm_workers
+    from pipeline.embed_cluster import warm_workers
 
     monkeypatch.setattr(distributed, "wait", lambda futures, timeout: None)
     cuda = SimpleNamespace(device="cuda")
@@ -349,6 +349,61 @@ def test_warm_up_goes_to_each_worker_that_can_take_the_shards_with_its_own_slot(
     assert "dask worker tcp://10.0.0.1:2 left before its warm-up; skipped" in caplog.text
     with pytest.raises(RuntimeError, match="the model could not be built"):  # once, with its own error
         warm_workers(_FakeClient(hosts, status="error"), cuda, {"GPU": 1})
+
+
+class _CountsClient:
+    """Workers (address -> scheduler info) and the CUDA devices each one sees, for `cluster_device`."""
+
+    def __init__(self, counts: dict, gpu_resource: tuple = ()):
+        self.counts, self.asked = counts, 0
+        self.info = {w: {"resources": {"GPU": 1} if w in gpu_resource else {}} for w in counts}
+
+    def scheduler_info(self, n_workers=-1):
+        return {"workers": self.info}
+
+    def run(self, fn):
+        self.asked += 1
+        return dict(self.counts)
+
+
+def test_on_a_cluster_the_workers_settle_the_device_not_the_submitting_host(caplog):
+    from pipeline.embed_cluster import cluster_device
+
+    a, b = "tcp://10.0.0.1:1", "tcp://10.0.0.2:1"
+    both = (a, b)
+    assert cluster_device(_CountsClient({a: 2, b: 1}, both), "auto") == "cuda"  # this host has no GPU
+    assert cluster_device(_CountsClient({a: 0, b: 0}), "auto") == "cpu"
+    c = _CountsClient({a: 2, b: 0}, both)
+    assert cluster_device(c, "auto") == "cpu" and "1 of 2 dask workers see no CUDA device" in caplog.text
+    c = _CountsClient({a: 2, b: 0}, (a,))
+    assert cluster_device(c, "cuda") == "cuda"  # b takes no GPU task: it declares no GPU
+    c = _CountsClient({a: 2})
+    assert cluster_device(c, "cpu") == "cpu" and c.asked == 0
+    assert cluster_device(_CountsClient({a: 2, b: 2}), "cuda:1") == "cuda:1"
+    assert cluster_device(_CountsClient({}), "cuda") == "cuda"  # no worker yet: the tasks wait for one
+    refused = [
+        ({}, (), "auto", "--device auto with --scheduler: no dask worker has joined yet"),
+        ({a: 2, b: 1}, (), "auto", "none of the 2 dask worker(s) declares one; start them with `dask worker"),
+        ({a: 2}, (), "cuda", "--resources GPU=1`, or pass --device cpu"),
+        ({a: 2, b: 0}, both, "cuda", f"dask worker {b} declares a GPU resource but sees no CUDA device"),
+        (
+            {a: 2, b: 1},
+            both,
+            "cuda:1",
+            f"--device cuda:1: dask worker {b} sees 1 CUDA device(s); valid there: cpu, cuda, cuda:0..cuda:0",
+        ),
+        (
+            {a: 0, b: 0},
+            both,
+            "cuda:0",
+            f"dask worker {a} sees 0 CUDA device(s) (2 such workers); valid there: cpu",
+        ),
+        ({a: 1}, (a,), "gpu", "unknown --device 'gpu'; valid: auto, cpu, cuda, cuda:N"),
+    ]
+    for counts, gpus, device, expect in refused:
+        with pytest.raises(UsageError) as e:
+            cluster_device(_CountsClient(counts, gpus), device)
+        assert expect in str(e.value), (device, str(e.value))
 
 
 def test_a_shard_task_embeds_on_its_workers_gpu(monkeypatch, tmp_path):
@@ -466,7 +521,7 @@ def tiny_vae(path: Path) -> Path:
     return path
 
 
-def test_vae_latents_are_uint8_with_a_fitted_range(shards, tmp_path):
+def test_vae_latents_are_uint8_with_a_fitted_range_here_or_on_a_cluster_worker(shards, tmp_path, monkeypatch):
     from pipeline.encoders import load_vae, vae_encode
 
     vae_dir = tiny_vae(tmp_path / "vae")
@@ -512,6 +567,42 @@ def test_vae_latents_are_uint8_with_a_fitted_range(shards, tmp_path):
     x = vae_encode(vae, torch.from_numpy(px).float() / 127.5 - 1).numpy()
     err = np.abs(store.dequantize(q, lo, hi) - np.clip(x, store._bcast(lo, 4), store._bcast(hi, 4)))
     assert err.max() <= (hi - lo).max() / 255 / 2 + 1e-4
+    # With --scheduler the range is fitted on a worker, where the models run (the submitting host may have no
+    # GPU), and the store is the same. In-process workers: the spy runs in this process.
+    import distributed
+    from dask.distributed import LocalCluster
+
+    from pipeline import embed_shard
+
+    log, calibrate = tmp_path / "where.txt", embed_shard.calibrate_latents
+
+    def spy(*args):  # dask pickles the task even for in-process workers: it reports through a file
+        try:
+            where = distributed.get_worker().address
+        except ValueError:
+            where = "client"
+        with open(log, "a") as f:
+            f.write(where + "\n")
+        return calibrate(*args)
+
+    monkeypatch.setattr(embed_shard, "calibrate_latents", spy)
+    args = [
+        "--shards",
+        f"{shards}/0000[12].tar",
+        *TINY,
+        "--latents",
+        "vae",
+        "--vae",
+        vae_dir,
+        "--latent-size",
+        "8",
+    ]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        assert embed(*args, "--out", tmp_path / "cluster", "--scheduler", cluster.scheduler_address) == 0
+        worker = next(iter(cluster.workers.values())).address
+    assert log.read_text().split() == [worker]
+    assert store.load_manifest(tmp_path / "cluster")["latents"] == store.load_manifest(out)["latents"]
+    np.testing.assert_array_equal(store.open_array(tmp_path / "cluster", "latents", "00002"), q)
 
 
 def test_clip_weights_from_a_checkpoint_path(shards, base, tmp_path, clip):
@@ -611,6 +702,8 @@ def test_store_made_with_other_settings_is_refused_then_overwritten(base, shards
         ("checkpoint", "CLIP checkpoint not found"),
         ("garbage_tar", "unreadable tar"),
         ("vae_missing", "VAE folder not found"),
+        ("device_name", "unknown --device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
+        ("device_index", "--device cuda:99 but "),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, tmp_path, capsys):
@@ -629,6 +722,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, t
         args[1] = bad
     elif case == "vae_missing":
         args += ["--latents", "vae", "--vae", f"{tmp_path}/no_vae/"]
+    elif case.startswith("device"):
+        args += ["--device", "tpu" if case == "device_name" else "cuda:99"]
     assert embed(*args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("unclip embed: error: ") and expect in err[0]
@@ -638,6 +733,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, t
         assert "ViT-B-32" in err[0] and "unclip-tiny" in err[0]
     if case == "garbage_tar":
         assert "00003.tar" in err[0]
+    if case == "device_index":
+        assert "CUDA device(s) are visible; valid here: auto, cpu" in err[0]
     assert not out.exists()
 
 

@@ -161,7 +161,7 @@ def _required(command: str, tmp_path: Path, work: dict) -> list[str]:
     "command, text, want",
     [
         ("embed", '{"overwrite": "false"}', "'overwrite' must be true or false, got the string \"false\""),
-        ("embed", '{"device": "tpu"}', "unknown device 'tpu'; valid: auto, cpu, cuda"),
+        ("embed", '{"device": "tpu"}', "unknown --device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
         ("train-prior", '{"steps": "4"}', "'steps' must be an integer, got the string \"4\""),
         ("train-prior", '{"lr": NaN}', "'lr' must be a finite number"),
         ("train-prior", '{"resume": 1}', "'resume' must be true or false"),
@@ -440,7 +440,7 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         ),
         ("embed_hub_unreachable", "are not cached and 127.0.0.1 cannot be reached"),
         ("embed_out_is_a_file", "is a file, not a store folder"),
-        ("embed_unknown_device", "argument --device: invalid choice: 'gpu'"),
+        ("embed_unknown_device", "unknown --device 'gpu'; valid: auto, cpu, cuda, cuda:N"),
         ("train_empty_store", "has 0 samples, fewer than one step of 8 x 1 rank(s)"),
         ("train_val_fraction_1", "--val-fraction must be in [0, 1) (got 1.0)"),
         ("train_batch_larger_than_data", "lower --batch-size or --val-fraction, or add data"),

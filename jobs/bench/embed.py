@@ -158,10 +158,10 @@ def _forward_on_shard(params, shard: str) -> float:
 
 
 def paired_in_worker(shards: str, store: str, clip: str) -> dict:
-    """One embed worker, made as `unclip embed` makes it (`pipeline.embed`): each shard's task, then a pure
+    """One embed worker, made as `unclip embed` makes it (`pipeline.embed_cluster`): each shard's task, then a pure
     forward on that shard's captions in the same worker, shard after shard. The two sides of a pair run seconds
     apart, so the VM's drifting load (±15% between whole runs) hits both alike."""
-    from pipeline import embed
+    from pipeline import embed, embed_cluster
     from pipeline import store as st
     from pipeline.embed_shard import embed_shard
 
@@ -171,10 +171,10 @@ def paired_in_worker(shards: str, store: str, clip: str) -> dict:
     shutil.rmtree(cfg.out, ignore_errors=True)
     todo = embed.validate(cfg)
     params = embed.shard_params(cfg, "cpu", embed.prepare_store(cfg, todo, "cpu"))
-    client, cluster = embed._client(cfg, "cpu")
+    client, cluster = embed_cluster.connect(cfg)
     tasks, forwards, rows = [], [], 0
     try:
-        embed.warm_workers(client, params)
+        embed_cluster.warm_workers(client, params)
         for url in todo:
             res = client.submit(embed_shard, url, params=params, pure=False).result()
             tasks.append(res["rows"] / res["seconds"])

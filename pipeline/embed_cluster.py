@@ -1,0 +1,185 @@
+"""The dask side of the embed stage: the client (a LocalCluster, or an existing ``--scheduler``), the device
+its workers embed on, and each worker's warm-up and GPU.
+
+With ``--scheduler`` the workers, not the host that submits the run (often a login node without a GPU),
+settle ``--device``: `cluster_device` asks each worker how many CUDA devices it sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pipeline.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def connect(cfg) -> tuple:
+    """(client, cluster): a LocalCluster of ``--workers`` processes, or (client, None) on ``--scheduler``."""
+    import dask
+    from dask.distributed import Client, LocalCluster
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # dask logs each worker start/stop at INFO
+
+    if cfg.scheduler:
+        return Client(cfg.scheduler, timeout="30s"), None
+    # dask's nanny starts workers with OMP/MKL/OpenBLAS pinned to one thread and an aggressive malloc trim
+    # threshold: both slow torch down (a ViT-B-32 forward ran ~20% slower in such a worker). Give the cores
+    # to torch instead.
+    threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.workers)
+    environ = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        cluster = LocalCluster(
+            n_workers=cfg.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+    return Client(cluster), cluster
+
+
+def task_resources(cfg, device: str) -> dict | None:
+    """What each shard task (and the latent calibration) asks of a worker: one ``GPU`` on a cluster with
+    ``--device cuda``, nothing otherwise."""
+    return {"GPU": 1} if cfg.scheduler and device == "cuda" else None
+
+
+def cluster_device(client, device: str) -> str:
+    """``--device`` for a run on an existing scheduler, settled by its workers.
+
+    ``auto`` is ``cuda`` when every worker sees a CUDA device, else ``cpu``; it needs a worker to ask.
+    ``cuda`` needs a worker that declares a ``GPU`` resource (the shard tasks ask for one; without one they
+    would wait forever), and each of those must see a CUDA device. ``cuda:N`` needs every worker to see GPU N.
+    A refusal is a UsageError naming a worker; nothing has been written yet."""
+    from pipeline.encoders import check_device_name
+
+    check_device_name(device)
+    if device == "cpu":
+        return device
+    info = workers(client)
+    if not info:
+        if device == "auto":
+            raise UsageError(
+                "--device auto with --scheduler: no dask worker has joined yet to say whether it has a GPU; "
+                "start the workers first, or pass --device cpu or cuda"
+            )
+        return device  # the tasks wait for workers; each one's GPU is checked as it warms up
+    counts = client.run(_cuda_device_count)
+    if device == "auto":
+        blind = [w for w in info if not counts.get(w)]
+        if not blind:
+            return _with_gpu_resource(info, counts, "auto")
+        if len(blind) < len(info):
+            log.warning(
+                "--device auto: %d of %d dask workers see no CUDA device, so every worker embeds on CPU; "
+                "pass --device cuda to embed on the workers that declare a GPU resource only",
+                len(blind),
+                len(info),
+            )
+        return "cpu"
+    if device == "cuda":
+        return _with_gpu_resource(info, counts, "cuda")
+    n = int(device[5:])
+    short = sorted(w for w in info if counts.get(w, 0) <= n)
+    if short:
+        raise UsageError(
+            f"--device {device}: dask worker {short[0]} sees {counts.get(short[0], 0)} CUDA device(s)"
+            f"{f' ({len(short)} such workers)' if len(short) > 1 else ''}; valid there: cpu"
+            + (f", cuda, cuda:0..cuda:{counts.get(short[0]) - 1}" if counts.get(short[0]) else "")
+        )
+    return device
+
+
+def _with_gpu_resource(info: dict, counts: dict, asked: str) -> str:
+    able = sorted(w for w, i in info.items() if i.get("resources", {}).get("GPU", 0) >= 1)
+    if not able:
+        raise UsageError(
+            f"--device {asked} with --scheduler: each shard task asks for one GPU resource and none of the "
+            f"{len(info)} dask worker(s) declares one; start them with `dask worker ... --resources GPU=1`, "
+            "or pass --device cpu"
+        )
+    blind = [w for w in able if not counts.get(w)]
+    if blind:
+        raise UsageError(
+            f"--device {asked}: dask worker {blind[0]} declares a GPU resource but sees no CUDA device"
+            f"{f' ({len(blind)} such workers)' if len(blind) > 1 else ''}"
+        )
+    return "cuda"
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def warm_workers(client, params, resources: dict | None = None) -> None:
+    """Every worker that can take the shard tasks (has ``resources``) builds its models and warms its task
+    thread now, in a task pinned to it (a task, not `client.run`, which would run in the worker's event-loop
+    thread instead), and learns its GPU slot (`gpu_slots`). With one thread per worker no shard then pays these
+    one-off costs; a worker's other threads, and a worker that joins later, warm up inside their first shard.
+    A worker that leaves before its warm-up ran is skipped (its pinned task could never run)."""
+    from distributed import wait
+
+    from pipeline.embed_shard import warm_up
+
+    info = workers(client)
+    able = [
+        w
+        for w, i in info.items()
+        if all(i.get("resources", {}).get(k, 0) >= n for k, n in (resources or {}).items())
+    ]
+    if not able:  # none has joined yet: the tasks wait for one, which then warms up inside its first shard
+        log.warning("no dask worker has the resources the shard tasks ask for (%s) yet", resources or "none")
+        return
+    visible = client.run(_cuda_visible_devices, workers=able) if params.device == "cuda" else {}
+    futures = {
+        w: client.submit(warm_up, params, slot, workers=[w], allow_other_workers=False, pure=False)
+        for w, slot in gpu_slots(able, visible).items()
+    }
+    pending = set(futures)
+    while pending:
+        try:
+            wait([futures[w] for w in pending], timeout=10)
+        except TimeoutError:
+            pass
+        live = workers(client)
+        gone = {w for w in pending if futures[w].status == "pending" and w not in live}
+        for w in gone:
+            futures[w].cancel()
+            log.warning("dask worker %s left before its warm-up; skipped", w)
+        pending = {w for w in pending - gone if futures[w].status == "pending"}
+    for f in futures.values():
+        if f.status == "error":
+            f.result()  # a model that cannot be built fails the run here, once, with its own error
+
+
+def workers(client) -> dict:
+    try:  # every worker: dask 2025.4-2026.3 list only 5 by default
+        return client.scheduler_info(n_workers=-1)["workers"]
+    except TypeError:  # older dask lists them all and has no such argument
+        return client.scheduler_info()["workers"]
+
+
+def _cuda_visible_devices() -> str | None:
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def gpu_slots(workers: list[str], visible: dict[str, str | None] | None = None) -> dict[str, int]:
+    """Each worker's place among the workers on its host, in address order: with one worker per GPU on a host,
+    worker k embeds on visible GPU k (`pipeline.embed_shard.worker_params`). Where the workers of a host were
+    started with different ``CUDA_VISIBLE_DEVICES`` (``visible``), whoever started them gave each its GPU
+    first in its list (dask-cuda rotates the list per worker), so each there gets slot 0."""
+    from distributed.comm import get_address_host
+
+    visible = visible or {}
+    by_host: dict[str, list[str]] = {}
+    for w in sorted(workers):
+        by_host.setdefault(get_address_host(w), []).append(w)
+    slots = {}
+    for ws in by_host.values():
+        own = len({visible.get(w) for w in ws}) > 1
+        slots.update({w: 0 if own else i for i, w in enumerate(ws)})
+    return slots
