@@ -14,6 +14,8 @@ from pipeline.errors import UsageError
 
 log = logging.getLogger(__name__)
 
+SLOTS_KEY = "unclip-embed-gpu-slots"  # on the scheduler: {"slots": {worker: slot}, "own_list_hosts": [host]}
+
 
 def connect(cfg) -> tuple:
     """(client, cluster): a LocalCluster of ``--workers`` processes, or (client, None) on ``--scheduler``."""
@@ -135,9 +137,12 @@ def warm_workers(client, params, resources: dict | None = None) -> None:
         log.warning("no dask worker has the resources the shard tasks ask for (%s) yet", resources or "none")
         return
     visible = client.run(_cuda_visible_devices, workers=able) if params.device == "cuda" else {}
+    slots = gpu_slots(able, visible)
+    if params.device == "cuda":  # for workers that join later (`claim_late_slot`)
+        client.set_metadata(SLOTS_KEY, {"slots": slots, "own_list_hosts": own_list_hosts(able, visible)})
     futures = {
         w: client.submit(warm_up, params, slot, workers=[w], allow_other_workers=False, pure=False)
-        for w, slot in gpu_slots(able, visible).items()
+        for w, slot in slots.items()
     }
     pending = set(futures)
     while pending:
@@ -172,14 +177,54 @@ def gpu_slots(workers: list[str], visible: dict[str, str | None] | None = None) 
     worker k embeds on visible GPU k (`pipeline.embed_shard.worker_params`). Where the workers of a host were
     started with different ``CUDA_VISIBLE_DEVICES`` (``visible``), whoever started them gave each its GPU
     first in its list (dask-cuda rotates the list per worker), so each there gets slot 0."""
+    own = own_list_hosts(workers, visible)
+    slots = {}
+    for host, ws in _by_host(workers).items():
+        slots.update({w: 0 if host in own else i for i, w in enumerate(ws)})
+    return slots
+
+
+def own_list_hosts(workers: list[str], visible: dict[str, str | None] | None = None) -> list[str]:
+    """The hosts whose workers were started with different ``CUDA_VISIBLE_DEVICES``."""
+    visible = visible or {}
+    return sorted(h for h, ws in _by_host(workers).items() if len({visible.get(w) for w in ws}) > 1)
+
+
+def _by_host(workers: list[str]) -> dict[str, list[str]]:
     from distributed.comm import get_address_host
 
-    visible = visible or {}
     by_host: dict[str, list[str]] = {}
     for w in sorted(workers):
         by_host.setdefault(get_address_host(w), []).append(w)
-    slots = {}
-    for ws in by_host.values():
-        own = len({visible.get(w) for w in ws}) > 1
-        slots.update({w: 0 if own else i for i, w in enumerate(ws)})
-    return slots
+    return by_host
+
+
+def claim_late_slot() -> int | None:
+    """The GPU slot of a worker that got none at the start (it joined later, or dask restarted it), or None
+    outside a dask worker or when no slots were published. It takes the lowest slot that no live worker on
+    its host holds, so a restarted worker takes back the GPU its predecessor left (slot 0 where the host's
+    workers have their own CUDA_VISIBLE_DEVICES), and publishes it. Two workers joining in the same instant
+    can still pick the same slot."""
+    from distributed import get_client, get_worker
+    from distributed.comm import get_address_host
+
+    try:
+        me = get_worker().address
+    except ValueError:
+        return None
+    client = get_client()
+    published = client.get_metadata(SLOTS_KEY, default=None)
+    if published is None:
+        return None
+    host = get_address_host(me)
+    if host in published["own_list_hosts"]:
+        slot = 0
+    else:
+        live = workers(client)
+        taken = {
+            s for w, s in published["slots"].items() if w != me and w in live and get_address_host(w) == host
+        }
+        slot = next(k for k in range(len(taken) + 1) if k not in taken)
+    client.set_metadata([SLOTS_KEY, "slots", me], slot)
+    log.warning("dask worker %s joined after the start: it takes GPU slot %d on its host", me, slot)
+    return slot

@@ -146,10 +146,18 @@ def worker_params(params: ShardParams) -> ShardParams:
     """``params`` on this worker's own GPU. ``--device cuda`` means every visible GPU: the worker given slot k
     (by `warm_up`) embeds on ``cuda:{k % device_count}``, so one worker per GPU on a host uses each GPU once,
     and a worker that sees a single GPU (CUDA_VISIBLE_DEVICES set per worker) uses that one. A worker that
-    joined after the warm-up, or that dask restarted, keeps the current device (no slot). The chosen GPU is
-    made the thread's current device too, for anything that does not name its device."""
+    joined after the warm-up, or that dask restarted, claims the lowest slot free on its host at its first shard
+    (`embed_cluster.claim_late_slot`); outside dask there is no slot and the device stays as it is. The chosen
+    GPU is made the thread's current device too, for anything that does not name its device."""
+    if params.device != "cuda":
+        return params
+    if _process_state.get("gpu_slot") is None and not _process_state.get("late_slot_asked"):
+        from pipeline.embed_cluster import claim_late_slot
+
+        _process_state["late_slot_asked"] = True
+        _process_state["gpu_slot"] = claim_late_slot()
     slot = _process_state.get("gpu_slot")
-    if params.device != "cuda" or slot is None:
+    if slot is None:
         return params
     count = torch.cuda.device_count()
     if not count:

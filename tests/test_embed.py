@@ -250,7 +250,7 @@ def test_every_worker_is_warmed_in_its_task_thread_and_given_its_gpu_slot(tmp_pa
 
 
 def test_gpu_slots_number_the_workers_of_each_host_and_cuda_maps_a_slot_to_a_visible_gpu(monkeypatch):
-    from pipeline import embed_shard
+    from pipeline import embed_cluster, embed_shard
     from pipeline.embed_cluster import gpu_slots
     from pipeline.embed_shard import ShardParams, worker_params
 
@@ -265,8 +265,17 @@ def test_gpu_slots_number_the_workers_of_each_host_and_cuda_maps_a_slot_to_a_vis
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     params = ShardParams("/s", "ViT-B-32", "none", 0, "cuda", 256, "none", "", False, 0, None)
-    monkeypatch.setitem(embed_shard._process_state, "gpu_slot", None)  # joined after the warm-up: unchanged
+    monkeypatch.setitem(embed_shard._process_state, "gpu_slot", None)  # not in a dask worker: unchanged
+    monkeypatch.setitem(embed_shard._process_state, "late_slot_asked", False)
     assert worker_params(params) is params and current == []
+    # A dask worker that joined after the warm-up claims a slot at its first shard, once.
+    claims = []
+    monkeypatch.setattr(embed_cluster, "claim_late_slot", lambda: claims.append(1) or 2)
+    assert worker_params(params) is params  # asked once per process, already asked above
+    monkeypatch.setitem(embed_shard._process_state, "late_slot_asked", False)
+    assert worker_params(params).device == "cuda:2" and worker_params(params).device == "cuda:2"
+    assert claims == [1] and current == ["cuda:2", "cuda:2"]
+    current.clear()
     monkeypatch.setitem(embed_shard._process_state, "gpu_slot", 5)  # more workers than GPUs: they share
     assert worker_params(params).device == "cuda:1" and current == ["cuda:1"]
     assert worker_params(dataclasses.replace(params, device="cpu")).device == "cpu"  # only "cuda" is spread
@@ -310,6 +319,9 @@ class _FakeClient:
     def run(self, fn, workers):
         return {w: self.visible.get(w) for w in workers}
 
+    def set_metadata(self, key, value):
+        self.published = value
+
     def submit(self, fn, params, slot, workers, allow_other_workers, pure):
         self.sent.append((fn.__name__, slot, workers, allow_other_workers))
         return _FakeFuture("pending" if workers[0] in self.leave else self.status)
@@ -336,10 +348,16 @@ def test_warm_up_goes_to_each_worker_that_can_take_the_shards_with_its_own_slot(
         ("warm_up", 0, ["tcp://10.0.0.2:1"], False),
         ("warm_up", 1, ["tcp://10.0.0.1:2"], False),
     ]  # the CPU-only worker gets no GPU model and takes no GPU slot
+    assert c.published == {  # for workers that join later
+        "slots": {"tcp://10.0.0.1:1": 0, "tcp://10.0.0.1:2": 1, "tcp://10.0.0.2:1": 0},
+        "own_list_hosts": [],
+    }
     # Workers started with their own CUDA_VISIBLE_DEVICES (dask-cuda rotates the list): each its first GPU.
     c = _FakeClient(hosts, visible={"tcp://10.0.0.1:1": "0,1", "tcp://10.0.0.1:2": "1,0"})
     warm_workers(c, cuda, {"GPU": 1})
-    assert sorted(slot for _, slot, _, _ in c.sent) == [0, 0, 0]
+    assert sorted(slot for _, slot, _, _ in c.sent) == [0, 0, 0] and c.published["own_list_hosts"] == [
+        "10.0.0.1"
+    ]
     c = _FakeClient({"tcp://10.0.0.1:3": cpu})
     warm_workers(c, cuda, {"GPU": 1})
     assert c.sent == [] and "no dask worker has the resources" in caplog.text  # they may join later
@@ -349,6 +367,29 @@ def test_warm_up_goes_to_each_worker_that_can_take_the_shards_with_its_own_slot(
     assert "dask worker tcp://10.0.0.1:2 left before its warm-up; skipped" in caplog.text
     with pytest.raises(RuntimeError, match="the model could not be built"):  # once, with its own error
         warm_workers(_FakeClient(hosts, status="error"), cuda, {"GPU": 1})
+
+
+def test_a_worker_that_joins_late_takes_the_lowest_gpu_slot_free_on_its_host():
+    from dask.distributed import Client, LocalCluster
+
+    from pipeline.embed_cluster import SLOTS_KEY, claim_late_slot
+
+    assert claim_late_slot() is None  # not in a dask worker
+    kw = {"processes": False, "protocol": "tcp", "host": "127.0.0.1", "dashboard_address": None}
+    with LocalCluster(n_workers=3, threads_per_worker=1, **kw) as cluster, Client(cluster) as client:
+        a, b, c = sorted(client.scheduler_info()["workers"])
+
+        def claim(w: str) -> int | None:
+            return client.submit(claim_late_slot, workers=[w], pure=False).result()
+
+        assert claim(b) is None  # nothing published: no warm-up gave slots on this scheduler
+        dead = "tcp://127.0.0.1:1"  # a worker that died: its slot is free again
+        client.set_metadata(SLOTS_KEY, {"slots": {a: 0, dead: 1, c: 2}, "own_list_hosts": []})
+        assert claim(b) == 1 and client.get_metadata([SLOTS_KEY, "slots", b]) == 1  # published for the next
+        client.set_metadata(SLOTS_KEY, {"slots": {a: 0, b: 1}, "own_list_hosts": []})
+        assert claim(c) == 2
+        client.set_metadata(SLOTS_KEY, {"slots": {a: 0}, "own_list_hosts": ["127.0.0.1"]})
+        assert claim(b) == 0  # its own CUDA_VISIBLE_DEVICES names its GPU first
 
 
 class _CountsClient:
