@@ -13,6 +13,7 @@ error that names the difference.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -22,6 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UsageError
+from pipeline.stream import ORDER
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 2  # 2: meta.json names its task and holds the network config under 'model'
 PACKAGE_VERSION = "0.1.0"
@@ -165,3 +169,8 @@ def check_store(meta: dict, manifest: dict, data: str, latents: bool = False) ->
         want, got = (trained.get("latents") or {}).get("shape"), (manifest.get("latents") or {}).get("shape")
         if want != got:
             raise UsageError(f"the checkpoint was trained on latents of shape {want}; {data} holds {got}")
+    if meta.get("stream_order", "row") != ORDER:
+        log.warning(
+            "the checkpoint was trained when the held-out split was drawn by row position, not by key: "
+            "the held-out samples here differ from its own and include samples it was trained on"
+        )

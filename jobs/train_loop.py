@@ -28,6 +28,7 @@ from jobs import checkpoint, distributed, metrics
 from pipeline import store
 from pipeline.encoders import resolve_device
 from pipeline.errors import StageError, UsageError
+from pipeline.stream import ORDER as STREAM_ORDER
 from pipeline.stream import Stream, StreamConfig
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = False
     seed: int = 0
-    val_fraction: float = 0.05  # held-out share, drawn per shard from split_seed: stable as data grows
+    val_fraction: float = 0.05  # held-out share, drawn per sample key from split_seed: stable as data grows
     split_seed: int = 0
     device: str = "auto"
     log_rows: bool = False  # write the (shard, row) ids each rank trained on, for auditing data order
@@ -182,6 +183,12 @@ def _check_resume(meta: dict, run: RunState) -> None:
         raise UsageError(
             f"--resume: {run.cfg.data} is not the store this run was trained on (its CLIP model or latent "
             "codec differ); resume on the same store, or start a new --out"
+        )
+    if meta.get("stream_order", "row") != STREAM_ORDER:
+        raise UsageError(
+            "--resume: the checkpoint was trained when the stream split and ordered a store's rows by row "
+            "position; this version does it by sample key, so the run cannot continue on the same data; "
+            "start a new --out (or resume with the version that wrote it)"
         )
     if meta["world_size"] != run.world:
         # Step s of the stream is cut for a fixed number of ranks, and each rank's noise generator is saved:
@@ -343,6 +350,7 @@ def _save(step: int, run: RunState) -> None:
         "stream_step": step,
         "world_size": run.world,
         "store": store_identity(run.manifest),
+        "stream_order": STREAM_ORDER,  # how the store's rows were split and ordered
     }
     checkpoint.save(run.ckpt_dir, step, run.model, run.ema, state, meta)
 

@@ -394,6 +394,15 @@ def read_metadata(root: str | Path, shard: str, columns: list[str] | None = None
     return pq.read_table(field_path(root, "metadata", shard), columns=columns)
 
 
+def read_keys(root: str | Path, shard: str) -> pa.Array | None:
+    """A shard's sample keys in row order, or None where its metadata has no ``key`` column (an adopted
+    folder's may not)."""
+    f = pq.ParquetFile(field_path(root, "metadata", shard))
+    if "key" not in f.schema_arrow.names:
+        return None
+    return f.read(columns=["key"]).column("key").combine_chunks()
+
+
 # ---------------------------------------------------------------- uint8 latents
 
 

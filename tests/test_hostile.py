@@ -346,6 +346,7 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         "state_pt_holds_code",
         "truncated_weights",
         "resume_other_store",
+        "resume_row_order",
     ):
         shutil.copytree(work["run"], run)
         step = run / "ckpt" / "step_00000004"
@@ -355,6 +356,10 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
             torch.save({"opt": Evil()}, step / "state.pt")
         elif case == "truncated_weights":
             (step / "ema.safetensors").write_bytes((step / "ema.safetensors").read_bytes()[:200])
+        elif case == "resume_row_order":  # as written before the stream ordered rows by key
+            meta = json.loads((step / "meta.json").read_text())
+            del meta["stream_order"]
+            (step / "meta.json").write_text(json.dumps(meta))
     shards = tmp / "shards"
     write_tar(shards / "00000.tar", [sample("000000000", 0)])
     table = {
@@ -380,6 +385,7 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         "train_unknown_device": (tp[0], [*tp[1:], "--data", good, "--out", out, "--device", "tpu"]),
         "latest_names_a_missing_step": (tp[0], [*tp[1:], "--data", good, "--out", run, "--resume"]),
         "state_pt_holds_code": (tp[0], [*tp[1:], "--data", good, "--out", run, "--resume"]),
+        "resume_row_order": (tp[0], [*tp[1:], "--data", good, "--out", run, "--resume"]),
         "resume_other_store": (tp[0], [*tp[1:], "--data", work["wide"], "--out", run, "--resume"]),
         "truncated_weights": (ep[0], [*ep[1:], "--ckpt", run, "--data", good]),
         "eval_missing_checkpoint": (ep[0], [*ep[1:], "--ckpt", tmp / "nothing", "--data", good]),
@@ -423,7 +429,12 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")
     command, argv = table[case]
     argv = [str(tmp / a) if a in ("u.jsonl", "c.jsonl", "n.parquet", "ok.parquet") else str(a) for a in argv]
-    watched = {"latest_names_a_missing_step": run, "state_pt_holds_code": run, "resume_other_store": run}
+    watched = {
+        "latest_names_a_missing_step": run,
+        "state_pt_holds_code": run,
+        "resume_other_store": run,
+        "resume_row_order": run,
+    }
     return command, argv, watched.get(case, tmp / "file" if "out_is_a_file" in case else out)
 
 
@@ -452,6 +463,7 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         ("train_unknown_device", "unknown --device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
         ("latest_names_a_missing_step", "names step_00000999, which is missing or incomplete"),
         ("state_pt_holds_code", "state.pt cannot be loaded safely"),
+        ("resume_row_order", "by row position; this version does it by sample key"),
         ("resume_other_store", "checkpoint's model config differs"),
         ("truncated_weights", "ema.safetensors cannot be read as safetensors"),
         ("eval_missing_checkpoint", "no checkpoint at"),

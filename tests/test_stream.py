@@ -105,3 +105,82 @@ def test_dequantize_torch_matches_numpy():
     assert np.allclose(
         dequantize_torch(torch.from_numpy(q), lo, hi).numpy(), store.dequantize(q, lo, hi), atol=1e-6
     )
+
+
+def _reordered_copy(src, dst, drop: str | None = None, no_keys: bool = False) -> None:
+    """``src`` with each shard's rows in another order (as a second download would write them), optionally
+    without the sample ``drop`` or without the key column."""
+    import shutil
+
+    dst.mkdir()
+    shutil.copy(src / store.MANIFEST, dst / store.MANIFEST)
+    for shard, n in store.shard_rows(src):
+        if not n:
+            store.write_shard(
+                dst, shard, {}, {"metadata": None, "errors": None}, 0, store.read_done(src, shard)
+            )
+            continue
+        meta = store.read_metadata(src, shard)
+        perm = np.random.default_rng(int(shard)).permutation(n)
+        perm = perm[np.asarray(meta["key"].to_pylist())[perm] != drop]
+        arrays = {f: store.open_array(src, f, shard)[perm] for f in ("img_emb", "text_emb")}
+        meta = meta.take(perm)
+        if no_keys:
+            meta = meta.drop(["key"])
+        store.write_shard(dst, shard, arrays, {"metadata": meta, "errors": None}, len(perm), {"source": "x"})
+
+
+def _keyed_batches(stream, steps: int) -> list[list[str]]:
+    keys = {s: store.read_metadata(stream.cfg.store, s)["key"].to_pylist() for s, _ in stream.store.shards}
+    return [
+        [keys[stream.store.shards[s][0]][r] for s, r in zip(sh, rw)]
+        for _, (sh, rw) in zip(range(steps), stream.indices())
+    ]
+
+
+def test_split_and_order_follow_the_keys_not_the_tar_order(tmp_path):
+    # img2dataset writes a shard's samples in completion order: a second download of the same URLs gives
+    # the same rows in another order. The held-out set and the training batches must not change with it.
+    a = tmp_path / "a"
+    make_store(a, [100, 0, 73, 120], dim=8)
+    b, c = tmp_path / "b", tmp_path / "c"
+    _reordered_copy(a, b)
+    first = lambda root, **kw: Stream(StreamConfig(str(root), batch_size=16, val_fraction=0.2, **kw))  # noqa: E731
+    assert _keyed_batches(first(a), 30) == _keyed_batches(first(b), 30)  # crosses an epoch (18 steps)
+    val_a = _keyed_batches(first(a, split="val"), 100)
+    assert val_a == _keyed_batches(first(b, split="val"), 100) and 40 < sum(map(len, val_a)) < 85
+    # Embeddings follow their keys: the same batch holds the same vectors.
+    sa, sb = first(a), first(b)
+    assert np.array_equal(next(sa.batches())["img_emb"], next(sb.batches())["img_emb"])
+    # A sample that failed in one download moves no other sample between the splits.
+    gone = val_a[0][0]
+    _reordered_copy(a, c, drop=gone)
+    val_c = [k for batch in _keyed_batches(first(c, split="val"), 100) for k in batch]
+    assert sorted(val_c) == sorted(k for batch in val_a for k in batch if k != gone)
+    # Another split seed holds out other samples.
+    other = [k for batch in _keyed_batches(first(a, split="val", split_seed=1), 100) for k in batch]
+    assert set(other) != {k for batch in val_a for k in batch}
+
+
+def test_a_store_without_keys_is_split_by_row_position(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_store(a, [100, 73], dim=8)
+    _reordered_copy(a, b, no_keys=True)
+    val = Stream(StreamConfig(str(b), split="val", val_fraction=0.2, batch_size=8))
+    rows = {(int(s), int(r)) for sh, rw in val.indices() for s, r in zip(sh, rw)}
+    expect = {
+        (i, int(r))
+        for i, (shard, n) in enumerate(val.store.shards)
+        for r in np.flatnonzero(np.random.default_rng([0, int(shard)]).random(n) < 0.2)
+    }
+    assert rows == expect
+
+
+def test_evaluating_a_checkpoint_of_the_row_position_order_warns(caplog):
+    from jobs.checkpoint import check_store
+
+    manifest = {"clip": {"dim": 16}}
+    check_store({"store": {"clip": {"dim": 16}}, "stream_order": "key"}, manifest, "store")
+    assert "held-out" not in caplog.text
+    check_store({"store": {"clip": {"dim": 16}}}, manifest, "store")  # written before stream_order existed
+    assert "include samples it was trained on" in caplog.text
