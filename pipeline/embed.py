@@ -136,31 +136,48 @@ def is_store(root: Path) -> bool:
         raise UsageError(f"--out {e}; name a new or empty folder (--overwrite only replaces a store)") from e
 
 
+def reusable_store(cfg: EmbedConfig) -> dict | None:
+    """The manifest of the store at ``--out`` when this run continues it; None for a new store or one that
+    --overwrite replaces; a UsageError for a store made with other settings."""
+    root = Path(cfg.out)
+    identity = {k: getattr(cfg, k) for k in IDENTITY}
+    if not is_store(root):
+        return None
+    old = store.load_manifest(root)
+    if old.get("identity") != identity and not cfg.overwrite:
+        diff = [k for k in IDENTITY if old.get("identity", {}).get(k) != identity[k]]
+        raise UsageError(
+            f"{root} holds a store made with other settings ({', '.join(diff)}: "
+            f"{', '.join(str(old.get('identity', {}).get(k)) for k in diff)}); "
+            "use another --out or pass --overwrite"
+        )
+    return None if cfg.overwrite else old
+
+
 def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None) -> dict:
     """Check an existing store is compatible (or wipe it with --overwrite); return the manifest to use.
     With a ``client`` (``--scheduler``) the vae codec's range is fitted on a worker, on the workers' device."""
     root = Path(cfg.out)
     identity = {k: getattr(cfg, k) for k in IDENTITY}
-    if is_store(root):
-        old = store.load_manifest(root)
-        if old.get("identity") != identity and not cfg.overwrite:
-            diff = [k for k in IDENTITY if old.get("identity", {}).get(k) != identity[k]]
-            raise UsageError(
-                f"{root} holds a store made with other settings ({', '.join(diff)}: "
-                f"{', '.join(str(old.get('identity', {}).get(k)) for k in diff)}); "
-                "use another --out or pass --overwrite"
-            )
-        if old.get("identity") == identity and not cfg.overwrite:
-            return old
+    old = reusable_store(cfg)
+    if old is not None:
+        return old
     from pipeline.embed_shard import calibrate_latents
     from pipeline.encoders import clip_dims
 
     clip = clip_dims(cfg.clip)  # from the architecture's config: no model is built in this process
     if client is not None and cfg.latents == "vae":
         resources = task_resources(cfg, device)
-        latents = client.submit(
-            calibrate_latents, cfg, shards, device, resources=resources, pure=False
-        ).result()
+        try:
+            latents = client.submit(
+                calibrate_latents, cfg, shards, device, resources=resources, pure=False
+            ).result()
+        except UsageError:
+            raise
+        except Exception as e:  # e.g. a --vae folder this host has and the worker does not
+            raise UsageError(
+                f"--latents vae: fitting the latent range on a dask worker failed: {type(e).__name__}: {e}"
+            ) from e
     else:
         latents = calibrate_latents(cfg, shards, device)  # may still refuse: before anything is removed
     if cfg.overwrite and is_store(root):
@@ -188,13 +205,18 @@ def run(cfg: EmbedConfig) -> dict:
     cfg.out = os.path.abspath(cfg.out)  # dask workers may have another working directory
     from pipeline.encoders import resolve_device
 
+    # With --scheduler the workers settle the device, so connect first, unless there is nothing to do (a
+    # finished store reruns without its scheduler, and a store with other settings is refused before).
+    reused = reusable_store(cfg)
+    pending = reused is None or not all(store.is_done(cfg.out, store.shard_id_of(s)) for s in shards)
     client = cluster = None
+    start, rows, failed, stats = time.perf_counter(), 0, {}, {}
     try:
-        if cfg.scheduler:  # its workers, not this host, have the GPUs
+        if cfg.scheduler and pending:
             client, cluster = connect(cfg)
             device = cluster_device(client, cfg.device)
         else:
-            device = resolve_device(cfg.device)
+            device = resolve_device(cfg.device) if not cfg.scheduler else "cpu"  # cpu: nothing runs
         cfg = dataclasses.replace(
             cfg, batch_size=cfg.batch_size or (256 if device.startswith("cuda") else 64)
         )
@@ -203,9 +225,9 @@ def run(cfg: EmbedConfig) -> dict:
         log.info(
             "embed: %d shards, %d already done, %d to do", len(shards), len(shards) - len(todo), len(todo)
         )
-        params = shard_params(cfg, device, manifest)
-        start, rows, failed, stats = time.perf_counter(), 0, {}, {}
         if todo:
+            params = shard_params(cfg, device, manifest)
+            start = time.perf_counter()  # a LocalCluster's start-up counts, as the user waits for it
             if client is None:
                 client, cluster = connect(cfg)
             rows, failed, stats = _map(client, todo, params, cfg)

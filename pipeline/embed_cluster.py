@@ -14,7 +14,9 @@ from pipeline.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-SLOTS_KEY = "unclip-embed-gpu-slots"  # on the scheduler: {"slots": {worker: slot}, "own_list_hosts": [host]}
+# On the scheduler, per run (keyed by its store): {"slots": {worker: slot}, "visible": {worker:
+# CUDA_VISIBLE_DEVICES}, "own_list_hosts": [host]}, for the workers that join later (`claim_late_slot`).
+SLOTS_KEY = "unclip-embed-gpu-slots"
 
 
 def connect(cfg) -> tuple:
@@ -25,7 +27,10 @@ def connect(cfg) -> tuple:
     logging.getLogger("distributed").setLevel(logging.WARNING)  # dask logs each worker start/stop at INFO
 
     if cfg.scheduler:
-        return Client(cfg.scheduler, timeout="30s"), None
+        try:
+            return Client(cfg.scheduler, timeout="30s"), None
+        except (OSError, TimeoutError) as e:
+            raise UsageError(f"cannot reach --scheduler {cfg.scheduler} ({e})") from e
     # dask's nanny starts workers with OMP/MKL/OpenBLAS pinned to one thread and an aggressive malloc trim
     # threshold: both slow torch down (a ViT-B-32 forward ran ~20% slower in such a worker). Give the cores
     # to torch instead.
@@ -68,7 +73,11 @@ def cluster_device(client, device: str) -> str:
                 "start the workers first, or pass --device cpu or cuda"
             )
         return device  # the tasks wait for workers; each one's GPU is checked as it warms up
-    counts = client.run(_cuda_device_count)
+    # A worker that leaves meanwhile, or fails to answer, is left out: it takes no task of this run.
+    counts = client.run(_cuda_device_count, on_error="return")
+    info = {w: i for w, i in info.items() if isinstance(counts.get(w), int)}
+    if not info:
+        raise UsageError(f"--device {device} with --scheduler: no dask worker answered how many GPUs it sees")
     if device == "auto":
         blind = [w for w in info if not counts.get(w)]
         if not blind:
@@ -133,13 +142,14 @@ def warm_workers(client, params, resources: dict | None = None) -> None:
         for w, i in info.items()
         if all(i.get("resources", {}).get(k, 0) >= n for k, n in (resources or {}).items())
     ]
+    visible = client.run(_cuda_visible_devices, workers=able) if params.device == "cuda" and able else {}
+    slots = gpu_slots(able, visible)
+    if params.device == "cuda":  # for workers that join later (`claim_late_slot`); empty if none is here yet
+        table = {"slots": slots, "visible": visible, "own_list_hosts": own_list_hosts(able, visible)}
+        client.set_metadata([SLOTS_KEY, params.out], table)
     if not able:  # none has joined yet: the tasks wait for one, which then warms up inside its first shard
         log.warning("no dask worker has the resources the shard tasks ask for (%s) yet", resources or "none")
         return
-    visible = client.run(_cuda_visible_devices, workers=able) if params.device == "cuda" else {}
-    slots = gpu_slots(able, visible)
-    if params.device == "cuda":  # for workers that join later (`claim_late_slot`)
-        client.set_metadata(SLOTS_KEY, {"slots": slots, "own_list_hosts": own_list_hosts(able, visible)})
     futures = {
         w: client.submit(warm_up, params, slot, workers=[w], allow_other_workers=False, pure=False)
         for w, slot in slots.items()
@@ -199,13 +209,14 @@ def _by_host(workers: list[str]) -> dict[str, list[str]]:
     return by_host
 
 
-def claim_late_slot() -> int | None:
-    """The GPU slot of a worker that got none at the start (it joined later, or dask restarted it), or None
-    outside a dask worker or when no slots were published. It takes the lowest slot that no live worker on
-    its host holds, so a restarted worker takes back the GPU its predecessor left (slot 0 where the host's
-    workers have their own CUDA_VISIBLE_DEVICES), and publishes it. Two workers joining in the same instant
-    can still pick the same slot."""
-    from distributed import get_client, get_worker
+def claim_late_slot(run: str) -> int | None:
+    """The GPU slot of a worker that got none at the start of ``run`` (it joined later, or dask restarted
+    it), or None outside a dask worker or when the run published no slots. Under a lock on the scheduler it
+    takes the lowest slot that no live worker on its host holds, so a restarted worker takes back the GPU
+    its predecessor left, and publishes it. A worker with its own CUDA_VISIBLE_DEVICES (dask-cuda gives each
+    worker the list rotated to start at its GPU) takes slot 0, the first GPU of its list, when its host's
+    other workers have other lists or none is known."""
+    from distributed import Lock, get_client, get_worker
     from distributed.comm import get_address_host
 
     try:
@@ -213,18 +224,22 @@ def claim_late_slot() -> int | None:
     except ValueError:
         return None
     client = get_client()
-    published = client.get_metadata(SLOTS_KEY, default=None)
-    if published is None:
-        return None
-    host = get_address_host(me)
-    if host in published["own_list_hosts"]:
-        slot = 0
-    else:
+    mine, host = os.environ.get("CUDA_VISIBLE_DEVICES"), get_address_host(me)
+    with Lock(f"{SLOTS_KEY}:{run}"):  # through the worker's own client
+        table = client.get_metadata([SLOTS_KEY, run], default=None)
+        if table is None:
+            return None
         live = workers(client)
-        taken = {
-            s for w, s in published["slots"].items() if w != me and w in live and get_address_host(w) == host
-        }
-        slot = next(k for k in range(len(taken) + 1) if k not in taken)
-    client.set_metadata([SLOTS_KEY, "slots", me], slot)
+        mates = [
+            w for w in table["slots"] if w != me and w in live and get_address_host(w) == host
+        ]  # the live workers of this host that hold a slot
+        visible = table.get("visible", {})
+        own = host in table["own_list_hosts"] or (
+            mine is not None and (not mates or any(visible.get(w) != mine for w in mates))
+        )
+        taken = {table["slots"][w] for w in mates}
+        slot = 0 if own else next(k for k in range(len(taken) + 1) if k not in taken)
+        client.set_metadata([SLOTS_KEY, run, "slots", me], slot)
+        client.set_metadata([SLOTS_KEY, run, "visible", me], mine)
     log.warning("dask worker %s joined after the start: it takes GPU slot %d on its host", me, slot)
     return slot

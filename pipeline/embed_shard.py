@@ -151,12 +151,13 @@ def worker_params(params: ShardParams) -> ShardParams:
     GPU is made the thread's current device too, for anything that does not name its device."""
     if params.device != "cuda":
         return params
-    if _process_state.get("gpu_slot") is None and not _process_state.get("late_slot_asked"):
-        from pipeline.embed_cluster import claim_late_slot
+    with _slot_lock:  # a worker's other task threads wait for its claim instead of starting on cuda:0
+        if _process_state.get("gpu_slot") is None and not _process_state.get("late_slot_asked"):
+            from pipeline.embed_cluster import claim_late_slot
 
-        _process_state["late_slot_asked"] = True
-        _process_state["gpu_slot"] = claim_late_slot()
-    slot = _process_state.get("gpu_slot")
+            _process_state["gpu_slot"] = claim_late_slot(params.out)
+            _process_state["late_slot_asked"] = True
+        slot = _process_state.get("gpu_slot")
     if slot is None:
         return params
     count = torch.cuda.device_count()
@@ -201,6 +202,7 @@ _thread_state = threading.local()
 # one-off costs that a run of thousands of shards pays once); "gpu_slot": this worker's place on its host
 # (`warm_up`, `worker_params`).
 _process_state: dict = {"tasks": 0, "gpu_slot": None}
+_slot_lock = threading.Lock()
 
 
 def _warm_this_thread(m: _Models) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -42,7 +43,7 @@ def resolve_device(device: str) -> str:
 
 def check_device_name(device: str) -> None:
     """A UsageError unless ``device`` is auto, cpu, cuda or cuda:N (whether this host has it is not asked)."""
-    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:(0|[1-9][0-9]*)", device, re.ASCII):
         raise UsageError(f"unknown --device '{device}'; valid: auto, cpu, cuda, cuda:N")
 
 

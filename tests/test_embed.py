@@ -270,11 +270,11 @@ def test_gpu_slots_number_the_workers_of_each_host_and_cuda_maps_a_slot_to_a_vis
     assert worker_params(params) is params and current == []
     # A dask worker that joined after the warm-up claims a slot at its first shard, once.
     claims = []
-    monkeypatch.setattr(embed_cluster, "claim_late_slot", lambda: claims.append(1) or 2)
+    monkeypatch.setattr(embed_cluster, "claim_late_slot", lambda run: claims.append(run) or 2)
     assert worker_params(params) is params  # asked once per process, already asked above
     monkeypatch.setitem(embed_shard._process_state, "late_slot_asked", False)
     assert worker_params(params).device == "cuda:2" and worker_params(params).device == "cuda:2"
-    assert claims == [1] and current == ["cuda:2", "cuda:2"]
+    assert claims == ["/s"] and current == ["cuda:2", "cuda:2"]  # the run is named by its store
     current.clear()
     monkeypatch.setitem(embed_shard._process_state, "gpu_slot", 5)  # more workers than GPUs: they share
     assert worker_params(params).device == "cuda:1" and current == ["cuda:1"]
@@ -320,6 +320,7 @@ class _FakeClient:
         return {w: self.visible.get(w) for w in workers}
 
     def set_metadata(self, key, value):
+        assert key == ["unclip-embed-gpu-slots", "/s"]  # the run's own table, keyed by its store
         self.published = value
 
     def submit(self, fn, params, slot, workers, allow_other_workers, pure):
@@ -333,7 +334,7 @@ def test_warm_up_goes_to_each_worker_that_can_take_the_shards_with_its_own_slot(
     from pipeline.embed_cluster import warm_workers
 
     monkeypatch.setattr(distributed, "wait", lambda futures, timeout: None)
-    cuda = SimpleNamespace(device="cuda")
+    cuda = SimpleNamespace(device="cuda", out="/s")
     gpu, cpu = {"resources": {"GPU": 1}}, {"resources": {}}
     hosts = {
         "tcp://10.0.0.1:2": gpu,
@@ -350,6 +351,7 @@ def test_warm_up_goes_to_each_worker_that_can_take_the_shards_with_its_own_slot(
     ]  # the CPU-only worker gets no GPU model and takes no GPU slot
     assert c.published == {  # for workers that join later
         "slots": {"tcp://10.0.0.1:1": 0, "tcp://10.0.0.1:2": 1, "tcp://10.0.0.2:1": 0},
+        "visible": {"tcp://10.0.0.1:1": None, "tcp://10.0.0.1:2": None, "tcp://10.0.0.2:1": None},
         "own_list_hosts": [],
     }
     # Workers started with their own CUDA_VISIBLE_DEVICES (dask-cuda rotates the list): each its first GPU.
@@ -361,6 +363,7 @@ def test_warm_up_goes_to_each_worker_that_can_take_the_shards_with_its_own_slot(
     c = _FakeClient({"tcp://10.0.0.1:3": cpu})
     warm_workers(c, cuda, {"GPU": 1})
     assert c.sent == [] and "no dask worker has the resources" in caplog.text  # they may join later
+    assert c.published == {"slots": {}, "visible": {}, "own_list_hosts": []}  # ... and claim slots then
     # A worker that leaves before its warm-up ran: its pinned task could never run; skipped, not waited on.
     c = _FakeClient(hosts, leave=("tcp://10.0.0.1:2",))
     warm_workers(c, cuda, {"GPU": 1})
@@ -369,27 +372,46 @@ def test_warm_up_goes_to_each_worker_that_can_take_the_shards_with_its_own_slot(
         warm_workers(_FakeClient(hosts, status="error"), cuda, {"GPU": 1})
 
 
-def test_a_worker_that_joins_late_takes_the_lowest_gpu_slot_free_on_its_host():
+def test_a_worker_that_joins_late_takes_the_lowest_gpu_slot_free_on_its_host(monkeypatch):
     from dask.distributed import Client, LocalCluster
 
     from pipeline.embed_cluster import SLOTS_KEY, claim_late_slot
 
-    assert claim_late_slot() is None  # not in a dask worker
+    assert claim_late_slot("/s") is None  # not in a dask worker
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     kw = {"processes": False, "protocol": "tcp", "host": "127.0.0.1", "dashboard_address": None}
     with LocalCluster(n_workers=3, threads_per_worker=1, **kw) as cluster, Client(cluster) as client:
         a, b, c = sorted(client.scheduler_info()["workers"])
 
         def claim(w: str) -> int | None:
-            return client.submit(claim_late_slot, workers=[w], pure=False).result()
+            return client.submit(claim_late_slot, "/s", workers=[w], pure=False).result()
 
-        assert claim(b) is None  # nothing published: no warm-up gave slots on this scheduler
-        dead = "tcp://127.0.0.1:1"  # a worker that died: its slot is free again
-        client.set_metadata(SLOTS_KEY, {"slots": {a: 0, dead: 1, c: 2}, "own_list_hosts": []})
-        assert claim(b) == 1 and client.get_metadata([SLOTS_KEY, "slots", b]) == 1  # published for the next
-        client.set_metadata(SLOTS_KEY, {"slots": {a: 0, b: 1}, "own_list_hosts": []})
+        def publish(slots: dict, own=(), visible=None) -> None:
+            client.set_metadata(
+                [SLOTS_KEY, "/s"], {"slots": slots, "visible": visible or {}, "own_list_hosts": own}
+            )
+
+        assert claim(b) is None  # this run published nothing: no warm-up gave slots
+        dead, elsewhere = "tcp://127.0.0.1:1", "tcp://10.9.9.9:1"  # a worker that died; one on another host
+        publish({a: 0, dead: 1, elsewhere: 1, c: 2})
+        client.set_metadata([SLOTS_KEY, "/other"], {"slots": {}, "visible": {}, "own_list_hosts": []})
+        assert claim(b) == 1  # the dead worker's slot; another host's slot 1 does not count here
+        assert client.get_metadata([SLOTS_KEY, "/s", "slots", b]) == 1  # published for the next one
+        assert client.get_metadata([SLOTS_KEY, "/other"])["slots"] == {}  # another run's table untouched
+        publish({a: 0, b: 1})
         assert claim(c) == 2
-        client.set_metadata(SLOTS_KEY, {"slots": {a: 0}, "own_list_hosts": ["127.0.0.1"]})
-        assert claim(b) == 0  # its own CUDA_VISIBLE_DEVICES names its GPU first
+        publish({a: 0}, own=["127.0.0.1"])
+        assert (
+            claim(b) == 0
+        )  # the host's workers have their own CUDA_VISIBLE_DEVICES: the first GPU of its own
+        # Its own list, unlike its host-mates' (dask-cuda rotates it per worker), or no host-mate known yet.
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+        publish({a: 0}, visible={a: "0,1"})
+        assert claim(b) == 0
+        publish({})
+        assert claim(b) == 0
+        publish({a: 0}, visible={a: "1,0"})  # the same list as its host-mate's: one GPU each, in order
+        assert claim(b) == 1
 
 
 class _CountsClient:
@@ -402,7 +424,8 @@ class _CountsClient:
     def scheduler_info(self, n_workers=-1):
         return {"workers": self.info}
 
-    def run(self, fn):
+    def run(self, fn, on_error="raise"):
+        assert fn.__name__ == "_cuda_device_count" and on_error == "return"  # a worker leaving is no error
         self.asked += 1
         return dict(self.counts)
 
@@ -422,6 +445,8 @@ def test_on_a_cluster_the_workers_settle_the_device_not_the_submitting_host(capl
     assert cluster_device(c, "cpu") == "cpu" and c.asked == 0
     assert cluster_device(_CountsClient({a: 2, b: 2}), "cuda:1") == "cuda:1"
     assert cluster_device(_CountsClient({}), "cuda") == "cuda"  # no worker yet: the tasks wait for one
+    c = _CountsClient({a: 2, b: OSError("gone")}, both)
+    assert cluster_device(c, "auto") == "cuda"  # b left while asked: it takes no task, and is no error
     refused = [
         ({}, (), "auto", "--device auto with --scheduler: no dask worker has joined yet"),
         ({a: 2, b: 1}, (), "auto", "none of the 2 dask worker(s) declares one; start them with `dask worker"),
@@ -745,6 +770,8 @@ def test_store_made_with_other_settings_is_refused_then_overwritten(base, shards
         ("vae_missing", "VAE folder not found"),
         ("device_name", "unknown --device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
         ("device_index", "--device cuda:99 but "),
+        ("device_zero_padded", "unknown --device 'cuda:01'"),
+        ("device_not_ascii", "unknown --device 'cuda:\u00b2'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, tmp_path, capsys):
@@ -764,7 +791,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, t
     elif case == "vae_missing":
         args += ["--latents", "vae", "--vae", f"{tmp_path}/no_vae/"]
     elif case.startswith("device"):
-        args += ["--device", "tpu" if case == "device_name" else "cuda:99"]
+        spelt = {"device_name": "tpu", "device_index": "cuda:99", "device_zero_padded": "cuda:01"}
+        args += ["--device", spelt.get(case, "cuda:\u00b2")]
     assert embed(*args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("unclip embed: error: ") and expect in err[0]
@@ -780,6 +808,33 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, t
 
 
 # ---------------------------------------------------------------- dask with an external scheduler
+
+
+def test_on_a_scheduler_a_gpu_run_without_gpu_workers_is_refused_and_a_finished_store_needs_none(
+    base, shards, tmp_path, capsys
+):
+    from dask.distributed import LocalCluster
+
+    out = tmp_path / "out"
+    kw = {"processes": False, "dashboard_address": None}
+    with LocalCluster(n_workers=1, threads_per_worker=1, **kw) as cluster:
+        args = ["--shards", shards, "--out", out, *TINY, "--scheduler", cluster.scheduler_address]
+        assert embed(*args, "--device", "cuda") == 2  # its tasks would wait for ever for a GPU resource
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none of the 1 dask worker(s) declares one" in err[0] and not out.exists()
+    # A finished store reruns without connecting: its scheduler may be long gone.
+    done = tmp_path / "done"
+    shutil.copytree(base, done)
+    before = files_of(done)
+    pattern = f"{shards}/{{00000..00002}}.tar"
+    gone = f"tcp://127.0.0.1:{free_port()}"
+    assert (
+        embed("--shards", pattern, "--out", done, *TINY, *PIXELS, "--text-encodings", "--scheduler", gone)
+        == 0
+    )
+    assert {k: v for k, v in files_of(done).items() if "logs/" not in k} == {
+        k: v for k, v in before.items() if "logs/" not in k
+    }
 
 
 def free_port() -> int:
