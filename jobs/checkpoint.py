@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UsageError
-from pipeline.stream import ORDER
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +168,16 @@ def check_store(meta: dict, manifest: dict, data: str, latents: bool = False) ->
         want, got = (trained.get("latents") or {}).get("shape"), (manifest.get("latents") or {}).get("shape")
         if want != got:
             raise UsageError(f"the checkpoint was trained on latents of shape {want}; {data} holds {got}")
-    if meta.get("stream_order", "row") != ORDER:
+
+
+def warn_if_other_split(meta: dict, order: str) -> None:
+    """Warn when a held-out stream (``order``: `Stream.order`) splits the store otherwise than the model's
+    training did: its held-out samples then include samples the model was trained on."""
+    trained = meta.get("stream_order", "row")  # checkpoints made before it was recorded split by row position
+    if trained != order:
         log.warning(
-            "the checkpoint was trained when the held-out split was drawn by row position, not by key: "
-            "the held-out samples here differ from its own and include samples it was trained on"
+            "the checkpoint was trained on a %s split of this store and this version draws a %s split: the "
+            "held-out samples here differ from its own and include samples it was trained on",
+            trained,
+            order,
         )

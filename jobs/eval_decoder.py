@@ -72,7 +72,8 @@ def agreement(emb: torch.Tensor, cond: torch.Tensor) -> dict[str, float]:
 
 
 def _held_out(cfg: EvalDecoderConfig, codec: dict, fields: tuple[str, ...]) -> tuple[dict, list[dict]]:
-    """Up to max_samples held-out rows: tensors and metadata rows, in store order."""
+    """Up to max_samples held-out rows: tensors and metadata rows, in the stream's order (shards in order,
+    each shard's rows by key)."""
     full = checkpoint.read_meta(checkpoint.resolve(cfg.decoder))
     checkpoint.check_store(full, load_store_manifest(cfg.data), cfg.data, latents=True)
     meta = full["config"]
@@ -86,6 +87,7 @@ def _held_out(cfg: EvalDecoderConfig, codec: dict, fields: tuple[str, ...]) -> t
             split_seed=meta["split_seed"],
         )
     )
+    checkpoint.warn_if_other_split(full, stream.order)
     if stream.num_samples == 0:
         raise UsageError(f"the held-out split of {cfg.data} is empty; nothing to evaluate on")
     b = next(stream.torch_batches("cpu"))

@@ -145,6 +145,7 @@ def run(cfg: EvalPriorConfig) -> dict:
             split_seed=tcfg["split_seed"],
         )
     )
+    checkpoint.warn_if_other_split(meta, stream.order)
     metrics = evaluate(
         prior,
         stream,

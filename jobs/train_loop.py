@@ -28,7 +28,6 @@ from jobs import checkpoint, distributed, metrics
 from pipeline import store
 from pipeline.encoders import resolve_device
 from pipeline.errors import StageError, UsageError
-from pipeline.stream import ORDER as STREAM_ORDER
 from pipeline.stream import Stream, StreamConfig
 
 log = logging.getLogger(__name__)
@@ -131,6 +130,9 @@ class RunState:
     world: int
     device: str
     out: Path
+    # How the train stream split and ordered the store (`Stream.order`), and how the resumed checkpoint's did
+    stream_order: str = ""
+    resumed_order: str | None = None
 
     @property
     def ckpt_dir(self) -> Path:
@@ -183,12 +185,6 @@ def _check_resume(meta: dict, run: RunState) -> None:
         raise UsageError(
             f"--resume: {run.cfg.data} is not the store this run was trained on (its CLIP model or latent "
             "codec differ); resume on the same store, or start a new --out"
-        )
-    if meta.get("stream_order", "row") != STREAM_ORDER:
-        raise UsageError(
-            "--resume: the checkpoint was trained when the stream split and ordered a store's rows by row "
-            "position; this version does it by sample key, so the run cannot continue on the same data; "
-            "start a new --out (or resume with the version that wrote it)"
         )
     if meta["world_size"] != run.world:
         # Step s of the stream is cut for a fixed number of ranks, and each rank's noise generator is saved:
@@ -281,6 +277,7 @@ def _restore(run: RunState) -> int:
     folder = checkpoint.resolve(run.ckpt_dir)
     meta = checkpoint.read_meta(folder)
     _check_resume(meta, run)
+    run.resumed_order = meta.get("stream_order", "row")  # checked against the stream's once it is built
     checkpoint.load_weights(run.model, folder / "model.safetensors")
     checkpoint.load_weights(run.ema, folder / "ema.safetensors")
     state = checkpoint.load_state(folder)
@@ -316,6 +313,14 @@ def train(task: Task) -> dict:
                 start_step=start,
             )
         )
+        run.stream_order = stream.order
+        if run.resumed_order is not None and run.resumed_order != stream.order:
+            raise UsageError(
+                f"--resume: the checkpoint's stream split and ordered {run.cfg.data} by "
+                f"{'row position' if run.resumed_order == 'row' else run.resumed_order}, this version's by "
+                f"{'sample key' if stream.order == 'key' else stream.order}, so the run cannot continue on the "
+                "same data; start a new --out (or resume with the version that wrote it)"
+            )
         if run.rank == 0:  # only once the settings, the store and the checkpoint were all accepted
             run.out.mkdir(parents=True, exist_ok=True)
             config = {"task": task.name, "train": asdict(run.cfg), "model": run.model_cfg}
@@ -350,7 +355,7 @@ def _save(step: int, run: RunState) -> None:
         "stream_step": step,
         "world_size": run.world,
         "store": store_identity(run.manifest),
-        "stream_order": STREAM_ORDER,  # how the store's rows were split and ordered
+        "stream_order": run.stream_order,  # how the store's rows were split and ordered
     }
     checkpoint.save(run.ckpt_dir, step, run.model, run.ema, state, meta)
 

@@ -3,9 +3,9 @@
 Reads a store written by `pipeline.embed`, a block of shards at a time (see `Store`). Writes nothing.
 
 Order: the tar order of a shard's rows is img2dataset's completion order, which differs from one download to
-the next, so nothing here depends on it. A sample's split (train / val) is a hash of ``(split_seed, key)``: it
-never changes when shards or samples are added or removed, or when the same data is downloaded again. A shard's
-rows are taken in an order fixed by their keys (row order only for a store whose metadata has no keys). Each epoch permutes the
+the next, so it is not used. A sample's split (train / val) is a hash of ``(split_seed, key)``: it never changes
+when shards or samples are added or removed, or when the same data is downloaded again. A shard's rows are
+taken in an order fixed by their keys (row position only for a store whose metadata has no keys). Each epoch permutes the
 shards with ``(seed, epoch)``, takes them ``shards_per_block`` at a time and permutes the rows of each block,
 so batches mix several shards while only a few are touched at once.
 That global order is cut into steps of ``batch_size * world_size`` samples and rank ``r`` takes every
@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,10 @@ from pipeline.prefetch import background
 
 FIELDS = ("img_emb", "text_emb", "latents", "text_enc")
 SPLITS = ("train", "val", "all")
-# How rows are split and ordered (recorded in checkpoints: a resume needs the order it was trained with).
-# "row": by row position (before 0.2); "key": by sample key.
-ORDER = "key"
+# How a stream split and ordered a store's rows (`Stream.order`, recorded in checkpoints: a resume needs the
+# order it was trained with): "key" (every shard by its sample keys, `key_codes` version 1), "row" (by row
+# position: a store without keys, and every store before checkpoints recorded this), "mixed".
+KEY_ORDER = "key"
 
 
 @dataclass
@@ -114,20 +116,13 @@ class Store:
         self._free = self._free[-4:]
         return np.empty((rows, *shape), dtype=dtype)
 
-    def split_rows(self, shard_index: int, split: str, fraction: float, seed: int) -> np.ndarray:
-        """Row numbers of a shard that belong to ``split``, in the order of their keys' codes (`key_codes`)."""
+    def split_rows(self, shard_index: int, split: str, fraction: float, seed: int) -> tuple[np.ndarray, bool]:
+        """Row numbers of a shard that belong to ``split``, in the order of their keys' codes (`key_codes`),
+        and whether keys were used (a shard whose metadata has no key column goes by row position)."""
         shard, n = self.shards[shard_index]
-        keys = store.read_keys(self.root, shard)
-        if keys is None or len(keys) != n:  # no keys (an adopted folder): by row position, as before keys
-            rng = np.random.default_rng([seed, int(shard) if shard.isdigit() else sum(shard.encode())])
-            order, u = np.arange(n), rng.random(n)
-        else:
-            codes = key_codes(keys)
-            order, u = np.argsort(codes, kind="stable"), key_uniform(codes, seed)
-        if split == "all":
-            return order
-        val = u[order] < fraction
-        return order[val if split == "val" else ~val]
+        if split != "train":  # a trainer builds its held-out stream again at every evaluation
+            return _cached_split(str(self.root), shard, n, split, fraction, seed)
+        return _split(self.root, shard, n, split, fraction, seed)
 
     def gather_text_enc(self, shards: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-token encodings padded to the batch's longest caption: [B, L, W] and a mask [B, L]."""
@@ -145,14 +140,64 @@ class Store:
         return enc, mask
 
 
+def _split(root, shard: str, n: int, split: str, fraction: float, seed: int) -> tuple[np.ndarray, bool]:
+    keys = store.read_keys(root, shard)
+    if keys is None:  # no keys (some adopted folders): by row position
+        rng = np.random.default_rng([seed, int(shard) if shard.isdigit() else sum(shard.encode())])
+        order, u = np.arange(n), rng.random(n)
+    else:
+        if len(keys) != n or keys.null_count:
+            raise UsageError(
+                f"{root}: shard {shard}'s metadata has {len(keys)} keys ({keys.null_count} null) for {n} rows; "
+                f"run `unclip validate {root}`"
+            )
+        codes = key_codes(keys)
+        order, u = np.argsort(codes, kind="stable"), key_uniform(codes, seed)
+    if split == "all":
+        return order, keys is not None
+    val = u[order] < fraction
+    return order[val if split == "val" else ~val], keys is not None
+
+
+@lru_cache(maxsize=1 << 16)
+def _cached_split(root: str, shard: str, n: int, split: str, fraction: float, seed: int):
+    rows, keyed = _split(root, shard, n, split, fraction, seed)
+    rows.flags.writeable = False  # shared by every stream that asks again
+    return rows, keyed
+
+
+_HASHED = np.uint64(1 << 63)  # set in the code of a key that is not a plain number: the two kinds never meet
+
+
 def key_codes(keys: pa.Array) -> np.ndarray:
-    """A uint64 per key that depends on the key alone: its value for numeric keys (img2dataset's, parsed by
-    arrow, ~1 ms per 10k keys), else the first 8 bytes of its blake2b digest."""
-    keys = keys.cast(pa.string())
-    if len(keys) and pc.all(pc.utf8_is_digit(keys)).as_py() and pc.max(pc.utf8_length(keys)).as_py() <= 18:
-        return pc.cast(keys, pa.uint64()).to_numpy()
-    digests = (hashlib.blake2b(str(k).encode(), digest_size=8).digest() for k in keys.to_pylist())
-    return np.array([int.from_bytes(d, "little") for d in digests], dtype=np.uint64)
+    """A uint64 per key that depends on that key alone. A key of 1 to 17 ASCII digits (img2dataset's) is
+    ``value << 5 | length`` (numeric order for keys of one width, and "01" is not "1"), parsed by arrow at
+    ~1 ms per 10k keys; any other key is 63 bits of its blake2b digest, with the top bit set (a Python loop,
+    ~10 ms per 10k keys)."""
+    if pa.types.is_binary(keys.type) or pa.types.is_large_binary(keys.type):
+        raw = keys.to_pylist()
+        numeric = np.zeros(len(raw), dtype=bool)
+    else:
+        keys = keys.cast(pa.string())
+        numeric = pc.fill_null(pc.match_substring_regex(keys, r"^[0-9]{1,17}$"), False).to_numpy(
+            zero_copy_only=False
+        )
+        raw = None
+    codes = np.zeros(len(keys), dtype=np.uint64)
+    if numeric.any():
+        digits = pc.filter(keys, pa.array(numeric))
+        value = pc.cast(digits, pa.uint64()).to_numpy()
+        codes[numeric] = (value << np.uint64(5)) | pc.utf8_length(digits).to_numpy().astype(np.uint64)
+    if not numeric.all():
+        others = raw if raw is not None else pc.filter(keys, pa.array(~numeric)).to_pylist()
+        digests = [
+            int.from_bytes(
+                hashlib.blake2b(k if isinstance(k, bytes) else k.encode(), digest_size=8).digest(), "little"
+            )
+            for k in others
+        ]
+        codes[~numeric] = (np.array(digests, dtype=np.uint64) >> np.uint64(1)) | _HASHED
+    return codes
 
 
 def key_uniform(codes: np.ndarray, seed: int) -> np.ndarray:
@@ -191,12 +236,16 @@ class Stream:
         # Each shard's keys are read once here (~3 ms per 10k-row shard), on threads: arrow and numpy release
         # the GIL while they parse and sort.
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            self.rows = list(
+            split = list(
                 pool.map(
                     lambda i: self.store.split_rows(i, cfg.split, cfg.val_fraction, cfg.split_seed),
                     range(len(self.store.shards)),
                 )
             )
+        self.rows = [rows for rows, _ in split]
+        keyed = {k for _, k in split}
+        # What a checkpoint records: a store without keys is split as it was before keys were used.
+        self.order = "mixed" if len(keyed) > 1 else ("row" if keyed == {False} else KEY_ORDER)
         self.num_samples = sum(len(r) for r in self.rows)
         self._block_of = np.zeros(len(self.rows), dtype=np.int64)  # shard -> its block in the current epoch
         self._blocks: dict[int, tuple[int, ...]] = {}

@@ -1,6 +1,7 @@
 """Stream: alignment with the store, determinism, restart at a step, rank split, held-out split."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -176,11 +177,66 @@ def test_a_store_without_keys_is_split_by_row_position(tmp_path):
     assert rows == expect
 
 
-def test_evaluating_a_checkpoint_of_the_row_position_order_warns(caplog):
-    from jobs.checkpoint import check_store
+def test_evaluating_a_checkpoint_of_another_split_warns(caplog):
+    from jobs.checkpoint import warn_if_other_split
 
-    manifest = {"clip": {"dim": 16}}
-    check_store({"store": {"clip": {"dim": 16}}, "stream_order": "key"}, manifest, "store")
+    warn_if_other_split({"stream_order": "key"}, "key")
+    warn_if_other_split(
+        {}, "row"
+    )  # made before stream_order existed, on a store without keys: the same split
     assert "held-out" not in caplog.text
-    check_store({"store": {"clip": {"dim": 16}}}, manifest, "store")  # written before stream_order existed
-    assert "include samples it was trained on" in caplog.text
+    warn_if_other_split({}, "key")
+    assert "trained on a row split" in caplog.text and "include samples it was trained on" in caplog.text
+
+
+def test_key_codes_depend_on_each_key_alone():
+    from pipeline.stream import key_codes, key_uniform
+
+    # Pinned values: a change to the codes would silently change every store's split (bump KEY_ORDER then).
+    codes = key_codes(pa.array(["000120034", "7", "img-a"]))
+    assert codes.tolist() == [(120034 << 5) | 9, (7 << 5) | 1, 12757350056616060858]
+    assert np.round(key_uniform(codes, 0), 6).tolist() == [0.887105, 0.967565, 0.21399]
+    # Each key's code is its own, whatever else is in the shard (an odd key does not switch the others).
+    assert key_codes(pa.array(["", "12", None]).fill_null("x"))[1] == key_codes(pa.array(["12"]))[0]
+    assert len(set(key_codes(pa.array(["1", "01", "001"])).tolist())) == 3  # leading zeros: other keys
+    # Keys arrow would not parse as numbers are hashed, not refused: other digits, 18+ digits, bytes, ints.
+    odd = key_codes(pa.array(["\u0661\u0662", "\uff11", "1" * 18]))
+    assert (odd >> np.uint64(63)).tolist() == [1, 1, 1]
+    assert key_codes(pa.array([b"\xff\x00"])).dtype == np.uint64
+    assert key_codes(pa.array([12, 7], pa.int64())).tolist() == [(12 << 5) | 2, (7 << 5) | 1]
+
+
+def _renamed_copy(src, dst, rename) -> None:
+    """``src`` with every key renamed, each shard's rows in another order."""
+    import shutil
+
+    dst.mkdir()
+    shutil.copy(src / store.MANIFEST, dst / store.MANIFEST)
+    for shard, n in store.shard_rows(src):
+        meta = store.read_metadata(src, shard)
+        perm = np.random.default_rng(int(shard) + 7).permutation(n)
+        keys = [rename(k) for k in np.asarray(meta["key"].to_pylist())[perm]]
+        meta = meta.take(perm).set_column(0, "key", pa.array(keys, meta.schema.field("key").type))
+        arrays = {f: store.open_array(src, f, shard)[perm] for f in ("img_emb", "text_emb")}
+        store.write_shard(dst, shard, arrays, {"metadata": meta, "errors": None}, n, {"source": "x"})
+
+
+def test_hashed_keys_are_followed_too_and_broken_keys_are_refused(tmp_path):
+    a = tmp_path / "a"
+    make_store(a, [100, 73], dim=8)
+    b, c = tmp_path / "b", tmp_path / "c"
+    _renamed_copy(a, b, lambda k: f"img-{k}")  # not numbers: hashed
+    _renamed_copy(b, c, lambda k: k)
+    first = lambda root, **kw: Stream(StreamConfig(str(root), batch_size=16, val_fraction=0.2, **kw))  # noqa: E731
+    assert _keyed_batches(first(b), 12) == _keyed_batches(first(c), 12)
+    assert _keyed_batches(first(b, split="val"), 50) == _keyed_batches(first(c, split="val"), 50)
+    assert first(b).order == "key"
+    d = tmp_path / "d"
+    _reordered_copy(a, d, no_keys=True)
+    assert first(d).order == "row"
+    e = tmp_path / "e"
+    _renamed_copy(a, e, lambda k: None if k.endswith("7") else k)
+    with pytest.raises(
+        UsageError, match=r"shard 00000's metadata has 100 keys \(10 null\) for 100 rows; run"
+    ):
+        first(e)
