@@ -593,22 +593,9 @@ def test_vae_latents_are_uint8_with_a_fitted_range_here_or_on_a_cluster_worker(s
     vae_dir = tiny_vae(tmp_path / "vae")
     out = tmp_path / "store"
     # shards 00001 (empty) and 00002: the latent range is fitted on data even though the first shard is empty
-    assert (
-        embed(
-            "--shards",
-            f"{shards}/0000[12].tar",
-            "--out",
-            out,
-            *TINY,
-            "--latents",
-            "vae",
-            "--vae",
-            vae_dir,
-            "--latent-size",
-            "8",
-        )
-        == 0
-    )
+    args = ["--shards", f"{shards}/0000[12].tar", *TINY, "--latents", "vae", "--vae", vae_dir]
+    args += ["--latent-size", "8"]
+    assert embed(*args, "--out", out) == 0
     lat = store.load_manifest(out)["latents"]
     assert lat["codec"] == "vae" and lat["shape"] == [4, 8, 8] and lat["image_size"] == 16
     lo, hi = np.array(lat["lo"]), np.array(lat["hi"])
@@ -652,17 +639,6 @@ def test_vae_latents_are_uint8_with_a_fitted_range_here_or_on_a_cluster_worker(s
         return calibrate(*args)
 
     monkeypatch.setattr(embed_shard, "calibrate_latents", spy)
-    args = [
-        "--shards",
-        f"{shards}/0000[12].tar",
-        *TINY,
-        "--latents",
-        "vae",
-        "--vae",
-        vae_dir,
-        "--latent-size",
-        "8",
-    ]
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         assert embed(*args, "--out", tmp_path / "cluster", "--scheduler", cluster.scheduler_address) == 0
         worker = next(iter(cluster.workers.values())).address

@@ -463,7 +463,10 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         ("train_unknown_device", "unknown --device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
         ("latest_names_a_missing_step", "names step_00000999, which is missing or incomplete"),
         ("state_pt_holds_code", "state.pt cannot be loaded safely"),
-        ("resume_row_order", "good by row position, this version's by sample key, so the run cannot continue"),
+        (
+            "resume_row_order",
+            "good by row position, this version's by sample key, so the run cannot continue",
+        ),
         ("resume_other_store", "checkpoint's model config differs"),
         ("truncated_weights", "ema.safetensors cannot be read as safetensors"),
         ("eval_missing_checkpoint", "no checkpoint at"),
