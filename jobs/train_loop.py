@@ -315,11 +315,12 @@ def train(task: Task) -> dict:
         )
         run.stream_order = stream.order
         if run.resumed_order is not None and run.resumed_order != stream.order:
+            by = {"row": "row position", "key": "sample key"}
             raise UsageError(
                 f"--resume: the checkpoint's stream split and ordered {run.cfg.data} by "
-                f"{'row position' if run.resumed_order == 'row' else run.resumed_order}, this version's by "
-                f"{'sample key' if stream.order == 'key' else stream.order}, so the run cannot continue on the "
-                "same data; start a new --out (or resume with the version that wrote it)"
+                f"{by.get(run.resumed_order, run.resumed_order)}, this version's by "
+                f"{by.get(stream.order, stream.order)}, so the run cannot continue on the same data; start a "
+                "new --out (or resume with the version that wrote it)"
             )
         if run.rank == 0:  # only once the settings, the store and the checkpoint were all accepted
             run.out.mkdir(parents=True, exist_ok=True)

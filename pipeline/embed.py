@@ -220,7 +220,7 @@ def run(cfg: EmbedConfig) -> dict:
         cfg = dataclasses.replace(
             cfg, batch_size=cfg.batch_size or (256 if device.startswith("cuda") else 64)
         )
-        manifest = prepare_store(cfg, shards, device, client)
+        manifest = reused if reused is not None else prepare_store(cfg, shards, device, client)
         todo = [s for s in shards if not store.is_done(cfg.out, store.shard_id_of(s))]
         log.info(
             "embed: %d shards, %d already done, %d to do", len(shards), len(shards) - len(todo), len(todo)

@@ -5,9 +5,9 @@ Reads a store written by `pipeline.embed`, a block of shards at a time (see `Sto
 Order: the tar order of a shard's rows is img2dataset's completion order, which differs from one download to
 the next, so it is not used. A sample's split (train / val) is a hash of ``(split_seed, key)``: it never changes
 when shards or samples are added or removed, or when the same data is downloaded again. A shard's rows are
-taken in an order fixed by their keys (row position only for a store whose metadata has no keys). Each epoch permutes the
-shards with ``(seed, epoch)``, takes them ``shards_per_block`` at a time and permutes the rows of each block,
-so batches mix several shards while only a few are touched at once.
+taken in an order fixed by their keys (row position only for a store whose metadata has no keys). Each epoch
+permutes the shards with ``(seed, epoch)``, takes them ``shards_per_block`` at a time and permutes the rows of
+each block, so batches mix several shards while only a few are touched at once.
 That global order is cut into steps of ``batch_size * world_size`` samples and rank ``r`` takes every
 ``world_size``-th of them: ranks see disjoint data, and step ``s`` is a pure function of the seed, so a
 stream restarts at any step without reading what came before it.
