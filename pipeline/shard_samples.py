@@ -222,11 +222,54 @@ def prepare_batches(
         yield _batch(buf, preprocess, latents, latent_px, tokenizer, device_jpegs, pin_memory)
 
 
+def clip_inputs(images: list[Image.Image], preprocess) -> torch.Tensor:
+    """``preprocess`` of each image, stacked: [B, 3, H, W], bitwise what stacking ``preprocess(img)`` gives.
+
+    Where the transform ends in ToTensor and Normalize (open_clip's does), each image's uint8 pixels go straight
+    into the batch tensor and are scaled and normalised there in place, by those two steps' float32 operations
+    in their order (/ 255, - mean, / std): no float tensor per image, no stacking copy. Measured on 256 px images
+    (ViT-B-32's transform, one thread): ~1.5 instead of ~1.9 ms an image, of the ~3.7 ms the decode thread
+    spends on each. That thread bounds a GPU run that decodes with PIL, and on CPU it takes its time from the
+    model. Any other transform, or an image its first steps leave in another mode or size, goes image by image."""
+    steps = getattr(preprocess, "transforms", None)
+    if not images or not steps or len(steps) < 3 or not _tensor_tail(steps[-2], steps[-1]):
+        return torch.stack([preprocess(img) for img in images])
+    head, norm = steps[:-2], steps[-1]
+    out: torch.Tensor | None = None
+    for i, img in enumerate(images):
+        for t in head:
+            img = t(img)
+        if not isinstance(img, Image.Image) or img.mode != "RGB":
+            return torch.stack([preprocess(im) for im in images])
+        w, h = img.size
+        if out is None:
+            out = torch.empty((len(images), 3, h, w), dtype=torch.get_default_dtype())
+            mean, std = _as_column(norm.mean, out), _as_column(norm.std, out)
+        elif (3, h, w) != tuple(out.shape[1:]):
+            return torch.stack([preprocess(im) for im in images])
+        px = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
+        out[i].copy_(px).div_(255).sub_(mean).div_(std)  # uint8 -> float32 is exact
+    return out
+
+
+def _as_column(v, like: torch.Tensor) -> torch.Tensor:
+    """Normalize's mean or std as torchvision applies it: a [C, 1, 1] tensor of the image's dtype."""
+    return torch.as_tensor(v, dtype=like.dtype).view(-1, 1, 1)
+
+
+def _tensor_tail(to_tensor, normalize) -> bool:
+    """ToTensor (or open_clip's MaybeToTensor, the same for a PIL image) then a Normalize, exactly these types."""
+    from open_clip.transform import MaybeToTensor
+    from torchvision import transforms as T
+
+    return type(to_tensor) in (T.ToTensor, MaybeToTensor) and type(normalize) is T.Normalize
+
+
 def _batch(buf, preprocess, latents: str, latent_px: int, tokenizer, device_jpegs: bool, pin: bool) -> Batch:
-    parts = [
-        s.image if device_jpegs and is_jpeg(s.image) else preprocess(img) for s, img, _ in buf
-    ]  # bytes for the device decoder, else [3, H, W] CLIP input
-    images = None if device_jpegs else torch.stack(parts)  # [B, 3, H, W]
+    if device_jpegs:  # bytes for the device decoder, else [3, H, W] CLIP input
+        parts, images = [s.image if is_jpeg(s.image) else preprocess(img) for s, img, _ in buf], None
+    else:
+        parts, images = None, clip_inputs([img for _, img, _ in buf], preprocess)  # [B, 3, H, W]
     if pin and images is not None:
         images = images.pin_memory()
     lat = None
@@ -246,7 +289,7 @@ def _batch(buf, preprocess, latents: str, latent_px: int, tokenizer, device_jpeg
         lat,
         sum(s.empty_caption for s, _, _ in buf),
         tokens=tokenizer(captions) if tokenizer is not None else None,
-        parts=parts if device_jpegs else None,
+        parts=parts,
         positions=[p for _, _, p in buf],
         empty_flags=[s.empty_caption for s, _, _ in buf],
     )

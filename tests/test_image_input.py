@@ -204,3 +204,30 @@ def test_batches_ramp_up_in_tar_order_around_bad_samples(tmp_path, clip):  # noq
     ]
     assert [(e["key"], e["pos"]) for e in errors] == [("000000003", 3), ("000000017", 17)]
     assert all(len(b.keys) == b.images.shape[0] == b.tokens.shape[0] for b in batches)
+
+
+def test_pil_batches_are_bitwise_open_clips_transform_image_by_image():
+    import open_clip
+    from torchvision import transforms as T
+
+    from pipeline.shard_samples import clip_inputs
+
+    rng = np.random.default_rng(5)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+        for (h, w), mode in [((256, 256), "RGB"), ((300, 517), "RGB"), ((90, 40), "L"), ((64, 80), "RGBA"),
+                             ((33, 33), "P"), ((224, 224), "CMYK")]
+    ]  # fmt: skip
+    vit = open_clip.image_transform(224, is_train=False, mean=(0.48, 0.45, 0.40), std=(0.26, 0.26, 0.27))
+    squash = open_clip.image_transform(64, is_train=False, resize_mode="squash")
+    for transform in (vit, squash):
+        want = torch.stack([transform(im) for im in images])
+        got = clip_inputs(images, transform)
+        assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+        assert torch.equal(clip_inputs(images[1:2], transform), want[1:2])
+    # another tail, or first steps that leave an image in another mode: image by image, the same values
+    tail = T.Compose([T.Resize(32), T.CenterCrop(32), T.PILToTensor(), T.ConvertImageDtype(torch.float32)])
+    grey = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize((0.5,), (0.2,))])
+    for transform, group in ((tail, images[:2]), (grey, [images[2], images[2].rotate(90)])):
+        want = torch.stack([transform(im) for im in group])
+        assert torch.equal(clip_inputs(group, transform), want)
