@@ -170,7 +170,7 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None)
         resources = task_resources(cfg, device)
         try:
             latents = client.submit(
-                calibrate_latents, cfg, shards, device, resources=resources, pure=False
+                calibrate_latents, for_workers(cfg), shards, device, resources=resources, pure=False
             ).result()
         except UsageError:
             raise
@@ -240,10 +240,25 @@ def run(cfg: EmbedConfig) -> dict:
     return _finish(cfg, manifest, shards, rows, seconds, failed, stats)
 
 
+def for_workers(cfg: EmbedConfig) -> EmbedConfig:
+    """``cfg`` with a ``--pretrained`` file or ``--vae`` folder that exists here named by its absolute path, as
+    the shards and ``--out`` are: dask workers may run in another working directory. The store's identity keeps
+    them as typed (a rerun from the same folder with the same flags continues the store)."""
+    from pipeline.encoders import is_path
+
+    here = {}
+    if is_path(cfg.pretrained) and os.path.isfile(cfg.pretrained):  # a tag is left alone, as open_clip reads it
+        here["pretrained"] = os.path.abspath(cfg.pretrained)
+    if cfg.vae and os.path.isdir(cfg.vae):  # diffusers loads a folder of that name before the hub's model
+        here["vae"] = os.path.abspath(cfg.vae)
+    return dataclasses.replace(cfg, **here)
+
+
 def shard_params(cfg: EmbedConfig, device: str, manifest: dict):
     """What every shard task of this run is sent (`pipeline.embed_shard.ShardParams`)."""
     from pipeline.embed_shard import ShardParams
 
+    cfg = for_workers(cfg)
     return ShardParams(
         out=cfg.out,
         clip=cfg.clip,

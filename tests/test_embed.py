@@ -625,24 +625,37 @@ def test_vae_latents_are_uint8_with_a_fitted_range_here_or_on_a_cluster_worker(s
     import distributed
     from dask.distributed import LocalCluster
 
+    from pipeline import embed as embed_stage
     from pipeline import embed_shard
 
     log, calibrate = tmp_path / "where.txt", embed_shard.calibrate_latents
 
-    def spy(*args):  # dask pickles the task even for in-process workers: it reports through a file
+    def spy(cfg, *args):  # dask pickles the task even for in-process workers: it reports through a file
         try:
             where = distributed.get_worker().address
         except ValueError:
             where = "client"
         with open(log, "a") as f:
-            f.write(where + "\n")
-        return calibrate(*args)
+            f.write(f"{where} {cfg.vae}\n")
+        return calibrate(cfg, *args)
 
     monkeypatch.setattr(embed_shard, "calibrate_latents", spy)
+    # --vae as a relative folder: workers (which may run in another folder) are sent its absolute path, the
+    # store's identity keeps it as typed
+    monkeypatch.chdir(tmp_path)
+    relative = [a if a != vae_dir else "vae" for a in args]
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        assert embed(*args, "--out", tmp_path / "cluster", "--scheduler", cluster.scheduler_address) == 0
+        assert embed(*relative, "--out", tmp_path / "cluster", "--scheduler", cluster.scheduler_address) == 0
         worker = next(iter(cluster.workers.values())).address
-    assert log.read_text().split() == [worker]
+    assert log.read_text().split() == [worker, str(vae_dir)]
+    assert store.load_manifest(tmp_path / "cluster")["identity"]["vae"] == "vae"
+    (tmp_path / "w.pt").touch()
+    cfg = embed_stage.EmbedConfig(shards=str(shards), out=str(out), latents="vae", vae="vae", pretrained="w.pt")
+    sent = embed_stage.shard_params(cfg, "cpu", store.load_manifest(out))
+    assert (sent.vae, sent.pretrained) == (str(vae_dir), str(tmp_path / "w.pt"))
+    cfg.pretrained = "laion2b_s34b_b79k"  # a tag, even with a file of that name here, stays a tag
+    (tmp_path / cfg.pretrained).touch()
+    assert embed_stage.shard_params(cfg, "cpu", store.load_manifest(out)).pretrained == cfg.pretrained
     assert store.load_manifest(tmp_path / "cluster")["latents"] == store.load_manifest(out)["latents"]
     np.testing.assert_array_equal(store.open_array(tmp_path / "cluster", "latents", "00002"), q)
 
