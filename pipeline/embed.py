@@ -247,7 +247,9 @@ def for_workers(cfg: EmbedConfig) -> EmbedConfig:
     from pipeline.encoders import is_path
 
     here = {}
-    if is_path(cfg.pretrained) and os.path.isfile(cfg.pretrained):  # a tag is left alone, as open_clip reads it
+    if is_path(cfg.pretrained) and os.path.isfile(
+        cfg.pretrained
+    ):  # a tag is left alone, as open_clip reads it
         here["pretrained"] = os.path.abspath(cfg.pretrained)
     if cfg.vae and os.path.isdir(cfg.vae):  # diffusers loads a folder of that name before the hub's model
         here["vae"] = os.path.abspath(cfg.vae)

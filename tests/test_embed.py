@@ -650,7 +650,9 @@ def test_vae_latents_are_uint8_with_a_fitted_range_here_or_on_a_cluster_worker(s
     assert log.read_text().split() == [worker, str(vae_dir)]
     assert store.load_manifest(tmp_path / "cluster")["identity"]["vae"] == "vae"
     (tmp_path / "w.pt").touch()
-    cfg = embed_stage.EmbedConfig(shards=str(shards), out=str(out), latents="vae", vae="vae", pretrained="w.pt")
+    cfg = embed_stage.EmbedConfig(
+        shards=str(shards), out=str(out), latents="vae", vae="vae", pretrained="w.pt"
+    )
     sent = embed_stage.shard_params(cfg, "cpu", store.load_manifest(out))
     assert (sent.vae, sent.pretrained) == (str(vae_dir), str(tmp_path / "w.pt"))
     cfg.pretrained = "laion2b_s34b_b79k"  # a tag, even with a file of that name here, stays a tag
