@@ -57,6 +57,11 @@ class EmbedConfig:
     scheduler: str = ""
     retries: int = 2
     torch_threads: int = 0  # 0 = cores / workers (dask otherwise pins workers to one thread)
+    # one thread caps a PIL-decoded run at a few hundred images/s a worker; on CPU more take cores from the model
+    decode_threads: int = field(
+        default=0,
+        metadata={"help": "samples PIL decodes at once in each worker; 0 = 1 on CPU, min(8, cores) on CUDA"},
+    )
     overwrite: bool = False
     calib_samples: int = 512  # images used to fit the uint8 latent range (vae codec)
 
@@ -102,8 +107,10 @@ def validate(cfg: EmbedConfig) -> list[str]:
         validate_vae,
     )
 
-    if cfg.batch_size < 0 or cfg.workers < 1 or cfg.latent_size < 1:
-        raise UsageError("--batch-size must be >= 0 (0 = by device); --workers and --latent-size >= 1")
+    if cfg.batch_size < 0 or cfg.decode_threads < 0 or cfg.workers < 1 or cfg.latent_size < 1:
+        raise UsageError(
+            "--batch-size and --decode-threads must be >= 0 (0 = by device); --workers and --latent-size >= 1"
+        )
     if cfg.scheduler:
         check_device_name(cfg.device)  # the workers settle it (`embed_cluster.cluster_device`)
     else:
@@ -275,6 +282,7 @@ def shard_params(cfg: EmbedConfig, device: str, manifest: dict):
         or (0 if cfg.scheduler else max(1, (os.cpu_count() or 1) // cfg.workers)),
         latent_params=manifest["latents"],
         image_decode=_image_decode(cfg, device),
+        decode_threads=cfg.decode_threads,
     )
 
 

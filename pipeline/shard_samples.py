@@ -8,6 +8,8 @@ tar), so that samples it lists as downloaded but the tar lacks can be reported t
 
 from __future__ import annotations
 
+import collections
+import functools
 import io
 import json
 import logging
@@ -181,75 +183,136 @@ def prepare_batches(
     tokenizer=None,
     device_jpegs: bool = False,
     pin_memory: bool = False,
+    threads: int = 1,
 ) -> Iterator[Batch]:
     """Decode and preprocess in tar order, in batches ramping up to ``batch_size`` (`batch_ramp`);
     unusable samples go to ``errors`` (with their tar index, ``pos``).
 
-    ``pin_memory`` (CUDA) puts the CLIP input in page-locked memory, so its copy to the device does not block.
-    With ``device_jpegs`` JPEG samples are passed on undecoded for `assemble_images`; every
-    other sample is decoded by PIL here, as without it.
+    ``threads`` > 1 decodes that many samples at once (PIL releases the GIL while it decodes and resizes): a GPU
+    run that decodes with PIL is otherwise bound by one core. Results are consumed in tar order, so batches,
+    rows and error rows are the same for every thread count. ``pin_memory`` (CUDA) puts the CLIP input in
+    page-locked memory, so its copy to the device does not block. With ``device_jpegs`` JPEG samples are passed
+    on undecoded for `assemble_images`; every other sample is decoded by PIL here, as without it.
     """
-    buf: list[tuple[Sample, Image.Image | None, int]] = []
-    seen: set[str] = set()
+    buf: list[_Prepared] = []
     sizes = batch_ramp(batch_size)
     size = next(sizes)
-    for pos, sample in enumerate(read_tar(url)):
-        if sample.key in seen:
-            errors.append(
-                {
-                    "key": sample.key,
-                    "reason": "duplicate key: an earlier sample of this shard has it",
-                    "pos": pos,
-                }
-            )
+    work = functools.partial(
+        _prepare, preprocess=preprocess, latents=latents, latent_px=latent_px, device_jpegs=device_jpegs
+    )
+    for pos, sample, prepared in _in_order(work, _unique(read_tar(url)), threads):
+        if isinstance(prepared, str):
+            errors.append({"key": sample.key, "reason": prepared, "pos": pos})
             continue
-        seen.add(sample.key)
-        on_device = (
-            device_jpegs and sample.problem is None and sample.caption is not None and is_jpeg(sample.image)
-        )
-        if on_device and latents == "none":
-            img, reason = None, None  # decoded later, on the device
-        else:  # latents are always made from the PIL decode, so they do not depend on --image-decode
-            img, reason = decode(sample)
-            if img is None:
-                errors.append({"key": sample.key, "reason": reason, "pos": pos})
-                continue
-        buf.append((sample, img, pos))
+        prepared.pos = pos
+        buf.append(prepared)
         if len(buf) == size:
-            yield _batch(buf, preprocess, latents, latent_px, tokenizer, device_jpegs, pin_memory)
+            yield _batch(buf, preprocess, latents, tokenizer, device_jpegs, pin_memory)
             buf, size = [], next(sizes)
     if buf:
-        yield _batch(buf, preprocess, latents, latent_px, tokenizer, device_jpegs, pin_memory)
+        yield _batch(buf, preprocess, latents, tokenizer, device_jpegs, pin_memory)
+
+
+def _unique(samples: Iterator[Sample]) -> Iterator[tuple[int, Sample, bool]]:
+    """(tar index, sample, whether an earlier sample of the shard has its key)."""
+    seen: set[str] = set()
+    for pos, sample in enumerate(samples):
+        yield pos, sample, sample.key in seen
+        seen.add(sample.key)
+
+
+def _in_order(
+    fn, items: Iterator[tuple[int, Sample, bool]], threads: int
+) -> Iterator[tuple[int, Sample, object]]:
+    """(pos, sample, ``fn(sample, dup)``) in the items' order, ``threads`` of them computed at once, a bounded
+    number ahead. The pool's threads run one torch thread each (see `pipeline.embed_shard.DECODE_THREADS`)."""
+    if threads <= 1:
+        for pos, sample, dup in items:
+            yield pos, sample, fn(sample, dup)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    window: collections.deque = collections.deque()
+    with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        try:
+            for pos, sample, dup in items:
+                window.append((pos, sample, pool.submit(fn, sample, dup)))
+                if len(window) >= 4 * threads:
+                    pos0, sample0, fut = window.popleft()
+                    yield pos0, sample0, fut.result()
+            while window:
+                pos0, sample0, fut = window.popleft()
+                yield pos0, sample0, fut.result()
+        finally:  # a consumer that stops early: the queued samples are not decoded
+            for _, _, fut in window:
+                fut.cancel()
+
+
+@dataclass
+class _Prepared:
+    sample: Sample
+    pos: int
+    clip: bytes | Image.Image | torch.Tensor  # JPEG bytes (device decode), a `clip_part`
+    latent: np.ndarray | None  # uint8 [s, s, 3]
+
+
+def _prepare(sample: Sample, dup: bool, preprocess, latents: str, latent_px: int, device_jpegs: bool):
+    """One sample's share of the batch (`_Prepared`), or why it cannot be used. Runs in any thread."""
+    if dup:
+        return "duplicate key: an earlier sample of this shard has it"
+    jpeg = device_jpegs and is_jpeg(sample.image)
+    if jpeg and latents == "none" and sample.problem is None and sample.caption is not None:
+        return _Prepared(sample, -1, sample.image, None)  # decoded later, on the device
+    img, reason = decode(sample)  # latents are always made from the PIL decode, whatever --image-decode
+    if img is None:
+        return reason
+    lat = None
+    if latents != "none":
+        lat = np.asarray(ImageOps.fit(img, (latent_px, latent_px), Image.BICUBIC))
+    return _Prepared(sample, -1, sample.image if jpeg else clip_part(img, preprocess), lat)
+
+
+def clip_part(img: Image.Image, preprocess) -> Image.Image | torch.Tensor:
+    """The per-image share of ``preprocess`` (any thread): where the transform ends in ToTensor and Normalize,
+    as open_clip's does, the image after the steps before those (an RGB image of the model's input size);
+    otherwise, or if those steps leave another mode, ``preprocess(img)`` itself. `clip_batch` does the rest."""
+    steps = getattr(preprocess, "transforms", None)
+    if steps and len(steps) >= 3 and _tensor_tail(steps[-2], steps[-1]):
+        head = img
+        for t in steps[:-2]:
+            head = t(head)
+        if isinstance(head, Image.Image) and head.mode == "RGB":
+            return head
+    return preprocess(img)
+
+
+def clip_batch(parts: list[Image.Image | torch.Tensor], preprocess) -> torch.Tensor:
+    """[B, 3, H, W] from `clip_part`s, bitwise what stacking ``preprocess(img)`` gives.
+
+    Each image's uint8 pixels go straight into the batch tensor and are scaled and normalised there in place,
+    by ToTensor's and Normalize's float32 operations in their order (/ 255, - mean, / std): no float tensor
+    per image, no stacking copy. Measured on 256 px images (ViT-B-32's transform, one thread): ~1.5 instead
+    of ~1.9 ms an image, of the ~3.7 ms the decode thread spends on each."""
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.stack(parts)
+    norm = preprocess.transforms[-1]
+    w, h = next(p.size for p in parts if isinstance(p, Image.Image))
+    out = torch.empty((len(parts), 3, h, w), dtype=torch.get_default_dtype())
+    mean, std = _as_column(norm.mean, out), _as_column(norm.std, out)
+    for i, p in enumerate(parts):
+        if isinstance(p, torch.Tensor):
+            out[i].copy_(p)  # a shape other than the batch's fails here, as stacking it would
+            continue
+        if p.size != (w, h):
+            raise RuntimeError(f"CLIP inputs of two sizes in one batch: {p.size} and {(w, h)}")
+        px = torch.frombuffer(bytearray(p.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
+        out[i].copy_(px).div_(255).sub_(mean).div_(std)  # uint8 -> float32 is exact
+    return out
 
 
 def clip_inputs(images: list[Image.Image], preprocess) -> torch.Tensor:
-    """``preprocess`` of each image, stacked: [B, 3, H, W], bitwise what stacking ``preprocess(img)`` gives.
-
-    Where the transform ends in ToTensor and Normalize (open_clip's does), each image's uint8 pixels go straight
-    into the batch tensor and are scaled and normalised there in place, by those two steps' float32 operations
-    in their order (/ 255, - mean, / std): no float tensor per image, no stacking copy. Measured on 256 px images
-    (ViT-B-32's transform, one thread): ~1.5 instead of ~1.9 ms an image, of the ~3.7 ms the decode thread
-    spends on each. That thread bounds a GPU run that decodes with PIL, and on CPU it takes its time from the
-    model. Any other transform, or an image its first steps leave in another mode or size, goes image by image."""
-    steps = getattr(preprocess, "transforms", None)
-    if not images or not steps or len(steps) < 3 or not _tensor_tail(steps[-2], steps[-1]):
-        return torch.stack([preprocess(img) for img in images])
-    head, norm = steps[:-2], steps[-1]
-    out: torch.Tensor | None = None
-    for i, img in enumerate(images):
-        for t in head:
-            img = t(img)
-        if not isinstance(img, Image.Image) or img.mode != "RGB":
-            return torch.stack([preprocess(im) for im in images])
-        w, h = img.size
-        if out is None:
-            out = torch.empty((len(images), 3, h, w), dtype=torch.get_default_dtype())
-            mean, std = _as_column(norm.mean, out), _as_column(norm.std, out)
-        elif (3, h, w) != tuple(out.shape[1:]):
-            return torch.stack([preprocess(im) for im in images])
-        px = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
-        out[i].copy_(px).div_(255).sub_(mean).div_(std)  # uint8 -> float32 is exact
-    return out
+    """``preprocess`` of each image, stacked: [B, 3, H, W] (`clip_part` then `clip_batch`)."""
+    return clip_batch([clip_part(img, preprocess) for img in images], preprocess)
 
 
 def _as_column(v, like: torch.Tensor) -> torch.Tensor:
@@ -265,33 +328,33 @@ def _tensor_tail(to_tensor, normalize) -> bool:
     return type(to_tensor) in (T.ToTensor, MaybeToTensor) and type(normalize) is T.Normalize
 
 
-def _batch(buf, preprocess, latents: str, latent_px: int, tokenizer, device_jpegs: bool, pin: bool) -> Batch:
+def _batch(buf: list[_Prepared], preprocess, latents: str, tokenizer, device_jpegs: bool, pin: bool) -> Batch:
+    parts = [p.clip for p in buf]
     if device_jpegs:  # bytes for the device decoder, else [3, H, W] CLIP input
-        parts, images = [s.image if is_jpeg(s.image) else preprocess(img) for s, img, _ in buf], None
+        parts = [p if isinstance(p, (bytes, torch.Tensor)) else clip_batch([p], preprocess)[0] for p in parts]
+        images = None
     else:
-        parts, images = None, clip_inputs([img for _, img, _ in buf], preprocess)  # [B, 3, H, W]
+        parts, images = None, clip_batch(parts, preprocess)  # [B, 3, H, W]
     if pin and images is not None:
         images = images.pin_memory()
     lat = None
     if latents != "none":
-        px = np.stack(
-            [np.asarray(ImageOps.fit(img, (latent_px, latent_px), Image.BICUBIC)) for _, img, _ in buf]
-        )
-        lat = px.transpose(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W] uint8
+        lat = np.stack([p.latent for p in buf]).transpose(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W] uint8
         if latents == "vae":
             lat = torch.from_numpy(lat).float() / 127.5 - 1.0
-    captions = [s.caption for s, _, _ in buf]
+    samples = [p.sample for p in buf]
+    captions = [s.caption for s in samples]
     return Batch(
-        [s.key for s, _, _ in buf],
+        [s.key for s in samples],
         captions,
-        [s.meta for s, _, _ in buf],
+        [s.meta for s in samples],
         images,
         lat,
-        sum(s.empty_caption for s, _, _ in buf),
+        sum(s.empty_caption for s in samples),
         tokens=tokenizer(captions) if tokenizer is not None else None,
         parts=parts,
-        positions=[p for _, _, p in buf],
-        empty_flags=[s.empty_caption for s, _, _ in buf],
+        positions=[p.pos for p in buf],
+        empty_flags=[s.empty_caption for s in samples],
     )
 
 

@@ -763,6 +763,7 @@ def test_store_made_with_other_settings_is_refused_then_overwritten(base, shards
         ("device_index", "--device cuda:99 but "),
         ("device_zero_padded", "unknown --device 'cuda:01'"),
         ("device_not_ascii", "unknown --device 'cuda:\u00b2'"),
+        ("decode_threads", "--batch-size and --decode-threads must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, tmp_path, capsys):
@@ -781,6 +782,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, t
         args[1] = bad
     elif case == "vae_missing":
         args += ["--latents", "vae", "--vae", f"{tmp_path}/no_vae/"]
+    elif case == "decode_threads":
+        args += ["--decode-threads", "-1"]
     elif case.startswith("device"):
         spelt = {"device_name": "tpu", "device_index": "cuda:99", "device_zero_padded": "cuda:01"}
         args += ["--device", spelt.get(case, "cuda:\u00b2")]

@@ -91,7 +91,7 @@ def mixed(tmp_path_factory):
     return d
 
 
-def _embed(mixed, name: str, decode: str, latents: str = "pixels") -> Path:
+def _embed(mixed, name: str, decode: str, latents: str = "pixels", threads: int = 1) -> Path:
     """One shard through the shard task itself (no dask cluster: the task is what differs between paths)."""
     out = mixed / name
     lp = store.pixels_latents(16) if latents == "pixels" else None
@@ -109,6 +109,7 @@ def _embed(mixed, name: str, decode: str, latents: str = "pixels") -> Path:
         torch_threads=0,
         latent_params=lp,
         image_decode=decode,
+        decode_threads=threads,
     )
     marker = embed_shard(str(mixed / "shards" / "00000.tar"), params)
     assert marker["rows"] == 13
@@ -129,6 +130,15 @@ def test_device_path_embeds_the_rows_and_errors_the_pil_path_does(mixed):
     assert (a * b).sum(-1).min() >= 0.999
     for field in ("text_emb", "latents"):  # latents come from the PIL decode in both paths
         assert np.array_equal(store.open_array(pil, field, "00000"), store.open_array(dev, field, "00000"))
+
+
+@pytest.mark.parametrize("decode,latents", [("pil", "pixels"), ("device", "none")])
+def test_more_decode_threads_store_the_same_bytes(mixed, decode, latents):
+    one, three = (_embed(mixed, f"t{n}_{decode}", decode, latents, threads=n) for n in (1, 3))
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert len(files) >= 4 and files == sorted(p.relative_to(three) for p in three.rglob("*") if p.is_file())
+    for f in files:
+        assert (one / f).read_bytes() == (three / f).read_bytes(), f
 
 
 def test_without_latents_the_refused_jpegs_fall_back_to_the_same_error_rows(mixed):
@@ -196,6 +206,17 @@ def test_batches_ramp_up_in_tar_order_around_bad_samples(tmp_path, clip):  # noq
     batches = list(
         prepare_batches(str(tar), clip.preprocess, 16, "none", 0, errors, tokenizer=clip.tokenizer)
     )
+    # decoded by 3 threads at once: the same batches, bit for bit, and the same error rows
+    errors3: list[dict] = []
+    batches3 = list(
+        prepare_batches(
+            str(tar), clip.preprocess, 16, "none", 0, errors3, tokenizer=clip.tokenizer, threads=3
+        )
+    )
+    assert errors3 == errors and len(batches3) == len(batches)
+    for b, b3 in zip(batches, batches3, strict=True):
+        assert b.keys == b3.keys and b.positions == b3.positions
+        assert torch.equal(b.images, b3.images) and torch.equal(b.tokens, b3.tokens)
     assert list(islice(batch_ramp(16), 6)) == [2, 4, 8, 16, 16, 16]
     assert next(batch_ramp(4)) == 1 and list(islice(batch_ramp(256), 5)) == [32, 64, 128, 256, 256]
     assert [len(b.keys) for b in batches] == [2, 4, 8, 16, 8]  # 38 good samples
