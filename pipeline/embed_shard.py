@@ -72,7 +72,10 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
     px = cfg.latent_size * vae.downsample
     xs, n = [], 0
     for url in shards:
-        for batch in prepare_batches(url, lambda im: torch.zeros(1), cfg.batch_size, "vae", px, []):
+        threads = decode_threads(cfg.decode_threads, device)
+        for batch in prepare_batches(
+            url, lambda im: torch.zeros(1), cfg.batch_size, "vae", px, [], threads=threads
+        ):
             xs.append(vae_encode(vae, batch.latent_input).float().cpu().numpy())
             n += len(batch.keys)
             if n >= cfg.calib_samples:
@@ -170,12 +173,12 @@ def worker_params(params: ShardParams) -> ShardParams:
     return dataclasses.replace(params, device=device)
 
 
-def decode_threads(params: ShardParams) -> int:
+def decode_threads(asked: int, device: str) -> int:
     """PIL decode threads of a shard task: as asked, else 1 on CPU (measured on 2 cores: the model loses
     what the decode takes, so more threads only move the cost) and min(8, this host's cores) on CUDA."""
-    if params.decode_threads:
-        return params.decode_threads
-    return min(8, os.cpu_count() or 1) if params.device.startswith("cuda") else 1
+    if asked:
+        return asked
+    return min(8, os.cpu_count() or 1) if device.startswith("cuda") else 1
 
 
 def _threads(gen: Iterator, n: int) -> Iterator:
@@ -299,7 +302,7 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         tokenizer=m.clip.tokenizer,  # tokenised beside the decoding, off the thread that runs the models
         device_jpegs=m.tensor_preprocess is not None,
         pin_memory=cuda,
-        threads=decode_threads(params),
+        threads=decode_threads(params.decode_threads, params.device),
     )
     acc = _Rows()
     for b in background(_threads(batches, DECODE_THREADS)):
