@@ -179,6 +179,7 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None)
             latents = client.submit(
                 calibrate_latents, for_workers(cfg), shards, device, resources=resources, pure=False
             ).result()
+            latents["vae"] = cfg.vae  # the manifest keeps --vae as typed, as a run without --scheduler does
         except UsageError:
             raise
         except Exception as e:  # e.g. a --vae folder this host has and the worker does not

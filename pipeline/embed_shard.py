@@ -175,10 +175,14 @@ def worker_params(params: ShardParams) -> ShardParams:
 
 def decode_threads(asked: int, device: str) -> int:
     """PIL decode threads of a shard task: as asked, else 1 on CPU (measured on 2 cores: the model loses
-    what the decode takes, so more threads only move the cost) and min(8, this host's cores) on CUDA."""
+    what the decode takes, so more threads only move the cost) and min(8, the cores this process may use) on CUDA,
+    per worker: several GPU workers on one host each take that many."""
     if asked:
         return asked
-    return min(8, os.cpu_count() or 1) if device.startswith("cuda") else 1
+    if not device.startswith("cuda"):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(8, cores or 1)
 
 
 def _threads(gen: Iterator, n: int) -> Iterator:

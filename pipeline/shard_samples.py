@@ -225,15 +225,19 @@ def _in_order(
     fn, items: Iterator[tuple[int, Sample, bool]], threads: int
 ) -> Iterator[tuple[int, Sample, object]]:
     """(pos, sample, ``fn(sample, dup)``) in the items' order, ``threads`` of them computed at once, a bounded
-    number ahead. The pool's threads run one torch thread each (see `pipeline.embed_shard.DECODE_THREADS`)."""
+    number (4 per thread) ahead."""
     if threads <= 1:
         for pos, sample, dup in items:
             yield pos, sample, fn(sample, dup)
         return
     from concurrent.futures import ThreadPoolExecutor
 
+    Image.init()  # PIL loads its format plugins lazily, and not thread-safely: load them all before the pool
     window: collections.deque = collections.deque()
-    with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    # No torch.set_num_threads in the pool's threads: it would also set the process-wide default, which a thread
+    # that has not run torch yet (the models' thread in a fresh worker) then takes. The pool runs PIL's work;
+    # torch runs there only for a transform `clip_part` cannot split.
+    with ThreadPoolExecutor(threads) as pool:
         try:
             for pos, sample, dup in items:
                 window.append((pos, sample, pool.submit(fn, sample, dup)))
@@ -301,7 +305,11 @@ def clip_batch(parts: list[Image.Image | torch.Tensor], preprocess) -> torch.Ten
     mean, std = _as_column(norm.mean, out), _as_column(norm.std, out)
     for i, p in enumerate(parts):
         if isinstance(p, torch.Tensor):
-            out[i].copy_(p)  # a shape other than the batch's fails here, as stacking it would
+            if p.shape != out.shape[1:]:  # copy_ would broadcast where stacking fails
+                raise RuntimeError(
+                    f"CLIP inputs of two shapes in one batch: {tuple(p.shape)} and {tuple(out.shape[1:])}"
+                )
+            out[i].copy_(p)
             continue
         if p.size != (w, h):
             raise RuntimeError(f"CLIP inputs of two sizes in one batch: {p.size} and {(w, h)}")

@@ -206,7 +206,18 @@ def test_batches_ramp_up_in_tar_order_around_bad_samples(tmp_path, clip):  # noq
     batches = list(
         prepare_batches(str(tar), clip.preprocess, 16, "none", 0, errors, tokenizer=clip.tokenizer)
     )
-    # decoded by 3 threads at once: the same batches, bit for bit, and the same error rows
+    # decoded by 3 threads at once: the same batches, bit for bit, and the same error rows; and torch's thread
+    # count for threads that start afterwards (the models' thread of a fresh worker) is left as it was
+    import threading
+
+    def fresh_thread_torch_threads() -> int:
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return seen[0]
+
+    before = fresh_thread_torch_threads()
     errors3: list[dict] = []
     batches3 = list(
         prepare_batches(
@@ -214,6 +225,7 @@ def test_batches_ramp_up_in_tar_order_around_bad_samples(tmp_path, clip):  # noq
         )
     )
     assert errors3 == errors and len(batches3) == len(batches)
+    assert fresh_thread_torch_threads() == before
     for b, b3 in zip(batches, batches3, strict=True):
         assert b.keys == b3.keys and b.positions == b3.positions
         assert torch.equal(b.images, b3.images) and torch.equal(b.tokens, b3.tokens)
