@@ -255,11 +255,10 @@ def for_workers(cfg: EmbedConfig) -> EmbedConfig:
     from pipeline.encoders import is_path
 
     here = {}
-    if is_path(cfg.pretrained) and os.path.isfile(
-        cfg.pretrained
-    ):  # a tag is left alone, as open_clip reads it
+    # a tag is left alone, as open_clip reads it; diffusers loads a folder of that name before the hub's model
+    if is_path(cfg.pretrained) and os.path.isfile(cfg.pretrained):
         here["pretrained"] = os.path.abspath(cfg.pretrained)
-    if cfg.vae and os.path.isdir(cfg.vae):  # diffusers loads a folder of that name before the hub's model
+    if cfg.vae and os.path.isdir(cfg.vae):
         here["vae"] = os.path.abspath(cfg.vae)
     return dataclasses.replace(cfg, **here)
 

@@ -71,8 +71,8 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
     vae = load_vae(cfg.vae, device)
     px = cfg.latent_size * vae.downsample
     xs, n = [], 0
+    threads = decode_threads(cfg.decode_threads, device)
     for url in shards:
-        threads = decode_threads(cfg.decode_threads, device)
         for batch in prepare_batches(
             url, lambda im: torch.zeros(1), cfg.batch_size, "vae", px, [], threads=threads
         ):

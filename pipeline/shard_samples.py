@@ -200,11 +200,10 @@ def prepare_batches(
     work = functools.partial(
         _prepare, preprocess=preprocess, latents=latents, latent_px=latent_px, device_jpegs=device_jpegs
     )
-    for pos, sample, prepared in _in_order(work, _unique(read_tar(url)), threads):
+    for (pos, sample, _), prepared in _in_order(work, _unique(read_tar(url)), threads):
         if isinstance(prepared, str):
             errors.append({"key": sample.key, "reason": prepared, "pos": pos})
             continue
-        prepared.pos = pos
         buf.append(prepared)
         if len(buf) == size:
             yield _batch(buf, preprocess, latents, tokenizer, device_jpegs, pin_memory)
@@ -221,14 +220,12 @@ def _unique(samples: Iterator[Sample]) -> Iterator[tuple[int, Sample, bool]]:
         seen.add(sample.key)
 
 
-def _in_order(
-    fn, items: Iterator[tuple[int, Sample, bool]], threads: int
-) -> Iterator[tuple[int, Sample, object]]:
-    """(pos, sample, ``fn(sample, dup)``) in the items' order, ``threads`` of them computed at once, a bounded
-    number (4 per thread) ahead."""
+def _in_order(fn, items: Iterator[tuple], threads: int) -> Iterator[tuple[tuple, object]]:
+    """(item, ``fn(*item)``) in the items' order, ``threads`` of them computed at once, a bounded number
+    (4 per thread) ahead."""
     if threads <= 1:
-        for pos, sample, dup in items:
-            yield pos, sample, fn(sample, dup)
+        for item in items:
+            yield item, fn(*item)
         return
     from concurrent.futures import ThreadPoolExecutor
 
@@ -239,16 +236,16 @@ def _in_order(
     # torch runs there only for a transform `clip_part` cannot split.
     with ThreadPoolExecutor(threads) as pool:
         try:
-            for pos, sample, dup in items:
-                window.append((pos, sample, pool.submit(fn, sample, dup)))
+            for item in items:
+                window.append((item, pool.submit(fn, *item)))
                 if len(window) >= 4 * threads:
-                    pos0, sample0, fut = window.popleft()
-                    yield pos0, sample0, fut.result()
+                    item0, fut = window.popleft()
+                    yield item0, fut.result()
             while window:
-                pos0, sample0, fut = window.popleft()
-                yield pos0, sample0, fut.result()
+                item0, fut = window.popleft()
+                yield item0, fut.result()
         finally:  # a consumer that stops early: the queued samples are not decoded
-            for _, _, fut in window:
+            for _, fut in window:
                 fut.cancel()
 
 
@@ -260,20 +257,22 @@ class _Prepared:
     latent: np.ndarray | None  # uint8 [s, s, 3]
 
 
-def _prepare(sample: Sample, dup: bool, preprocess, latents: str, latent_px: int, device_jpegs: bool):
+def _prepare(
+    pos: int, sample: Sample, dup: bool, preprocess, latents: str, latent_px: int, device_jpegs: bool
+):
     """One sample's share of the batch (`_Prepared`), or why it cannot be used. Runs in any thread."""
     if dup:
         return "duplicate key: an earlier sample of this shard has it"
     jpeg = device_jpegs and is_jpeg(sample.image)
     if jpeg and latents == "none" and sample.problem is None and sample.caption is not None:
-        return _Prepared(sample, -1, sample.image, None)  # decoded later, on the device
+        return _Prepared(sample, pos, sample.image, None)  # decoded later, on the device
     img, reason = decode(sample)  # latents are always made from the PIL decode, whatever --image-decode
     if img is None:
         return reason
     lat = None
     if latents != "none":
         lat = np.asarray(ImageOps.fit(img, (latent_px, latent_px), Image.BICUBIC))
-    return _Prepared(sample, -1, sample.image if jpeg else clip_part(img, preprocess), lat)
+    return _Prepared(sample, pos, sample.image if jpeg else clip_part(img, preprocess), lat)
 
 
 def clip_part(img: Image.Image, preprocess) -> Image.Image | torch.Tensor:
