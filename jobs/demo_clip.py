@@ -31,12 +31,16 @@ class DemoClipConfig:
     steps: int = 300
     batch_size: int = 256
     lr: float = 1e-3
+    # Linear warmup, then cosine decay to 10% (the trainers' schedule). Against a constant rate, at 800 steps an
+    # MLP probe read each shape's colour at its position from the image embeddings at 0.69 instead of 0.61.
+    warmup_steps: int = 50
     seed: int = 0
 
 
 def run(cfg: DemoClipConfig) -> dict:
     from open_clip.loss import ClipLoss
 
+    from jobs.train_loop import lr_lambda
     from pipeline.encoders import load_clip
 
     if Path(cfg.out).exists():
@@ -50,6 +54,7 @@ def run(cfg: DemoClipConfig) -> dict:
     )
     tokens = clip.tokenizer(table["caption"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps))
     loss_fn, rng = ClipLoss(), np.random.default_rng(cfg.seed)
     bar = tqdm(range(cfg.steps), desc="demo-clip")
     for _ in bar:
@@ -59,6 +64,7 @@ def run(cfg: DemoClipConfig) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{cfg.out}.tmp"

@@ -35,6 +35,7 @@ class TrainDecoderConfig(TrainConfig):
     sample_steps: int = 25
     sampler: str = "dpm++"  # dpm++ or ddim
     guidance_scale: float | None = None  # None = the preset's
+    snr_shift: float | None = None  # timesteps shifted towards noise (models.decoder); None = the preset's
 
 
 def dequantized_latents(batch: dict, codec: dict) -> torch.Tensor:
@@ -54,6 +55,8 @@ class DecoderTask(Task):
             raise UsageError(f"unknown --preset '{cfg.preset}'; valid: {', '.join(DECODER_PRESETS)}")
         if cfg.sampler not in SAMPLERS:
             raise UsageError(f"unknown --sampler '{cfg.sampler}'; valid: {', '.join(SAMPLERS)}")
+        if cfg.snr_shift is not None and not cfg.snr_shift > 0:
+            raise UsageError(f"--snr-shift must be > 0 (1 = uniform timesteps), got {cfg.snr_shift}")
         codec = manifest.get("latents")
         if not codec:
             raise UsageError(
@@ -65,8 +68,9 @@ class DecoderTask(Task):
         if h != w:
             raise UsageError(f"the store's latents are {h}x{w}; the decoder needs square latents")
         overrides = {"emb_dim": manifest["clip"]["dim"], "latent_channels": c, "latent_size": h}
-        if cfg.guidance_scale is not None:
-            overrides["guidance_scale"] = cfg.guidance_scale
+        for name in ("guidance_scale", "snr_shift"):
+            if getattr(cfg, name) is not None:
+                overrides[name] = getattr(cfg, name)
         try:
             dc = decoder_config(cfg.preset, **overrides)
         except ValueError as e:

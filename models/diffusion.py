@@ -75,6 +75,22 @@ class GaussianDiffusion:
         t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device)
         return t.to(device)
 
+    def shifted_timesteps(self, shift: float) -> torch.Tensor:
+        """Long [T]: for each timestep t, the timestep whose log-SNR is nearest log-SNR(t) - 2 log(shift).
+
+        Indexing a uniform draw with it draws training timesteps as if the schedule were shifted towards noise
+        by `shift` (Hoogeboom et al. 2023, "simple diffusion"; SD3's timestep shift): the schedule itself, and
+        so sampling, stay as they are. shift 1 is the identity; shift > 1 moves draws to higher noise.
+        """
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        ab = self.alpha_bar64
+        log_snr = np.log(ab) - np.log1p(-ab)  # decreasing in t
+        target = log_snr - 2.0 * math.log(shift)
+        right = np.clip(np.searchsorted(-log_snr, -target), 1, len(ab) - 1)  # first t with log_snr <= target
+        nearer_left = (log_snr[right - 1] - target) < (target - log_snr[right])
+        return torch.from_numpy(np.where(nearer_left, right - 1, right).astype(np.int64))
+
     def x0_loss(
         self,
         model_fn: ModelFn,

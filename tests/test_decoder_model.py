@@ -72,6 +72,47 @@ def test_loss_reproducible_and_guidance(tiny):
     assert torch.allclose(tiny.predict_v(x, t, e, 3.0), uncond + 3 * (cond - uncond), atol=1e-5)
 
 
+def test_shifted_timesteps_lower_the_log_snr_by_twice_the_log_shift():
+    import math
+
+    import numpy as np
+
+    from models.diffusion import GaussianDiffusion
+
+    diff = GaussianDiffusion(1000)
+    assert torch.equal(diff.shifted_timesteps(1.0), torch.arange(1000))
+    ab = diff.alpha_bar64
+    log_snr = np.log(ab) - np.log1p(-ab)
+    shifted = diff.shifted_timesteps(4.0).numpy()
+    assert (np.diff(shifted) >= 0).all() and shifted[-1] == 999
+    target = log_snr - 2 * math.log(4.0)
+    inside = target >= log_snr[-1]  # targets past the last step map to it
+    got = log_snr[shifted][inside]
+    # the nearest timestep: no other is closer to the target
+    assert (abs(got - target[inside]) <= abs(log_snr[None, :] - target[inside, None]).min(1) + 1e-12).all()
+    assert shifted[500] > 800 and shifted[0] > 0  # half of all draws land past t = 800
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        diff.shifted_timesteps(0.0)
+    with pytest.raises(ValueError, match="snr_shift must be > 0"):
+        decoder_config("tiny", snr_shift=-1.0)
+
+
+def test_loss_draws_its_timesteps_through_the_shift(tiny):
+    """The tiny preset trains on shift-4 timesteps: the UNet sees table[uniform draw], with the same draws."""
+    assert tiny.cfg.snr_shift == 4.0
+    seen = []
+    hook = tiny.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+    try:
+        tiny.loss(torch.rand(6, 3, 16, 16) * 2 - 1, torch.randn(6, 16), torch.Generator().manual_seed(3))
+    finally:
+        hook.remove()
+    g = torch.Generator().manual_seed(3)
+    torch.rand(6, generator=g)  # the condition dropout is drawn first
+    uniform = torch.randint(0, 1000, (6,), generator=g)
+    assert torch.equal(seen[0], tiny.diffusion.shifted_timesteps(4.0)[uniform])
+    assert not torch.equal(seen[0], uniform)
+
+
 def test_sample_shape_seed_and_config_round_trip(tiny):
     import dataclasses
     import json
