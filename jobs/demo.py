@@ -213,6 +213,12 @@ def _summary(r: dict) -> dict:
             if k in attrs
             for m in ("background", "shape_color", "shape_color_anywhere")
         },
+        **{
+            f"{k}_shape_color_{kind}": attrs[k].get(f"shape_color_accuracy_{kind}")
+            for k in ("reconstruction", "text_to_image")
+            if k in attrs
+            for kind in ("one_shape", "two_shapes")
+        },
         "background_chance": attrs.get("true_images", {}).get("background_chance"),
         "shape_color_chance": attrs.get("true_images", {}).get("shape_color_chance"),
         "shape_color_anywhere_chance": attrs.get("true_images", {}).get("shape_color_anywhere_chance"),

@@ -176,14 +176,17 @@ def print_report(report: dict) -> None:
 def _decoder_only(decoder: str, device: str):
     """The decoder and its CLIP, without a prior."""
     from jobs.sample import Models, _clip_id
-    from models.decoder import build_decoder
     from pipeline.encoders import load_clip
 
     folder, meta = checkpoint.open_task(decoder, "decoder")
-    d = build_decoder(meta["model"]).to(device).eval()
+    d = checkpoint.build_model(folder, meta).to(device).eval()
     checkpoint.load_weights(d, folder / "ema.safetensors")
     c = _clip_id(meta)
     return Models(None, d, load_clip(c["arch"], c["pretrained"], device, c["seed"] or 0), {}, meta, device)
+
+
+def _fmt(v: float | None) -> str:
+    return f"{v:8.3f}" if v is not None else f"{'-':>8}"
 
 
 def format_table(r: dict) -> str:
@@ -202,12 +205,18 @@ def format_table(r: dict) -> str:
             lines.append(f"  {label:34} {r[key]['cos']:7.3f} {r[key]['top1']:7.3f}")
     if "attributes" in r:
         a = r["attributes"]
-        lines.append(f"  {'attribute accuracy (from pixels)':34} {'bg':>7} {'shape':>7} {'anywhere':>9}")
+        lines.append(
+            f"  {'attribute accuracy (from pixels)':34} {'bg':>7} {'shape':>7} {'anywhere':>9} "
+            f"{'1 shape':>8} {'2 shapes':>8}"
+        )
         for key in ("true_images", "reconstruction", "text_to_image"):
             if key in a:
+                kinds = " ".join(
+                    _fmt(a[key].get(f"shape_color_accuracy_{k}")) for k in ("one_shape", "two_shapes")
+                )
                 lines.append(
                     f"  {key.replace('_', ' '):34} {a[key]['background_accuracy']:7.3f} "
-                    f"{a[key]['shape_color_accuracy']:7.3f} {a[key]['shape_color_anywhere_accuracy']:9.3f}"
+                    f"{a[key]['shape_color_accuracy']:7.3f} {a[key]['shape_color_anywhere_accuracy']:9.3f} {kinds}"
                 )
         ch = a["true_images"]
         lines.append(

@@ -176,15 +176,24 @@ def attribute_accuracy(images: np.ndarray, attrs: list[dict]) -> dict[str, float
     """How often the pictures show what their captions state: background colour, each shape's colour at its
     stated position, and each shape's colour at any of the five positions. Chance levels: uniform guessing for
     the first two (3 backgrounds, 7 shape colours); for "anywhere", the same pictures scored against other
-    pictures' captions (it depends on how many colours a picture holds)."""
+    pictures' captions (it depends on how many colours a picture holds). The colour at the stated position is
+    also given for one-shape and two-shape scenes apart (None where there are none): two shapes are where a
+    decoder swaps or merges colours."""
     scenes = [read_scene(img) for img in images]
     bg, at, anywhere, shapes = _scores(scenes, attrs)
     other = _scores(scenes, attrs[1:] + attrs[:1])[2] if len(attrs) > 1 else 0
     n = max(1, shapes)
+    by_kind = {}
+    for kind, count in (("one_shape", 1), ("two_shapes", 2)):
+        idx = [i for i, a in enumerate(attrs) if (2 if a.get("shape2") else 1) == count]
+        hits, seen = _scores([scenes[i] for i in idx], [attrs[i] for i in idx])[1::2]
+        by_kind[f"shape_color_accuracy_{kind}"] = hits / seen if seen else None
+        by_kind[f"images_{kind}"] = len(idx)
     return {
         "background_accuracy": bg / max(1, len(attrs)),
         "shape_color_accuracy": at / n,
         "shape_color_anywhere_accuracy": anywhere / n,
+        **by_kind,
         "background_chance": 1 / len(BACKGROUNDS),
         "shape_color_chance": 1 / (len(COLORS) - 1),
         "shape_color_anywhere_chance": other / max(1, _scores(scenes, attrs[1:] + attrs[:1])[3]),

@@ -31,6 +31,8 @@ def test_demo_end_to_end_prior_beats_baselines(tmp_path):
     for path in ("reconstruction", "text_to_image"):
         assert a[path]["background_accuracy"] > 2 * a[path]["background_chance"]
         assert a[path]["shape_color_anywhere_accuracy"] > 2 * a[path]["shape_color_anywhere_chance"]
+        n1, n2 = a[path]["images_one_shape"], a[path]["images_two_shapes"]
+        assert n1 > 10 and n2 > 10 and n1 + n2 == a[path]["images"]
         # Colour at the stated position is not asserted: at 500 decoder steps placement is at chance (0.13 vs
         # 0.14 measured); the full demo reports it.
     for name in ("samples.png", "reconstructions.png", "summary.json", "loss_prior.png", "loss_decoder.png"):

@@ -62,3 +62,23 @@ def test_attributes_read_back_from_pixels():
     assert shuffled["background_accuracy"] < 0.6 and shuffled["shape_color_accuracy"] < 0.3
     assert shuffled["shape_color_anywhere_accuracy"] < 0.4
     assert exact["background_chance"] == 1 / 3
+
+
+def test_attribute_accuracy_splits_one_and_two_shape_scenes():
+    """Swapping the two shapes' colours in every two-shape picture drops only the two-shape figure to zero,
+    while 'anywhere' still counts both colours as present."""
+    from pipeline.demo_data import attribute_accuracy, draw, sample_attributes
+
+    rng = np.random.default_rng(2)
+    attrs = [sample_attributes(rng) for _ in range(120)]
+    two = [a for a in attrs if a.get("shape2") and a["color1"] != a["color2"]]
+    one = [a for a in attrs if not a.get("shape2")]
+    assert len(two) > 10 and len(one) > 10
+    swapped = [{**a, "color1": a["color2"], "color2": a["color1"]} for a in two]
+    images = np.stack([np.asarray(draw(a, 32)) for a in one + swapped])
+    r = attribute_accuracy(images, one + two)
+    assert r["shape_color_accuracy_one_shape"] == 1.0 and r["images_one_shape"] == len(one)
+    assert r["shape_color_accuracy_two_shapes"] == 0.0 and r["images_two_shapes"] == len(two)
+    assert r["shape_color_anywhere_accuracy"] == 1.0
+    assert r["shape_color_accuracy"] == len(one) / (len(one) + 2 * len(two))
+    assert attribute_accuracy(images[: len(one)], one)["shape_color_accuracy_two_shapes"] is None
