@@ -107,6 +107,28 @@ def read_meta(folder: str | Path) -> dict:
     return meta
 
 
+def build_model(folder: str | Path, meta: dict) -> torch.nn.Module:
+    """The network a checkpoint's meta.json describes (``meta["task"]``: prior or decoder), with fresh weights.
+
+    A model config this code cannot build (a field it does not know, as from another version, or a bad
+    value) is one line naming the checkpoint and the version that wrote it, not a traceback."""
+    from models.decoder import build_decoder
+    from models.prior import build_prior
+
+    builders = {"prior": build_prior, "decoder": build_decoder}
+    task = meta.get("task")
+    if task not in builders:
+        raise UsageError(f"checkpoint {folder} is a {task} checkpoint; valid: {', '.join(builders)}")
+    try:
+        return builders[task](meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        v = meta.get("version", {})
+        raise UsageError(
+            f"checkpoint {folder}: its {task} config cannot be built by this code ({e}); it was written by "
+            f"unclip-pipeline {v.get('package')} at commit {v.get('git_commit')}, this is {PACKAGE_VERSION}"
+        ) from e
+
+
 def open_task(path: str | Path, task: str) -> tuple[Path, dict]:
     """The checkpoint folder ``path`` names and its meta, refused in one line unless it is a ``task`` one."""
     folder = resolve(path)

@@ -91,11 +91,10 @@ def movq_from_vae(vae) -> torch.nn.Module:
 def export_decoder(folder: Path, meta: dict, out: Path) -> dict:
     from diffusers import KandinskyV22Pipeline
 
-    from models.decoder import build_decoder
     from pipeline.encoders import load_vae
 
     codec = meta["store"]["latents"]
-    decoder = build_decoder(meta["model"]).eval()
+    decoder = checkpoint.build_model(folder, meta).eval()
     checkpoint.load_weights(decoder, folder / "ema.safetensors")
     vae = load_vae(codec["vae"], "cpu")
     movq = movq_from_vae(vae.model if hasattr(vae, "model") else vae)

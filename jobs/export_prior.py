@@ -362,10 +362,9 @@ def pipeline(prior, clip):
 def export_prior(folder: Path, meta: dict, out: Path) -> dict:
     """Write OUT (the pipeline folder) from a prior checkpoint folder, atomically."""
     from jobs.sample import _clip_id
-    from models.prior import build_prior
     from pipeline.encoders import load_clip
 
-    prior = build_prior(meta["model"]).eval()
+    prior = checkpoint.build_model(folder, meta).eval()
     checkpoint.load_weights(prior, folder / "ema.safetensors")
     c = _clip_id(meta)
     clip = load_clip(c["arch"], c["pretrained"], "cpu", c["seed"] or 0)

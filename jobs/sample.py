@@ -65,8 +65,6 @@ def _clip_id(meta: dict) -> dict:
 
 def load_models(prior: str, decoder: str, device: str) -> Models:
     """Both checkpoints, checked to share one CLIP model, and that CLIP."""
-    from models.decoder import build_decoder
-    from models.prior import build_prior
     from pipeline.encoders import load_clip
 
     pf, pm = checkpoint.open_task(prior, "prior")
@@ -77,9 +75,9 @@ def load_models(prior: str, decoder: str, device: str) -> Models:
             f"the prior was trained on CLIP {a['arch']} ({a['pretrained']}) embeddings and the decoder on "
             f"{b['arch']} ({b['pretrained']}); train both on stores embedded with the same CLIP"
         )
-    p = build_prior(pm["model"]).to(device).eval()
+    p = checkpoint.build_model(pf, pm).to(device).eval()
     checkpoint.load_weights(p, pf / "ema.safetensors")
-    d = build_decoder(dm["model"]).to(device).eval()
+    d = checkpoint.build_model(df, dm).to(device).eval()
     checkpoint.load_weights(d, df / "ema.safetensors")
     clip = load_clip(a["arch"], a["pretrained"], device, a["seed"] or 0)
     if clip.dim != pm["store"]["clip"]["dim"]:

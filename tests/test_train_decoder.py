@@ -197,3 +197,24 @@ def test_eval_decoder_reports_against_floor_and_ceiling(pair, data, tmp_path):
         assert -1 <= r[key]["cos"] <= 1 and 0 <= r[key]["top1"] <= 1
     assert r["floor_random_pairs"]["top1"] == 1 / 8
     assert (tmp_path / "eval_decoder.png").exists()
+
+
+def test_checkpoint_from_another_version_is_a_one_line_error(pair, data, tmp_path, capsys):
+    """A decoder whose meta.json names a model field this code does not know (written by another version) is
+    refused by sample and eval-decoder in one line naming the field and the writing version, nothing written."""
+    import shutil
+
+    dec = tmp_path / "decoder"
+    shutil.copytree(pair / "decoder", dec)
+    step = checkpoint.resolve(str(dec))
+    meta = json.loads((step / "meta.json").read_text())
+    meta["model"]["arch"] = "pixart"
+    (step / "meta.json").write_text(json.dumps(meta))
+    sample = ["sample", "--prior", str(pair / "prior"), "--decoder", str(dec), "--prompt", "a"]
+    assert cli(sample + ["--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "decoder config cannot be built by this code" in err and "'arch'" in err
+    assert f"unclip-pipeline {meta['version']['package']}" in err and "Traceback" not in err
+    assert cli(["eval-decoder", "--decoder", str(dec), "--data", data, "--out", str(tmp_path / "ev")]) == 2
+    assert "decoder config cannot be built" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "ev").exists()
