@@ -38,8 +38,8 @@ $(VENV_STAMP): pyproject.toml
 
 install: $(VENV_STAMP) ## create .venv and install the project (fast when already done)
 
-demo: $(VENV_STAMP) ## run every stage end to end on the built-in demo dataset (CPU, offline)
-	.venv/bin/unclip demo --out $(DEMO_OUT)
+demo: $(VENV_STAMP) ## run every stage end to end on the built-in demo dataset (CPU, offline; ARGS='--n 8000 ...')
+	.venv/bin/unclip demo --out $(DEMO_OUT) $(ARGS)
 
 test: $(VENV_STAMP) ## run the test suite (slow tests excluded)
 	$(PY) -m pytest -q -p no:cacheprovider
