@@ -78,7 +78,13 @@ def measure(
             text=True,
             start_new_session=True,
         )
-        kill = threading.Timer(timeout, _kill_group, (proc.pid,)) if timeout else None
+        fired = threading.Event()  # set by the timer itself: timing the wait here would race it
+
+        def on_timeout() -> None:
+            fired.set()
+            _kill_group(proc.pid)
+
+        kill = threading.Timer(timeout, on_timeout) if timeout else None
         try:
             if kill:
                 kill.start()
@@ -94,7 +100,7 @@ def measure(
                 kill.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
         proc.stdout.close()
-        if timeout and seconds >= timeout:
+        if fired.is_set():
             err.write(f"\n[bench] killed after {timeout:.0f} s\n")
         err.write(out)
         err.flush()
