@@ -181,11 +181,12 @@ def attribute_accuracy(images: np.ndarray, attrs: list[dict]) -> dict[str, float
     decoder swaps or merges colours."""
     scenes = [read_scene(img) for img in images]
     bg, at, anywhere, shapes = _scores(scenes, attrs)
-    other = _scores(scenes, attrs[1:] + attrs[:1])[2] if len(attrs) > 1 else 0
+    shifted = _scores(scenes, attrs[1:] + attrs[:1])  # each picture against the next picture's caption
+    other = shifted[2] if len(attrs) > 1 else 0
     n = max(1, shapes)
     by_kind = {}
-    for kind, count in (("one_shape", 1), ("two_shapes", 2)):
-        idx = [i for i, a in enumerate(attrs) if (2 if a.get("shape2") else 1) == count]
+    for kind, two in (("one_shape", False), ("two_shapes", True)):
+        idx = [i for i, a in enumerate(attrs) if bool(a.get("shape2")) == two]
         hits, seen = _scores([scenes[i] for i in idx], [attrs[i] for i in idx])[1::2]
         by_kind[f"shape_color_accuracy_{kind}"] = hits / seen if seen else None
         by_kind[f"images_{kind}"] = len(idx)
@@ -196,6 +197,6 @@ def attribute_accuracy(images: np.ndarray, attrs: list[dict]) -> dict[str, float
         **by_kind,
         "background_chance": 1 / len(BACKGROUNDS),
         "shape_color_chance": 1 / (len(COLORS) - 1),
-        "shape_color_anywhere_chance": other / max(1, _scores(scenes, attrs[1:] + attrs[:1])[3]),
+        "shape_color_anywhere_chance": other / max(1, shifted[3]),
         "images": len(attrs),
     }
