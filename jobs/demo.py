@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +55,25 @@ DEMO_PROMPTS = (
 )
 
 
+@contextmanager
+def _timed(stages: dict[str, float], name: str) -> Iterator[None]:
+    """Adds the wall seconds of the block to stages[name] (a rerun that skips finished work records its own)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = round(stages.get(name, 0.0) + time.perf_counter() - t0, 1)
+
+
 def run(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     data_dir = out / "data"
+    stages: dict[str, float] = {}
     print(f"[demo] 1/9 demo-data: {cfg.n} procedural images at {cfg.size}px (seed {cfg.seed}) -> {data_dir}")
-    demo_data.run(demo_data.DemoDataConfig(out=str(data_dir), n=cfg.n, size=cfg.size, seed=cfg.seed))
-    with serve_folder(str(data_dir)) as base_url:
+    with _timed(stages, "demo_data"):
+        demo_data.run(demo_data.DemoDataConfig(out=str(data_dir), n=cfg.n, size=cfg.size, seed=cfg.seed))
+    with serve_folder(str(data_dir)) as base_url, _timed(stages, "download"):
         print(f"[demo] 2/9 download: serving {data_dir} at {base_url} for img2dataset -> {out / 'shards'}")
         urls = served_urls(data_dir, base_url, out / "urls.parquet")
         summary = download.run(
@@ -74,16 +88,17 @@ def run(cfg: DemoConfig) -> dict:
         )
     print_download_summary(summary)
     report = {"download": summary}
-    report.update(_later_stages(cfg, out, data_dir))
-    report.update(_decoder_stages(cfg, out))
+    report.update(_later_stages(cfg, out, data_dir, stages))
+    report.update(_decoder_stages(cfg, out, stages))
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["stage_seconds"] = stages
     summary_json = _summary(report)
     store.write_json(out / "summary.json", {"summary": summary_json, "stages": report})
     print(format_summary(summary_json))
     return report
 
 
-def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path) -> dict:
+def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path, stages: dict[str, float]) -> dict:
     from jobs import demo_clip, eval_prior, train_prior
     from pipeline import embed, validate
 
@@ -92,99 +107,107 @@ def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path) -> dict:
         f"[demo] 3/9 demo CLIP: unclip-tiny (random init, seed {cfg.seed}) trained {cfg.clip_steps} steps "
         f"on the demo captions -> {ckpt} (offline stand-in for a pretrained CLIP)"
     )
-    demo_clip.run(
-        demo_clip.DemoClipConfig(
-            data=str(data_dir), out=str(ckpt), steps=cfg.clip_steps, batch_size=128, seed=cfg.seed
+    with _timed(stages, "demo_clip"):
+        demo_clip.run(
+            demo_clip.DemoClipConfig(
+                data=str(data_dir), out=str(ckpt), steps=cfg.clip_steps, batch_size=128, seed=cfg.seed
+            )
         )
-    )
     store_dir = out / "store"
     print(f"[demo] 4/9 embed: {out / 'shards'} -> {store_dir} (CLIP embeddings + 32 px pixels latents)")
-    emb = embed.run(
-        embed.EmbedConfig(
-            shards=str(out / "shards"),
-            out=str(store_dir),
-            clip="unclip-tiny",
-            pretrained=str(ckpt.resolve()),
-            latents="pixels",
-            latent_size=32,
-            device="cpu",
-            text_encodings=True,
+    with _timed(stages, "embed"):
+        emb = embed.run(
+            embed.EmbedConfig(
+                shards=str(out / "shards"),
+                out=str(store_dir),
+                clip="unclip-tiny",
+                pretrained=str(ckpt.resolve()),
+                latents="pixels",
+                latent_size=32,
+                device="cpu",
+                text_encodings=True,
+            )
         )
-    )
     print(
         f"embed: {emb['rows']} rows in {emb['done']} shards, {emb['errors']} error rows, "
         f"{emb['samples_per_second']} samples/s this run"
     )
-    val = validate.run(validate.ValidateConfig(store=str(store_dir)))
+    with _timed(stages, "validate"):
+        val = validate.run(validate.ValidateConfig(store=str(store_dir)))
     validate.print_report(val)
     print(f"[demo] 5/9 train-prior: tiny preset, {cfg.prior_steps} steps -> {out / 'prior'}")
-    tp = train_prior.main(
-        train_prior.TrainPriorConfig(
-            data=str(store_dir),
-            out=str(out / "prior"),
-            steps=cfg.prior_steps,
-            eval_every=0,
-            save_every=500,
-            resume=True,
-            lr=1e-3,
-            warmup_steps=50,
-            device="cpu",
+    with _timed(stages, "train_prior"):
+        tp = train_prior.main(
+            train_prior.TrainPriorConfig(
+                data=str(store_dir),
+                out=str(out / "prior"),
+                steps=cfg.prior_steps,
+                eval_every=0,
+                save_every=500,
+                resume=True,
+                lr=1e-3,
+                warmup_steps=50,
+                device="cpu",
+            )
         )
-    )
     print(f"train-prior: final loss {tp['final_loss']:.4f}, {tp['samples_per_s']} samples/s")
     print("[demo] 6/9 eval-prior on the held-out split (EMA weights)")
-    ev = eval_prior.run(
-        eval_prior.EvalPriorConfig(ckpt=str(out / "prior"), data=str(store_dir), device="cpu")
-    )
+    with _timed(stages, "eval_prior"):
+        ev = eval_prior.run(
+            eval_prior.EvalPriorConfig(ckpt=str(out / "prior"), data=str(store_dir), device="cpu")
+        )
     return {"embed": emb, "validate": val, "train_prior": tp, "eval_prior": ev}
 
 
-def _decoder_stages(cfg: DemoConfig, out: Path) -> dict:
+def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dict:
     from jobs import eval_decoder, sample, train_decoder
 
     store_dir = out / "store"
     print(f"[demo] 7/9 train-decoder: tiny preset, {cfg.decoder_steps} steps -> {out / 'decoder'}")
-    td = train_decoder.main(
-        train_decoder.TrainDecoderConfig(
-            data=str(store_dir),
-            out=str(out / "decoder"),
-            steps=cfg.decoder_steps,
-            batch_size=cfg.decoder_batch_size,
-            eval_every=cfg.decoder_steps,
-            save_every=500,
-            resume=True,
-            lr=1e-3,
-            warmup_steps=100,
-            ema_decay=0.995,
-            device="cpu",
+    with _timed(stages, "train_decoder"):
+        td = train_decoder.main(
+            train_decoder.TrainDecoderConfig(
+                data=str(store_dir),
+                out=str(out / "decoder"),
+                steps=cfg.decoder_steps,
+                batch_size=cfg.decoder_batch_size,
+                eval_every=cfg.decoder_steps,
+                save_every=500,
+                resume=True,
+                lr=1e-3,
+                warmup_steps=100,
+                ema_decay=0.995,
+                device="cpu",
+            )
         )
-    )
     print(f"train-decoder: final loss {td['final_loss']:.4f}, {td['samples_per_s']} samples/s")
     print(f"[demo] 8/9 sample: {len(DEMO_PROMPTS)} prompts x 4 -> {out / 'samples.png'}")
-    sm = sample.run(
-        sample.SampleConfig(
-            prior=str(out / "prior"),
-            decoder=str(out / "decoder"),
-            prompt=list(DEMO_PROMPTS),
-            n=4,
-            decoder_guidance=cfg.decoder_guidance,
-            out=str(out / "samples.png"),
-            device="cpu",
+    with _timed(stages, "sample"):
+        sm = sample.run(
+            sample.SampleConfig(
+                prior=str(out / "prior"),
+                decoder=str(out / "decoder"),
+                prompt=list(DEMO_PROMPTS),
+                n=4,
+                decoder_guidance=cfg.decoder_guidance,
+                out=str(out / "samples.png"),
+                device="cpu",
+            )
         )
-    )
     sample.print_report(sm)
     print("[demo] 9/9 eval-decoder: reconstruction and text -> image on the held-out split")
-    ed = eval_decoder.run(
-        eval_decoder.EvalDecoderConfig(
-            decoder=str(out / "decoder"),
-            data=str(store_dir),
-            prior=str(out / "prior"),
-            max_samples=cfg.eval_samples,
-            decoder_guidance=cfg.decoder_guidance,
-            out=str(out),
-            device="cpu",
+    with _timed(stages, "eval_decoder"):
+        ed = eval_decoder.run(
+            eval_decoder.EvalDecoderConfig(
+                decoder=str(out / "decoder"),
+                data=str(store_dir),
+                prior=str(out / "prior"),
+                max_samples=cfg.eval_samples,
+                decoder_guidance=cfg.decoder_guidance,
+                out=str(out),
+                device="cpu",
+            )
         )
-    )
     eval_decoder.print_report(ed)
     shutil.copyfile(out / "decoder" / "reconstructions.png", out / "reconstructions.png")
     for name in ("prior", "decoder"):
@@ -198,6 +221,7 @@ def _summary(r: dict) -> dict:
     attrs = ed.get("attributes", {})
     return {
         "demo_seconds": r["seconds"],
+        **{f"seconds_{name}": sec for name, sec in r.get("stage_seconds", {}).items()},
         "prior_top1_retrieval": ep["top1_pred"],
         "text_embedding_top1_retrieval": ep["top1_text"],
         "prior_cos_pred_image": ep["sim_pred_image"],

@@ -1,6 +1,8 @@
 """The whole demo, small: every stage through `jobs.demo`; the prior learns the caption -> image mapping and the
 decoder's pictures show the captions' colours far above chance."""
 
+import json
+
 import pytest
 
 from jobs.demo import DemoConfig, run
@@ -37,3 +39,20 @@ def test_demo_end_to_end_prior_beats_baselines(tmp_path):
         # 0.14 measured); the full demo reports it.
     for name in ("samples.png", "reconstructions.png", "summary.json", "loss_prior.png", "loss_decoder.png"):
         assert (tmp_path / name).stat().st_size > 500
+    # Where the time went: every stage timed once, the stages within the whole demo's wall time.
+    st = r["stage_seconds"]
+    assert list(st) == [
+        "demo_data",
+        "download",
+        "demo_clip",
+        "embed",
+        "validate",
+        "train_prior",
+        "eval_prior",
+        "train_decoder",
+        "sample",
+        "eval_decoder",
+    ]
+    assert all(v > 0 for v in st.values()) and sum(st.values()) <= r["seconds"] + 0.5
+    summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
+    assert summary["seconds_train_decoder"] == st["train_decoder"]
