@@ -251,11 +251,15 @@ def _summary(r: dict) -> dict:
     }
 
 
+def _cell(v: object) -> str:
+    if v is None:  # e.g. a held-out split with no two-shape scenes: nothing to score
+        return "- (no such samples)"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
 def format_summary(s: dict) -> str:
     width = max(len(k) for k in s)
-    rows = [
-        f"  {k:<{width}}  {v:.3f}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in s.items()
-    ]
+    rows = [f"  {k:<{width}}  {_cell(v)}" for k, v in s.items()]
     return "\n".join(["[demo] summary (also in summary.json)", *rows])
 
 

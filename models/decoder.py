@@ -99,8 +99,12 @@ class DecoderConfig:
 
 
 DECODER_PRESETS: dict[str, DecoderConfig] = {
-    # CPU demo: the 32 px pixels codec folded to 12 x 16 x 16; ~3.7 M parameters, ~0.3 s a batch-32 step on
-    # 2 cores. Widths 32/64/128 (head 32: 1, 2 and 4 heads), one layer a block.
+    # CPU demo: the 32 px pixels codec folded to 12 x 16 x 16; ~4.9 M parameters, ~0.16-0.3 s a batch-32 step
+    # on 2 cores. Widths 32/64/128 (head 32: 1, 2 and 4 heads), one layer a block. The timestep embedding, which
+    # carries the image embedding to every ResNet's scale and shift, is 512 wide instead of diffusers' default
+    # 4 x 32 = 128: the same step time (0.996x, measured side by side), and on the demo store after 1,000 steps
+    # the shape colour at its stated position rose 0.634 -> 0.701 (reconstruction) and 0.602 -> 0.643 (text ->
+    # image), the mean of two seeds, each seed gaining.
     "tiny": DecoderConfig(
         latent_channels=3,
         latent_size=32,
@@ -110,6 +114,7 @@ DECODER_PRESETS: dict[str, DecoderConfig] = {
         attention_head_dim=32,
         cross_attention_dim=128,
         snr_shift=4.0,
+        unet_extra={"time_embedding_dim": 512},
     ),
     # 4 x 32 x 32 SD-VAE latents of 256 px images, 768-d CLIP: 85 M, 190 M and 890 M parameters.
     "b32": DecoderConfig(widths=(128, 256, 448)),
@@ -126,7 +131,9 @@ def decoder_config(name: str, **overrides: object) -> DecoderConfig:
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise ValueError(f"unknown DecoderConfig field(s) {', '.join(unknown)}; valid: {', '.join(fields)}")
-    return dataclasses.replace(DECODER_PRESETS[name], **overrides)
+    preset = DECODER_PRESETS[name]
+    overrides.setdefault("unet_extra", dict(preset.unet_extra))  # a copy: the preset's dict is never shared
+    return dataclasses.replace(preset, **overrides)
 
 
 def unet_kwargs(cfg: DecoderConfig) -> dict:

@@ -56,3 +56,15 @@ def test_demo_end_to_end_prior_beats_baselines(tmp_path):
     assert all(v > 0 for v in st.values()) and sum(st.values()) <= r["seconds"] + 0.5
     summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
     assert summary["seconds_train_decoder"] == st["train_decoder"]
+
+
+def test_summary_table_names_a_missing_score_instead_of_printing_none():
+    from jobs.demo import format_summary
+
+    table = format_summary({"reconstruction_shape_color_two_shapes": None, "prior_top1_retrieval": 0.94643, "n": 3})
+    lines = table.splitlines()
+    assert lines[0] == "[demo] summary (also in summary.json)"
+    assert lines[1].split() == ["reconstruction_shape_color_two_shapes", "-", "(no", "such", "samples)"]
+    assert lines[2].split() == ["prior_top1_retrieval", "0.946"]
+    assert lines[3].split() == ["n", "3"]
+    assert "None" not in table

@@ -86,7 +86,7 @@ def bench(cfg: BenchConfig, work: Path) -> dict:
             "median": statistics.median(train),
             "preset": "tiny",
             "batch": 32,
-            "unit": "train-step samples/s on CPU (tiny: 3x32x32 pixels, 3.7 M parameters)",
+            "unit": "train-step samples/s on CPU (tiny: 3x32x32 pixels, 4.9 M parameters)",
         },
         "decoder_sample": {
             **{k: statistics.median(r["sample_seconds"][k] for r in runs) for k in runs[0]["sample_seconds"]},
