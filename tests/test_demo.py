@@ -61,7 +61,9 @@ def test_demo_end_to_end_prior_beats_baselines(tmp_path):
 def test_summary_table_names_a_missing_score_instead_of_printing_none():
     from jobs.demo import format_summary
 
-    table = format_summary({"reconstruction_shape_color_two_shapes": None, "prior_top1_retrieval": 0.94643, "n": 3})
+    table = format_summary(
+        {"reconstruction_shape_color_two_shapes": None, "prior_top1_retrieval": 0.94643, "n": 3}
+    )
     lines = table.splitlines()
     assert lines[0] == "[demo] summary (also in summary.json)"
     assert lines[1].split() == ["reconstruction_shape_color_two_shapes", "-", "(no", "such", "samples)"]
