@@ -58,6 +58,7 @@ class DecoderConfig:
 
     def __post_init__(self) -> None:
         self.widths = tuple(int(w) for w in self.widths)
+        self.unet_extra = dict(self.unet_extra)  # its own copy: a preset's dict is never shared
         for name in (
             "emb_dim",
             "latent_channels",
@@ -131,9 +132,7 @@ def decoder_config(name: str, **overrides: object) -> DecoderConfig:
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise ValueError(f"unknown DecoderConfig field(s) {', '.join(unknown)}; valid: {', '.join(fields)}")
-    preset = DECODER_PRESETS[name]
-    overrides.setdefault("unet_extra", dict(preset.unet_extra))  # a copy: the preset's dict is never shared
-    return dataclasses.replace(preset, **overrides)
+    return dataclasses.replace(DECODER_PRESETS[name], **overrides)
 
 
 def unet_kwargs(cfg: DecoderConfig) -> dict:
