@@ -243,6 +243,12 @@ def _summary(r: dict) -> dict:
             if k in attrs
             for kind in ("one_shape", "two_shapes")
         },
+        # Pixel noise on the flat background, 0-255 levels (the samples' grain; a drawn scene scores 0).
+        **{
+            f"{k}_background_grain": attrs[k]["background_grain"]
+            for k in ("true_images", "reconstruction", "text_to_image")
+            if k in attrs
+        },
         "background_chance": attrs.get("true_images", {}).get("background_chance"),
         "shape_color_chance": attrs.get("true_images", {}).get("shape_color_chance"),
         "shape_color_anywhere_chance": attrs.get("true_images", {}).get("shape_color_anywhere_chance"),

@@ -207,7 +207,7 @@ def format_table(r: dict) -> str:
         a = r["attributes"]
         lines.append(
             f"  {'attribute accuracy (from pixels)':34} {'bg':>7} {'shape':>7} {'anywhere':>9} "
-            f"{'1 shape':>8} {'2 shapes':>8}"
+            f"{'1 shape':>8} {'2 shapes':>8} {'grain':>7}"
         )
         for key in ("true_images", "reconstruction", "text_to_image"):
             if key in a:
@@ -216,7 +216,8 @@ def format_table(r: dict) -> str:
                 )
                 lines.append(
                     f"  {key.replace('_', ' '):34} {a[key]['background_accuracy']:7.3f} "
-                    f"{a[key]['shape_color_accuracy']:7.3f} {a[key]['shape_color_anywhere_accuracy']:9.3f} {kinds}"
+                    f"{a[key]['shape_color_accuracy']:7.3f} {a[key]['shape_color_anywhere_accuracy']:9.3f} {kinds} "
+                    f"{a[key]['background_grain']:7.2f}"
                 )
         ch = a["true_images"]
         lines.append(

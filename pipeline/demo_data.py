@@ -172,13 +172,34 @@ def _scores(scenes: list[dict], attrs: list[dict]) -> tuple[int, int, int, int]:
     return bg, at, anywhere, shapes
 
 
+def background_grain(images: np.ndarray, attrs: list[dict], margin: int = 1) -> float:
+    """Pixel noise on flat background, in 0-255 levels: per picture, the mean absolute deviation of its
+    background pixels from their own median (all channels), averaged over pictures. Background pixels are those
+    the caption's own drawing at the picture's size leaves as background, less a `margin`-pixel band around each
+    shape, so that blurred or misplaced edges are not counted as grain. A drawn scene scores 0; the demo
+    decoder's residual sampling noise shows here (issue 8's "grainy samples")."""
+    out = []
+    for img, a in zip(images, attrs):
+        true = np.asarray(draw(a, img.shape[0]))  # [H, W, 3]
+        bg = np.all(true == np.asarray(BACKGROUND_RGB[a["background"]], dtype=true.dtype), axis=-1)  # [H, W]
+        padded = np.pad(bg, margin, mode="edge")
+        h, w = bg.shape
+        for dy in range(2 * margin + 1):
+            for dx in range(2 * margin + 1):
+                bg = bg & padded[dy : dy + h, dx : dx + w]
+        px = img[bg].astype(np.float32)  # [N, 3]
+        out.append(float(np.abs(px - np.median(px, axis=0)).mean()) if len(px) else 0.0)
+    return float(np.mean(out)) if out else 0.0
+
+
 def attribute_accuracy(images: np.ndarray, attrs: list[dict]) -> dict[str, float]:
     """How often the pictures show what their captions state: background colour, each shape's colour at its
     stated position, and each shape's colour at any of the five positions. Chance levels: uniform guessing for
     the first two (3 backgrounds, 7 shape colours); for "anywhere", the same pictures scored against other
     pictures' captions (it depends on how many colours a picture holds). The colour at the stated position is
     also given for one-shape and two-shape scenes apart (None where there are none): two shapes are where a
-    decoder swaps or merges colours."""
+    decoder swaps or merges colours. `background_grain` (levels, not an accuracy) is the pixel noise on the
+    flat background."""
     scenes = [read_scene(img) for img in images]
     bg, at, anywhere, shapes = _scores(scenes, attrs)
     shifted = _scores(scenes, attrs[1:] + attrs[:1])  # each picture against the next picture's caption
@@ -199,4 +220,5 @@ def attribute_accuracy(images: np.ndarray, attrs: list[dict]) -> dict[str, float
         "shape_color_chance": 1 / (len(COLORS) - 1),
         "shape_color_anywhere_chance": other / max(1, shifted[3]),
         "images": len(attrs),
+        "background_grain": background_grain(images, attrs),
     }

@@ -82,3 +82,20 @@ def test_attribute_accuracy_splits_one_and_two_shape_scenes():
     assert r["shape_color_anywhere_accuracy"] == 1.0
     assert r["shape_color_accuracy"] == len(one) / (len(one) + 2 * len(two))
     assert attribute_accuracy(images[: len(one)], one)["shape_color_accuracy_two_shapes"] is None
+
+
+def test_background_grain_measures_noise_on_the_background_only():
+    """Drawn scenes score 0; uniform noise of +-20 levels reads as its mean absolute size (~10.2); noise on the
+    shapes alone (background untouched) still reads 0."""
+    from pipeline.demo_data import attribute_accuracy, background_grain, draw, sample_attributes
+
+    rng = np.random.default_rng(3)
+    attrs = [{**sample_attributes(rng), "background": "gray"} for _ in range(40)]  # 128: no clipping at +-20
+    images = np.stack([np.asarray(draw(a, 32)) for a in attrs])
+    assert background_grain(images, attrs) == 0.0
+    noisy = (images.astype(np.int64) + rng.integers(-20, 21, size=images.shape)).clip(0, 255).astype(np.uint8)
+    grain = background_grain(noisy, attrs)
+    assert abs(grain - 420 / 41) < 0.5  # E|U{-20..20}| = 2 * (1 + ... + 20) / 41
+    on_background = np.all(images == 128, axis=-1, keepdims=True)
+    assert background_grain(np.where(on_background, images, noisy), attrs) == 0.0
+    assert attribute_accuracy(noisy, attrs)["background_grain"] == grain
