@@ -188,7 +188,8 @@ def background_grain(images: np.ndarray, attrs: list[dict], margin: int = 1) -> 
             for dx in range(2 * margin + 1):
                 bg = bg & padded[dy : dy + h, dx : dx + w]
         px = img[bg].astype(np.float32)  # [N, 3]
-        out.append(float(np.abs(px - np.median(px, axis=0)).mean()) if len(px) else 0.0)
+        if len(px):  # a picture with no background left to read is skipped, not counted as noiseless
+            out.append(float(np.abs(px - np.median(px, axis=0)).mean()))
     return float(np.mean(out)) if out else 0.0
 
 
