@@ -243,6 +243,13 @@ def _summary(r: dict) -> dict:
             if k in attrs
             for kind in ("one_shape", "two_shapes")
         },
+        # Two-shape scenes of two colours: both right, colours swapped, one colour at both places.
+        **{
+            f"{k}_pairs_{m}": attrs[k].get(f"pairs_{m}")
+            for k in ("reconstruction", "text_to_image")
+            if k in attrs
+            for m in ("both_right", "swapped", "merged")
+        },
         # Pixel noise on the flat background, 0-255 levels (the samples' grain; a drawn scene scores 0).
         **{
             f"{k}_background_grain": attrs[k]["background_grain"]

@@ -224,4 +224,13 @@ def format_table(r: dict) -> str:
             f"  {'chance':34} {ch['background_chance']:7.3f} {ch['shape_color_chance']:7.3f} "
             f"{ch['shape_color_anywhere_chance']:9.3f}"
         )
+        if ch.get("two_color_pairs"):  # where two-shape scenes go wrong: swapped or merged colours
+            label = f"two-shape scenes, 2 colours ({ch['two_color_pairs']})"
+            lines.append(f"  {label:34} {'right':>7} {'swapped':>7} {'merged':>9}")
+            for key in ("reconstruction", "text_to_image"):
+                if key in a:
+                    lines.append(
+                        f"  {key.replace('_', ' '):34} {a[key]['pairs_both_right']:7.3f} "
+                        f"{a[key]['pairs_swapped']:7.3f} {a[key]['pairs_merged']:9.3f}"
+                    )
     return "\n".join(lines)

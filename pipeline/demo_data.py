@@ -172,6 +172,27 @@ def _scores(scenes: list[dict], attrs: list[dict]) -> tuple[int, int, int, int]:
     return bg, at, anywhere, shapes
 
 
+def pair_outcomes(scenes: list[dict], attrs: list[dict]) -> dict[str, float | int | None]:
+    """How the two shapes of a two-colour scene come out, read at their stated positions: both right, swapped
+    (each shape's colour at the other's place), merged (one of the two colours at both places), or otherwise
+    (a shape missing or a third colour). Scenes whose two shapes share a colour are left out: there, a swap is
+    invisible and a merge is right. Fractions of `two_color_pairs` (None where there are none)."""
+    counts = {"both_right": 0, "swapped": 0, "merged": 0}
+    n = 0
+    for scene, a in zip(scenes, attrs):
+        if not a.get("shape2") or a["color1"] == a["color2"]:
+            continue
+        n += 1
+        got1, got2 = scene[a["position1"]], scene[a["position2"]]
+        if (got1, got2) == (a["color1"], a["color2"]):
+            counts["both_right"] += 1
+        elif (got1, got2) == (a["color2"], a["color1"]):
+            counts["swapped"] += 1
+        elif got1 == got2 and got1 in (a["color1"], a["color2"]):
+            counts["merged"] += 1
+    return {"two_color_pairs": n, **{f"pairs_{k}": (v / n if n else None) for k, v in counts.items()}}
+
+
 def background_grain(images: np.ndarray, attrs: list[dict], margin: int = 1) -> float:
     """Pixel noise on flat background, in 0-255 levels: per picture, the mean absolute deviation of its
     background pixels from their own median (all channels), averaged over pictures. Background pixels are those
@@ -199,8 +220,8 @@ def attribute_accuracy(images: np.ndarray, attrs: list[dict]) -> dict[str, float
     the first two (3 backgrounds, 7 shape colours); for "anywhere", the same pictures scored against other
     pictures' captions (it depends on how many colours a picture holds). The colour at the stated position is
     also given for one-shape and two-shape scenes apart (None where there are none): two shapes are where a
-    decoder swaps or merges colours. `background_grain` (levels, not an accuracy) is the pixel noise on the
-    flat background."""
+    decoder swaps or merges colours; `pair_outcomes` says which, for two-shape scenes of two colours.
+    `background_grain` (levels, not an accuracy) is the pixel noise on the flat background."""
     scenes = [read_scene(img) for img in images]
     bg, at, anywhere, shapes = _scores(scenes, attrs)
     shifted = _scores(scenes, attrs[1:] + attrs[:1])  # each picture against the next picture's caption
@@ -221,5 +242,6 @@ def attribute_accuracy(images: np.ndarray, attrs: list[dict]) -> dict[str, float
         "shape_color_chance": 1 / (len(COLORS) - 1),
         "shape_color_anywhere_chance": other / max(1, shifted[3]),
         "images": len(attrs),
+        **pair_outcomes(scenes, attrs),
         "background_grain": background_grain(images, attrs),
     }

@@ -84,6 +84,68 @@ def test_attribute_accuracy_splits_one_and_two_shape_scenes():
     assert attribute_accuracy(images[: len(one)], one)["shape_color_accuracy_two_shapes"] is None
 
 
+def test_pair_outcomes_tell_swapped_from_merged_two_shape_scenes():
+    """Two-colour two-shape scenes drawn as captioned read 'both right'; with the colours swapped, 'swapped';
+    with the first colour at both places, 'merged' (half of them) and a third colour 'neither'; one-shape scenes
+    and same-colour pairs are not counted."""
+    from pipeline.demo_data import COLORS, attribute_accuracy, draw, sample_attributes
+
+    rng = np.random.default_rng(4)
+    attrs = [sample_attributes(rng) for _ in range(200)]
+    two = [a for a in attrs if a.get("shape2") and a["color1"] != a["color2"]]
+    same = [{**a, "color2": a["color1"]} for a in two[:5]]
+    one = [a for a in attrs if not a.get("shape2")][:10]
+    assert len(two) > 20
+
+    def third(a):  # a visible colour that is neither shape's
+        return next(c for c in COLORS if c not in (a["color1"], a["color2"], a["background"]))
+
+    half = len(two) // 2
+    drawn = {
+        "right": two,
+        "swapped": [{**a, "color1": a["color2"], "color2": a["color1"]} for a in two],
+        "merged": [{**a, "color2": a["color1"]} for a in two[:half]]
+        + [{**a, "color2": third(a)} for a in two[half:]],
+    }
+    for kind, scenes in drawn.items():
+        images = np.stack([np.asarray(draw(a, 32)) for a in one + same + scenes])
+        r = attribute_accuracy(images, one + same + two)
+        assert r["two_color_pairs"] == len(two)
+        expect = {"right": (1.0, 0.0, 0.0), "swapped": (0.0, 1.0, 0.0), "merged": (0.0, 0.0, half / len(two))}
+        got = (r["pairs_both_right"], r["pairs_swapped"], r["pairs_merged"])
+        assert got == expect[kind], (kind, got)
+    assert attribute_accuracy(np.stack([np.asarray(draw(a, 32)) for a in one]), one)["pairs_swapped"] is None
+
+
+def test_eval_decoder_table_shows_the_pair_outcomes():
+    from jobs.eval_decoder import format_table
+    from pipeline.demo_data import attribute_accuracy, draw, sample_attributes
+
+    rng = np.random.default_rng(5)
+    attrs = [a for a in (sample_attributes(rng) for _ in range(80)) if a.get("shape2")]
+    attrs = [a for a in attrs if a["color1"] != a["color2"]]
+    true = np.stack([np.asarray(draw(a, 32)) for a in attrs])
+    swapped = np.stack(
+        [np.asarray(draw({**a, "color1": a["color2"], "color2": a["color1"]}, 32)) for a in attrs]
+    )
+    agree = {"cos": 0.5, "top1": 0.5}
+    report = {
+        "samples": len(attrs),
+        "reconstruction": agree,
+        "text_to_image": agree,
+        "attributes": {
+            "true_images": attribute_accuracy(true, attrs),
+            "reconstruction": attribute_accuracy(true, attrs),
+            "text_to_image": attribute_accuracy(swapped, attrs),
+        },
+    }
+    lines = format_table(report).splitlines()
+    head = next(i for i, line in enumerate(lines) if "two-shape scenes, 2 colours" in line)
+    assert f"({len(attrs)})" in lines[head] and lines[head].split()[-3:] == ["right", "swapped", "merged"]
+    assert lines[head + 1].split()[-3:] == ["1.000", "0.000", "0.000"]  # reconstruction: as drawn
+    assert lines[head + 2].split()[-3:] == ["0.000", "1.000", "0.000"]  # text -> image: every pair swapped
+
+
 def test_background_grain_measures_noise_on_the_background_only():
     """Drawn scenes score 0; uniform noise of +-20 levels reads as its mean absolute size (~10.2); noise on the
     shapes alone (background untouched) still reads 0."""
