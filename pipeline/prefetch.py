@@ -8,9 +8,15 @@ import threading
 from collections.abc import Iterator
 
 
+JOIN_S = 60.0  # how long a consumer that stops waits for the producer's current item
+
+
 def background(gen: Iterator, depth: int = 3) -> Iterator:
     """Yield ``gen``'s items, produced ``depth`` ahead in a thread. An exception in the producer is raised in
-    the consumer; a consumer that stops early (or fails) stops the producer instead of leaving it blocked."""
+    the consumer. A consumer that stops early (or fails) stops the producer and waits (up to `JOIN_S`) for it to
+    finish the item it is on and close ``gen``: a producer still running inside a C extension while the
+    interpreter exits can abort the process ("terminate called without an active exception", seen in the
+    stream benchmark's probe after it had printed its result)."""
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop, done = threading.Event(), object()
 
@@ -31,8 +37,13 @@ def background(gen: Iterator, depth: int = 3) -> Iterator:
             put(done)
         except BaseException as e:  # handed to the consumer
             put(e)
+        finally:
+            close = getattr(gen, "close", None)  # run gen's own cleanup here, in its thread
+            if close is not None:
+                close()
 
-    threading.Thread(target=work, daemon=True).start()
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
     try:
         while (item := q.get()) is not done:
             if isinstance(item, BaseException):
@@ -40,3 +51,4 @@ def background(gen: Iterator, depth: int = 3) -> Iterator:
             yield item
     finally:
         stop.set()
+        thread.join(JOIN_S)  # bounded: a producer stuck on I/O is left behind (a daemon) rather than hung on
