@@ -7,7 +7,6 @@ import queue
 import threading
 from collections.abc import Iterator
 
-
 JOIN_S = 60.0  # how long a consumer that stops waits for the producer's current item
 
 
