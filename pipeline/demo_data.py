@@ -105,6 +105,30 @@ def draw(attrs: dict[str, str | None], size: int) -> Image.Image:
     return img
 
 
+def broken_binding(attrs: dict[str, str | None], rng: np.random.Generator) -> dict[str, str | None]:
+    """The same scene with its binding broken, for the demo CLIP's hard-negative captions: a two-shape scene
+    gets, at even odds, its two colours swapped or its two shapes' positions swapped, a one-shape scene another
+    position or another colour. Always a different picture: where a swap would draw the same one (two shapes of
+    one colour, or the same shape and colour twice), the other swap or a new colour for the first shape."""
+    a = dict(attrs)
+    if a["shape2"] is not None:
+        colors_differ, shapes_differ = a["color1"] != a["color2"], a["shape1"] != a["shape2"]
+        if colors_differ and (rng.random() < 0.5 or not shapes_differ):
+            a["color1"], a["color2"] = a["color2"], a["color1"]
+        elif shapes_differ:
+            a["position1"], a["position2"] = a["position2"], a["position1"]
+        else:
+            others = [c for c in COLORS if c not in (a["background"], a["color1"])]
+            a["color1"] = others[rng.integers(len(others))]
+    elif rng.random() < 0.5:
+        others = [p for p in POSITIONS if p != a["position1"]]
+        a["position1"] = others[rng.integers(len(others))]
+    else:
+        others = [c for c in COLORS if c not in (a["background"], a["color1"])]
+        a["color1"] = others[rng.integers(len(others))]
+    return a
+
+
 def run(cfg: DemoDataConfig) -> dict:
     """Write ``cfg.n`` images and ``demo.parquet`` into ``cfg.out``. Returns a small report."""
     if cfg.n < 1 or cfg.size < 16:

@@ -161,3 +161,29 @@ def test_background_grain_measures_noise_on_the_background_only():
     on_background = np.all(images == 128, axis=-1, keepdims=True)
     assert background_grain(np.where(on_background, images, noisy), attrs) == 0.0
     assert attribute_accuracy(noisy, attrs)["background_grain"] == grain
+
+
+def test_broken_binding_always_draws_another_picture_and_swaps_two_colours():
+    """The demo CLIP's hard negatives: never the same picture as the scene; a two-shape scene of two colours and
+    two shapes has its colours or its positions swapped, nothing else changed."""
+    from pipeline.demo_data import broken_binding, draw, sample_attributes
+
+    rng = np.random.default_rng(5)
+    swaps = 0
+    for _ in range(400):
+        a = sample_attributes(rng)
+        b = broken_binding(a, rng)
+        assert b["background"] == a["background"]
+        assert not np.array_equal(np.asarray(draw(a, 32)), np.asarray(draw(b, 32))), (a, b)
+        if a["shape2"] and a["color1"] != a["color2"] and a["shape1"] != a["shape2"]:
+            colors = (b["color1"], b["color2"]) == (a["color2"], a["color1"])
+            positions = (b["position1"], b["position2"]) == (a["position2"], a["position1"])
+            assert colors != positions and {b["shape1"], b["shape2"]} == {a["shape1"], a["shape2"]}
+            swaps += colors
+    # two same-colour, same-shape scenes are rare; both swap kinds occur
+    assert 20 < swaps < 120
+    # same picture otherwise: a scene of two identical shapes in one colour gets a new colour
+    same = {"background": "white", "shape1": "circle", "color1": "red", "position1": "center",
+            "shape2": "circle", "color2": "red", "position2": "top left"}  # fmt: skip
+    b = broken_binding(same, rng)
+    assert b["color1"] not in ("red", "white") and b["color2"] == "red"
