@@ -40,6 +40,10 @@ class DemoConfig:
     eval_samples: int = 128  # held-out samples for eval-decoder
     # Guidance 2 on the decoder: CLIP top-1 of its reconstructions 0.39 -> 0.53 on the demo (1 vs 2; 4 adds little)
     decoder_guidance: float = 2.0
+    # The decoder's first stage (`tiny-base` at 8 x 8, batch 64; 0 = the one-stage `tiny` decoder alone): it
+    # decides which colour goes where, which `tiny` alone does not learn in 1,000 steps (README, "two stages").
+    base_steps: int = 2000
+    strength: float = 0.5  # the share of `tiny`'s steps that redraw the base's upsampled picture
 
 
 # Drawn from the demo's caption grammar; none is guaranteed to be in the training set.
@@ -181,6 +185,30 @@ def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dic
             )
         )
     print(f"train-decoder: final loss {td['final_loss']:.4f}, {td['samples_per_s']} samples/s")
+    base = str(out / "base") if cfg.base_steps else ""
+    if base:
+        print(
+            f"[demo] 7/9 train-decoder, first stage: tiny-base preset at 8 x 8, {cfg.base_steps} steps -> {base}"
+        )
+        with _timed(stages, "train_base"):
+            tb = train_decoder.main(
+                train_decoder.TrainDecoderConfig(
+                    data=str(store_dir),
+                    out=base,
+                    preset="tiny-base",
+                    resolution=8,
+                    steps=cfg.base_steps,
+                    batch_size=64,
+                    eval_every=cfg.base_steps,
+                    save_every=500,
+                    resume=True,
+                    lr=1e-3,
+                    warmup_steps=100,
+                    ema_decay=0.995,
+                    device="cpu",
+                )
+            )
+        print(f"train-decoder (base): final loss {tb['final_loss']:.4f}, {tb['samples_per_s']} samples/s")
     print(f"[demo] 8/9 sample: {len(DEMO_PROMPTS)} prompts x 4 -> {out / 'samples.png'}")
     with _timed(stages, "sample"):
         sm = sample.run(
@@ -190,6 +218,8 @@ def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dic
                 prompt=list(DEMO_PROMPTS),
                 n=4,
                 decoder_guidance=cfg.decoder_guidance,
+                base=base,
+                strength=cfg.strength,
                 out=str(out / "samples.png"),
                 device="cpu",
             )
@@ -204,6 +234,8 @@ def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dic
                 prior=str(out / "prior"),
                 max_samples=cfg.eval_samples,
                 decoder_guidance=cfg.decoder_guidance,
+                base=base,
+                strength=cfg.strength,
                 out=str(out),
                 device="cpu",
             )

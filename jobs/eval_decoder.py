@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from jobs import checkpoint
 from jobs.render import latents_to_images, save_grid
-from jobs.sample import SampleConfig, load_models, text_to_image
+from jobs.sample import SampleConfig, attach_base, decode, load_decoder, load_models, text_to_image
 from jobs.train_loop import load_store_manifest
 from pipeline import store
 from pipeline.demo_data import ATTRIBUTE_COLUMNS, attribute_accuracy
@@ -45,6 +45,8 @@ class EvalDecoderConfig:
     seed: int = 0
     out: str = ""  # folder for eval_decoder.json / .png; default: the checkpoint folder
     device: str = "auto"
+    base: str = ""  # a two-stage decoder's first stage (`unclip sample --base`)
+    strength: float = 0.5  # the share of --decoder's steps that redraw the base's picture
 
 
 @torch.no_grad()
@@ -118,26 +120,28 @@ def run(cfg: EvalDecoderConfig) -> dict:
         prior_guidance=cfg.prior_guidance,
         decoder_guidance=cfg.decoder_guidance,
         seed=cfg.seed,
+        base=cfg.base,
+        strength=cfg.strength,
     )
+    if not 0.0 < cfg.strength <= 1.0:
+        raise UsageError(
+            f"--strength must be in (0, 1] (the share of the decoder's steps), got {cfg.strength}"
+        )
     m = load_models(cfg.prior, cfg.decoder, device) if cfg.prior else _decoder_only(cfg.decoder, device)
+    m = attach_base(m, cfg.base)
     codec = m.decoder_meta["store"]["latents"]
     b, rows = _held_out(cfg, codec, ("img_emb", "latents"))
     gen = torch.Generator().manual_seed(cfg.seed)
     cond = F.normalize(b["img_emb"].float(), dim=-1)
     true_img = latents_to_images(b["latents"], codec, device)
-    recon = m.decoder.sample(
-        cond.to(device),
-        steps=cfg.decoder_steps,
-        sampler=cfg.sampler,
-        guidance_scale=cfg.decoder_guidance,
-        generator=gen,
-    )
+    recon = decode(m, cond.to(device), sc, gen)
     recon_img = latents_to_images(recon, codec, device)
     true_emb = clip_image_embeddings(m.clip, true_img)
     recon_emb = clip_image_embeddings(m.clip, recon_img)
     report: dict = {
         "samples": len(rows),
         "decoder_step": m.decoder_meta["step"],
+        "base_step": m.base_meta["step"] if m.base_meta else None,
         "reconstruction": agreement(recon_emb, cond),
         "ceiling_true_images": agreement(true_emb, cond),
         "floor_random_pairs": {
@@ -178,9 +182,7 @@ def _decoder_only(decoder: str, device: str):
     from jobs.sample import Models, _clip_id
     from pipeline.encoders import load_clip
 
-    folder, meta = checkpoint.open_task(decoder, "decoder")
-    d = checkpoint.build_model(folder, meta).to(device).eval()
-    checkpoint.load_weights(d, folder / "ema.safetensors")
+    d, meta = load_decoder(decoder, device)
     c = _clip_id(meta)
     return Models(None, d, load_clip(c["arch"], c["pretrained"], device, c["seed"] or 0), {}, meta, device)
 

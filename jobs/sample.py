@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from jobs import checkpoint
 from jobs.render import latents_to_images, save_grid
@@ -40,6 +41,10 @@ class SampleConfig:
     batch_size: int = 64  # images sampled at once
     out: str = "samples.png"
     device: str = "auto"
+    # A two-stage decoder: this low-resolution decoder (`train-decoder --resolution`) draws the picture first,
+    # and --decoder redraws it upsampled, image to image, over the last `strength` of its steps.
+    base: str = ""
+    strength: float = 0.5
 
 
 @dataclass
@@ -52,6 +57,8 @@ class Models:
     prior_meta: dict
     decoder_meta: dict
     device: str
+    base: torch.nn.Module | None = None  # a two-stage decoder's first stage
+    base_meta: dict | None = None
 
 
 def _clip_id(meta: dict) -> dict:
@@ -63,12 +70,58 @@ def _clip_id(meta: dict) -> dict:
     }
 
 
+def load_decoder(path: str, device: str) -> tuple[torch.nn.Module, dict]:
+    """A decoder checkpoint's EMA weights, in eval mode, and its metadata."""
+    folder, meta = checkpoint.open_task(path, "decoder")
+    d = checkpoint.build_model(folder, meta).to(device).eval()
+    checkpoint.load_weights(d, folder / "ema.safetensors")
+    return d, meta
+
+
+def attach_base(m: Models, base: str) -> Models:
+    """`m` with the first stage of a two-stage decoder, checked to fit the decoder: the same CLIP and latent
+    codec, and a latent side that divides the decoder's."""
+    if not base:
+        return m
+    b, bm = load_decoder(base, m.device)
+    if _clip_id(bm) != _clip_id(m.decoder_meta):
+        raise UsageError(
+            f"--base was trained on CLIP {_clip_id(bm)['arch']} embeddings and --decoder on "
+            f"{_clip_id(m.decoder_meta)['arch']}; train both on the same store"
+        )
+    lo, hi = b.cfg, m.decoder.cfg
+    codec_b, codec_d = bm["store"]["latents"], m.decoder_meta["store"]["latents"]
+    if codec_b != codec_d or lo.latent_channels != hi.latent_channels or hi.latent_size % lo.latent_size:
+        raise UsageError(
+            f"--base makes {lo.latent_channels}x{lo.latent_size}x{lo.latent_size} {codec_b['codec']} latents, "
+            f"which do not upsample to --decoder's {hi.latent_channels}x{hi.latent_size}x{hi.latent_size} "
+            f"{codec_d['codec']} latents; train the base on the decoder's store with --resolution"
+        )
+    m.base, m.base_meta = b, bm
+    return m
+
+
+@torch.no_grad()
+def decode(m: Models, emb: torch.Tensor, cfg: SampleConfig, gen: torch.Generator) -> torch.Tensor:
+    """Latents [B, C, H, W] for image embeddings [B, D]: the decoder alone, or the base's picture upsampled
+    (bilinear) and redrawn by the decoder over the last `cfg.strength` of its steps."""
+    kw = dict(
+        steps=cfg.decoder_steps, sampler=cfg.sampler, guidance_scale=cfg.decoder_guidance, generator=gen
+    )
+    if m.base is None:
+        return m.decoder.sample(emb, **kw)
+    low = m.base.sample(emb, **kw)  # [B, C, h, w]
+    size = m.decoder.cfg.latent_size
+    init = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    return m.decoder.sample(emb, init=init, strength=cfg.strength, **kw)
+
+
 def load_models(prior: str, decoder: str, device: str) -> Models:
     """Both checkpoints, checked to share one CLIP model, and that CLIP."""
     from pipeline.encoders import load_clip
 
     pf, pm = checkpoint.open_task(prior, "prior")
-    df, dm = checkpoint.open_task(decoder, "decoder")
+    dm = checkpoint.open_task(decoder, "decoder")[1]
     a, b = _clip_id(pm), _clip_id(dm)
     if a != b:
         raise UsageError(
@@ -77,8 +130,7 @@ def load_models(prior: str, decoder: str, device: str) -> Models:
         )
     p = checkpoint.build_model(pf, pm).to(device).eval()
     checkpoint.load_weights(p, pf / "ema.safetensors")
-    d = checkpoint.build_model(df, dm).to(device).eval()
-    checkpoint.load_weights(d, df / "ema.safetensors")
+    d, dm = load_decoder(decoder, device)
     clip = load_clip(a["arch"], a["pretrained"], device, a["seed"] or 0)
     if clip.dim != pm["store"]["clip"]["dim"]:
         raise UsageError(
@@ -117,13 +169,7 @@ def text_to_image(m: Models, prompts: list[str], cfg: SampleConfig, gen: torch.G
             sampler=cfg.sampler,
             generator=gen,
         )
-        lat = m.decoder.sample(
-            emb,
-            steps=cfg.decoder_steps,
-            sampler=cfg.sampler,
-            guidance_scale=cfg.decoder_guidance,
-            generator=gen,
-        )
+        lat = decode(m, emb, cfg, gen)
         images.append(latents_to_images(lat, m.decoder_meta["store"]["latents"], m.device))
         embs.append(emb.cpu())
     return np.concatenate(images), torch.cat(embs)
@@ -149,6 +195,10 @@ def validate(cfg: SampleConfig) -> list[str]:
     for name in ("n", "prior_steps", "decoder_steps", "batch_size"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not 0.0 < cfg.strength <= 1.0:
+        raise UsageError(
+            f"--strength must be in (0, 1] (the share of the decoder's steps), got {cfg.strength}"
+        )
     if not cfg.out.lower().endswith(".png"):
         raise UsageError(f"--out {cfg.out} must name a .png file")
     return _prompts(cfg)
@@ -159,7 +209,7 @@ def run(cfg: SampleConfig) -> dict:
 
     prompts = validate(cfg)
     device = resolve_device(cfg.device)
-    m = load_models(cfg.prior, cfg.decoder, device)
+    m = attach_base(load_models(cfg.prior, cfg.decoder, device), cfg.base)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     repeated = [p for p in prompts for _ in range(cfg.n)]
@@ -177,6 +227,7 @@ def run(cfg: SampleConfig) -> dict:
         "device": device,
         "prior_step": m.prior_meta["step"],
         "decoder_step": m.decoder_meta["step"],
+        "base_step": m.base_meta["step"] if m.base_meta else None,
         "clip": m.prior_meta["store"]["clip"],
         "guidance": {
             "prior": m.prior.cfg.guidance_scale if cfg.prior_guidance is None else cfg.prior_guidance,

@@ -36,11 +36,18 @@ class TrainDecoderConfig(TrainConfig):
     sampler: str = "dpm++"  # dpm++ or ddim
     guidance_scale: float | None = None  # None = the preset's
     snr_shift: float | None = None  # timesteps shifted towards noise (models.decoder); None = the preset's
+    # Train at this latent side, the store's latents area-pooled to it: the first stage of a two-stage decoder
+    # (`unclip sample --base`), e.g. 8 with the `tiny-base` preset on the demo's 32 px pixels. 0 = the store's.
+    resolution: int = 0
 
 
-def dequantized_latents(batch: dict, codec: dict) -> torch.Tensor:
-    """Model-scale latents float32 [B, C, h, w] from the batch's uint8 latents, on their device."""
-    return dequantize_torch(batch["latents"], codec["lo"], codec["hi"])
+def dequantized_latents(batch: dict, codec: dict, size: int | None = None) -> torch.Tensor:
+    """Model-scale latents float32 [B, C, h, w] from the batch's uint8 latents, on their device; area-pooled to
+    size x size where that is given and smaller."""
+    x = dequantize_torch(batch["latents"], codec["lo"], codec["hi"])
+    if size is not None and size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="area")
+    return x
 
 
 class DecoderTask(Task):
@@ -67,7 +74,12 @@ class DecoderTask(Task):
         c, h, w = codec["shape"]
         if h != w:
             raise UsageError(f"the store's latents are {h}x{w}; the decoder needs square latents")
-        overrides = {"emb_dim": manifest["clip"]["dim"], "latent_channels": c, "latent_size": h}
+        if cfg.resolution and not (0 < cfg.resolution <= h and h % cfg.resolution == 0):
+            raise UsageError(
+                f"--resolution {cfg.resolution} must divide the store's latent side {h} (0 = train at {h})"
+            )
+        self.size = cfg.resolution or h
+        overrides = {"emb_dim": manifest["clip"]["dim"], "latent_channels": c, "latent_size": self.size}
         for name in ("guidance_scale", "snr_shift"):
             if getattr(cfg, name) is not None:
                 overrides[name] = getattr(cfg, name)
@@ -83,7 +95,9 @@ class DecoderTask(Task):
         return build_decoder(model_cfg)
 
     def loss(self, model: DiffusionDecoder, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        return model.loss(dequantized_latents(batch, self.codec), batch["img_emb"].float(), generator)
+        return model.loss(
+            dequantized_latents(batch, self.codec, self.size), batch["img_emb"].float(), generator
+        )
 
     def evaluate(self, run: RunState, step: int) -> dict | None:
         val = self.val_stream(batch_size=self.cfg.eval_samples)
@@ -91,7 +105,7 @@ class DecoderTask(Task):
             log.warning("no held-out samples (val_fraction %.3f): skipping evaluation", self.cfg.val_fraction)
             return None
         b = next(val.torch_batches(run.device))
-        true = dequantized_latents(b, self.codec)
+        true = dequantized_latents(b, self.codec, self.size)
         gen = torch.Generator().manual_seed(0)
         recon = run.ema.sample(
             b["img_emb"].float(), steps=self.cfg.sample_steps, sampler=self.cfg.sampler, generator=gen

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -175,7 +175,9 @@ def _check_resume(meta: dict, run: RunState) -> None:
         diff = sorted(k for k in run.model_cfg if meta["model"].get(k) != run.model_cfg[k])
         raise UsageError(f"checkpoint's model config differs from this run's in {', '.join(diff)}")
     old, new = meta["config"], asdict(run.cfg)
-    diff = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k])
+    # A setting added in a later version is absent from older checkpoints: there it had its default's effect.
+    defaults = {f.name: f.default for f in fields(run.cfg) if f.default is not MISSING}
+    diff = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k, defaults.get(k)) != new[k])
     if diff:
         raise UsageError(
             f"--resume with other settings than the checkpoint's: {', '.join(diff)} "

@@ -60,21 +60,38 @@ def sample(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     noise: torch.Tensor | None = None,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """The clean sample [shape] in `dtype`, from `noise` (or Gaussian noise drawn from `generator` on the
     generator's own device, so a CPU generator also seeds GPU runs) over `steps` steps.
 
+    With `init` [shape] (image to image, as diffusers' img2img pipelines do it): only the last
+    round(steps * strength) of the `steps` steps, starting from `init` noised to the first of them.
     The scheduler works in float32 whatever the network's dtype; the network sees `dtype`.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
     sched = make_scheduler(sampler, prediction_type, num_train_timesteps)
     sched.set_timesteps(steps, device=device)
     if noise is None:
         gen_device = generator.device if generator is not None else device
         noise = torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32)
-    x = noise.to(device=device, dtype=torch.float32) * sched.init_noise_sigma
-    for t in sched.timesteps:
+    noise = noise.to(device=device, dtype=torch.float32)
+    timesteps = sched.timesteps
+    if init is None:
+        x = noise * sched.init_noise_sigma
+    else:
+        skip = steps - max(1, round(steps * strength))
+        timesteps = timesteps[skip:]
+        if hasattr(
+            sched, "set_begin_index"
+        ):  # the multistep solver counts its steps from here (DDIM has none)
+            sched.set_begin_index(skip)
+        x = sched.add_noise(init.to(device=device, dtype=torch.float32), noise, timesteps[:1])
+    for t in timesteps:
         t_batch = torch.full((shape[0],), int(t), device=device, dtype=torch.long)  # [B]
         out = model_fn(x.to(dtype), t_batch).float()
         x = sched.step(out, t, x).prev_sample

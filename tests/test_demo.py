@@ -18,6 +18,7 @@ def test_demo_end_to_end_prior_beats_baselines(tmp_path):
             clip_steps=200,
             prior_steps=1000,
             decoder_steps=500,
+            base_steps=500,
             eval_samples=64,
         )
     )
@@ -50,6 +51,7 @@ def test_demo_end_to_end_prior_beats_baselines(tmp_path):
         "train_prior",
         "eval_prior",
         "train_decoder",
+        "train_base",
         "sample",
         "eval_decoder",
     ]

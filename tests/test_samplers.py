@@ -87,3 +87,32 @@ def test_seeded_and_validated():
         make_scheduler("euler", "sample")
     with pytest.raises(ValueError, match="valid: sample, v_prediction, epsilon"):
         make_scheduler("ddim", "x0")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_image_to_image_keeps_more_of_the_init_as_strength_falls(toy, sampler):
+    """From `init` noised part way: the exact denoiser pulls a far-off init towards the data, the more so the
+    more steps (strength) it is given; strength 1 forgets the init (pure noise at t = 999)."""
+    noise, exact = toy
+    init = MU + 3.0  # far outside the data's N(mu, 0.5^2)
+
+    def run(strength):
+        return sample(
+            exact_v,
+            (64, D),
+            sampler=sampler,
+            steps=25,
+            prediction_type="v_prediction",
+            noise=noise,
+            dtype=torch.float64,
+            init=init.expand(64, D),
+            strength=strength,
+        )
+
+    dist = [
+        (run(s) - init).abs().mean().item() for s in (0.04, 0.2, 0.5, 1.0)
+    ]  # measured 0.08, 0.6, 1.7, 3.0
+    assert dist[0] < 0.1 and dist[0] < dist[1] < dist[2] < dist[3], dist
+    assert (run(1.0) - exact).abs().mean().item() < 0.05  # near the plain sample from the same noise
+    with pytest.raises(ValueError, match="strength must be in \\(0, 1\\]"):
+        run(0.0)

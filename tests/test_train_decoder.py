@@ -70,7 +70,7 @@ def test_store_without_latents_and_bad_settings_are_one_line_errors(tmp_path, da
         main(cfg_for(str(plain), tmp_path / "a"))
     assert cli(["train-decoder", "--data", data, "--out", str(tmp_path / "b"), "--preset", "huge"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "unknown --preset 'huge'; valid: tiny, b32, base, large" in err
+    assert err.count("\n") == 0 and "unknown --preset 'huge'; valid: tiny, tiny-base, b32, base, large" in err
     assert cli(["train-decoder", "--data", data, "--out", str(tmp_path / "c"), "--sampler", "euler"]) == 2
     assert "valid: ddim, dpm++" in capsys.readouterr().err
     assert cli(["train-decoder", "--data", data, "--out", str(tmp_path / "d"), "--snr-shift", "0"]) == 2
@@ -218,3 +218,59 @@ def test_checkpoint_from_another_version_is_a_one_line_error(pair, data, tmp_pat
     assert cli(["eval-decoder", "--decoder", str(dec), "--data", data, "--out", str(tmp_path / "ev")]) == 2
     assert "decoder config cannot be built" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "ev").exists()
+
+
+def test_two_stage_decoder_base_at_lower_resolution_then_image_to_image(pair, data, tmp_path, capsys):
+    """`--resolution 8` trains on the 16 px latents area-pooled to 8 x 8; `sample --base` draws the base's
+    picture, upsamples it and lets the decoder redraw the last `strength` of its steps: at a small strength the
+    final picture is the base's, upsampled. Mismatched stages and bad settings are one-line errors."""
+    import torch.nn.functional as F
+
+    from jobs.sample import attach_base, decode, load_models
+
+    main(cfg_for(data, tmp_path / "base", preset="tiny-base", resolution=8, steps=4, save_every=4))
+    meta = checkpoint.read_meta(checkpoint.resolve(tmp_path / "base"))
+    assert meta["model"]["latent_size"] == 8 and meta["store"]["latents"]["shape"] == [3, 16, 16]
+    m = attach_base(load_models(str(pair / "prior"), str(pair / "decoder"), "cpu"), str(tmp_path / "base"))
+    emb = torch.randn(4, DIM, generator=torch.Generator().manual_seed(0))
+    cfg = SampleConfig(prior="", decoder="", decoder_steps=25, strength=0.04)
+    low = m.base.sample(emb, steps=25, generator=torch.Generator().manual_seed(5))
+    out = decode(m, emb, cfg, torch.Generator().manual_seed(5))  # the same draws for the base
+    assert low.shape == (4, 3, 8, 8) and out.shape == (4, 3, 16, 16)
+    up = F.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False)
+    alone = m.decoder.sample(emb, steps=25, generator=torch.Generator().manual_seed(5))
+    assert (out - up).abs().mean() < 0.2 * (alone - up).abs().mean()
+    kw = dict(prior=str(pair / "prior"), decoder=str(pair / "decoder"), prompt=["a red circle"], n=2)
+    r = sample_run(SampleConfig(out=str(tmp_path / "a.png"), base=str(tmp_path / "base"), device="cpu", **kw))
+    assert r["base_step"] == 4 and r["settings"]["strength"] == 0.5
+    assert (tmp_path / "a.png").stat().st_size > 500
+    args = ["sample", "--prior", str(pair / "prior"), "--decoder", str(pair / "decoder"), "--prompt", "a"]
+    assert (
+        cli(args + ["--base", str(tmp_path / "base"), "--strength", "0", "--out", str(tmp_path / "x.png")])
+        == 2
+    )
+    assert "--strength must be in (0, 1]" in capsys.readouterr().err
+    # a base trained at a side that does not divide the decoder's: 16 px base under an 8 px "decoder"
+    bad = args[:4] + [str(tmp_path / "base")] + ["--base", str(pair / "decoder"), "--prompt", "a"]
+    assert cli(bad + ["--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "do not upsample to --decoder's 3x8x8" in err
+    assert cli(["train-decoder", "--data", data, "--out", str(tmp_path / "r"), "--resolution", "5"]) == 2
+    assert "--resolution 5 must divide the store's latent side 16" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "r").exists()
+    ev = ["eval-decoder", "--decoder", str(pair / "decoder"), "--data", data, "--base", str(tmp_path / "base")]
+    assert cli(ev + ["--max-samples", "4", "--decoder-steps", "2", "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev/eval_decoder.json").read_text())["base_step"] == 4
+
+
+def test_resume_of_a_checkpoint_from_before_a_setting_existed(data, tmp_path):
+    """A run checkpointed by a version without `--resolution` resumes: the missing setting counts as its
+    default. Another value of it is still refused."""
+    main(cfg_for(data, tmp_path, steps=4, stop_after=2, save_every=2))
+    meta_path = checkpoint.resolve(tmp_path) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["resolution"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="model config differs from this run.s in latent_size"):
+        main(cfg_for(data, tmp_path, steps=4, save_every=2, resume=True, resolution=8))
+    assert main(cfg_for(data, tmp_path, steps=4, save_every=2, resume=True))["start_step"] == 2
