@@ -73,6 +73,7 @@ eval-prior: $(VENV_STAMP) ## evaluate the prior's EMA weights on the held-out sp
 	.venv/bin/unclip eval-prior --ckpt $(PRIOR_OUT) --data $(STORE) $(ARGS)
 
 DECODER_OUT ?= decoder
+BASE_OUT ?=
 PROMPT ?=
 SAMPLES ?= samples.png
 .PHONY: train-decoder eval-decoder sample
@@ -81,11 +82,11 @@ train-decoder: $(VENV_STAMP) ## train the decoder: make train-decoder STORE=stor
 	.venv/bin/unclip train-decoder --data $(STORE) --out $(DECODER_OUT) $(ARGS)
 
 eval-decoder: $(VENV_STAMP) ## re-embed the decoder's images on the held-out split (and text -> image with the prior)
-	.venv/bin/unclip eval-decoder --decoder $(DECODER_OUT) --prior $(PRIOR_OUT) --data $(STORE) $(ARGS)
+	.venv/bin/unclip eval-decoder --decoder $(DECODER_OUT) $(if $(BASE_OUT),--base $(BASE_OUT)) --prior $(PRIOR_OUT) --data $(STORE) $(ARGS)
 
-sample: $(VENV_STAMP) ## text -> image: make sample PROMPT="a red circle" [PRIOR_OUT=prior DECODER_OUT=decoder SAMPLES=out.png]
+sample: $(VENV_STAMP) ## text -> image: make sample PROMPT="a red circle" [PRIOR_OUT=prior DECODER_OUT=decoder BASE_OUT=base SAMPLES=out.png]
 	@test -n "$(PROMPT)" || { echo 'usage: make sample PROMPT="a red circle on a white background" [ARGS=--n 8]' >&2; exit 2; }
-	.venv/bin/unclip sample --prior $(PRIOR_OUT) --decoder $(DECODER_OUT) --prompt "$(PROMPT)" --out $(SAMPLES) $(ARGS)
+	.venv/bin/unclip sample --prior $(PRIOR_OUT) --decoder $(DECODER_OUT) $(if $(BASE_OUT),--base $(BASE_OUT)) --prompt "$(PROMPT)" --out $(SAMPLES) $(ARGS)
 
 .PHONY: bench
 bench: $(VENV_STAMP) ## every stage vs its physical limit, side by side -> bench/results.{json,md} (~10-15 min, 2 cores)

@@ -119,8 +119,8 @@ DECODER_PRESETS: dict[str, DecoderConfig] = {
     ),
     # The first stage of a two-stage decoder for the demo (`train-decoder --resolution 8`, then `sample --base`):
     # the same image conditioning on the 32 px pictures area-pooled to 8 x 8, ~1.8 M parameters, ~70 ms a
-    # batch-64 step on 2 cores, so it takes ten times the samples of `tiny` in the same time. Where each colour
-    # goes is decided there; `tiny` then redraws the upsampled picture from half way (strength 0.5).
+    # batch-64 step on 2 cores, so it sees four times the samples of `tiny` in about the same time. Where each
+    # colour goes is decided there; `tiny` then redraws the upsampled picture from half way (strength 0.5).
     "tiny-base": DecoderConfig(
         latent_channels=3,
         latent_size=8,

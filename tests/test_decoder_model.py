@@ -36,17 +36,25 @@ def test_unet_is_kandinsky_decoder_form(tiny):
 
 def test_preset_sizes():
     """tiny is a few million parameters; b32 / base / large about 85 M, 190 M, 800-900 M (built on meta)."""
-    expected = {"tiny": (2e6, 6e6), "b32": (70e6, 100e6), "base": (160e6, 230e6), "large": (750e6, 950e6)}
+    expected = {
+        "tiny": (2e6, 6e6),
+        "tiny-base": (1.5e6, 2.2e6),
+        "b32": (70e6, 100e6),
+        "base": (160e6, 230e6),
+        "large": (750e6, 950e6),
+    }
     for name, (lo, hi) in expected.items():
         with torch.device("meta"):
-            d = DiffusionDecoder(decoder_config(name, emb_dim=64 if name == "tiny" else 768))
+            d = DiffusionDecoder(decoder_config(name, emb_dim=64 if name.startswith("tiny") else 768))
         n = sum(p.numel() for p in d.parameters())
         assert lo < n < hi, (name, n)
-    with pytest.raises(ValueError, match="unknown decoder preset 'huge'; valid: tiny, b32, base, large"):
+    with pytest.raises(
+        ValueError, match="unknown decoder preset 'huge'; valid: tiny, tiny-base, b32, base, large"
+    ):
         decoder_config("huge")
     with pytest.raises(ValueError, match="not divisible by its 4x downsampling"):
         decoder_config("tiny", latent_size=12)
-    assert set(DECODER_PRESETS) == {"tiny", "b32", "base", "large"}
+    assert set(DECODER_PRESETS) == {"tiny", "tiny-base", "b32", "base", "large"}
 
 
 def test_save_pretrained_round_trip(tiny, tmp_path):

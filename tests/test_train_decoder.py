@@ -258,7 +258,15 @@ def test_two_stage_decoder_base_at_lower_resolution_then_image_to_image(pair, da
     assert cli(["train-decoder", "--data", data, "--out", str(tmp_path / "r"), "--resolution", "5"]) == 2
     assert "--resolution 5 must divide the store's latent side 16" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "r").exists()
-    ev = ["eval-decoder", "--decoder", str(pair / "decoder"), "--data", data, "--base", str(tmp_path / "base")]
+    ev = [
+        "eval-decoder",
+        "--decoder",
+        str(pair / "decoder"),
+        "--data",
+        data,
+        "--base",
+        str(tmp_path / "base"),
+    ]
     assert cli(ev + ["--max-samples", "4", "--decoder-steps", "2", "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev/eval_decoder.json").read_text())["base_step"] == 4
 
