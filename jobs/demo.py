@@ -167,23 +167,29 @@ def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dic
     from jobs import eval_decoder, sample, train_decoder
 
     store_dir = out / "store"
-    print(f"[demo] 7/9 train-decoder: tiny preset, {cfg.decoder_steps} steps -> {out / 'decoder'}")
-    with _timed(stages, "train_decoder"):
-        td = train_decoder.main(
+
+    def train(folder: Path, steps: int, batch_size: int, **preset: object) -> dict:
+        """A demo decoder stage: lr 1e-3 with 100 warmup steps, EMA 0.995, one evaluation at the end."""
+        return train_decoder.main(
             train_decoder.TrainDecoderConfig(
                 data=str(store_dir),
-                out=str(out / "decoder"),
-                steps=cfg.decoder_steps,
-                batch_size=cfg.decoder_batch_size,
-                eval_every=cfg.decoder_steps,
+                out=str(folder),
+                steps=steps,
+                batch_size=batch_size,
+                eval_every=steps,
                 save_every=500,
                 resume=True,
                 lr=1e-3,
                 warmup_steps=100,
                 ema_decay=0.995,
                 device="cpu",
+                **preset,
             )
         )
+
+    print(f"[demo] 7/9 train-decoder: tiny preset, {cfg.decoder_steps} steps -> {out / 'decoder'}")
+    with _timed(stages, "train_decoder"):
+        td = train(out / "decoder", cfg.decoder_steps, cfg.decoder_batch_size)
     print(f"train-decoder: final loss {td['final_loss']:.4f}, {td['samples_per_s']} samples/s")
     base = str(out / "base") if cfg.base_steps else ""
     if base:
@@ -191,23 +197,7 @@ def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dic
             f"[demo] 7/9 train-decoder, first stage: tiny-base preset at 8 x 8, {cfg.base_steps} steps -> {base}"
         )
         with _timed(stages, "train_base"):
-            tb = train_decoder.main(
-                train_decoder.TrainDecoderConfig(
-                    data=str(store_dir),
-                    out=base,
-                    preset="tiny-base",
-                    resolution=8,
-                    steps=cfg.base_steps,
-                    batch_size=64,
-                    eval_every=cfg.base_steps,
-                    save_every=500,
-                    resume=True,
-                    lr=1e-3,
-                    warmup_steps=100,
-                    ema_decay=0.995,
-                    device="cpu",
-                )
-            )
+            tb = train(out / "base", cfg.base_steps, 64, preset="tiny-base", resolution=8)
         print(f"train-decoder (base): final loss {tb['final_loss']:.4f}, {tb['samples_per_s']} samples/s")
     print(f"[demo] 8/9 sample: {len(DEMO_PROMPTS)} prompts x 4 -> {out / 'samples.png'}")
     with _timed(stages, "sample"):
