@@ -29,8 +29,8 @@ class DemoConfig:
     size: int = 64
     seed: int = 0
     samples_per_shard: int = 500
-    # Contrastive steps for the demo CLIP (~4.3 min on 2 cores with its hard negatives, ~3.5 without). The demo CLIP is what limits the prior's
-    # retrieval: at 150 steps a third of held-out images had another image at cosine > 0.99 (prior top-1 0.69),
+    # Contrastive steps for the demo CLIP (~4.3 min on 2 cores with its hard negatives, ~3.5 without). The demo
+    # CLIP is what limits the prior's retrieval: at 150 steps a third of held-out images had another image at cosine > 0.99 (prior top-1 0.69),
     # at 400 top-1 was 0.88, at 800 0.97 with class-token pooling and 0.99-1.0 with unclip-tiny's mean pooling;
     # 0.95 with the cosine decay, which put more of each shape's position into the image embedding.
     clip_steps: int = 800

@@ -21,7 +21,15 @@ import torch.nn.functional as F
 
 from jobs import checkpoint
 from jobs.render import latents_to_images, save_grid
-from jobs.sample import SampleConfig, attach_base, decode, load_decoder, load_models, text_to_image
+from jobs.sample import (
+    SampleConfig,
+    attach_base,
+    check_strength,
+    decode,
+    load_decoder,
+    load_models,
+    text_to_image,
+)
 from jobs.train_loop import load_store_manifest
 from pipeline import store
 from pipeline.demo_data import ATTRIBUTE_COLUMNS, attribute_accuracy
@@ -123,10 +131,7 @@ def run(cfg: EvalDecoderConfig) -> dict:
         base=cfg.base,
         strength=cfg.strength,
     )
-    if not 0.0 < cfg.strength <= 1.0:
-        raise UsageError(
-            f"--strength must be in (0, 1] (the share of the decoder's steps), got {cfg.strength}"
-        )
+    check_strength(cfg.strength)
     m = load_models(cfg.prior, cfg.decoder, device) if cfg.prior else _decoder_only(cfg.decoder, device)
     m = attach_base(m, cfg.base)
     codec = m.decoder_meta["store"]["latents"]

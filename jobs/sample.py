@@ -70,12 +70,22 @@ def _clip_id(meta: dict) -> dict:
     }
 
 
+def _ema_model(folder: Path, meta: dict, device: str) -> torch.nn.Module:
+    """A checkpoint's network with its EMA weights, in eval mode."""
+    model = checkpoint.build_model(folder, meta).to(device).eval()
+    checkpoint.load_weights(model, folder / "ema.safetensors")
+    return model
+
+
 def load_decoder(path: str, device: str) -> tuple[torch.nn.Module, dict]:
     """A decoder checkpoint's EMA weights, in eval mode, and its metadata."""
     folder, meta = checkpoint.open_task(path, "decoder")
-    d = checkpoint.build_model(folder, meta).to(device).eval()
-    checkpoint.load_weights(d, folder / "ema.safetensors")
-    return d, meta
+    return _ema_model(folder, meta, device), meta
+
+
+def check_strength(strength: float) -> None:
+    if not 0.0 < strength <= 1.0:
+        raise UsageError(f"--strength must be in (0, 1] (the share of the decoder's steps), got {strength}")
 
 
 def attach_base(m: Models, base: str) -> Models:
@@ -121,16 +131,14 @@ def load_models(prior: str, decoder: str, device: str) -> Models:
     from pipeline.encoders import load_clip
 
     pf, pm = checkpoint.open_task(prior, "prior")
-    dm = checkpoint.open_task(decoder, "decoder")[1]
+    df, dm = checkpoint.open_task(decoder, "decoder")
     a, b = _clip_id(pm), _clip_id(dm)
     if a != b:
         raise UsageError(
             f"the prior was trained on CLIP {a['arch']} ({a['pretrained']}) embeddings and the decoder on "
             f"{b['arch']} ({b['pretrained']}); train both on stores embedded with the same CLIP"
         )
-    p = checkpoint.build_model(pf, pm).to(device).eval()
-    checkpoint.load_weights(p, pf / "ema.safetensors")
-    d, dm = load_decoder(decoder, device)
+    p, d = _ema_model(pf, pm, device), _ema_model(df, dm, device)
     clip = load_clip(a["arch"], a["pretrained"], device, a["seed"] or 0)
     if clip.dim != pm["store"]["clip"]["dim"]:
         raise UsageError(
@@ -195,10 +203,7 @@ def validate(cfg: SampleConfig) -> list[str]:
     for name in ("n", "prior_steps", "decoder_steps", "batch_size"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if not 0.0 < cfg.strength <= 1.0:
-        raise UsageError(
-            f"--strength must be in (0, 1] (the share of the decoder's steps), got {cfg.strength}"
-        )
+    check_strength(cfg.strength)
     if not cfg.out.lower().endswith(".png"):
         raise UsageError(f"--out {cfg.out} must name a .png file")
     return _prompts(cfg)
