@@ -50,6 +50,7 @@ class EvalDecoderConfig:
     decoder_steps: int = 25
     prior_guidance: float | None = None
     decoder_guidance: float | None = None
+    prior_candidates: int = 2  # as `unclip sample --prior-candidates`
     seed: int = 0
     out: str = ""  # folder for eval_decoder.json / .png; default: the checkpoint folder
     device: str = "auto"
@@ -115,7 +116,7 @@ def _held_out(cfg: EvalDecoderConfig, codec: dict, fields: tuple[str, ...]) -> t
 def run(cfg: EvalDecoderConfig) -> dict:
     from pipeline.encoders import resolve_device
 
-    for name in ("max_samples", "prior_steps", "decoder_steps"):
+    for name in ("max_samples", "prior_steps", "decoder_steps", "prior_candidates"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
     device = resolve_device(cfg.device)
@@ -127,6 +128,7 @@ def run(cfg: EvalDecoderConfig) -> dict:
         decoder_steps=cfg.decoder_steps,
         prior_guidance=cfg.prior_guidance,
         decoder_guidance=cfg.decoder_guidance,
+        prior_candidates=cfg.prior_candidates,
         seed=cfg.seed,
         base=cfg.base,
         strength=cfg.strength,

@@ -45,6 +45,9 @@ class SampleConfig:
     # and --decoder redraws it upsampled, image to image, over the last `strength` of its steps.
     base: str = ""
     strength: float = 0.5
+    # The prior draws this many image embeddings per image and keeps the one nearest (cosine) the prompt's CLIP
+    # text embedding: DALL-E 2's choice (n = 2, as DALLE2-pytorch's `num_samples_per_batch`). 1 = no choice.
+    prior_candidates: int = 2
 
 
 @dataclass
@@ -162,21 +165,34 @@ def text_conditions(clip, prompts: list[str], with_tokens: bool) -> tuple:
 
 
 @torch.no_grad()
+def prior_embeddings(m: Models, prompts: list[str], cfg: SampleConfig, gen: torch.Generator) -> torch.Tensor:
+    """Image embeddings [B, D] from the prior for `prompts`: of `cfg.prior_candidates` draws per prompt, the one
+    with the highest cosine to the prompt's text embedding."""
+    k = cfg.prior_candidates
+    txt, enc, mask = text_conditions(m.clip, prompts, bool(m.prior_meta["config"].get("text_encodings")))
+    rep = (lambda t: None if t is None else t.repeat_interleave(k, 0)) if k > 1 else (lambda t: t)
+    emb = m.prior.sample(
+        rep(txt),
+        rep(enc),
+        rep(mask),
+        steps=cfg.prior_steps,
+        guidance_scale=cfg.prior_guidance,
+        sampler=cfg.sampler,
+        generator=gen,
+    )
+    if k == 1:
+        return emb
+    emb = emb.view(len(prompts), k, -1)  # [B, K, D]
+    best = torch.einsum("bkd,bd->bk", F.normalize(emb.float(), dim=-1), txt.float()).argmax(1)  # [B]
+    return emb[torch.arange(len(prompts), device=emb.device), best]
+
+
+@torch.no_grad()
 def text_to_image(m: Models, prompts: list[str], cfg: SampleConfig, gen: torch.Generator) -> tuple:
     """(uint8 images [B, H, W, 3], image embeddings [B, D]) for `prompts` (one image each), batched."""
-    text_encodings = bool(m.prior_meta["config"].get("text_encodings"))
     images, embs = [], []
     for s in range(0, len(prompts), cfg.batch_size):
-        txt, enc, mask = text_conditions(m.clip, prompts[s : s + cfg.batch_size], text_encodings)
-        emb = m.prior.sample(
-            txt,
-            enc,
-            mask,
-            steps=cfg.prior_steps,
-            guidance_scale=cfg.prior_guidance,
-            sampler=cfg.sampler,
-            generator=gen,
-        )
+        emb = prior_embeddings(m, prompts[s : s + cfg.batch_size], cfg, gen)
         lat = decode(m, emb, cfg, gen)
         images.append(latents_to_images(lat, m.decoder_meta["store"]["latents"], m.device))
         embs.append(emb.cpu())
@@ -200,7 +216,7 @@ def validate(cfg: SampleConfig) -> list[str]:
 
     if cfg.sampler not in SAMPLERS:
         raise UsageError(f"unknown --sampler '{cfg.sampler}'; valid: {', '.join(SAMPLERS)}")
-    for name in ("n", "prior_steps", "decoder_steps", "batch_size"):
+    for name in ("n", "prior_steps", "decoder_steps", "batch_size", "prior_candidates"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     check_strength(cfg.strength)

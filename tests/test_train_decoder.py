@@ -282,3 +282,38 @@ def test_resume_of_a_checkpoint_from_before_a_setting_existed(data, tmp_path):
     with pytest.raises(UsageError, match="model config differs from this run.s in latent_size"):
         main(cfg_for(data, tmp_path, steps=4, save_every=2, resume=True, resolution=8))
     assert main(cfg_for(data, tmp_path, steps=4, save_every=2, resume=True))["start_step"] == 2
+
+
+def test_prior_candidates_keep_the_draw_nearest_the_prompt(pair, capsys, tmp_path):
+    """--prior-candidates K: K prior draws per prompt, the one with the highest cosine to the prompt's text
+    embedding kept (DALL-E 2's n = 2)."""
+    from jobs.sample import load_models, prior_embeddings, text_conditions
+
+    m = load_models(str(pair / "prior"), str(pair / "decoder"), "cpu")
+    prompts = [
+        f"a {c} circle on a {b} background" for c in ("red", "blue", "green") for b in ("black", "white")
+    ]
+    cfg = SampleConfig(prior="", decoder="", prior_steps=3, prior_candidates=3)
+    chosen = prior_embeddings(m, prompts, cfg, torch.Generator().manual_seed(5))
+    txt, _, _ = text_conditions(m.clip, prompts, False)
+    draws = m.prior.sample(
+        txt.repeat_interleave(3, 0), steps=3, sampler="dpm++", generator=torch.Generator().manual_seed(5)
+    ).view(6, 3, -1)
+    cos = torch.einsum("bkd,bd->bk", draws, txt)
+    best = cos.argmax(1)
+    assert torch.equal(chosen, draws[torch.arange(6), best])
+    assert best.tolist() != [0] * 6  # the choice is not the first draw every time
+    assert (cos.max(1).values >= cos[:, 0]).all() and cos.max(1).values.mean() > cos[:, 0].mean()
+    one = prior_embeddings(
+        m,
+        prompts,
+        SampleConfig(prior="", decoder="", prior_steps=3, prior_candidates=1),
+        torch.Generator().manual_seed(5),
+    )
+    assert torch.equal(
+        one, m.prior.sample(txt, steps=3, sampler="dpm++", generator=torch.Generator().manual_seed(5))
+    )
+    cmd = ["sample", "--prior", str(pair / "prior"), "--decoder", str(pair / "decoder"), "--prompt", "a"]
+    assert cli(cmd + ["--prior-candidates", "0", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--prior-candidates must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
