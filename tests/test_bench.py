@@ -15,7 +15,7 @@ def test_bench_decoder_stage_quick(tmp_path):
     r = json.loads((tmp_path / "results.json").read_text())["results"]
     assert r["decoder_train"]["median"] > 0 and r["decoder_train"]["batch"] == 32
     assert {"ddim_2", "dpm++_2"} <= set(r["decoder_sample"]) and r["decoder_sample"]["images"] == 36
-    assert all(r["decoder_sample"][k] > 0 for k in ("ddim_2", "dpm++_2"))
+    assert all(r["decoder_sample"][k] > 0 for k in ("ddim_2", "dpm++_2", "two_stage_dpm++_2"))
     assert "| decoder_train |" in (tmp_path / "results.md").read_text()
 
 

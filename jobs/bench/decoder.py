@@ -1,8 +1,9 @@
 """`unclip bench`, decoder: train-step samples/s and sampling time, each in its own process.
 
 Sampling is timed for 36 images (a 6 x 6 grid, the size transformer-latent-diffusion reports) at 15 and 25
-steps with each sampler (guidance 1: one network pass a step; guidance > 1 doubles the batch of each pass).
-On CUDA the `base` preset is measured too.
+steps with each sampler (guidance 1: one network pass a step; guidance > 1 doubles the batch of each pass),
+and for `tiny` also through the demo's two stages (`tiny-base` at 8 x 8 over all the steps, then `tiny` from
+the upsampled picture over the last half, `--strength 0.5`). On CUDA the `base` preset is measured too.
 """
 
 from __future__ import annotations
@@ -66,6 +67,17 @@ def probe_decoder(
                 dec.sample(e, steps=n, sampler=sampler, guidance_scale=1.0)
             sync()
             out["sample_seconds"][f"{sampler}_{n}"] = time.perf_counter() - t0
+    if preset == "tiny":
+        import torch.nn.functional as F
+
+        base = DiffusionDecoder(decoder_config("tiny-base", emb_dim=emb_dim)).to(device)
+        base.sample(e, steps=2, sampler="dpm++", guidance_scale=1.0)
+        for n in sample_steps:
+            t0 = time.perf_counter()
+            low = base.sample(e, steps=n, sampler="dpm++", guidance_scale=1.0)
+            init = F.interpolate(low, size=(c.latent_size,) * 2, mode="bilinear", align_corners=False)
+            dec.sample(e, steps=n, sampler="dpm++", guidance_scale=1.0, init=init, strength=0.5)
+            out["sample_seconds"][f"two_stage_dpm++_{n}"] = time.perf_counter() - t0
     return out
 
 
@@ -91,7 +103,8 @@ def bench(cfg: BenchConfig, work: Path) -> dict:
         "decoder_sample": {
             **{k: statistics.median(r["sample_seconds"][k] for r in runs) for k in runs[0]["sample_seconds"]},
             "images": 36,
-            "unit": "seconds to sample 36 images (tiny, CPU, guidance 1), median; key = sampler_steps",
+            "unit": "seconds to sample 36 images (tiny, CPU, guidance 1), median; key = sampler_steps; "
+            "two_stage_*: tiny-base at 8 x 8, then tiny over the last half of the steps",
         },
     }
     import torch
