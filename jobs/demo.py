@@ -156,13 +156,20 @@ def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path, stages: dict[str, 
                 device="cpu",
             )
         )
-    print(f"train-prior: final loss {tp['final_loss']:.4f}, {tp['samples_per_s']} samples/s")
+    print(_trained("train-prior", tp))
     print("[demo] 6/9 eval-prior on the held-out split (EMA weights)")
     with _timed(stages, "eval_prior"):
         ev = eval_prior.run(
             eval_prior.EvalPriorConfig(ckpt=str(out / "prior"), data=str(store_dir), device="cpu")
         )
     return {"embed": emb, "validate": val, "train_prior": tp, "eval_prior": ev}
+
+
+def _trained(label: str, r: dict) -> str:
+    """One line on a training stage; a rerun that found it finished says so instead of a loss it did not see."""
+    if r["start_step"] >= r["steps"]:
+        return f"{label}: already trained to step {r['steps']} (checkpoint in {r['ckpt']})"
+    return f"{label}: final loss {r['final_loss']:.4f}, {r['samples_per_s']} samples/s"
 
 
 def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dict:
@@ -192,7 +199,7 @@ def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dic
     print(f"[demo] 7/9 train-decoder: tiny preset, {cfg.decoder_steps} steps -> {out / 'decoder'}")
     with _timed(stages, "train_decoder"):
         td = train(out / "decoder", cfg.decoder_steps, cfg.decoder_batch_size)
-    print(f"train-decoder: final loss {td['final_loss']:.4f}, {td['samples_per_s']} samples/s")
+    print(_trained("train-decoder", td))
     base = str(out / "base") if cfg.base_steps else ""
     if base:
         print(
@@ -200,7 +207,7 @@ def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dic
         )
         with _timed(stages, "train_base"):
             tb = train(out / "base", cfg.base_steps, 64, preset="tiny-base", resolution=8)
-        print(f"train-decoder (base): final loss {tb['final_loss']:.4f}, {tb['samples_per_s']} samples/s")
+        print(_trained("train-decoder (base)", tb))
     print(f"[demo] 8/9 sample: {len(DEMO_PROMPTS)} prompts x 4 -> {out / 'samples.png'}")
     with _timed(stages, "sample"):
         sm = sample.run(

@@ -72,3 +72,15 @@ def test_summary_table_names_a_missing_score_instead_of_printing_none():
     assert lines[2].split() == ["prior_top1_retrieval", "0.946"]
     assert lines[3].split() == ["n", "3"]
     assert "None" not in table
+
+
+def test_a_rerun_that_finds_a_stage_trained_says_so_instead_of_a_nan_loss():
+    from jobs.demo import _trained
+
+    fresh = {"steps": 1000, "start_step": 0, "final_loss": 0.01234, "samples_per_s": 210.5, "ckpt": "d/ckpt"}
+    assert _trained("train-decoder", fresh) == "train-decoder: final loss 0.0123, 210.5 samples/s"
+    rerun = {**fresh, "start_step": 1000, "final_loss": float("nan"), "samples_per_s": None}
+    assert (
+        _trained("train-decoder", rerun)
+        == "train-decoder: already trained to step 1000 (checkpoint in d/ckpt)"
+    )
