@@ -67,7 +67,8 @@ def sample(
     generator's own device, so a CPU generator also seeds GPU runs) over `steps` steps.
 
     With `init` [shape] (image to image, as diffusers' img2img pipelines do it): only the last
-    round(steps * strength) of the `steps` steps, starting from `init` noised to the first of them.
+    int(steps * strength) of the `steps` steps (at least one; diffusers' `get_timesteps` count, so an exported
+    img2img pipeline takes the same steps), starting from `init` noised to the first of them.
     The scheduler works in float32 whatever the network's dtype; the network sees `dtype`.
     """
     if steps < 1:
@@ -84,7 +85,7 @@ def sample(
     if init is None:
         x = noise * sched.init_noise_sigma
     else:
-        skip = steps - max(1, round(steps * strength))
+        skip = steps - max(1, int(steps * strength))
         timesteps = timesteps[skip:]
         if hasattr(
             sched, "set_begin_index"

@@ -116,3 +116,20 @@ def test_image_to_image_keeps_more_of_the_init_as_strength_falls(toy, sampler):
     assert (run(1.0) - exact).abs().mean().item() < 0.05  # near the plain sample from the same noise
     with pytest.raises(ValueError, match="strength must be in \\(0, 1\\]"):
         run(0.0)
+
+
+def test_image_to_image_takes_the_steps_diffusers_img2img_takes():
+    """int(steps * strength) of the steps, at least one: the count of diffusers' img2img `get_timesteps`."""
+    seen = []
+
+    def count(x, t):
+        seen.append(int(t[0]))
+        return torch.zeros_like(x)
+
+    for steps, strength, want in ((25, 0.5, 12), (25, 0.3, 7), (10, 0.75, 7), (25, 0.01, 1), (25, 1.0, 25)):
+        seen.clear()
+        sample(count, (2, D), steps=steps, init=torch.zeros(2, D), strength=strength, sampler="dpm++")
+        assert len(seen) == want, (steps, strength, len(seen))
+        assert seen == sorted(seen, reverse=True) and (
+            strength < 1 or seen[0] > 900
+        )  # the last, noisiest first
