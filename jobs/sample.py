@@ -170,7 +170,10 @@ def prior_embeddings(m: Models, prompts: list[str], cfg: SampleConfig, gen: torc
     with the highest cosine to the prompt's text embedding."""
     k = cfg.prior_candidates
     txt, enc, mask = text_conditions(m.clip, prompts, bool(m.prior_meta["config"].get("text_encodings")))
-    rep = (lambda t: None if t is None else t.repeat_interleave(k, 0)) if k > 1 else (lambda t: t)
+
+    def rep(t: torch.Tensor | None) -> torch.Tensor | None:  # each prompt's rows k times, in a row
+        return t if t is None or k == 1 else t.repeat_interleave(k, 0)
+
     emb = m.prior.sample(
         rep(txt),
         rep(enc),
