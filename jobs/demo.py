@@ -43,7 +43,7 @@ class DemoConfig:
     # Guidance 2 on the decoder: CLIP top-1 of its reconstructions 0.39 -> 0.53 on the demo (1 vs 2; 4 adds little)
     decoder_guidance: float = 2.0
     # The decoder's first stage (`tiny-base` at 8 x 8, batch 64; 0 = the one-stage `tiny` decoder alone): it
-    # decides which colour goes where, which `tiny` alone does not learn in 1,000 steps (README, "two stages").
+    # decides which colour goes where, which `tiny` alone does not learn in 1,000 steps (README, section 5, "Two stages").
     base_steps: int = 2000
     strength: float = 0.5  # the share of `tiny`'s steps that redraw the base's upsampled picture
 

@@ -9,8 +9,8 @@ outcomes (both right / swapped / merged).
 
     .venv/bin/python docs/experiments/decoder_paths.py demo_out/decoder demo_out/store
 
-The README's "Measured on 2026-12-04" ablation and training-split figures come from this script (about 40 seconds
-on 2 cores for the `tiny` decoder).
+docs/demo_experiments.md's "Measured on 2026-12-04" ablation and training-split figures come from this script
+(about 40 seconds on 2 cores for the `tiny` decoder).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ five positions (or "empty") from the image embeddings of fresh procedural scenes
 
     .venv/bin/python docs/experiments/probe_demo_clip.py demo_out/clip/unclip-tiny-demo.pt
 
-The README's "Measured on 2026-12-02" figures come from this script (about 2 minutes on 2 cores).
+docs/demo_experiments.md's "Measured on 2026-12-02" figures come from this script (about 2 minutes on 2 cores).
 """
 
 from __future__ import annotations

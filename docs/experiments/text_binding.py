@@ -8,8 +8,8 @@ true image's embedding than the twin's (below 1, the decoder is handed the swapp
 
     .venv/bin/python docs/experiments/text_binding.py demo_out/prior demo_out/decoder
 
-The README's "Measured later on 2026-12-04" figures (0.95 text-twin cosine and 0.69 without hard negatives,
-0.64 and 0.95 with them) come from this script (seconds on 2 cores).
+docs/demo_experiments.md's "Measured later on 2026-12-04" figures (0.95 text-twin cosine and 0.69 without hard
+negatives, 0.64 and 0.95 with them) come from this script (seconds on 2 cores).
 """
 
 from __future__ import annotations
