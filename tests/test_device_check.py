@@ -101,6 +101,8 @@ def test_dry_run_of_every_stage_on_cpu(tmp_path):
     assert r["train_prior"]["final_loss"] < r["train_prior"]["loss_at_first_log"]
     assert r["resume"]["identical"] is True  # on the CPU, 10 + 10 steps == 20 byte for byte
     assert r["sample"]["images"] == 8 and (tmp_path / "samples.png").stat().st_size > 0
+    assert r["train_base"]["steps"] == 20 and r["sample"]["two_stage"]["images"] == 8
+    assert (tmp_path / "samples_two_stage.png").stat().st_size > 0
     assert r["bench_embed_gpu"]["embed_gpu"]["skipped"] == "no CUDA device visible"
 
 

@@ -1,9 +1,9 @@
 """`unclip device-check`: every CUDA path of the project in one short run, for a session lent a GPU.
 
 No CUDA path is exercised by the tests (CI has no GPU), so this is where they run: embed with ``--device cuda``
-(JPEGs decoded on the device, and an SD-sized VAE), the prior and the decoder trained on the GPU (bf16
-autocast), exact resume on CUDA, text -> image sampling, then the GPU rows of `unclip bench` (embed_gpu and
-the `base` decoder). Each stage is a subprocess with its own time limit; a failed, timed-out or
+(JPEGs decoded on the device, and an SD-sized VAE), the prior, the decoder and its 8 x 8 first stage trained on
+the GPU (bf16 autocast), exact resume on CUDA, text -> image sampling through one and two decoder stages, then
+the GPU rows of `unclip bench` (embed_gpu and the `base` decoder). Each stage is a subprocess with its own time limit; a failed, timed-out or
 out-of-budget stage is recorded with its reason and the next one runs. ``OUT/device_check.json`` (and
 ``.md``) is rewritten atomically after every stage, so a run cut short still reports what it measured.
 ``bench/device_check.sh`` installs the wheels of `make device-kit` on the GPU machine and runs this.
@@ -198,6 +198,15 @@ def _train_decoder(c: Check) -> dict:
     )
 
 
+def _train_base(c: Check) -> dict:
+    """The two-stage decoder's first stage: `tiny-base` on the store's 32 px pixels pooled to 8 x 8."""
+    steps = 20 if c.cfg.quick else 500
+    return _train(
+        c, "decoder", "base", steps, "--preset", "tiny-base", "--resolution", "8",
+        "--batch-size", "32" if c.cfg.quick else "256",
+    )  # fmt: skip
+
+
 def _resume(c: Check) -> dict:
     """The prior 10 + 10 steps against 20 straight: on CUDA the weights are compared, not required equal (some
     kernels are not deterministic); on CPU they are byte for byte the same."""
@@ -232,13 +241,21 @@ def _resume(c: Check) -> dict:
 def _sample(c: Check) -> dict:
     grid = c.work / "samples.png"
     prompts = ["a photo of object 1 in shard 0, seen from the left", "a photo of object 7 in shard 1"]
-    r = c.cli(
+    cmd = [
         "sample", "--prior", str(c.work / "prior"), "--decoder", str(c.work / "decoder"),
-        "--prompt", *prompts, "--n", "4", "--out", str(grid), "--device", c.cfg.device,
-    )  # fmt: skip
+        "--prompt", *prompts, "--n", "4", "--device", c.cfg.device,
+    ]  # fmt: skip
+    r = c.cli(*cmd, "--out", str(grid))
     shutil.copyfile(grid, Path(c.cfg.out) / "samples.png")
     settings = json.loads(grid.with_suffix(".json").read_text())
-    return {"images": settings.get("images"), "seconds": settings.get("seconds"), "wall_s": r["wall_s"]}
+    res = {"images": settings.get("images"), "seconds": settings.get("seconds"), "wall_s": r["wall_s"]}
+    if (c.work / "base" / "ckpt").exists():  # both stages, as the demo samples
+        two = c.work / "samples_two_stage.png"
+        r2 = c.cli(*cmd, "--base", str(c.work / "base"), "--strength", "0.5", "--out", str(two))
+        shutil.copyfile(two, Path(c.cfg.out) / two.name)
+        s2 = json.loads(two.with_suffix(".json").read_text())
+        res["two_stage"] = {"images": s2.get("images"), "seconds": s2.get("seconds"), "wall_s": r2["wall_s"]}
+    return res
 
 
 def _embed_vae(c: Check) -> dict:
@@ -286,6 +303,7 @@ STAGES: dict[str, Callable[[Check], dict]] = {
     "decode_rules": _decode_rules,
     "train_prior": _train_prior,
     "train_decoder": _train_decoder,
+    "train_base": _train_base,
     "sample": _sample,
     "resume": _resume,
     "embed_vae": _embed_vae,
