@@ -195,7 +195,7 @@ def test_ctrl_c_exits_130_and_says_how_many_shards_remain(tmp_path):
     assert (
         1 <= finished < 6
         and f"{6 - finished} shards remain; rerun the same command to finish" in err.decode()
-    )
+    ), (finished, err.decode()[-2000:])  # failed once in six full-suite runs on 2026-12-04, not reproduced
     summary = json.loads((out / "summary/download_summary.json").read_text())
     assert summary["interrupted"] and not summary["complete"]
 
