@@ -1,17 +1,26 @@
 """Map `--field value` flags and an optional JSON config file onto a stage's config dataclass.
 
 Every field of the dataclass becomes a flag (`samples_per_shard` -> `--samples-per-shard`); a field without a
-default is required; `metadata={"choices": ..., "help": ...}` on a field is used as is. `--config FILE` loads
-JSON whose keys must be field names (unknown keys are rejected) and whose values must have the field's type
-(a JSON boolean for a bool: the string "false" is an error, not true); flags given on the command line win.
+default is required; `metadata={"choices": ..., "help": ...}` on a field is used as is. A field without a
+"help" is described in `--help` by its comment in the source: the one after it on its line, else the comment
+lines right above it up to their first full stop (so the comments the configs carry are what users read).
+`--config FILE` loads JSON whose keys must be field names (unknown keys are rejected) and whose values must
+have the field's type (a JSON boolean for a bool: the string "false" is an error, not true); flags given on
+the command line win.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import io
 import json
 import math
+import re
+import textwrap
+import tokenize
 import types
 import typing
 from typing import Any
@@ -45,12 +54,54 @@ def _finite_float(s: str) -> float:
     return v
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """{field: its comment} over `cls` and the dataclasses it extends (a subclass's comment wins)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            out.update(_own_field_comments(klass))
+    return out
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
+    """{field: its comment} from `cls`'s source: the comment after the field on its last line, else the first
+    sentence of the comment lines right above it. Empty where the source cannot be read (flags then have no
+    help)."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+        tree = ast.parse(src)
+        tokens = list(tokenize.generate_tokens(io.StringIO(src).readline))
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):
+        return {}
+    comment = {t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+    code = {t.start[0] for t in tokens if t.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE)}
+    out = {}
+    for node in tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        last = node.end_lineno or node.lineno
+        text = " ".join(comment[n] for n in range(node.lineno, last + 1) if n in comment and n in code)
+        if not text:  # the comment-only lines right above the field
+            above, line = [], node.lineno - 1
+            while line in comment and line not in code:
+                above.insert(0, comment[line])
+                line -= 1
+            text = re.split(r"(?<=\.)\s+(?=[A-Z])", " ".join(above), maxsplit=1)[0]  # its first sentence
+        if text:
+            out[node.target.id] = text
+    return out
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
     parser.add_argument("--config", help="JSON file of settings; flags given here override it")
     for f in dataclasses.fields(cls):
         tp, optional = _base_type(hints[f.name])
-        kw: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        text = f.metadata.get("help", comments.get(f.name, "")).replace(
+            "%", "%%"
+        )  # argparse formats help with %
+        kw: dict[str, Any] = {"help": text, "default": argparse.SUPPRESS}
         if "choices" in f.metadata:
             kw["choices"] = list(f.metadata["choices"])
         if tp is bool:

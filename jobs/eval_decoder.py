@@ -44,16 +44,16 @@ class EvalDecoderConfig:
     decoder: str  # training --out folder, ckpt/ or step_* folder
     data: str  # the store it was trained on (its held-out split is used)
     prior: str = ""  # also evaluate text -> prior -> decoder with this prior
-    max_samples: int = 128
-    sampler: str = "dpm++"
-    prior_steps: int = 25
-    decoder_steps: int = 25
-    prior_guidance: float | None = None
-    decoder_guidance: float | None = None
+    max_samples: int = 128  # held-out samples evaluated (the first of the held-out split, in stream order)
+    sampler: str = "dpm++"  # ddim or dpm++, as `unclip sample --sampler`
+    prior_steps: int = 25  # as `unclip sample --prior-steps`
+    decoder_steps: int = 25  # as `unclip sample --decoder-steps`
+    prior_guidance: float | None = None  # default: the checkpoint's
+    decoder_guidance: float | None = None  # default: the checkpoint's
     prior_candidates: int = 2  # as `unclip sample --prior-candidates`
-    seed: int = 0
+    seed: int = 0  # seeds every draw
     out: str = ""  # folder for eval_decoder.json / .png; default: the checkpoint folder
-    device: str = "auto"
+    device: str = "auto"  # auto (cuda if visible, else cpu), cuda, cuda:N or cpu
     base: str = ""  # a two-stage decoder's first stage (`unclip sample --base`)
     strength: float = 0.5  # the share of --decoder's steps that redraw the base's picture
 

@@ -33,20 +33,20 @@ class SampleConfig:
     prompts: str = ""  # a text file, one prompt per line (added to --prompt)
     n: int = 4  # images per prompt
     sampler: str = "dpm++"  # ddim or dpm++, for both models
-    prior_steps: int = 25
-    decoder_steps: int = 25
-    prior_guidance: float | None = None  # None = the checkpoint's
-    decoder_guidance: float | None = None  # None = the checkpoint's
-    seed: int = 0
+    prior_steps: int = 25  # sampler steps of the prior
+    decoder_steps: int = 25  # sampler steps of the decoder (and of --base)
+    prior_guidance: float | None = None  # classifier-free guidance scale; default: the checkpoint's
+    decoder_guidance: float | None = None  # the same for the decoder (and --base)
+    seed: int = 0  # seeds every draw: the same seed and settings give the same grid
     batch_size: int = 64  # images sampled at once
-    out: str = "samples.png"
-    device: str = "auto"
-    # A two-stage decoder: this low-resolution decoder (`train-decoder --resolution`) draws the picture first,
-    # and --decoder redraws it upsampled, image to image, over the last `strength` of its steps.
+    out: str = "samples.png"  # the PNG grid; its settings go to the .json beside it
+    device: str = "auto"  # auto (cuda if visible, else cpu), cuda, cuda:N or cpu
+    # A two-stage decoder's first stage: a low-resolution decoder (`train-decoder --resolution`) draws the
+    # picture, and --decoder redraws it upsampled, image to image, over the last --strength of its steps.
     base: str = ""
-    strength: float = 0.5
-    # The prior draws this many image embeddings per image and keeps the one nearest (cosine) the prompt's CLIP
-    # text embedding: DALL-E 2's choice (n = 2, as DALLE2-pytorch's `num_samples_per_batch`). 1 = no choice.
+    strength: float = 0.5  # with --base: the share of --decoder's steps that redraw its picture, (0, 1]
+    # Of this many prior draws per image the one nearest (cosine) the prompt's text embedding is kept: DALL-E 2's
+    # choice (n = 2, as DALLE2-pytorch's `num_samples_per_batch`); 1 = the first draw.
     prior_candidates: int = 2
 
 

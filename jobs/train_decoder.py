@@ -27,15 +27,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainDecoderConfig(TrainConfig):
-    preset: str = "tiny"
+    preset: str = "tiny"  # tiny, tiny-base (pixels codec), b32, base or large (VAE latents)
     lr: float = 2e-4
     weight_decay: float = 1e-2  # light: the UNet's convolutions overfit little at these data sizes
     warmup_steps: int = 200
     eval_samples: int = 16  # held-out images reconstructed into reconstructions.png at each evaluation
-    sample_steps: int = 25
+    sample_steps: int = 25  # sampler steps of the evaluation's reconstructions
     sampler: str = "dpm++"  # dpm++ or ddim
-    guidance_scale: float | None = None  # None = the preset's
-    snr_shift: float | None = None  # timesteps shifted towards noise (models.decoder); None = the preset's
+    guidance_scale: float | None = None  # guidance recorded for sampling; default: the preset's
+    snr_shift: float | None = None  # timesteps shifted towards noise (models.decoder); default: the preset's
     # Train at this latent side, the store's latents area-pooled to it: the first stage of a two-stage decoder
     # (`unclip sample --base`), e.g. 8 with the `tiny-base` preset on the demo's 32 px pixels. 0 = the store's.
     resolution: int = 0

@@ -49,24 +49,24 @@ RESUMABLE_CHANGES = {
 class TrainConfig:
     """Settings shared by every trainer; a model's trainer subclasses it with its own fields."""
 
-    data: str
-    out: str
-    batch_size: int = 64
-    lr: float = 3e-4
+    data: str  # the store (`unclip embed --out`) to stream
+    out: str  # run folder: checkpoints in ckpt/, metrics.jsonl, loss.png, config.json
+    batch_size: int = 64  # samples a step, over all ranks
+    lr: float = 3e-4  # peak learning rate (AdamW), after the warmup, then cosine decay to the last step
     weight_decay: float = 6e-2  # LAION's prior recipe
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear learning-rate warmup
     steps: int = 2000  # length of the whole run: the learning-rate schedule is laid out over it
     stop_after: int = 0  # stop this invocation at this step (checkpointed; --resume continues); 0 = run on
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    grad_clip: float = 1.0  # gradient norm clipped to this
+    ema_decay: float = 0.999  # decay of the weights' moving average (ema.safetensors, what sampling uses)
     eval_every: int = 500  # evaluation and the run folder's picture; 0 = never
-    save_every: int = 500
-    log_every: int = 10
-    resume: bool = False
-    seed: int = 0
+    save_every: int = 500  # checkpoint every this many steps (and at the last)
+    log_every: int = 10  # a metrics.jsonl row every this many steps
+    resume: bool = False  # continue from the run folder's latest checkpoint, exactly as if never stopped
+    seed: int = 0  # seeds weights, data order within the split, noise and condition dropout
     val_fraction: float = 0.05  # held-out share, drawn per sample key from split_seed: stable as data grows
-    split_seed: int = 0
-    device: str = "auto"
+    split_seed: int = 0  # seeds the held-out split (keep it across runs that are compared)
+    device: str = "auto"  # auto (cuda if visible, else cpu), cuda, cuda:N or cpu; torchrun: the rank's GPU
     log_rows: bool = False  # write the (shard, row) ids each rank trained on, for auditing data order
 
 

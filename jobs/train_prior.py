@@ -23,12 +23,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainPriorConfig(TrainConfig):
-    preset: str = "tiny"
+    preset: str = "tiny"  # tiny, vit-b-32 or vit-l-14
     text_encodings: bool = False  # condition on per-token encodings too (the store needs --text-encodings)
-    eval_samples: int = 1024
-    sample_steps: int = 64
+    eval_samples: int = 1024  # held-out pairs each evaluation samples embeddings for
+    sample_steps: int = 64  # sampler steps of the evaluation
     sampler: str = "ddim"  # ddim or dpm++, for evaluation
-    guidance_scale: float = 1.0
+    guidance_scale: float = 1.0  # guidance of the evaluation, recorded for sampling; 1 = none
 
 
 class PriorTask(Task):

@@ -42,18 +42,18 @@ SUMMARY = "summary/download_summary.json"
 class DownloadConfig:
     urls: str = field(metadata={"help": "input table: .parquet, .csv, .tsv or .jsonl"})
     out: str = field(metadata={"help": "output folder for the webdataset shards"})
-    url_col: str = "url"
-    caption_col: str = "caption"
-    image_size: int = 256
+    url_col: str = "url"  # the table's URL column
+    caption_col: str = "caption"  # the table's caption column (other columns are kept in the shards' .json)
+    image_size: int = 256  # side of the stored images, after --resize-mode
     resize_mode: str = field(default="center_crop", metadata={"choices": RESIZE_MODES})
-    samples_per_shard: int = 10000
+    samples_per_shard: int = 10000  # rows of the table per webdataset shard
     # 2 processes x 32 threads kept a 2-core machine busy on local images; raise both on a real network.
     processes: int = 2
-    threads: int = 32
+    threads: int = 32  # download threads per process
     distributor: str = field(default="multiprocessing", metadata={"choices": DISTRIBUTORS})
-    timeout: int = 10
-    retries: int = 0
-    encode_quality: int = 95
+    timeout: int = 10  # seconds per request
+    retries: int = 0  # extra tries of a failed URL
+    encode_quality: int = 95  # JPEG quality of the stored images
 
 
 def count_rows(path: str, fmt: str) -> tuple[list[str], int]:

@@ -40,7 +40,7 @@ IDENTITY = ("clip", "pretrained", "seed", "latents", "latent_size", "vae", "text
 class EmbedConfig:
     shards: str = field(metadata={"help": "brace range, glob or folder of webdataset .tar shards"})
     out: str = field(metadata={"help": "store folder"})
-    clip: str = "ViT-B-32"
+    clip: str = "ViT-B-32"  # open_clip architecture name (`open_clip.list_models()`), or unclip-tiny
     # 'none' = random weights (offline demo/tests); a tag such as laion2b_s34b_b79k, or a checkpoint path.
     pretrained: str = "laion2b_s34b_b79k"
     seed: int = 0  # seeds random CLIP weights, so every worker builds the same model
@@ -50,19 +50,19 @@ class EmbedConfig:
     # auto = JPEGs decoded on the GPU for embedding-only CUDA runs, PIL otherwise (pipeline.image_input)
     image_decode: str = field(default="auto", metadata={"choices": IMAGE_DECODES})
     latents: str = field(default="none", metadata={"choices": LATENT_CODECS})
-    latent_size: int = 32
-    vae: str = ""
-    text_encodings: bool = False
+    latent_size: int = 32  # the latents' side: pixels at this size, or VAE latents of images 8x as large
+    vae: str = ""  # --latents vae: a diffusers AutoencoderKL by hub name or local folder
+    text_encodings: bool = False  # also store per-token text encodings (for priors trained with them)
     workers: int = 1  # one worker uses every core through torch; add workers per GPU
-    scheduler: str = ""
-    retries: int = 2
+    scheduler: str = ""  # a dask scheduler address (tcp://host:8786); default: a local cluster
+    retries: int = 2  # times dask reruns a shard task that failed, before it is listed as failed
     torch_threads: int = 0  # 0 = cores / workers (dask otherwise pins workers to one thread)
     # one thread caps a PIL-decoded run at a few hundred images/s a worker; on CPU more take cores from the model
     decode_threads: int = field(
         default=0,
         metadata={"help": "samples PIL decodes at once in each worker; 0 = 1 on CPU, min(8, cores) on CUDA"},
     )
-    overwrite: bool = False
+    overwrite: bool = False  # replace a store made with other settings (otherwise refused)
     calib_samples: int = 512  # images used to fit the uint8 latent range (vae codec)
 
 

@@ -1,0 +1,49 @@
+"""Flags from config dataclasses: `--help` describes each flag with its field's comment."""
+
+import argparse
+from dataclasses import dataclass, field
+
+import pytest
+
+from jobs.cli import main as cli
+from jobs.config import add_dataclass_args, field_comments
+
+
+@dataclass
+class Example:
+    data: str  # the store folder
+    # Two lines above a field describe it. Only their first sentence
+    # reaches --help.
+    steps: int = 10
+    tag: str = "a#b"  # a '#' inside a default is not a comment; 50% is kept as is
+    sizes: tuple[int, ...] = (
+        1,
+        2,
+    )  # on the field's last line
+
+    plain: int = 0
+    given: float = field(default=1.0, metadata={"help": "metadata wins"})  # not this comment
+
+
+def test_field_comments_take_the_trailing_comment_else_the_first_sentence_above():
+    assert field_comments(Example) == {
+        "data": "the store folder",
+        "steps": "Two lines above a field describe it.",
+        "tag": "a '#' inside a default is not a comment; 50% is kept as is",
+        "sizes": "on the field's last line",
+        "given": "not this comment",
+    }
+    p = argparse.ArgumentParser()
+    add_dataclass_args(p, Example)
+    text = p.format_help()
+    assert "metadata wins" in text and "not this comment" not in text
+    assert "50% is kept as is (default: a#b)" in " ".join(text.split())  # a bare % would break argparse
+
+
+def test_a_stage_s_help_describes_its_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["sample", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--n N images per prompt (default: 4)" in out
+    assert "--sampler SAMPLER ddim or dpm++, for both models (default: dpm++)" in out
