@@ -23,22 +23,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DemoConfig:
-    out: str = "demo_out"
+    out: str = "demo_out"  # every stage's output goes under this folder; rerun to resume
     # 4,000 scenes: text -> image shape colour at its stated position 0.76 -> 0.85-0.87 against 2,000 (the prior and
     # both decoder stages generalise from twice the scenes at the same steps), ~25 s more download and embed.
     n: int = 4000
     # 64 px keeps the CPU demo fast; the shapes stay recognisable.
     size: int = 64
-    seed: int = 0
-    samples_per_shard: int = 500
+    seed: int = 0  # seeds the scenes, the demo CLIP and every trainer
+    samples_per_shard: int = 500  # download's shard size
     # Contrastive steps for the demo CLIP (~4.3 min on 2 cores with its hard negatives, ~3.5 without). The demo
     # CLIP is what limits the prior's retrieval: at 150 steps a third of held-out images had another image at cosine > 0.99 (prior top-1 0.69),
     # at 400 top-1 was 0.88, at 800 0.97 with class-token pooling and 0.99-1.0 with unclip-tiny's mean pooling;
     # 0.95 with the cosine decay, which put more of each shape's position into the image embedding.
     clip_steps: int = 800
-    prior_steps: int = 1500
-    decoder_steps: int = 1000
-    decoder_batch_size: int = 32
+    prior_steps: int = 1500  # train-prior steps (tiny preset, batch 64)
+    decoder_steps: int = 1000  # train-decoder steps of the second stage (tiny preset)
+    decoder_batch_size: int = 32  # its batch size
     eval_samples: int = 256  # held-out samples for eval-decoder (4,000 scenes hold out ~230: all of them)
     # Guidance 2 on the decoder: CLIP top-1 of its reconstructions 0.39 -> 0.53 on the demo (1 vs 2; 4 adds little)
     decoder_guidance: float = 2.0

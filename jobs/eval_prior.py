@@ -22,15 +22,15 @@ RETRIEVAL_POOL = 256  # candidates per retrieval query: a fixed pool keeps top-1
 
 @dataclass
 class EvalPriorConfig:
-    ckpt: str
-    data: str
-    split: str = "val"
-    out: str = ""
+    ckpt: str  # training --out folder, ckpt/ or step_* folder of a prior
+    data: str  # the store it was trained on
+    split: str = "val"  # val (the training run's held-out split), train or all
+    out: str = ""  # the report's JSON path; default: eval.json in the checkpoint folder
     steps: int = 64  # sampler steps for the predictions
     sampler: str = "ddim"  # ddim or dpm++
-    guidance_scale: float | None = None  # None = the checkpoint's own setting
-    max_samples: int = 2048
-    device: str = "auto"
+    guidance_scale: float | None = None  # default: the checkpoint's own setting
+    max_samples: int = 2048  # held-out pairs evaluated at most
+    device: str = "auto"  # auto (cuda if visible, else cpu), cuda, cuda:N or cpu
 
 
 @torch.no_grad()

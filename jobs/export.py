@@ -41,7 +41,7 @@ class ExportConfig:
     out: str = field(metadata={"help": "output folder; the pipelines go to OUT/prior and OUT/decoder"})
     decoder: str = field(default="", metadata={"help": "decoder training folder, ckpt/ or step_* folder"})
     prior: str = field(default="", metadata={"help": "prior training folder, ckpt/ or step_* folder"})
-    overwrite: bool = False
+    overwrite: bool = False  # replace existing OUT/prior or OUT/decoder folders
 
 
 def scheduler_for_export(num_train_timesteps: int):

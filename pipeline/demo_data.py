@@ -49,10 +49,10 @@ ATTRIBUTE_COLUMNS = ("background", "shape1", "color1", "position1", "shape2", "c
 
 @dataclass
 class DemoDataConfig:
-    out: str
-    n: int = 2000
-    size: int = 64
-    seed: int = 0
+    out: str  # folder for the PNG images and demo.parquet (paths, captions, attributes)
+    n: int = 2000  # scenes to draw
+    size: int = 64  # image side in pixels
+    seed: int = 0  # the same seed draws the same scenes
 
 
 def sample_attributes(rng: np.random.Generator) -> dict[str, str | None]:
