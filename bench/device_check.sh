@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (no network, its own Python with torch): install the wheels `make device-kit` put in
-# .whl/, then run `unclip device-check`. Results land in $OUT (device_check.json/.md, log.txt, samples.png).
+# .whl/, then run `unclip device-check`. Results land in $OUT (device_check.json/.md, log.txt, samples.png,
+# samples_two_stage.png).
 # From a session: run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=540).
 set -uo pipefail
 cd "$(dirname "$0")/.."

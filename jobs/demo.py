@@ -24,12 +24,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class DemoConfig:
     out: str = "demo_out"  # every stage's output goes under this folder; rerun to resume
-    # 4,000 scenes: text -> image shape colour at its stated position 0.76 -> 0.85-0.87 against 2,000 (the prior and
+    # Scenes to draw. 4,000: text -> image shape colour at its stated position 0.76 -> 0.85-0.87 against 2,000 (the prior and
     # both decoder stages generalise from twice the scenes at the same steps), ~25 s more download and embed.
     n: int = 4000
-    # 64 px keeps the CPU demo fast; the shapes stay recognisable.
+    # Image side in pixels: 64 keeps the CPU demo fast and the shapes recognisable.
     size: int = 64
-    seed: int = 0  # seeds the scenes, the demo CLIP and every trainer
+    seed: int = 0  # seeds the scenes, the demo CLIP, every trainer and the sampling
     samples_per_shard: int = 500  # download's shard size
     # Contrastive steps for the demo CLIP (~4.3 min on 2 cores with its hard negatives, ~3.5 without). The demo
     # CLIP is what limits the prior's retrieval: at 150 steps a third of held-out images had another image at cosine > 0.99 (prior top-1 0.69),
@@ -38,11 +38,11 @@ class DemoConfig:
     clip_steps: int = 800
     prior_steps: int = 1500  # train-prior steps (tiny preset, batch 64)
     decoder_steps: int = 1000  # train-decoder steps of the second stage (tiny preset)
-    decoder_batch_size: int = 32  # its batch size
+    decoder_batch_size: int = 32  # train-decoder's batch size (second stage)
     eval_samples: int = 256  # held-out samples for eval-decoder (4,000 scenes hold out ~230: all of them)
     # Guidance 2 on the decoder: CLIP top-1 of its reconstructions 0.39 -> 0.53 on the demo (1 vs 2; 4 adds little)
     decoder_guidance: float = 2.0
-    # The decoder's first stage (`tiny-base` at 8 x 8, batch 64; 0 = the one-stage `tiny` decoder alone): it
+    # Training steps of the decoder's first stage (`tiny-base` at 8 x 8, batch 64; 0 = `tiny` alone): it
     # decides which colour goes where, which `tiny` alone does not learn in 1,000 steps (README, section 5, "Two stages").
     base_steps: int = 2000
     strength: float = 0.5  # the share of `tiny`'s steps that redraw the base's upsampled picture
@@ -153,6 +153,7 @@ def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path, stages: dict[str, 
                 resume=True,
                 lr=1e-3,
                 warmup_steps=50,
+                seed=cfg.seed,
                 device="cpu",
             )
         )
@@ -191,6 +192,7 @@ def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dic
                 lr=1e-3,
                 warmup_steps=100,
                 ema_decay=0.995,
+                seed=cfg.seed,
                 device="cpu",
                 **preset,
             )
@@ -219,6 +221,7 @@ def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dic
                 decoder_guidance=cfg.decoder_guidance,
                 base=base,
                 strength=cfg.strength,
+                seed=cfg.seed,
                 out=str(out / "samples.png"),
                 device="cpu",
             )
@@ -235,6 +238,7 @@ def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dic
                 decoder_guidance=cfg.decoder_guidance,
                 base=base,
                 strength=cfg.strength,
+                seed=cfg.seed,
                 out=str(out),
                 device="cpu",
             )

@@ -12,7 +12,7 @@ Reads a decoder checkpoint (and a prior's) and the store; writes ``eval_decoder.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +146,7 @@ def run(cfg: EvalDecoderConfig) -> dict:
     true_emb = clip_image_embeddings(m.clip, true_img)
     recon_emb = clip_image_embeddings(m.clip, recon_img)
     report: dict = {
+        "settings": asdict(cfg),
         "samples": len(rows),
         "decoder_step": m.decoder_meta["step"],
         "base_step": m.base_meta["step"] if m.base_meta else None,

@@ -38,7 +38,7 @@ class SampleConfig:
     prior_guidance: float | None = None  # classifier-free guidance scale; default: the checkpoint's
     decoder_guidance: float | None = None  # the same for the decoder (and --base)
     seed: int = 0  # seeds every draw: the same seed and settings give the same grid
-    batch_size: int = 64  # images sampled at once
+    batch_size: int = 64  # images sampled at once (the prior samples this x --prior-candidates embeddings)
     out: str = "samples.png"  # the PNG grid; its settings go to the .json beside it
     device: str = "auto"  # auto (cuda if visible, else cpu), cuda, cuda:N or cpu
     # A two-stage decoder's first stage: a low-resolution decoder (`train-decoder --resolution`) draws the

@@ -67,8 +67,8 @@ def sample(
     generator's own device, so a CPU generator also seeds GPU runs) over `steps` steps.
 
     With `init` [shape] (image to image, as diffusers' img2img pipelines do it): only the last
-    int(steps * strength) of the `steps` steps (at least one; diffusers' `get_timesteps` count, so an exported
-    img2img pipeline takes the same steps), starting from `init` noised to the first of them.
+    int(steps * strength) of the `steps` steps (diffusers' img2img `get_timesteps` count, but at least one
+    where diffusers would take none), starting from `init` noised to the first of them.
     The scheduler works in float32 whatever the network's dtype; the network sees `dtype`.
     """
     if steps < 1:

@@ -45,11 +45,14 @@ class DownloadConfig:
     url_col: str = "url"  # the table's URL column
     caption_col: str = "caption"  # the table's caption column (other columns are kept in the shards' .json)
     image_size: int = 256  # side of the stored images, after --resize-mode
+    # How img2dataset fits each image to --image-size.
     resize_mode: str = field(default="center_crop", metadata={"choices": RESIZE_MODES})
     samples_per_shard: int = 10000  # rows of the table per webdataset shard
-    # 2 processes x 32 threads kept a 2-core machine busy on local images; raise both on a real network.
+    # Download processes. 2 processes x 32 threads kept a 2-core machine busy on local images; raise both on a
+    # real network.
     processes: int = 2
     threads: int = 32  # download threads per process
+    # img2dataset's distributor: multiprocessing on one machine, pyspark or ray for a cluster.
     distributor: str = field(default="multiprocessing", metadata={"choices": DISTRIBUTORS})
     timeout: int = 10  # seconds per request
     retries: int = 0  # extra tries of a failed URL

@@ -49,6 +49,7 @@ class EmbedConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda (every visible GPU) or cuda:N"})
     # auto = JPEGs decoded on the GPU for embedding-only CUDA runs, PIL otherwise (pipeline.image_input)
     image_decode: str = field(default="auto", metadata={"choices": IMAGE_DECODES})
+    # Latents for the decoder: none, pixels (the images themselves, resized) or vae (a diffusers VAE's, as uint8).
     latents: str = field(default="none", metadata={"choices": LATENT_CODECS})
     latent_size: int = 32  # the latents' side: pixels at this size, or VAE latents of images 8x as large
     vae: str = ""  # --latents vae: a diffusers AutoencoderKL by hub name or local folder

@@ -193,6 +193,7 @@ def test_eval_decoder_reports_against_floor_and_ceiling(pair, data, tmp_path):
     )
     r = json.loads((tmp_path / "eval_decoder.json").read_text())
     assert r["samples"] == 8
+    assert r["settings"]["prior_steps"] == 2 and r["settings"]["prior_candidates"] == 2  # traceable figures
     for key in ("reconstruction", "text_to_image", "ceiling_true_images", "floor_random_pairs"):
         assert -1 <= r[key]["cos"] <= 1 and 0 <= r[key]["top1"] <= 1
     assert r["floor_random_pairs"]["top1"] == 1 / 8

@@ -71,12 +71,19 @@ def probe_decoder(
         import torch.nn.functional as F
 
         base = DiffusionDecoder(decoder_config("tiny-base", emb_dim=emb_dim)).to(device)
-        base.sample(e, steps=2, sampler="dpm++", guidance_scale=1.0)
+
+        def two_stage(n: int) -> None:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                low = base.sample(e, steps=n, sampler="dpm++", guidance_scale=1.0)
+                init = F.interpolate(low, size=(c.latent_size,) * 2, mode="bilinear", align_corners=False)
+                dec.sample(e, steps=n, sampler="dpm++", guidance_scale=1.0, init=init, strength=0.5)
+
+        two_stage(2)  # warm-up
         for n in sample_steps:
+            sync()
             t0 = time.perf_counter()
-            low = base.sample(e, steps=n, sampler="dpm++", guidance_scale=1.0)
-            init = F.interpolate(low, size=(c.latent_size,) * 2, mode="bilinear", align_corners=False)
-            dec.sample(e, steps=n, sampler="dpm++", guidance_scale=1.0, init=init, strength=0.5)
+            two_stage(n)
+            sync()
             out["sample_seconds"][f"two_stage_dpm++_{n}"] = time.perf_counter() - t0
     return out
 

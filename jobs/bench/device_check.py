@@ -37,7 +37,10 @@ EMBED_FIGURES = (
 
 @dataclass
 class DeviceCheckConfig:
-    out: str = field(default="device_out", metadata={"help": "device_check.json/.md, log.txt, samples.png"})
+    out: str = field(
+        default="device_out",
+        metadata={"help": "device_check.json/.md, log.txt, samples.png, samples_two_stage.png"},
+    )
     device: str = field(default="cuda", metadata={"help": "cuda; cpu only for a dry run of the script"})
     budget_s: float = field(
         default=480.0, metadata={"help": "stop starting stages after this many seconds (a lease is short)"}
@@ -192,6 +195,9 @@ def _train_prior(c: Check) -> dict:
 
 
 def _train_decoder(c: Check) -> dict:
+    shutil.rmtree(
+        c.work / "base", ignore_errors=True
+    )  # a first stage of an earlier run does not belong to it
     steps = 20 if c.cfg.quick else 500
     return _train(
         c, "decoder", "decoder", steps, "--preset", "tiny", "--batch-size", "32" if c.cfg.quick else "256"
@@ -249,7 +255,9 @@ def _sample(c: Check) -> dict:
     shutil.copyfile(grid, Path(c.cfg.out) / "samples.png")
     settings = json.loads(grid.with_suffix(".json").read_text())
     res = {"images": settings.get("images"), "seconds": settings.get("seconds"), "wall_s": r["wall_s"]}
-    if (c.work / "base" / "ckpt").exists():  # both stages, as the demo samples
+    if not (c.work / "base" / "ckpt").exists():
+        res["two_stage"] = "skipped: no first stage (the train_base stage failed or was not run)"
+    else:  # both stages, as the demo samples
         two = c.work / "samples_two_stage.png"
         r2 = c.cli(*cmd, "--base", str(c.work / "base"), "--strength", "0.5", "--out", str(two))
         shutil.copyfile(two, Path(c.cfg.out) / two.name)
