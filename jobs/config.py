@@ -98,9 +98,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: t
     parser.add_argument("--config", help="JSON file of settings; flags given here override it")
     for f in dataclasses.fields(cls):
         tp, optional = _base_type(hints[f.name])
-        text = f.metadata.get("help", comments.get(f.name, "")).replace(
-            "%", "%%"
-        )  # argparse formats help with %
+        text = f.metadata.get("help", comments.get(f.name, ""))
+        text = text.replace("%", "%%")  # argparse formats help strings with %
         kw: dict[str, Any] = {"help": text, "default": argparse.SUPPRESS}
         if "choices" in f.metadata:
             kw["choices"] = list(f.metadata["choices"])

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class DemoConfig:
     out: str = "demo_out"  # every stage's output goes under this folder; rerun to resume
-    # Scenes to draw. 4,000: text -> image shape colour at its stated position 0.76 -> 0.85-0.87 against 2,000 (the prior and
-    # both decoder stages generalise from twice the scenes at the same steps), ~25 s more download and embed.
+    # Scenes to draw. With 4,000, text -> image shape colour at its stated position is 0.85-0.87 against 0.76 with
+    # 2,000 (the prior and both decoder stages generalise from twice the scenes at the same steps), ~25 s more
+    # download and embed.
     n: int = 4000
     # Image side in pixels: 64 keeps the CPU demo fast and the shapes recognisable.
     size: int = 64
@@ -43,7 +44,8 @@ class DemoConfig:
     # Guidance 2 on the decoder: CLIP top-1 of its reconstructions 0.39 -> 0.53 on the demo (1 vs 2; 4 adds little)
     decoder_guidance: float = 2.0
     # Training steps of the decoder's first stage (`tiny-base` at 8 x 8, batch 64; 0 = `tiny` alone): it
-    # decides which colour goes where, which `tiny` alone does not learn in 1,000 steps (README, section 5, "Two stages").
+    # decides which colour goes where, which `tiny` alone does not learn in 1,000 steps (README, section 5,
+    # "Two stages").
     base_steps: int = 2000
     strength: float = 0.5  # the share of `tiny`'s steps that redraw the base's upsampled picture
 

@@ -52,9 +52,7 @@ class TrainConfig:
     data: str  # the store (`unclip embed --out`) to stream
     out: str  # run folder: checkpoints in ckpt/, metrics.jsonl, loss.png, config.json
     batch_size: int = 64  # samples a step on each rank (under torchrun the step takes ranks x this)
-    lr: float = (
-        3e-4  # peak learning rate (AdamW) after the warmup; cosine decay to 10% of it at the last step
-    )
+    lr: float = 3e-4  # peak AdamW learning rate, after the warmup; cosine decay to 10% of it at the end
     weight_decay: float = 6e-2  # LAION's prior recipe
     warmup_steps: int = 100  # linear learning-rate warmup
     steps: int = 2000  # length of the whole run: the learning-rate schedule is laid out over it

@@ -1,10 +1,10 @@
 """`unclip device-check`: every CUDA path of the project in one short run, for a session lent a GPU.
 
 No CUDA path is exercised by the tests (CI has no GPU), so this is where they run: embed with ``--device cuda``
-(JPEGs decoded on the device, and an SD-sized VAE), the prior, the decoder and its 8 x 8 first stage trained on
-the GPU (bf16 autocast), exact resume on CUDA, text -> image sampling through one and two decoder stages, then
-the GPU rows of `unclip bench` (embed_gpu and the `base` decoder). Each stage is a subprocess with its own time limit; a failed, timed-out or
-out-of-budget stage is recorded with its reason and the next one runs. ``OUT/device_check.json`` (and
+(JPEGs decoded on the device, and an SD-sized VAE), the prior, the decoder and its 8 x 8 first stage trained
+on the GPU (bf16 autocast), exact resume on CUDA, text -> image sampling through one and two decoder stages,
+then the GPU rows of `unclip bench` (embed_gpu and the `base` decoder). Each stage is a subprocess with its
+own time limit; a failed, timed-out or out-of-budget stage is recorded with its reason and the next one runs. ``OUT/device_check.json`` (and
 ``.md``) is rewritten atomically after every stage, so a run cut short still reports what it measured.
 ``bench/device_check.sh`` installs the wheels of `make device-kit` on the GPU machine and runs this.
 """
@@ -195,9 +195,8 @@ def _train_prior(c: Check) -> dict:
 
 
 def _train_decoder(c: Check) -> dict:
-    shutil.rmtree(
-        c.work / "base", ignore_errors=True
-    )  # a first stage of an earlier run does not belong to it
+    # A first stage left by an earlier run does not belong to this decoder.
+    shutil.rmtree(c.work / "base", ignore_errors=True)
     steps = 20 if c.cfg.quick else 500
     return _train(
         c, "decoder", "decoder", steps, "--preset", "tiny", "--batch-size", "32" if c.cfg.quick else "256"
