@@ -123,10 +123,16 @@ def decode(m: Models, emb: torch.Tensor, cfg: SampleConfig, gen: torch.Generator
     )
     if m.base is None:
         return m.decoder.sample(emb, **kw)
-    low = m.base.sample(emb, **kw)  # [B, C, h, w]
-    size = m.decoder.cfg.latent_size
+    return two_stage(m.base, m.decoder, emb, cfg.strength, **kw)
+
+
+def two_stage(base, decoder, emb: torch.Tensor, strength: float, **kw) -> torch.Tensor:
+    """The base's latents for `emb` [B, D], upsampled (bilinear) to the decoder's size and redrawn by the decoder
+    over the last `strength` of its steps. `kw`: steps, sampler, guidance_scale, generator for both stages."""
+    low = base.sample(emb, **kw)  # [B, C, h, w]
+    size = decoder.cfg.latent_size
     init = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-    return m.decoder.sample(emb, init=init, strength=cfg.strength, **kw)
+    return decoder.sample(emb, init=init, strength=strength, **kw)
 
 
 def load_models(prior: str, decoder: str, device: str) -> Models:

@@ -68,15 +68,13 @@ def probe_decoder(
             sync()
             out["sample_seconds"][f"{sampler}_{n}"] = time.perf_counter() - t0
     if preset == "tiny":
-        import torch.nn.functional as F
+        from jobs.sample import two_stage as sample_two_stage
 
         base = DiffusionDecoder(decoder_config("tiny-base", emb_dim=emb_dim)).to(device)
 
         def two_stage(n: int) -> None:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                low = base.sample(e, steps=n, sampler="dpm++", guidance_scale=1.0)
-                init = F.interpolate(low, size=(c.latent_size,) * 2, mode="bilinear", align_corners=False)
-                dec.sample(e, steps=n, sampler="dpm++", guidance_scale=1.0, init=init, strength=0.5)
+                sample_two_stage(base, dec, e, 0.5, steps=n, sampler="dpm++", guidance_scale=1.0)
 
         two_stage(2)  # warm-up
         for n in sample_steps:
