@@ -172,7 +172,8 @@ def _check_resume(meta: dict, run: RunState) -> None:
     if meta.get("task") != run.task.name:
         raise UsageError(f"--resume: the checkpoint is a {meta.get('task')} run, not a {run.task.name} run")
     if meta["model"] != run.model_cfg:
-        diff = sorted(k for k in run.model_cfg if meta["model"].get(k) != run.model_cfg[k])
+        keys = set(run.model_cfg) | set(meta["model"])  # a key on one side only is a difference too
+        diff = sorted(k for k in keys if meta["model"].get(k) != run.model_cfg.get(k))
         raise UsageError(f"checkpoint's model config differs from this run's in {', '.join(diff)}")
     old, new = meta["config"], asdict(run.cfg)
     # A setting added in a later version is absent from older checkpoints: there it had its default's effect.

@@ -203,3 +203,14 @@ def test_two_process_gloo_training(data, tmp_path):
     digests = json.loads((tmp_path / "weights_by_rank.json").read_text())
     assert len(digests) == 2 and digests[0] == digests[1]
     assert checkpoint.read_meta(checkpoint.resolve(tmp_path))["world_size"] == 2
+
+
+def test_resume_names_a_model_setting_the_checkpoint_has_and_this_run_lacks():
+    from types import SimpleNamespace
+
+    from jobs.train_loop import _check_resume
+
+    run = SimpleNamespace(task=SimpleNamespace(name="prior"), model_cfg={"dim": 64, "depth": 2})
+    meta = {"task": "prior", "model": {"dim": 64, "depth": 2, "heads": 4}}
+    with pytest.raises(UsageError, match="model config differs from this run.s in heads$"):
+        _check_resume(meta, run)
