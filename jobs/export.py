@@ -127,9 +127,17 @@ def export_decoder(folder: Path, meta: dict, out: Path) -> dict:
 
 
 def _target(cfg: ExportConfig, name: str) -> Path:
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise UsageError(f"--out {cfg.out} is a file; give a folder (OUT/prior and OUT/decoder go in it)")
     out = Path(cfg.out) / name
     if out.exists() and not cfg.overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and not (out / "unclip_export.json").is_file():
+        # --overwrite deletes the folder: only ever one this command wrote (never a training run or user files).
+        raise UsageError(
+            f"{out} exists and is not an earlier export (no unclip_export.json in it); --overwrite replaces only "
+            "exports: choose another --out"
+        )
     return out
 
 

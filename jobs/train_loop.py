@@ -263,9 +263,19 @@ def _prepare(task: Task) -> RunState:
     )
 
 
+def _is_run_folder(folder: Path) -> bool:
+    """Whether `folder` is a run this loop started: its config.json is the one `train` writes first."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"task", "train", "model"} <= set(config)
+
+
 def _restore(run: RunState) -> int:
     """Load the latest checkpoint into `run` (with --resume); the step to continue from. Without --resume an
     --out that already holds a checkpoint is refused: a new run there would overwrite it step by step."""
+    store.check_out_folder(run.out, _is_run_folder, "a training run's folder (no config.json of train-*)")
     if not run.cfg.resume:
         if (run.ckpt_dir / "latest").exists():
             raise UsageError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pipeline.errors import UsageError
+from pipeline.store import check_out_folder
 
 log = logging.getLogger(__name__)
 
@@ -129,11 +131,30 @@ def broken_binding(attrs: dict[str, str | None], rng: np.random.Generator) -> di
     return a
 
 
+def _is_demo_folder(folder: Path) -> bool:
+    """Whether `folder` holds only what `run` writes (a run killed midway leaves images without the table)."""
+    if not {p.name for p in folder.iterdir()} <= {"images", "demo.parquet", "demo.parquet.tmp"}:
+        return False
+    if (folder / "images").is_dir() and not all(
+        re.fullmatch(r"\d{5,}\.png(\.tmp)?", p.name) for p in (folder / "images").iterdir()
+    ):
+        return False
+    try:
+        return not (folder / "demo.parquet").exists() or set(ATTRIBUTE_COLUMNS) <= set(
+            pq.read_schema(folder / "demo.parquet").names
+        )
+    except (OSError, ValueError):
+        return False
+
+
 def run(cfg: DemoDataConfig) -> dict:
     """Write ``cfg.n`` images and ``demo.parquet`` into ``cfg.out``. Returns a small report."""
     if cfg.n < 1 or cfg.size < 16:
         raise UsageError(f"--n must be >= 1 and --size >= 16 (got n={cfg.n}, size={cfg.size})")
     out = Path(cfg.out)
+    check_out_folder(
+        out, _is_demo_folder, "a demo-data folder (demo.parquet with scene columns, images/NNNNN.png)"
+    )
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     rows: dict[str, list] = {"url": [], "caption": [], **{c: [] for c in ATTRIBUTE_COLUMNS}}

@@ -328,6 +328,26 @@ def check_is_store_or_empty(root: str | Path) -> bool:
     return False
 
 
+def check_out_folder(out: str | Path, ours, what: str, flag: str = "--out") -> None:
+    """Refuse (UsageError) an output folder that is a file, lies under a file or a folder we may not write, or
+    is not empty while ``ours(folder)`` says it is not `what` this command writes: its files are not ours to
+    write over. Absent or empty is fine."""
+    p = Path(out)
+    above = next((q for q in [p, *p.absolute().parents] if q.exists()), None)
+    if above is not None and not above.is_dir():
+        where = "is a file" if above == p else f"lies under {above}, a file"
+        raise UsageError(f"{flag} {out} {where}; give a folder")
+    if (blocked := unwritable(p)) is not None:
+        raise UsageError(f"{flag} {out} cannot be written ({blocked} is not writable)")
+    if p.is_dir() and any(p.iterdir()) and not ours(p):
+        names = sorted(x.name for x in p.iterdir())
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise UsageError(
+            f"{flag} {out} is not empty ({shown}) and is not {what}, so its files are not ours to write over; "
+            "choose a new or empty folder"
+        )
+
+
 def wipe(root: str | Path) -> list[str]:
     """Delete what this project wrote into a store: the files each done marker lists (only those), the markers,
     the manifest, logs/embed_summary.json and temp files of ours; then the folders this left empty. Anything

@@ -114,6 +114,8 @@ def test_exported_pipeline_draws_the_images_unclip_draws(exported, guidance):
         ("pixels_codec", "only 'vae' decoders export to KandinskyV22Pipeline"),
         ("prior_given", "is a decoder checkpoint, not a prior"),
         ("exists", "exists; pass --overwrite to replace it"),
+        ("overwrite_a_run", "is not an earlier export (no unclip_export.json in it)"),
+        ("out_is_a_file", "is a file; give a folder"),
     ],
 )
 def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
@@ -125,9 +127,35 @@ def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
         args[2] = str(run)
     elif case == "prior_given":
         args += ["--prior", str(run)]
+    elif (
+        case == "overwrite_a_run"
+    ):  # `--decoder runs/decoder --out runs --overwrite`: the run itself is OUT/decoder
+        (out / "decoder").mkdir(parents=True)
+        (out / "decoder/notes.txt").write_text("mine")
+        args += ["--overwrite"]
+    elif case == "out_is_a_file":
+        out.write_text("mine")
     else:
         args[4] = str(d / "out")
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and want in err[0], err
-    assert not out.exists()
+    if case == "overwrite_a_run":
+        assert sorted(p.name for p in out.rglob("*")) == ["decoder", "notes.txt"]
+    elif case == "out_is_a_file":
+        assert out.read_text() == "mine"
+    else:
+        assert not out.exists()
+
+
+def test_overwrite_replaces_an_earlier_export(exported, tmp_path):
+    import shutil
+
+    d = exported[0]
+    out = tmp_path / "out"
+    shutil.copytree(d / "out", out)
+    (out / "decoder/stale.txt").write_text("from the earlier export")
+    (out / "keep.txt").write_text("mine")
+    assert main(["export", "--decoder", str(d / "run"), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "decoder/stale.txt").exists() and (out / "decoder/unclip_export.json").is_file()
+    assert (out / "keep.txt").read_text() == "mine"

@@ -125,6 +125,55 @@ def test_overwrite_removes_only_the_files_its_markers_list(work, tmp_path, capsy
     assert store.done_shards(out) == ["00007"] and store.load_manifest(out)["clip"]["dim"] == 64
 
 
+@pytest.mark.parametrize(
+    "command, case",
+    [
+        ("train-prior", "user_folder"),
+        ("train-prior", "user_folder_resume"),
+        ("train-prior", "under_a_file"),
+        ("demo-data", "user_folder"),
+        ("demo-data", "user_parquet_and_images"),
+    ],
+)
+def test_train_and_demo_data_never_write_into_a_folder_of_user_files(command, case, work, tmp_path, capsys):
+    out = tmp_path / "user"
+    if case == "under_a_file":
+        out.write_text("a user's file")
+        target = out / "run"
+    else:
+        target = out
+        out.mkdir()
+        (out / "config.json").write_text('{"lr": 1}')  # a file name train writes, in the user's own format
+        (out / "notes.txt").write_text("mine")
+        if case == "user_parquet_and_images":  # demo-data's own file names, not its table
+            (out / "notes.txt").unlink()
+            (out / "config.json").unlink()
+            (out / "images").mkdir()
+            (out / "images/00000.png").write_bytes(b"my picture")
+            pq.write_table(pa.table({"url": ["images/00000.png"], "caption": ["mine"]}), out / "demo.parquet")
+    before = files(out)
+    if command == "train-prior":
+        args = ["--data", str(work["good"]), "--out", str(target), "--preset", "tiny", "--steps", "2"]
+        args += ["--batch-size", "8", "--eval-every", "0", "--device", "cpu"]
+        args += ["--resume"] if case.endswith("resume") else []
+    else:
+        args = ["--out", str(target), "--n", "3"]
+    code = main([command, *args])
+    want = "lies under" if case == "under_a_file" else "is not empty"
+    one_line(capsys, command, code, want)
+    assert files(out) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_in_its_folder(work, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(work["good"]), "--out", str(out), "--preset", "tiny", "--batch-size", "8"]
+    args += ["--eval-every", "0", "--device", "cpu", "--save-every", "2"]
+    assert main(["train-prior", *args, "--steps", "2"]) == 0
+    shutil.rmtree(out / "ckpt")  # as if killed before step 2 was saved: config.json and metrics.jsonl remain
+    assert main(["train-prior", *args, "--steps", "2"]) == 0
+    assert (out / "ckpt/latest").read_text().strip() == "step_00000002"
+
+
 # ---------------------------------------------------------------- 2. --config values are typed
 
 
