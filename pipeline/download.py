@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.errors import UsageError
-from pipeline.store import unwritable, write_json
+from pipeline.store import check_out_folder, unwritable, write_json
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,18 @@ INPUT_FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 SUMMARY = "summary/download_summary.json"
+# What the shards were made with, written before img2dataset starts: a rerun (the resume) must make the same shards.
+SETTINGS = "summary/download_settings.json"
+SHARD_SETTINGS = (
+    "url_col",
+    "caption_col",
+    "image_size",
+    "resize_mode",
+    "samples_per_shard",
+    "encode_quality",
+)
+# What img2dataset and this module write into --out; anything else there is the user's.
+_OURS = re.compile(r"\d+(\.tar|\.parquet|_stats\.json)|summary|_tmp")
 
 
 @dataclass
@@ -125,14 +138,20 @@ def check_columns(path: str, fmt: str, url_col: str, caption_col: str) -> None:
                     raise UsageError(f"{path} line {lineno}: '{caption_col}' is not a string ({cap!r})")
 
 
-def check_out(out: str) -> None:
-    """--out must be a folder we can write, holding nothing img2dataset would misread: it parses every
-    ``OUT/*.json`` as a shard's ``NNNNN_stats.json``."""
+def check_out(out: str, urls: str | None = None) -> None:
+    """--out must be a folder we can write, holding nothing img2dataset would misread (it parses every
+    ``OUT/*.json`` as a shard's ``NNNNN_stats.json``) or write over (``NNNNN.parquet``, ``NNNNN.tar``): only
+    shards, their stats and our summary; and the input table must lie outside it."""
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise UsageError(f"--out {out} is a file; name a folder for the shards")
     if (blocked := unwritable(p)) is not None:
         raise UsageError(f"--out {out} cannot be written ({blocked} is not writable)")
+    if urls is not None and p.absolute().resolve() in Path(urls).absolute().resolve().parents:
+        raise UsageError(
+            f"--urls {urls} lies inside --out {out}, where img2dataset writes NNNNN.parquet shard tables: "
+            "keep the input table outside the output folder"
+        )
     if p.is_dir():
         foreign = sorted(
             q.name
@@ -144,6 +163,34 @@ def check_out(out: str) -> None:
                 f"--out {out} holds .json files that are not img2dataset shard stats ({', '.join(foreign[:3])}"
                 f"{', ...' if len(foreign) > 3 else ''}); img2dataset would misread them: use another --out"
             )
+        check_out_folder(
+            p, lambda q: all(_OURS.fullmatch(x.name) for x in q.iterdir()), "a download's folder"
+        )
+
+
+def check_same_settings(cfg: DownloadConfig, rows: int) -> None:
+    """A rerun into a folder with shards continues that download: other shard settings or another table would
+    put shards of two kinds in one folder (another --samples-per-shard even repeats rows), so they are refused."""
+    old: dict = {}
+    try:
+        if (Path(cfg.out) / SETTINGS).is_file():
+            old = json.loads((Path(cfg.out) / SETTINGS).read_text())
+        elif (Path(cfg.out) / SUMMARY).is_file():  # a folder from before the settings file: its last summary
+            summary = json.loads((Path(cfg.out) / SUMMARY).read_text())
+            old = {**summary.get("config", {}), "rows": summary.get("rows")}
+    except (OSError, ValueError, AttributeError):
+        old = {}  # unreadable: nothing to compare with (both are written atomically, so only by hand)
+    new = {**{k: getattr(cfg, k) for k in SHARD_SETTINGS}, "rows": rows}
+    diff = [k for k in new if k in old and old[k] != new[k]]
+    if diff:
+        said = ", ".join(
+            f"{'--' + k.replace('_', '-') if k != 'rows' else 'input rows'} {old[k]} -> {new[k]}"
+            for k in diff
+        )
+        raise UsageError(
+            f"--out {cfg.out} holds shards made with other settings ({said}); rerun with the earlier ones to "
+            "finish that download, or choose a new --out"
+        )
 
 
 def validate(cfg: DownloadConfig) -> tuple[str, list[str], int]:
@@ -169,11 +216,12 @@ def validate(cfg: DownloadConfig) -> tuple[str, list[str], int]:
             __import__(cfg.distributor)
         except ImportError as e:
             raise UsageError(f"--distributor {cfg.distributor} needs `pip install {cfg.distributor}`") from e
-    check_out(cfg.out)
+    check_out(cfg.out, cfg.urls)
     fmt = INPUT_FORMATS[ext]
     columns, rows = count_rows(cfg.urls, fmt)
     if rows == 0:
         raise UsageError(f"input table {cfg.urls} has no rows")
+    check_same_settings(cfg, rows)
     for flag, col in (("--url-col", cfg.url_col), ("--caption-col", cfg.caption_col)):
         if col not in columns:
             raise UsageError(f"{flag} '{col}' is not a column of {cfg.urls}; columns: {', '.join(columns)}")
@@ -232,6 +280,8 @@ def run(cfg: DownloadConfig) -> dict:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out {cfg.out} cannot be created: {e}") from e
+    if not (Path(cfg.out) / SETTINGS).is_file():
+        write_json(Path(cfg.out) / SETTINGS, {**{k: getattr(cfg, k) for k in SHARD_SETTINGS}, "rows": rows})
     before = finished_shards(cfg.out)
     extra = [c for c in columns if c not in (cfg.url_col, cfg.caption_col)] or None  # extra columns are kept
     stop = threading.Event()

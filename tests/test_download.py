@@ -112,6 +112,44 @@ def test_download_counts_failures_and_keeps_captions(tmp_path, capsys):
         assert Image.open(io.BytesIO(sample["jpg"])).size == (32, 32)
     assert set(meta.source) == {"test"}
     assert "20/24 images" in capsys.readouterr().out
+    settings = json.loads((tmp_path / "shards/summary/download_settings.json").read_text())
+    assert settings["samples_per_shard"] == 10 and settings["image_size"] == 32 and settings["rows"] == 24
+    # A rerun with another shard size would repeat rows in new shards beside the old: refused, nothing touched.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()}
+    again = ["download", "--urls", str(urls), "--out", str(tmp_path / "shards"), "--image-size", "32"]
+    assert main([*again, "--samples-per-shard", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds shards made with other settings (--samples-per-shard 10 -> 5)" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("urls_inside_out", "lies inside --out"),
+        ("user_files_in_out", "is not empty (notes.txt) and is not a download's folder"),
+        ("older_summary_other_size", "holds shards made with other settings (--image-size 64 -> 32)"),
+    ],
+)
+def test_download_never_writes_over_the_users_files(tmp_path, capsys, case, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    urls = out / "00000.parquet" if case == "urls_inside_out" else tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}), urls)
+    if case == "user_files_in_out":
+        (out / "notes.txt").write_text("mine")
+    elif (
+        case == "older_summary_other_size"
+    ):  # a folder from before download_settings.json: its summary's config
+        (out / "summary").mkdir()
+        (out / "summary/download_summary.json").write_text(
+            json.dumps({"rows": 1, "config": {"image_size": 64, "samples_per_shard": 10000}})
+        )
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["download", "--urls", str(urls), "--out", str(out), "--image-size", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unclip download: error: ") and message in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize(
@@ -143,11 +181,10 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case, message):
         args += ["--image-size", "0"]
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("user file")
     assert main(["download", *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("unclip download: error: ") and message in err and "\n" not in err
-    assert os.listdir(out) == ["keep.txt"]
+    assert os.listdir(out) == []
     if case == "missing_col":
         assert "columns: url, text" in err
 
