@@ -230,6 +230,15 @@ def check_settings(cfg: TrainConfig) -> None:
         ("log_every", cfg.log_every >= 1, ">= 1"),
         ("val_fraction", 0 <= cfg.val_fraction < 1, "in [0, 1)"),
     ]
+    # The tasks' evaluation settings (each task's config adds its own): checked here too, or a bad one would
+    # surface at the first evaluation, after the training steps before it.
+    for name, ok, want in (
+        ("eval_samples", lambda v: v >= 1, ">= 1"),
+        ("sample_steps", lambda v: v >= 1, ">= 1"),
+        ("guidance_scale", lambda v: v is None or v >= 0, ">= 0 (1 = no guidance)"),
+    ):
+        if hasattr(cfg, name):
+            rules.append((name, ok(getattr(cfg, name)), want))
     for name, ok, want in rules:
         if not ok or (isinstance(getattr(cfg, name), float) and not math.isfinite(getattr(cfg, name))):
             raise UsageError(f"--{name.replace('_', '-')} must be {want} (got {getattr(cfg, name)})")
@@ -420,12 +429,16 @@ def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> 
             lr = run.sched.get_last_lr()[0]
             row = {"step": done, "loss": last_loss, "grad_norm": grad_norm, "lr": lr, "samples_per_s": sps}
             metrics.append(metrics_file, row)
+        if done == end or (cfg.save_every and done % cfg.save_every == 0):
+            _save(
+                done, run
+            )  # before the evaluation: one that fails must not cost the steps since the last save
         if rank == 0 and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-            report_eval = run.task.evaluate(run, done)
+            report_eval = run.task.evaluate(
+                run, done
+            )  # its own generators: the run's random state is untouched
             if report_eval is not None:
                 metrics.append(metrics_file, {"step": done, "eval": report_eval})
-        if done == end or (cfg.save_every and done % cfg.save_every == 0):
-            _save(done, run)
     if rows_log:
         buf = io.BytesIO()
         torch.save(torch.cat(rows_log), buf)

@@ -49,9 +49,12 @@ def weights(folder):
 
 
 def test_resume_is_exact(data, tmp_path):
-    main(cfg_for(data, tmp_path / "straight"))
-    main(cfg_for(data, tmp_path / "resumed", stop_after=4))
-    report = main(cfg_for(data, tmp_path / "resumed", resume=True))
+    ev = dict(
+        eval_every=4, eval_samples=4, sample_steps=2
+    )  # an evaluation at the checkpoint must not perturb
+    main(cfg_for(data, tmp_path / "straight", **ev))
+    main(cfg_for(data, tmp_path / "resumed", stop_after=4, **ev))
+    report = main(cfg_for(data, tmp_path / "resumed", resume=True, **ev))
     assert report["start_step"] == 4
     a = weights(tmp_path / "straight/ckpt/step_00000008")
     assert a == weights(tmp_path / "resumed/ckpt/step_00000008")

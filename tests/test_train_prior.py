@@ -46,9 +46,11 @@ def weights(folder):
 
 @pytest.mark.parametrize("text_encodings", [False, True])
 def test_resume_is_exact(data, tmp_path, text_encodings):
-    main(cfg_for(data, tmp_path / "straight", text_encodings=text_encodings))
-    main(cfg_for(data, tmp_path / "resumed", stop_after=10, text_encodings=text_encodings))
-    report = main(cfg_for(data, tmp_path / "resumed", resume=True, text_encodings=text_encodings))
+    # An evaluation at the checkpoint (step 10) and after it must not perturb the run.
+    kw = dict(text_encodings=text_encodings, eval_every=10, eval_samples=16, sample_steps=2)
+    main(cfg_for(data, tmp_path / "straight", **kw))
+    main(cfg_for(data, tmp_path / "resumed", stop_after=10, **kw))
+    report = main(cfg_for(data, tmp_path / "resumed", resume=True, **kw))
     assert report["start_step"] == 10
     a = weights(tmp_path / "straight/ckpt/step_00000020")
     b = weights(tmp_path / "resumed/ckpt/step_00000020")
