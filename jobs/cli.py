@@ -21,7 +21,13 @@ class Command:
     config: str  # config class name
     positional: tuple[str, ...] = ()
     report: str | None = None  # optional printer "module:function" for the returned report
+    # What Ctrl-C's message tells the user: these stages pick up where they stopped on a rerun; the trainers
+    # continue with --resume (the same command without it is refused: --out holds a run); the rest start over.
+    on_interrupt: str = "rerun the same command to continue"
 
+
+RESUME = "rerun it with --resume to continue from the last checkpoint"
+AGAIN = "rerun the same command to start again"
 
 COMMANDS: dict[str, Command] = {
     "demo-data": Command("draw the built-in procedural demo dataset", "pipeline.demo_data", "DemoDataConfig"),
@@ -40,6 +46,7 @@ COMMANDS: dict[str, Command] = {
         "check every shard of an embedding store against its manifest",
         "pipeline.validate",
         "ValidateConfig",
+        on_interrupt=AGAIN,
         positional=("store",),
         report="pipeline.validate:print_report",
     ),
@@ -50,48 +57,61 @@ COMMANDS: dict[str, Command] = {
         positional=("folder",),
     ),
     "train-prior": Command(
-        "train the diffusion prior on an embedding store", "jobs.train_prior", "TrainPriorConfig"
+        "train the diffusion prior on an embedding store",
+        "jobs.train_prior",
+        "TrainPriorConfig",
+        on_interrupt=RESUME,
     ),
     "eval-prior": Command(
-        "evaluate a prior checkpoint on a store's held-out split", "jobs.eval_prior", "EvalPriorConfig"
+        "evaluate a prior checkpoint on a store's held-out split",
+        "jobs.eval_prior",
+        "EvalPriorConfig",
+        on_interrupt=AGAIN,
     ),
     "train-decoder": Command(
         "train the image decoder (CLIP image embedding -> latents) on a store with latents",
         "jobs.train_decoder",
         "TrainDecoderConfig",
+        on_interrupt=RESUME,
     ),
     "sample": Command(
         "text -> image: CLIP text tower, prior, decoder -> a PNG grid",
         "jobs.sample",
         "SampleConfig",
+        on_interrupt=AGAIN,
         report="jobs.sample:print_report",
     ),
     "eval-decoder": Command(
         "evaluate a decoder (and text -> image with --prior) on a store's held-out split",
         "jobs.eval_decoder",
         "EvalDecoderConfig",
+        on_interrupt=AGAIN,
         report="jobs.eval_decoder:print_report",
     ),
     "export": Command(
         "write a trained prior and decoder as diffusers pipeline folders (Kandinsky 2.2 form)",
         "jobs.export",
         "ExportConfig",
+        on_interrupt=AGAIN,
     ),
     "bench": Command(
         "measure every stage against its physical limit (writes bench/results.json)",
         "jobs.bench.main",
         "BenchConfig",
+        on_interrupt=AGAIN,
     ),
     "bench-anchors": Command(
         "our stages against clip-retrieval, embedding-reader and dalle2-pytorch (writes bench/anchors.json)",
         "jobs.bench.anchors",
         "AnchorsConfig",
+        on_interrupt=AGAIN,
         report="jobs.bench.anchors:print_report",
     ),
     "device-check": Command(
         "on a GPU: every CUDA path in one short run (writes device_out/device_check.json)",
         "jobs.bench.device_check",
         "DeviceCheckConfig",
+        on_interrupt=AGAIN,
     ),
     "demo": Command("run every stage on the built-in demo dataset", "jobs.demo", "DemoConfig"),
 }
@@ -102,10 +122,18 @@ def _resolve(spec: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's refusals (a flag's type or choices, a missing flag) as one line, like every other error;
+    the usage block it prints before them is one `--help` away."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """Every subcommand is listed; only the one named in ``argv`` imports its module (and so torch), which
     keeps `unclip download` as quick to start as img2dataset itself."""
-    parser = argparse.ArgumentParser(prog="unclip", description="unCLIP data pipeline and trainers")
+    parser = _Parser(prog="unclip", description="unCLIP data pipeline and trainers")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((a for a in (argv if argv is not None else sys.argv[1:]) if a in COMMANDS), None)
@@ -136,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unclip {args.command}: failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"unclip {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)
+        print(f"unclip {args.command}: interrupted; {cmd.on_interrupt}", file=sys.stderr)
         return 130
     if cmd.report:
         _resolve(cmd.report)(report)

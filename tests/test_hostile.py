@@ -13,6 +13,7 @@ import io
 import json
 import math
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -541,6 +542,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_is_written(case, want, work, t
         code = main([command, *argv])
     except SystemExit as e:  # argparse's own refusals (a flag's type or choices) exit 2 with one line too
         code = e.code
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err  # no usage block before it
+        print(err, file=sys.stderr, end="")  # for one_line
     line = one_line(capsys, command, code, want)
     assert files(watched) == before, f"{case} changed {watched}"
     assert "this code ran" not in line
@@ -630,3 +634,31 @@ def test_validate_names_each_kind_of_damage_without_a_traceback(case, work, tmp_
     captured = capsys.readouterr()
     assert code == 1 and "Traceback" not in captured.err
     assert any(want in ln for ln in captured.out.splitlines()), captured.out
+
+
+@pytest.mark.parametrize(
+    "command, want",
+    [
+        ("train-prior", "interrupted; rerun it with --resume to continue from the last checkpoint"),
+        ("embed", "interrupted; rerun the same command to continue"),
+        ("sample", "interrupted; rerun the same command to start again"),
+    ],
+)
+def test_ctrl_c_says_how_to_go_on(command, want, monkeypatch, capsys, tmp_path):
+    """The trainers' rerun needs --resume (the same command is refused: --out holds a run); embed's is the
+    same command; sampling starts over."""
+    import importlib
+
+    from jobs.cli import COMMANDS
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(COMMANDS[command].module), "run", interrupted)
+    argv = {
+        "train-prior": ["--data", str(tmp_path), "--out", str(tmp_path / "run")],
+        "embed": ["--shards", str(tmp_path), "--out", str(tmp_path / "store")],
+        "sample": ["--prior", "p", "--decoder", "d", "--prompt", "a"],
+    }[command]
+    assert main([command, *argv]) == 130
+    assert capsys.readouterr().err.strip() == f"unclip {command}: {want}"
