@@ -129,12 +129,13 @@ def build_model(folder: str | Path, meta: dict) -> torch.nn.Module:
         ) from e
 
 
-def open_task(path: str | Path, task: str) -> tuple[Path, dict]:
-    """The checkpoint folder ``path`` names and its meta, refused in one line unless it is a ``task`` one."""
+def open_task(path: str | Path, task: str, flag: str = "") -> tuple[Path, dict]:
+    """The checkpoint folder ``path`` names and its meta, refused in one line unless it is a ``task`` one
+    (``flag``, default ``--TASK``, is the flag the message names)."""
     folder = resolve(path)
     meta = read_meta(folder)
     if meta.get("task") != task:
-        raise UsageError(f"--{task} {path} is a {meta.get('task')} checkpoint, not a {task}")
+        raise UsageError(f"{flag or '--' + task} {path} is a {meta.get('task')} checkpoint, not a {task}")
     return folder, meta
 
 

@@ -24,6 +24,7 @@ from jobs.render import latents_to_images, save_grid
 from jobs.sample import (
     SampleConfig,
     attach_base,
+    check_guidance,
     check_strength,
     decode,
     load_decoder,
@@ -114,11 +115,17 @@ def _held_out(cfg: EvalDecoderConfig, codec: dict, fields: tuple[str, ...]) -> t
 
 
 def run(cfg: EvalDecoderConfig) -> dict:
+    from models.samplers import SAMPLERS
     from pipeline.encoders import resolve_device
 
     for name in ("max_samples", "prior_steps", "decoder_steps", "prior_candidates"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
+    if cfg.sampler not in SAMPLERS:
+        raise UsageError(f"unknown --sampler '{cfg.sampler}'; valid: {', '.join(SAMPLERS)}")
+    check_guidance(cfg)
+    if cfg.out:
+        store.check_out_folder(cfg.out, lambda _: True, "")  # a file, or under one: refused before the work
     device = resolve_device(cfg.device)
     sc = SampleConfig(
         prior=cfg.prior or cfg.decoder,

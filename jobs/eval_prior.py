@@ -124,6 +124,11 @@ def run(cfg: EvalPriorConfig) -> dict:
     for name in ("steps", "max_samples"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
+    from jobs.sample import check_guidance
+
+    check_guidance(cfg)
+    if cfg.out:
+        store.check_out_file(cfg.out)
 
     folder = checkpoint.resolve(cfg.ckpt)
     meta = checkpoint.read_meta(folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from jobs import checkpoint
 from jobs.render import latents_to_images, save_grid
 from pipeline import store
 from pipeline.errors import UsageError
+from pipeline.store import check_out_file
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,14 @@ def _clip_id(meta: dict) -> dict:
         "arch": c["arch"],
         "pretrained": c["pretrained"],
         "seed": c.get("seed", 0) if c["random_init"] else None,
+        "dim": c["dim"],
     }
+
+
+def clip_name(meta: dict) -> str:
+    """The CLIP a checkpoint was trained on, for messages: `ViT-B-32 (laion2b_s34b_b79k, 512-d)`."""
+    c = _clip_id(meta)
+    return f"{c['arch']} ({c['pretrained']}, {c['dim']}-d)"
 
 
 def _ema_model(folder: Path, meta: dict, device: str) -> torch.nn.Module:
@@ -80,9 +89,9 @@ def _ema_model(folder: Path, meta: dict, device: str) -> torch.nn.Module:
     return model
 
 
-def load_decoder(path: str, device: str) -> tuple[torch.nn.Module, dict]:
+def load_decoder(path: str, device: str, flag: str = "--decoder") -> tuple[torch.nn.Module, dict]:
     """A decoder checkpoint's EMA weights, in eval mode, and its metadata."""
-    folder, meta = checkpoint.open_task(path, "decoder")
+    folder, meta = checkpoint.open_task(path, "decoder", flag)
     return _ema_model(folder, meta, device), meta
 
 
@@ -91,16 +100,24 @@ def check_strength(strength: float) -> None:
         raise UsageError(f"--strength must be in (0, 1] (the share of the decoder's steps), got {strength}")
 
 
+def check_guidance(cfg) -> None:
+    """Classifier-free guidance scales: >= 0 (0 = unconditional, 1 = none, None = the checkpoint's)."""
+    for name in ("prior_guidance", "decoder_guidance", "guidance_scale"):
+        v = getattr(cfg, name, None)
+        if v is not None and not (v >= 0 and math.isfinite(v)):
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (1 = no guidance), got {v}")
+
+
 def attach_base(m: Models, base: str) -> Models:
     """`m` with the first stage of a two-stage decoder, checked to fit the decoder: the same CLIP and latent
     codec, and a latent side that divides the decoder's."""
     if not base:
         return m
-    b, bm = load_decoder(base, m.device)
+    b, bm = load_decoder(base, m.device, "--base")
     if _clip_id(bm) != _clip_id(m.decoder_meta):
         raise UsageError(
-            f"--base was trained on CLIP {_clip_id(bm)['arch']} embeddings and --decoder on "
-            f"{_clip_id(m.decoder_meta)['arch']}; train both on the same store"
+            f"--base was trained on CLIP {clip_name(bm)} embeddings and --decoder on "
+            f"{clip_name(m.decoder_meta)}; train both on the same store"
         )
     lo, hi = b.cfg, m.decoder.cfg
     codec_b, codec_d = bm["store"]["latents"], m.decoder_meta["store"]["latents"]
@@ -144,8 +161,8 @@ def load_models(prior: str, decoder: str, device: str) -> Models:
     a, b = _clip_id(pm), _clip_id(dm)
     if a != b:
         raise UsageError(
-            f"the prior was trained on CLIP {a['arch']} ({a['pretrained']}) embeddings and the decoder on "
-            f"{b['arch']} ({b['pretrained']}); train both on stores embedded with the same CLIP"
+            f"the prior was trained on CLIP {clip_name(pm)} embeddings and the decoder on {clip_name(dm)}; "
+            "train both on stores embedded with the same CLIP"
         )
     p, d = _ema_model(pf, pm, device), _ema_model(df, dm, device)
     clip = load_clip(a["arch"], a["pretrained"], device, a["seed"] or 0)
@@ -215,6 +232,10 @@ def _prompts(cfg: SampleConfig) -> list[str]:
             prompts += [line.strip() for line in Path(cfg.prompts).read_text().splitlines() if line.strip()]
         except OSError as e:
             raise UsageError(f"cannot read --prompts {cfg.prompts}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise UsageError(
+                f"--prompts {cfg.prompts} is not UTF-8 text (byte {e.start}): one prompt a line"
+            ) from e
     if not prompts:
         raise UsageError("no prompt: give --prompt TEXT [TEXT ...] or --prompts FILE (one per line)")
     return prompts
@@ -229,8 +250,10 @@ def validate(cfg: SampleConfig) -> list[str]:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     check_strength(cfg.strength)
+    check_guidance(cfg)
     if not cfg.out.lower().endswith(".png"):
         raise UsageError(f"--out {cfg.out} must name a .png file")
+    check_out_file(cfg.out)
     return _prompts(cfg)
 
 

@@ -348,6 +348,19 @@ def check_out_folder(out: str | Path, ours, what: str, flag: str = "--out") -> N
         )
 
 
+def check_out_file(out: str | Path, flag: str = "--out") -> None:
+    """Refuse (UsageError) an output file path that names a folder, lies under a file, or cannot be written:
+    found before the work whose result it would hold, not after."""
+    p = Path(out)
+    if p.is_dir():
+        raise UsageError(f"{flag} {out} is a folder; name the file to write")
+    above = next((q for q in p.absolute().parents if q.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UsageError(f"{flag} {out} lies under {above}, a file; give a path in a folder")
+    if (blocked := unwritable(p.parent if str(p.parent) else ".")) is not None:
+        raise UsageError(f"{flag} {out} cannot be written ({blocked} is not writable)")
+
+
 def wipe(root: str | Path) -> list[str]:
     """Delete what this project wrote into a store: the files each done marker lists (only those), the markers,
     the manifest, logs/embed_summary.json and temp files of ours; then the folders this left empty. Anything

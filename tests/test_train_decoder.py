@@ -173,8 +173,53 @@ def test_sample_errors(pair, tmp_path, capsys):
     cmd = ["sample", "--prior", str(pair / "prior"), "--decoder", str(tmp_path / "dec2"), "--prompt", "a"]
     assert cli(cmd + ["--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
-    assert "prior was trained on CLIP unclip-tiny (none)" in err and "another-clip.pt" in err
+    assert "prior was trained on CLIP unclip-tiny (none, 64-d)" in err and "another-clip.pt" in err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    "case, want",
+    [
+        ("out_is_a_folder", "is a folder; name the file to write"),
+        ("out_under_a_file", "a file; give a path in a folder"),
+        ("negative_guidance", "--decoder-guidance must be >= 0 (1 = no guidance), got -1.0"),
+        ("prompts_not_text", "is not UTF-8 text (byte 0): one prompt a line"),
+        ("base_is_a_prior", "--base "),
+        ("eval_unknown_sampler", "unknown --sampler 'euler'; valid: ddim, dpm++"),
+        ("eval_out_is_a_file", "is a file; give a folder"),
+        ("eval_prior_out_is_a_folder", "is a folder; name the file to write"),
+    ],
+)
+def test_sample_and_eval_refuse_before_the_work(case, want, pair, data, tmp_path, capsys):
+    """Each refused in one line, exit 2, before any sampling: a bad --out used to fail after all of it."""
+    png = tmp_path / "x.png"
+    args = ["sample", "--prior", str(pair / "prior"), "--decoder", str(pair / "decoder"), "--prompt", "a"]
+    if case == "out_is_a_folder":
+        png.mkdir()
+    elif case == "out_under_a_file":
+        (tmp_path / "f").write_text("mine")
+        png = tmp_path / "f" / "x.png"
+    elif case == "negative_guidance":
+        args += ["--decoder-guidance", "-1"]
+    elif case == "prompts_not_text":
+        (tmp_path / "p.txt").write_bytes(b"\xff\xfe\x00binary")
+        args += ["--prompts", str(tmp_path / "p.txt")]
+    elif case == "base_is_a_prior":
+        args += ["--base", str(pair / "prior")]
+    elif case.startswith("eval"):
+        png = tmp_path / "f"
+        png.write_text("mine") if case == "eval_out_is_a_file" else png.mkdir()
+        args = ["eval-decoder", "--decoder", str(pair / "decoder"), "--data", data, "--sampler", "euler"]
+        if case == "eval_out_is_a_file":
+            args[-1] = "ddim"
+        elif case == "eval_prior_out_is_a_folder":
+            args = ["eval-prior", "--ckpt", str(pair / "prior"), "--data", data]
+    assert cli([*args, "--out", str(png)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and want in err[0], err
+    if case == "base_is_a_prior":
+        assert "is a prior checkpoint, not a decoder" in err[0]
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "p.txt" and p.name != "f"]
 
 
 def test_eval_decoder_reports_against_floor_and_ceiling(pair, data, tmp_path):
