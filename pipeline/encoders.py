@@ -59,6 +59,33 @@ def is_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
+def _check_checkpoint_file(path: str) -> None:
+    """A local --pretrained file must read as a checkpoint (safetensors' header, or torch's archive mapped,
+    not read: cheap for a GB file); checked here, before the store's manifest names it."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        else:
+            try:
+                torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):  # an old-style (non-zip) file cannot be mapped: read it whole
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        how = (
+            "safetensors"
+            if path.endswith(".safetensors")
+            else "torch.load(weights_only=True) as open_clip does"
+        )
+        raise UsageError(
+            f"--pretrained {path} cannot be read as a CLIP checkpoint: {how} failed ({type(e).__name__})"
+        ) from e
+
+
 def validate_clip(arch: str, pretrained: str) -> None:
     """Fail early on an unknown architecture, a missing checkpoint file or an unknown pretrained tag."""
     oc = _open_clip()
@@ -69,6 +96,7 @@ def validate_clip(arch: str, pretrained: str) -> None:
     if is_path(pretrained):
         if not os.path.isfile(pretrained):
             raise UsageError(f"CLIP checkpoint not found: {pretrained}")
+        _check_checkpoint_file(pretrained)
         return
     tags = oc.list_pretrained_tags_by_model(arch)
     if pretrained not in tags:

@@ -766,6 +766,8 @@ def test_store_made_with_other_settings_is_refused_then_overwritten(base, shards
         ("no_match", "no .tar shard matched"),
         ("arch", "unknown CLIP architecture 'ViT-Nope'"),
         ("checkpoint", "CLIP checkpoint not found"),
+        ("checkpoint_not_one", "cannot be read as a CLIP checkpoint: torch.load(weights_only=True) as open_clip"),
+        ("checkpoint_not_safetensors", "cannot be read as a CLIP checkpoint: safetensors failed"),
         ("garbage_tar", "unreadable tar"),
         ("vae_missing", "VAE folder not found"),
         ("device_name", "unknown --device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
@@ -784,6 +786,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, t
         args += ["--clip", "ViT-Nope"]
     elif case == "checkpoint":
         args += ["--pretrained", f"{tmp_path}/missing.pt"]
+    elif case.startswith("checkpoint_not"):  # the manifest used to be written before a worker failed on it
+        bad = tmp_path / ("clip.pt" if case == "checkpoint_not_one" else "clip.safetensors")
+        bad.write_text("a text file, not weights\n")
+        args += ["--pretrained", bad]
     elif case == "garbage_tar":
         bad = tmp_path / "bad"
         shutil.copytree(shards, bad)
