@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import UsageError
+from pipeline.errors import StageError, UsageError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -293,8 +293,20 @@ def is_done(root: str | Path, shard: str) -> bool:
     return done_path(root, shard).exists()
 
 
+def _read_store_json(path: Path) -> Any:
+    """A manifest or done marker; one that is not valid JSON is a one-line refusal pointing at `validate`."""
+    try:
+        return read_json(path)
+    except (UnicodeDecodeError, ValueError) as e:
+        root = path.parent.parent if path.parent.name == "done" else path.parent
+        raise ManifestError(
+            f"{path} is not valid JSON ({str(e).splitlines()[0][:120]}); `unclip validate {root}` lists the "
+            "store's damage"
+        ) from e
+
+
 def read_done(root: str | Path, shard: str) -> dict:
-    return read_json(done_path(root, shard))
+    return _read_store_json(done_path(root, shard))
 
 
 def remove_shard(root: str | Path, shard: str) -> None:
@@ -397,7 +409,7 @@ def wipe(root: str | Path) -> list[str]:
 
 def load_manifest(root: str | Path) -> dict:
     """The manifest as JSON, checked to be one this code reads (`ManifestError` otherwise)."""
-    d = read_json(Path(root) / MANIFEST)
+    d = _read_store_json(Path(root) / MANIFEST)
     Manifest.from_json(d)
     return d
 
@@ -420,7 +432,19 @@ def shard_rows(root: str | Path) -> list[tuple[str, int]]:
 
 def open_array(root: str | Path, field: str, shard: str) -> np.ndarray:
     """Memory-map one shard's .npy field (read-only)."""
-    return np.load(field_path(root, field, shard), mmap_mode="r")
+    return load_array(field_path(root, field, shard), mmap_mode="r")
+
+
+def load_array(path: Path, **kw) -> np.ndarray:
+    """np.load of a store's .npy; a missing or damaged one (found mid-run) is a StageError naming the file."""
+    try:
+        return np.load(path, allow_pickle=False, **kw)
+    except (OSError, ValueError, EOFError) as e:
+        root = path.parent.parent
+        raise StageError(
+            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+            f"`unclip validate {root}` lists the store's damage"
+        ) from e
 
 
 def read_metadata(root: str | Path, shard: str, columns: list[str] | None = None) -> pa.Table:

@@ -77,7 +77,7 @@ class Store:
     def array(self, field: str, shard: str) -> np.ndarray:
         key = (field, shard)
         if key not in self._cache:
-            self._cache[key] = np.load(store.field_path(self.root, field, shard), allow_pickle=False)
+            self._cache[key] = store.load_array(store.field_path(self.root, field, shard))
             if len(self._cache) > self._max_cached:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)

@@ -766,7 +766,10 @@ def test_store_made_with_other_settings_is_refused_then_overwritten(base, shards
         ("no_match", "no .tar shard matched"),
         ("arch", "unknown CLIP architecture 'ViT-Nope'"),
         ("checkpoint", "CLIP checkpoint not found"),
-        ("checkpoint_not_one", "cannot be read as a CLIP checkpoint: torch.load(weights_only=True) as open_clip"),
+        (
+            "checkpoint_not_one",
+            "cannot be read as a CLIP checkpoint: torch.load(weights_only=True) as open_clip",
+        ),
         ("checkpoint_not_safetensors", "cannot be read as a CLIP checkpoint: safetensors failed"),
         ("garbage_tar", "unreadable tar"),
         ("vae_missing", "VAE folder not found"),

@@ -410,9 +410,16 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
             meta = json.loads((step / "meta.json").read_text())
             del meta["stream_order"]
             (step / "meta.json").write_text(json.dumps(meta))
+    if case in ("train_manifest_not_json", "eval_done_marker_not_json"):
+        shutil.copytree(work["good"], tmp / "damaged")
+        good = str(tmp / "damaged")
+        damaged = tmp / "damaged" / ("manifest.json" if case.startswith("train") else "done/00000.json")
+        damaged.write_text('{"clip": {"arch": ')
     shards = tmp / "shards"
     write_tar(shards / "00000.tar", [sample("000000000", 0)])
     table = {
+        "train_manifest_not_json": (tp[0], [*tp[1:], "--data", good, "--out", out]),
+        "eval_done_marker_not_json": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", good]),
         "download_bad_jsonl_line": ("download", ["--urls", "u.jsonl", "--out", out]),
         "download_caption_not_text": ("download", ["--urls", "c.jsonl", "--out", out]),
         "download_parquet_caption_not_text": ("download", ["--urls", "n.parquet", "--out", out]),
@@ -516,6 +523,8 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         ("train_sample_steps_0", "--sample-steps must be >= 1 (got 0)"),
         ("train_guidance_negative", "--guidance-scale must be >= 0 (1 = no guidance) (got -2.0)"),
         ("train_missing_data", "is not an embedding store (no manifest.json)"),
+        ("train_manifest_not_json", "manifest.json is not valid JSON (Expecting value: line 1"),
+        ("eval_done_marker_not_json", "done/00000.json is not valid JSON"),
         ("train_unknown_device", "unknown --device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
         ("latest_names_a_missing_step", "names step_00000999, which is missing or incomplete"),
         ("state_pt_holds_code", "state.pt cannot be loaded safely"),
@@ -662,3 +671,15 @@ def test_ctrl_c_says_how_to_go_on(command, want, monkeypatch, capsys, tmp_path):
     }[command]
     assert main([command, *argv]) == 130
     assert capsys.readouterr().err.strip() == f"unclip {command}: {want}"
+
+
+def test_a_truncated_npy_found_mid_run_names_the_file_and_validate(work, tmp_path, capsys):
+    shutil.copytree(work["good"], tmp_path / "damaged")
+    npy = tmp_path / "damaged/img_emb/img_emb_00000.npy"
+    npy.write_bytes(npy.read_bytes()[:300])
+    args = ["--data", str(tmp_path / "damaged"), "--out", str(tmp_path / "run"), "--preset", "tiny"]
+    code = main(
+        ["train-prior", *args, "--steps", "2", "--batch-size", "8", "--eval-every", "0", "--device", "cpu"]
+    )
+    line = one_line(capsys, "train-prior", code, "img_emb_00000.npy cannot be read", rc=1)
+    assert f"`unclip validate {tmp_path / 'damaged'}`" in line
