@@ -66,6 +66,9 @@ def test_unknown_stage_is_one_line_exit_2_before_anything_runs(tmp_path, capsys)
         "unclip bench: error: unknown bench stage 'bogus'; valid: download, embed, embed_gpu, stream, prior, decoder"
     )
     assert not (tmp_path / "out").exists()
+    assert main(["bench", "--out", str(tmp_path / "out"), "--stages", "stream", "--repeats", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "unclip bench: error: --repeats must be >= 1 (got 0)"
+    assert not (tmp_path / "out").exists()
 
 
 def test_gpu_embed_stage_says_it_was_skipped_without_a_gpu(tmp_path):

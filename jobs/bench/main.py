@@ -77,6 +77,8 @@ def run(cfg: BenchConfig) -> dict:
     for name in names:
         if name not in STAGES:
             raise UsageError(f"unknown bench stage '{name}'; valid: {', '.join(STAGES)}")
+    if cfg.repeats < 1:
+        raise UsageError(f"--repeats must be >= 1 (got {cfg.repeats})")
     out = Path(cfg.out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
