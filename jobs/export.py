@@ -127,8 +127,9 @@ def export_decoder(folder: Path, meta: dict, out: Path) -> dict:
 
 
 def _target(cfg: ExportConfig, name: str) -> Path:
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise UsageError(f"--out {cfg.out} is a file; give a folder (OUT/prior and OUT/decoder go in it)")
+    from pipeline.store import check_out_folder
+
+    check_out_folder(cfg.out, lambda _: True, "")  # a file or a path under one (OUT's other files stay)
     out = Path(cfg.out) / name
     if out.exists() and not cfg.overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")

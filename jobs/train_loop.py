@@ -429,16 +429,15 @@ def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> 
             lr = run.sched.get_last_lr()[0]
             row = {"step": done, "loss": last_loss, "grad_norm": grad_norm, "lr": lr, "samples_per_s": sps}
             metrics.append(metrics_file, row)
-        if done == end or (cfg.save_every and done % cfg.save_every == 0):
-            _save(
-                done, run
-            )  # before the evaluation: one that fails must not cost the steps since the last save
+        # Evaluated before the save: a checkpoint exists only for a step whose evaluation ran, so a resume after
+        # a failed or interrupted evaluation redoes it (its settings were checked before the first step).
+        # The evaluation has its own generators: the run's random state is untouched.
         if rank == 0 and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-            report_eval = run.task.evaluate(
-                run, done
-            )  # its own generators: the run's random state is untouched
+            report_eval = run.task.evaluate(run, done)
             if report_eval is not None:
                 metrics.append(metrics_file, {"step": done, "eval": report_eval})
+        if done == end or (cfg.save_every and done % cfg.save_every == 0):
+            _save(done, run)
     if rows_log:
         buf = io.BytesIO()
         torch.save(torch.cat(rows_log), buf)

@@ -171,6 +171,8 @@ def check_out(out: str, urls: str | None = None) -> None:
 def check_same_settings(cfg: DownloadConfig, rows: int) -> None:
     """A rerun into a folder with shards continues that download: other shard settings or another table would
     put shards of two kinds in one folder (another --samples-per-shard even repeats rows), so they are refused."""
+    if not finished_shards(cfg.out):  # nothing made yet: a retry with corrected settings starts afresh
+        return
     old: dict = {}
     try:
         if (Path(cfg.out) / SETTINGS).is_file():
@@ -280,7 +282,7 @@ def run(cfg: DownloadConfig) -> dict:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out {cfg.out} cannot be created: {e}") from e
-    if not (Path(cfg.out) / SETTINGS).is_file():
+    if not finished_shards(cfg.out) or not (Path(cfg.out) / SETTINGS).is_file():
         write_json(Path(cfg.out) / SETTINGS, {**{k: getattr(cfg, k) for k in SHARD_SETTINGS}, "rows": rows})
     before = finished_shards(cfg.out)
     extra = [c for c in columns if c not in (cfg.url_col, cfg.caption_col)] or None  # extra columns are kept

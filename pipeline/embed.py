@@ -149,7 +149,9 @@ def reusable_store(cfg: EmbedConfig) -> dict | None:
     --overwrite replaces; a UsageError for a store made with other settings."""
     root = Path(cfg.out)
     identity = {k: getattr(cfg, k) for k in IDENTITY}
-    if not is_store(root):
+    if (
+        not is_store(root) or cfg.overwrite
+    ):  # --overwrite replaces it, even with a manifest that does not read
         return None
     old = store.load_manifest(root)
     if old.get("identity") != identity and not cfg.overwrite:
@@ -159,7 +161,7 @@ def reusable_store(cfg: EmbedConfig) -> dict | None:
             f"{', '.join(str(old.get('identity', {}).get(k)) for k in diff)}); "
             "use another --out or pass --overwrite"
         )
-    return None if cfg.overwrite else old
+    return old
 
 
 def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None) -> dict:

@@ -62,6 +62,8 @@ def is_path(pretrained: str) -> bool:
 def _check_checkpoint_file(path: str) -> None:
     """A local --pretrained file must read as a checkpoint (safetensors' header, or torch's archive mapped,
     not read: cheap for a GB file); checked here, before the store's manifest names it."""
+    if path.endswith((".npz", ".npy")):  # big_vision weights, which open_clip reads with numpy: left to it
+        return
     try:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
@@ -86,7 +88,7 @@ def _check_checkpoint_file(path: str) -> None:
         ) from e
 
 
-def validate_clip(arch: str, pretrained: str) -> None:
+def validate_clip(arch: str, pretrained: str, check_file: bool = True) -> None:
     """Fail early on an unknown architecture, a missing checkpoint file or an unknown pretrained tag."""
     oc = _open_clip()
     if arch not in oc.list_models():
@@ -96,7 +98,8 @@ def validate_clip(arch: str, pretrained: str) -> None:
     if is_path(pretrained):
         if not os.path.isfile(pretrained):
             raise UsageError(f"CLIP checkpoint not found: {pretrained}")
-        _check_checkpoint_file(pretrained)
+        if check_file:  # the stages' own checks; load_clip (in every worker) reads it anyway
+            _check_checkpoint_file(pretrained)
         return
     tags = oc.list_pretrained_tags_by_model(arch)
     if pretrained not in tags:
@@ -176,7 +179,7 @@ def clip_dims(arch: str) -> ClipDims:
 def load_clip(arch: str, pretrained: str, device: str, seed: int = 0) -> Clip:
     """The model in eval mode on ``device``; cached per process so that a dask worker loads it once."""
     oc = _open_clip()
-    validate_clip(arch, pretrained)
+    validate_clip(arch, pretrained, check_file=False)
     ensure_pretrained(arch, pretrained)
     random_init = pretrained.lower() in RANDOM
     torch.manual_seed(seed)  # random weights are the same in every process for a seed

@@ -388,7 +388,7 @@ def wipe(root: str | Path) -> list[str]:
     for shard in done_shards(root):
         try:
             listed = list(read_done(root, shard).get("files", {}))
-        except (OSError, ValueError):
+        except (OSError, ValueError, ManifestError):
             listed = []  # an unreadable marker names nothing: only the marker itself goes
         for rel in listed:
             p = (root / rel).resolve()

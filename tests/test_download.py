@@ -21,6 +21,7 @@ from PIL import Image
 
 from jobs.cli import main
 from jobs.http_server import serve_folder
+from pipeline.errors import UsageError
 
 BAD = {"missing.jpg": None, "empty.jpg": b"", "page.jpg": b"<html><body>not an image</body></html>"}
 
@@ -145,6 +146,7 @@ def test_download_never_writes_over_the_users_files(tmp_path, capsys, case, mess
         (out / "summary/download_summary.json").write_text(
             json.dumps({"rows": 1, "config": {"image_size": 64, "samples_per_shard": 10000}})
         )
+        (out / "00000_stats.json").write_text("{}")  # one finished shard: the settings are compared
     before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert main(["download", "--urls", str(urls), "--out", str(out), "--image-size", "32"]) == 2
     err = capsys.readouterr().err.strip()
@@ -275,3 +277,17 @@ def test_interrupted_and_killed_download_resumes_to_the_same_shards(tmp_path):
     straight, got = read_tars(tmp_path / "straight"), read_tars(resumed)
     assert len(straight) == 48
     assert got == straight  # same keys, same shard, same image bytes and captions
+
+
+def test_a_retry_before_any_shard_finished_may_change_the_settings(tmp_path):
+    from pipeline.download import DownloadConfig, validate
+
+    out = tmp_path / "out"
+    (out / "summary").mkdir(parents=True)
+    (out / "summary/download_settings.json").write_text(json.dumps({"image_size": 64, "rows": 1}))
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}), urls)
+    assert validate(DownloadConfig(urls=str(urls), out=str(out), image_size=32))[2] == 1
+    (out / "00000_stats.json").write_text("{}")
+    with pytest.raises(UsageError, match="--image-size 64 -> 32"):
+        validate(DownloadConfig(urls=str(urls), out=str(out), image_size=32))

@@ -116,6 +116,7 @@ def test_exported_pipeline_draws_the_images_unclip_draws(exported, guidance):
         ("exists", "exists; pass --overwrite to replace it"),
         ("overwrite_a_run", "is not an earlier export (no unclip_export.json in it)"),
         ("out_is_a_file", "is a file; give a folder"),
+        ("out_under_a_file", "lies under"),
     ],
 )
 def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
@@ -135,6 +136,9 @@ def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
         args += ["--overwrite"]
     elif case == "out_is_a_file":
         out.write_text("mine")
+    elif case == "out_under_a_file":
+        out.write_text("mine")
+        args[4] = str(out / "sub")
     else:
         args[4] = str(d / "out")
     assert main(args) == 2
@@ -142,7 +146,7 @@ def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
     assert len(err) == 1 and want in err[0], err
     if case == "overwrite_a_run":
         assert sorted(p.name for p in out.rglob("*")) == ["decoder", "notes.txt"]
-    elif case == "out_is_a_file":
+    elif case in ("out_is_a_file", "out_under_a_file"):
         assert out.read_text() == "mine"
     else:
         assert not out.exists()

@@ -683,3 +683,18 @@ def test_a_truncated_npy_found_mid_run_names_the_file_and_validate(work, tmp_pat
     )
     line = one_line(capsys, "train-prior", code, "img_emb_00000.npy cannot be read", rc=1)
     assert f"`unclip validate {tmp_path / 'damaged'}`" in line
+
+
+def test_overwrite_wipes_a_store_whose_manifest_or_marker_does_not_read(work, tmp_path):
+    out = tmp_path / "store"
+    shutil.copytree(work["good"], out)
+    shards = store.done_shards(out)
+    later = [rel for rel in store.read_done(out, shards[-1])["files"]]
+    store.done_path(out, shards[0]).write_text("{torn")  # the first marker: wipe must go on past it
+    (out / "manifest.json").write_text("{torn")
+    (out / "notes.txt").write_text("mine")
+    new = tmp_path / "shards"
+    write_tar(new / "00007.tar", [sample(f"00007{i:04d}", i) for i in range(3)])
+    assert main(["embed", "--shards", str(new), "--out", str(out), *TINY, "--overwrite"]) == 0
+    assert later and not any((out / rel).exists() for rel in later)
+    assert store.done_shards(out) == ["00007"] and (out / "notes.txt").read_text() == "mine"
