@@ -244,13 +244,18 @@ def encode_text(clip: Clip, tokens: torch.Tensor, with_tokens: bool = False):
     end-of-text token cannot change any output: the batch runs on ``tokens[:, :L]`` only, which gives the
     same embeddings as the full 77-token context at a fraction of the cost for short captions.
     """
-    model, text = clip.model, _text_module(clip.model)
-    if text is None:
+    if _text_module(clip.model) is None:
         if with_tokens:
             raise UsageError(
                 "--text-encodings needs a causal text tower (open_clip CLIP with argmax/eos pooling)"
             )
-        return model.encode_text(tokens), None, None
+        return clip.model.encode_text(tokens), None, None
+    return trimmed_text_forward(clip.model, tokens, with_tokens)
+
+
+def trimmed_text_forward(model: torch.nn.Module, tokens: torch.Tensor, with_tokens: bool = False):
+    """`encode_text`'s forward on a causal text tower, differentiable (the demo CLIP trains through it)."""
+    text = _text_module(model)
     lengths = token_lengths(model, tokens)
     n = int(lengths.max())
     tokens = tokens[:, :n]  # [B, n]
