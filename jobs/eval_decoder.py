@@ -125,7 +125,7 @@ def run(cfg: EvalDecoderConfig) -> dict:
         raise UsageError(f"unknown --sampler '{cfg.sampler}'; valid: {', '.join(SAMPLERS)}")
     check_guidance(cfg)
     if cfg.out:
-        store.check_out_folder(cfg.out, lambda _: True, "")  # a file, or under one: refused before the work
+        store.check_out_folder(cfg.out)  # a file, or under one: refused before the work
     device = resolve_device(cfg.device)
     sc = SampleConfig(
         prior=cfg.prior or cfg.decoder,

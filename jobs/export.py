@@ -129,7 +129,7 @@ def export_decoder(folder: Path, meta: dict, out: Path) -> dict:
 def _target(cfg: ExportConfig, name: str) -> Path:
     from pipeline.store import check_out_folder
 
-    check_out_folder(cfg.out, lambda _: True, "")  # a file or a path under one (OUT's other files stay)
+    check_out_folder(cfg.out)  # a file or a path under one (OUT's other files stay)
     out = Path(cfg.out) / name
     if out.exists() and not cfg.overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace it")

@@ -168,6 +168,11 @@ def check_out(out: str, urls: str | None = None) -> None:
         )
 
 
+def _shard_settings(cfg: DownloadConfig, rows: int) -> dict:
+    """What decides the shards' content: `SETTINGS` holds it."""
+    return {**{k: getattr(cfg, k) for k in SHARD_SETTINGS}, "rows": rows}
+
+
 def check_same_settings(cfg: DownloadConfig, rows: int) -> None:
     """A rerun into a folder with shards continues that download: other shard settings or another table would
     put shards of two kinds in one folder (another --samples-per-shard even repeats rows), so they are refused."""
@@ -182,7 +187,7 @@ def check_same_settings(cfg: DownloadConfig, rows: int) -> None:
             old = {**summary.get("config", {}), "rows": summary.get("rows")}
     except (OSError, ValueError, AttributeError):
         old = {}  # unreadable: nothing to compare with (both are written atomically, so only by hand)
-    new = {**{k: getattr(cfg, k) for k in SHARD_SETTINGS}, "rows": rows}
+    new = _shard_settings(cfg, rows)
     diff = [k for k in new if k in old and old[k] != new[k]]
     if diff:
         said = ", ".join(
@@ -282,9 +287,9 @@ def run(cfg: DownloadConfig) -> dict:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out {cfg.out} cannot be created: {e}") from e
-    if not finished_shards(cfg.out) or not (Path(cfg.out) / SETTINGS).is_file():
-        write_json(Path(cfg.out) / SETTINGS, {**{k: getattr(cfg, k) for k in SHARD_SETTINGS}, "rows": rows})
     before = finished_shards(cfg.out)
+    if not before or not (Path(cfg.out) / SETTINGS).is_file():
+        write_json(Path(cfg.out) / SETTINGS, _shard_settings(cfg, rows))
     extra = [c for c in columns if c not in (cfg.url_col, cfg.caption_col)] or None  # extra columns are kept
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(cfg.out, expected, len(before), stop), daemon=True)

@@ -149,12 +149,11 @@ def reusable_store(cfg: EmbedConfig) -> dict | None:
     --overwrite replaces; a UsageError for a store made with other settings."""
     root = Path(cfg.out)
     identity = {k: getattr(cfg, k) for k in IDENTITY}
-    if (
-        not is_store(root) or cfg.overwrite
-    ):  # --overwrite replaces it, even with a manifest that does not read
+    # --overwrite replaces it, even with a manifest that does not read
+    if not is_store(root) or cfg.overwrite:
         return None
     old = store.load_manifest(root)
-    if old.get("identity") != identity and not cfg.overwrite:
+    if old.get("identity") != identity:
         diff = [k for k in IDENTITY if old.get("identity", {}).get(k) != identity[k]]
         raise UsageError(
             f"{root} holds a store made with other settings ({', '.join(diff)}: "

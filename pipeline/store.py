@@ -318,10 +318,15 @@ def remove_shard(root: str | Path, shard: str) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _nearest_existing(path: str | Path) -> Path | None:
+    """``path`` itself if it exists, else its nearest existing parent (absolute), or None."""
+    p = Path(path).absolute()
+    return next((q for q in [p, *p.parents] if q.exists()), None)
+
+
 def unwritable(path: str | Path) -> Path | None:
     """The nearest existing folder on ``path``'s way that we may not write into, or None."""
-    p = Path(path).absolute()
-    parent = next((q for q in [p, *p.parents] if q.exists()), None)
+    parent = _nearest_existing(path)
     return parent if parent is not None and not os.access(parent, os.W_OK | os.X_OK) else None
 
 
@@ -340,18 +345,18 @@ def check_is_store_or_empty(root: str | Path) -> bool:
     return False
 
 
-def check_out_folder(out: str | Path, ours, what: str, flag: str = "--out") -> None:
+def check_out_folder(out: str | Path, ours=None, what: str = "", flag: str = "--out") -> None:
     """Refuse (UsageError) an output folder that is a file, lies under a file or a folder we may not write, or
-    is not empty while ``ours(folder)`` says it is not `what` this command writes: its files are not ours to
-    write over. Absent or empty is fine."""
+    (with ``ours``) is not empty while ``ours(folder)`` says it is not `what` this command writes: its files are
+    not ours to write over. Absent or empty is fine; without ``ours`` any contents are."""
     p = Path(out)
-    above = next((q for q in [p, *p.absolute().parents] if q.exists()), None)
+    above = _nearest_existing(p)
     if above is not None and not above.is_dir():
-        where = "is a file" if above == p else f"lies under {above}, a file"
+        where = "is a file" if above == p.absolute() else f"lies under {above}, a file"
         raise UsageError(f"{flag} {out} {where}; give a folder")
     if (blocked := unwritable(p)) is not None:
         raise UsageError(f"{flag} {out} cannot be written ({blocked} is not writable)")
-    if p.is_dir() and any(p.iterdir()) and not ours(p):
+    if ours is not None and p.is_dir() and any(p.iterdir()) and not ours(p):
         names = sorted(x.name for x in p.iterdir())
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise UsageError(
@@ -366,10 +371,10 @@ def check_out_file(out: str | Path, flag: str = "--out") -> None:
     p = Path(out)
     if p.is_dir():
         raise UsageError(f"{flag} {out} is a folder; name the file to write")
-    above = next((q for q in p.absolute().parents if q.exists()), None)
+    above = _nearest_existing(p.parent)
     if above is not None and not above.is_dir():
         raise UsageError(f"{flag} {out} lies under {above}, a file; give a path in a folder")
-    if (blocked := unwritable(p.parent if str(p.parent) else ".")) is not None:
+    if (blocked := unwritable(p.parent)) is not None:
         raise UsageError(f"{flag} {out} cannot be written ({blocked} is not writable)")
 
 
