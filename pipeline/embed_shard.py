@@ -293,6 +293,7 @@ def embed_shard(url: str, params: ShardParams) -> dict:
     t0 = time.perf_counter()
     root, shard, device = params.out, store.shard_id_of(url), params.device
     store.remove_shard(root, shard)  # a partial shard from an interrupted run is redone from scratch
+    recorded = download_record(url)  # before the work: an unfinished download fails the shard at once
     m = _models(params)
     _warm_this_thread(m)
     cuda, lp = device.startswith("cuda"), params.latent_params
@@ -317,7 +318,6 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         if b.keys:
             _embed_batch(b, m, params, acc)
     errors.sort(key=lambda e: e.pop("pos"))  # tar order, whichever thread found the problem
-    recorded = download_record(url)
     if recorded is not None:
         present = set(acc.out["key"]) | {e["key"] for e in errors}
         for key in sorted(set(recorded) - present):

@@ -122,7 +122,11 @@ def decode(sample: Sample) -> tuple[Image.Image | None, str | None]:
 
 def download_record(url: str) -> list[str] | None:
     """Keys img2dataset recorded as downloaded for this shard (``NNNNN.parquet`` beside ``NNNNN.tar``), or None
-    when there is no such record (shards made by another tool)."""
+    when there is no such record (shards made by another tool) or it is not img2dataset's (no key/status columns).
+
+    A record that exists but cannot be read is a StageError, not a shard embedded unchecked: img2dataset writes
+    it when the shard's tar is closed, so an empty or cut-off record is what a killed download leaves, beside a
+    tar that may end cleanly at a member boundary with samples missing."""
     import pyarrow.parquet as pq
 
     record = url[: -len(".tar")] + ".parquet" if url.endswith(".tar") else None
@@ -134,12 +138,17 @@ def download_record(url: str) -> list[str] | None:
     try:
         with fs.open(path, "rb") as f:
             # ParquetFile, not pq.read_table: that imports pyarrow.dataset, 0.3 s of each worker's first shard.
-            # It skips columns the file lacks instead of failing, hence the check.
+            # It skips columns the file lacks instead of failing, hence the check below.
             table = pq.ParquetFile(f).read(columns=["key", "status"])
-        if table.column_names != ["key", "status"]:
-            raise ValueError(f"no column {', '.join(sorted({'key', 'status'} - set(table.column_names)))}")
-    except Exception as e:  # an unreadable record is reported, not trusted
-        log.warning("cannot read the download record %s (%s): not cross-checked", record, e)
+    except Exception as e:  # pyarrow raises its own kinds for empty, cut-off and foreign files
+        raise StageError(
+            f"the download record {record} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:100]}): "
+            "its download did not finish or the file is damaged, so the tar beside it may lack samples; rerun "
+            f"`unclip download` into its folder to finish it (or delete {record} to embed the tar unchecked)"
+        ) from None
+    if table.column_names != ["key", "status"]:
+        missing = ", ".join(sorted({"key", "status"} - set(table.column_names)))
+        log.warning("the download record %s has no column %s: not cross-checked", record, missing)
         return None
     return [k for k, st in zip(table["key"].to_pylist(), table["status"].to_pylist()) if st == "success"]
 

@@ -504,6 +504,35 @@ def test_a_download_record_without_its_status_column_is_reported_not_trusted(tmp
     assert download_record(str(tmp_path / "00001.tar")) == ["a"]
 
 
+def test_a_shard_whose_download_did_not_finish_fails_and_is_embedded_whole_once_it_has(tmp_path, capsys):
+    """A killed img2dataset leaves a tar that may end cleanly at a member boundary, beside an empty record: the
+    shard fails (no marker, exit 1, what to do named) instead of being stored short, and the finished download
+    is then embedded whole."""
+    from pipeline.errors import StageError
+    from pipeline.shard_samples import download_record
+
+    d, out = tmp_path / "shards", tmp_path / "store"
+    d.mkdir()
+    full = good_samples(0, list(range(8)))
+    write_tar(d / "00000.tar", full[:5])  # the tar as the kill left it: 5 of 8 samples, no torn member
+    (d / "00000.parquet").write_bytes(b"")  # img2dataset's record, opened but never written
+    assert embed("--shards", d / "00000.tar", "--out", out, *TINY) == 1
+    assert not store.is_done(out, "00000") and not list((out / "img_emb").glob("*00000*"))
+    failed = json.loads((out / "logs" / "embed_summary.json").read_text())["failed"]
+    assert "download record" in failed[str(d / "00000.tar")] and "unclip download" in failed[str(d / "00000.tar")]
+    record = pa.table({"key": [s["key"] for s in full], "status": ["success"] * 8})
+    pq.write_table(record, d / "00000.parquet")
+    cut = (d / "00000.parquet").read_bytes()
+    (d / "00000.parquet").write_bytes(cut[: len(cut) // 2])  # a record cut short is refused the same way
+    with pytest.raises(StageError, match="cannot be read"):
+        download_record(str(d / "00000.tar"))
+    write_tar(d / "00000.tar", full)  # the download rerun finished the shard
+    pq.write_table(record, d / "00000.parquet")
+    assert embed("--shards", d / "00000.tar", "--out", out, *TINY) == 0
+    assert store.read_done(out, "00000")["rows"] == 8
+    assert store.read_done(out, "00000")["checked_against_download_record"] is True
+
+
 def test_unusable_samples_become_error_rows_not_misaligned_rows(base):
     errors = pq.read_table(store.field_path(base, "errors", "00000")).to_pylist()
     assert sorted(e["key"] for e in errors) == sorted(BAD_KEYS)
