@@ -126,20 +126,37 @@ def export_decoder(folder: Path, meta: dict, out: Path) -> dict:
     }
 
 
-def _target(cfg: ExportConfig, name: str) -> Path:
+def _target(cfg: ExportConfig, name: str, folder: Path, meta: dict) -> Path:
     from pipeline.store import check_out_folder
 
     check_out_folder(cfg.out)  # a file or a path under one (OUT's other files stay)
     out = Path(cfg.out) / name
-    if out.exists() and not cfg.overwrite:
-        raise UsageError(f"{out} exists; pass --overwrite to replace it")
-    if out.exists() and not (out / "unclip_export.json").is_file():
+    if not out.exists():
+        return out
+    note = _export_note(out)
+    if note is None:
         # --overwrite deletes the folder: only ever one this command wrote (never a training run or user files).
         raise UsageError(
-            f"{out} exists and is not an earlier export (no unclip_export.json in it); --overwrite replaces only "
-            "exports: choose another --out"
+            f"{out} exists and is not an earlier export (no readable unclip_export.json in it); --overwrite "
+            "replaces only exports: choose another --out"
+        )
+    same = note.get("source_checkpoint") == str(folder) and note.get("step") == meta["step"]
+    if not same and not cfg.overwrite:
+        # The same checkpoint's export is redone without asking: an interrupted export's rerun (its other
+        # folder already in place) is the same command, as the interrupt message says.
+        raise UsageError(
+            f"{out} exists (an export of {note.get('source_checkpoint')} step {note.get('step')}); pass "
+            "--overwrite to replace it"
         )
     return out
+
+
+def _export_note(out: Path) -> dict | None:
+    try:
+        note = json.loads((out / "unclip_export.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return note if isinstance(note, dict) else None
 
 
 def run(cfg: ExportConfig) -> dict:
@@ -158,7 +175,7 @@ def run(cfg: ExportConfig) -> dict:
                 f"the decoder was trained on the '{codec.get('codec')}' latent codec; only 'vae' decoders export "
                 "to KandinskyV22Pipeline (its movq decodes VAE latents; pixels folded space-to-depth have no movq)"
             )
-        jobs.append((export_decoder, folder, meta, _target(cfg, "decoder")))
+        jobs.append((export_decoder, folder, meta, _target(cfg, "decoder", folder, meta)))
     if cfg.prior:
         from jobs.export_prior import export_prior, exportable
         from models.prior import PriorConfig
@@ -170,7 +187,7 @@ def run(cfg: ExportConfig) -> dict:
         )
         if why:
             raise UsageError("this prior cannot be exported to PriorTransformer: " + "; ".join(why))
-        jobs.append((export_prior, folder, meta, _target(cfg, "prior")))
+        jobs.append((export_prior, folder, meta, _target(cfg, "prior", folder, meta)))
     if len(jobs) == 2:
         from jobs.sample import _clip_id
 

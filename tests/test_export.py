@@ -4,6 +4,8 @@ and draws the same images as our own sampler (tiny random models saved to disk f
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +115,8 @@ def test_exported_pipeline_draws_the_images_unclip_draws(exported, guidance):
     [
         ("pixels_codec", "only 'vae' decoders export to KandinskyV22Pipeline"),
         ("prior_given", "is a decoder checkpoint, not a prior"),
-        ("exists", "exists; pass --overwrite to replace it"),
-        ("overwrite_a_run", "is not an earlier export (no unclip_export.json in it)"),
+        ("exists", "step 999); pass --overwrite to replace it"),
+        ("overwrite_a_run", "is not an earlier export (no readable unclip_export.json in it)"),
         ("out_is_a_file", "is a file; give a folder"),
         ("out_under_a_file", "lies under"),
     ],
@@ -139,8 +141,11 @@ def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
     elif case == "out_under_a_file":
         out.write_text("mine")
         args[4] = str(out / "sub")
-    else:
-        args[4] = str(d / "out")
+    else:  # an export of another step of the run is there
+        shutil.copytree(d / "out", out)
+        note = json.loads((out / "decoder/unclip_export.json").read_text())
+        (out / "decoder/unclip_export.json").write_text(json.dumps({**note, "step": 999}))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} if case == "exists" else None
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and want in err[0], err
@@ -148,13 +153,28 @@ def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
         assert sorted(p.name for p in out.rglob("*")) == ["decoder", "notes.txt"]
     elif case in ("out_is_a_file", "out_under_a_file"):
         assert out.read_text() == "mine"
+    elif case == "exists":
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     else:
         assert not out.exists()
 
 
-def test_overwrite_replaces_an_earlier_export(exported, tmp_path):
-    import shutil
+def test_an_interrupted_exports_rerun_is_the_same_command(exported, tmp_path):
+    """Ctrl-C says "rerun the same command": the checkpoint's own export already in place (the first of two
+    folders) is redone without --overwrite, and the interrupted one's temporary folder goes."""
+    d = exported[0]
+    out = tmp_path / "out"
+    shutil.copytree(d / "out", out)
+    (out / ".decoder.tmp").mkdir()
+    (out / ".decoder.tmp/half.bin").write_bytes(b"cut short")
+    assert main(["export", "--decoder", str(d / "run"), "--out", str(out)]) == 0
+    assert not (out / ".decoder.tmp").exists()
+    for f in (d / "out/decoder").rglob("*"):
+        if f.is_file():
+            assert (out / "decoder" / f.relative_to(d / "out/decoder")).read_bytes() == f.read_bytes(), f
 
+
+def test_overwrite_replaces_an_earlier_export(exported, tmp_path):
     d = exported[0]
     out = tmp_path / "out"
     shutil.copytree(d / "out", out)
