@@ -445,24 +445,37 @@ def load_array(path: Path, **kw) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False, **kw)
     except (OSError, ValueError, EOFError) as e:
-        root = path.parent.parent
-        raise StageError(
-            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
-            f"`unclip validate {root}` lists the store's damage"
-        ) from e
+        raise _damaged(path, e) from e
+
+
+def _damaged(path: Path, e: Exception) -> StageError:
+    """A store file that cannot be read, in one line naming it and the command that lists the damage."""
+    why = str(e).splitlines()[0][:120] if str(e) else ""
+    return StageError(
+        f"{path} cannot be read ({type(e).__name__}: {why}); `unclip validate {path.parent.parent}` lists the "
+        "store's damage"
+    )
 
 
 def read_metadata(root: str | Path, shard: str, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(field_path(root, "metadata", shard), columns=columns)
+    path = field_path(root, "metadata", shard)
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowException) as e:  # missing, cut short or not parquet
+        raise _damaged(path, e) from e
 
 
 def read_keys(root: str | Path, shard: str) -> pa.Array | None:
     """A shard's sample keys in row order, or None where its metadata has no ``key`` column (an adopted
     folder's may not)."""
-    f = pq.ParquetFile(field_path(root, "metadata", shard))
-    if "key" not in f.schema_arrow.names:
-        return None
-    return f.read(columns=["key"]).column("key").combine_chunks()
+    path = field_path(root, "metadata", shard)
+    try:
+        f = pq.ParquetFile(path)
+        if "key" not in f.schema_arrow.names:
+            return None
+        return f.read(columns=["key"]).column("key").combine_chunks()
+    except (OSError, pa.ArrowException) as e:  # missing, cut short or not parquet
+        raise _damaged(path, e) from e
 
 
 # ---------------------------------------------------------------- uint8 latents

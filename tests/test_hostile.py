@@ -673,15 +673,26 @@ def test_ctrl_c_says_how_to_go_on(command, want, monkeypatch, capsys, tmp_path):
     assert capsys.readouterr().err.strip() == f"unclip {command}: {want}"
 
 
-def test_a_truncated_npy_found_mid_run_names_the_file_and_validate(work, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "rel, damage",
+    [
+        ("img_emb/img_emb_00000.npy", "cut"),
+        ("metadata/metadata_00000.parquet", "cut"),
+        ("metadata/metadata_00000.parquet", "remove"),
+    ],
+)
+def test_a_damaged_store_file_found_mid_run_names_the_file_and_validate(rel, damage, work, tmp_path, capsys):
     shutil.copytree(work["good"], tmp_path / "damaged")
-    npy = tmp_path / "damaged/img_emb/img_emb_00000.npy"
-    npy.write_bytes(npy.read_bytes()[:300])
+    f = tmp_path / "damaged" / rel
+    if damage == "cut":
+        f.write_bytes(f.read_bytes()[:300])
+    else:
+        f.unlink()
     args = ["--data", str(tmp_path / "damaged"), "--out", str(tmp_path / "run"), "--preset", "tiny"]
     code = main(
         ["train-prior", *args, "--steps", "2", "--batch-size", "8", "--eval-every", "0", "--device", "cpu"]
     )
-    line = one_line(capsys, "train-prior", code, "img_emb_00000.npy cannot be read", rc=1)
+    line = one_line(capsys, "train-prior", code, f"{Path(rel).name} cannot be read", rc=1)
     assert f"`unclip validate {tmp_path / 'damaged'}`" in line
 
 
