@@ -172,13 +172,20 @@ def run(cfg: AdoptConfig) -> dict:
         or len({d for f, d in dtypes if f == "text_emb"}) > 1
     ):
         problems.append("dtypes differ across shards: " + ", ".join(sorted(f"{f} {d}" for f, d in dtypes)))
-    stale = [p.name for p in (folder / "done").glob("*.json") if p.stem not in shards]
+    stale = sorted(
+        (p for p in (folder / "done").glob("*.json") if p.stem not in shards), key=lambda p: p.name
+    )
     if stale and not (folder / store.MANIFEST).exists():
-        problems.append(f"done/ holds markers of no shard here ({', '.join(sorted(stale)[:3])}); remove them")
+        problems.append(
+            f"done/ holds markers of no shard here ({', '.join(p.name for p in stale[:3])}); remove them"
+        )
     if problems:
         more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
         raise UsageError(f"{folder} cannot be adopted: " + "; ".join(problems[:SHOWN]) + more)
     manifest = _manifest(cfg, checks, dims.dim, dims.context_length)
+    for p in stale if _adopted_before(folder) else []:  # an earlier adoption's, of shards since removed
+        log.warning("adopt: %s is no longer in %s: its done marker %s goes", p.stem, folder, p)
+        p.unlink()
     if (folder / store.MANIFEST).exists():
         old = store.load_manifest(folder)
         if old == manifest and store.done_shards(folder) == sorted(shards, key=store.shard_sort_key):
@@ -198,6 +205,16 @@ def run(cfg: AdoptConfig) -> dict:
         folder / store.MANIFEST, manifest
     )  # last: a folder with a manifest is a finished adoption
     return _report(folder, manifest, checks, adopted_now=True)
+
+
+def _adopted_before(folder: Path) -> bool:
+    """Whether ``folder`` holds a manifest an earlier ``unclip adopt`` wrote (its done markers are then ours)."""
+    if not (folder / store.MANIFEST).exists():
+        return False
+    try:
+        return bool(store.load_manifest(folder).get("identity", {}).get("adopted"))
+    except Exception:  # a manifest that does not read is refused below, by load_manifest, in one line
+        return False
 
 
 def _report(folder: Path, manifest: dict, checks: list[ShardCheck], adopted_now: bool) -> dict:

@@ -56,9 +56,13 @@ def _check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> 
     for rel, digest in marker["files"].items():
         p = root / rel
         if not p.exists():
-            problems.append(f"{shard}: missing file {rel}")
+            problems.append(
+                f"{shard}: missing file {rel}; delete done/{shard}.json and {redo(root, manifest)}"
+            )
         elif hashlib.sha256(p.read_bytes()).hexdigest() != digest:
-            problems.append(f"{shard}: checksum mismatch for {rel}")
+            problems.append(
+                f"{shard}: checksum mismatch for {rel}; delete done/{shard}.json and {redo(root, manifest)}"
+            )
     if problems or rows == 0:
         return problems
     dim = manifest["clip"]["dim"]
@@ -110,8 +114,15 @@ def _check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> 
     return problems
 
 
+def redo(root: Path, manifest: dict) -> str:
+    """The command that rewrites this store's damaged or missing shards: adopt for an adopted folder."""
+    if (manifest.get("identity") or {}).get("adopted"):
+        return f"rerun `unclip adopt {root}`"
+    return "rerun `unclip embed`"
+
+
 def _check_keys(root: Path, shard: str, marker: dict, keys: list[str]) -> list[str]:
-    if not marker.get("source"):
+    if not marker.get("source") or marker["source"] == "adopted":  # adopted folders keep no tars to compare
         return []
     try:
         tar_keys = _tar_keys(marker["source"])
@@ -146,7 +157,7 @@ def _read_json(path: Path, required: dict[str, type]) -> tuple[dict | None, str 
     return obj, None
 
 
-def _stray_files(root: Path, markers: dict[str, dict]) -> list[str]:
+def _stray_files(root: Path, markers: dict[str, dict], again: str) -> list[str]:
     """Files in the store's field folders that no done marker lists: partial shards, temp files of a killed
     writer, or files put there by hand."""
     listed = {rel for m in markers.values() for rel in m["files"]}
@@ -157,11 +168,9 @@ def _stray_files(root: Path, markers: dict[str, dict]) -> list[str]:
             if rel in listed:
                 continue
             if p.name.startswith(".") and ".tmp" in p.name:
-                problems.append(f"{rel}: temp file of an interrupted write; rerun `unclip embed`")
+                problems.append(f"{rel}: temp file of an interrupted write; {again}")
             else:
-                problems.append(
-                    f"{rel}: no done marker lists it (a partial shard or a stray file); rerun `unclip embed`"
-                )
+                problems.append(f"{rel}: no done marker lists it (a partial shard or a stray file); {again}")
     return problems
 
 
@@ -178,20 +187,21 @@ def run(cfg: ValidateConfig) -> dict:
     if manifest is None:
         return _report(root, 0, 0, [f"{why}; the store cannot be read (re-embed it with --overwrite)"])
     problems: list[str] = []
+    again = redo(root, manifest)
     done = store.done_shards(root)
     markers: dict[str, dict] = {}
     for sid in done:
         marker, why = _read_json(store.done_path(root, sid), MARKER_KEYS)
         if marker is None:
-            problems.append(f"done/{sid}.json: {why}; delete it and rerun `unclip embed`")
+            problems.append(f"done/{sid}.json: {why}; delete it and {again}")
         elif marker["shard"] != sid or any(not isinstance(d, str) for d in marker["files"].values()):
             problems.append(f"done/{sid}.json: names shard {marker['shard']!r} or has bad checksums")
         else:
             markers[sid] = marker
     listed = [s.get("shard") for s in manifest.get("shards", []) if isinstance(s, dict)]
     if listed != done:
-        problems.append(f"manifest lists {len(listed)} shards but {len(done)} are done; rerun `unclip embed`")
-    problems += _stray_files(root, markers)
+        problems.append(f"manifest lists {len(listed)} shards but {len(done)} are done; {again}")
+    problems += _stray_files(root, markers, again)
     rows = 0
     for marker in markers.values():
         rows += marker["rows"]

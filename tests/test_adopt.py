@@ -153,3 +153,47 @@ def test_many_problems_list_the_first_few_then_a_count(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("is missing") == 5 and "; and 4 more" in err
     assert not (folder / store.MANIFEST).exists() and not (folder / "done").exists()
+
+
+def test_a_rerun_after_a_shard_left_the_folder_drops_its_marker_and_the_store_validates_and_trains(
+    tmp_path, capsys
+):
+    folder = tmp_path / "laion"
+    write_clip_retrieval_folder(folder, {0: 12, 1: 10, 2: 8})
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    capsys.readouterr()
+    for field, ext in (("img_emb", "npy"), ("text_emb", "npy"), ("metadata", "parquet")):
+        (folder / field / f"{field}_1.{ext}").unlink()
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["adopted_now"] and report["rows"] == 20 and report["shards"] == 2
+    assert store.done_shards(folder) == ["0", "2"]
+    assert [s["shard"] for s in store.load_manifest(folder)["shards"]] == ["0", "2"]
+    assert main(["validate", str(folder)]) == 0
+    run = ["--data", str(folder), "--out", str(tmp_path / "prior"), "--preset", "tiny", "--steps", "2"]
+    assert main(["train-prior", *run, "--batch-size", "8", "--device", "cpu", "--eval-every", "0"]) == 0
+
+
+def test_validate_on_an_adopted_folder_checks_no_tars_and_names_adopt_as_the_fix(
+    tmp_path, capsys, caplog, monkeypatch
+):
+    folder = tmp_path / "laion"
+    write_clip_retrieval_folder(folder, {0: 6, 1: 6})
+    for n in (0, 1):  # with keys, as clip-retrieval writes them from webdataset input
+        meta = folder / "metadata" / f"metadata_{n}.parquet"
+        table = pq.read_table(meta)
+        pq.write_table(table.append_column("key", table["image_path"]), meta)
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adopted").write_bytes(b"not a tar")  # "adopted" is each marker's source, not a path to open
+    capsys.readouterr()
+    with caplog.at_level("WARNING"):
+        assert main(["validate", str(folder)]) == 0
+    assert "source tar" not in caplog.text
+    npy = folder / "img_emb" / "img_emb_1.npy"
+    npy.write_bytes(npy.read_bytes()[:-2] + b"\x00\x3c")
+    assert main(["validate", str(folder)]) == 1
+    assert (
+        f"1: checksum mismatch for img_emb/img_emb_1.npy; delete done/1.json and rerun `unclip adopt {folder}`"
+        in (capsys.readouterr().out)
+    )

@@ -519,7 +519,10 @@ def test_a_shard_whose_download_did_not_finish_fails_and_is_embedded_whole_once_
     assert embed("--shards", d / "00000.tar", "--out", out, *TINY) == 1
     assert not store.is_done(out, "00000") and not list((out / "img_emb").glob("*00000*"))
     failed = json.loads((out / "logs" / "embed_summary.json").read_text())["failed"]
-    assert "download record" in failed[str(d / "00000.tar")] and "unclip download" in failed[str(d / "00000.tar")]
+    assert (
+        "download record" in failed[str(d / "00000.tar")]
+        and "unclip download" in failed[str(d / "00000.tar")]
+    )
     record = pa.table({"key": [s["key"] for s in full], "status": ["success"] * 8})
     pq.write_table(record, d / "00000.parquet")
     cut = (d / "00000.parquet").read_bytes()
