@@ -236,6 +236,27 @@ def validate(cfg: DownloadConfig) -> tuple[str, list[str], int]:
     return fmt, columns, rows
 
 
+def drop_torn_stats(out: str) -> list[str]:
+    """Shards whose ``NNNNN_stats.json`` does not read (img2dataset writes it in place: a kill mid-write leaves
+    it empty or cut off) lose it and their tar and record, so img2dataset downloads them again; it would
+    otherwise count them finished for good. Returns those shards."""
+    torn = []
+    for shard in sorted(finished_shards(out)):
+        try:
+            with open(os.path.join(out, f"{shard}_stats.json")) as f:
+                st = json.load(f)
+            if not isinstance(st, dict) or not {"count", "successes", "status_dict"} <= st.keys():
+                raise ValueError("not img2dataset's stats")
+        except (OSError, ValueError) as e:
+            log.warning(
+                "download: %s_stats.json does not read (%s): shard %s is downloaded again", shard, e, shard
+            )
+            for ext in ("_stats.json", ".tar", ".parquet"):
+                Path(out, shard + ext).unlink(missing_ok=True)
+            torn.append(shard)
+    return torn
+
+
 def finished_shards(out: str) -> set[str]:
     return {os.path.basename(p)[: -len("_stats.json")] for p in glob.glob(os.path.join(out, "*_stats.json"))}
 
@@ -287,6 +308,7 @@ def run(cfg: DownloadConfig) -> dict:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out {cfg.out} cannot be created: {e}") from e
+    drop_torn_stats(cfg.out)
     before = finished_shards(cfg.out)
     if not before or not (Path(cfg.out) / SETTINGS).is_file():
         write_json(Path(cfg.out) / SETTINGS, _shard_settings(cfg, rows))

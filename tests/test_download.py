@@ -291,3 +291,25 @@ def test_a_retry_before_any_shard_finished_may_change_the_settings(tmp_path):
     (out / "00000_stats.json").write_text("{}")
     with pytest.raises(UsageError, match="--image-size 64 -> 32"):
         validate(DownloadConfig(urls=str(urls), out=str(out), image_size=32))
+
+
+def test_a_torn_stats_file_is_downloaded_again_not_counted_finished(tmp_path, capsys):
+    """img2dataset writes NNNNN_stats.json in place: a kill mid-write leaves it empty or cut off, and img2dataset
+    would count the shard finished for good (our summary then crashed on every rerun)."""
+    names = make_images(tmp_path / "www", 10)
+    out = tmp_path / "shards"
+    with serve_folder(str(tmp_path / "www")) as base:
+        urls = write_table(tmp_path / "urls.parquet", base, names)
+        args = ["download", "--urls", str(urls), "--out", str(out), "--image-size", "32"]
+        args += ["--samples-per-shard", "5", "--processes", "1", "--threads", "2"]
+        assert main(args) == 0
+        first = read_tars(out)
+        (out / "00001_stats.json").write_bytes(b'{"count": 5, "succ')
+        capsys.readouterr()
+        assert main(args) == 0
+    summary = json.loads((out / "summary/download_summary.json").read_text())
+    assert (
+        summary["complete"] and summary["shards"]["downloaded_this_run"] == 1 and summary["successes"] == 10
+    )
+    assert json.loads((out / "00001_stats.json").read_text())["successes"] == 5
+    assert read_tars(out) == first
