@@ -190,9 +190,6 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None)
             ) from e
     else:
         latents = calibrate_latents(cfg, shards, device)  # may still refuse: before anything is removed
-    if cfg.overwrite and is_store(root):
-        removed = store.wipe(root)
-        log.info("--overwrite: removed %d files this project wrote in %s", len(removed), root)
     manifest = store.Manifest.new(
         identity,
         store.ClipInfo(
@@ -205,6 +202,9 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None)
         text_enc_width=clip.text_width if cfg.text_encodings else 0,
         latents=latents,
     ).to_json()
+    if cfg.overwrite and is_store(root):
+        removed = store.wipe(root, new_manifest=manifest)  # the new manifest replaces the old: always a store
+        log.info("--overwrite: removed %d files this project wrote in %s", len(removed), root)
     store.write_json(root / store.MANIFEST, manifest)
     return manifest
 

@@ -378,10 +378,14 @@ def check_out_file(out: str | Path, flag: str = "--out") -> None:
         raise UsageError(f"{flag} {out} cannot be written ({blocked} is not writable)")
 
 
-def wipe(root: str | Path) -> list[str]:
+def wipe(root: str | Path, new_manifest: dict | None = None) -> list[str]:
     """Delete what this project wrote into a store: the files each done marker lists (only those), the markers,
     the manifest, logs/embed_summary.json and temp files of ours; then the folders this left empty. Anything
-    else in the folder stays. Returns the paths removed, relative to ``root``."""
+    else in the folder stays. Returns the paths removed, relative to ``root``.
+
+    With ``new_manifest`` the manifest is replaced by it (atomically) instead of deleted, so the folder is a store
+    at every moment: killed midway, a folder that also holds other files (a user's, or a partial shard's that no
+    marker lists) would otherwise be refused as "not a store" even by a rerun with --overwrite."""
     root = Path(root)
     removed: list[str] = []
 
@@ -405,7 +409,10 @@ def wipe(root: str | Path) -> list[str]:
         for tmp in folder.glob(".*.tmp*") if folder.is_dir() else []:
             rm(tmp)
     rm(root / "logs" / "embed_summary.json")
-    rm(root / MANIFEST)
+    if new_manifest is None:
+        rm(root / MANIFEST)
+    else:
+        write_json(root / MANIFEST, new_manifest)
     for folder in folders:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()

@@ -709,3 +709,28 @@ def test_overwrite_wipes_a_store_whose_manifest_or_marker_does_not_read(work, tm
     assert main(["embed", "--shards", str(new), "--out", str(out), *TINY, "--overwrite"]) == 0
     assert later and not any((out / rel).exists() for rel in later)
     assert store.done_shards(out) == ["00007"] and (out / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_killed_right_after_its_wipe_is_still_a_store_a_rerun_takes(work, tmp_path, monkeypatch):
+    """The wipe leaves the files no marker lists (a partial shard's, a user's): were the old manifest deleted
+    and the kill to land before the new one, the folder would be refused as "not a store" for good."""
+    out = tmp_path / "store"
+    shutil.copytree(work["good"], out)
+    partial = store.done_shards(out)[-1]
+    store.done_path(out, partial).unlink()  # a shard killed after its files, before its marker
+    (out / "img_emb" / "my_notes.txt").write_text("mine")
+    shards = tmp_path / "shards"
+    write_tar(shards / "00007.tar", [sample(f"00007{i:04d}", i) for i in range(3)])
+    args = ["embed", "--shards", str(shards), "--out", str(out), *TINY, "--overwrite", "--seed", "5"]
+    real = store.wipe
+
+    def wipe_then_die(root, **kw):
+        real(root, **kw)
+        raise KeyboardInterrupt  # the kill, right after the wipe
+
+    monkeypatch.setattr(store, "wipe", wipe_then_die)
+    assert main(args) == 130
+    assert store.load_manifest(out)["identity"]["seed"] == 5  # the new settings' manifest, no done shards
+    monkeypatch.setattr(store, "wipe", real)
+    assert main(args) == 0
+    assert store.done_shards(out) == ["00007"] and (out / "img_emb" / "my_notes.txt").read_text() == "mine"
