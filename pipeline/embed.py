@@ -149,6 +149,12 @@ def reusable_store(cfg: EmbedConfig) -> dict | None:
     --overwrite replaces; a UsageError for a store made with other settings."""
     root = Path(cfg.out)
     identity = {k: getattr(cfg, k) for k in IDENTITY}
+    if is_store(root) and _adopted(root):
+        # Its done markers list the user's own files: --overwrite would delete the embeddings it adopted.
+        raise UsageError(
+            f"--out {root} is a folder adopted with `unclip adopt`: its embeddings are your files, which embed "
+            "never writes over or deletes, even with --overwrite; give another --out"
+        )
     # --overwrite replaces it, even with a manifest that does not read
     if not is_store(root) or cfg.overwrite:
         return None
@@ -161,6 +167,14 @@ def reusable_store(cfg: EmbedConfig) -> dict | None:
             "use another --out or pass --overwrite"
         )
     return old
+
+
+def _adopted(root: Path) -> bool:
+    """Whether the store at ``root`` is a folder `unclip adopt` took in (read as text: its manifest may not read)."""
+    try:
+        return bool((store.read_json(root / store.MANIFEST).get("identity") or {}).get("adopted"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None) -> dict:

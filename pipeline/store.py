@@ -396,7 +396,9 @@ def wipe(root: str | Path, new_manifest: dict | None = None) -> list[str]:
 
     for shard in done_shards(root):
         try:
-            listed = list(read_done(root, shard).get("files", {}))
+            marker = read_done(root, shard)
+            # an adopted shard's files are the user's own embeddings: never ours to delete
+            listed = [] if marker.get("source") == "adopted" else list(marker.get("files", {}))
         except (OSError, ValueError, ManifestError):
             listed = []  # an unreadable marker names nothing: only the marker itself goes
         for rel in listed:

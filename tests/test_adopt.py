@@ -197,3 +197,21 @@ def test_validate_on_an_adopted_folder_checks_no_tars_and_names_adopt_as_the_fix
         f"1: checksum mismatch for img_emb/img_emb_1.npy; delete done/1.json and rerun `unclip adopt {folder}`"
         in (capsys.readouterr().out)
     )
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_embed_never_writes_into_an_adopted_folder_even_with_overwrite(overwrite, tmp_path, capsys):
+    """An adopted folder's done markers list the user's own embeddings: --overwrite used to delete them all."""
+    from tests.test_embed import TINY, sample, write_tar
+
+    folder = tmp_path / "laion"
+    write_clip_retrieval_folder(folder, {0: 6, 1: 6})
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    before = snapshot(folder)
+    write_tar(tmp_path / "shards" / "00000.tar", [sample(f"0000{i:05d}", i) for i in range(3)])
+    args = ["embed", "--shards", str(tmp_path / "shards"), "--out", str(folder), *TINY]
+    capsys.readouterr()
+    assert main(args + (["--overwrite"] if overwrite else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is a folder adopted with `unclip adopt`" in err
+    assert snapshot(folder) == before
