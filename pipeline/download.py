@@ -236,25 +236,46 @@ def validate(cfg: DownloadConfig) -> tuple[str, list[str], int]:
     return fmt, columns, rows
 
 
-def drop_torn_stats(out: str) -> list[str]:
-    """Shards whose ``NNNNN_stats.json`` does not read (img2dataset writes it in place: a kill mid-write leaves
-    it empty or cut off) lose it and their tar and record, so img2dataset downloads them again; it would
-    otherwise count them finished for good. Returns those shards."""
-    torn = []
-    for shard in sorted(finished_shards(out)):
-        try:
-            with open(os.path.join(out, f"{shard}_stats.json")) as f:
-                st = json.load(f)
-            if not isinstance(st, dict) or not {"count", "successes", "status_dict"} <= st.keys():
-                raise ValueError("not img2dataset's stats")
-        except (OSError, ValueError) as e:
-            log.warning(
-                "download: %s_stats.json does not read (%s): shard %s is downloaded again", shard, e, shard
-            )
-            for ext in ("_stats.json", ".tar", ".parquet"):
-                Path(out, shard + ext).unlink(missing_ok=True)
-            torn.append(shard)
-    return torn
+STATS_KEYS = ("count", "successes", "failed_to_download", "failed_to_resize", "status_dict")
+
+
+def shard_stats(out: str, shard: str) -> dict:
+    """img2dataset's ``NNNNN_stats.json`` of a finished shard. img2dataset writes it in place after closing the
+    shard's tar and record, so one that a kill left empty or cut off sits beside a whole shard: it is rebuilt
+    from the record's status column (and written back atomically) rather than trusted or deleted."""
+    path = os.path.join(out, f"{shard}_stats.json")
+    try:
+        with open(path) as f:
+            st = json.load(f)
+        if isinstance(st, dict) and all(k in st for k in STATS_KEYS):
+            return st
+        why = "not img2dataset's stats"
+    except ValueError as e:  # empty or cut off
+        why = f"{type(e).__name__}: {e}"
+    except OSError as e:
+        raise UsageError(f"{path} cannot be read ({e})") from None
+    record = os.path.join(out, f"{shard}.parquet")
+    try:
+        table = pq.read_table(record, columns=["status", "error_message"]).to_pydict()
+    except Exception as e:  # pyarrow's own kinds for missing, empty and cut-off files
+        raise UsageError(
+            f"{path} does not read ({why}) and neither does {record} ({type(e).__name__}), so the shard's counts "
+            f"are lost; delete {path} to download shard {shard} again"
+        ) from None
+    status = table["status"]
+    rebuilt = {
+        "count": len(status),
+        "successes": status.count("success"),
+        "failed_to_download": status.count("failed_to_download"),
+        "failed_to_resize": status.count("failed_to_resize"),
+        "status_dict": dict(
+            Counter("success" if s == "success" else (m or s) for s, m in zip(status, table["error_message"]))
+        ),
+        "rebuilt_from_record": True,
+    }
+    log.warning("download: %s does not read (%s): rebuilt from %s", path, why, record)
+    write_json(path, rebuilt)
+    return rebuilt
 
 
 def finished_shards(out: str) -> set[str]:
@@ -276,8 +297,7 @@ def summarize(out: str, shards: set[str], seconds: float, total_rows: int, expec
     reasons: Counter = Counter()
     new_successes = 0
     for shard in sorted(finished_shards(out)):
-        with open(os.path.join(out, f"{shard}_stats.json")) as f:
-            st = json.load(f)
+        st = shard_stats(out, shard)
         totals.update({k: st[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")})
         reasons.update({k: v for k, v in st["status_dict"].items() if k != "success"})
         new_successes += st["successes"] if shard in shards else 0
@@ -308,8 +328,9 @@ def run(cfg: DownloadConfig) -> dict:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out {cfg.out} cannot be created: {e}") from e
-    drop_torn_stats(cfg.out)
     before = finished_shards(cfg.out)
+    for shard in sorted(before):  # a stats file a kill cut off: rebuilt now, or refused before any download
+        shard_stats(cfg.out, shard)
     if not before or not (Path(cfg.out) / SETTINGS).is_file():
         write_json(Path(cfg.out) / SETTINGS, _shard_settings(cfg, rows))
     extra = [c for c in columns if c not in (cfg.url_col, cfg.caption_col)] or None  # extra columns are kept

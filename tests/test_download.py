@@ -293,23 +293,35 @@ def test_a_retry_before_any_shard_finished_may_change_the_settings(tmp_path):
         validate(DownloadConfig(urls=str(urls), out=str(out), image_size=32))
 
 
-def test_a_torn_stats_file_is_downloaded_again_not_counted_finished(tmp_path, capsys):
-    """img2dataset writes NNNNN_stats.json in place: a kill mid-write leaves it empty or cut off, and img2dataset
-    would count the shard finished for good (our summary then crashed on every rerun)."""
+def test_a_torn_stats_file_is_rebuilt_from_the_shards_record_and_nothing_is_deleted(tmp_path, capsys):
+    """img2dataset writes NNNNN_stats.json in place after closing the shard: a kill mid-write leaves it cut off
+    beside a whole shard (our summary then crashed on every rerun). Its counts come back from the record; with
+    the record damaged too, one line says what to delete, and nothing is deleted."""
     names = make_images(tmp_path / "www", 10)
     out = tmp_path / "shards"
     with serve_folder(str(tmp_path / "www")) as base:
-        urls = write_table(tmp_path / "urls.parquet", base, names)
+        urls = write_table(tmp_path / "urls.parquet", base, names[:4] + ["missing.jpg"] + names[4:])
         args = ["download", "--urls", str(urls), "--out", str(out), "--image-size", "32"]
         args += ["--samples-per-shard", "5", "--processes", "1", "--threads", "2"]
         assert main(args) == 0
         first = read_tars(out)
-        (out / "00001_stats.json").write_bytes(b'{"count": 5, "succ')
+        stats = json.loads((out / "00000_stats.json").read_text())
+        (out / "00000_stats.json").write_bytes(b'{"count": 5, "succ')
         capsys.readouterr()
         assert main(args) == 0
     summary = json.loads((out / "summary/download_summary.json").read_text())
-    assert (
-        summary["complete"] and summary["shards"]["downloaded_this_run"] == 1 and summary["successes"] == 10
-    )
-    assert json.loads((out / "00001_stats.json").read_text())["successes"] == 5
+    assert summary["complete"] and summary["shards"]["downloaded_this_run"] == 0
+    assert summary["successes"] == 10 and summary["failed_to_download"] == 1
+    rebuilt = json.loads((out / "00000_stats.json").read_text())
+    assert {k: rebuilt[k] for k in ("count", "successes", "failed_to_download", "status_dict")} == {
+        k: stats[k] for k in ("count", "successes", "failed_to_download", "status_dict")
+    }
     assert read_tars(out) == first
+    (out / "00001_stats.json").write_bytes(b"")
+    (out / "00001.parquet").write_bytes(b"cut")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"delete {out / '00001_stats.json'} to download shard 00001 again" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
