@@ -107,7 +107,7 @@ def export_decoder(folder: Path, meta: dict, out: Path) -> dict:
     (tmp / "unclip_export.json").write_text(
         json.dumps(
             {
-                "source_checkpoint": str(folder),
+                "source_checkpoint": str(folder.resolve()),
                 "step": meta["step"],
                 "clip": meta["store"]["clip"],
                 "latents": codec,
@@ -140,7 +140,7 @@ def _target(cfg: ExportConfig, name: str, folder: Path, meta: dict) -> Path:
             f"{out} exists and is not an earlier export (no readable unclip_export.json in it); --overwrite "
             "replaces only exports: choose another --out"
         )
-    same = note.get("source_checkpoint") == str(folder) and note.get("step") == meta["step"]
+    same = note.get("source_checkpoint") == str(folder.resolve()) and note.get("step") == meta["step"]
     if not same and not cfg.overwrite:
         # The same checkpoint's export is redone without asking: an interrupted export's rerun (its other
         # folder already in place) is the same command, as the interrupt message says.

@@ -373,7 +373,7 @@ def export_prior(folder: Path, meta: dict, out: Path) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
     note = {
-        "source_checkpoint": str(folder),
+        "source_checkpoint": str(folder.resolve()),
         "step": meta["step"],
         "clip": meta["store"]["clip"],
         "text_embeds": f"{TEXT_EMBED_SCALE:g} * Q @ open_clip text embedding (jobs.export_prior)",

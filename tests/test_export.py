@@ -183,3 +183,19 @@ def test_overwrite_replaces_an_earlier_export(exported, tmp_path):
     assert main(["export", "--decoder", str(d / "run"), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "decoder/stale.txt").exists() and (out / "decoder/unclip_export.json").is_file()
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_the_same_typed_path_from_another_folder_is_another_checkpoint(
+    exported, tmp_path, monkeypatch, capsys
+):
+    """`--decoder run` typed in two folders names two runs: the second must not replace the first's export."""
+    d = exported[0]
+    out = tmp_path / "out"
+    shutil.copytree(d / "run", tmp_path / "elsewhere" / "run")
+    monkeypatch.chdir(d)
+    assert main(["export", "--decoder", "run", "--out", str(out)]) == 0
+    assert main(["export", "--decoder", "run", "--out", str(out)]) == 0  # the same run: redone
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["export", "--decoder", "run", "--out", str(out)]) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
