@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import posixpath
 import re
 import tarfile
 from collections.abc import Iterator
@@ -124,16 +125,27 @@ def download_record(url: str) -> list[str] | None:
     """Keys img2dataset recorded as downloaded for this shard (``NNNNN.parquet`` beside ``NNNNN.tar``), or None
     when there is no such record (shards made by another tool) or it is not img2dataset's (no key/status columns).
 
-    A record that exists but cannot be read is a StageError, not a shard embedded unchecked: img2dataset writes
-    it when the shard's tar is closed, so an empty or cut-off record is what a killed download leaves, beside a
-    tar that may end cleanly at a member boundary with samples missing."""
+    A shard img2dataset has not finished is a StageError, not a shard embedded short: img2dataset writes
+    ``NNNNN_stats.json`` last, so a record (or our download's ``summary/download_settings.json``) without it is a
+    download still running or killed, beside a tar that may end cleanly with samples missing. So is a record that
+    exists but cannot be read (a kill leaves it empty)."""
     import pyarrow.parquet as pq
 
-    record = url[: -len(".tar")] + ".parquet" if url.endswith(".tar") else None
-    if record is None:
+    if not url.endswith(".tar"):
         return None
+    base = url[: -len(".tar")]
+    record, stats = base + ".parquet", base + "_stats.json"
     fs, path = fsspec.core.url_to_fs(record)
-    if not fs.exists(path):
+    stats_path = path[: -len(".parquet")] + "_stats.json"
+    has_record = fs.exists(path)
+    settings = posixpath.join(posixpath.dirname(path), "summary", "download_settings.json")
+    if not fs.exists(stats_path) and (has_record or fs.exists(settings)):
+        raise StageError(
+            f"img2dataset has not finished {url} (no {stats.rsplit('/', 1)[-1]} beside it; it writes that last): "
+            "rerun `unclip download` into its folder to finish it, then embed again (a download copied without "
+            "its *_stats.json files: copy those too)"
+        )
+    if not has_record:
         return None
     try:
         with fs.open(path, "rb") as f:
@@ -141,10 +153,12 @@ def download_record(url: str) -> list[str] | None:
             # It skips columns the file lacks instead of failing, hence the check below.
             table = pq.ParquetFile(f).read(columns=["key", "status"])
     except Exception as e:  # pyarrow raises its own kinds for empty, cut-off and foreign files
+        why = (str(e).splitlines() or [""])[0][:100]
         raise StageError(
-            f"the download record {record} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:100]}): "
-            "its download did not finish or the file is damaged, so the tar beside it may lack samples; rerun "
-            f"`unclip download` into its folder to finish it (or delete {record} to embed the tar unchecked)"
+            f"the download record {record} cannot be read ({type(e).__name__}: {why}): the shard's download did "
+            "not finish, or the record was damaged since, so the tar beside it may lack samples; rerun `unclip "
+            f"download` into its folder to finish it, or restore the record (or remove it to embed the tar "
+            "unchecked)"
         ) from None
     if table.column_names != ["key", "status"]:
         missing = ", ".join(sorted({"key", "status"} - set(table.column_names)))

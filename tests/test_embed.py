@@ -496,18 +496,22 @@ def test_a_download_record_without_its_status_column_is_reported_not_trusted(tmp
     from pipeline.shard_samples import download_record
 
     pq.write_table(pa.table({"key": ["000000000"]}), tmp_path / "00000.parquet")
+    (tmp_path / "00000_stats.json").write_text("{}")
     assert download_record(str(tmp_path / "00000.tar")) is None
     assert "not cross-checked" in caplog.text and "no column status" in caplog.text
     pq.write_table(
         pa.table({"key": ["a", "b"], "status": ["success", "failed_to_download"]}), tmp_path / "00001.parquet"
     )
+    (tmp_path / "00001_stats.json").write_text("{}")
     assert download_record(str(tmp_path / "00001.tar")) == ["a"]
+    assert download_record(str(tmp_path / "00002.tar")) is None  # another tool's shard: no record, no stats
 
 
-def test_a_shard_whose_download_did_not_finish_fails_and_is_embedded_whole_once_it_has(tmp_path, capsys):
-    """A killed img2dataset leaves a tar that may end cleanly at a member boundary, beside an empty record: the
-    shard fails (no marker, exit 1, what to do named) instead of being stored short, and the finished download
-    is then embedded whole."""
+@pytest.mark.parametrize("left", ["record_empty", "record_missing_in_our_download"])
+def test_a_shard_whose_download_did_not_finish_fails_and_is_embedded_whole_once_it_has(left, tmp_path):
+    """A killed (or still running) img2dataset leaves a tar that may end cleanly at a member boundary, beside an
+    empty record or none, and no NNNNN_stats.json (written last): the shard fails (no marker, exit 1, what to do
+    named) instead of being stored short, and the finished download is then embedded whole."""
     from pipeline.errors import StageError
     from pipeline.shard_samples import download_record
 
@@ -515,18 +519,20 @@ def test_a_shard_whose_download_did_not_finish_fails_and_is_embedded_whole_once_
     d.mkdir()
     full = good_samples(0, list(range(8)))
     write_tar(d / "00000.tar", full[:5])  # the tar as the kill left it: 5 of 8 samples, no torn member
-    (d / "00000.parquet").write_bytes(b"")  # img2dataset's record, opened but never written
+    if left == "record_empty":
+        (d / "00000.parquet").write_bytes(b"")  # img2dataset's record, opened but never written
+    else:  # our download's folder: its settings are written before the first shard starts
+        (d / "summary").mkdir()
+        (d / "summary" / "download_settings.json").write_text("{}")
     assert embed("--shards", d / "00000.tar", "--out", out, *TINY) == 1
     assert not store.is_done(out, "00000") and not list((out / "img_emb").glob("*00000*"))
-    failed = json.loads((out / "logs" / "embed_summary.json").read_text())["failed"]
-    assert (
-        "download record" in failed[str(d / "00000.tar")]
-        and "unclip download" in failed[str(d / "00000.tar")]
-    )
+    failed = json.loads((out / "logs" / "embed_summary.json").read_text())["failed"][str(d / "00000.tar")]
+    assert "has not finished" in failed and "00000_stats.json" in failed and "unclip download" in failed
     record = pa.table({"key": [s["key"] for s in full], "status": ["success"] * 8})
     pq.write_table(record, d / "00000.parquet")
+    (d / "00000_stats.json").write_text('{"count": 8}')
     cut = (d / "00000.parquet").read_bytes()
-    (d / "00000.parquet").write_bytes(cut[: len(cut) // 2])  # a record cut short is refused the same way
+    (d / "00000.parquet").write_bytes(cut[: len(cut) // 2])  # a record damaged after the download finished
     with pytest.raises(StageError, match="cannot be read"):
         download_record(str(d / "00000.tar"))
     write_tar(d / "00000.tar", full)  # the download rerun finished the shard

@@ -326,6 +326,7 @@ def hostile_store(tmp_path_factory) -> tuple[Path, Path, int]:
     pq.write_table(
         pa.table({"key": recorded, "status": ["success"] * len(recorded)}), d / "shards" / "00000.parquet"
     )
+    (d / "shards" / "00000_stats.json").write_text('{"count": 9}')  # img2dataset finished the shard
     cut = write_tar(d / "shards" / "00001.tar", [sample(f"0001{i:05d}", 100 + i) for i in range(4)])
     with tarfile.open(cut) as tf:
         inside = tf.getmembers()[3].offset_data + 100  # in the middle of the second sample's image
