@@ -116,8 +116,10 @@ def _check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> 
 
 def redo(root: Path, manifest: dict) -> str:
     """The command that rewrites this store's damaged or missing shards: adopt for an adopted folder."""
-    if (manifest.get("identity") or {}).get("adopted"):
-        return f"rerun `unclip adopt {root}`"
+    ident = manifest.get("identity") or {}
+    if ident.get("adopted"):
+        norm = " --normalize" if (manifest.get("img_emb") or {}).get("normalize_on_read") else ""
+        return f"rerun `unclip adopt {root} --clip {ident.get('clip')} --pretrained {ident.get('pretrained')}{norm}`"
     return "rerun `unclip embed`"
 
 

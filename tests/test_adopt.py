@@ -194,7 +194,7 @@ def test_validate_on_an_adopted_folder_checks_no_tars_and_names_adopt_as_the_fix
     npy.write_bytes(npy.read_bytes()[:-2] + b"\x00\x3c")
     assert main(["validate", str(folder)]) == 1
     assert (
-        f"1: checksum mismatch for img_emb/img_emb_1.npy; delete done/1.json and rerun `unclip adopt {folder}`"
+        f"1: checksum mismatch for img_emb/img_emb_1.npy; delete done/1.json and rerun `unclip adopt {folder} --clip unclip-tiny --pretrained none`"
         in (capsys.readouterr().out)
     )
 
