@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image, ImageOps
 
@@ -153,12 +154,12 @@ def download_record(url: str) -> list[str] | None:
             # It skips columns the file lacks instead of failing, hence the check below.
             table = pq.ParquetFile(f).read(columns=["key", "status"])
     except Exception as e:  # pyarrow raises its own kinds for empty, cut-off and foreign files
-        why = (str(e).splitlines() or [""])[0][:100]
+        why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:100]}"
+        if not isinstance(e, pa.ArrowException):  # permissions, a network error: not the file's content
+            raise StageError(f"the download record {record} cannot be read ({why})") from None
         raise StageError(
-            f"the download record {record} cannot be read ({type(e).__name__}: {why}): the shard's download did "
-            "not finish, or the record was damaged since, so the tar beside it may lack samples; rerun `unclip "
-            f"download` into its folder to finish it, or restore the record (or remove it to embed the tar "
-            "unchecked)"
+            f"the download record {record} is damaged ({why}), so the tar beside it may lack samples: restore "
+            "the record from its source, or move it aside to embed the tar unchecked"
         ) from None
     if table.column_names != ["key", "status"]:
         missing = ", ".join(sorted({"key", "status"} - set(table.column_names)))

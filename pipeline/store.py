@@ -471,6 +471,12 @@ def read_metadata(root: str | Path, shard: str, columns: list[str] | None = None
     try:
         return pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as e:  # missing, cut short or not parquet
+        if columns and isinstance(e, pa.ArrowInvalid) and "FieldRef" in str(e):  # a whole file, other columns
+            names = pq.read_schema(path).names
+            raise StageError(
+                f"{path} has no column {', '.join(c for c in columns if c not in names)} (it has "
+                f"{', '.join(names)})"
+            ) from e
         raise _damaged(path, e) from e
 
 

@@ -170,9 +170,12 @@ def _stray_files(root: Path, markers: dict[str, dict], again: str) -> list[str]:
             if rel in listed:
                 continue
             if p.name.startswith(".") and ".tmp" in p.name:
-                problems.append(f"{rel}: temp file of an interrupted write; {again}")
+                problems.append(f"{rel}: temp file of an interrupted write; remove it")
             else:
-                problems.append(f"{rel}: no done marker lists it (a partial shard or a stray file); {again}")
+                problems.append(
+                    f"{rel}: no done marker lists it (a partial shard or a stray file); remove it, or {again} "
+                    "if its shard is to be in the store"
+                )
     return problems
 
 

@@ -697,6 +697,12 @@ def test_a_damaged_store_file_found_mid_run_names_the_file_and_validate(rel, dam
     assert f"`unclip validate {tmp_path / 'damaged'}`" in line
 
 
+def test_a_metadata_column_that_is_not_there_is_named_not_called_damage(work):
+    with pytest.raises(StageError) as e:
+        store.read_metadata(work["good"], "00000", ["caption", "no_such_column"])
+    assert "has no column no_such_column (it has " in str(e.value) and "validate" not in str(e.value)
+
+
 def test_overwrite_wipes_a_store_whose_manifest_or_marker_does_not_read(work, tmp_path):
     out = tmp_path / "store"
     shutil.copytree(work["good"], out)
