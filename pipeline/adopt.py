@@ -183,7 +183,7 @@ def run(cfg: AdoptConfig) -> dict:
         more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
         raise UsageError(f"{folder} cannot be adopted: " + "; ".join(problems[:SHOWN]) + more)
     manifest = _manifest(cfg, checks, dims.dim, dims.context_length)
-    for p in stale if _adopted_before(folder) else []:  # an earlier adoption's, of shards since removed
+    for p in stale if store.is_adopted(folder) else []:  # an earlier adoption's, of shards since removed
         log.warning("adopt: %s is no longer in %s: its done marker %s goes", p.stem, folder, p)
         p.unlink()
     if (folder / store.MANIFEST).exists():
@@ -205,16 +205,6 @@ def run(cfg: AdoptConfig) -> dict:
         folder / store.MANIFEST, manifest
     )  # last: a folder with a manifest is a finished adoption
     return _report(folder, manifest, checks, adopted_now=True)
-
-
-def _adopted_before(folder: Path) -> bool:
-    """Whether ``folder`` holds a manifest an earlier ``unclip adopt`` wrote (its done markers are then ours)."""
-    if not (folder / store.MANIFEST).exists():
-        return False
-    try:
-        return bool(store.load_manifest(folder).get("identity", {}).get("adopted"))
-    except Exception:  # a manifest that does not read is refused below, by load_manifest, in one line
-        return False
 
 
 def _report(folder: Path, manifest: dict, checks: list[ShardCheck], adopted_now: bool) -> dict:

@@ -149,7 +149,7 @@ def reusable_store(cfg: EmbedConfig) -> dict | None:
     --overwrite replaces; a UsageError for a store made with other settings."""
     root = Path(cfg.out)
     identity = {k: getattr(cfg, k) for k in IDENTITY}
-    if is_store(root) and _adopted(root):
+    if is_store(root) and store.is_adopted(root):
         # Its done markers list the user's own files: --overwrite would delete the embeddings it adopted.
         raise UsageError(
             f"--out {root} is a folder adopted with `unclip adopt`: its embeddings are your files, which embed "
@@ -167,14 +167,6 @@ def reusable_store(cfg: EmbedConfig) -> dict | None:
             "use another --out or pass --overwrite"
         )
     return old
-
-
-def _adopted(root: Path) -> bool:
-    """Whether the store at ``root`` is a folder `unclip adopt` took in (read as text: its manifest may not read)."""
-    try:
-        return bool((store.read_json(root / store.MANIFEST).get("identity") or {}).get("adopted"))
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None) -> dict:
@@ -219,7 +211,8 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None)
     if cfg.overwrite and is_store(root):
         removed = store.wipe(root, new_manifest=manifest)  # the new manifest replaces the old: always a store
         log.info("--overwrite: removed %d files this project wrote in %s", len(removed), root)
-    store.write_json(root / store.MANIFEST, manifest)
+    else:
+        store.write_json(root / store.MANIFEST, manifest)
     return manifest
 
 

@@ -134,15 +134,14 @@ def download_record(url: str) -> list[str] | None:
 
     if not url.endswith(".tar"):
         return None
-    base = url[: -len(".tar")]
-    record, stats = base + ".parquet", base + "_stats.json"
+    record = url[: -len(".tar")] + ".parquet"
     fs, path = fsspec.core.url_to_fs(record)
     stats_path = path[: -len(".parquet")] + "_stats.json"
     has_record = fs.exists(path)
     settings = posixpath.join(posixpath.dirname(path), "summary", "download_settings.json")
     if not fs.exists(stats_path) and (has_record or fs.exists(settings)):
         raise StageError(
-            f"img2dataset has not finished {url} (no {stats.rsplit('/', 1)[-1]} beside it; it writes that last): "
+            f"img2dataset has not finished {url} (no {posixpath.basename(stats_path)} beside it; it writes that last): "
             "rerun `unclip download` into its folder to finish it, then embed again (a download copied without "
             "its *_stats.json files: copy those too)"
         )

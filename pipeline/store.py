@@ -378,14 +378,14 @@ def check_out_file(out: str | Path, flag: str = "--out") -> None:
         raise UsageError(f"{flag} {out} cannot be written ({blocked} is not writable)")
 
 
-def wipe(root: str | Path, new_manifest: dict | None = None) -> list[str]:
+def wipe(root: str | Path, *, new_manifest: dict) -> list[str]:
     """Delete what this project wrote into a store: the files each done marker lists (only those), the markers,
-    the manifest, logs/embed_summary.json and temp files of ours; then the folders this left empty. Anything
-    else in the folder stays. Returns the paths removed, relative to ``root``.
+    logs/embed_summary.json and temp files of ours; then the folders this left empty. Anything else in the folder
+    stays. Returns the paths removed, relative to ``root``.
 
-    With ``new_manifest`` the manifest is replaced by it (atomically) instead of deleted, so the folder is a store
-    at every moment: killed midway, a folder that also holds other files (a user's, or a partial shard's that no
-    marker lists) would otherwise be refused as "not a store" even by a rerun with --overwrite."""
+    The manifest is replaced by ``new_manifest`` (atomically), never deleted, so the folder is a store at every
+    moment: killed midway, a folder that also holds other files (a user's, or a partial shard's that no marker
+    lists) would otherwise be refused as "not a store" even by a rerun with --overwrite."""
     root = Path(root)
     removed: list[str] = []
 
@@ -411,14 +411,20 @@ def wipe(root: str | Path, new_manifest: dict | None = None) -> list[str]:
         for tmp in folder.glob(".*.tmp*") if folder.is_dir() else []:
             rm(tmp)
     rm(root / "logs" / "embed_summary.json")
-    if new_manifest is None:
-        rm(root / MANIFEST)
-    else:
-        write_json(root / MANIFEST, new_manifest)
+    write_json(root / MANIFEST, new_manifest)
     for folder in folders:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
     return removed
+
+
+def is_adopted(root: str | Path) -> bool:
+    """Whether ``root`` holds the manifest of a folder `unclip adopt` took in: its done markers then list the
+    user's own files. Read as plain JSON, so a manifest this code would refuse still answers (False if unreadable)."""
+    try:
+        return bool((read_json(Path(root) / MANIFEST).get("identity") or {}).get("adopted"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_manifest(root: str | Path) -> dict:
