@@ -223,7 +223,10 @@ def prepare_batches(
     work = functools.partial(
         _prepare, preprocess=preprocess, latents=latents, latent_px=latent_px, device_jpegs=device_jpegs
     )
-    for (pos, sample, _), prepared in _in_order(work, _unique(read_tar(url)), threads):
+    # Only samples that need PIL go to the decode threads: the rest (JPEGs for the device decoder, samples that
+    # are already errors) cost microseconds, less than handing them to a thread.
+    needs_pil = functools.partial(_needs_pil, latents=latents, device_jpegs=device_jpegs)
+    for (pos, sample, _), prepared in _in_order(work, _unique(read_tar(url)), threads, needs_pil):
         if isinstance(prepared, str):
             errors.append({"key": sample.key, "reason": prepared, "pos": pos})
             continue
@@ -243,14 +246,20 @@ def _unique(samples: Iterator[Sample]) -> Iterator[tuple[int, Sample, bool]]:
         seen.add(sample.key)
 
 
-def _in_order(fn, items: Iterator[tuple], threads: int) -> Iterator[tuple[tuple, object]]:
+def _in_order(fn, items: Iterator[tuple], threads: int, slow=None) -> Iterator[tuple[tuple, object]]:
     """(item, ``fn(*item)``) in the items' order, ``threads`` of them computed at once, a bounded number
-    (4 per thread) ahead."""
+    (4 per thread) ahead. With ``slow``, only items for which ``slow(*item)`` is true go to the threads; the
+    others are computed here, in order, and handed on as soon as everything before them is."""
     if threads <= 1:
         for item in items:
             yield item, fn(*item)
         return
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    def here(item) -> Future:
+        fut: Future = Future()
+        fut.set_result(fn(*item))
+        return fut
 
     Image.init()  # PIL loads its format plugins lazily, and not thread-safely: load them all before the pool
     window: collections.deque = collections.deque()
@@ -260,8 +269,9 @@ def _in_order(fn, items: Iterator[tuple], threads: int) -> Iterator[tuple[tuple,
     with ThreadPoolExecutor(threads) as pool:
         try:
             for item in items:
-                window.append((item, pool.submit(fn, *item)))
-                if len(window) >= 4 * threads:
+                inline = slow is not None and not slow(*item)
+                window.append((item, here(item) if inline else pool.submit(fn, *item)))
+                while window and (len(window) >= 4 * threads or window[0][1].done()):
                     item0, fut = window.popleft()
                     yield item0, fut.result()
             while window:
@@ -280,6 +290,24 @@ class _Prepared:
     latent: np.ndarray | None  # uint8 [s, s, 3]
 
 
+def _undecoded(sample: Sample, latents: str, device_jpegs: bool) -> bool:
+    """A usable JPEG whose only decode is the device decoder's (`assemble_images`)."""
+    return (
+        device_jpegs
+        and latents == "none"
+        and sample.problem is None
+        and sample.caption is not None
+        and is_jpeg(sample.image)
+    )
+
+
+def _needs_pil(pos: int, sample: Sample, dup: bool, latents: str, device_jpegs: bool) -> bool:
+    """Whether `_prepare` will open the image with PIL (the rest is cheap: see `decode`'s early returns)."""
+    if dup or sample.problem is not None or sample.image is None or sample.caption is None:
+        return False
+    return not _undecoded(sample, latents, device_jpegs)
+
+
 def _prepare(
     pos: int, sample: Sample, dup: bool, preprocess, latents: str, latent_px: int, device_jpegs: bool
 ):
@@ -287,7 +315,7 @@ def _prepare(
     if dup:
         return "duplicate key: an earlier sample of this shard has it"
     jpeg = device_jpegs and is_jpeg(sample.image)
-    if jpeg and latents == "none" and sample.problem is None and sample.caption is not None:
+    if _undecoded(sample, latents, device_jpegs):
         return _Prepared(sample, pos, sample.image, None)  # decoded later, on the device
     img, reason = decode(sample)  # latents are always made from the PIL decode, whatever --image-decode
     if img is None:

@@ -264,3 +264,25 @@ def test_pil_batches_are_bitwise_open_clips_transform_image_by_image():
     for transform, group in ((tail, images[:2]), (grey, [images[2], images[2].rotate(90)])):
         want = torch.stack([transform(im) for im in group])
         assert torch.equal(clip_inputs(group, transform), want)
+
+
+def test_cheap_items_skip_the_decode_threads_and_order_is_kept():
+    """`_in_order` with ``slow``: the slow items run in the pool (here they finish out of order), the cheap ones
+    in the calling thread, and every result comes out in the items' order."""
+    import threading
+    import time
+
+    from pipeline.shard_samples import _in_order
+
+    caller = threading.get_ident()
+    ran_in: dict[int, bool] = {}
+
+    def fn(i: int) -> int:
+        if i % 3 == 0:  # slow: later ones finish first
+            time.sleep(0.02 * (10 - i % 10) / 10)
+        ran_in[i] = threading.get_ident() == caller
+        return i * i
+
+    out = list(_in_order(fn, ((i,) for i in range(30)), threads=4, slow=lambda i: i % 3 == 0))
+    assert out == [((i,), i * i) for i in range(30)]
+    assert all(ran_in[i] == (i % 3 != 0) for i in range(30))
