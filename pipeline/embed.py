@@ -247,12 +247,15 @@ def run(cfg: EmbedConfig) -> dict:
             start = time.perf_counter()  # a LocalCluster's start-up counts, as the user waits for it
             if client is None:
                 client, cluster = connect(cfg)
-            rows, failed, stats = _map(client, todo, params, cfg)
+            rows, failed, stats = _map(client, todo, params, cfg, start)
     finally:
+        closing = time.perf_counter()
         if client is not None:
             client.close()
         if cluster is not None:
             cluster.close()
+        if stats:  # shards ran: the close is this run's too
+            stats["close_seconds"] = time.perf_counter() - closing
     seconds = time.perf_counter() - start
     return _finish(cfg, manifest, shards, rows, seconds, failed, stats)
 
@@ -308,18 +311,19 @@ def _image_decode(cfg: EmbedConfig, device: str) -> str:
     return resolve_image_decode(cfg.image_decode, device, cfg.latents, _tensor_preprocess_supported(cfg))
 
 
-def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:
+def _map(client, todo: list[str], params, cfg: EmbedConfig, run_start: float) -> tuple[int, dict, dict]:
     from dask.distributed import as_completed
 
-    from pipeline.embed_shard import embed_shard
+    from pipeline.embed_shard import PHASES, embed_shard
 
     resources = task_resources(cfg, params.device)
     warm_workers(client, params, resources)
+    tasks_start = time.perf_counter()
     futures = client.map(
         embed_shard, todo, params=params, retries=cfg.retries, pure=False, resources=resources
     )
     names = {f.key: s for f, s in zip(futures, todo, strict=True)}
-    rows, failed, start = 0, {}, time.perf_counter()
+    rows, failed = 0, {}
     stats = {
         "task_seconds": 0.0,
         "worker_peak_rss_mb": 0.0,
@@ -327,6 +331,8 @@ def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:
         "warm_rows": 0,
         "warm_seconds": 0.0,
         "device_decode_fallbacks": 0,
+        "startup_seconds": tasks_start - run_start,  # the LocalCluster's start and every worker's warm-up
+        "phases": dict.fromkeys(PHASES, 0.0),
     }
     with tqdm(total=len(todo), desc="embed", unit="shard") as bar:
         for fut in as_completed(futures):
@@ -340,12 +346,19 @@ def _map(client, todo: list[str], params, cfg: EmbedConfig) -> tuple[int, dict]:
                 stats["worker_peak_rss_mb"] = max(stats["worker_peak_rss_mb"], res["worker_peak_rss_mb"])
                 stats["gpu_peak_mb"] = max(stats["gpu_peak_mb"], res.get("gpu_peak_mb", 0.0))
                 stats["device_decode_fallbacks"] += res.get("device_decode_fallbacks", 0)
+                for k, v in res.get("phases", {}).items():
+                    stats["phases"][k] = stats["phases"].get(k, 0.0) + v
             except Exception as e:  # after dask's retries: list it, keep going with the others
                 failed[names[fut.key]] = f"{type(e).__name__}: {e}"
                 log.error("shard %s failed: %s", names[fut.key], failed[names[fut.key]])
-            bar.set_postfix(samples_per_s=f"{rows / (time.perf_counter() - start):.1f}")
+            bar.set_postfix(samples_per_s=f"{rows / (time.perf_counter() - tasks_start):.1f}")
             bar.update(1)
+    stats["tasks_seconds"] = time.perf_counter() - tasks_start
     return rows, failed, stats
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
 
 
 def _finish(
@@ -386,6 +399,16 @@ def _finish(
         "gpu_peak_mb": stats.get("gpu_peak_mb") or None,
         # --image-decode device, this run: JPEGs its decoder refused or that were incomplete (PIL took them)
         "device_decode_fallbacks": stats.get("device_decode_fallbacks", 0),
+        # Where this run's time went: starting the cluster and warming its workers, the shard tasks (from the
+        # first submitted to the last finished, every worker at once), closing the cluster; and, summed over
+        # the tasks, their phases (`pipeline.embed_shard.PHASES`).
+        "startup_seconds": _rounded(stats.get("startup_seconds")),
+        "tasks_seconds": _rounded(stats.get("tasks_seconds")),
+        "close_seconds": _rounded(stats.get("close_seconds")),
+        "samples_per_second_all_tasks": round(rows / stats["tasks_seconds"], 2)
+        if stats.get("tasks_seconds")
+        else None,
+        "task_phase_seconds": {k: round(v, 3) for k, v in stats.get("phases", {}).items()} or None,
     }
     store.write_json(Path(cfg.out) / "logs" / "embed_summary.json", summary)
     if failed:

@@ -269,7 +269,9 @@ def _embed_batch(b: Batch, m: _Models, params: ShardParams, acc: _Rows) -> None:
         out["img"].append(normalize(encode_image(m.clip, images)).half().cpu().numpy())
         txt, enc, lengths = encode_text(m.clip, b.tokens.to(dev, non_blocking=True), params.text_encodings)
     out["txt"].append(normalize(txt).half().cpu().numpy())
-    if enc is not None:  # each row's own tokens, back to back, in one copy (not one a row: each one syncs a GPU)
+    if (
+        enc is not None
+    ):  # each row's own tokens, back to back, in one copy (not one a row: each one syncs a GPU)
         own = torch.arange(enc.shape[1], device=enc.device) < lengths[:, None]  # [B, n]
         out["enc"].append(enc[own].half().cpu().numpy())
         out["len"].append(lengths.cpu().numpy())
@@ -312,18 +314,27 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         threads=decode_threads(params.decode_threads, params.device),
     )
     acc = _Rows()
+    # Where the task's time goes (reported, not stored): waiting for the decode thread's next batch, decoding on
+    # the device, the models (on CUDA up to the embeddings' copy back), writing the shard.
+    phases = dict.fromkeys(PHASES, 0.0)
+    phases["setup"] = time.perf_counter() - t0
+    tick = time.perf_counter()
     for b in background(_threads(batches, DECODE_THREADS)):
+        tick = _lap(phases, "input_wait", tick)
         if m.tensor_preprocess is not None:
             b = assemble_images(b, m.clip.preprocess, m.tensor_preprocess, device, errors)
             acc.device_decode_fallbacks += b.device_decode_fallbacks  # a batch left empty counts too
+            tick = _lap(phases, "device_decode", tick)
         if b.keys:
             _embed_batch(b, m, params, acc)
+        tick = _lap(phases, "models", tick)
     errors.sort(key=lambda e: e.pop("pos"))  # tar order, whichever thread found the problem
     if recorded is not None:
         present = set(acc.out["key"]) | {e["key"] for e in errors}
         for key in sorted(set(recorded) - present):
             errors.append({"key": key, "reason": "downloaded (img2dataset record) but not in the tar"})
     marker = _write(root, shard, url, acc, errors, recorded is not None)
+    _lap(phases, "write", tick)
     # Reported to the caller only (the marker on disk stays free of timings): for the summary and the bench.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else 0.0
@@ -336,7 +347,18 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         "seconds": round(time.perf_counter() - t0, 3),
         "first_in_process": first,
         "device_decode_fallbacks": acc.device_decode_fallbacks,
+        "phases": {k: round(v, 4) for k, v in phases.items()},
     }
+
+
+# A shard task's phases, in order (`embed_shard`): setup is the models' lookup and the download record.
+PHASES = ("setup", "input_wait", "device_decode", "models", "write")
+
+
+def _lap(phases: dict, name: str, since: float) -> float:
+    now = time.perf_counter()
+    phases[name] += now - since
+    return now
 
 
 def _write(root, shard, url, acc: _Rows, errors: list[dict], cross_checked: bool) -> dict:

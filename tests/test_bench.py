@@ -120,10 +120,12 @@ def test_gpu_embed_rows_are_assembled_from_both_decode_paths_and_one_forward(tmp
 
     def fake_embed(shards, out, clip, decode):
         calls.append((clip, decode))
-        rate = {"device": 900.0, "pil": 300.0, "pil_1_thread": 100.0}[decode]
+        rate = {"device": 900.0, "pil": 300.0, "device_2_workers": 700.0}[decode]
         return {
             "rows": 8192,
             "samples_per_second_in_tasks": rate,
+            "samples_per_second_all_tasks": 2 * rate if decode == "device_2_workers" else rate - 10,
+            "close_seconds": 28.0,
             "gpu_peak_mb": 1e3,
             "device_decode_fallbacks": 0,
         }, 20.0
@@ -137,12 +139,12 @@ def test_gpu_embed_rows_are_assembled_from_both_decode_paths_and_one_forward(tmp
     monkeypatch.setattr(embed_gpu, "embed_run", fake_embed)
     monkeypatch.setattr(embed_gpu, "probe", fake_probe)
     r = embed_gpu.bench(BenchConfig(out=str(tmp_path), repeats=2), tmp_path)
-    b32 = [("ViT-B-32", d) for d in ("device", "pil", "pil_1_thread", "forward")] * 2
-    l14 = [("ViT-L-14", d) for d in ("device", "pil", "forward")] * 2
+    b32 = [("ViT-B-32", d) for d in ("device", "pil", "device_2_workers", "forward")] * 2
+    l14 = [("ViT-L-14", d) for d in ("device", "forward")] * 2
     assert calls == b32 + l14
     dev, pil = (
         r["embed_gpu_ViT-L-14_device_in_tasks_vs_forward"],
-        r["embed_gpu_ViT-L-14_pil_in_tasks_vs_forward"],
+        r["embed_gpu_ViT-B-32_pil_in_tasks_vs_forward"],
     )
     assert (
         dev["ratio_median"] == 0.9
@@ -151,8 +153,10 @@ def test_gpu_embed_rows_are_assembled_from_both_decode_paths_and_one_forward(tmp
         and pil["met"] is False
     )
     assert "Fake H200" in dev["unit"] and "--image-decode pil" in pil["unit"]
-    one = r["embed_gpu_ViT-B-32_pil_1_thread_in_tasks_vs_forward"]
-    assert one["ratio_median"] == 0.1 and "--decode-threads 1" in one["unit"]
-    assert "embed_gpu_ViT-L-14_pil_1_thread_in_tasks_vs_forward" not in r
+    # two workers: their tasks' rate together (2 x 700), not one task's (700)
+    two = r["embed_gpu_ViT-B-32_device_2_workers_in_tasks_vs_forward"]
+    assert two["ratio_median"] == 1.4 and "--workers 2" in two["unit"] and "every worker" in two["unit"]
+    assert "embed_gpu_ViT-L-14_device_2_workers_in_tasks_vs_forward" not in r
     e2e = r["embed_gpu_ViT-B-32_device_end_to_end"]
     assert e2e["ratio_median"] == 8192 / 20.0 / 1000.0 and e2e["device_decode_fallbacks"] == [0, 0]
+    assert e2e["close_seconds"] == [28.0, 28.0] and e2e["samples_per_second_all_tasks"] == [890.0, 890.0]

@@ -1,9 +1,10 @@
 """`unclip device-check`: every CUDA path of the project in one short run, for a session lent a GPU.
 
 No CUDA path is exercised by the tests (CI has no GPU), so this is where they run: embed with ``--device cuda``
-(JPEGs decoded on the device, and an SD-sized VAE), the prior, the decoder and its 8 x 8 first stage trained
-on the GPU (bf16 autocast), exact resume on CUDA, text -> image sampling through one and two decoder stages,
-then the GPU rows of `unclip bench` (embed_gpu and the `base` decoder). Each stage is a subprocess with its
+(JPEGs decoded on the device) and the GPU rows of `unclip bench` for it, a probe of how long a process takes to
+exit after using the GPU, the prior, the decoder and its 8 x 8 first stage trained on the GPU (bf16 autocast),
+exact resume on CUDA, text -> image sampling through one and two decoder stages, embed with an SD-sized VAE,
+then the `base` decoder's bench row. Each stage is a subprocess with its
 own time limit; a failed, timed-out or out-of-budget stage is recorded with its reason and the next one runs. ``OUT/device_check.json`` (and
 ``.md``) is rewritten atomically after every stage, so a run cut short still reports what it measured.
 ``bench/device_check.sh`` installs the wheels of `make device-kit` on the GPU machine and runs this.
@@ -30,8 +31,13 @@ EMBED_FIGURES = (
     "errors",
     "samples_per_second",
     "samples_per_second_in_tasks",
+    "samples_per_second_in_warm_tasks",
     "gpu_peak_mb",
     "wall_s",
+    "startup_seconds",
+    "tasks_seconds",
+    "close_seconds",
+    "task_phase_seconds",
 )
 
 
@@ -43,7 +49,7 @@ class DeviceCheckConfig:
     )
     device: str = field(default="cuda", metadata={"help": "cuda; cpu only for a dry run of the script"})
     budget_s: float = field(
-        default=480.0, metadata={"help": "stop starting stages after this many seconds (a lease is short)"}
+        default=520.0, metadata={"help": "stop starting stages after this many seconds (a lease is short)"}
     )
     stages: str = field(
         default="", metadata={"help": "comma-separated subset, in order (default: every stage)"}
@@ -294,19 +300,52 @@ def _embed_vae(c: Check) -> dict:
     return {k: r.get(k) for k in EMBED_FIGURES}
 
 
-def _bench(c: Check, stage: str) -> dict:
+def process_exit_probe(device: str, decode: bool) -> dict:
+    """Touch ``device`` (and, with ``decode``, decode one JPEG there with torchvision), then report when the work
+    ended: the caller times the process's exit from that moment."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    torch.zeros(1, device=device)
+    if decode:
+        from torchvision.io import decode_jpeg
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, format="JPEG")
+        decode_jpeg([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], device=device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return {"done_at": time.time()}
+
+
+def _exit_probe(c: Check) -> dict:
+    """How long a process takes to exit after using the GPU, with and without a device JPEG decode: on the H200
+    (2026-12-04) closing embed's LocalCluster took ~28 s (1.3 s on CPU), and nvJPEG's teardown is a suspect."""
+    res = {}
+    for decode in (False, True):
+        r = c.probe(process_exit_probe, limit=90.0, device=c.cfg.device, decode=decode)
+        res[f"exit_s_after_{'decode_jpeg' if decode else 'cuda_only'}"] = round(time.time() - r["done_at"], 2)
+    return res
+
+
+def _bench(c: Check, stage: str, limit: float = 300.0) -> dict:
     out = c.work / f"bench_{stage}"
     args = ["bench", "--stages", stage, "--repeats", "1", "--out", str(out)] + (
         ["--quick"] if c.cfg.quick else []
     )
-    c.cli(*args, limit=300.0)
+    c.cli(*args, limit=limit)
     return json.loads((out / "results.json").read_text())["results"]
 
 
-# In order of what a short lease must not miss: the CUDA paths first, then the GPU benchmark rows.
+# In order of what a short lease must not miss: embed on the GPU and its benchmark rows (issue 11's figures)
+# first, then the other CUDA paths (each of which ran once, on an H200, 2026-12-04), then the rest.
 STAGES: dict[str, Callable[[Check], dict]] = {
     "env": _env,
     "embed": _embed,
+    "bench_embed_gpu": lambda c: _bench(c, "embed_gpu", limit=360.0),
+    "exit_probe": _exit_probe,
     "decode_rules": _decode_rules,
     "train_prior": _train_prior,
     "train_decoder": _train_decoder,
@@ -314,7 +353,6 @@ STAGES: dict[str, Callable[[Check], dict]] = {
     "sample": _sample,
     "resume": _resume,
     "embed_vae": _embed_vae,
-    "bench_embed_gpu": lambda c: _bench(c, "embed_gpu"),
     "bench_decoder": lambda c: _bench(c, "decoder"),
 }
 
