@@ -269,9 +269,8 @@ def _embed_batch(b: Batch, m: _Models, params: ShardParams, acc: _Rows) -> None:
         out["img"].append(normalize(encode_image(m.clip, images)).half().cpu().numpy())
         txt, enc, lengths = encode_text(m.clip, b.tokens.to(dev, non_blocking=True), params.text_encodings)
     out["txt"].append(normalize(txt).half().cpu().numpy())
-    if (
-        enc is not None
-    ):  # each row's own tokens, back to back, in one copy (not one a row: each one syncs a GPU)
+    if enc is not None:
+        # each row's own tokens, back to back, in one copy (not one a row: on a GPU each copy syncs)
         own = torch.arange(enc.shape[1], device=enc.device) < lengths[:, None]  # [B, n]
         out["enc"].append(enc[own].half().cpu().numpy())
         out["len"].append(lengths.cpu().numpy())
