@@ -157,6 +157,8 @@ def test_sample_errors(pair, tmp_path, capsys):
     base = ["sample", "--prior", str(pair / "prior"), "--decoder", str(pair / "decoder")]
     assert cli(base + ["--out", str(tmp_path / "x.png")]) == 2
     assert "no prompt" in capsys.readouterr().err
+    assert cli(base + ["--prompt", "a red circle", "  ", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--prompt 2 of 2 is empty" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
     assert cli(base + ["--prompt", "a", "--sampler", "plms", "--out", str(tmp_path / "x.png")]) == 2
     assert "valid: ddim, dpm++" in capsys.readouterr().err
     swapped = ["sample", "--prior", str(pair / "decoder"), "--decoder", str(pair / "prior"), "--prompt", "a"]
