@@ -92,6 +92,14 @@ def evaluate(
     return out
 
 
+def default_out_writable(check) -> None:
+    """Run ``check`` (a `store.check_out_*` of the default output path): its refusal says how to choose another."""
+    try:
+        check()
+    except UsageError as e:
+        raise UsageError(f"{e}; pass --out to write it elsewhere") from None
+
+
 def format_table(m: dict) -> str:
     rows = [
         ("predicted vs true image (cos)", m["sim_pred_image"]),
@@ -131,6 +139,8 @@ def run(cfg: EvalPriorConfig) -> dict:
         store.check_out_file(cfg.out)
 
     folder = checkpoint.resolve(cfg.ckpt)
+    if not cfg.out:  # the default, beside the checkpoint, which may be shared and read-only
+        default_out_writable(lambda: store.check_out_file(folder / "eval.json", flag="eval-prior's report"))
     meta = checkpoint.read_meta(folder)
     if meta.get("task") != "prior":
         raise UsageError(f"{folder} is a {meta.get('task')} checkpoint, not a prior")

@@ -1,6 +1,7 @@
 """train-decoder / sample / eval-decoder: exact resume, errors, learning colours, text -> image plumbing."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,6 +223,28 @@ def test_sample_and_eval_refuse_before_the_work(case, want, pair, data, tmp_path
     if case == "base_is_a_prior":
         assert "is a prior checkpoint, not a decoder" in err[0]
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "p.txt" and p.name != "f"]
+
+
+@pytest.mark.parametrize("command", ["eval-prior", "eval-decoder"])
+def test_eval_refuses_an_unwritable_default_report_folder_before_the_work(
+    command, pair, data, monkeypatch, capsys
+):
+    """Without --out the report goes beside the checkpoint; a read-only checkpoint folder (a shared one) is refused
+    at once, pointing at --out, instead of after the evaluation. (Tests run as root: the refusal is faked.)"""
+    import os
+
+    from jobs import checkpoint
+
+    ckpt = pair / ("prior" if command == "eval-prior" else "decoder")
+    folder = checkpoint.resolve(str(ckpt))
+    before = sorted(p.name for p in folder.iterdir())
+    real = os.access
+    monkeypatch.setattr("pipeline.store.os.access", lambda p, mode: Path(p) != folder and real(p, mode))
+    flag = "--ckpt" if command == "eval-prior" else "--decoder"
+    assert cli([command, flag, str(ckpt), "--data", data]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{folder} is not writable" in err[0] and "pass --out" in err[0], err
+    assert sorted(p.name for p in folder.iterdir()) == before
 
 
 def test_eval_decoder_reports_against_floor_and_ceiling(pair, data, tmp_path):
