@@ -464,12 +464,13 @@ def load_array(path: Path, **kw) -> np.ndarray:
 
 
 def _damaged(path: Path, e: Exception) -> StageError:
-    """A store file that cannot be read, in one line naming it and the command that lists the damage."""
+    """A store file that cannot be read, in one line naming it and the command that lists the damage. The
+    damage alone is kept as ``.damage``, for validate's own report (which must not send the user to itself)."""
     why = str(e).splitlines()[0][:120] if str(e) else ""
-    return StageError(
-        f"{path} cannot be read ({type(e).__name__}: {why}); `unclip validate {path.parent.parent}` lists the "
-        "store's damage"
-    )
+    damage = f"{path} cannot be read ({type(e).__name__}: {why})"
+    err = StageError(f"{damage}; `unclip validate {path.parent.parent}` lists the store's damage")
+    err.damage = damage
+    return err
 
 
 def read_metadata(root: str | Path, shard: str, columns: list[str] | None = None) -> pa.Table:

@@ -40,9 +40,11 @@ def check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> l
     try:
         return _check_shard(root, manifest, marker, check_tars)
     except Exception as e:  # a damaged .npy/.parquet that still matches its checksum, or a missing field file
-        return [
-            f"{marker['shard']}: cannot read its files ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ]
+        shard = marker["shard"]
+        what = getattr(e, "damage", None) or (
+            f"cannot read its files ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        )
+        return [f"{shard}: {what}; delete done/{shard}.json and {redo(root, manifest)}"]
 
 
 def _finite(a: np.ndarray, chunk: int = 1 << 16) -> bool:

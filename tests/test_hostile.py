@@ -622,6 +622,11 @@ VALIDATE_CASES = {
         lambda r: _replace_checksummed(r, "metadata/metadata_00000.parquet", b"PAR1 not parquet PAR1"),
         "00000: cannot read its files",
     ),
+    # a damaged file that still matches its checksum: named, with the repair (not "run validate", from validate)
+    "npy_unreadable": (
+        lambda r: _replace_checksummed(r, "img_emb/img_emb_00000.npy", b"\x93NUMPY not an array"),
+        "img_emb_00000.npy cannot be read (ValueError: ",
+    ),
 }
 
 
@@ -644,6 +649,9 @@ def test_validate_names_each_kind_of_damage_without_a_traceback(case, work, tmp_
     captured = capsys.readouterr()
     assert code == 1 and "Traceback" not in captured.err
     assert any(want in ln for ln in captured.out.splitlines()), captured.out
+    assert "`unclip validate" not in captured.out  # validate's own report never sends the user to validate
+    if case.endswith("_unreadable"):
+        assert "delete done/00000.json and rerun `unclip embed`" in captured.out
 
 
 @pytest.mark.parametrize(
