@@ -139,11 +139,11 @@ def run(cfg: EvalPriorConfig) -> dict:
         store.check_out_file(cfg.out)
 
     folder = checkpoint.resolve(cfg.ckpt)
-    if not cfg.out:  # the default, beside the checkpoint, which may be shared and read-only
-        default_out_writable(lambda: store.check_out_file(folder / "eval.json", flag="eval-prior's report"))
     meta = checkpoint.read_meta(folder)
     if meta.get("task") != "prior":
         raise UsageError(f"{folder} is a {meta.get('task')} checkpoint, not a prior")
+    if not cfg.out:  # the default, beside the checkpoint, which may be shared and read-only
+        default_out_writable(lambda: store.check_out_file(folder / "eval.json", flag="eval-prior's report"))
     tcfg = meta["config"]
     checkpoint.check_store(meta, load_store_manifest(cfg.data), cfg.data)
     device = resolve_device(cfg.device)

@@ -331,7 +331,8 @@ def _map(client, todo: list[str], params, cfg: EmbedConfig, run_start: float) ->
         "warm_rows": 0,
         "warm_seconds": 0.0,
         "device_decode_fallbacks": 0,
-        "startup_seconds": tasks_start - run_start,  # the LocalCluster's start and every worker's warm-up
+        # the LocalCluster's start (with --scheduler, connecting came earlier) and every worker's warm-up
+        "startup_seconds": tasks_start - run_start,
         "phases": dict.fromkeys(PHASES, 0.0),
     }
     with tqdm(total=len(todo), desc="embed", unit="shard") as bar:
@@ -406,7 +407,7 @@ def _finish(
         "tasks_seconds": _rounded(stats.get("tasks_seconds")),
         "close_seconds": _rounded(stats.get("close_seconds")),
         "samples_per_second_all_tasks": round(rows / stats["tasks_seconds"], 2)
-        if stats.get("tasks_seconds")
+        if rows and stats.get("tasks_seconds")
         else None,
         "task_phase_seconds": {k: round(v, 3) for k, v in stats.get("phases", {}).items()} or None,
     }

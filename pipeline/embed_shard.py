@@ -323,10 +323,13 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         if m.tensor_preprocess is not None:
             b = assemble_images(b, m.clip.preprocess, m.tensor_preprocess, device, errors)
             acc.device_decode_fallbacks += b.device_decode_fallbacks  # a batch left empty counts too
+            if cuda:  # the decode's kernels are timed here, not under the models that would wait for them
+                torch.cuda.synchronize(device)
             tick = _lap(phases, "device_decode", tick)
         if b.keys:
             _embed_batch(b, m, params, acc)
         tick = _lap(phases, "models", tick)
+    tick = _lap(phases, "input_wait", tick)  # the decode thread's end of the tar (trailing error samples)
     errors.sort(key=lambda e: e.pop("pos"))  # tar order, whichever thread found the problem
     if recorded is not None:
         present = set(acc.out["key"]) | {e["key"] for e in errors}

@@ -258,7 +258,10 @@ def _in_order(fn, items: Iterator[tuple], threads: int, slow=None) -> Iterator[t
 
     def here(item) -> Future:
         fut: Future = Future()
-        fut.set_result(fn(*item))
+        try:  # raised at the item's own place in the order, as from the pool
+            fut.set_result(fn(*item))
+        except Exception as e:
+            fut.set_exception(e)
         return fut
 
     Image.init()  # PIL loads its format plugins lazily, and not thread-safely: load them all before the pool

@@ -42,7 +42,7 @@ def check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> l
     except Exception as e:  # a damaged .npy/.parquet that still matches its checksum, or a missing field file
         shard = marker["shard"]
         what = getattr(e, "damage", None) or (
-            f"cannot read its files ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            f"cannot read its files ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
         )
         return [f"{shard}: {what}; delete done/{shard}.json and {redo(root, manifest)}"]
 

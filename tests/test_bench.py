@@ -160,3 +160,7 @@ def test_gpu_embed_rows_are_assembled_from_both_decode_paths_and_one_forward(tmp
     e2e = r["embed_gpu_ViT-B-32_device_end_to_end"]
     assert e2e["ratio_median"] == 8192 / 20.0 / 1000.0 and e2e["device_decode_fallbacks"] == [0, 0]
     assert e2e["close_seconds"] == [28.0, 28.0] and e2e["samples_per_second_all_tasks"] == [890.0, 890.0]
+    calls.clear()  # --gpu-clips: one model (the device check runs each in its own stage)
+    r = embed_gpu.bench(BenchConfig(out=str(tmp_path), repeats=1, gpu_clips="ViT-L-14"), tmp_path)
+    assert calls == [("ViT-L-14", "device"), ("ViT-L-14", "forward")]
+    assert all(k.startswith("embed_gpu_ViT-L-14_") for k in r)

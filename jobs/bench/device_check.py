@@ -330,9 +330,9 @@ def _exit_probe(c: Check) -> dict:
     return res
 
 
-def _bench(c: Check, stage: str, limit: float = 300.0) -> dict:
-    out = c.work / f"bench_{stage}"
-    args = ["bench", "--stages", stage, "--repeats", "1", "--out", str(out)] + (
+def _bench(c: Check, stage: str, limit: float = 300.0, *extra: str) -> dict:
+    out = c.work / f"bench_{stage}{'_'.join(('', *extra[1::2]))}"
+    args = ["bench", "--stages", stage, "--repeats", "1", "--out", str(out), *extra] + (
         ["--quick"] if c.cfg.quick else []
     )
     c.cli(*args, limit=limit)
@@ -344,7 +344,9 @@ def _bench(c: Check, stage: str, limit: float = 300.0) -> dict:
 STAGES: dict[str, Callable[[Check], dict]] = {
     "env": _env,
     "embed": _embed,
-    "bench_embed_gpu": lambda c: _bench(c, "embed_gpu", limit=360.0),
+    # a model a stage: `unclip bench` writes its results at its end, so a model cut short loses only its rows
+    "bench_embed_gpu": lambda c: _bench(c, "embed_gpu", 270.0, "--gpu-clips", "ViT-B-32"),
+    "bench_embed_gpu_l14": lambda c: _bench(c, "embed_gpu", 150.0, "--gpu-clips", "ViT-L-14"),
     "exit_probe": _exit_probe,
     "decode_rules": _decode_rules,
     "train_prior": _train_prior,

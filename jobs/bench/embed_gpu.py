@@ -23,7 +23,6 @@ from jobs.bench.harness import PY, alternate, measure, probe, ratio_figure
 if TYPE_CHECKING:
     from jobs.bench.main import BenchConfig
 
-ARCHS = ("ViT-B-32", "ViT-L-14")
 BATCH = 256
 # Each row's `unclip embed` flags. PIL decodes with --decode-threads' CUDA default, min(8, cores). Two workers
 # on one GPU are two processes, each with its own decode thread and GIL: the first GPU run (an H200, 2026-12-04)
@@ -125,7 +124,7 @@ def bench(cfg: BenchConfig, work: Path) -> dict:
         work / "gpu_shards", shards=2 if cfg.quick else 8, per=256 if cfg.quick else 1024
     )
     out: dict = {}
-    for arch in ("ViT-B-32",) if cfg.quick else ARCHS:
+    for arch in ("ViT-B-32",) if cfg.quick else [a for a in cfg.gpu_clips.split(",") if a]:
         # each repeat: every decode path, then one pure forward (it does not depend on the decode path)
         runs, fwd = alternate(
             cfg.repeats,

@@ -42,6 +42,10 @@ class BenchConfig:
     stages: str = field(
         default=",".join(STAGES), metadata={"help": f"comma-separated, of {', '.join(STAGES)}"}
     )
+    gpu_clips: str = field(
+        default="ViT-B-32,ViT-L-14",
+        metadata={"help": "the embed_gpu stage's models (comma-separated; random weights, batch 256)"},
+    )
 
 
 def _cell(v) -> str:
