@@ -120,11 +120,14 @@ def test_gpu_embed_rows_are_assembled_from_both_decode_paths_and_one_forward(tmp
 
     def fake_embed(shards, out, clip, decode):
         calls.append((clip, decode))
-        rate = {"device": 900.0, "pil": 300.0, "device_2_workers": 700.0}[decode]
+        rate = {"device": 900.0, "pil": 300.0, "device_2_workers": 700.0, "device_4_workers": 500.0}[decode]
         return {
             "rows": 8192,
             "samples_per_second_in_tasks": rate,
-            "samples_per_second_all_tasks": 2 * rate if decode == "device_2_workers" else rate - 10,
+            # n workers at once: n times one task's rate
+            "samples_per_second_all_tasks": {"device_2_workers": 2, "device_4_workers": 4}.get(decode, 1)
+            * rate
+            - (10 if "workers" not in decode else 0),
             "close_seconds": 28.0,
             "gpu_peak_mb": 1e3,
             "device_decode_fallbacks": 0,
@@ -139,7 +142,7 @@ def test_gpu_embed_rows_are_assembled_from_both_decode_paths_and_one_forward(tmp
     monkeypatch.setattr(embed_gpu, "embed_run", fake_embed)
     monkeypatch.setattr(embed_gpu, "probe", fake_probe)
     r = embed_gpu.bench(BenchConfig(out=str(tmp_path), repeats=2), tmp_path)
-    b32 = [("ViT-B-32", d) for d in ("device", "pil", "device_2_workers", "forward")] * 2
+    b32 = [("ViT-B-32", d) for d in ("device", "pil", "device_2_workers", "device_4_workers", "forward")] * 2
     l14 = [("ViT-L-14", d) for d in ("device", "forward")] * 2
     assert calls == b32 + l14
     dev, pil = (
@@ -156,6 +159,7 @@ def test_gpu_embed_rows_are_assembled_from_both_decode_paths_and_one_forward(tmp
     # two workers: their tasks' rate together (2 x 700), not one task's (700)
     two = r["embed_gpu_ViT-B-32_device_2_workers_in_tasks_vs_forward"]
     assert two["ratio_median"] == 1.4 and "--workers 2" in two["unit"] and "every worker" in two["unit"]
+    assert r["embed_gpu_ViT-B-32_device_4_workers_in_tasks_vs_forward"]["ratio_median"] == 2.0
     assert "embed_gpu_ViT-L-14_device_2_workers_in_tasks_vs_forward" not in r
     e2e = r["embed_gpu_ViT-B-32_device_end_to_end"]
     assert e2e["ratio_median"] == 8192 / 20.0 / 1000.0 and e2e["device_decode_fallbacks"] == [0, 0]

@@ -345,7 +345,7 @@ STAGES: dict[str, Callable[[Check], dict]] = {
     "env": _env,
     "embed": _embed,
     # a model a stage: `unclip bench` writes its results at its end, so a model cut short loses only its rows
-    "bench_embed_gpu": lambda c: _bench(c, "embed_gpu", 270.0, "--gpu-clips", "ViT-B-32"),
+    "bench_embed_gpu": lambda c: _bench(c, "embed_gpu", 330.0, "--gpu-clips", "ViT-B-32"),
     "bench_embed_gpu_l14": lambda c: _bench(c, "embed_gpu", 150.0, "--gpu-clips", "ViT-L-14"),
     "exit_probe": _exit_probe,
     "decode_rules": _decode_rules,

@@ -1,7 +1,7 @@
 """`unclip bench`, embed on a GPU (only when one is visible): `unclip embed --device cuda` end to end and inside
 its shard tasks against the pure fp16 forward on the same GPU, for ViT-B-32 and ViT-L-14 at batch 256, with
-JPEGs decoded on the device (``--image-decode device``, by one dask worker and, for ViT-B-32, by two workers
-sharing the GPU) and by PIL on the CPU (ViT-B-32); peak GPU memory, the device, and where each run's time went
+JPEGs decoded on the device (``--image-decode device``, by one dask worker and, for ViT-B-32, by two and four
+workers sharing the GPU) and by PIL on the CPU (ViT-B-32); peak GPU memory, the device, and where each run's time went
 (start-up, shard tasks, close; the tasks' phases).
 
 The shards are written directly (8 x 1,024 samples of 256 px JPEGs): decode and resize cost per sample is what
@@ -31,6 +31,7 @@ VARIANTS = {
     "device": "--image-decode device",
     "pil": "--image-decode pil",
     "device_2_workers": "--image-decode device --workers 2",
+    "device_4_workers": "--image-decode device --workers 4",
 }
 # The embed figures each row reports beside its ratios.
 TIMINGS = (
