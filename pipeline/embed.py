@@ -63,6 +63,9 @@ class EmbedConfig:
         default=0,
         metadata={"help": "samples PIL decodes at once in each worker; 0 = 1 on CPU, min(8, cores) on CUDA"},
     )
+    # torch.compile the image tower and text transformer in each worker (compiled once, in its warm-up). Off by
+    # default: on a 2-core CPU ViT-B-32 took 46 s to compile and ran no faster (1.00x); on a GPU see the bench.
+    compile: bool = False
     overwrite: bool = False  # replace a store made with other settings (otherwise refused)
     calib_samples: int = 512  # images used to fit the uint8 latent range (vae codec)
 
@@ -295,6 +298,7 @@ def shard_params(cfg: EmbedConfig, device: str, manifest: dict):
         latent_params=manifest["latents"],
         image_decode=_image_decode(cfg, device),
         decode_threads=cfg.decode_threads,
+        compile=cfg.compile,
     )
 
 

@@ -54,6 +54,7 @@ class ShardParams:
     latent_params: dict | None  # the manifest's latents entry (codec constants), None without latents
     image_decode: str = "pil"  # resolved: "pil" (CPU, PIL) or "device" (JPEGs decoded on `device`)
     decode_threads: int = 0  # 0 = by device, on the worker (`decode_threads`)
+    compile: bool = False  # torch.compile the towers (`pipeline.encoders.compiled`)
 
 
 def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
@@ -230,13 +231,15 @@ def _warm_this_thread(m: _Models) -> None:
     with it the first shard runs at full speed. The cost is ~0.1 s once per worker thread."""
     from pipeline.encoders import encode_image, encode_text
 
-    if getattr(_thread_state, "warm", None) == id(m.clip):
+    warm = (id(m.clip.model), m.clip.compiled_towers is not None)  # compiled towers warm (compile) apart
+    if getattr(_thread_state, "warm", None) == warm:
         return
     size = m.tensor_preprocess.size if m.tensor_preprocess else _clip_input_size(m.clip)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=m.device.startswith("cuda")):
         encode_image(m.clip, torch.zeros(2, 3, size, size, device=m.device))
-        encode_text(m.clip, m.clip.tokenizer(["", ""]).to(m.device))
-    _thread_state.warm = id(m.clip)
+        # 3 captions of 2 tokens: compiled towers (dynamic shapes) would otherwise assume batch == length
+        encode_text(m.clip, m.clip.tokenizer(["", "", ""]).to(m.device))
+    _thread_state.warm = warm
 
 
 def _clip_input_size(clip) -> int:
@@ -245,9 +248,11 @@ def _clip_input_size(clip) -> int:
 
 
 def _models(params: ShardParams) -> _Models:
-    from pipeline.encoders import load_clip, load_vae
+    from pipeline.encoders import compiled, load_clip, load_vae
 
     clip = load_clip(params.clip, params.pretrained, params.device, params.seed)
+    if params.compile:
+        clip = compiled(clip)
     vae = load_vae(params.vae, params.device) if params.latents == "vae" else None
     tp = None
     if params.image_decode == "device":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -157,6 +157,25 @@ class Clip:
     context_length: int
     text_width: int
     device: torch.device
+    # torch.compile'd image tower and text transformer (`compiled`), which encode_image / encode_text then use
+    compiled_towers: dict | None = None
+
+
+def compiled(clip: Clip) -> Clip:
+    """``clip`` whose image tower and (causal) text transformer run through ``torch.compile``, with dynamic shapes
+    (batch sizes ramp and the last batch of a shard is short; caption lengths vary), so a run compiles each once
+    instead of once a shape. The cached model itself is not changed: other users of `load_clip` keep eager mode.
+    Compiling happens on the first call (a worker's warm-up), not here."""
+    return replace(clip, compiled_towers=_compile_towers(clip.model))
+
+
+@lru_cache(maxsize=2)
+def _compile_towers(model: torch.nn.Module) -> dict:
+    text = _text_module(model)
+    return {
+        "visual": torch.compile(model.visual, dynamic=True),
+        "transformer": torch.compile(text.transformer, dynamic=True) if text is not None else None,
+    }
 
 
 @dataclass
@@ -250,11 +269,15 @@ def encode_text(clip: Clip, tokens: torch.Tensor, with_tokens: bool = False):
                 "--text-encodings needs a causal text tower (open_clip CLIP with argmax/eos pooling)"
             )
         return clip.model.encode_text(tokens), None, None
-    return trimmed_text_forward(clip.model, tokens, with_tokens)
+    transformer = (clip.compiled_towers or {}).get("transformer")
+    return trimmed_text_forward(clip.model, tokens, with_tokens, transformer)
 
 
-def trimmed_text_forward(model: torch.nn.Module, tokens: torch.Tensor, with_tokens: bool = False):
-    """`encode_text`'s forward on a causal text tower, differentiable (the demo CLIP trains through it)."""
+def trimmed_text_forward(
+    model: torch.nn.Module, tokens: torch.Tensor, with_tokens: bool = False, transformer=None
+):
+    """`encode_text`'s forward on a causal text tower, differentiable (the demo CLIP trains through it);
+    ``transformer``, if given, stands in for the tower's own (its compiled form)."""
     text = _text_module(model)
     lengths = token_lengths(model, tokens)
     n = int(lengths.max())
@@ -262,7 +285,8 @@ def trimmed_text_forward(model: torch.nn.Module, tokens: torch.Tensor, with_toke
     cast = text.transformer.get_cast_dtype() if hasattr(text.transformer, "get_cast_dtype") else torch.float32
     x = text.token_embedding(tokens).to(cast)  # [B, n, W]
     x = x + text.positional_embedding[:n].to(cast)
-    x = text.transformer(x, attn_mask=text.attn_mask[:n, :n])
+    run = transformer if transformer is not None else text.transformer
+    x = run(x, attn_mask=text.attn_mask[:n, :n])
     x = text.ln_final(x)  # [B, n, W]
     pooled = x[torch.arange(x.shape[0], device=x.device), lengths - 1]  # [B, W] at end-of-text
     proj = text.text_projection
@@ -273,6 +297,8 @@ def trimmed_text_forward(model: torch.nn.Module, tokens: torch.Tensor, with_toke
 
 @torch.no_grad()
 def encode_image(clip: Clip, images: torch.Tensor) -> torch.Tensor:
+    if clip.compiled_towers:  # open_clip's encode_image (unnormalised) is its visual tower's forward
+        return clip.compiled_towers["visual"](images)
     return clip.model.encode_image(images)
 
 

@@ -120,7 +120,9 @@ def test_gpu_embed_rows_are_assembled_from_both_decode_paths_and_one_forward(tmp
 
     def fake_embed(shards, out, clip, decode):
         calls.append((clip, decode))
-        rate = {"device": 900.0, "pil": 300.0, "device_2_workers": 700.0, "device_4_workers": 500.0}[decode]
+        rate = {"device": 900.0, "pil": 300.0, "device_2_workers": 700.0, "device_4_workers": 500.0}.get(
+            decode, 950.0
+        )
         return {
             "rows": 8192,
             "samples_per_second_in_tasks": rate,
@@ -142,7 +144,10 @@ def test_gpu_embed_rows_are_assembled_from_both_decode_paths_and_one_forward(tmp
     monkeypatch.setattr(embed_gpu, "embed_run", fake_embed)
     monkeypatch.setattr(embed_gpu, "probe", fake_probe)
     r = embed_gpu.bench(BenchConfig(out=str(tmp_path), repeats=2), tmp_path)
-    b32 = [("ViT-B-32", d) for d in ("device", "pil", "device_2_workers", "device_4_workers", "forward")] * 2
+    b32 = [
+        ("ViT-B-32", d)
+        for d in ("device", "pil", "device_2_workers", "device_4_workers", "device_compile", "forward")
+    ] * 2
     l14 = [("ViT-L-14", d) for d in ("device", "forward")] * 2
     assert calls == b32 + l14
     dev, pil = (
@@ -168,3 +173,9 @@ def test_gpu_embed_rows_are_assembled_from_both_decode_paths_and_one_forward(tmp
     r = embed_gpu.bench(BenchConfig(out=str(tmp_path), repeats=1, gpu_clips="ViT-L-14"), tmp_path)
     assert calls == [("ViT-L-14", "device"), ("ViT-L-14", "forward")]
     assert all(k.startswith("embed_gpu_ViT-L-14_") for k in r)
+    calls.clear()  # --gpu-variants: some rows of a model
+    r = embed_gpu.bench(
+        BenchConfig(out=str(tmp_path), repeats=1, gpu_variants="device_compile,pil"), tmp_path
+    )
+    assert calls == [("ViT-B-32", "pil"), ("ViT-B-32", "device_compile"), ("ViT-B-32", "forward")]
+    assert "--compile" in r["embed_gpu_ViT-B-32_device_compile_in_tasks_vs_forward"]["unit"]

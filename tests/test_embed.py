@@ -954,3 +954,67 @@ def test_external_scheduler_gives_the_local_cluster_result(base, shards, tmp_pat
             store.field_path(out, "errors", shard).exists()
             == store.field_path(base, "errors", shard).exists()
         )
+
+
+# ---------------------------------------------------------------- --compile
+
+
+def _shard_files(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "logs" not in p.parts
+    }
+
+
+def test_compile_wraps_both_towers_without_touching_the_cached_model(shards, tmp_path, monkeypatch):
+    """--compile reaches the worker's models: the image tower and the text transformer go through torch.compile
+    (faked here as the identity, so the store must be byte-identical), once per process, and the model that
+    load_clip caches for everyone else stays eager."""
+    from pipeline import encoders
+    from pipeline.embed_shard import ShardParams, embed_shard
+
+    wrapped = []
+
+    def fake_compile(module, dynamic=None):
+        wrapped.append((type(module).__name__, dynamic))
+        return module
+
+    monkeypatch.setattr(encoders.torch, "compile", fake_compile)
+    encoders._compile_towers.cache_clear()
+    lp = store.pixels_latents(16)
+    stores = {}
+    for flag in (False, True):
+        out = tmp_path / f"compile_{flag}"
+        out.mkdir()
+        params = ShardParams(
+            out=str(out), clip="unclip-tiny", pretrained="none", seed=0, device="cpu", batch_size=8,
+            latents="pixels", vae="", text_encodings=True, torch_threads=0, latent_params=lp, compile=flag,
+        )  # fmt: skip
+        for s in ("00000", "00002"):
+            embed_shard(str(shards / f"{s}.tar"), params)
+        stores[flag] = _shard_files(out)
+    encoders._compile_towers.cache_clear()
+    assert wrapped == [("VisionTransformer", True), ("Transformer", True)]  # once, dynamic shapes
+    assert len(stores[True]) >= 10 and stores[True] == stores[False]
+    model = encoders.load_clip("unclip-tiny", "none", "cpu", 0).model
+    assert type(model.visual).__name__ == "VisionTransformer"
+
+
+@pytest.mark.slow  # ~35 s: torch.compile of unclip-tiny's towers in the dask worker
+def test_compiled_towers_embed_the_same_rows_as_eager(shards, base, tmp_path):
+    out = tmp_path / "compiled"
+    args = ("--shards", f"{shards}/{{00000..00002}}.tar", *TINY, *PIXELS, "--text-encodings")
+    assert embed(*args, "--out", out, "--compile") == 0
+    for shard in ("00000", "00002"):
+        assert (
+            store.read_metadata(out, shard)["key"].to_pylist()
+            == store.read_metadata(base, shard)["key"].to_pylist()
+        )
+        for field in ("img_emb", "text_emb"):
+            a, b = (store.open_array(s, field, shard).astype(np.float32) for s in (base, out))
+            cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+            assert cos.min() >= 0.9999 and np.abs(a - b).max() < 1e-3  # float rounding apart, the same
+        assert np.array_equal(
+            store.open_array(base, "latents", shard), store.open_array(out, "latents", shard)
+        )

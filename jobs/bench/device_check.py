@@ -331,7 +331,7 @@ def _exit_probe(c: Check) -> dict:
 
 
 def _bench(c: Check, stage: str, limit: float = 300.0, *extra: str) -> dict:
-    out = c.work / f"bench_{stage}{'_'.join(('', *extra[1::2]))}"
+    out = c.work / f"bench_{stage}"  # shared by a stage's runs: its generated shards are made once
     args = ["bench", "--stages", stage, "--repeats", "1", "--out", str(out), *extra] + (
         ["--quick"] if c.cfg.quick else []
     )
@@ -345,9 +345,20 @@ STAGES: dict[str, Callable[[Check], dict]] = {
     "env": _env,
     "embed": _embed,
     # a model a stage: `unclip bench` writes its results at its end, so a model cut short loses only its rows
-    "bench_embed_gpu": lambda c: _bench(c, "embed_gpu", 330.0, "--gpu-clips", "ViT-B-32"),
+    "bench_embed_gpu": lambda c: _bench(
+        c,
+        "embed_gpu",
+        330.0,
+        "--gpu-clips",
+        "ViT-B-32",
+        "--gpu-variants",
+        "device,pil,device_2_workers,device_4_workers",
+    ),
     "bench_embed_gpu_l14": lambda c: _bench(c, "embed_gpu", 150.0, "--gpu-clips", "ViT-L-14"),
     "exit_probe": _exit_probe,
+    "bench_embed_gpu_compile": lambda c: _bench(
+        c, "embed_gpu", 150.0, "--gpu-clips", "ViT-B-32", "--gpu-variants", "device_compile"
+    ),
     "decode_rules": _decode_rules,
     "train_prior": _train_prior,
     "train_decoder": _train_decoder,

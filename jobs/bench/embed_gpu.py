@@ -1,7 +1,7 @@
 """`unclip bench`, embed on a GPU (only when one is visible): `unclip embed --device cuda` end to end and inside
 its shard tasks against the pure fp16 forward on the same GPU, for ViT-B-32 and ViT-L-14 at batch 256, with
 JPEGs decoded on the device (``--image-decode device``, by one dask worker and, for ViT-B-32, by two and four
-workers sharing the GPU) and by PIL on the CPU (ViT-B-32); peak GPU memory, the device, and where each run's time went
+workers sharing the GPU, and with the towers compiled) and by PIL on the CPU (ViT-B-32); peak GPU memory, the device, and where each run's time went
 (start-up, shard tasks, close; the tasks' phases).
 
 The shards are written directly (8 x 1,024 samples of 256 px JPEGs): decode and resize cost per sample is what
@@ -32,6 +32,7 @@ VARIANTS = {
     "pil": "--image-decode pil",
     "device_2_workers": "--image-decode device --workers 2",
     "device_4_workers": "--image-decode device --workers 4",
+    "device_compile": "--image-decode device --compile",
 }
 # The embed figures each row reports beside its ratios.
 TIMINGS = (
@@ -43,8 +44,11 @@ TIMINGS = (
 )
 
 
-def decodes(arch: str) -> tuple[str, ...]:
-    return tuple(VARIANTS) if arch == "ViT-B-32" else ("device",)
+def decodes(arch: str, only: str = "") -> tuple[str, ...]:
+    """The rows for ``arch`` (every variant for ViT-B-32, device decode for the others), or those of ``only``
+    (comma-separated) among them."""
+    rows = tuple(VARIANTS) if arch == "ViT-B-32" else ("device",)
+    return tuple(r for r in rows if r in only.split(",")) if only else rows
 
 
 def gpu_name() -> str | None:
@@ -126,14 +130,18 @@ def bench(cfg: BenchConfig, work: Path) -> dict:
     )
     out: dict = {}
     for arch in ("ViT-B-32",) if cfg.quick else [a for a in cfg.gpu_clips.split(",") if a]:
+        if not decodes(arch, cfg.gpu_variants):  # none of the asked rows is this model's
+            continue
         # each repeat: every decode path, then one pure forward (it does not depend on the decode path)
         runs, fwd = alternate(
             cfg.repeats,
-            lambda i, a=arch: {d: embed_run(shards, work / f"gpu_store_{a}_{d}", a, d) for d in decodes(a)},
+            lambda i, a=arch: {
+                d: embed_run(shards, work / f"gpu_store_{a}_{d}", a, d) for d in decodes(a, cfg.gpu_variants)
+            },
             lambda i, a=arch: probe(probe_forward_gpu, clip=a, batch=BATCH, batches=20)[0],
         )
         forward = [f["images_per_s"] for f in fwd]
-        for decode in decodes(arch):
+        for decode in decodes(arch, cfg.gpu_variants):
             mine = [r[decode] for r in runs]
             e2e = [s["rows"] / sec for s, sec in mine]
             in_task = [s["samples_per_second_in_tasks"] for s, _ in mine]

@@ -46,6 +46,12 @@ class BenchConfig:
         default="ViT-B-32,ViT-L-14",
         metadata={"help": "the embed_gpu stage's models (comma-separated; random weights, batch 256)"},
     )
+    gpu_variants: str = field(
+        default="",
+        metadata={
+            "help": "the embed_gpu stage's rows for each model (comma-separated; default: all of them)"
+        },
+    )
 
 
 def _cell(v) -> str:
