@@ -231,7 +231,7 @@ def _warm_this_thread(m: _Models) -> None:
     with it the first shard runs at full speed. The cost is ~0.1 s once per worker thread."""
     from pipeline.encoders import encode_image, encode_text
 
-    warm = (id(m.clip.model), m.clip.compiled_towers is not None)  # compiled towers warm (compile) apart
+    warm = warm_key(m.clip)
     if getattr(_thread_state, "warm", None) == warm:
         return
     size = m.tensor_preprocess.size if m.tensor_preprocess else _clip_input_size(m.clip)
@@ -240,6 +240,11 @@ def _warm_this_thread(m: _Models) -> None:
         # 3 captions of 2 tokens: compiled towers (dynamic shapes) would otherwise assume batch == length
         encode_text(m.clip, m.clip.tokenizer(["", "", ""]).to(m.device))
     _thread_state.warm = warm
+
+
+def warm_key(clip) -> tuple:
+    """What a thread is warm for: the model, eager or compiled (compiled towers warm up, and compile, apart)."""
+    return id(clip.model), clip.compiled_towers is not None
 
 
 def _clip_input_size(clip) -> int:

@@ -208,7 +208,7 @@ def _worker_state(params) -> tuple[bool, int | None]:
     from pipeline.encoders import load_clip
 
     clip = load_clip(params.clip, params.pretrained, params.device, params.seed)
-    warm = getattr(embed_shard._thread_state, "warm", None) == id(clip)
+    warm = getattr(embed_shard._thread_state, "warm", None) == embed_shard.warm_key(clip)
     return warm, embed_shard._process_state["gpu_slot"]
 
 
