@@ -204,3 +204,12 @@ def warn_if_other_split(meta: dict, order: str) -> None:
             trained,
             order,
         )
+
+
+def default_out_writable(check) -> None:
+    """Run ``check`` (a `store.check_out_*` of an evaluation's default output, beside its checkpoint, which may be
+    shared and read-only): its refusal says how to write elsewhere."""
+    try:
+        check()
+    except UsageError as e:
+        raise UsageError(f"{e}; pass --out to write it elsewhere") from None

@@ -127,10 +127,10 @@ def run(cfg: EvalDecoderConfig) -> dict:
     if cfg.out:
         store.check_out_folder(cfg.out)  # a file, or under one: refused before the work
     else:  # the default, the checkpoint's folder, which may be shared and read-only
-        from jobs.eval_prior import default_out_writable
-
         decoder = checkpoint.resolve(cfg.decoder)
-        default_out_writable(lambda: store.check_out_folder(decoder, flag="eval-decoder's report folder"))
+        checkpoint.default_out_writable(
+            lambda: store.check_out_folder(decoder, flag="eval-decoder's report folder")
+        )
     device = resolve_device(cfg.device)
     sc = SampleConfig(
         prior=cfg.prior or cfg.decoder,

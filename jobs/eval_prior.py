@@ -92,14 +92,6 @@ def evaluate(
     return out
 
 
-def default_out_writable(check) -> None:
-    """Run ``check`` (a `store.check_out_*` of the default output path): its refusal says how to choose another."""
-    try:
-        check()
-    except UsageError as e:
-        raise UsageError(f"{e}; pass --out to write it elsewhere") from None
-
-
 def format_table(m: dict) -> str:
     rows = [
         ("predicted vs true image (cos)", m["sim_pred_image"]),
@@ -143,7 +135,9 @@ def run(cfg: EvalPriorConfig) -> dict:
     if meta.get("task") != "prior":
         raise UsageError(f"{folder} is a {meta.get('task')} checkpoint, not a prior")
     if not cfg.out:  # the default, beside the checkpoint, which may be shared and read-only
-        default_out_writable(lambda: store.check_out_file(folder / "eval.json", flag="eval-prior's report"))
+        checkpoint.default_out_writable(
+            lambda: store.check_out_file(folder / "eval.json", flag="eval-prior's report")
+        )
     tcfg = meta["config"]
     checkpoint.check_store(meta, load_store_manifest(cfg.data), cfg.data)
     device = resolve_device(cfg.device)

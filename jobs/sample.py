@@ -227,9 +227,8 @@ def text_to_image(m: Models, prompts: list[str], cfg: SampleConfig, gen: torch.G
 
 def _prompts(cfg: SampleConfig) -> list[str]:
     blank = [i for i, p in enumerate(cfg.prompt, 1) if not p.strip()]
-    if (
-        blank
-    ):  # an empty caption is a real condition to CLIP, not "no condition": likely a shell variable unset
+    # an empty caption is a real condition to CLIP, not "no condition": likely an unset shell variable
+    if blank:
         raise UsageError(
             f"--prompt {blank[0]} of {len(cfg.prompt)} is empty: give the text to draw (blank lines in --prompts "
             "files are skipped)"

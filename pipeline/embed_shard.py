@@ -326,8 +326,8 @@ def embed_shard(url: str, params: ShardParams) -> dict:
     # Where the task's time goes (reported, not stored): waiting for the decode thread's next batch, decoding on
     # the device, the models (on CUDA up to the embeddings' copy back), writing the shard.
     phases = dict.fromkeys(PHASES, 0.0)
-    phases["setup"] = time.perf_counter() - t0
     tick = time.perf_counter()
+    phases["setup"] = tick - t0
     for b in background(_threads(batches, DECODE_THREADS)):
         tick = _lap(phases, "input_wait", tick)
         if m.tensor_preprocess is not None:

@@ -44,7 +44,7 @@ def check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> l
         what = getattr(e, "damage", None) or (
             f"cannot read its files ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
         )
-        return [f"{shard}: {what}; delete done/{shard}.json and {redo(root, manifest)}"]
+        return [f"{shard}: {what}; {_repair(root, manifest, shard)}"]
 
 
 def _finite(a: np.ndarray, chunk: int = 1 << 16) -> bool:
@@ -58,13 +58,9 @@ def _check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> 
     for rel, digest in marker["files"].items():
         p = root / rel
         if not p.exists():
-            problems.append(
-                f"{shard}: missing file {rel}; delete done/{shard}.json and {redo(root, manifest)}"
-            )
+            problems.append(f"{shard}: missing file {rel}; {_repair(root, manifest, shard)}")
         elif hashlib.sha256(p.read_bytes()).hexdigest() != digest:
-            problems.append(
-                f"{shard}: checksum mismatch for {rel}; delete done/{shard}.json and {redo(root, manifest)}"
-            )
+            problems.append(f"{shard}: checksum mismatch for {rel}; {_repair(root, manifest, shard)}")
     if problems or rows == 0:
         return problems
     dim = manifest["clip"]["dim"]
@@ -123,6 +119,11 @@ def redo(root: Path, manifest: dict) -> str:
         norm = " --normalize" if (manifest.get("img_emb") or {}).get("normalize_on_read") else ""
         return f"rerun `unclip adopt {root} --clip {ident.get('clip')} --pretrained {ident.get('pretrained')}{norm}`"
     return "rerun `unclip embed`"
+
+
+def _repair(root: Path, manifest: dict, shard: str) -> str:
+    """How to redo one done shard whose files are damaged: its marker goes, then the store is redone."""
+    return f"delete done/{shard}.json and {redo(root, manifest)}"
 
 
 def _check_keys(root: Path, shard: str, marker: dict, keys: list[str]) -> list[str]:

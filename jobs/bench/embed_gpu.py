@@ -1,8 +1,8 @@
 """`unclip bench`, embed on a GPU (only when one is visible): `unclip embed --device cuda` end to end and inside
 its shard tasks against the pure fp16 forward on the same GPU, for ViT-B-32 and ViT-L-14 at batch 256, with
 JPEGs decoded on the device (``--image-decode device``, by one dask worker and, for ViT-B-32, by two and four
-workers sharing the GPU, and with the towers compiled) and by PIL on the CPU (ViT-B-32); peak GPU memory, the device, and where each run's time went
-(start-up, shard tasks, close; the tasks' phases).
+workers sharing the GPU, and with the towers compiled) and by PIL on the CPU (ViT-B-32); peak GPU memory, the
+device, and where each run's time went (start-up, shard tasks, close; the tasks' phases).
 
 The shards are written directly (8 x 1,024 samples of 256 px JPEGs): decode and resize cost per sample is what
 matters here, and img2dataset is measured by the download stage.
