@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from pipeline import store
 from pipeline.embed_cluster import cluster_device, connect, task_resources, warm_workers
+from pipeline.embed_shard import BATCH_PREPS
 from pipeline.errors import UsageError
 from pipeline.image_input import IMAGE_DECODES
 from pipeline.store import LATENT_CODECS
@@ -66,6 +67,9 @@ class EmbedConfig:
     # torch.compile the image tower and text transformer in each worker (compiled once, in its warm-up). Off by
     # default: on a 2-core CPU ViT-B-32 took 46 s to compile and ran no faster (1.00x); on a GPU see the bench.
     compile: bool = False
+    # where each worker reads and prepares its batches: a background thread (auto on CPU), or its models'
+    # thread between launches (auto on CUDA: a forward there is bound by Python, `embed_shard.input_inline`)
+    batch_prep: str = field(default="auto", metadata={"choices": BATCH_PREPS})
     overwrite: bool = False  # replace a store made with other settings (otherwise refused)
     calib_samples: int = 512  # images used to fit the uint8 latent range (vae codec)
 
@@ -121,6 +125,8 @@ def validate(cfg: EmbedConfig) -> list[str]:
         resolve_device(cfg.device)  # a device this host lacks is refused before the shards are read
     if cfg.image_decode not in IMAGE_DECODES:
         raise UsageError(f"unknown --image-decode '{cfg.image_decode}'; valid: {', '.join(IMAGE_DECODES)}")
+    if cfg.batch_prep not in BATCH_PREPS:
+        raise UsageError(f"unknown --batch-prep '{cfg.batch_prep}'; valid: {', '.join(BATCH_PREPS)}")
     if cfg.latents not in LATENT_CODECS:
         raise UsageError(f"unknown --latents '{cfg.latents}'; valid: {', '.join(LATENT_CODECS)}")
     validate_clip(cfg.clip, cfg.pretrained)
@@ -299,6 +305,7 @@ def shard_params(cfg: EmbedConfig, device: str, manifest: dict):
         image_decode=_image_decode(cfg, device),
         decode_threads=cfg.decode_threads,
         compile=cfg.compile,
+        batch_prep=cfg.batch_prep,
     )
 
 
@@ -351,6 +358,7 @@ def _map(client, todo: list[str], params, cfg: EmbedConfig, run_start: float) ->
                 stats["worker_peak_rss_mb"] = max(stats["worker_peak_rss_mb"], res["worker_peak_rss_mb"])
                 stats["gpu_peak_mb"] = max(stats["gpu_peak_mb"], res.get("gpu_peak_mb", 0.0))
                 stats["device_decode_fallbacks"] += res.get("device_decode_fallbacks", 0)
+                stats["batch_prep"] = res.get("batch_prep")
                 for k, v in res.get("phases", {}).items():
                     stats["phases"][k] = stats["phases"].get(k, 0.0) + v
             except Exception as e:  # after dask's retries: list it, keep going with the others
@@ -414,6 +422,7 @@ def _finish(
         if rows and stats.get("tasks_seconds")
         else None,
         "task_phase_seconds": {k: round(v, 3) for k, v in stats.get("phases", {}).items()} or None,
+        "batch_prep": stats.get("batch_prep"),  # resolved: thread or inline (`--batch-prep`)
     }
     store.write_json(Path(cfg.out) / "logs" / "embed_summary.json", summary)
     if failed:

@@ -268,7 +268,7 @@ def encode_text(clip: Clip, tokens: torch.Tensor, with_tokens: bool = False):
             raise UsageError(
                 "--text-encodings needs a causal text tower (open_clip CLIP with argmax/eos pooling)"
             )
-        return clip.model.encode_text(tokens), None, None
+        return clip.model.encode_text(tokens.to(clip.device)), None, None
     transformer = (clip.compiled_towers or {}).get("transformer")
     return trimmed_text_forward(clip.model, tokens, with_tokens, transformer)
 
@@ -277,11 +277,17 @@ def trimmed_text_forward(
     model: torch.nn.Module, tokens: torch.Tensor, with_tokens: bool = False, transformer=None
 ):
     """`encode_text`'s forward on a causal text tower, differentiable (the demo CLIP trains through it);
-    ``transformer``, if given, stands in for the tower's own (its compiled form)."""
+    ``transformer``, if given, stands in for the tower's own (its compiled form).
+
+    ``tokens`` may be on the host while the model is on a GPU (the embed stage's are): the trimmed length is
+    then read without waiting for the GPU, so the text tower is queued behind the image tower instead of
+    after it has finished."""
     text = _text_module(model)
     lengths = token_lengths(model, tokens)
-    n = int(lengths.max())
-    tokens = tokens[:, :n]  # [B, n]
+    n = int(lengths.max())  # a device sync if the tokens are on a GPU
+    device = text.token_embedding.weight.device
+    tokens = tokens[:, :n].to(device, non_blocking=True)  # [B, n]
+    lengths = lengths.to(device, non_blocking=True)
     cast = text.transformer.get_cast_dtype() if hasattr(text.transformer, "get_cast_dtype") else torch.float32
     x = text.token_embedding(tokens).to(cast)  # [B, n, W]
     x = x + text.positional_embedding[:n].to(cast)

@@ -91,7 +91,9 @@ def mixed(tmp_path_factory):
     return d
 
 
-def _embed(mixed, name: str, decode: str, latents: str = "pixels", threads: int = 1) -> Path:
+def _embed(
+    mixed, name: str, decode: str, latents: str = "pixels", threads: int = 1, batch_prep: str = "auto", enc=False
+) -> Path:
     """One shard through the shard task itself (no dask cluster: the task is what differs between paths)."""
     out = mixed / name
     lp = store.pixels_latents(16) if latents == "pixels" else None
@@ -105,13 +107,15 @@ def _embed(mixed, name: str, decode: str, latents: str = "pixels", threads: int 
         batch_size=8,
         latents=latents,
         vae="",
-        text_encodings=False,
+        text_encodings=enc,
         torch_threads=0,
         latent_params=lp,
         image_decode=decode,
         decode_threads=threads,
+        batch_prep=batch_prep,
     )
     marker = embed_shard(str(mixed / "shards" / "00000.tar"), params)
+    assert marker["batch_prep"] == ("inline" if batch_prep == "inline" else "thread")  # auto on CPU: thread
     assert marker["rows"] == 13
     # Without latents the JPEG cut in half and the garbage behind a JPEG magic reach the device path, which
     # hands them to PIL (which refuses them too); with latents PIL decodes every sample first and refuses them.
@@ -139,6 +143,22 @@ def test_more_decode_threads_store_the_same_bytes(mixed, decode, latents):
     assert len(files) >= 4 and files == sorted(p.relative_to(three) for p in three.rglob("*") if p.is_file())
     for f in files:
         assert (one / f).read_bytes() == (three / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("decode,latents,threads", [("pil", "pixels", 3), ("device", "none", 1)])
+def test_batches_prepared_inline_store_the_bytes_a_background_thread_does(mixed, decode, latents, threads):
+    """--batch-prep inline (CUDA's default: the models' thread reads the next batch while the device runs the
+    one it launched) against the background thread (CPU's), with text encodings: the same files, byte for
+    byte, error rows included."""
+    made = [
+        _embed(mixed, f"{prep}_{decode}", decode, latents, threads, batch_prep=prep, enc=True)
+        for prep in ("thread", "inline")
+    ]
+    files = sorted(p.relative_to(made[0]) for p in made[0].rglob("*") if p.is_file())
+    assert any("text_enc" in str(f) for f in files) and any("errors" in str(f) for f in files), files
+    assert files == sorted(p.relative_to(made[1]) for p in made[1].rglob("*") if p.is_file())
+    for f in files:
+        assert (made[0] / f).read_bytes() == (made[1] / f).read_bytes(), f
 
 
 def test_without_latents_the_refused_jpegs_fall_back_to_the_same_error_rows(mixed):

@@ -91,7 +91,76 @@ def bench(cfg: BenchConfig, work: Path) -> dict:
             "unit": "pure forward images/s, text tower trimmed to the batch's longest caption / 77 tokens",
         },
         "embed_peak_rss": {"worker_peak_rss_mb": rss, "doubling_unclip_tiny_mb": doubling},
+        "embed_launch_bound_inline_vs_thread": launch_bound(cfg, work),
     }
+
+
+# A CLIP whose forward is as many small ops as ViT-B-32's (12 + 12 layers) at a fraction of the arithmetic: on
+# CPU it is bound by Python and op dispatch, as ViT-B-32 is on a GPU, where each op is a kernel launch.
+LAUNCH_BOUND_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 12, "width": 64, "head_width": 64, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 12},
+}
+
+
+def launch_bound(cfg: BenchConfig, work: Path) -> dict:
+    """--batch-prep inline against thread on a launch-bound stand-in for a GPU (`LAUNCH_BOUND_CLIP`): one shard
+    task after another in one process, the two alternated."""
+    from jobs.bench.embed_gpu import write_jpeg_shards
+
+    # 48 px JPEGs: libjpeg decodes them in tens of microseconds with the GIL let go, as a GPU's decoder would
+    shards = write_jpeg_shards(
+        work / "launch_bound_shards", shards=1, per=256 if cfg.quick else 1024, size=48
+    )
+    res = probe(
+        probe_launch_bound,
+        shard=str(shards / "00000.tar"),
+        out=str(work / "launch_bound_store"),
+        repeats=cfg.repeats,
+    )[0]
+    r = ratio_figure(res["inline"], res["thread"])
+    return {
+        **r,
+        "unit": "images/s inside a shard task, --batch-prep inline / thread, --image-decode device on CPU, "
+        "batch 256, 1 torch thread, a 12 + 12-layer 16-64-wide CLIP (Python-bound, as ViT-B-32 is on a GPU)",
+        "phases_inline": res["phases_inline"],
+        "phases_thread": res["phases_thread"],
+        "target": "> 1 (why CUDA's default is inline)",
+        "met": r["ratio_median"] > 1,
+    }
+
+
+def probe_launch_bound(shard: str, out: str, repeats: int) -> dict:
+    import tempfile
+
+    import open_clip
+    import torch
+
+    from pipeline.embed_shard import ShardParams, embed_shard
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "bench-launch-bound.json").write_text(json.dumps(LAUNCH_BOUND_CLIP))
+        open_clip.add_model_config(d)
+    rates: dict[str, list[float]] = {"thread": [], "inline": []}
+    phases = {}
+    for r in range(repeats + 1):  # the first pair warms up (models, allocator) and is left out
+        for prep in ("thread", "inline") if r % 2 else ("inline", "thread"):
+            store = Path(out, prep)
+            shutil.rmtree(store, ignore_errors=True)
+            store.mkdir(parents=True)
+            params = ShardParams(
+                out=str(store), clip="bench-launch-bound", pretrained="none", seed=0, device="cpu",
+                batch_size=256, latents="none", vae="", text_encodings=False, torch_threads=1,
+                latent_params=None, image_decode="device", batch_prep=prep,
+            )  # fmt: skip
+            t0 = time.perf_counter()
+            marker = embed_shard(shard, params)
+            if r:
+                rates[prep].append(marker["rows"] / (time.perf_counter() - t0))
+                phases[f"phases_{prep}"] = marker["phases"]
+    return {**rates, **phases}
 
 
 def probe_forward(clip: str, store: str, batch: int) -> dict:
