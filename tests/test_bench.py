@@ -43,6 +43,9 @@ def test_bench_quick_writes_ratios_and_table(tmp_path):
         v > 50 for v in r["prior_peak_rss_mb"].values()
     )
     assert set(r["embed_peak_rss"]["doubling_unclip_tiny_mb"]) == {"2_shards", "4_shards"}
+    lb = r["embed_launch_bound_inline_vs_thread"]  # both ways measured, each with its phases
+    assert lb["repeats"] == 1 and lb["ours"][0] > 0 and lb["theirs"][0] > 0
+    assert lb["phases_inline"]["models"] > 0 and lb["phases_thread"]["models"] > 0
     table = (tmp_path / "results.md").read_text()
     assert table == markdown(report) and "| stream_vs_mmap |" in table and report["commit"] in table
 
@@ -179,3 +182,24 @@ def test_gpu_embed_rows_are_assembled_from_both_decode_paths_and_one_forward(tmp
     )
     assert calls == [("ViT-B-32", "pil"), ("ViT-B-32", "device_compile"), ("ViT-B-32", "forward")]
     assert "--compile" in r["embed_gpu_ViT-B-32_device_compile_in_tasks_vs_forward"]["unit"]
+
+
+def test_in_process_task_probe_measures_every_variant_against_one_forward(tmp_path):
+    # the device check's embed_tasks stage, run here on CPU at tiny sizes: every variant's tasks are timed, the
+    # warm-up round is left out, and each ratio is its median rate over the forward measured in the same process
+    from jobs.bench.embed_gpu import TASK_VARIANTS, probe_tasks, write_jpeg_shards
+
+    shards = write_jpeg_shards(tmp_path / "shards", shards=1, per=40, size=64)
+    r = probe_tasks(
+        ["unclip-tiny"], str(shards), str(tmp_path / "out"), device="cpu", per_round=1, rounds=2, batch=8
+    )
+    t = r["unclip-tiny"]
+    assert len(t["forward_images_per_s"]) == 2
+    forward = statistics.median(t["forward_images_per_s"])
+    for v in TASK_VARIANTS:
+        assert len(t[v]["images_per_s"]) == 2 and min(t[v]["images_per_s"]) > 0
+        assert t[v]["vs_forward"] == round(statistics.median(t[v]["images_per_s"]) / forward, 3)
+        assert set(t[v]["phases"]) == {"setup", "input_wait", "device_decode", "models", "write"}
+    assert (
+        t["device_inline"]["phases"]["device_decode"] > 0 and t["pil_thread"]["phases"]["device_decode"] == 0
+    )

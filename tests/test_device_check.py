@@ -104,6 +104,8 @@ def test_dry_run_of_every_stage_on_cpu(tmp_path):
     assert r["train_base"]["steps"] == 20 and r["sample"]["two_stage"]["images"] == 8
     assert (tmp_path / "samples_two_stage.png").stat().st_size > 0
     assert r["bench_embed_gpu"]["embed_gpu"]["skipped"] == "no CUDA device visible"
+    for stage in ("embed_tasks", "embed_tasks_l14"):  # in one process: each variant against the forward
+        assert r[stage]["device_inline"]["vs_forward"] > 0 and r[stage]["pil_thread"]["vs_forward"] > 0
     assert r["bench_embed_gpu_l14"]["embed_gpu"]["skipped"] == "no CUDA device visible"
     # where embed's time went, for the GPU run to show: every phase of the shard tasks, start-up and close
     assert set(r["embed"]["task_phase_seconds"]) == {

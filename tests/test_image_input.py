@@ -92,7 +92,13 @@ def mixed(tmp_path_factory):
 
 
 def _embed(
-    mixed, name: str, decode: str, latents: str = "pixels", threads: int = 1, batch_prep: str = "auto", enc=False
+    mixed,
+    name: str,
+    decode: str,
+    latents: str = "pixels",
+    threads: int = 1,
+    batch_prep: str = "auto",
+    enc=False,
 ) -> Path:
     """One shard through the shard task itself (no dask cluster: the task is what differs between paths)."""
     out = mixed / name

@@ -163,6 +163,27 @@ def _embed(c: Check) -> dict:
     return {**{k: r.get(k) for k in EMBED_FIGURES}, "validate": "ok", "device_decode_fallbacks": 0}
 
 
+def _embed_tasks(c: Check, clip: str, limit: float) -> dict:
+    """Shard tasks in one process, device and PIL decode each with --batch-prep inline and thread, against
+    the pure forward (`jobs.bench.embed_gpu.probe_tasks`): issue 11's in-task ratio without a dask cluster's
+    start-up and close (~50 s a run on the H200, 2026-12-04) per row."""
+    from jobs.bench.embed_gpu import probe_tasks
+
+    quick = c.cfg.quick
+    res = c.probe(
+        probe_tasks,
+        limit=limit,
+        clips=["unclip-tiny" if quick else clip],
+        shards=str(_shards(c)),
+        out=str(c.work / "tasks"),
+        device=c.cfg.device,
+        per_round=1 if quick else 2,
+        rounds=1 if quick else 2,
+        batch=32 if quick else 256,
+    )
+    return next(iter(res.values()))
+
+
 def _decode_rules(c: Check) -> dict:
     """Odd samples through the device and PIL decoders: the same rows, the same error rows, embeddings at
     cosine >= 0.999 (`jobs.bench.decode_rules`)."""
@@ -339,23 +360,29 @@ def _bench(c: Check, stage: str, limit: float = 300.0, *extra: str) -> dict:
     return json.loads((out / "results.json").read_text())["results"]
 
 
-# In order of what a short lease must not miss: embed on the GPU and its benchmark rows (issue 11's figures)
-# first, then the other CUDA paths (each of which ran once, on an H200, 2026-12-04), then the rest.
+# In order of what a short lease must not miss: embed on the GPU and its figures (issue 11's) first, the cheap
+# in-process task rows before the CLI rows (each CLI run paid ~50 s of cluster start-up and close on the H200),
+# then the other CUDA paths (each of which ran once, on an H200, 2026-12-04), then the rest.
 STAGES: dict[str, Callable[[Check], dict]] = {
     "env": _env,
     "embed": _embed,
+    "embed_tasks": lambda c: _embed_tasks(c, "ViT-B-32", 150.0),
+    "embed_tasks_l14": lambda c: _embed_tasks(c, "ViT-L-14", 150.0),
     # a model a stage: `unclip bench` writes its results at its end, so a model cut short loses only its rows
     "bench_embed_gpu": lambda c: _bench(
         c,
         "embed_gpu",
-        330.0,
+        300.0,
         "--gpu-clips",
         "ViT-B-32",
         "--gpu-variants",
-        "device,pil,device_2_workers,device_4_workers",
+        "device,device_2_workers,device_4_workers",
     ),
-    "bench_embed_gpu_l14": lambda c: _bench(c, "embed_gpu", 150.0, "--gpu-clips", "ViT-L-14"),
     "exit_probe": _exit_probe,
+    "bench_embed_gpu_l14": lambda c: _bench(c, "embed_gpu", 150.0, "--gpu-clips", "ViT-L-14"),
+    "bench_embed_gpu_pil": lambda c: _bench(
+        c, "embed_gpu", 120.0, "--gpu-clips", "ViT-B-32", "--gpu-variants", "pil"
+    ),
     "bench_embed_gpu_compile": lambda c: _bench(
         c, "embed_gpu", 150.0, "--gpu-clips", "ViT-B-32", "--gpu-variants", "device_compile"
     ),

@@ -94,31 +94,102 @@ def embed_run(shards: Path, out: Path, clip: str, decode: str) -> tuple[dict, fl
     return json.loads(run.stdout[run.stdout.index("{") :]), run.seconds
 
 
-def probe_forward_gpu(clip: str, batch: int, batches: int) -> dict:
-    """Pure fp16 forward of both towers on the GPU: random pixels, fixed captions, synchronised timing."""
+def probe_forward_gpu(clip: str, batch: int, batches: int, device: str = "cuda") -> dict:
+    """Pure fp16 forward of both towers on the GPU: random pixels, fixed captions, synchronised timing.
+    (``device`` cpu: the same in float32, for the dry run.)"""
     import torch
 
     from pipeline.encoders import encode_image, encode_text, load_clip
 
-    c = load_clip(clip, "none", "cuda", 0)
+    cuda = device.startswith("cuda")
+    c = load_clip(clip, "none", device, 0)
     size = c.preprocess.transforms[1].size
-    images = torch.randn(batch, 3, *size, device="cuda")
-    tokens = c.tokenizer(
-        [f"a photo of object {i} in shard 0, seen from the left" for i in range(batch)]
-    ).cuda()
-    torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+    images = torch.randn(batch, 3, *size, device=device)
+    # on the host, as the shard tasks hand them over: the trimmed length is then read without a device sync
+    tokens = c.tokenizer([f"a photo of object {i} in shard 0, seen from the left" for i in range(batch)])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
         for _ in range(3):  # warm-up: kernels, cuDNN/cuBLAS heuristics
             encode_image(c, images), encode_text(c, tokens)
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         for _ in range(batches):
             encode_image(c, images), encode_text(c, tokens)
-        torch.cuda.synchronize()
+        sync()
     return {
         "images_per_s": batches * batch / (time.perf_counter() - t0),
-        "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+        "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0,
     }
+
+
+# `probe_tasks`'s variants: (--image-decode, --batch-prep) of the shard tasks.
+TASK_VARIANTS = {
+    "device_inline": ("device", "inline"),
+    "device_thread": ("device", "thread"),
+    "pil_inline": ("pil", "inline"),
+    "pil_thread": ("pil", "thread"),
+}
+
+
+def probe_tasks(
+    clips: list[str],
+    shards: str,
+    out: str,
+    device: str = "cuda",
+    per_round: int = 2,
+    rounds: int = 2,
+    batch: int = BATCH,
+) -> dict:
+    """Shard tasks in this one process (no dask: no cluster start-up or close to pay for), each variant of
+    `TASK_VARIANTS` on the same warm model, alternated round by round, against the pure forward
+    (`probe_forward_gpu`) in the same process; for each of ``clips`` at ``batch``. The first round warms up
+    (decoders, allocator, kernels) and is left out. Per variant: images/s inside the tasks, the ratio to the
+    forward, and the last round's phases (`pipeline.embed_shard.PHASES`, summed over its shards)."""
+    import statistics
+
+    from pipeline.embed_shard import ShardParams, embed_shard
+
+    tars = sorted(str(p) for p in Path(shards).glob("*.tar"))[:per_round]
+    res: dict = {}
+    for clip in clips:
+        rates: dict[str, list[float]] = {v: [] for v in TASK_VARIANTS}
+        phases: dict[str, dict] = {}
+        forwards = []
+        for r in range(rounds + 1):
+            order = list(TASK_VARIANTS) if r % 2 == 0 else list(reversed(TASK_VARIANTS))
+            for v in order:
+                decode, prep = TASK_VARIANTS[v]
+                store = Path(out, clip, v)
+                shutil.rmtree(store, ignore_errors=True)
+                store.mkdir(parents=True)
+                params = ShardParams(
+                    out=str(store), clip=clip, pretrained="none", seed=0, device=device,
+                    batch_size=batch, latents="none", vae="", text_encodings=False, torch_threads=0,
+                    latent_params=None, image_decode=decode, batch_prep=prep,
+                )  # fmt: skip
+                markers = [embed_shard(t, params) for t in tars]
+                if r:
+                    rates[v].append(sum(m["rows"] for m in markers) / sum(m["seconds"] for m in markers))
+                    phases[v] = {
+                        k: round(sum(m["phases"][k] for m in markers), 3) for k in markers[0]["phases"]
+                    }
+            if r:
+                forwards.append(probe_forward_gpu(clip, batch, 20, device)["images_per_s"])
+        forward = statistics.median(forwards)
+        res[clip] = {
+            "forward_images_per_s": forwards,
+            **{
+                v: {
+                    "images_per_s": rates[v],
+                    "vs_forward": round(statistics.median(rates[v]) / forward, 3),
+                    "phases": phases[v],
+                }
+                for v in TASK_VARIANTS
+            },
+        }
+    return res
 
 
 def bench(cfg: BenchConfig, work: Path) -> dict:
