@@ -55,7 +55,8 @@ class EmbedConfig:
     latent_size: int = 32  # the latents' side: pixels at this size, or VAE latents of images 8x as large
     vae: str = ""  # --latents vae: a diffusers AutoencoderKL by hub name or local folder
     text_encodings: bool = False  # also store per-token text encodings (for priors trained with them)
-    workers: int = 1  # one worker uses every core through torch; add workers per GPU
+    # LocalCluster processes; 0 = one per visible GPU with --device cuda, else 1 (one uses every core via torch)
+    workers: int = 0
     scheduler: str = ""  # a dask scheduler address (tcp://host:8786); default: a local cluster
     retries: int = 2  # times dask reruns a shard task that failed, before it is listed as failed
     torch_threads: int = 0  # 0 = cores / workers (dask otherwise pins workers to one thread)
@@ -115,9 +116,9 @@ def validate(cfg: EmbedConfig) -> list[str]:
         validate_vae,
     )
 
-    if cfg.batch_size < 0 or cfg.decode_threads < 0 or cfg.workers < 1 or cfg.latent_size < 1:
+    if cfg.batch_size < 0 or cfg.decode_threads < 0 or cfg.workers < 0 or cfg.latent_size < 1:
         raise UsageError(
-            "--batch-size and --decode-threads must be >= 0 (0 = by device); --workers and --latent-size >= 1"
+            "--batch-size, --decode-threads and --workers must be >= 0 (0 = by device); --latent-size >= 1"
         )
     if cfg.scheduler:
         check_device_name(cfg.device)  # the workers settle it (`embed_cluster.cluster_device`)
@@ -244,7 +245,9 @@ def run(cfg: EmbedConfig) -> dict:
         else:
             device = resolve_device(cfg.device) if not cfg.scheduler else "cpu"  # cpu: nothing runs
         cfg = dataclasses.replace(
-            cfg, batch_size=cfg.batch_size or (256 if device.startswith("cuda") else 64)
+            cfg,
+            batch_size=cfg.batch_size or (256 if device.startswith("cuda") else 64),
+            workers=cfg.workers or local_workers(device),
         )
         manifest = reused if reused is not None else prepare_store(cfg, shards, device, client)
         todo = [s for s in shards if not store.is_done(cfg.out, store.shard_id_of(s))]
@@ -267,6 +270,17 @@ def run(cfg: EmbedConfig) -> dict:
             stats["close_seconds"] = time.perf_counter() - closing
     seconds = time.perf_counter() - start
     return _finish(cfg, manifest, shards, rows, seconds, failed, stats)
+
+
+def local_workers(device: str) -> int:
+    """``--workers 0``'s LocalCluster size: one worker per visible GPU for ``--device cuda`` (every visible GPU,
+    one per worker: `pipeline.embed_shard.worker_params`), else one (a CPU worker uses every core through torch;
+    ``cuda:N`` pins every worker to one GPU)."""
+    if device != "cuda":
+        return 1
+    import torch
+
+    return max(1, torch.cuda.device_count())
 
 
 def for_workers(cfg: EmbedConfig) -> EmbedConfig:
@@ -300,7 +314,7 @@ def shard_params(cfg: EmbedConfig, device: str, manifest: dict):
         vae=cfg.vae,
         text_encodings=cfg.text_encodings,
         torch_threads=cfg.torch_threads
-        or (0 if cfg.scheduler else max(1, (os.cpu_count() or 1) // cfg.workers)),
+        or (0 if cfg.scheduler else max(1, (os.cpu_count() or 1) // (cfg.workers or local_workers(device)))),
         latent_params=manifest["latents"],
         image_decode=_image_decode(cfg, device),
         decode_threads=cfg.decode_threads,

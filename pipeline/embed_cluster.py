@@ -20,7 +20,8 @@ SLOTS_KEY = "unclip-embed-gpu-slots"
 
 
 def connect(cfg) -> tuple:
-    """(client, cluster): a LocalCluster of ``--workers`` processes, or (client, None) on ``--scheduler``."""
+    """(client, cluster): a LocalCluster of ``--workers`` processes (resolved: >= 1), or (client, None) on
+    ``--scheduler``."""
     import dask
     from dask.distributed import Client, LocalCluster
 

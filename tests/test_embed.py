@@ -249,6 +249,24 @@ def test_every_worker_is_warmed_in_its_task_thread_and_given_its_gpu_slot(tmp_pa
     assert [warm for warm, _ in after] == [True, True] and after[0][1] in (0, 1)
 
 
+def test_default_workers_are_one_per_visible_gpu_for_cuda_and_one_otherwise(monkeypatch, tmp_path):
+    # --device cuda means every visible GPU, one per worker: a LocalCluster of one worker would leave 7 of 8 idle
+    from pipeline import embed as embed_stage
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert embed_stage.local_workers("cuda") == 8
+    assert embed_stage.local_workers("cuda:3") == 1 and embed_stage.local_workers("cpu") == 1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert embed_stage.local_workers("cuda") == 1
+    # the torch threads each worker is sent follow the resolved count (cores / workers), not --workers 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    cfg = embed_stage.EmbedConfig(shards="x", out=str(tmp_path))
+    manifest = {"latents": None}
+    assert embed_stage.shard_params(cfg, "cuda", manifest).torch_threads == 8
+    assert embed_stage.shard_params(cfg, "cpu", manifest).torch_threads == 16
+
+
 def test_gpu_slots_number_the_workers_of_each_host_and_cuda_maps_a_slot_to_a_visible_gpu(monkeypatch):
     from pipeline import embed_cluster, embed_shard
     from pipeline.embed_cluster import gpu_slots
@@ -815,7 +833,8 @@ def test_store_made_with_other_settings_is_refused_then_overwritten(base, shards
         ("device_index", "--device cuda:99 but "),
         ("device_zero_padded", "unknown --device 'cuda:01'"),
         ("device_not_ascii", "unknown --device 'cuda:\u00b2'"),
-        ("decode_threads", "--batch-size and --decode-threads must be >= 0"),
+        ("decode_threads", "--batch-size, --decode-threads and --workers must be >= 0"),
+        ("workers", "--batch-size, --decode-threads and --workers must be >= 0 (0 = by device)"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, tmp_path, capsys):
@@ -840,6 +859,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, t
         args += ["--latents", "vae", "--vae", f"{tmp_path}/no_vae/"]
     elif case == "decode_threads":
         args += ["--decode-threads", "-1"]
+    elif case == "workers":
+        args += ["--workers", "-1"]
     elif case.startswith("device"):
         spelt = {"device_name": "tpu", "device_index": "cuda:99", "device_zero_padded": "cuda:01"}
         args += ["--device", spelt.get(case, "cuda:\u00b2")]

@@ -242,7 +242,13 @@ def paired_in_worker(shards: str, store: str, clip: str, passes: int = 2) -> dic
     from pipeline.embed_shard import embed_shard
 
     cfg = embed.EmbedConfig(
-        shards=shards, out=os.path.abspath(store), clip=clip, pretrained="none", batch_size=64, device="cpu"
+        shards=shards,
+        out=os.path.abspath(store),
+        clip=clip,
+        pretrained="none",
+        batch_size=64,
+        device="cpu",
+        workers=1,
     )
     shutil.rmtree(cfg.out, ignore_errors=True)
     todo = embed.validate(cfg)
