@@ -379,9 +379,8 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         if launched is not None:
             _collect(launched, params, acc)
             tick = _lap(phases, "models", tick)
-    finally:
-        if inline:
-            batches.close()  # its decode threads (PIL samples) stop
+    finally:  # now, not when the traceback of a failed shard is dropped: the decode threads stop, the tar closes
+        source.close()
     errors.sort(key=lambda e: e.pop("pos"))  # tar order, whichever thread found the problem
     if recorded is not None:
         present = set(acc.out["key"]) | {e["key"] for e in errors}

@@ -268,7 +268,7 @@ def encode_text(clip: Clip, tokens: torch.Tensor, with_tokens: bool = False):
             raise UsageError(
                 "--text-encodings needs a causal text tower (open_clip CLIP with argmax/eos pooling)"
             )
-        return clip.model.encode_text(tokens.to(clip.device)), None, None
+        return clip.model.encode_text(tokens.to(clip.device, non_blocking=True)), None, None
     transformer = (clip.compiled_towers or {}).get("transformer")
     return trimmed_text_forward(clip.model, tokens, with_tokens, transformer)
 
@@ -283,11 +283,10 @@ def trimmed_text_forward(
     then read without waiting for the GPU, so the text tower is queued behind the image tower instead of
     after it has finished."""
     text = _text_module(model)
-    lengths = token_lengths(model, tokens)
-    n = int(lengths.max())  # a device sync if the tokens are on a GPU
-    device = text.token_embedding.weight.device
-    tokens = tokens[:, :n].to(device, non_blocking=True)  # [B, n]
-    lengths = lengths.to(device, non_blocking=True)
+    n = int(token_lengths(model, tokens).max())  # a device sync only if the tokens are on a GPU
+    # the whole (pinned, contiguous) tensor is copied and trimmed there: a pageable or strided copy may sync
+    tokens = tokens.to(text.token_embedding.weight.device, non_blocking=True)[:, :n]  # [B, n]
+    lengths = token_lengths(model, tokens)  # the same: each end-of-text token lies within the first n
     cast = text.transformer.get_cast_dtype() if hasattr(text.transformer, "get_cast_dtype") else torch.float32
     x = text.token_embedding(tokens).to(cast)  # [B, n, W]
     x = x + text.positional_embedding[:n].to(cast)
@@ -350,7 +349,7 @@ def load_vae(name_or_path: str, device: str) -> Vae:
 @torch.no_grad()
 def vae_encode(vae: Vae, images: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] in [-1, 1] -> latents [B, C, H/f, W/f]: the posterior mean (deterministic) times scale."""
-    return vae.model.encode(images.to(vae.device)).latent_dist.mean * vae.scale
+    return vae.model.encode(images.to(vae.device, non_blocking=True)).latent_dist.mean * vae.scale
 
 
 @torch.no_grad()

@@ -403,8 +403,10 @@ def _batch(buf: list[_Prepared], preprocess, latents: str, tokenizer, device_jpe
         lat = np.stack([p.latent for p in buf]).transpose(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W] uint8
         if latents == "vae":
             lat = torch.from_numpy(lat).float() / 127.5 - 1.0
+            lat = lat.pin_memory() if pin else lat
     samples = [p.sample for p in buf]
     captions = [s.caption for s in samples]
+    tokens = tokenizer(captions) if tokenizer is not None else None
     return Batch(
         [s.key for s in samples],
         captions,
@@ -412,7 +414,7 @@ def _batch(buf: list[_Prepared], preprocess, latents: str, tokenizer, device_jpe
         images,
         lat,
         sum(s.empty_caption for s in samples),
-        tokens=tokenizer(captions) if tokenizer is not None else None,
+        tokens=tokens.pin_memory() if pin and tokens is not None else tokens,
         parts=parts,
         positions=[p.pos for p in buf],
         empty_flags=[s.empty_caption for s in samples],
@@ -454,10 +456,15 @@ def assemble_images(b: Batch, preprocess, tensor_preprocess, device: str, errors
         [b.captions[i] for i in keep],
         [b.metas[i] for i in keep],
         torch.stack([ready[i] for i in keep]) if keep else torch.zeros(0),
-        b.latent_input[keep] if b.latent_input is not None else None,
+        _pinned_like(b.latent_input[keep], b.latent_input) if b.latent_input is not None else None,
         sum(b.empty_flags[i] for i in keep),
-        tokens=b.tokens[pick] if b.tokens is not None else None,
+        tokens=_pinned_like(b.tokens[pick], b.tokens) if b.tokens is not None else None,
         positions=[b.positions[i] for i in keep],
         empty_flags=[b.empty_flags[i] for i in keep],
         device_decode_fallbacks=len(refused),
     )
+
+
+def _pinned_like(x, like):
+    """``x`` in page-locked memory if ``like`` is (a batch's rows picked out of a pinned tensor)."""
+    return x.pin_memory() if isinstance(like, torch.Tensor) and like.is_pinned() else x

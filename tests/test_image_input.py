@@ -4,6 +4,7 @@ code path a GPU runs, with device "cpu") against the PIL path: embeddings, row o
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,27 @@ def test_batches_prepared_inline_store_the_bytes_a_background_thread_does(mixed,
     assert files == sorted(p.relative_to(made[1]) for p in made[1].rglob("*") if p.is_file())
     for f in files:
         assert (made[0] / f).read_bytes() == (made[1] / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("batch_prep", ["thread", "inline"])
+def test_a_shard_that_fails_midway_stops_its_batch_preparation_at_once(mixed, monkeypatch, batch_prep):
+    # while the failure's traceback (which holds the task's frame) is still alive, as in a log or a retry
+    from pipeline import embed_shard as task
+
+    launches, launch = [], task._launch
+
+    def failing(*args, **kwargs):
+        launches.append(1)
+        if len(launches) == 2:
+            raise RuntimeError("CUDA error: out of memory")
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(task, "_launch", failing)
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="out of memory") as failed:
+        _embed(mixed, f"fail_{batch_prep}", "pil", "pixels", threads=3, batch_prep=batch_prep)
+    left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert failed.traceback and not left, left
 
 
 def test_without_latents_the_refused_jpegs_fall_back_to_the_same_error_rows(mixed):

@@ -28,11 +28,11 @@ BATCH = 256
 # on one GPU are two processes, each with its own decode thread and GIL: the first GPU run (an H200, 2026-12-04)
 # embedded ~1,400 images/s in one worker's warm shard, far below the model, so that is the scaling to measure.
 VARIANTS = {
-    "device": "--image-decode device",
-    "pil": "--image-decode pil",
+    "device": "--image-decode device --workers 1",  # one worker, also on a host with several GPUs
+    "pil": "--image-decode pil --workers 1",
     "device_2_workers": "--image-decode device --workers 2",
     "device_4_workers": "--image-decode device --workers 4",
-    "device_compile": "--image-decode device --compile",
+    "device_compile": "--image-decode device --workers 1 --compile",
 }
 # The embed figures each row reports beside its ratios.
 TIMINGS = (
