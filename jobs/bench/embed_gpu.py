@@ -105,8 +105,9 @@ def probe_forward_gpu(clip: str, batch: int, batches: int, device: str = "cuda")
     c = load_clip(clip, "none", device, 0)
     size = c.preprocess.transforms[1].size
     images = torch.randn(batch, 3, *size, device=device)
-    # on the host, as the shard tasks hand them over: the trimmed length is then read without a device sync
+    # on the host and pinned, as the shard tasks hand them over: the trimmed length is read without a device sync
     tokens = c.tokenizer([f"a photo of object {i} in shard 0, seen from the left" for i in range(batch)])
+    tokens = tokens.pin_memory() if cuda else tokens
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
