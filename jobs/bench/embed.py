@@ -105,8 +105,8 @@ LAUNCH_BOUND_CLIP = {
 
 
 def launch_bound(cfg: BenchConfig, work: Path) -> dict:
-    """--batch-prep inline against thread on a launch-bound stand-in for a GPU (`LAUNCH_BOUND_CLIP`): one shard
-    task after another in one process, the two alternated."""
+    """--batch-prep inline against thread on a launch-bound stand-in for a GPU (`LAUNCH_BOUND_CLIP`): shard
+    tasks in one process, the two alternated (`jobs.bench.embed_gpu.probe_tasks`)."""
     from jobs.bench.embed_gpu import write_jpeg_shards
 
     # 48 px JPEGs: libjpeg decodes them in tens of microseconds with the GIL let go, as a GPU's decoder would
@@ -114,53 +114,37 @@ def launch_bound(cfg: BenchConfig, work: Path) -> dict:
         work / "launch_bound_shards", shards=1, per=256 if cfg.quick else 1024, size=48
     )
     res = probe(
-        probe_launch_bound,
-        shard=str(shards / "00000.tar"),
-        out=str(work / "launch_bound_store"),
-        repeats=cfg.repeats,
+        probe_launch_bound, shards=str(shards), out=str(work / "launch_bound_store"), repeats=cfg.repeats
     )[0]
-    r = ratio_figure(res["inline"], res["thread"])
+    inline, thread = res["device_inline"], res["device_thread"]
+    r = ratio_figure(inline["images_per_s"], thread["images_per_s"])
     return {
         **r,
         "unit": "images/s inside a shard task, --batch-prep inline / thread, --image-decode device on CPU, "
         "batch 256, 1 torch thread, a 12 + 12-layer 16-64-wide CLIP (Python-bound, as ViT-B-32 is on a GPU)",
-        "phases_inline": res["phases_inline"],
-        "phases_thread": res["phases_thread"],
+        "phases_inline": inline["phases"],
+        "phases_thread": thread["phases"],
         "target": "> 1 (why CUDA's default is inline)",
         "met": r["ratio_median"] > 1,
     }
 
 
-def probe_launch_bound(shard: str, out: str, repeats: int) -> dict:
+def probe_launch_bound(shards: str, out: str, repeats: int) -> dict:
     import tempfile
 
     import open_clip
     import torch
 
-    from pipeline.embed_shard import ShardParams, embed_shard
+    from jobs.bench.embed_gpu import probe_tasks
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         Path(d, "bench-launch-bound.json").write_text(json.dumps(LAUNCH_BOUND_CLIP))
         open_clip.add_model_config(d)
-    rates: dict[str, list[float]] = {"thread": [], "inline": []}
-    phases = {}
-    for r in range(repeats + 1):  # the first pair warms up (models, allocator) and is left out
-        for prep in ("thread", "inline") if r % 2 else ("inline", "thread"):
-            store = Path(out, prep)
-            shutil.rmtree(store, ignore_errors=True)
-            store.mkdir(parents=True)
-            params = ShardParams(
-                out=str(store), clip="bench-launch-bound", pretrained="none", seed=0, device="cpu",
-                batch_size=256, latents="none", vae="", text_encodings=False, torch_threads=1,
-                latent_params=None, image_decode="device", batch_prep=prep,
-            )  # fmt: skip
-            t0 = time.perf_counter()
-            marker = embed_shard(shard, params)
-            if r:
-                rates[prep].append(marker["rows"] / (time.perf_counter() - t0))
-                phases[f"phases_{prep}"] = marker["phases"]
-    return {**rates, **phases}
+    return probe_tasks(
+        ["bench-launch-bound"], shards, out, device="cpu", per_round=1, rounds=repeats, batch=256,
+        variants=("device_inline", "device_thread"), torch_threads=1,
+    )["bench-launch-bound"]  # fmt: skip
 
 
 def probe_forward(clip: str, store: str, batch: int) -> dict:

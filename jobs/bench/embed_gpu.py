@@ -142,11 +142,13 @@ def probe_tasks(
     per_round: int = 2,
     rounds: int = 2,
     batch: int = BATCH,
+    variants: tuple[str, ...] = tuple(TASK_VARIANTS),
+    torch_threads: int = 0,
 ) -> dict:
-    """Shard tasks in this one process (no dask: no cluster start-up or close to pay for), each variant of
-    `TASK_VARIANTS` on the same warm model, alternated round by round, against the pure forward
-    (`probe_forward_gpu`) in the same process; for each of ``clips`` at ``batch``. The first round warms up
-    (decoders, allocator, kernels) and is left out. Per variant: images/s inside the tasks, the ratio to the
+    """Shard tasks in this one process (no dask: no cluster start-up or close to pay for), each of
+    ``variants`` (of `TASK_VARIANTS`) on the same warm model, alternated round by round, against the pure
+    forward (`probe_forward_gpu`) in the same process; for each of ``clips`` at ``batch``. The first round warms
+    up (decoders, allocator, kernels) and is left out. Per variant: images/s inside the tasks, the ratio to the
     forward, and the last round's phases (`pipeline.embed_shard.PHASES`, summed over its shards)."""
     import statistics
 
@@ -155,19 +157,18 @@ def probe_tasks(
     tars = sorted(str(p) for p in Path(shards).glob("*.tar"))[:per_round]
     res: dict = {}
     for clip in clips:
-        rates: dict[str, list[float]] = {v: [] for v in TASK_VARIANTS}
+        rates: dict[str, list[float]] = {v: [] for v in variants}
         phases: dict[str, dict] = {}
         forwards = []
         for r in range(rounds + 1):
-            order = list(TASK_VARIANTS) if r % 2 == 0 else list(reversed(TASK_VARIANTS))
-            for v in order:
+            for v in variants if r % 2 == 0 else variants[::-1]:
                 decode, prep = TASK_VARIANTS[v]
                 store = Path(out, clip, v)
                 shutil.rmtree(store, ignore_errors=True)
                 store.mkdir(parents=True)
                 params = ShardParams(
                     out=str(store), clip=clip, pretrained="none", seed=0, device=device,
-                    batch_size=batch, latents="none", vae="", text_encodings=False, torch_threads=0,
+                    batch_size=batch, latents="none", vae="", text_encodings=False, torch_threads=torch_threads,
                     latent_params=None, image_decode=decode, batch_prep=prep,
                 )  # fmt: skip
                 markers = [embed_shard(t, params) for t in tars]
@@ -187,7 +188,7 @@ def probe_tasks(
                     "vs_forward": round(statistics.median(rates[v]) / forward, 3),
                     "phases": phases[v],
                 }
-                for v in TASK_VARIANTS
+                for v in variants
             },
         }
     return res
