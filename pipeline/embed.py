@@ -71,6 +71,9 @@ class EmbedConfig:
     # where each worker reads and prepares its batches: a background thread (auto on CPU), or its models'
     # thread between launches (auto on CUDA: a forward there is bound by Python, `embed_shard.input_inline`)
     batch_prep: str = field(default="auto", metadata={"choices": BATCH_PREPS})
+    # shards each worker fetches while it embeds the current one (copied when remote, pre-read into the page
+    # cache when local: `pipeline.readahead`); 0 = off
+    read_ahead: int = 1
     overwrite: bool = False  # replace a store made with other settings (otherwise refused)
     calib_samples: int = 512  # images used to fit the uint8 latent range (vae codec)
 
@@ -119,6 +122,10 @@ def validate(cfg: EmbedConfig) -> list[str]:
     if cfg.batch_size < 0 or cfg.decode_threads < 0 or cfg.workers < 0 or cfg.latent_size < 1:
         raise UsageError(
             "--batch-size, --decode-threads and --workers must be >= 0 (0 = by device); --latent-size >= 1"
+        )
+    if cfg.read_ahead < 0:
+        raise UsageError(
+            f"--read-ahead must be >= 0 (shards fetched ahead per worker; 0 = off), not {cfg.read_ahead}"
         )
     if cfg.scheduler:
         check_device_name(cfg.device)  # the workers settle it (`embed_cluster.cluster_device`)
@@ -337,15 +344,39 @@ def _image_decode(cfg: EmbedConfig, device: str) -> str:
 
 
 def _map(client, todo: list[str], params, cfg: EmbedConfig, run_start: float) -> tuple[int, dict, dict]:
-    from dask.distributed import as_completed
-
-    from pipeline.embed_shard import PHASES, embed_shard
+    from pipeline.readahead import ReadAhead, new_run, plugin_name
 
     resources = task_resources(cfg, params.device)
     warm_workers(client, params, resources)
+    run = new_run()
+    if cfg.read_ahead:  # before the tasks: a worker must see its next task arrive (`pipeline.readahead`)
+        client.register_plugin(ReadAhead(run, todo, cfg.read_ahead), name=plugin_name(run))
+    try:
+        return _run_tasks(client, todo, params, cfg, run, run_start, resources)
+    finally:
+        if cfg.read_ahead:
+            try:  # its teardown deletes any copy left (a failed shard's); a closing LocalCluster does too
+                client.unregister_worker_plugin(plugin_name(run))
+            except Exception as e:  # e.g. the scheduler has gone: nothing more to clean from here
+                log.warning("could not remove the read-ahead plugin from the workers: %s", e)
+
+
+def _run_tasks(
+    client, todo: list[str], params, cfg: EmbedConfig, run: str, run_start: float, resources: dict | None
+) -> tuple[int, dict, dict]:
+    from dask.distributed import as_completed
+
+    from pipeline.embed_shard import PHASES, embed_shard
+    from pipeline.readahead import task_keys
+
     tasks_start = time.perf_counter()
     futures = client.map(
-        embed_shard, todo, params=params, retries=cfg.retries, pure=False, resources=resources
+        embed_shard,
+        todo,
+        key=task_keys(run, len(todo)),
+        params=params,
+        retries=cfg.retries,
+        resources=resources,
     )
     names = {f.key: s for f, s in zip(futures, todo, strict=True)}
     rows, failed = 0, {}
@@ -359,6 +390,7 @@ def _map(client, todo: list[str], params, cfg: EmbedConfig, run_start: float) ->
         # the LocalCluster's start (with --scheduler, connecting came earlier) and every worker's warm-up
         "startup_seconds": tasks_start - run_start,
         "phases": dict.fromkeys(PHASES, 0.0),
+        "read_ahead": {},  # shards by how their bytes were read ahead (`pipeline.readahead.ReadAhead.take`)
     }
     with tqdm(total=len(todo), desc="embed", unit="shard") as bar:
         for fut in as_completed(futures):
@@ -373,6 +405,8 @@ def _map(client, todo: list[str], params, cfg: EmbedConfig, run_start: float) ->
                 stats["gpu_peak_mb"] = max(stats["gpu_peak_mb"], res.get("gpu_peak_mb", 0.0))
                 stats["device_decode_fallbacks"] += res.get("device_decode_fallbacks", 0)
                 stats["batch_prep"] = res.get("batch_prep")
+                how = res.get("read_ahead", "off")
+                stats["read_ahead"][how] = stats["read_ahead"].get(how, 0) + 1
                 for k, v in res.get("phases", {}).items():
                     stats["phases"][k] = stats["phases"].get(k, 0.0) + v
             except Exception as e:  # after dask's retries: list it, keep going with the others
@@ -437,6 +471,8 @@ def _finish(
         else None,
         "task_phase_seconds": {k: round(v, 3) for k, v in stats.get("phases", {}).items()} or None,
         "batch_prep": stats.get("batch_prep"),  # resolved: thread or inline (`--batch-prep`)
+        # this run's shards by how their bytes were read ahead: copy, page cache, abandoned, failed, none, off
+        "read_ahead": stats.get("read_ahead") or None,
     }
     store.write_json(Path(cfg.out) / "logs" / "embed_summary.json", summary)
     if failed:

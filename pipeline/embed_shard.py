@@ -29,6 +29,7 @@ from pipeline import store
 from pipeline.errors import UsageError
 from pipeline.image_input import TensorPreprocess
 from pipeline.prefetch import background
+from pipeline.readahead import plugin_of_this_worker
 from pipeline.shard_samples import Batch, assemble_images, download_record, prepare_batches
 
 log = logging.getLogger(__name__)
@@ -330,6 +331,8 @@ def embed_shard(url: str, params: ShardParams) -> dict:
     root, shard, device = params.out, store.shard_id_of(url), params.device
     store.remove_shard(root, shard)  # a partial shard from an interrupted run is redone from scratch
     recorded = download_record(url)  # before the work: an unfinished download fails the shard at once
+    ahead = plugin_of_this_worker()  # `embed --read-ahead`: this shard may have been fetched already
+    local, read_ahead = ahead.take(url) if ahead is not None else (None, "off")
     m = _models(params)
     _warm_this_thread(m)
     cuda, lp = device.startswith("cuda"), params.latent_params
@@ -345,6 +348,7 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         device_jpegs=m.tensor_preprocess is not None,
         pin_memory=cuda,
         threads=decode_threads(params.decode_threads, params.device),
+        local=local,
     )
     acc = _Rows()
     # Where the task's time goes (reported, not stored): the next batch (waiting for the decode thread's, or
@@ -402,6 +406,7 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         "device_decode_fallbacks": acc.device_decode_fallbacks,
         "phases": {k: round(v, 4) for k, v in phases.items()},
         "batch_prep": "inline" if inline else "thread",
+        "read_ahead": read_ahead,
     }
 
 

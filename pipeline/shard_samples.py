@@ -44,12 +44,13 @@ class Sample:
     empty_caption: bool = False  # the source had no caption (None/NaN): stored as "" and counted
 
 
-def read_tar(url: str) -> Iterator[Sample]:
-    """Samples in the tar's own order (img2dataset writes them in completion order; the key is the truth)."""
+def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
+    """Samples in the tar's own order (img2dataset writes them in completion order; the key is the truth).
+    ``local``: a whole local copy of ``url`` to read instead (`pipeline.readahead`); errors still name ``url``."""
     current: dict[str, bytes] = {}
     key, members = None, 0
     try:
-        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+        with fsspec.open(local or url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
             for member in tf:
                 if not member.isfile():
                     continue
@@ -207,6 +208,7 @@ def prepare_batches(
     device_jpegs: bool = False,
     pin_memory: bool = False,
     threads: int = 1,
+    local: str | None = None,
 ) -> Iterator[Batch]:
     """Decode and preprocess in tar order, in batches ramping up to ``batch_size`` (`batch_ramp`);
     unusable samples go to ``errors`` (with their tar index, ``pos``).
@@ -215,7 +217,8 @@ def prepare_batches(
     run that decodes with PIL is otherwise bound by one core. Results are consumed in tar order, so batches,
     rows and error rows are the same for every thread count. ``pin_memory`` (CUDA) puts the CLIP input in
     page-locked memory, so its copy to the device does not block. With ``device_jpegs`` JPEG samples are passed
-    on undecoded for `assemble_images`; every other sample is decoded by PIL here, as without it.
+    on undecoded for `assemble_images`; every other sample is decoded by PIL here, as without it. ``local``: a
+    local copy of the tar to read instead (`read_tar`).
     """
     buf: list[_Prepared] = []
     sizes = batch_ramp(batch_size)
@@ -226,7 +229,7 @@ def prepare_batches(
     # Only samples that need PIL go to the decode threads: the rest (JPEGs for the device decoder, samples that
     # are already errors) cost microseconds, less than handing them to a thread.
     needs_pil = functools.partial(_needs_pil, latents=latents, device_jpegs=device_jpegs)
-    for (pos, sample, _), prepared in _in_order(work, _unique(read_tar(url)), threads, needs_pil):
+    for (pos, sample, _), prepared in _in_order(work, _unique(read_tar(url, local)), threads, needs_pil):
         if isinstance(prepared, str):
             errors.append({"key": sample.key, "reason": prepared, "pos": pos})
             continue
