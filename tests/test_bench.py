@@ -46,6 +46,9 @@ def test_bench_quick_writes_ratios_and_table(tmp_path):
     lb = r["embed_launch_bound_inline_vs_thread"]  # both ways measured, each with its phases
     assert lb["repeats"] == 1 and lb["ours"][0] > 0 and lb["theirs"][0] > 0
     assert lb["phases_inline"]["models"] > 0 and lb["phases_thread"]["models"] > 0
+    ra = r["embed_read_ahead_on_vs_off"]  # 2 shards on one worker: the second one at least was copied ahead
+    assert ra["repeats"] == 1 and ra["ours"][0] > 0 and ra["theirs"][0] > 0
+    assert ra["read_ahead_on"].get("copy", 0) >= 1 and sum(ra["read_ahead_on"].values()) == 2
     table = (tmp_path / "results.md").read_text()
     assert table == markdown(report) and "| stream_vs_mmap |" in table and report["commit"] in table
 

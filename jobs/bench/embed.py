@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from jobs.bench import readahead
 from jobs.bench.data import image_shards
 from jobs.bench.harness import PY, alternate, measure, probe, ratio_figure
 
@@ -92,6 +93,7 @@ def bench(cfg: BenchConfig, work: Path) -> dict:
         },
         "embed_peak_rss": {"worker_peak_rss_mb": rss, "doubling_unclip_tiny_mb": doubling},
         "embed_launch_bound_inline_vs_thread": launch_bound(cfg, work),
+        "embed_read_ahead_on_vs_off": readahead.bench(cfg, work, shards),
     }
 
 
