@@ -348,15 +348,15 @@ def _map(client, todo: list[str], params, cfg: EmbedConfig, run_start: float) ->
 
     resources = task_resources(cfg, params.device)
     warm_workers(client, params, resources)
-    run = new_run()
-    if cfg.read_ahead:  # before the tasks: a worker must see its next task arrive (`pipeline.readahead`)
-        client.register_plugin(ReadAhead(run, todo, cfg.read_ahead), name=plugin_name(run))
+    run, name = new_run(), plugin_name(cfg.out)
     try:
+        if cfg.read_ahead:  # before the tasks: a worker must see its next task arrive (`pipeline.readahead`)
+            client.register_plugin(ReadAhead(run, cfg.out, todo, cfg.read_ahead), name=name)
         return _run_tasks(client, todo, params, cfg, run, run_start, resources)
     finally:
         if cfg.read_ahead:
             try:  # its teardown deletes any copy left (a failed shard's); a closing LocalCluster does too
-                client.unregister_worker_plugin(plugin_name(run))
+                client.unregister_worker_plugin(name)
             except Exception as e:  # e.g. the scheduler has gone: nothing more to clean from here
                 log.warning("could not remove the read-ahead plugin from the workers: %s", e)
 

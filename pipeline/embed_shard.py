@@ -25,11 +25,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import store
+from pipeline import readahead, store
 from pipeline.errors import UsageError
 from pipeline.image_input import TensorPreprocess
 from pipeline.prefetch import background
-from pipeline.readahead import plugin_of_this_worker
 from pipeline.shard_samples import Batch, assemble_images, download_record, prepare_batches
 
 log = logging.getLogger(__name__)
@@ -331,12 +330,11 @@ def embed_shard(url: str, params: ShardParams) -> dict:
     root, shard, device = params.out, store.shard_id_of(url), params.device
     store.remove_shard(root, shard)  # a partial shard from an interrupted run is redone from scratch
     recorded = download_record(url)  # before the work: an unfinished download fails the shard at once
-    ahead = plugin_of_this_worker()  # `embed --read-ahead`: this shard may have been fetched already
-    local, read_ahead = ahead.take(url) if ahead is not None else (None, "off")
     m = _models(params)
     _warm_this_thread(m)
     cuda, lp = device.startswith("cuda"), params.latent_params
     errors: list[dict] = []
+    local, read_ahead = readahead.take(root, url)  # `embed --read-ahead`: a copy of the tar fetched already
     batches = prepare_batches(
         url,
         m.clip.preprocess,
@@ -385,6 +383,7 @@ def embed_shard(url: str, params: ShardParams) -> dict:
             tick = _lap(phases, "models", tick)
     finally:  # now, not when the traceback of a failed shard is dropped: the decode threads stop, the tar closes
         source.close()
+        readahead.release(local)
     errors.sort(key=lambda e: e.pop("pos"))  # tar order, whichever thread found the problem
     if recorded is not None:
         present = set(acc.out["key"]) | {e["key"] for e in errors}

@@ -5,6 +5,7 @@ remote shard but its first from a local copy and stores the same bytes as a run 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import uuid
@@ -36,7 +37,7 @@ def remote(tmp_path) -> tuple[list[str], list[bytes]]:
 
 def plugin(tmp_path: Path, urls: list[str], ahead: int = 1) -> tuple[ReadAhead, list[str]]:
     run = new_run()
-    p = ReadAhead(run, urls, ahead)
+    p = ReadAhead(run, str(tmp_path / "store"), urls, ahead)
     p.setup(SimpleNamespace(local_directory=str(tmp_path / "worker")))
     return p, task_keys(run, len(urls))
 
@@ -47,58 +48,68 @@ def arrive(p: ReadAhead, key: str) -> None:
 
 
 def settle(p: ReadAhead) -> None:
-    """Wait for the fetches started so far."""
-    for f in list(p._fetches.values()):
-        f.future.exception(timeout=30)
+    """Wait for what the fetch thread was given so far (copies, then removals: it runs them in order)."""
+    p._pool.submit(lambda: None).result(timeout=30)
 
 
-def copies(p: ReadAhead) -> list[str]:
-    return sorted(x.name for x in p.dir.iterdir())
+def copies(p: ReadAhead) -> list[int]:
+    """The shard indexes of the copies on disk (named ``<index>-<token>.tar``)."""
+    return sorted(int(x.name.partition("-")[0]) for x in p.dir.iterdir()) if p.dir.exists() else []
 
 
-def test_a_worker_copies_the_next_queued_shard_and_deletes_each_copy_when_its_task_ends(tmp_path, remote):
+def teardown(p: ReadAhead) -> None:
+    asyncio.run(p.teardown(None))  # a coroutine: dask awaits it, off the worker's event loop
+    assert not p.dir.exists()
+
+
+def test_a_worker_copies_the_next_queued_shard_and_its_task_owns_the_copy(tmp_path, remote):
     urls, data = remote
     p, keys = plugin(tmp_path, urls, ahead=1)
     arrive(p, keys[0])
     arrive(p, keys[1])
     settle(p)
-    assert copies(p) == ["0-00000.tar"]  # ahead=1: only the first queued shard
+    assert copies(p) == [0]  # ahead=1: only the first queued shard
     p.transition(keys[0], "ready", "executing")
     settle(p)
-    assert copies(p) == ["0-00000.tar", "1-00001.tar"]  # the next one, while the first runs
-    path, how = p.take(urls[0])
+    assert copies(p) == [0, 1]  # the next one, while the first runs
+    path, how = p.take(0)
     assert how == "copy" and Path(path).read_bytes() == data[0]
-    p.transition(keys[0], "executing", "memory")
+    # dask cancels the running task (executing -> released; it may still finish and count): the copy it
+    # took stays until the task is done with it
+    p.transition(keys[0], "executing", "released")
     settle(p)
-    assert copies(p) == ["1-00001.tar"]
+    assert Path(path).exists()
+    readahead.release(path)
+    assert copies(p) == [1]
     # dask moves the queued task to another worker (work stealing): its copy goes, nothing else is fetched
     p.transition(keys[1], "ready", "released")
     settle(p)
     assert copies(p) == [] and p._fetches == {}
-    assert p.take(urls[1]) == (None, "none")
-    arrive(p, keys[2])  # a task whose shard was never fetched ahead ...
-    p.transition(keys[2], "ready", "executing")
+    assert p.take(1) == (None, "none")
+    arrive(
+        p, keys[2]
+    )  # a task whose shard was never fetched ahead, arriving on an idle worker: fetched at once
     settle(p)
-    assert p.take(urls[2])[1] == "copy"  # ... arrives first: fetched at once
-    p.teardown(None)
-    assert not p.dir.exists()
+    p.transition(keys[2], "ready", "executing")
+    assert p.take(2)[1] == "copy"
+    teardown(p)
 
 
 def test_queued_shards_are_fetched_in_the_runs_order_whatever_order_they_arrive_in(tmp_path, remote):
     urls, _ = remote
-    p, keys = plugin(tmp_path, urls, ahead=2)
-    for k in (keys[2], keys[0], keys[1]):  # constrained: tasks that ask for a GPU wait in that state
+    p, keys = plugin(tmp_path, urls, ahead=1)
+    for k in (keys[2], keys[1], keys[0]):  # constrained: tasks that ask for a GPU wait in that state
         p.transition(k, "waiting", "constrained")
     settle(p)
-    assert copies(p) == ["0-00000.tar", "1-00001.tar", "2-00002.tar"]  # 2 fetched before 0 arrived
+    assert copies(p) == [0]  # 2, then 1 were fetched and dropped as a task ahead of them arrived
     p.transition(keys[0], "constrained", "executing")
-    p.transition(keys[0], "executing", "error")  # a failed shard: its copy goes too
+    p.transition(keys[0], "executing", "error")  # a failed shard that never took its copy: it goes too
     settle(p)
-    assert copies(p) == ["1-00001.tar", "2-00002.tar"]
+    assert copies(p) == [1]
     p.transition("some-other-task", "waiting", "ready")  # not a shard task: ignored
     p.transition(task_keys(new_run(), 3)[0], "waiting", "ready")  # another run's on the same worker: ignored
-    assert sorted(p._fetches) == [1, 2]
-    p.teardown(None)
+    assert sorted(p._fetches) == [1] and p._queued == [1, 2]
+    teardown(p)
 
 
 def test_a_copy_less_than_half_done_when_its_task_starts_is_abandoned_for_streaming(
@@ -119,10 +130,10 @@ def test_a_copy_less_than_half_done_when_its_task_starts_is_abandoned_for_stream
     arrive(p, keys[0])
     assert started.wait(30)
     p.transition(keys[0], "ready", "executing")
-    assert p.take(urls[0]) == (None, "abandoned")
+    assert p.take(0) == (None, "abandoned")
     settle(p)
     assert stopped == [True]
-    p.teardown(None)
+    teardown(p)
 
 
 def test_a_failed_copy_is_read_from_its_url_and_a_local_shard_is_only_advised(tmp_path, remote, monkeypatch):
@@ -135,13 +146,42 @@ def test_a_failed_copy_is_read_from_its_url_and_a_local_shard_is_only_advised(tm
     local = str(tmp_path / "src" / "00001.tar")
     p, keys = plugin(tmp_path, [gone, local])
     arrive(p, keys[0])
+    settle(p)
     p.transition(keys[0], "ready", "executing")
     arrive(p, keys[1])
     settle(p)
-    assert p.take(gone) == (None, "failed")
-    assert p.take(local) == (None, "page cache") and advised == [local]
+    assert p.take(0) == (None, "failed")
+    assert p.take(1) == (None, "page cache") and advised == [local]
+    settle(p)
     assert copies(p) == []  # nothing is copied for a local shard, and a failed copy leaves no part file
-    p.teardown(None)
+    teardown(p)
+
+
+def test_a_short_copy_is_refused(tmp_path, remote):
+    urls, _ = remote
+    f = readahead._Fetch(0, urls[0], tmp_path / "c" / "0.tar")
+
+    class Short:  # a filesystem that says 1,000,000 bytes and ends early
+        size = 1_000_000
+
+        def __init__(self):
+            self.left = [b"x" * 10]
+
+        def read(self, n):
+            return self.left.pop() if self.left else b""
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    fs = SimpleNamespace(open=lambda path, mode: Short())
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(readahead.fsspec.core, "url_to_fs", lambda url: (fs, url))
+        with pytest.raises(OSError, match="read 10 of its 1000000 bytes"):
+            readahead._copy(f)
+    assert not list((tmp_path / "c").iterdir())  # neither the copy nor its part file
 
 
 def test_advise_reads_a_local_file_into_the_page_cache_without_error(tmp_path):
