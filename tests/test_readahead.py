@@ -157,6 +157,37 @@ def test_a_failed_copy_is_read_from_its_url_and_a_local_shard_is_only_advised(tm
     teardown(p)
 
 
+def test_teardown_waits_for_a_copy_off_the_event_loop(tmp_path, remote, monkeypatch):
+    """dask runs teardown on the worker's event loop (when the run ends, or the worker closes): a copy stuck in a
+    slow read must not stop the loop, or the worker misses its heartbeats."""
+    urls, _ = remote
+    in_copy, unblock = threading.Event(), threading.Event()
+
+    def stuck_copy(f):  # a read that does not return until the network does
+        in_copy.set()
+        unblock.wait(30)
+        raise readahead._Cancelled
+
+    monkeypatch.setattr(readahead, "_copy", stuck_copy)
+    p, keys = plugin(tmp_path, urls)
+    arrive(p, keys[0])
+    assert in_copy.wait(30)
+
+    async def close() -> int:
+        closing = asyncio.create_task(p.teardown(None))
+        ticks = 0
+        for _ in range(5):  # the loop keeps running while teardown waits for the copy
+            await asyncio.sleep(0.02)
+            ticks += 1
+        assert not closing.done()
+        unblock.set()
+        await asyncio.wait_for(closing, 30)
+        return ticks
+
+    assert asyncio.run(close()) == 5
+    assert not p.dir.exists()
+
+
 def test_a_short_copy_is_refused(tmp_path, remote):
     urls, _ = remote
     f = readahead._Fetch(0, urls[0], tmp_path / "c" / "0.tar")
