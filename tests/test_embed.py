@@ -200,6 +200,10 @@ def test_summary_reports_the_rate_inside_tasks_and_without_each_workers_first_sh
     assert s["rows_this_run"] == 22 and s["samples_per_second_in_tasks"] > 0
     # One worker, three shards: its later two (rows > 0 among them whatever the order) make the warm figure.
     assert s["samples_per_second_in_warm_tasks"] > 0
+    # --read-ahead's default: the plugin ran in the worker process and advised the page cache of each local
+    # shard that was queued before its task started (the worker's later shards at least)
+    assert sum(s["read_ahead"].values()) == 3 and s["read_ahead"].get("page cache", 0) >= 2
+    assert set(s["read_ahead"]) <= {"page cache", "none"}
 
 
 def _worker_state(params) -> tuple[bool, int | None]:
