@@ -174,8 +174,7 @@ class ReadAhead(WorkerPlugin):
             with self._lock:
                 if self._closed:
                     return
-                pos = bisect.bisect_left(self._queued, i)
-                queued = pos < len(self._queued) and self._queued[pos] == i
+                pos, queued = self._find(i)
                 if finish in QUEUED and not queued:
                     self._queued.insert(pos, i)
                 elif finish not in QUEUED and queued:
@@ -188,6 +187,11 @@ class ReadAhead(WorkerPlugin):
                 self._plan()
         except Exception as e:  # dask logs a plugin's errors at INFO, where nobody sees them
             log.warning("read-ahead: %s -> %s of %s failed: %s: %s", start, finish, key, type(e).__name__, e)
+
+    def _find(self, i: int) -> tuple[int, bool]:
+        """Where ``i`` is (or would go) in the sorted queue, and whether it is there (the caller holds the lock)."""
+        pos = bisect.bisect_left(self._queued, i)
+        return pos, pos < len(self._queued) and self._queued[pos] == i
 
     def take(self, i: int) -> tuple[str | None, str]:
         """In shard task ``i``, before it reads its tar: (the path of its local copy, or None to read the URL
@@ -218,7 +222,7 @@ class ReadAhead(WorkerPlugin):
         """Fetch the first ``ahead`` queued shards, and drop the fetches of queued shards that a task ahead of
         them in the run's order has pushed out of that window (the caller holds the lock)."""
         window = self._queued[: self.ahead]
-        for i in [i for i in self._fetches if i not in window and i in self._queued]:
+        for i in [i for i in self._fetches if i not in window and self._find(i)[1]]:
             self._drop(i)
         for i in window:
             if i not in self._fetches:
@@ -230,7 +234,7 @@ class ReadAhead(WorkerPlugin):
 
     def _fetch(self, f: _Fetch) -> None:
         with self._lock:
-            wanted = f.index in self._queued  # not if its task has started meanwhile: it streams the tar
+            wanted = self._find(f.index)[1]  # not if its task has started meanwhile: it streams the tar
         if f.stop.is_set() or not wanted:
             raise _Cancelled
         if f.path is None:
