@@ -7,7 +7,7 @@ import torch
 
 from pipeline import store
 from pipeline.errors import UsageError
-from pipeline.stream import Stream, StreamConfig, dequantize_torch
+from pipeline.stream import Recycler, Store, Stream, StreamConfig, dequantize_torch
 from tests.synthetic_store import make_store
 
 
@@ -98,6 +98,77 @@ def test_torch_batches_and_errors(root):
         Stream(StreamConfig(str(root), fields=("pixels",)))
     with pytest.raises(UsageError, match="fewer than one step"):
         Stream(StreamConfig(str(root), batch_size=1000))
+
+
+def _stored(root, shard_ids, field, shards, rows):
+    return np.stack([store.open_array(root, field, shard_ids[s])[r] for s, r in zip(shards, rows)])
+
+
+def test_batches_kept_by_the_trainer_are_never_overwritten_and_dropped_ones_are_reused(tmp_path):
+    root = tmp_path
+    make_store(root, [100, 0, 73, 120, 55], dim=16, latent_size=4)
+    cfg = StreamConfig(str(root), fields=("img_emb", "text_emb", "latents"), batch_size=16, prefetch=2)
+    s = Stream(cfg)
+    ids = [sid for sid, _ in s.store.shards]
+    held = [next(it) for it in [s.torch_batches("cpu")] for _ in range(30)]  # more than the pool keeps
+    views = [b["img_emb"][2:5] for b in held]  # slices outlive their batch dicts
+    for b in held:
+        assert np.array_equal(b["img_emb"].numpy(), _stored(root, ids, "img_emb", b["shard"], b["row"]))
+        assert np.array_equal(b["latents"].numpy(), _stored(root, ids, "latents", b["shard"], b["row"]))
+    for b, v in zip(held, views):
+        assert np.array_equal(v.numpy(), _stored(root, ids, "img_emb", b["shard"][2:5], b["row"][2:5]))
+
+    again = Stream(cfg)  # the same stream, each batch dropped once checked: its arrays go round again
+    it, reused = again.batches(), 0
+    for b in held:
+        got = next(it)
+        assert np.array_equal(got["text_emb"], b["text_emb"].numpy())
+        assert np.array_equal(got["row"], b["row"].numpy())
+        reused += any(got["text_emb"] is k for kept in again.store._outs._kept.values() for k in kept)
+        del got
+    assert reused >= 25  # all but the first few batches' arrays came from the pool
+
+
+def test_recycler_hands_out_an_array_again_only_when_nothing_else_holds_it():
+    r = Recycler(keep=2)
+    a = r.empty("img_emb", (4, 3), np.float16)
+    b = r.empty("img_emb", (4, 3), np.float16)
+    c = r.empty("img_emb", (4, 3), np.float16)  # both kept ones in use: a fresh array, not kept
+    assert len({id(a), id(b), id(c)}) == 3
+    t, v = torch.from_numpy(a), b[1:]
+    del a, b, c
+    assert all(r.empty("img_emb", (4, 3), np.float16) is not x for x in (t.numpy().base, v.base))
+    d = r.empty("img_emb", (4, 3), np.float16)  # a tensor and a slice still hold the two kept arrays
+    d[:] = 7
+    assert not (t.numpy() == 7).any() and not (v == 7).any()
+    del t
+    assert r.empty("img_emb", (4, 3), np.float16) is not v.base
+    assert r.empty("text_emb", (4, 3), np.float16) is not r.empty("img_emb", (4, 3), np.float16)
+
+
+def test_maps_are_bounded_and_each_block_is_read_ahead_before_its_rows_are_gathered(tmp_path, monkeypatch):
+    make_store(tmp_path, [7] * 12, dim=8)
+    events = []
+    monkeypatch.setattr(Store, "advise", lambda self, fields, members: events.append(("advise", members)))
+    gather = Store.gather
+
+    def spy(self, field, shards, rows):
+        events.append(("gather", tuple(sorted(set(shards.tolist())))))
+        assert len(self._maps) <= self._max_maps
+        return gather(self, field, shards, rows)
+
+    monkeypatch.setattr(Store, "gather", spy)
+    s = Stream(StreamConfig(str(tmp_path), fields=("img_emb",), batch_size=7, shards_per_block=2, prefetch=1))
+    it = s.batches()
+    for _ in range(2 * s.steps_per_epoch):
+        next(it)
+    advised = [set(m) for kind, m in events if kind == "advise"]
+    assert len(s.store._maps) <= s.store._max_maps == 4
+    for k, (kind, shards) in enumerate(events):
+        if kind == "gather":  # every shard read was advised before, and so was the next block
+            before = [m for kd, m in events[:k] if kd == "advise"]
+            assert set(shards) <= set().union(*before[-2:])
+    assert len(advised) >= 2 * 6 - 1  # six blocks an epoch, each advised once an epoch
 
 
 def test_dequantize_torch_matches_numpy():
