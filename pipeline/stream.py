@@ -343,9 +343,10 @@ class Stream:
             epoch, skip = epoch + 1, 0
 
     def _load(self, shards: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """One batch. The dense fields are gathered at once, the first on this thread and the others on the
-        shared gather threads (numpy lets go of the GIL while it copies rows): a gather of 1-4 KB rows at
-        random is bound by memory latency, not bandwidth, so two run almost twice as fast as one."""
+        """One batch. From `PARALLEL_ROWS` rows up, the dense fields are gathered at once, the first on this
+        thread and the others on the shared gather threads (numpy lets go of the GIL while it copies rows): a
+        gather of 1-4 KB rows at random waits on memory latency more than on bandwidth, so two threads copied
+        1.4x the rows one did on the 2-core VM."""
         parallel = len(rows) >= PARALLEL_ROWS
         later = [
             _gather_pool().submit(self.store.gather, f, shards, rows) for f in self.dense[1:] if parallel
