@@ -86,6 +86,9 @@ class Store:
         self._max_maps = max_maps
         self._lock = threading.Lock()  # a batch's fields are gathered on several threads
         self._outs = Recycler(reuse)
+        self._normalize = {
+            f for f, d in self.manifest.items() if isinstance(d, dict) and d.get("normalize_on_read")
+        }
 
     def array(self, field: str, shard: str) -> np.ndarray:
         key = (field, shard)
@@ -113,26 +116,37 @@ class Store:
     def gather(self, field: str, shards: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """``field`` at (shard index, row) pairs, in the order given: one indexed copy per shard the batch
         touches, from that shard's map. Adopted folders stored un-normalised are normalised here (row by row)."""
-        order = np.argsort(shards, kind="stable")
-        cuts = np.flatnonzero(np.diff(shards[order])) + 1
-        out = None
-        for group in np.split(order, cuts):
-            m = self._map(field, int(shards[group[0]]))
-            if out is None:
-                out = self._outs.empty(field, (len(rows), *m.shape[1:]), m.dtype)
-            out[group] = m[rows[group]]  # indexing, not np.take: numpy's row-copy path, ~2x faster here
-        if (self.manifest.get(field) or {}).get("normalize_on_read"):  # adopted un-normalised folders
+        if len(shards) and shards[0] == shards[-1] and (shards == shards[0]).all():  # one shard: no grouping
+            m = self._map(field, int(shards[0]))
+            out = self._outs.empty(field, (len(rows), *m.shape[1:]), m.dtype)
+            out[:] = m[rows]
+        else:
+            order = np.argsort(shards, kind="stable")
+            ordered = shards[order]
+            ends = [*(np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist(), len(order)]
+            out, start = None, 0
+            for end in ends:
+                group = order[start:end]
+                m = self._map(field, int(ordered[start]))
+                if out is None:
+                    out = self._outs.empty(field, (len(rows), *m.shape[1:]), m.dtype)
+                out[group] = m[rows[group]]  # indexing, not np.take: numpy's row-copy path, ~2x faster here
+                start = end
+        if field in self._normalize:  # adopted folders stored un-normalised
             x = out.astype(np.float32)
             out[:] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         return out
 
     def advise(self, fields: tuple[str, ...], members: tuple[int, ...]) -> None:
         """Ask the kernel to read these shards' files into the page cache now, in the background (a no-op
-        for pages already there, and where posix_fadvise does not exist)."""
+        where posix_fadvise does not exist). Files whose map is open were read lately and are skipped: on a
+        small store every file stays mapped, and advising them again each epoch cost more than the gathers."""
         if not hasattr(os, "posix_fadvise"):
             return
         for field in fields:
             for i in members:
+                if (field, i) in self._maps:
+                    continue
                 try:
                     fd = os.open(store.field_path(self.root, field, self.shards[i][0]), os.O_RDONLY)
                 except OSError:
@@ -330,7 +344,11 @@ class Stream:
                 pending_r.append(r)
                 have += len(r)
                 while have >= self.global_batch:
-                    s_all, r_all = np.concatenate(pending_s), np.concatenate(pending_r)
+                    # Joined once a block (its start with the last one's rest); each step is then a view of
+                    # the block's order, where joining every step copied the block's rest again and again.
+                    if len(pending_s) > 1:
+                        pending_s, pending_r = [np.concatenate(pending_s)], [np.concatenate(pending_r)]
+                    s_all, r_all = pending_s[0], pending_r[0]
                     g = self.global_batch
                     yield s_all[:g][cfg.rank :: cfg.world_size], r_all[:g][cfg.rank :: cfg.world_size]
                     pending_s, pending_r, have = [s_all[g:]], [r_all[g:]], have - g
