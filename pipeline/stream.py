@@ -145,8 +145,9 @@ class Store:
             return
         for field in fields:
             for i in members:
-                if (field, i) in self._maps:
-                    continue
+                with self._lock:  # the gather threads open and close maps
+                    if (field, i) in self._maps:
+                        continue
                 try:
                     fd = os.open(store.field_path(self.root, field, self.shards[i][0]), os.O_RDONLY)
                 except OSError:
