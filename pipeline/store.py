@@ -19,6 +19,7 @@ would then pair later metadata files with the wrong embeddings.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -459,7 +460,13 @@ def load_array(path: Path, **kw) -> np.ndarray:
     """np.load of a store's .npy; a missing or damaged one (found mid-run) is a StageError naming the file."""
     try:
         return np.load(path, allow_pickle=False, **kw)
-    except (OSError, ValueError, EOFError) as e:
+    except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE):  # the process's limit, not the file's damage
+            raise StageError(
+                f"{path} cannot be opened: too many open files ({e.strerror}); raise the limit (`ulimit -n`)"
+            ) from e
+        raise _damaged(path, e) from e
+    except (ValueError, EOFError) as e:
         raise _damaged(path, e) from e
 
 

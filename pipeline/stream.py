@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -31,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import store
-from pipeline.errors import UsageError
+from pipeline.errors import StageError, UsageError
 from pipeline.prefetch import background
 
 FIELDS = ("img_emb", "text_emb", "latents", "text_enc")
@@ -86,6 +87,7 @@ class Store:
         self._max_maps = max_maps
         self._lock = threading.Lock()  # a batch's fields are gathered on several threads
         self._outs = Recycler(reuse)
+        self._shapes: dict[str, tuple[int, ...]] = {}  # a row's shape per field, from the first map opened
         self._normalize = {
             f for f, d in self.manifest.items() if isinstance(d, dict) and d.get("normalize_on_read")
         }
@@ -106,7 +108,15 @@ class Store:
             if m is None:
                 # A plain ndarray view (the map stays open under it): np.memmap's per-result bookkeeping
                 # is not needed for a gather's copy.
-                m = store.open_array(self.root, field, self.shards[shard_index][0]).view(np.ndarray)
+                shard, n = self.shards[shard_index]
+                m = store.open_array(self.root, field, shard).view(np.ndarray)
+                shape = self._shapes.setdefault(field, m.shape[1:])
+                if len(m) != n or m.shape[1:] != shape:
+                    path = store.field_path(self.root, field, shard)
+                    raise StageError(
+                        f"{path} holds {len(m)} rows of shape {m.shape[1:]} where its done marker says {n} and "
+                        f"the store's other shards hold {shape}; `unclip validate {self.root}` lists the damage"
+                    )
                 self._maps[key] = m
                 if len(self._maps) > self._max_maps:
                     self._maps.popitem(last=False)  # unmapped once no gather holds it
@@ -317,11 +327,16 @@ class Stream:
         shard_order = rng.permutation(len(self.rows)) if train else np.arange(len(self.rows))
         per = self.cfg.shards_per_block
         blocks = [tuple(int(i) for i in shard_order[b : b + per]) for b in range(0, len(shard_order), per)]
+        if train:  # the next epoch's first block, read ahead while this epoch's last one is served
+            first = np.random.default_rng([self.cfg.seed, epoch + 1]).permutation(len(self.rows))[:per]
+            after = tuple(int(i) for i in first)
+        else:
+            after = ()
         for k, block in enumerate(blocks):
             shards = np.concatenate([np.full(len(self.rows[i]), i) for i in block])
             rows = np.concatenate([self.rows[i] for i in block])
             perm = rng.permutation(len(rows)) if train else slice(None)
-            yield block, blocks[k + 1] if k + 1 < len(blocks) else (), shards[perm], rows[perm]
+            yield block, blocks[k + 1] if k + 1 < len(blocks) else after, shards[perm], rows[perm]
 
     def indices(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """This rank's (shard index, row) per step, from ``start_step``; endless for train."""
@@ -370,13 +385,17 @@ class Stream:
         later = [
             _gather_pool().submit(self.store.gather, f, shards, rows) for f in self.dense[1:] if parallel
         ]
-        batch: dict[str, np.ndarray] = {}
+        got: dict[str, np.ndarray] = {}
         if self.dense:
-            batch[self.dense[0]] = self.store.gather(self.dense[0], shards, rows)
+            got[self.dense[0]] = self.store.gather(self.dense[0], shards, rows)
         for f in self.dense[1:]:
-            batch[f] = later.pop(0).result() if parallel else self.store.gather(f, shards, rows)
-        if "text_enc" in self.cfg.fields:
-            batch["text_enc"], batch["text_enc_mask"] = self.store.gather_text_enc(shards, rows)
+            got[f] = later.pop(0).result() if parallel else self.store.gather(f, shards, rows)
+        batch: dict[str, np.ndarray] = {}
+        for f in self.cfg.fields:  # keys in the order asked for
+            if f == "text_enc":
+                batch["text_enc"], batch["text_enc_mask"] = self.store.gather_text_enc(shards, rows)
+            else:
+                batch[f] = got[f]
         batch["shard"], batch["row"] = shards, rows
         return batch
 
@@ -433,18 +452,52 @@ def _refs(arrays: list, i: int) -> int:
     return sys.getrefcount(arrays[i])
 
 
-_POOL: ThreadPoolExecutor | None = None
+class _Gatherers:
+    """Two daemon threads that run gathers for every stream in the process (a trainer makes a held-out stream
+    at every evaluation; threads of its own each would be left behind). Daemons, unlike a ThreadPoolExecutor's
+    threads, which the interpreter joins at exit: a gather stuck on a hung filesystem must not stop Ctrl-C from
+    ending the process, as the stream's own producer thread (also a daemon) does not."""
+
+    def __init__(self, threads: int = 2):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        for k in range(threads):
+            threading.Thread(target=self._run, name=f"unclip-stream-gather-{k}", daemon=True).start()
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        self._jobs.put((fut, fn, args))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            fut, fn, args = self._jobs.get()
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # handed to whoever waits on it
+                fut.set_exception(e)
+
+
+_POOL: _Gatherers | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def _gather_pool() -> ThreadPoolExecutor:
-    """Two threads shared by every stream in the process (a trainer makes a held-out stream at every
-    evaluation; a pool each would leave idle threads behind)."""
+def _gather_pool() -> _Gatherers:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(2, thread_name_prefix="unclip-stream-gather")
+            _POOL = _Gatherers()
         return _POOL
+
+
+def _forget_pool_after_fork() -> None:
+    """A forked child has none of its parent's threads: it starts its own on first use (a DataLoader worker or
+    a multiprocessing child that streams would otherwise wait forever on threads that are not there)."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def dequantize_torch(q, lo, hi):

@@ -203,3 +203,21 @@ def test_unreadable_manifests_are_refused_in_one_line(change, want, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and want in err[0] and not (tmp_path / "run").exists()
     assert main(["validate", str(tmp_path / "s")]) == 1
+
+
+def test_running_out_of_file_descriptors_is_not_called_damage(tmp_path, monkeypatch):
+    import errno
+
+    from pipeline.errors import StageError
+
+    path = tmp_path / "img_emb" / "img_emb_0.npy"
+    path.parent.mkdir()
+    np.save(path, np.zeros((2, 3), np.float16))
+
+    def no_fds(*a, **k):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(np, "load", no_fds)
+    with pytest.raises(StageError, match=r"too many open files .*ulimit -n") as e:
+        store.load_array(path, mmap_mode="r")
+    assert "validate" not in str(e.value)

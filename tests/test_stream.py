@@ -1,12 +1,15 @@
 """Stream: alignment with the store, determinism, restart at a step, rank split, held-out split."""
 
+import os
+import signal
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
 from pipeline import store
-from pipeline.errors import UsageError
+from pipeline.errors import StageError, UsageError
 from pipeline.stream import Recycler, Store, Stream, StreamConfig, dequantize_torch
 from tests.synthetic_store import make_store
 
@@ -169,6 +172,58 @@ def test_maps_are_bounded_and_each_block_is_read_ahead_before_its_rows_are_gathe
             before = [m for kd, m in events[:k] if kd == "advise"]
             assert set(shards) <= set().union(*before[-2:])
     assert len(advised) >= 2 * 6 - 1  # six blocks an epoch, each advised once an epoch
+
+
+def test_batch_keys_follow_the_fields_asked_for(tmp_path):
+    make_store(tmp_path, [40, 30], dim=8, text_enc_width=4, latent_size=4)
+    b = next(
+        Stream(StreamConfig(str(tmp_path), fields=("text_enc", "latents", "img_emb"), batch_size=8)).batches()
+    )
+    assert list(b) == ["text_enc", "text_enc_mask", "latents", "img_emb", "shard", "row"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_a_forked_child_streams_with_threads_of_its_own(tmp_path):
+    make_store(tmp_path, [1500, 1500], dim=8)
+    cfg = StreamConfig(str(tmp_path), batch_size=1024)  # two fields, 1,024 rows: gathered on the threads
+    parent = next(Stream(cfg).batches())
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's gather threads are not here
+        ok = False
+        try:
+            signal.alarm(20)
+            b = next(Stream(cfg).batches())
+            ok = np.array_equal(b["text_emb"], parent["text_emb"])
+        finally:
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(w)
+    got = os.read(r, 1)
+    os.waitpid(pid, 0)
+    assert got == b"1"
+
+
+def test_a_shard_file_whose_rows_disagree_with_its_marker_is_named(tmp_path):
+    make_store(tmp_path, [50, 60], dim=8)
+    sid = store.shard_rows(tmp_path)[1][0]
+    path = store.field_path(tmp_path, "text_emb", sid)
+    np.save(path, np.load(path)[:40])  # cut short: 40 rows for a marker of 60
+    with pytest.raises(StageError, match=rf"{path.name} holds 40 rows .* says 60.*unclip validate"):
+        for _ in zip(range(50), Stream(StreamConfig(str(tmp_path), batch_size=16)).batches()):
+            pass
+
+
+def test_the_next_epochs_first_block_is_read_ahead_before_the_epoch_ends(tmp_path, monkeypatch):
+    make_store(tmp_path, [7] * 6, dim=8)
+    seen = []
+    monkeypatch.setattr(Store, "advise", lambda self, fields, members: seen.append(members))
+    s = Stream(StreamConfig(str(tmp_path), fields=("img_emb",), batch_size=7, shards_per_block=2, prefetch=1))
+    it = s.indices()
+    for _ in range(s.steps_per_epoch):  # the first epoch only
+        next(it)
+    second = next(s._epoch_order(1))[0]
+    assert second in seen
 
 
 def test_dequantize_torch_matches_numpy():
