@@ -475,6 +475,7 @@ class _Gatherers:
                 fut.set_result(fn(*args))
             except BaseException as e:  # handed to whoever waits on it
                 fut.set_exception(e)
+            del fut, fn, args  # the result is the caller's: held here, its array could not be reused
 
 
 _POOL: _Gatherers | None = None

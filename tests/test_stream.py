@@ -226,6 +226,21 @@ def test_the_next_epochs_first_block_is_read_ahead_before_the_epoch_ends(tmp_pat
     assert second in seen
 
 
+def test_a_gather_thread_keeps_nothing_of_a_result_once_handed_over():
+    import time
+    import weakref
+
+    from pipeline.stream import _gather_pool
+
+    res = _gather_pool().submit(np.zeros, 3).result()
+    ref = weakref.ref(res)
+    del res
+    deadline = time.monotonic() + 2
+    while ref() is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ref() is None  # else the Recycler could never hand that array out again
+
+
 def test_dequantize_torch_matches_numpy():
     q = np.random.default_rng(0).integers(0, 256, size=(2, 4, 3, 3), dtype=np.uint8)
     lo, hi = [-1.0, -2.0, 0.0, 0.5], [1.0, 2.0, 3.0, 0.75]
