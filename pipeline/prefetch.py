@@ -1,13 +1,28 @@
 """Run a generator in a background thread, a few items ahead of its consumer (decode or gather while the
-model computes). Shared by the embed stage and the training stream."""
+model computes), and ask the kernel to read a file ahead (`will_need`). Shared by the embed stage and the
+training stream."""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Iterator
 
 JOIN_S = 60.0  # how long a consumer that stops waits for the producer's current item
+
+
+def will_need(path: str | os.PathLike) -> None:
+    """Ask the kernel to read a local file into its page cache now, in the background (posix_fadvise
+    WILLNEED; a no-op for pages already there, and where the OS has no posix_fadvise). Raises OSError."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
 
 
 def background(gen: Iterator, depth: int = 3) -> Iterator:

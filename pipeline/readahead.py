@@ -43,6 +43,8 @@ from pathlib import Path
 
 import fsspec
 
+from pipeline.prefetch import will_need
+
 try:  # dask is the embed stage's engine; the module still imports without it (single-process tools)
     from distributed import WorkerPlugin
 except ImportError:  # pragma: no cover
@@ -101,16 +103,8 @@ class _Fetch:
 
 
 def _advise(url: str) -> None:
-    """Ask the kernel to read a local shard into its page cache (no-op where there is no posix_fadvise)."""
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is None:
-        return
-    _, path = fsspec.core.url_to_fs(url)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
+    """Ask the kernel to read a local shard into its page cache (`prefetch.will_need`)."""
+    will_need(fsspec.core.url_to_fs(url)[1])
 
 
 def _copy(f: _Fetch) -> None:

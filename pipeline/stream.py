@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 
 from pipeline import store
 from pipeline.errors import StageError, UsageError
-from pipeline.prefetch import background
+from pipeline.prefetch import background, will_need
 
 FIELDS = ("img_emb", "text_emb", "latents", "text_enc")
 SPLITS = ("train", "val", "all")
@@ -127,47 +127,36 @@ class Store:
         """``field`` at (shard index, row) pairs, in the order given: one indexed copy per shard the batch
         touches, from that shard's map. Adopted folders stored un-normalised are normalised here (row by row)."""
         if len(shards) and shards[0] == shards[-1] and (shards == shards[0]).all():  # one shard: no grouping
-            m = self._map(field, int(shards[0]))
-            out = self._outs.empty(field, (len(rows), *m.shape[1:]), m.dtype)
-            out[:] = m[rows]
-        else:
+            groups: list = [(int(shards[0]), slice(None))]
+        else:  # (shard, the batch positions of its rows)
             order = np.argsort(shards, kind="stable")
             ordered = shards[order]
-            ends = [*(np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist(), len(order)]
-            out, start = None, 0
-            for end in ends:
-                group = order[start:end]
-                m = self._map(field, int(ordered[start]))
-                if out is None:
-                    out = self._outs.empty(field, (len(rows), *m.shape[1:]), m.dtype)
-                out[group] = m[rows[group]]  # indexing, not np.take: numpy's row-copy path, ~2x faster here
-                start = end
+            starts = [0, *(np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist(), len(order)]
+            groups = [(int(ordered[a]), order[a:b]) for a, b in zip(starts, starts[1:])]
+        out = None
+        for shard, sel in groups:
+            m = self._map(field, shard)
+            if out is None:
+                out = self._outs.empty(field, (len(rows), *m.shape[1:]), m.dtype)
+            out[sel] = m[rows[sel]]  # indexing, not np.take: numpy's row-copy path, ~2x faster here
         if field in self._normalize:  # adopted folders stored un-normalised
             x = out.astype(np.float32)
             out[:] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
         return out
 
     def advise(self, fields: tuple[str, ...], members: tuple[int, ...]) -> None:
-        """Ask the kernel to read these shards' files into the page cache now, in the background (a no-op
-        where posix_fadvise does not exist). Files whose map is open were read lately and are skipped: on a
-        small store every file stays mapped, and advising them again each epoch cost more than the gathers."""
-        if not hasattr(os, "posix_fadvise"):
-            return
+        """Ask the kernel to read these shards' files into the page cache now, in the background
+        (`prefetch.will_need`). Files whose map is open were read lately and are skipped: on a small store
+        every file stays mapped, and advising them again each epoch cost more than the gathers."""
         for field in fields:
             for i in members:
                 with self._lock:  # the gather threads open and close maps
                     if (field, i) in self._maps:
                         continue
                 try:
-                    fd = os.open(store.field_path(self.root, field, self.shards[i][0]), os.O_RDONLY)
+                    will_need(store.field_path(self.root, field, self.shards[i][0]))
                 except OSError:
-                    continue  # a missing file is reported by the gather that needs it
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                except OSError:
-                    pass
-                finally:
-                    os.close(fd)
+                    pass  # a missing file is reported by the gather that needs it
 
     def split_rows(self, shard_index: int, split: str, fraction: float, seed: int) -> tuple[np.ndarray, bool]:
         """Row numbers of a shard that belong to ``split``, in the order of their keys' codes (`key_codes`),
@@ -381,15 +370,10 @@ class Stream:
         thread and the others on the shared gather threads (numpy lets go of the GIL while it copies rows): a
         gather of 1-4 KB rows at random waits on memory latency more than on bandwidth, so two threads copied
         1.4x the rows one did on the 2-core VM."""
-        parallel = len(rows) >= PARALLEL_ROWS
-        later = [
-            _gather_pool().submit(self.store.gather, f, shards, rows) for f in self.dense[1:] if parallel
-        ]
-        got: dict[str, np.ndarray] = {}
-        if self.dense:
-            got[self.dense[0]] = self.store.gather(self.dense[0], shards, rows)
-        for f in self.dense[1:]:
-            got[f] = later.pop(0).result() if parallel else self.store.gather(f, shards, rows)
+        on_threads = self.dense[1:] if len(rows) >= PARALLEL_ROWS else ()
+        later = {f: _gather_pool().submit(self.store.gather, f, shards, rows) for f in on_threads}
+        # in field order: the first is gathered here while the threads gather the others
+        got = {f: later[f].result() if f in later else self.store.gather(f, shards, rows) for f in self.dense}
         batch: dict[str, np.ndarray] = {}
         for f in self.cfg.fields:  # keys in the order asked for
             if f == "text_enc":
