@@ -395,6 +395,7 @@ def wipe(root: str | Path, *, new_manifest: dict) -> list[str]:
             p.unlink()
             removed.append(str(p.relative_to(root)))
 
+    base = root.resolve()  # resolved once: ``root`` may lie under a symlink (a data disk linked in)
     for shard in done_shards(root):
         try:
             marker = read_done(root, shard)
@@ -403,8 +404,8 @@ def wipe(root: str | Path, *, new_manifest: dict) -> list[str]:
         except (OSError, ValueError, ManifestError):
             listed = []  # an unreadable marker names nothing: only the marker itself goes
         for rel in listed:
-            p = (root / rel).resolve()
-            if p.is_relative_to(root.resolve()):  # a marker cannot send us outside the store
+            p = root / rel
+            if p.resolve().is_relative_to(base):  # a marker cannot send us outside the store
                 rm(p)
         rm(done_path(root, shard))
     folders = [root / f for f in {f[0] for f in FIELDS.values()}] + [root / "done", root / "logs"]

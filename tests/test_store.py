@@ -221,3 +221,20 @@ def test_running_out_of_file_descriptors_is_not_called_damage(tmp_path, monkeypa
     with pytest.raises(StageError, match=r"too many open files .*ulimit -n") as e:
         store.load_array(path, mmap_mode="r")
     assert "validate" not in str(e.value)
+
+
+def test_wipe_through_a_symlinked_folder_removes_every_listed_file(tmp_path):
+    """A store under a symlink (a data disk linked in): the wipe used to compare resolved file paths with the
+    unresolved root and raise after its first deletion, leaving a done marker whose files were gone."""
+    real = tmp_path / "disk"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    root = tmp_path / "link" / "emb"
+    manifest = make_store(root, [5, 6], dim=8)
+    listed = {rel for s in store.done_shards(root) for rel in store.read_done(root, s)["files"]}
+    (root / "notes.txt").write_text("mine")  # not ours: stays
+    removed = store.wipe(root, new_manifest=manifest)
+    assert listed and listed <= set(removed)  # named relative to the store, as given
+    assert {"done/00000.json", "done/00001.json"} <= set(removed)
+    left = sorted(str(p.relative_to(real / "emb")) for p in (real / "emb").rglob("*") if p.is_file())
+    assert left == ["manifest.json", "notes.txt"]
