@@ -44,11 +44,26 @@ class AdoptConfig:
 
 
 def discover(folder: Path) -> list[str]:
-    """Shard ids (the file names' numbers as written: "0", "12" or "00012"), in numeric order."""
-    ids = store.field_shard_ids(folder, "img_emb")
-    numbers = [int(i) for i in ids]
-    if len(set(numbers)) != len(numbers):
-        raise UsageError(f"{folder}/img_emb names the same shard number twice (padded and unpadded)")
+    """Shard ids (the file names' numbers as written: "0", "12" or "00012"), in numeric order: every shard that
+    any of the three folders holds a file of, so that a shard missing one of its files (its image embeddings
+    included) is reported by `check_shard`, not passed over."""
+    ids: set[str] = set()
+    for f in ("img_emb", "text_emb", "metadata"):
+        own = store.field_shard_ids(folder, f)
+        if len({int(i) for i in own}) != len(own):
+            raise UsageError(
+                f"{store.field_dir(folder, f)} names the same shard number twice (padded and unpadded)"
+            )
+        ids.update(own)
+    by_number: dict[int, set[str]] = {}
+    for i in ids:
+        by_number.setdefault(int(i), set()).add(i)
+    twice = sorted(v for v in by_number.values() if len(v) > 1)
+    if twice:
+        raise UsageError(
+            f"{folder}: the folders name shard {' and '.join(sorted(twice[0]))} differently (padded and unpadded); "
+            "rename the files to one spelling"
+        )
     return sorted(ids, key=int)
 
 
@@ -159,7 +174,9 @@ def run(cfg: AdoptConfig) -> dict:
     dims = clip_dims(cfg.clip)
     shards = discover(folder)
     if not shards:
-        raise UsageError(f"{folder}/img_emb holds no img_emb_<number>.npy files")
+        raise UsageError(
+            f"{folder} holds no img_emb_<number>.npy, text_emb_<number>.npy or metadata_<number>.parquet files"
+        )
     checks, problems = [], []
     for s in tqdm(shards, desc="adopt: check", unit="shard", disable=None):
         c, p = check_shard(folder, s, dims.dim)

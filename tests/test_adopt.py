@@ -112,6 +112,10 @@ def _break(folder: Path, case: str) -> None:
         np.save(folder / "text_emb" / "text_emb_1.npy", a.astype(np.float32))
     elif case == "missing_text_emb":
         (folder / "text_emb" / "text_emb_0.npy").unlink()
+    elif case == "missing_img_emb":  # its shard's other files still there: once passed over, rows and all
+        (folder / "img_emb" / "img_emb_1.npy").unlink()
+    elif case == "padded_in_one_folder":
+        (folder / "metadata" / "metadata_1.parquet").rename(folder / "metadata" / "metadata_00001.parquet")
     elif case == "integer_embeddings":
         np.save(folder / "img_emb" / "img_emb_0.npy", np.zeros((10, DIM), np.int8))
     elif case == "not_an_embedding_folder":
@@ -128,6 +132,8 @@ def _break(folder: Path, case: str) -> None:
         ("nan_rows", "shard 0: img_emb has NaN or inf rows"),
         ("dtypes_differ", "dtypes differ across shards"),
         ("missing_text_emb", "shard 0: text_emb/text_emb_0.npy is missing"),
+        ("missing_img_emb", "shard 1: img_emb/img_emb_1.npy is missing"),
+        ("padded_in_one_folder", "the folders name shard 00001 and 1 differently"),
         ("integer_embeddings", "shard 0: img_emb is int8[10, 64]; expected float16 or float32"),
         ("not_an_embedding_folder", "has no img_emb/ folder"),
         ("metadata_not_parquet", "shard 1: metadata/metadata_1.parquet is not readable parquet"),
