@@ -90,9 +90,10 @@ def count_rows(path: str, fmt: str) -> tuple[list[str], int]:
 
 
 def _scan_jsonl(path: str) -> tuple[list[str], int]:
-    """Every line must be a JSON object (img2dataset would stop at the first that is not): columns of the
-    first, and the number of objects."""
-    first, n = None, 0
+    """Every line must be a JSON object (img2dataset would stop at the first that is not): the columns (every
+    key any object has, in order of first appearance, as pyarrow's JSON reader, which img2dataset uses, takes
+    them), and the number of objects."""
+    columns, n = {}, 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -103,9 +104,9 @@ def _scan_jsonl(path: str) -> tuple[list[str], int]:
                 raise UsageError(f"{path} line {lineno} is not valid JSON ({e})") from e
             if not isinstance(obj, dict):
                 raise UsageError(f"{path} line {lineno} is a JSON {type(obj).__name__}, not an object")
-            first = first or obj
+            columns.update(dict.fromkeys(obj))
             n += 1
-    return (list(first) if first else []), n
+    return list(columns), n
 
 
 def check_columns(path: str, fmt: str, url_col: str, caption_col: str) -> None:

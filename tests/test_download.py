@@ -325,3 +325,20 @@ def test_a_torn_stats_file_is_rebuilt_from_the_shards_record_and_nothing_is_dele
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"delete {out / '00001_stats.json'} to download shard 00001 again" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_jsonl_columns_are_every_key_as_pyarrow_reads_them(tmp_path):
+    """A key that first appears after line 1 (a caption the first row lacks) is a column, as it is to the
+    pyarrow JSON reader img2dataset uses: it was refused as "not a column" when only line 1 was read."""
+    import pyarrow.json as pajson
+
+    from pipeline.download import count_rows
+
+    urls = tmp_path / "urls.jsonl"
+    rows = [
+        {"url": "http://127.0.0.1:9/a.jpg"},
+        {"url": "http://127.0.0.1:9/b.jpg", "caption": "a dog", "w": 3},
+    ]
+    urls.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert count_rows(str(urls), "jsonl") == (["url", "caption", "w"], 2)
+    assert pajson.read_json(urls).column_names == ["url", "caption", "w"]
