@@ -307,7 +307,22 @@ def _read_store_json(path: Path) -> Any:
 
 
 def read_done(root: str | Path, shard: str) -> dict:
-    return _read_store_json(done_path(root, shard))
+    """A shard's done marker, checked to hold what every reader takes from it (its rows and files): one that
+    does not (edited by hand) is a one-line refusal pointing at `validate`, not a KeyError mid-run."""
+    path = done_path(root, shard)
+    marker = _read_store_json(path)
+    rows = marker.get("rows") if isinstance(marker, dict) else None
+    if (
+        not isinstance(rows, int)
+        or isinstance(rows, bool)
+        or rows < 0
+        or not isinstance(marker.get("files"), dict)
+    ):
+        raise ManifestError(
+            f"{path} is not a done marker (an object with its rows and files); `unclip validate {root}` lists "
+            "the store's damage"
+        )
+    return marker
 
 
 def remove_shard(root: str | Path, shard: str) -> None:

@@ -416,11 +416,16 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         good = str(tmp / "damaged")
         damaged = tmp / "damaged" / ("manifest.json" if case.startswith("train") else "done/00000.json")
         damaged.write_text('{"clip": {"arch": ')
+    if case == "train_done_marker_without_rows":  # valid JSON, edited by hand: was a KeyError traceback
+        shutil.copytree(work["good"], tmp / "damaged")
+        good = str(tmp / "damaged")
+        (tmp / "damaged" / "done" / "00001.json").write_text('{"shard": "00001", "files": {}}')
     shards = tmp / "shards"
     write_tar(shards / "00000.tar", [sample("000000000", 0)])
     table = {
         "train_manifest_not_json": (tp[0], [*tp[1:], "--data", good, "--out", out]),
         "eval_done_marker_not_json": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", good]),
+        "train_done_marker_without_rows": (tp[0], [*tp[1:], "--data", good, "--out", out]),
         "download_bad_jsonl_line": ("download", ["--urls", "u.jsonl", "--out", out]),
         "download_caption_not_text": ("download", ["--urls", "c.jsonl", "--out", out]),
         "download_parquet_caption_not_text": ("download", ["--urls", "n.parquet", "--out", out]),
@@ -526,6 +531,7 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         ("train_missing_data", "is not an embedding store (no manifest.json)"),
         ("train_manifest_not_json", "manifest.json is not valid JSON (Expecting value: line 1"),
         ("eval_done_marker_not_json", "done/00000.json is not valid JSON"),
+        ("train_done_marker_without_rows", "done/00001.json is not a done marker (an object with its rows"),
         ("train_unknown_device", "unknown --device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
         ("latest_names_a_missing_step", "names step_00000999, which is missing or incomplete"),
         ("state_pt_holds_code", "state.pt cannot be loaded safely"),
