@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline import store
 from pipeline.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,11 @@ def save(
     save_file(_state(ema), tmp / "ema.safetensors")
     torch.save(extra_state, tmp / "state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, "version": code_version(), **meta}, indent=2))
+    for p in [*tmp.iterdir(), tmp]:  # on the disk before `latest` names them: a power loss keeps a whole step
+        store.fsync_path(p)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    latest_tmp = root / ".latest.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, root / "latest")
+    store.atomic_write(root / "latest", final.name.encode())  # synced, with the rename of the step above it
     return final
 
 

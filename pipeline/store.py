@@ -219,7 +219,9 @@ def done_path(root: str | Path, shard: str) -> Path:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in its folder, synced, then renamed over it."""
+    """Write `data` to `path` through a temporary file in its folder, synced, then renamed over it, and the
+    rename synced too (the folder's entry): a done marker written after its files then never survives a power
+    loss that they do not."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -227,6 +229,21 @@ def atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries (the renames into it), to the disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a filesystem that cannot open a folder for syncing: the rename is as durable as it gets
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
