@@ -123,11 +123,16 @@ def build_model(folder: str | Path, meta: dict) -> torch.nn.Module:
     try:
         return builders[task](meta["model"])
     except (KeyError, TypeError, ValueError) as e:
-        v = meta.get("version", {})
-        raise UsageError(
-            f"checkpoint {folder}: its {task} config cannot be built by this code ({e}); it was written by "
-            f"unclip-pipeline {v.get('package')} at commit {v.get('git_commit')}, this is {PACKAGE_VERSION}"
-        ) from e
+        raise unbuildable(folder, meta, e) from e
+
+
+def unbuildable(folder: str | Path, meta: dict, e: Exception) -> UsageError:
+    """The one-line refusal of a checkpoint whose model config this code cannot build (`build_model`)."""
+    v = meta.get("version", {})
+    return UsageError(
+        f"checkpoint {folder}: its {meta.get('task')} config cannot be built by this code ({e}); it was written "
+        f"by unclip-pipeline {v.get('package')} at commit {v.get('git_commit')}, this is {PACKAGE_VERSION}"
+    )
 
 
 def open_task(path: str | Path, task: str, flag: str = "") -> tuple[Path, dict]:

@@ -204,4 +204,10 @@ def build_config(cls: type, args: argparse.Namespace) -> Any:
         raise UsageError(
             "missing required setting(s): " + ", ".join("--" + m.replace("_", "-") for m in missing)
         )
+    for k, v in values.items():  # torch's generators take 64 bits: a larger seed failed after models loaded
+        if (k == "seed" or k.endswith("_seed")) and isinstance(v, int) and not 0 <= v < SEED_LIMIT:
+            raise UsageError(f"--{k.replace('_', '-')} must be in [0, 2**63) (got {v})")
     return cls(**values)
+
+
+SEED_LIMIT = 2**63

@@ -25,6 +25,7 @@ from jobs.sample import (
     SampleConfig,
     attach_base,
     check_guidance,
+    check_steps,
     check_strength,
     decode,
     load_decoder,
@@ -148,6 +149,7 @@ def run(cfg: EvalDecoderConfig) -> dict:
     check_strength(cfg.strength)
     m = load_models(cfg.prior, cfg.decoder, device) if cfg.prior else _decoder_only(cfg.decoder, device)
     m = attach_base(m, cfg.base)
+    check_steps(m, cfg.prior_steps, cfg.decoder_steps)
     codec = m.decoder_meta["store"]["latents"]
     b, rows = _held_out(cfg, codec, ("img_emb", "latents"))
     gen = torch.Generator().manual_seed(cfg.seed)

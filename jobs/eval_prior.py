@@ -115,8 +115,7 @@ def format_table(m: dict) -> str:
 def run(cfg: EvalPriorConfig) -> dict:
     from jobs import checkpoint
     from jobs.train_loop import load_store_manifest
-    from models.prior import build_prior
-    from models.samplers import SAMPLERS
+    from models.samplers import SAMPLERS, check_steps
     from pipeline.encoders import resolve_device
 
     if cfg.sampler not in SAMPLERS:
@@ -141,7 +140,11 @@ def run(cfg: EvalPriorConfig) -> dict:
     tcfg = meta["config"]
     checkpoint.check_store(meta, load_store_manifest(cfg.data), cfg.data)
     device = resolve_device(cfg.device)
-    prior = build_prior(meta["model"]).to(device).eval()
+    prior = checkpoint.build_model(folder, meta).to(device).eval()
+    try:
+        check_steps(cfg.steps, prior.cfg.timesteps, "--steps")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     checkpoint.load_weights(prior, folder / "ema.safetensors")
     fields = ("img_emb", "text_emb", "text_enc") if tcfg["text_encodings"] else ("img_emb", "text_emb")
     stream = Stream(

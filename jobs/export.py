@@ -3,8 +3,9 @@
 
 What is written under ``OUT/decoder/``:
 - ``unet/``: the decoder's EMA UNet, as is (it is a diffusers `UNet2DConditionModel` in Kandinsky 2.2's form);
-- ``scheduler/``: the `DDIMScheduler` our `ddim` sampler steps with (cosine schedule, trailing spacing,
-  v-prediction, no clipping), so the pipeline and `unclip sample --sampler ddim` take the same steps;
+- ``scheduler/``: the scheduler our `ddim` sampler steps with (`DPMSolverMultistepScheduler` at first order,
+  which is DDIM; cosine schedule, trailing spacing, v-prediction, no clipping), so the pipeline and
+  `unclip sample --sampler ddim` take the same steps;
 - ``movq/``: for the ``vae`` codec, a `VQModel` holding the store's VAE decoder. The UNet generates latents at
   the store's scale (the VAE posterior mean x its scaling factor, as dequantised from uint8 for training), and
   `VQModel.decode(x, force_not_quantize=True)` runs ``decoder(post_quant_conv(x))``; dividing the
@@ -182,9 +183,11 @@ def run(cfg: ExportConfig) -> dict:
         from pipeline.encoders import clip_dims
 
         folder, meta = checkpoint.open_task(cfg.prior, "prior")
-        why = exportable(
-            PriorConfig(**meta["model"]), clip_dims(meta["store"]["clip"]["arch"]).context_length
-        )
+        try:
+            prior_cfg = PriorConfig(**meta["model"])
+        except (KeyError, TypeError, ValueError) as e:  # another version's config: one line, as everywhere
+            raise checkpoint.unbuildable(folder, meta, e) from e
+        why = exportable(prior_cfg, clip_dims(meta["store"]["clip"]["arch"]).context_length)
         if why:
             raise UsageError("this prior cannot be exported to PriorTransformer: " + "; ".join(why))
         jobs.append((export_prior, folder, meta, _target(cfg, "prior", folder, meta)))

@@ -131,6 +131,23 @@ def attach_base(m: Models, base: str) -> Models:
     return m
 
 
+def check_steps(m: Models, prior_steps: int, decoder_steps: int) -> None:
+    """``--prior-steps`` and ``--decoder-steps`` within each loaded network's training schedule
+    (`models.samplers.check_steps`): refused here, before any sampling, not as NaN images or a traceback."""
+    from models.samplers import check_steps as within
+
+    for flag, steps, net in (
+        ("--prior-steps", prior_steps, m.prior),
+        ("--decoder-steps", decoder_steps, m.decoder),
+        ("--decoder-steps", decoder_steps, m.base),
+    ):
+        if net is not None:
+            try:
+                within(steps, net.cfg.timesteps, flag)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+
+
 @torch.no_grad()
 def decode(m: Models, emb: torch.Tensor, cfg: SampleConfig, gen: torch.Generator) -> torch.Tensor:
     """Latents [B, C, H, W] for image embeddings [B, D]: the decoder alone, or the base's picture upsampled
@@ -270,6 +287,7 @@ def run(cfg: SampleConfig) -> dict:
     prompts = validate(cfg)
     device = resolve_device(cfg.device)
     m = attach_base(load_models(cfg.prior, cfg.decoder, device), cfg.base)
+    check_steps(m, cfg.prior_steps, cfg.decoder_steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     repeated = [p for p in prompts for _ in range(cfg.n)]

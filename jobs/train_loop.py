@@ -235,6 +235,8 @@ def check_settings(cfg: TrainConfig) -> None:
         ("save_every", cfg.save_every >= 1, ">= 1"),
         ("log_every", cfg.log_every >= 1, ">= 1"),
         ("val_fraction", 0 <= cfg.val_fraction < 1, "in [0, 1)"),
+        ("seed", 0 <= cfg.seed < 2**63, "in [0, 2**63)"),
+        ("split_seed", 0 <= cfg.split_seed < 2**63, "in [0, 2**63)"),
     ]
     # The tasks' evaluation settings (each task's config adds its own): checked here too, or a bad one would
     # surface at the first evaluation, after the training steps before it.
@@ -270,7 +272,7 @@ def _prepare(task: Task) -> RunState:
         ema=copy.deepcopy(model).requires_grad_(False),
         opt=opt,
         sched=torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.steps)),
-        gen=torch.Generator().manual_seed(cfg.seed * 1000 + rank),
+        gen=torch.Generator().manual_seed((cfg.seed * 1000 + rank) % 2**63),  # as before below 9.2e15
         rank=rank,
         world=world,
         device=device,

@@ -2,9 +2,13 @@
 
 Both networks are trained on the cosine schedule of `models.diffusion` over 1,000 steps, which is diffusers'
 ``squaredcos_cap_v2`` (the same alpha_bar function and 0.999 beta cap; tested equal to float32 precision), so
-diffusers' scheduler classes step them exactly: `DDIMScheduler` (trailing spacing, so the first step starts at
-t = 999, the pure-noise end the networks were trained on; no clipping; deterministic, eta 0) and
-`DPMSolverMultistepScheduler` (DPM-Solver++ of order 2, first order on the last steps, ending at sigma 0).
+diffusers' scheduler classes step them exactly. Both samplers are diffusers' `DPMSolverMultistepScheduler`
+(trailing spacing, so the first step starts at t = 999, the pure-noise end the networks were trained on; no
+clipping; ending at sigma 0): ``dpm++`` is DPM-Solver++ of order 2 (first order on the last steps), ``ddim`` is
+its first order, which is DDIM with eta 0 step for step. Not `DDIMScheduler`: its step goes from t to
+t - 1000 // steps, not to the next of its own trailing timesteps, so at a step count that does not divide 1,000
+(64, 128, 300) every network call after the first saw a timestep other than its noise level's (at 128 steps its
+error on a Gaussian toy was 7x that at 100; `tests/test_samplers.py`).
 Using their classes keeps our samplers the ones an exported diffusers pipeline runs. A network is only a
 ``model_fn(x_t, t) -> prediction`` here, in the parametrisation it was trained with: ``sample`` (x0, the prior)
 or ``v_prediction`` (the decoder); classifier-free guidance happens inside ``model_fn``.
@@ -23,7 +27,7 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def make_scheduler(sampler: str, prediction_type: str, num_train_timesteps: int = 1000):
     """A fresh diffusers scheduler (they are stateful) for `sampler` on the cosine schedule."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler
 
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler '{sampler}'; valid: {', '.join(SAMPLERS)}")
@@ -35,16 +39,23 @@ def make_scheduler(sampler: str, prediction_type: str, num_train_timesteps: int 
         prediction_type=prediction_type,
         timestep_spacing="trailing",
     )
-    if sampler == "ddim":
-        return DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common)
     return DPMSolverMultistepScheduler(
         algorithm_type="dpmsolver++",
-        solver_order=2,
+        solver_order=1 if sampler == "ddim" else 2,
         lower_order_final=True,
         final_sigmas_type="zero",
         thresholding=False,
         **common,
     )
+
+
+def check_steps(steps: int, num_train_timesteps: int, flag: str = "steps") -> None:
+    """1 .. num_train_timesteps sampler steps (ValueError otherwise): more than the training schedule has would
+    repeat a timestep, and the solver's zero-length step turned every value to NaN."""
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(
+            f"{flag} must be between 1 and {num_train_timesteps} (the training schedule's steps), got {steps}"
+        )
 
 
 @torch.no_grad()
@@ -71,8 +82,7 @@ def sample(
     where diffusers would take none), starting from `init` noised to the first of them.
     The scheduler works in float32 whatever the network's dtype; the network sees `dtype`.
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_steps(steps, num_train_timesteps)
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     sched = make_scheduler(sampler, prediction_type, num_train_timesteps)
@@ -87,10 +97,7 @@ def sample(
     else:
         skip = steps - max(1, int(steps * strength))
         timesteps = timesteps[skip:]
-        if hasattr(
-            sched, "set_begin_index"
-        ):  # the multistep solver counts its steps from here (DDIM has none)
-            sched.set_begin_index(skip)
+        sched.set_begin_index(skip)  # the multistep solver counts its steps from here
         x = sched.add_noise(init.to(device=device, dtype=torch.float32), noise, timesteps[:1])
     for t in timesteps:
         t_batch = torch.full((shape[0],), int(t), device=device, dtype=torch.long)  # [B]

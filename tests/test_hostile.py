@@ -398,6 +398,7 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         "truncated_weights",
         "resume_other_store",
         "resume_row_order",
+        "eval_other_version_config",
     ):
         shutil.copytree(work["run"], run)
         step = run / "ckpt" / "step_00000004"
@@ -410,6 +411,12 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         elif case == "resume_row_order":  # as written before the stream ordered rows by key
             meta = json.loads((step / "meta.json").read_text())
             del meta["stream_order"]
+            (step / "meta.json").write_text(json.dumps(meta))
+        elif (
+            case == "eval_other_version_config"
+        ):  # a field this code does not know: was a TypeError traceback
+            meta = json.loads((step / "meta.json").read_text())
+            meta["model"]["future_field"] = 1
             (step / "meta.json").write_text(json.dumps(meta))
     if case in ("train_manifest_not_json", "eval_done_marker_not_json"):
         shutil.copytree(work["good"], tmp / "damaged")
@@ -459,6 +466,8 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         "eval_unknown_split": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", good, "--split", "test"]),
         "eval_empty_store": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", work["empty"]]),
         "eval_steps_0": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", good, "--steps", "0"]),
+        "train_seed_negative": (tp[0], [*tp[1:], "--data", good, "--out", out, "--seed", "-1"]),
+        "eval_other_version_config": (ep[0], [*ep[1:], "--ckpt", run, "--data", good]),
         "eval_max_samples_0": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", good, "--max-samples", "0"]),
         "sample_n_0": (
             "sample",
@@ -500,6 +509,7 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         "state_pt_holds_code": run,
         "resume_other_store": run,
         "resume_row_order": run,
+        "eval_other_version_config": run,
     }
     return command, argv, watched.get(case, tmp / "file" if "out_is_a_file" in case else out)
 
@@ -546,6 +556,8 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         ("eval_unknown_split", "unknown --split 'test'; valid: train, val, all"),
         ("eval_empty_store", "the evaluation split is empty"),
         ("eval_steps_0", "--steps must be >= 1 (got 0)"),
+        ("train_seed_negative", "--seed must be in [0, 2**63) (got -1)"),
+        ("eval_other_version_config", "its prior config cannot be built by this code"),
         ("eval_max_samples_0", "--max-samples must be >= 1 (got 0)"),
         ("sample_n_0", "--n must be >= 1, got 0"),
         ("sample_prior_is_not_a_decoder", "is a prior checkpoint, not a decoder"),

@@ -191,6 +191,12 @@ def test_sample_errors(pair, tmp_path, capsys):
         ("eval_unknown_sampler", "unknown --sampler 'euler'; valid: ddim, dpm++"),
         ("eval_out_is_a_file", "is a file; give a folder"),
         ("eval_prior_out_is_a_folder", "is a folder; name the file to write"),
+        # more steps than the training schedule's 1,000: NaN images with exit 0 (dpm++), a traceback (ddim)
+        ("prior_steps_above_schedule", "--prior-steps must be between 1 and 1000"),
+        ("decoder_steps_above_schedule", "--decoder-steps must be between 1 and 1000"),
+        ("eval_decoder_steps_above_schedule", "--decoder-steps must be between 1 and 1000"),
+        ("eval_prior_steps_above_schedule", "--steps must be between 1 and 1000"),
+        ("seed_beyond_64_bits", "--seed must be in [0, 2**63)"),
     ],
 )
 def test_sample_and_eval_refuse_before_the_work(case, want, pair, data, tmp_path, capsys):
@@ -209,6 +215,16 @@ def test_sample_and_eval_refuse_before_the_work(case, want, pair, data, tmp_path
         args += ["--prompts", str(tmp_path / "p.txt")]
     elif case == "base_is_a_prior":
         args += ["--base", str(pair / "prior")]
+    elif case in ("prior_steps_above_schedule", "decoder_steps_above_schedule"):
+        args += ["--" + case.split("_steps")[0] + "-steps", "1001", "--sampler", "dpm++"]
+    elif case == "seed_beyond_64_bits":
+        args += ["--seed", str(2**64)]
+    elif case == "eval_decoder_steps_above_schedule":
+        args = ["eval-decoder", "--decoder", str(pair / "decoder"), "--data", data, "--decoder-steps", "1001"]
+        png = tmp_path / "ev"
+    elif case == "eval_prior_steps_above_schedule":
+        args = ["eval-prior", "--ckpt", str(pair / "prior"), "--data", data, "--steps", "1001"]
+        png = tmp_path / "ev.json"
     elif case.startswith("eval"):
         png = tmp_path / "f"
         png.write_text("mine") if case == "eval_out_is_a_file" else png.mkdir()
