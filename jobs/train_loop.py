@@ -40,6 +40,7 @@ RESUMABLE_CHANGES = {
     "device",
     "log_every",
     "eval_samples",
+    "log_rows",  # an audit log, not a training setting: a resume may start (or stop) keeping it
     "out",  # a run folder may be moved, and a store too (its identity is checked instead of its path)
     "data",
 }
@@ -259,6 +260,13 @@ def _prepare(task: Task) -> RunState:
     device = resolve_device(cfg.device)
     manifest = load_store_manifest(cfg.data)
     model_cfg = json.loads(json.dumps(task.model_config(manifest)))  # as meta.json will hold it
+    if hasattr(cfg, "sample_steps"):  # the evaluation's sampler: refused now, not at the first evaluation
+        from models.samplers import check_steps
+
+        try:
+            check_steps(cfg.sample_steps, model_cfg.get("timesteps", 1000), "--sample-steps")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     rank, world, device = distributed.setup(device)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = task.build(model_cfg).to(device)
@@ -414,10 +422,25 @@ def _step(model: torch.nn.Module, batch: dict, step: int, run: RunState) -> tupl
     return loss.item(), float(grad_norm)
 
 
+def _rows_before(path: Path, start: int, batch_size: int) -> list[torch.Tensor]:
+    """--log-rows: the (shard, row) ids of steps 0 .. start - 1 that earlier invocations logged (their rows
+    past the checkpoint this run resumes from are dropped: those steps run again), as the log's first part."""
+    if not start:
+        return []
+    logged = torch.load(path) if path.exists() else torch.zeros(0, 2, dtype=torch.long)
+    if len(logged) < start * batch_size:
+        log.warning(
+            "--log-rows: steps %d .. %d ran without --log-rows; %s lacks their rows",
+            len(logged) // batch_size, start - 1, path,
+        )  # fmt: skip
+    return [logged[: start * batch_size]]
+
+
 def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> dict:
     cfg, rank = run.cfg, run.rank
     metrics_file = run.out / "metrics.jsonl"
-    rows_log = [] if cfg.log_rows else None
+    rows_path = run.out / f"rows_rank{rank}.pt"
+    rows_log = _rows_before(rows_path, start, cfg.batch_size) if cfg.log_rows else None
     batches = stream.torch_batches(run.device)
     t0, seen, last_loss, report_eval = time.perf_counter(), 0, float("nan"), None
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
@@ -446,10 +469,10 @@ def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> 
                 metrics.append(metrics_file, {"step": done, "eval": report_eval})
         if done == end or (cfg.save_every and done % cfg.save_every == 0):
             _save(done, run)
-    if rows_log:
-        buf = io.BytesIO()
-        torch.save(torch.cat(rows_log), buf)
-        store.atomic_write(run.out / f"rows_rank{rank}.pt", buf.getvalue())
+            if rows_log:  # with each checkpoint: a resume from it finds the rows of every step before it
+                buf = io.BytesIO()
+                torch.save(torch.cat(rows_log), buf)
+                store.atomic_write(rows_path, buf.getvalue())
     distributed.record_weight_digests(run.model, run.rank, run.world, run.out)
     if rank == 0:
         metrics.plot_loss(metrics_file, run.out / "loss.png", name, run.task.loss_label)

@@ -467,6 +467,10 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         "eval_empty_store": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", work["empty"]]),
         "eval_steps_0": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", good, "--steps", "0"]),
         "train_seed_negative": (tp[0], [*tp[1:], "--data", good, "--out", out, "--seed", "-1"]),
+        "train_sample_steps_above_schedule": (
+            tp[0],
+            [*tp[1:], "--data", good, "--out", out, "--sample-steps", "1001"],
+        ),  # fmt: skip
         "eval_other_version_config": (ep[0], [*ep[1:], "--ckpt", run, "--data", good]),
         "eval_max_samples_0": (ep[0], [*ep[1:], "--ckpt", work["run"], "--data", good, "--max-samples", "0"]),
         "sample_n_0": (
@@ -557,6 +561,7 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         ("eval_empty_store", "the evaluation split is empty"),
         ("eval_steps_0", "--steps must be >= 1 (got 0)"),
         ("train_seed_negative", "--seed must be in [0, 2**63) (got -1)"),
+        ("train_sample_steps_above_schedule", "--sample-steps must be between 1 and 1000"),
         ("eval_other_version_config", "its prior config cannot be built by this code"),
         ("eval_max_samples_0", "--max-samples must be >= 1 (got 0)"),
         ("sample_n_0", "--n must be >= 1, got 0"),

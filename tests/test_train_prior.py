@@ -120,6 +120,22 @@ def test_metrics_of_a_resumed_run_read_as_one_run(data, tmp_path):
     assert losses("killed") == losses("straight")  # exact resume: the same losses, each logged once
 
 
+def test_log_rows_of_a_resumed_run_are_those_of_an_uninterrupted_one(data, tmp_path, caplog):
+    """Each invocation used to log only its own steps, over the file: a resumed run lost the rows before it."""
+    main(cfg_for(data, tmp_path / "straight", log_rows=True))
+    main(cfg_for(data, tmp_path / "killed", stop_after=15, log_rows=True))  # rows written at 10 and 15
+    (tmp_path / "killed/ckpt/latest").write_text("step_00000010")  # as if killed at 15 before its checkpoint
+    main(cfg_for(data, tmp_path / "killed", resume=True, log_rows=True))
+    straight = torch.load(tmp_path / "straight/rows_rank0.pt")
+    assert straight.shape == (20 * 32, 2)
+    assert torch.equal(torch.load(tmp_path / "killed/rows_rank0.pt"), straight)
+    # switched on at a resume: the steps before it are named as not logged, the rest are the run's rows
+    main(cfg_for(data, tmp_path / "late", stop_after=10))
+    main(cfg_for(data, tmp_path / "late", resume=True, log_rows=True))
+    assert torch.equal(torch.load(tmp_path / "late/rows_rank0.pt"), straight[10 * 32 :])
+    assert "steps 0 .. 9 ran without --log-rows" in caplog.text
+
+
 def test_resume_of_another_task_is_refused(data, tmp_path):
     main(cfg_for(data, tmp_path, stop_after=10))
     meta_file = tmp_path / "ckpt/step_00000010/meta.json"
