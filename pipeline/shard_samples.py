@@ -46,15 +46,22 @@ class Sample:
 
 def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
     """Samples in the tar's own order (img2dataset writes them in completion order; the key is the truth).
-    ``local``: a whole local copy of ``url`` to read instead (`pipeline.readahead`); errors still name ``url``."""
+    ``local``: a whole local copy of ``url`` to read instead (`pipeline.readahead`); errors still name ``url``.
+
+    As webdataset groups a tar: a sample's key is its members' path up to the first dot of the file name, the
+    folder kept (``a/k00.jpg`` and ``b/k00.jpg`` are two samples), less a leading ``./``; members whose file
+    name starts with a dot (macOS tar's ``._k00.jpg`` AppleDouble files) are no sample's and are skipped."""
     current: dict[str, bytes] = {}
-    key, members = None, 0
+    key, members, skipped = None, 0, 0
     try:
         with fsspec.open(local or url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
             for member in tf:
                 if not member.isfile():
                     continue
-                k, _, ext = member.name.rpartition("/")[2].partition(".")
+                k, ext = _key_ext(member.name)
+                if k is None:
+                    skipped += 1
+                    continue
                 # A member the current sample already has starts a new sample with the same key (a duplicate).
                 if key is not None and (k != key or ext.lower() in current):
                     yield _sample(key, current)
@@ -67,6 +74,19 @@ def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
         raise StageError(f"{url} is truncated or damaged after {members} members ({e})") from None
     if key is not None:
         yield _sample(key, current)
+    if skipped:
+        log.info("%s: skipped %d hidden members (._* files), which are no sample's", url, skipped)
+
+
+def _key_ext(name: str) -> tuple[str | None, str]:
+    """(sample key, extension) of a tar member's path; (None, "") for a member that is no sample's."""
+    while name.startswith("./"):
+        name = name[2:]
+    folder, _, base = name.rpartition("/")
+    if base.startswith(".") or not base:
+        return None, ""
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
 
 
 def _sample(key: str, parts: dict[str, bytes]) -> Sample:

@@ -116,6 +116,31 @@ def embed(*args: str) -> int:
     return main(["embed", *map(str, args)])
 
 
+def test_tar_members_group_into_samples_as_webdataset_groups_them(tmp_path):
+    """Keys keep the member's folder (two folders' k00 are two samples, not a duplicate), and hidden members
+    (macOS tar's ._ AppleDouble files, which used to split every sample into error rows) are no samples."""
+    import webdataset as wds
+
+    path = tmp_path / "t.tar"
+    members = []
+    for name in ("a/k00", "b/k00", "./k01"):
+        s = sample(name, len(members))
+        if name == "./k01":
+            members.append(("./._k01.jpg", b"\x00\x05\x16\x07 AppleDouble"))
+        members += [(f"{name}.{ext}", s[ext]) for ext in ("jpg", "txt", "json")]
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    ours = list(read_tar(str(path)))
+    assert [s.key for s in ours] == ["a/k00", "b/k00", "k01"]  # "./" dropped: k01 names the same file
+    assert all(s.image and s.caption and s.problem is None for s in ours)
+    theirs = list(wds.WebDataset(str(path), shardshuffle=False))
+    assert [t["__key__"] for t in theirs] == ["a/k00", "b/k00", "./k01"]
+    assert [s.image for s in ours] == [t["jpg"] for t in theirs]
+
+
 @pytest.fixture(scope="module")
 def base(shards, tmp_path_factory) -> Path:
     """Pixels latents and per-token text encodings; shards named by a brace range."""
