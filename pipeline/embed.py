@@ -79,18 +79,31 @@ class EmbedConfig:
 
 
 def list_shards(pattern: str) -> list[str]:
-    """Every .tar the pattern names, sorted by shard id; a UsageError if none."""
+    """Every .tar the pattern names, sorted by shard id; a UsageError if none, if a shard it names by name
+    (not by a glob or a folder) does not exist, or if the pattern or its URL scheme cannot be read."""
     found: list[str] = []
-    for part in braceexpand(pattern):
-        fs, path = fsspec.core.url_to_fs(part)
-        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        prefix = "" if proto in ("file", "local") else f"{proto}://"
-        if any(c in path for c in "*?["):
-            found += [prefix + p for p in fs.glob(path)]
-        elif fs.isdir(path):
-            found += [prefix + p for p in fs.glob(path.rstrip("/") + "/*.tar")]
-        elif fs.exists(path):
-            found.append(os.path.abspath(path) if prefix == "" else part)  # workers may run elsewhere
+    missing: list[str] = []
+    try:
+        for part in braceexpand(pattern):
+            fs, path = fsspec.core.url_to_fs(part)
+            proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+            prefix = "" if proto in ("file", "local") else f"{proto}://"
+            if any(c in path for c in "*?["):
+                found += [prefix + p for p in fs.glob(path)]
+            elif fs.isdir(path):
+                found += [prefix + p for p in fs.glob(path.rstrip("/") + "/*.tar")]
+            elif fs.exists(path):
+                found.append(os.path.abspath(path) if prefix == "" else part)  # workers may run elsewhere
+            else:
+                missing.append(part)
+    except (ValueError, ImportError) as e:  # unbalanced braces, an unknown scheme, its fsspec backend missing
+        raise UsageError(f"--shards {pattern}: {str(e).splitlines()[0]}") from None
+    if missing:  # a shard named outright that is not there: a download not finished, or a typo, never skipped
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UsageError(
+            f"--shards {pattern} names {len(missing)} shard(s) that do not exist: {', '.join(missing[:3])}{more}; "
+            "finish the download or name only the shards there (a glob or a folder takes what exists)"
+        )
     shards = sorted({s for s in found if s.endswith(".tar")}, key=store.shard_id_of)
     if not shards:
         raise UsageError(f"no .tar shard matched --shards {pattern}")
@@ -123,6 +136,13 @@ def validate(cfg: EmbedConfig) -> list[str]:
         raise UsageError(
             "--batch-size, --decode-threads and --workers must be >= 0 (0 = by device); --latent-size >= 1"
         )
+    for name, value, low, what in (
+        ("torch-threads", cfg.torch_threads, 0, "0 = cores / workers"),
+        ("retries", cfg.retries, 0, "reruns of a failed shard task"),
+        ("calib-samples", cfg.calib_samples, 1, "images the uint8 latent range is fitted on"),
+    ):
+        if value < low:
+            raise UsageError(f"--{name} must be >= {low} ({what}), not {value}")
     if cfg.read_ahead < 0:
         raise UsageError(
             f"--read-ahead must be >= 0 (shards fetched ahead per worker; 0 = off), not {cfg.read_ahead}"

@@ -30,7 +30,7 @@ def connect(cfg) -> tuple:
     if cfg.scheduler:
         try:
             return Client(cfg.scheduler, timeout="30s"), None
-        except (OSError, TimeoutError) as e:
+        except (OSError, TimeoutError, ValueError) as e:  # ValueError: an address dask cannot parse
             raise UsageError(f"cannot reach --scheduler {cfg.scheduler} ({e})") from e
     # dask's nanny starts workers with OMP/MKL/OpenBLAS pinned to one thread and an aggressive malloc trim
     # threshold: both slow torch down (a ViT-B-32 forward ran ~20% slower in such a worker). Give the cores

@@ -849,6 +849,13 @@ def test_store_made_with_other_settings_is_refused_then_overwritten(base, shards
     "case, expect",
     [
         ("no_match", "no .tar shard matched"),
+        # a brace range names its shards: one not there was skipped, and the run embedded short with exit 0
+        ("named_but_missing", "names 2 shard(s) that do not exist: "),
+        ("unbalanced_braces", "--shards "),
+        ("unknown_scheme", "Protocol not known: nope"),
+        ("torch_threads", "--torch-threads must be >= 0 (0 = cores / workers), not -1"),
+        ("retries", "--retries must be >= 0"),
+        ("calib_samples", "--calib-samples must be >= 1"),
         ("arch", "unknown CLIP architecture 'ViT-Nope'"),
         ("checkpoint", "CLIP checkpoint not found"),
         (
@@ -870,7 +877,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, t
     out = tmp_path / "out"
     args = ["--shards", shards, "--out", out, *TINY]
     if case == "no_match":
-        args[1] = f"{tmp_path}/nowhere/{{00000..00003}}.tar"
+        args[1] = f"{tmp_path}/nowhere/*.tar"
+    elif case == "named_but_missing":
+        args[1] = f"{shards}/{{00000..00004}}.tar"
+    elif case == "unbalanced_braces":
+        args[1] = f"{shards}/{{00000..00004.tar"
+    elif case == "unknown_scheme":
+        args[1] = "nope://bucket/00000.tar"
+    elif case in ("torch_threads", "retries", "calib_samples"):
+        args += [f"--{case.replace('_', '-')}", "-1" if case != "calib_samples" else "0"]
     elif case == "arch":
         args += ["--clip", "ViT-Nope"]
     elif case == "checkpoint":
@@ -897,7 +912,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("unclip embed: error: ") and expect in err[0]
     if case == "no_match":
-        assert "nowhere/{00000..00003}.tar" in err[0]
+        assert "nowhere/*.tar" in err[0]
+    if case == "named_but_missing":
+        assert "00003.tar" in err[0] and "00004.tar" in err[0] and "00002.tar" not in err[0]
     if case == "arch":
         assert "ViT-B-32" in err[0] and "unclip-tiny" in err[0]
     if case == "garbage_tar":
