@@ -323,11 +323,39 @@ class Vae:
     device: torch.device
 
 
-def validate_vae(name_or_path: str) -> None:
+# owner/name, as the Hugging Face hub spells a model
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def validate_vae(name_or_path: str, probe_timeout: float = 5.0) -> None:
+    """``--vae``: a local folder, or a hub name (``stabilityai/sd-vae-ft-mse``) that is cached or whose host
+    answers (fast, in one line: unreachable, huggingface_hub would retry for about a minute per process)."""
     if not name_or_path:
         raise UsageError("--latents vae needs --vae NAME_OR_PATH (a diffusers AutoencoderKL)")
-    if is_path(name_or_path) and not os.path.isdir(name_or_path):
-        raise UsageError(f"VAE folder not found: {name_or_path}")
+    if os.path.isdir(name_or_path):
+        return
+    if not HUB_NAME.fullmatch(name_or_path):
+        raise UsageError(
+            f"VAE folder not found: {name_or_path} (--vae is a diffusers AutoencoderKL folder or a hub name such "
+            "as stabilityai/sd-vae-ft-mse)"
+        )
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return
+    hint = "pass a local folder with --vae PATH"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise UsageError(f"VAE {name_or_path} is not cached and HF_HUB_OFFLINE is set; {hint}")
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=probe_timeout).close()
+    except OSError as e:
+        raise UsageError(
+            f"VAE {name_or_path} is not cached and {host} cannot be reached ({e}); {hint}"
+        ) from e
 
 
 @lru_cache(maxsize=2)

@@ -672,6 +672,32 @@ def tiny_vae(path: Path) -> Path:
     return path
 
 
+def test_vae_by_hub_name_loads_from_the_hub_cache_and_an_uncached_one_is_one_line(tmp_path, monkeypatch):
+    """A hub name (owner/name) used to be refused as a missing folder, so the README's --vae
+    stabilityai/sd-vae-ft-mse could never run. Cached, it loads offline; not cached and the hub unreachable,
+    it is refused in one line, fast."""
+    from pipeline.encoders import validate_vae
+
+    snap = tmp_path / "hub" / "models--unclip-test--tiny-vae" / "snapshots" / ("0" * 40)
+    tiny_vae(snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = (
+        "from pipeline.encoders import load_vae, validate_vae; validate_vae('unclip-test/tiny-vae'); "
+        "v = load_vae('unclip-test/tiny-vae', 'cpu'); print(v.channels, v.downsample)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.split() == ["4", "2"], run.stderr[-2000:]
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")
+    with pytest.raises(
+        UsageError, match="VAE unclip-test/not-cached is not cached and 127.0.0.1 cannot be reached"
+    ):
+        validate_vae("unclip-test/not-cached", probe_timeout=2)
+    with pytest.raises(UsageError, match="VAE folder not found: ./nope/vae"):
+        validate_vae("./nope/vae")
+
+
 def test_vae_latents_are_uint8_with_a_fitted_range_here_or_on_a_cluster_worker(shards, tmp_path, monkeypatch):
     from pipeline.encoders import load_vae, vae_encode
 
