@@ -32,6 +32,11 @@ from pipeline.image_input import is_jpeg
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")  # a gif gives its first frame, as in img2dataset
+# Longest side over shortest beyond which an image is an error row: resized to the model's input along its short
+# side first (open_clip's Resize), a 1 x 3,000,000 banner asked for a 224 x 672 M image, and the MemoryError
+# failed its whole shard. At 100:1 the resize stays under 15 MB (60 MB as float32 on a device), and the centre
+# crop CLIP sees is already 1% of the picture.
+MAX_ASPECT = 100
 
 
 @dataclass
@@ -135,12 +140,22 @@ def decode(sample: Sample) -> tuple[Image.Image | None, str | None]:
         return None, "no caption in sample"
     try:
         img = Image.open(io.BytesIO(sample.image))
+        if (why := aspect_problem(*img.size)) is not None:  # from the header, before the pixels are decoded
+            return None, why
         img.load()
         return _to_rgb(img), None
     except Exception as e:  # PIL raises many kinds for corrupt data
         # PIL names the BytesIO by address ("<_io.BytesIO object at 0x7f..>"): error rows must not vary by run
         why = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e))
         return None, f"cannot decode image: {type(e).__name__}: {why}"
+
+
+def aspect_problem(width: int, height: int) -> str | None:
+    """Why a ``width`` x ``height`` image is not embedded (`MAX_ASPECT`), or None. The same rule on every decode
+    path, so --image-decode pil and device give the same error rows."""
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        return f"image is {width} x {height}: sides beyond {MAX_ASPECT}:1 are not embedded"
+    return None
 
 
 def download_record(url: str) -> list[str] | None:
@@ -346,10 +361,13 @@ def _prepare(
     img, reason = decode(sample)  # latents are always made from the PIL decode, whatever --image-decode
     if img is None:
         return reason
-    lat = None
-    if latents != "none":
-        lat = np.asarray(ImageOps.fit(img, (latent_px, latent_px), Image.BICUBIC))
-    return _Prepared(sample, pos, sample.image if jpeg else clip_part(img, preprocess), lat)
+    try:  # one image that cannot be resized (memory, an odd mode) is its own error row, not its shard's failure
+        lat = None
+        if latents != "none":
+            lat = np.asarray(ImageOps.fit(img, (latent_px, latent_px), Image.BICUBIC))
+        return _Prepared(sample, pos, sample.image if jpeg else clip_part(img, preprocess), lat)
+    except Exception as e:
+        return f"cannot preprocess image: {type(e).__name__}: {e}"
 
 
 def clip_part(img: Image.Image, preprocess) -> Image.Image | torch.Tensor:
@@ -454,7 +472,14 @@ def assemble_images(b: Batch, preprocess, tensor_preprocess, device: str, errors
 
     jpeg_at = [i for i, p in enumerate(b.parts) if isinstance(p, bytes)]
     decoded = decode_jpegs([b.parts[i] for i in jpeg_at], device)
-    on_device = [(i, t) for i, t in zip(jpeg_at, decoded, strict=True) if t is not None]
+    on_device = []
+    for i, t in zip(jpeg_at, decoded, strict=True):
+        if t is None:
+            continue
+        if (why := aspect_problem(t.shape[-1], t.shape[-2])) is not None:  # `decode`'s rule, on the PIL path
+            errors.append({"key": b.keys[i], "reason": why, "pos": b.positions[i]})
+        else:
+            on_device.append((i, t))
     ready: dict[int, torch.Tensor] = dict(
         zip([i for i, _ in on_device], tensor_preprocess.many([t for _, t in on_device]), strict=True)
     )
@@ -463,8 +488,14 @@ def assemble_images(b: Batch, preprocess, tensor_preprocess, device: str, errors
         img, reason = decode(Sample(b.keys[i], b.parts[i], b.captions[i], b.metas[i]))
         if img is None:
             errors.append({"key": b.keys[i], "reason": reason, "pos": b.positions[i]})
-        else:
-            ready[i] = preprocess(img).to(device)
+            continue
+        try:
+            part = preprocess(img)
+        except Exception as e:  # as in `_prepare`: this image's error row, not the shard's failure
+            why = f"cannot preprocess image: {type(e).__name__}: {e}"
+            errors.append({"key": b.keys[i], "reason": why, "pos": b.positions[i]})
+            continue
+        ready[i] = part.to(device)
     for i, p in enumerate(b.parts):
         if isinstance(p, torch.Tensor):
             ready[i] = p.to(device, non_blocking=True)

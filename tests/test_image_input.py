@@ -334,3 +334,30 @@ def test_cheap_items_skip_the_decode_threads_and_order_is_kept():
     out = list(_in_order(fn, ((i,) for i in range(30)), threads=4, slow=lambda i: i % 3 == 0))
     assert out == [((i,), i * i) for i in range(30)]
     assert all(ran_in[i] == (i % 3 != 0) for i in range(30))
+
+
+@pytest.mark.parametrize("decode", ["pil", "device"])
+def test_an_image_too_narrow_to_resize_is_an_error_row_not_its_shards_failure(tmp_path, decode):
+    """A 1 x 3,000,000 PNG (11 KB) asked open_clip's Resize for a 224 x 672 M image: the MemoryError failed the
+    whole shard on every retry. Beyond 100:1 an image is an error row, on either decode path alike."""
+    narrow_png = _image("PNG", size=(3_000_000, 1))
+    banner_jpeg = _image("JPEG", size=(1500, 12))  # 125:1, reaches the device decoder
+    samples = [sample("000000000", 0), sample("000000001", 1, image=narrow_png)]
+    samples += [sample("000000002", 2, image=banner_jpeg), sample("000000003", 3)]
+    samples.append(sample("000000004", 4, image=_image("JPEG", size=(1000, 10))))  # exactly 100:1: embedded
+    d = tmp_path / "d"
+    write_tar(d / "shards" / "00000.tar", samples)
+    out = d / "store"
+    out.mkdir()
+    params = ShardParams(
+        out=str(out), clip="unclip-tiny", pretrained="none", seed=0, device="cpu", batch_size=8, latents="none",
+        vae="", text_encodings=False, torch_threads=0, latent_params=None, image_decode=decode,
+    )  # fmt: skip
+    marker = embed_shard(str(d / "shards" / "00000.tar"), params)
+    assert marker["rows"] == 3
+    assert store.read_metadata(out, "00000")["key"].to_pylist() == ["000000000", "000000003", "000000004"]
+    errors = pq.read_table(store.field_path(out, "errors", "00000")).to_pylist()
+    assert errors == [
+        {"key": "000000001", "reason": "image is 3000000 x 1: sides beyond 100:1 are not embedded"},
+        {"key": "000000002", "reason": "image is 1500 x 12: sides beyond 100:1 are not embedded"},
+    ]
