@@ -270,6 +270,8 @@ def _prepare(task: Task) -> RunState:
     rank, world, device = distributed.setup(device)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = task.build(model_cfg).to(device)
+    if world > 1:  # dropout draws from the global generators: one seed left every rank the same masks
+        torch.manual_seed((cfg.seed * 1000 + rank) % 2**63)
     opt = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.96))
     return RunState(
         cfg=cfg,

@@ -221,6 +221,9 @@ def test_two_process_gloo_training(data, tmp_path):
     digests = json.loads((tmp_path / "weights_by_rank.json").read_text())
     assert len(digests) == 2 and digests[0] == digests[1]
     assert checkpoint.read_meta(checkpoint.resolve(tmp_path))["world_size"] == 2
+    # each rank draws its own dropout masks: the global generators were seeded alike on every rank
+    rngs = torch.load(checkpoint.resolve(tmp_path) / "state.pt")["torch_rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0], rngs[1])
 
 
 def test_resume_names_a_model_setting_the_checkpoint_has_and_this_run_lacks():
