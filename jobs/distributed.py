@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import os
@@ -15,6 +16,12 @@ from pipeline import store
 log = logging.getLogger(__name__)
 
 
+# How long a rank waits in a collective. Rank 0 evaluates alone while the others wait in the next one (the
+# checkpoint's RNG gather): NCCL's default of 10 minutes would end a run whose evaluation takes longer (a large
+# --eval-samples, a VAE decode). A rank that dies still ends the run at once: torchrun stops the others.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=1)
+
+
 def setup(device: str) -> tuple[int, int, str]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -24,9 +31,9 @@ def setup(device: str) -> tuple[int, int, str]:
         local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))  # torchrun sets LOCAL_RANK
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
-        dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        dist.init_process_group(backend="nccl", device_id=torch.device(device), timeout=COLLECTIVE_TIMEOUT)
     else:
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
     return dist.get_rank(), world, device
 
 
