@@ -472,18 +472,18 @@ def assemble_images(b: Batch, preprocess, tensor_preprocess, device: str, errors
 
     jpeg_at = [i for i, p in enumerate(b.parts) if isinstance(p, bytes)]
     decoded = decode_jpegs([b.parts[i] for i in jpeg_at], device)
-    on_device = []
+    on_device, refused = [], []
     for i, t in zip(jpeg_at, decoded, strict=True):
-        if t is None:
-            continue
-        if (why := aspect_problem(t.shape[-1], t.shape[-2])) is not None:  # `decode`'s rule, on the PIL path
-            errors.append({"key": b.keys[i], "reason": why, "pos": b.positions[i]})
+        # Refused, or a size `decode` refuses from the header (beyond MAX_ASPECT, or PIL's decompression-bomb
+        # limit): handed to `decode`, so both paths give such an image the same error row.
+        h, w = (t.shape[-2], t.shape[-1]) if t is not None else (0, 0)
+        if t is None or aspect_problem(w, h) is not None or h * w > 2 * (Image.MAX_IMAGE_PIXELS or h * w):
+            refused.append(i)
         else:
             on_device.append((i, t))
     ready: dict[int, torch.Tensor] = dict(
         zip([i for i, _ in on_device], tensor_preprocess.many([t for _, t in on_device]), strict=True)
     )
-    refused = [i for i, t in zip(jpeg_at, decoded, strict=True) if t is None]
     for i in refused:
         img, reason = decode(Sample(b.keys[i], b.parts[i], b.captions[i], b.metas[i]))
         if img is None:

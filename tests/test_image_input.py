@@ -361,3 +361,24 @@ def test_an_image_too_narrow_to_resize_is_an_error_row_not_its_shards_failure(tm
         {"key": "000000001", "reason": "image is 3000000 x 1: sides beyond 100:1 are not embedded"},
         {"key": "000000002", "reason": "image is 1500 x 12: sides beyond 100:1 are not embedded"},
     ]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the 48 px images, at this limit
+@pytest.mark.parametrize("decode", ["pil", "device"])
+def test_a_decompression_bomb_is_the_same_error_row_on_both_paths(tmp_path, monkeypatch, decode):
+    """PIL refuses an image over twice its MAX_IMAGE_PIXELS; the device decoder has no such limit and used to
+    embed it, so the two paths' error rows differed. (The limit is lowered here: a real bomb is 179 M pixels.)"""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1200)
+    samples = [sample("000000000", 0), sample("000000001", 1, size=(60, 60)), sample("000000002", 2)]
+    write_tar(tmp_path / "00000.tar", samples)
+    out = tmp_path / "store"
+    out.mkdir()
+    params = ShardParams(
+        out=str(out), clip="unclip-tiny", pretrained="none", seed=0, device="cpu", batch_size=8, latents="none",
+        vae="", text_encodings=False, torch_threads=0, latent_params=None, image_decode=decode,
+    )  # fmt: skip
+    assert embed_shard(str(tmp_path / "00000.tar"), params)["rows"] == 2
+    (error,) = pq.read_table(store.field_path(out, "errors", "00000")).to_pylist()
+    assert (
+        error["key"] == "000000001" and "DecompressionBombError: Image size (3600 pixels)" in error["reason"]
+    )
