@@ -53,6 +53,7 @@ class EvalDecoderConfig:
     prior_guidance: float | None = None  # default: the checkpoint's
     decoder_guidance: float | None = None  # default: the checkpoint's
     prior_candidates: int = 2  # as `unclip sample --prior-candidates`
+    batch_size: int = 64  # images sampled and decoded at once, as `unclip sample --batch-size`
     seed: int = 0  # seeds every draw
     out: str = ""  # folder for eval_decoder.json / .png; default: the checkpoint folder
     device: str = "auto"  # auto (cuda if visible, else cpu), cuda, cuda:N or cpu
@@ -119,7 +120,7 @@ def run(cfg: EvalDecoderConfig) -> dict:
     from models.samplers import SAMPLERS
     from pipeline.encoders import resolve_device
 
-    for name in ("max_samples", "prior_steps", "decoder_steps", "prior_candidates"):
+    for name in ("max_samples", "prior_steps", "decoder_steps", "prior_candidates", "batch_size"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
     if cfg.sampler not in SAMPLERS:
@@ -142,6 +143,7 @@ def run(cfg: EvalDecoderConfig) -> dict:
         prior_guidance=cfg.prior_guidance,
         decoder_guidance=cfg.decoder_guidance,
         prior_candidates=cfg.prior_candidates,
+        batch_size=cfg.batch_size,
         seed=cfg.seed,
         base=cfg.base,
         strength=cfg.strength,
@@ -154,9 +156,15 @@ def run(cfg: EvalDecoderConfig) -> dict:
     b, rows = _held_out(cfg, codec, ("img_emb", "latents"))
     gen = torch.Generator().manual_seed(cfg.seed)
     cond = F.normalize(b["img_emb"].float(), dim=-1)
-    true_img = latents_to_images(b["latents"], codec, device)
-    recon = decode(m, cond.to(device), sc, gen)
-    recon_img = latents_to_images(recon, codec, device)
+    # in --batch-size chunks, as text -> image is: --max-samples at once could exceed a GPU's memory
+    chunks = range(0, len(cond), sc.batch_size)
+    true_img = np.concatenate(
+        [latents_to_images(b["latents"][s : s + sc.batch_size], codec, device) for s in chunks]
+    )
+    recon = torch.cat([decode(m, cond[s : s + sc.batch_size].to(device), sc, gen) for s in chunks])
+    recon_img = np.concatenate(
+        [latents_to_images(recon[s : s + sc.batch_size], codec, device) for s in chunks]
+    )
     true_emb = clip_image_embeddings(m.clip, true_img)
     recon_emb = clip_image_embeddings(m.clip, recon_img)
     report: dict = {

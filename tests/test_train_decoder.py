@@ -263,7 +263,12 @@ def test_eval_refuses_an_unwritable_default_report_folder_before_the_work(
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
-def test_eval_decoder_reports_against_floor_and_ceiling(pair, data, tmp_path):
+def test_eval_decoder_reports_against_floor_and_ceiling(pair, data, tmp_path, monkeypatch):
+    from jobs import eval_decoder
+
+    # reconstructions go in chunks of --batch-size (8 = 3 + 3 + 2), as text -> image does, not all at once
+    sizes, decode = [], eval_decoder.decode
+    monkeypatch.setattr(eval_decoder, "decode", lambda m, e, *a: sizes.append(len(e)) or decode(m, e, *a))
     args = [
         "eval-decoder",
         "--decoder",
@@ -277,9 +282,11 @@ def test_eval_decoder_reports_against_floor_and_ceiling(pair, data, tmp_path):
         cli(
             args
             + ["--max-samples", "8", "--decoder-steps", "2", "--prior-steps", "2", "--out", str(tmp_path)]
+            + ["--batch-size", "3"]
         )
         == 0
     )
+    assert sizes[:3] == [3, 3, 2]
     r = json.loads((tmp_path / "eval_decoder.json").read_text())
     assert r["samples"] == 8
     assert r["settings"]["prior_steps"] == 2 and r["settings"]["prior_candidates"] == 2  # traceable figures
