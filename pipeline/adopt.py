@@ -209,6 +209,12 @@ def run(cfg: AdoptConfig) -> dict:
             return _report(folder, manifest, checks, adopted_now=False)
         if not old.get("identity", {}).get("adopted"):
             raise UsageError(f"{folder} is already a store written by `unclip embed`; it needs no adopting")
+    for place in (folder / "done", folder):  # before the checksums, which read every byte: a read-only mount
+        if (blocked := store.unwritable(place)) is not None:
+            raise UsageError(
+                f"{folder} cannot be adopted here: {blocked} is not writable (adopt writes manifest.json and done/ "
+                "markers beside the embeddings); copy or link the folder somewhere writable"
+            )
     for c in tqdm(checks, desc="adopt: checksums", unit="shard", disable=None):
         files = {
             str(store.field_path(folder, f, c.shard).relative_to(folder)): _digest(

@@ -221,3 +221,19 @@ def test_embed_never_writes_into_an_adopted_folder_even_with_overwrite(overwrite
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "is a folder adopted with `unclip adopt`" in err
     assert snapshot(folder) == before
+
+
+def test_a_folder_that_cannot_be_written_is_one_line_before_the_checksums(tmp_path, capsys, monkeypatch):
+    """A read-only mount (as LAION's sets often are): a PermissionError traceback after hashing every file."""
+    import pipeline.adopt as adopt
+
+    folder = tmp_path / "ro"
+    write_clip_retrieval_folder(folder, {0: 10, 1: 10})
+    digests = []
+    monkeypatch.setattr(adopt, "_digest", lambda p: digests.append(p) or "x")
+    monkeypatch.setattr(store, "unwritable", lambda p: folder if Path(p) == folder else None)
+    before = snapshot(folder)
+    assert main(["adopt", str(folder), *ADOPT]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{folder} is not writable" in err[0], err
+    assert not digests and snapshot(folder) == before
