@@ -192,9 +192,20 @@ def reusable_store(cfg: EmbedConfig) -> dict | None:
             f"--out {root} is a folder adopted with `unclip adopt`: its embeddings are your files, which embed "
             "never writes over or deletes, even with --overwrite; give another --out"
         )
-    # --overwrite replaces it, even with a manifest that does not read
-    if not is_store(root) or cfg.overwrite:
+    if not is_store(root):
         return None
+    if cfg.overwrite:  # replaces a store made with other settings, even one whose manifest does not read
+        try:
+            old = store.load_manifest(root)
+        except (UsageError, OSError):
+            return None
+        if old.get("identity") != identity:
+            return None
+        # Made with these settings (say the same command, rerun after a Ctrl-C): continued, not wiped
+        log.info(
+            "--overwrite: %s was made with these settings; continuing it (delete it to start over)", root
+        )
+        return old
     old = store.load_manifest(root)
     if old.get("identity") != identity:
         diff = [k for k in IDENTITY if old.get("identity", {}).get(k) != identity[k]]

@@ -371,8 +371,12 @@ def check_is_store_or_empty(root: str | Path) -> bool:
         raise ValueError(f"{root} is a file, not a store folder")
     if (root / MANIFEST).is_file():
         return True
-    if root.exists() and any(root.iterdir()):
+    # A first run killed while it wrote its manifest leaves only that write's temp file: still an empty store
+    leftovers = list(root.glob(f".{MANIFEST}.tmp*")) if root.is_dir() else []
+    if root.exists() and any(p not in leftovers for p in root.iterdir()):
         raise ValueError(f"{root} is not empty and holds no {MANIFEST}, so it is not a store")
+    for p in leftovers:
+        p.unlink(missing_ok=True)
     if (blocked := unwritable(root)) is not None:
         raise ValueError(f"{root} cannot be written ({blocked} is not writable)")
     return False
@@ -435,11 +439,11 @@ def wipe(root: str | Path, *, new_manifest: dict) -> list[str]:
             listed = [] if marker.get("source") == "adopted" else list(marker.get("files", {}))
         except (OSError, ValueError, ManifestError):
             listed = []  # an unreadable marker names nothing: only the marker itself goes
+        rm(done_path(root, shard))  # first, as in `remove_shard`: killed midway, no marker outlives its files
         for rel in listed:
             p = root / rel
             if p.resolve().is_relative_to(base):  # a marker cannot send us outside the store
                 rm(p)
-        rm(done_path(root, shard))
     folders = [root / f for f in {f[0] for f in FIELDS.values()}] + [root / "done", root / "logs"]
     for folder in folders:
         for tmp in folder.glob(".*.tmp*") if folder.is_dir() else []:

@@ -772,3 +772,55 @@ def test_overwrite_killed_right_after_its_wipe_is_still_a_store_a_rerun_takes(wo
     monkeypatch.setattr(store, "wipe", real)
     assert main(args) == 0
     assert store.done_shards(out) == ["00007"] and (out / "img_emb" / "my_notes.txt").read_text() == "mine"
+
+
+def test_overwrite_killed_during_its_wipe_leaves_no_marker_whose_files_are_gone(work, tmp_path, monkeypatch):
+    """The wipe deleted a shard's files before its marker: killed in between, a rerun with the old settings
+    (the old manifest still there) skipped that shard as done and exited 0 over missing files."""
+    out = tmp_path / "store"
+    shutil.copytree(work["good"], out)
+    unlink, calls = Path.unlink, []
+
+    def dying_unlink(self, *a, **kw):
+        calls.append(self.name)
+        if len(calls) == 3:  # some way into the first shard
+            raise KeyboardInterrupt
+        return unlink(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "unlink", dying_unlink)
+    with pytest.raises(KeyboardInterrupt):
+        store.wipe(out, new_manifest=store.load_manifest(out))
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert calls[0].endswith(".json")  # the marker went first
+    for s in store.done_shards(out):
+        assert all((out / rel).exists() for rel in store.read_done(out, s)["files"]), s
+
+
+def test_overwrite_with_the_stores_own_settings_continues_it(work, tmp_path, capsys):
+    """The same command rerun after a Ctrl-C, --overwrite in it: it wiped every finished shard each time."""
+    out = tmp_path / "store"
+    shards = tmp_path / "shards"
+    for n in (0, 1):
+        write_tar(shards / f"0000{n}.tar", [sample(f"0000{n}{i:04d}", i) for i in range(3)])
+    args = ["embed", "--shards", str(shards), "--out", str(out), *TINY, "--overwrite", "--seed", "9"]
+    assert main(args) == 0
+    marker = store.done_path(out, "00000").read_bytes()
+    store.remove_shard(out, "00001")  # as if interrupted before its last shard
+    capsys.readouterr()
+    assert main(args) == 0
+    assert '"rows_this_run": 3' in capsys.readouterr().out  # only the missing shard ran
+    assert store.done_path(out, "00000").read_bytes() == marker and store.done_shards(out) == [
+        "00000",
+        "00001",
+    ]
+
+
+def test_a_first_run_killed_writing_its_manifest_leaves_a_folder_the_rerun_takes(tmp_path):
+    """Its temp file was all the folder held, and every later run refused it as "not empty, not a store"."""
+    out = tmp_path / "store"
+    out.mkdir()
+    (out / ".manifest.json.tmp4242").write_text('{"clip": ')
+    shards = tmp_path / "shards"
+    write_tar(shards / "00000.tar", [sample(f"00000{i:04d}", i) for i in range(3)])
+    assert main(["embed", "--shards", str(shards), "--out", str(out), *TINY]) == 0
+    assert store.done_shards(out) == ["00000"] and not list(out.glob(".manifest.json.tmp*"))
