@@ -11,7 +11,6 @@ skipped; any other shard is redone from scratch, so a rerun after a crash ends b
 from __future__ import annotations
 
 import dataclasses
-import glob as globlib
 import logging
 import os
 import tarfile
@@ -508,6 +507,6 @@ def _finish(
     store.write_json(Path(cfg.out) / "logs" / "embed_summary.json", summary)
     if failed:
         summary["exit_code"] = 1
-    for path in globlib.glob(os.path.join(cfg.out, "**", ".*.tmp*"), recursive=True):
-        os.unlink(path)  # temp files left by workers killed mid-write
+    for path in store.temp_files(cfg.out):
+        path.unlink(missing_ok=True)  # temp files left by workers killed mid-write
     return summary

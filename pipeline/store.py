@@ -444,16 +444,36 @@ def wipe(root: str | Path, *, new_manifest: dict) -> list[str]:
             p = root / rel
             if p.resolve().is_relative_to(base):  # a marker cannot send us outside the store
                 rm(p)
-    folders = [root / f for f in {f[0] for f in FIELDS.values()}] + [root / "done", root / "logs"]
-    for folder in folders:
-        for tmp in folder.glob(".*.tmp*") if folder.is_dir() else []:
-            rm(tmp)
+    folders = store_folders(root)
+    for tmp in temp_files(root):
+        rm(tmp)
     rm(root / "logs" / "embed_summary.json")
     write_json(root / MANIFEST, new_manifest)
     for folder in folders:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
     return removed
+
+
+def store_folders(root: str | Path) -> list[Path]:
+    """The folders this project writes into a store: one per field, done/ and logs/."""
+    root = Path(root)
+    return [root / f for f in sorted({f[0] for f in FIELDS.values()})] + [root / "done", root / "logs"]
+
+
+TEMP_NAME = re.compile(r"\..+\.tmp\d+")  # `atomic_write`'s temp names: .NAME.tmpPID
+
+
+def temp_files(root: str | Path) -> list[Path]:
+    """Temp files `atomic_write` left in a store (a writer killed mid-write): in its own folders only, and only
+    by their name pattern, so a user's files elsewhere under it are never taken for ours."""
+    return [
+        p
+        for folder in [Path(root), *store_folders(root)]
+        if folder.is_dir()
+        for p in folder.iterdir()
+        if TEMP_NAME.fullmatch(p.name) and p.is_file()
+    ]
 
 
 def is_adopted(root: str | Path) -> bool:

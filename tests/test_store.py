@@ -238,3 +238,16 @@ def test_wipe_through_a_symlinked_folder_removes_every_listed_file(tmp_path):
     assert {"done/00000.json", "done/00001.json"} <= set(removed)
     left = sorted(str(p.relative_to(real / "emb")) for p in (real / "emb").rglob("*") if p.is_file())
     assert left == ["manifest.json", "notes.txt"]
+
+
+def test_temp_files_are_atomic_writes_leftovers_in_the_stores_own_folders_only(tmp_path):
+    """A run's end removed every .*.tmp* anywhere under --out (a user's files too), by a glob that a [ in the
+    path broke."""
+    root = tmp_path / "runs[1]" / "store"
+    make_store(root, [4], dim=8)
+    ours = [root / "img_emb" / ".img_emb_00001.npy.tmp77", root / ".manifest.json.tmp5"]
+    theirs = [root / "notes" / ".draft.tmp1", root / "img_emb" / ".cache.tmp", root / "done" / "x.tmp3"]
+    for p in ours + theirs:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    assert sorted(store.temp_files(root)) == sorted(ours)
