@@ -11,12 +11,13 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from jobs.http_server import serve_folder
 from jobs.serve import served_urls
 from pipeline import demo_data, download, store
+from pipeline.errors import StageError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,55 @@ def _timed(stages: dict[str, float], name: str) -> Iterator[None]:
         stages[name] = round(stages.get(name, 0.0) + time.perf_counter() - t0, 1)
 
 
+SETTINGS = "demo_settings.json"
+
+
+def check_settings(cfg: DemoConfig) -> None:
+    """A rerun continues the demo only with the settings that started it (kept in ``--out/demo_settings.json``):
+    the stages resume from what exists, so other ones would be silently ignored (a demo CLIP of other steps kept)
+    or mixed in (scenes of another seed downloaded beside the first's)."""
+    path = Path(cfg.out) / SETTINGS
+    mine = {k: v for k, v in asdict(cfg).items() if k != "out"}
+    if not path.exists():
+        if Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()) and not (Path(cfg.out) / "data").is_dir():
+            raise UsageError(
+                f"--out {cfg.out} is not empty and is not a demo folder; choose a new or empty folder"
+            )
+        store.write_json(path, mine)
+        return
+    try:
+        before = store.read_json(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"{path} cannot be read ({e}); remove it to continue the demo with these settings"
+        ) from e
+    diff = sorted(k for k in mine if before.get(k) != mine[k])
+    if diff:
+        was = ", ".join(f"--{k.replace('_', '-')} {before.get(k)}" for k in diff)
+        raise UsageError(
+            f"{cfg.out} holds a demo run with {was}; rerun with those to continue it, or give another --out"
+        )
+
+
+def _finished(stage: str, report: dict, out: Path) -> None:
+    """A stage that reported a failure (its ``exit_code``, as the command would exit) stops the demo there:
+    the later stages would otherwise train on what a cut download or a failed shard left."""
+    code = int(report.get("exit_code", 0) or 0)
+    if code == 130:
+        raise KeyboardInterrupt
+    if code:
+        raise StageError(
+            f"the demo's {stage} stage did not finish (exit {code}, above); rerun `unclip demo --out {out}` "
+            "to continue once what it names is fixed"
+        )
+
+
 def run(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     data_dir = out / "data"
     stages: dict[str, float] = {}
+    check_settings(cfg)
     print(f"[demo] 1/9 demo-data: {cfg.n} procedural images at {cfg.size}px (seed {cfg.seed}) -> {data_dir}")
     with _timed(stages, "demo_data"):
         demo_data.run(demo_data.DemoDataConfig(out=str(data_dir), n=cfg.n, size=cfg.size, seed=cfg.seed))
@@ -95,6 +140,7 @@ def run(cfg: DemoConfig) -> dict:
             )
         )
     print_download_summary(summary)
+    _finished("download", summary, out)
     report = {"download": summary}
     report.update(_later_stages(cfg, out, data_dir, stages))
     report.update(_decoder_stages(cfg, out, stages))
@@ -140,9 +186,11 @@ def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path, stages: dict[str, 
         f"embed: {emb['rows']} rows in {emb['done']} shards, {emb['errors']} error rows, "
         f"{emb['samples_per_second']} samples/s this run"
     )
+    _finished("embed", emb, out)
     with _timed(stages, "validate"):
         val = validate.run(validate.ValidateConfig(store=str(store_dir)))
     validate.print_report(val)
+    _finished("validate", val, out)
     print(f"[demo] 5/9 train-prior: tiny preset, {cfg.prior_steps} steps -> {out / 'prior'}")
     with _timed(stages, "train_prior"):
         tp = train_prior.main(

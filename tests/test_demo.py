@@ -84,3 +84,40 @@ def test_a_rerun_that_finds_a_stage_trained_says_so_instead_of_a_nan_loss():
         _trained("train-decoder", rerun)
         == "train-decoder: already trained to step 1000 (checkpoint in d/ckpt)"
     )
+
+
+def test_a_rerun_with_other_settings_is_refused_before_any_stage(tmp_path):
+    """Stages resume from what exists: a rerun with --seed 1 downloaded the new seed's scenes beside the old
+    ones' shards, and --clip-steps was ignored once a demo CLIP existed. Now named, and nothing runs."""
+    from jobs.demo import SETTINGS, check_settings
+    from pipeline.errors import UsageError
+
+    check_settings(DemoConfig(out=str(tmp_path / "d"), n=100))
+    assert json.loads((tmp_path / "d" / SETTINGS).read_text())["n"] == 100
+    check_settings(DemoConfig(out=str(tmp_path / "d"), n=100))  # the same: continues
+    with pytest.raises(
+        UsageError, match="holds a demo run with --clip-steps 800, --seed 0; rerun with those"
+    ):
+        check_settings(DemoConfig(out=str(tmp_path / "d"), n=100, seed=1, clip_steps=5))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match="is not empty and is not a demo folder"):
+        check_settings(DemoConfig(out=str(tmp_path / "mine")))
+
+
+@pytest.mark.parametrize("code, raised", [(1, "StageError"), (130, "KeyboardInterrupt")])
+def test_a_stage_that_reports_a_failure_stops_the_demo(tmp_path, monkeypatch, code, raised):
+    """download/embed/validate report failure by exit_code, not by raising: the demo went on to train on a
+    cut download and exited 0."""
+    from jobs import demo, demo_clip
+    from pipeline.errors import StageError
+
+    monkeypatch.setattr(demo.demo_data, "run", lambda cfg: None)
+    monkeypatch.setattr(demo, "served_urls", lambda *a: tmp_path / "urls.parquet")
+    report = {"complete": False, "exit_code": code, "successes": 3, "failed": 1}
+    monkeypatch.setattr(demo.download, "run", lambda cfg: report)
+    monkeypatch.setattr(demo, "print_download_summary", lambda s: None)
+    monkeypatch.setattr(demo_clip, "run", lambda cfg: pytest.fail("the demo went on past a failed download"))
+    (tmp_path / "data").mkdir()
+    with pytest.raises({"StageError": StageError, "KeyboardInterrupt": KeyboardInterrupt}[raised]):
+        run(DemoConfig(out=str(tmp_path)))
