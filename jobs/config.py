@@ -153,7 +153,10 @@ def _check_value(name: str, tp: Any, optional: bool, v: Any, source: str) -> Any
     if not ok:
         raise UsageError(f"{source}: '{name}' must be {_JSON_NAMES.get(tp, tp)}, got {_json_kind(v)}")
     if tp is float:
-        v = float(v)
+        try:
+            v = float(v)
+        except OverflowError:  # a JSON integer beyond float range
+            raise UsageError(f"{source}: '{name}' must be a finite number, got {_json_kind(v)}") from None
         if not math.isfinite(v):
             raise UsageError(f"{source}: '{name}' must be a finite number, got {v}")
     return v

@@ -214,6 +214,11 @@ def _required(command: str, tmp_path: Path, work: dict) -> list[str]:
         ("embed", '{"device": "tpu"}', "unknown --device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
         ("train-prior", '{"steps": "4"}', "'steps' must be an integer, got the string \"4\""),
         ("train-prior", '{"lr": NaN}', "'lr' must be a finite number"),
+        (
+            "train-prior",
+            '{"lr": 1' + "0" * 400 + "}",
+            "'lr' must be a finite number, got int 1000",
+        ),  # overflow
         ("train-prior", '{"resume": 1}', "'resume' must be true or false"),
         ("train-prior", "[1, 2]", "must hold a JSON object of settings (got list)"),
         ("eval-prior", "null", "must hold a JSON object of settings (got null)"),
