@@ -176,6 +176,15 @@ def run(cfg: ExportConfig) -> dict:
                 f"the decoder was trained on the '{codec.get('codec')}' latent codec; only 'vae' decoders export "
                 "to KandinskyV22Pipeline (its movq decodes VAE latents; pixels folded space-to-depth have no movq)"
             )
+        fold = int((meta.get("model") or {}).get("space_to_depth", 1))
+        if (
+            fold != 1
+        ):  # the pipeline hands its UNet the latents as they are: it would get 4 channels, not 4 f^2
+            raise UsageError(
+                f"the decoder folds {fold} x {fold} latent blocks into channels (space_to_depth {fold}, the tiny "
+                "presets' way), which KandinskyV22Pipeline cannot do; export a decoder trained without it (b32, "
+                "l14 presets)"
+            )
         jobs.append((export_decoder, folder, meta, _target(cfg, "decoder", folder, meta)))
     if cfg.prior:
         from jobs.export_prior import export_prior, exportable

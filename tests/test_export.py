@@ -19,7 +19,9 @@ from tests.test_embed import tiny_vae
 pytest.importorskip("transformers")  # the export extra; `make install` installs it
 
 
-def tiny_decoder_checkpoint(root: Path, vae_dir: Path | None, codec: str = "vae") -> tuple[Path, object]:
+def tiny_decoder_checkpoint(
+    root: Path, vae_dir: Path | None, codec: str = "vae", space_to_depth: int = 1
+) -> tuple[Path, object]:
     """A randomly initialised decoder (seed 0) saved the way train-decoder saves one, for a VAE-latents store."""
     from models.decoder import DiffusionDecoder, decoder_config
 
@@ -29,7 +31,7 @@ def tiny_decoder_checkpoint(root: Path, vae_dir: Path | None, codec: str = "vae"
         emb_dim=16,
         latent_channels=4,
         latent_size=8,
-        space_to_depth=1,
+        space_to_depth=space_to_depth,
         widths=(32, 64),
         guidance_scale=1.0,
     )
@@ -114,6 +116,8 @@ def test_exported_pipeline_draws_the_images_unclip_draws(exported, guidance):
     "case, want",
     [
         ("pixels_codec", "only 'vae' decoders export to KandinskyV22Pipeline"),
+        # a tiny-preset decoder on VAE latents: exported, its pipeline crashed (16 channels for a 4-channel UNet)
+        ("folded_latents", "folds 2 x 2 latent blocks into channels (space_to_depth 2"),
         ("prior_given", "is a decoder checkpoint, not a prior"),
         ("exists", "step 999); pass --overwrite to replace it"),
         ("overwrite_a_run", "is not an earlier export (no readable unclip_export.json in it)"),
@@ -127,6 +131,9 @@ def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
     args = ["export", "--decoder", str(run), "--out", str(out)]
     if case == "pixels_codec":
         run, _ = tiny_decoder_checkpoint(tmp_path / "pix", None, codec="pixels")
+        args[2] = str(run)
+    elif case == "folded_latents":
+        run, _ = tiny_decoder_checkpoint(tmp_path / "fold", d / "vae", space_to_depth=2)
         args[2] = str(run)
     elif case == "prior_given":
         args += ["--prior", str(run)]
