@@ -53,7 +53,7 @@ lint: $(VENV_STAMP) ## ruff lint and format check
 
 download: $(VENV_STAMP) ## download URLS=table.parquet into OUT=shards/ (webdataset, img2dataset)
 	@test -n "$(URLS)" || { echo "usage: make download URLS=urls.parquet OUT=shards/" >&2; exit 2; }
-	.venv/bin/unclip download --urls $(URLS) --out $(or $(OUT),shards)
+	.venv/bin/unclip download --urls $(URLS) --out $(or $(OUT),shards) $(ARGS)
 
 STORE ?= store
 PRIOR_OUT ?= prior

@@ -401,21 +401,30 @@ def _save(step: int, run: RunState) -> None:
     checkpoint.save(run.ckpt_dir, step, run.model, run.ema, state, meta)
 
 
+def _last_good(run: RunState) -> str:
+    """What a diverged run leaves, and what to do about it."""
+    if (run.ckpt_dir / "latest").exists():
+        return f"the last good checkpoint is in {run.ckpt_dir} (lower --lr or raise --warmup-steps, then --resume)"
+    return "no checkpoint was written yet (lower --lr or raise --warmup-steps, and start again)"
+
+
 def _step(model: torch.nn.Module, batch: dict, step: int, run: RunState) -> tuple[float, float]:
     """One optimiser step; (loss, gradient norm). A non-finite loss or gradient stops the run untouched."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.startswith("cuda")):
         loss = model(batch, run.gen)
     if not torch.isfinite(loss):
-        raise StageError(
-            f"loss is {loss.item()} at step {step}: stopping; the last good checkpoint is in "
-            f"{run.ckpt_dir} (lower --lr or raise --warmup-steps, then --resume)"
-        )
+        bad = [k for k, v in batch.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # the data, not the learning rate
+            raise StageError(
+                f"loss is {loss.item()} at step {step}: this step's {', '.join(bad)} hold NaN or inf values from "
+                f"the store; `unclip validate {run.cfg.data}` names the file"
+            )
+        raise StageError(f"loss is {loss.item()} at step {step}: stopping; {_last_good(run)}")
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
     if not torch.isfinite(grad_norm):
         raise StageError(
-            f"gradient norm is {float(grad_norm)} at step {step}: stopping before the update; the last good "
-            f"checkpoint is in {run.ckpt_dir} (lower --lr, then --resume)"
+            f"gradient norm is {float(grad_norm)} at step {step}: stopping before the update; {_last_good(run)}"
         )
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)

@@ -168,6 +168,33 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, mo
     )
 
 
+def test_a_nan_in_the_store_names_the_data_and_validate_not_the_learning_rate(data, tmp_path):
+    """It said "lower --lr ... the last good checkpoint is in RUN/ckpt", a folder that did not exist yet."""
+    import shutil
+
+    import numpy as np
+
+    from pipeline import store
+
+    bad = tmp_path / "store"
+    shutil.copytree(data, bad)
+    for s in store.done_shards(bad):  # every row: the first step's batch holds one whatever the order
+        p = store.field_path(bad, "img_emb", s)
+        if not p.exists():  # a 0-row shard has no files
+            continue
+        a = np.load(p)
+        a[:, 0] = np.nan
+        np.save(p, a)
+    with pytest.raises(
+        StageError, match=f"img_emb hold NaN or inf values from the store; `unclip validate {bad}`"
+    ):
+        main(cfg_for(str(bad), tmp_path / "run"))
+    with pytest.raises(StageError, match="no checkpoint was written yet"):
+        from jobs.train_loop import _last_good
+
+        raise StageError(_last_good(type("R", (), {"ckpt_dir": tmp_path / "run" / "ckpt"})()))
+
+
 @pytest.mark.slow  # ~11 s: 400 steps; the quick learning check is test_tiny_prior_overfits_16_pairs
 def test_prior_learns_the_mapping(data, tmp_path, capsys):
     main(
