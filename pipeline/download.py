@@ -109,6 +109,23 @@ def _scan_jsonl(path: str) -> tuple[list[str], int]:
     return list(columns), n
 
 
+URL_CHECKED = 1000  # first rows whose URLs must have a scheme
+
+
+def check_urls(path: str, url_col: str, urls: list) -> None:
+    """The first rows' URLs must be URLs (a scheme: http://, https://, file://): img2dataset fails each path
+    ("images/00001.png") as an "unknown url type", and the run ends with every row failed."""
+    from urllib.parse import urlsplit
+
+    for i, u in enumerate(urls, 1):
+        if isinstance(u, str) and not urlsplit(u).scheme:
+            raise UsageError(
+                f"--url-col '{url_col}' of {path} holds {u[:80]!r} (row {i}), not a URL: img2dataset downloads "
+                "http://, https:// or file:// URLs (serve a folder of images over HTTP, or give file:// + its "
+                "absolute path)"
+            )
+
+
 def check_columns(path: str, fmt: str, url_col: str, caption_col: str) -> None:
     """URLs must be strings and captions strings or missing, in every row: img2dataset fails on the first
     row that is not, after shards were started."""
@@ -124,12 +141,23 @@ def check_columns(path: str, fmt: str, url_col: str, caption_col: str) -> None:
                 or (nullable_ok and pa.types.is_null(tp))
             ):
                 raise UsageError(f"{flag} '{col}' of {path} holds {tp}, not text")
+        first = next(pq.ParquetFile(path).iter_batches(batch_size=URL_CHECKED, columns=[url_col]), None)
+        check_urls(path, url_col, first.column(0).to_pylist() if first is not None else [])
+    elif fmt in ("csv", "tsv"):
+        opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
+        first = next(iter(pacsv.open_csv(path, parse_options=opts)), None)
+        check_urls(
+            path, url_col, first.column(url_col).to_pylist()[:URL_CHECKED] if first is not None else []
+        )
     elif fmt == "jsonl":
+        urls = []
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 obj = json.loads(line)
+                if len(urls) < URL_CHECKED:
+                    urls.append(obj.get(url_col))
                 if not isinstance(obj.get(url_col), str):
                     raise UsageError(
                         f"{path} line {lineno}: '{url_col}' is not a string ({obj.get(url_col)!r})"
@@ -137,6 +165,7 @@ def check_columns(path: str, fmt: str, url_col: str, caption_col: str) -> None:
                 cap = obj.get(caption_col)
                 if cap is not None and not isinstance(cap, str):
                     raise UsageError(f"{path} line {lineno}: '{caption_col}' is not a string ({cap!r})")
+        check_urls(path, url_col, urls)
 
 
 def check_out(out: str, urls: str | None = None) -> None:
@@ -385,5 +414,11 @@ def run(cfg: DownloadConfig) -> dict:
         summary["exit_code"] = 130 if interrupted else 1
     elif interrupted:
         summary["exit_code"] = 130
+    elif summary["rows"] and not summary["successes"]:  # finished, and nothing to embed: a failed download
+        reason = next(iter(summary["failures_by_reason"]), "unknown")
+        log.error(
+            "download: none of the %d images could be downloaded (first reason: %s)", summary["rows"], reason
+        )
+        summary["exit_code"] = 1
     write_json(Path(cfg.out) / SUMMARY, summary)
     return summary

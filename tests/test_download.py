@@ -162,6 +162,8 @@ def test_download_never_writes_over_the_users_files(tmp_path, capsys, case, mess
         ("missing_col", "--caption-col 'caption' is not a column of"),
         ("empty", "has no rows"),
         ("bad_size", "--image-size must be between 8 and 8192"),
+        # demo-data's own table: paths, which img2dataset failed one by one, ending with 0 images and exit 0
+        ("paths_not_urls", "holds 'images/00000.png' (row 1), not a URL"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case, message):
@@ -181,6 +183,8 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case, message):
         args = ["--urls", str(tmp_path / "urls.jsonl")]
     elif case == "bad_size":
         args += ["--image-size", "0"]
+    elif case == "paths_not_urls":
+        pq.write_table(pa.table({"url": ["images/00000.png"], "caption": ["a"]}), urls)
     out = tmp_path / "out"
     out.mkdir()
     assert main(["download", *args, "--out", str(out)]) == 2
@@ -342,3 +346,15 @@ def test_jsonl_columns_are_every_key_as_pyarrow_reads_them(tmp_path):
     urls.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert count_rows(str(urls), "jsonl") == (["url", "caption", "w"], 2)
     assert pajson.read_json(urls).column_names == ["url", "caption", "w"]
+
+
+def test_a_download_where_every_url_failed_exits_1(tmp_path, capsys):
+    """Finished, with nothing to embed: it exited 0."""
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(
+        pa.table({"url": [f"http://127.0.0.1:9/{i}.jpg" for i in range(3)], "caption": ["a"] * 3}), urls
+    )
+    args = ["download", "--urls", str(urls), "--out", str(tmp_path / "out"), "--image-size", "32"]
+    assert main([*args, "--processes", "1", "--threads", "2", "--timeout", "2"]) == 1
+    summary = json.loads((tmp_path / "out" / "summary" / "download_summary.json").read_text())
+    assert summary["complete"] and summary["successes"] == 0 and summary["exit_code"] == 1
