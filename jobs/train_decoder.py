@@ -50,6 +50,10 @@ def dequantized_latents(batch: dict, codec: dict, size: int | None = None) -> to
     return x
 
 
+# Presets made to be the first stage of a two-stage decoder: without --resolution they train at their own side.
+FIRST_STAGES = ("tiny-base",)
+
+
 class DecoderTask(Task):
     name = "decoder"
     loss_label = "loss (min-SNR weighted v MSE)"
@@ -79,6 +83,18 @@ class DecoderTask(Task):
                 f"--resolution {cfg.resolution} must divide the store's latent side {h} (0 = train at {h})"
             )
         self.size = cfg.resolution or h
+        own = DECODER_PRESETS[cfg.preset].latent_size
+        if not cfg.resolution and cfg.preset in FIRST_STAGES and own < h and h % own == 0:
+            self.size = (
+                own  # a first stage at the store's full side took hours for what it is not meant to do
+            )
+            log.info(
+                "--preset %s: training at its own %d x %d (the store's %d pooled; --resolution to change)",
+                cfg.preset,
+                own,
+                own,
+                h,
+            )
         overrides = {"emb_dim": manifest["clip"]["dim"], "latent_channels": c, "latent_size": self.size}
         for name in ("guidance_scale", "snr_shift"):
             if getattr(cfg, name) is not None:

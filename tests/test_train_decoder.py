@@ -328,6 +328,9 @@ def test_two_stage_decoder_base_at_lower_resolution_then_image_to_image(pair, da
     main(cfg_for(data, tmp_path / "base", preset="tiny-base", resolution=8, steps=4, save_every=4))
     meta = checkpoint.read_meta(checkpoint.resolve(tmp_path / "base"))
     assert meta["model"]["latent_size"] == 8 and meta["store"]["latents"]["shape"] == [3, 16, 16]
+    # the first-stage preset without --resolution trains at its own 8 x 8, not the store's 16 (hours on the demo)
+    main(cfg_for(data, tmp_path / "base_own", preset="tiny-base", steps=1, save_every=1))
+    assert checkpoint.read_meta(checkpoint.resolve(tmp_path / "base_own"))["model"]["latent_size"] == 8
     m = attach_base(load_models(str(pair / "prior"), str(pair / "decoder"), "cpu"), str(tmp_path / "base"))
     emb = torch.randn(4, DIM, generator=torch.Generator().manual_seed(0))
     cfg = SampleConfig(prior="", decoder="", decoder_steps=25, strength=0.04)
