@@ -77,13 +77,18 @@ def sample_attributes(rng: np.random.Generator) -> dict[str, str | None]:
 
 def caption_for(attrs: dict[str, str | None]) -> str:
     parts = [
-        f"a {attrs[f'color{i}']} {attrs[f'shape{i}']} at the {attrs[f'position{i}']}"
+        f"{_article(attrs[f'color{i}'])} {attrs[f'color{i}']} {attrs[f'shape{i}']} at the {attrs[f'position{i}']}"
         for i in (1, 2)
         if attrs[f"shape{i}"] is not None
     ]
     return f"{' and '.join(parts)} on a {attrs['background']} background".replace(
         "at the center", "in the center"
     )
+
+
+def _article(word: str) -> str:
+    """ "an orange", as the demo's prompts and any user write it (captions said "a orange" until 2026-12-05)."""
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def draw(attrs: dict[str, str | None], size: int) -> Image.Image:

@@ -38,7 +38,8 @@ def test_captions_match_attributes_and_pixels(tmp_path):
             if r[f"shape{i}"] is None:
                 continue
             two += i == 2
-            phrase = f"a {r[f'color{i}']} {r[f'shape{i}']} " + (
+            article = "an" if r[f"color{i}"] == "orange" else "a"  # "an orange", grammatical as prompts are
+            phrase = f"{article} {r[f'color{i}']} {r[f'shape{i}']} " + (
                 "in the center" if r[f"position{i}"] == "center" else f"at the {r[f'position{i}']}"
             )
             assert phrase in r["caption"]
