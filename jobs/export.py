@@ -51,17 +51,8 @@ def scheduler_for_export(num_train_timesteps: int):
     return make_scheduler("ddim", "v_prediction", num_train_timesteps)
 
 
-def movq_from_vae(vae) -> torch.nn.Module:
-    """A diffusers VQModel whose ``decode(x, force_not_quantize=True)`` equals ``vae.decode(x / scale)`` for an
-    `AutoencoderKL` ``vae`` (its decoder and post_quant_conv, the scale folded into the latter)."""
-    from diffusers import VQModel
-
-    c = vae.config
-    if not c.get("use_post_quant_conv", True):
-        raise UsageError(
-            "this VAE has no post_quant_conv to fold its scaling factor into; it cannot be exported"
-        )
-    movq = VQModel(
+def _vq_model(VQModel, c) -> torch.nn.Module:
+    return VQModel(
         in_channels=c.in_channels,
         out_channels=c.out_channels,
         down_block_types=tuple(c.down_block_types),
@@ -77,6 +68,23 @@ def movq_from_vae(vae) -> torch.nn.Module:
         scaling_factor=c.scaling_factor,
         norm_type="group",
     )
+
+
+def movq_from_vae(vae) -> torch.nn.Module:
+    """A diffusers VQModel whose ``decode(x, force_not_quantize=True)`` equals ``vae.decode(x / scale)`` for an
+    `AutoencoderKL` ``vae`` (its decoder and post_quant_conv, the scale folded into the latter)."""
+    from diffusers import VQModel
+
+    c = vae.config
+    if not c.get("use_post_quant_conv", True):
+        raise UsageError(
+            "this VAE has no post_quant_conv to fold its scaling factor into; it cannot be exported"
+        )
+    # The parts a VQModel has and the VAE does not (its encoder, the codebook) are drawn at random: seeded here,
+    # so that an export is the same bytes every time (a rerun's export used to differ with the caller's RNG state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        movq = _vq_model(VQModel, c)
     state = movq.state_dict()
     src = vae.state_dict()
     for k in state:

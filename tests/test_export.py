@@ -181,6 +181,21 @@ def test_an_interrupted_exports_rerun_is_the_same_command(exported, tmp_path):
             assert (out / "decoder" / f.relative_to(d / "out/decoder")).read_bytes() == f.read_bytes(), f
 
 
+def test_an_export_is_the_same_bytes_whatever_the_callers_random_state(exported, tmp_path):
+    """The movq's parts the VAE lacks (encoder, codebook) were drawn from the global generator: a rerun's export
+    differed from the first with whatever had run before it."""
+    d = exported[0]
+    outs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        outs.append(tmp_path / f"out{seed}")
+        assert main(["export", "--decoder", str(d / "run"), "--out", str(outs[-1])]) == 0
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+    assert any(f.name == "diffusion_pytorch_model.safetensors" and "movq" in f.parts for f in files)
+    for f in files:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+
+
 def test_overwrite_replaces_an_earlier_export(exported, tmp_path):
     d = exported[0]
     out = tmp_path / "out"

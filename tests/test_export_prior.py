@@ -170,6 +170,19 @@ def test_presets_that_do_not_map_are_refused_in_one_line(overrides, want, clip, 
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_a_prior_export_is_the_same_bytes_whatever_the_callers_random_state(clip, tmp_path):
+    run = save_prior(tmp_path / "run", random_prior())
+    outs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        outs.append(tmp_path / f"out{seed}")
+        assert main(["export", "--prior", str(run), "--out", str(outs[-1])]) == 0
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+    assert len(files) > 5
+    for f in files:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+
+
 def test_the_fold_is_an_isometry_onto_zero_sum_vectors():
     q = ep.zero_sum_isometry(7)
     assert q.shape == (8, 7)
