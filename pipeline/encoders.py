@@ -109,6 +109,19 @@ def validate_clip(arch: str, pretrained: str, check_file: bool = True) -> None:
         )
 
 
+def reachable_or_refuse(what: str, host: str, hint: str, probe_timeout: float) -> None:
+    """Weights not in the local cache: a UsageError unless ``host`` answers within ``probe_timeout`` seconds
+    (offline, huggingface_hub would retry for about a minute per process)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise UsageError(f"{what} not cached and HF_HUB_OFFLINE is set; {hint}")
+    try:
+        socket.create_connection((host, 443), timeout=probe_timeout).close()
+    except OSError as e:
+        raise UsageError(f"{what} not cached and {host} cannot be reached ({e}); {hint}") from e
+
+
 def ensure_pretrained(arch: str, pretrained: str, probe_timeout: float = 5.0) -> None:
     """Make a pretrained tag's weights available locally, or fail in one line, fast.
 
@@ -117,7 +130,6 @@ def ensure_pretrained(arch: str, pretrained: str, probe_timeout: float = 5.0) ->
     weights need nothing."""
     if pretrained.lower() in RANDOM or is_path(pretrained):
         return
-    import socket
     from urllib.parse import urlparse
 
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
@@ -133,14 +145,7 @@ def ensure_pretrained(arch: str, pretrained: str, probe_timeout: float = 5.0) ->
         host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     else:
         host = urlparse(cfg.get("url", "")).hostname
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        raise UsageError(f"CLIP weights {arch}/{pretrained} are not cached and HF_HUB_OFFLINE is set; {hint}")
-    try:
-        socket.create_connection((host, 443), timeout=probe_timeout).close()
-    except OSError as e:
-        raise UsageError(
-            f"CLIP weights {arch}/{pretrained} are not cached and {host} cannot be reached ({e}); {hint}"
-        ) from e
+    reachable_or_refuse(f"CLIP weights {arch}/{pretrained} are", host, hint, probe_timeout)
     try:
         download_pretrained(cfg)
     except Exception as e:  # network or hub errors come in many types
@@ -339,23 +344,14 @@ def validate_vae(name_or_path: str, probe_timeout: float = 5.0) -> None:
             f"VAE folder not found: {name_or_path} (--vae is a diffusers AutoencoderKL folder or a hub name such "
             "as stabilityai/sd-vae-ft-mse)"
         )
-    import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
         return
-    hint = "pass a local folder with --vae PATH"
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        raise UsageError(f"VAE {name_or_path} is not cached and HF_HUB_OFFLINE is set; {hint}")
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=probe_timeout).close()
-    except OSError as e:
-        raise UsageError(
-            f"VAE {name_or_path} is not cached and {host} cannot be reached ({e}); {hint}"
-        ) from e
+    reachable_or_refuse(f"VAE {name_or_path} is", host, "pass a local folder with --vae PATH", probe_timeout)
 
 
 @lru_cache(maxsize=2)

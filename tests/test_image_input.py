@@ -336,6 +336,18 @@ def test_cheap_items_skip_the_decode_threads_and_order_is_kept():
     assert all(ran_in[i] == (i % 3 != 0) for i in range(30))
 
 
+def _one_shard(tmp_path: Path, samples: list[dict], decode: str) -> tuple[Path, dict]:
+    """``samples`` as one tar through the shard task (unclip-tiny, batch 8, no latents): (store, done marker)."""
+    write_tar(tmp_path / "shards" / "00000.tar", samples)
+    out = tmp_path / "store"
+    out.mkdir()
+    params = ShardParams(
+        out=str(out), clip="unclip-tiny", pretrained="none", seed=0, device="cpu", batch_size=8, latents="none",
+        vae="", text_encodings=False, torch_threads=0, latent_params=None, image_decode=decode,
+    )  # fmt: skip
+    return out, embed_shard(str(tmp_path / "shards" / "00000.tar"), params)
+
+
 @pytest.mark.parametrize("decode", ["pil", "device"])
 def test_an_image_too_narrow_to_resize_is_an_error_row_not_its_shards_failure(tmp_path, decode):
     """A 1 x 3,000,000 PNG (11 KB) asked open_clip's Resize for a 224 x 672 M image: the MemoryError failed the
@@ -345,15 +357,7 @@ def test_an_image_too_narrow_to_resize_is_an_error_row_not_its_shards_failure(tm
     samples = [sample("000000000", 0), sample("000000001", 1, image=narrow_png)]
     samples += [sample("000000002", 2, image=banner_jpeg), sample("000000003", 3)]
     samples.append(sample("000000004", 4, image=_image("JPEG", size=(1000, 10))))  # exactly 100:1: embedded
-    d = tmp_path / "d"
-    write_tar(d / "shards" / "00000.tar", samples)
-    out = d / "store"
-    out.mkdir()
-    params = ShardParams(
-        out=str(out), clip="unclip-tiny", pretrained="none", seed=0, device="cpu", batch_size=8, latents="none",
-        vae="", text_encodings=False, torch_threads=0, latent_params=None, image_decode=decode,
-    )  # fmt: skip
-    marker = embed_shard(str(d / "shards" / "00000.tar"), params)
+    out, marker = _one_shard(tmp_path, samples, decode)
     assert marker["rows"] == 3
     assert store.read_metadata(out, "00000")["key"].to_pylist() == ["000000000", "000000003", "000000004"]
     errors = pq.read_table(store.field_path(out, "errors", "00000")).to_pylist()
@@ -370,14 +374,8 @@ def test_a_decompression_bomb_is_the_same_error_row_on_both_paths(tmp_path, monk
     embed it, so the two paths' error rows differed. (The limit is lowered here: a real bomb is 179 M pixels.)"""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1200)
     samples = [sample("000000000", 0), sample("000000001", 1, size=(60, 60)), sample("000000002", 2)]
-    write_tar(tmp_path / "00000.tar", samples)
-    out = tmp_path / "store"
-    out.mkdir()
-    params = ShardParams(
-        out=str(out), clip="unclip-tiny", pretrained="none", seed=0, device="cpu", batch_size=8, latents="none",
-        vae="", text_encodings=False, torch_threads=0, latent_params=None, image_decode=decode,
-    )  # fmt: skip
-    assert embed_shard(str(tmp_path / "00000.tar"), params)["rows"] == 2
+    out, marker = _one_shard(tmp_path, samples, decode)
+    assert marker["rows"] == 2
     (error,) = pq.read_table(store.field_path(out, "errors", "00000")).to_pylist()
     assert (
         error["key"] == "000000001" and "DecompressionBombError: Image size (3600 pixels)" in error["reason"]
