@@ -413,7 +413,11 @@ def _step(model: torch.nn.Module, batch: dict, step: int, run: RunState) -> tupl
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.startswith("cuda")):
         loss = model(batch, run.gen)
     if not torch.isfinite(loss):
-        bad = [k for k, v in batch.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = [
+            k
+            for k, v in batch.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
+        ]
         if bad:  # the data, not the learning rate
             raise StageError(
                 f"loss is {loss.item()} at step {step}: this step's {', '.join(bad)} hold NaN or inf values from "
