@@ -132,7 +132,8 @@ def check_columns(path: str, fmt: str, url_col: str, caption_col: str) -> None:
     import pyarrow as pa
 
     if fmt == "parquet":
-        schema = pq.ParquetFile(path).schema_arrow
+        table = pq.ParquetFile(path)
+        schema = table.schema_arrow
         for flag, col, nullable_ok in (("--url-col", url_col, False), ("--caption-col", caption_col, True)):
             tp = schema.field(col).type
             if not (
@@ -141,7 +142,7 @@ def check_columns(path: str, fmt: str, url_col: str, caption_col: str) -> None:
                 or (nullable_ok and pa.types.is_null(tp))
             ):
                 raise UsageError(f"{flag} '{col}' of {path} holds {tp}, not text")
-        first = next(pq.ParquetFile(path).iter_batches(batch_size=URL_CHECKED, columns=[url_col]), None)
+        first = next(table.iter_batches(batch_size=URL_CHECKED, columns=[url_col]), None)
         check_urls(path, url_col, first.column(0).to_pylist() if first is not None else [])
     elif fmt in ("csv", "tsv"):
         opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")

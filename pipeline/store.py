@@ -372,7 +372,7 @@ def check_is_store_or_empty(root: str | Path) -> bool:
     if (root / MANIFEST).is_file():
         return True
     # A first run killed while it wrote its manifest leaves only that write's temp file: still an empty store
-    leftovers = list(root.glob(f".{MANIFEST}.tmp*")) if root.is_dir() else []
+    leftovers = [p for p in temp_files(root) if p.parent == root and p.name.startswith(f".{MANIFEST}.")]
     if root.exists() and any(p not in leftovers for p in root.iterdir()):
         raise ValueError(f"{root} is not empty and holds no {MANIFEST}, so it is not a store")
     for p in leftovers:
