@@ -118,6 +118,11 @@ def _finished(stage: str, report: dict, out: Path) -> None:
 
 
 def run(cfg: DemoConfig) -> dict:
+    with store.hold_folder(cfg.out):  # a second demo into this folder meanwhile is refused, not mixed in
+        return _run(cfg)
+
+
+def _run(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     data_dir = out / "data"

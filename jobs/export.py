@@ -217,11 +217,14 @@ def run(cfg: ExportConfig) -> dict:
                 f"the decoder was trained on CLIP {a['arch']} ({a['pretrained']}) embeddings and the prior on "
                 f"{b['arch']} ({b['pretrained']}); export a pair trained with the same CLIP"
             )
-    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    from pipeline.store import hold_folder
+
     report = {}
-    for export, folder, meta, out in jobs:
-        report.update(export(folder, meta, out))
-        print(
-            f"export: {meta['task']} step {meta['step']} -> {out} (load with DiffusionPipeline.from_pretrained)"
-        )
+    with hold_folder(cfg.out):  # two exports into one OUT would share its temp folders
+        for export, folder, meta, out in jobs:
+            report.update(export(folder, meta, out))
+            print(
+                f"export: {meta['task']} step {meta['step']} -> {out} "
+                "(load with DiffusionPipeline.from_pretrained)"
+            )
     return report

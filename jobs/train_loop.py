@@ -11,6 +11,7 @@ Writes under ``--out``: ``ckpt/``, ``metrics.jsonl``, ``loss.png``, ``config.jso
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -336,41 +337,47 @@ def train(task: Task) -> dict:
     """Run the loop for `task` from scratch or from its latest checkpoint; the run's report."""
     run = _prepare(task)
     try:
-        start = _restore(run)
-        model = _LossModule(task, run.model)
-        if run.world > 1:
-            model = torch.nn.parallel.DistributedDataParallel(model)
-        stream = Stream(
-            StreamConfig(
-                run.cfg.data,
-                fields=task.fields,
-                batch_size=run.cfg.batch_size,
-                val_fraction=run.cfg.val_fraction,
-                split_seed=run.cfg.split_seed,
-                seed=run.cfg.seed,
-                rank=run.rank,
-                world_size=run.world,
-                start_step=start,
-            )
-        )
-        run.stream_order = stream.order
-        if run.resumed_order is not None and run.resumed_order != stream.order:
-            by = {"row": "row position", "key": "sample key"}
-            raise UsageError(
-                f"--resume: the checkpoint's stream split and ordered {run.cfg.data} by "
-                f"{by.get(run.resumed_order, run.resumed_order)}, this version's by "
-                f"{by.get(stream.order, stream.order)}, so the run cannot continue on the same data; start a "
-                "new --out (or resume with the version that wrote it)"
-            )
-        if run.rank == 0:  # only once the settings, the store and the checkpoint were all accepted
-            run.out.mkdir(parents=True, exist_ok=True)
-            config = {"task": task.name, "train": asdict(run.cfg), "model": run.model_cfg}
-            store.write_json(run.out / "config.json", config)
-            metrics.truncate(run.out / "metrics.jsonl", start)
-        return _loop(model, stream, start, run)
+        # rank 0 writes the run's files: a second run given the same --out meanwhile is refused, not mixed in
+        with store.hold_folder(run.out) if run.rank == 0 else contextlib.nullcontext():
+            return _train(task, run)
     finally:
         if run.world > 1:
             dist.destroy_process_group()
+
+
+def _train(task: Task, run: RunState) -> dict:
+    start = _restore(run)
+    model = _LossModule(task, run.model)
+    if run.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    stream = Stream(
+        StreamConfig(
+            run.cfg.data,
+            fields=task.fields,
+            batch_size=run.cfg.batch_size,
+            val_fraction=run.cfg.val_fraction,
+            split_seed=run.cfg.split_seed,
+            seed=run.cfg.seed,
+            rank=run.rank,
+            world_size=run.world,
+            start_step=start,
+        )
+    )
+    run.stream_order = stream.order
+    if run.resumed_order is not None and run.resumed_order != stream.order:
+        by = {"row": "row position", "key": "sample key"}
+        raise UsageError(
+            f"--resume: the checkpoint's stream split and ordered {run.cfg.data} by "
+            f"{by.get(run.resumed_order, run.resumed_order)}, this version's by "
+            f"{by.get(stream.order, stream.order)}, so the run cannot continue on the same data; start a "
+            "new --out (or resume with the version that wrote it)"
+        )
+    if run.rank == 0:  # only once the settings, the store and the checkpoint were all accepted
+        run.out.mkdir(parents=True, exist_ok=True)
+        config = {"task": task.name, "train": asdict(run.cfg), "model": run.model_cfg}
+        store.write_json(run.out / "config.json", config)
+        metrics.truncate(run.out / "metrics.jsonl", start)
+    return _loop(model, stream, start, run)
 
 
 def _all_finite(module: torch.nn.Module) -> bool:

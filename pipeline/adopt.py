@@ -200,34 +200,72 @@ def run(cfg: AdoptConfig) -> dict:
         more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
         raise UsageError(f"{folder} cannot be adopted: " + "; ".join(problems[:SHOWN]) + more)
     manifest = _manifest(cfg, checks, dims.dim, dims.context_length)
-    for p in stale if store.is_adopted(folder) else []:  # an earlier adoption's, of shards since removed
-        log.warning("adopt: %s is no longer in %s: its done marker %s goes", p.stem, folder, p)
-        p.unlink()
-    if (folder / store.MANIFEST).exists():
-        old = store.load_manifest(folder)
-        if old == manifest and store.done_shards(folder) == sorted(shards, key=store.shard_sort_key):
-            return _report(folder, manifest, checks, adopted_now=False)
-        if not old.get("identity", {}).get("adopted"):
-            raise UsageError(f"{folder} is already a store written by `unclip embed`; it needs no adopting")
+    old = store.load_manifest(folder) if (folder / store.MANIFEST).exists() else None
+    if old is not None and not old.get("identity", {}).get("adopted"):
+        raise UsageError(f"{folder} is already a store written by `unclip embed`; it needs no adopting")
+    stale = stale if store.is_adopted(folder) else []  # an earlier adoption's, of shards since removed
+    todo = [c for c in checks if not _marker_current(folder, c)]
+    if old == manifest and not todo and not stale:  # a rerun over files unchanged since: nothing to write
+        return _report(folder, manifest, checks, adopted_now=False)
     for place in (folder / "done", folder):  # before the checksums, which read every byte: a read-only mount
         if (blocked := store.unwritable(place)) is not None:
             raise UsageError(
                 f"{folder} cannot be adopted here: {blocked} is not writable (adopt writes manifest.json and done/ "
                 "markers beside the embeddings); copy or link the folder somewhere writable"
             )
-    for c in tqdm(checks, desc="adopt: checksums", unit="shard", disable=None):
-        files = {
-            str(store.field_path(folder, f, c.shard).relative_to(folder)): _digest(
-                store.field_path(folder, f, c.shard)
-            )
-            for f in ("img_emb", "text_emb", "metadata")
-        }
-        marker = {"shard": c.shard, "rows": c.rows, "files": files, "source": "adopted", "errors": 0}
-        store.write_json(store.done_path(folder, c.shard), {**marker, "truncated_captions": 0})
-    store.write_json(
-        folder / store.MANIFEST, manifest
-    )  # last: a folder with a manifest is a finished adoption
+    with store.hold_folder(folder, flag="folder"):  # two adoptions of one folder at once: refused
+        for p in stale:
+            log.warning("adopt: %s is no longer in %s: its done marker %s goes", p.stem, folder, p)
+            p.unlink()
+        for c in tqdm(todo, desc="adopt: checksums", unit="shard", disable=None):
+            files = _shard_files(folder, c.shard)
+            marker = {
+                "shard": c.shard,
+                "rows": c.rows,
+                "files": {},
+                "stat": {},
+                "source": "adopted",
+                "errors": 0,
+            }
+            for rel, path in files.items():
+                marker["stat"][rel] = _stat(path)  # before hashing: a file changed meanwhile is hashed again
+                marker["files"][rel] = _digest(path)
+            store.write_json(store.done_path(folder, c.shard), {**marker, "truncated_captions": 0})
+        # last: a folder with a manifest is a finished adoption
+        store.write_json(folder / store.MANIFEST, manifest)
     return _report(folder, manifest, checks, adopted_now=True)
+
+
+def _shard_files(folder: Path, shard: str) -> dict[str, Path]:
+    """A shard's adopted files by their path relative to the folder (a done marker's ``files`` keys)."""
+    return {
+        str(store.field_path(folder, f, shard).relative_to(folder)): store.field_path(folder, f, shard)
+        for f in ("img_emb", "text_emb", "metadata")
+    }
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _marker_current(folder: Path, c: ShardCheck) -> bool:
+    """Whether the shard's done marker still describes its files: same rows, same files, each of the same size
+    and modification time as when it was hashed. A file the user rewrote (new captions in its metadata, say)
+    is hashed again by a rerun, so its marker never keeps a checksum the file no longer has."""
+    try:
+        marker = store.read_done(folder, c.shard)
+    except (OSError, ValueError, UsageError):
+        return False
+    files = _shard_files(folder, c.shard)
+    stat = marker.get("stat")
+    return (
+        marker.get("source") == "adopted"
+        and marker.get("rows") == c.rows
+        and isinstance(stat, dict)
+        and set(marker.get("files", {})) == set(files) == set(stat)
+        and all(stat[rel] == _stat(p) for rel, p in files.items())
+    )
 
 
 def _report(folder: Path, manifest: dict, checks: list[ShardCheck], adopted_now: bool) -> dict:

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.errors import UsageError
-from pipeline.store import check_out_folder, unwritable, write_json
+from pipeline.store import check_out_folder, hold_folder, unwritable, write_json
 
 log = logging.getLogger(__name__)
 
@@ -355,10 +355,13 @@ def run(cfg: DownloadConfig) -> dict:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else albumentations checks for updates online
     from img2dataset import download  # heavy import (~10 s): after validation
 
-    try:
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {cfg.out} cannot be created: {e}") from e
+    with hold_folder(cfg.out):  # one download writes a folder at a time
+        return _download(cfg, download, input_format, columns, rows, expected)
+
+
+def _download(
+    cfg: DownloadConfig, download, input_format: str, columns: list, rows: int, expected: int
+) -> dict:
     before = finished_shards(cfg.out)
     for shard in sorted(before):  # a stats file a kill cut off: rebuilt now, or refused before any download
         shard_stats(cfg.out, shard)

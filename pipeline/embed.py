@@ -267,6 +267,11 @@ def run(cfg: EmbedConfig) -> dict:
     """Validate, list shards, skip done ones, embed the rest on dask, write the manifest and summary."""
     shards = validate(cfg)
     cfg.out = os.path.abspath(cfg.out)  # dask workers may have another working directory
+    with store.hold_folder(cfg.out):  # one embed run writes a store at a time
+        return _embed(cfg, shards)
+
+
+def _embed(cfg: EmbedConfig, shards: list[str]) -> dict:
     from pipeline.encoders import resolve_device
 
     # With --scheduler the workers settle the device, so connect first, unless there is nothing to do (a

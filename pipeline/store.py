@@ -19,10 +19,12 @@ would then pair later metadata files with the wrong embeddings.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import StageError, UsageError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -244,6 +248,50 @@ def fsync_path(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def hold_folder(path: str | Path, flag: str = "--out"):
+    """Make ``path`` (created if absent) this process's to write while the block runs: a second command given
+    the same folder meanwhile (the same `make` line in another terminal, a job array resubmitted while its
+    first run still works) is refused in one line instead of writing its checkpoints, shards or export over
+    this one's. An advisory ``flock`` on the folder itself, so it leaves no lock file and a killed holder
+    releases it. A filesystem without locks (some network mounts) runs unlocked, with a warning.
+
+    A folder this call created is removed again when the block fails before writing anything into it."""
+    import fcntl
+
+    check_out_folder(path, flag=flag)  # not a file, not under one, writable
+    p = Path(path)
+    try:
+        p.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(
+                f"{flag} {path} is in use: another unclip command is writing to it (it holds the folder's "
+                "lock); wait for that one to finish, or give another folder"
+            ) from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ...: this filesystem has no locks to offer
+            log.warning(
+                "%s %s: the filesystem cannot lock it (%s); nothing stops a second command writing there too",
+                flag,
+                path,
+                e.strerror,
+            )
+        try:
+            yield p
+        except BaseException:
+            if created and p.is_dir() and not any(p.iterdir()):
+                p.rmdir()  # refused before any write: nothing half-written, not even the folder
+            raise
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:

@@ -237,3 +237,28 @@ def test_a_folder_that_cannot_be_written_is_one_line_before_the_checksums(tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{folder} is not writable" in err[0], err
     assert not digests and snapshot(folder) == before
+
+
+def test_a_rerun_hashes_again_only_the_shards_whose_files_changed(tmp_path, capsys, monkeypatch):
+    """The rerun used to be a no-op whenever the shard ids and the manifest were the same: new captions written
+    into a shard's metadata kept the old checksum in its marker, and validate then called the store damaged."""
+    import pipeline.adopt as adopt
+
+    folder = tmp_path / "laion"
+    write_clip_retrieval_folder(folder, {0: 8, 1: 8, 2: 8})
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    meta = folder / "metadata" / "metadata_1.parquet"
+    table = pq.read_table(meta)
+    pq.write_table(table.set_column(1, "caption", pa.array([f"recaptioned {i}" for i in range(8)])), meta)
+    hashed = []
+    digest = adopt._digest
+    monkeypatch.setattr(adopt, "_digest", lambda p: hashed.append(p.name) or digest(p))
+    capsys.readouterr()
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    assert json.loads(capsys.readouterr().out)["adopted_now"] is True
+    assert sorted(hashed) == ["img_emb_1.npy", "metadata_1.parquet", "text_emb_1.npy"]
+    assert main(["validate", str(folder)]) == 0
+    hashed.clear()
+    capsys.readouterr()
+    assert main(["adopt", str(folder), *ADOPT]) == 0  # unchanged since: nothing hashed
+    assert json.loads(capsys.readouterr().out)["adopted_now"] is False and hashed == []

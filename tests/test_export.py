@@ -181,6 +181,21 @@ def test_an_interrupted_exports_rerun_is_the_same_command(exported, tmp_path):
             assert (out / "decoder" / f.relative_to(d / "out/decoder")).read_bytes() == f.read_bytes(), f
 
 
+def test_an_export_into_a_folder_another_export_is_writing_is_refused(exported, tmp_path, capsys):
+    """Both wrote through OUT/.decoder.tmp: one deleted the other's half-written folder, or renamed a mix of
+    the two into place."""
+    from pipeline import store
+
+    d = exported[0]
+    out = tmp_path / "out"
+    with store.hold_folder(out):
+        capsys.readouterr()
+        assert main(["export", "--decoder", str(d / "run"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--out {out} is in use: another unclip command" in err[0], err
+        assert list(out.iterdir()) == []
+
+
 def test_an_export_is_the_same_bytes_whatever_the_callers_random_state(exported, tmp_path):
     """The movq's parts the VAE lacks (encoder, codebook) were drawn from the global generator: a rerun's export
     differed from the first with whatever had run before it."""

@@ -588,6 +588,33 @@ def test_bad_input_is_one_line_exit_2_and_nothing_is_written(case, want, work, t
     assert "this code ran" not in line
 
 
+@pytest.mark.parametrize("command", ["embed", "train-prior", "train-decoder", "adopt", "download", "demo"])
+def test_a_folder_another_command_is_writing_to_is_refused_in_one_line(command, work, tmp_path, capsys):
+    """Two runs given one --out (the same `make` line in two terminals, a job array resubmitted while its first
+    run works) used to write into it together: checkpoints of one with the optimiser state of the other."""
+    from tests.test_adopt import ADOPT, write_clip_retrieval_folder
+
+    out = tmp_path / "out"
+    write_tar(tmp_path / "shards" / "00000.tar", [sample("000000000", 0)])
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}), tmp_path / "u.parquet")
+    train = ["--data", work["good"], "--out", out, "--steps", "2", "--batch-size", "8", "--device", "cpu"]
+    argv = {
+        "embed": ["--shards", tmp_path / "shards", "--out", out, *TINY],
+        "train-prior": [*train, "--preset", "tiny"],
+        "train-decoder": [*train, "--preset", "tiny"],
+        "adopt": [out, *ADOPT],
+        "download": ["--urls", tmp_path / "u.parquet", "--out", out],
+        "demo": ["--out", out],
+    }[command]
+    if command == "adopt":
+        write_clip_retrieval_folder(out, {0: 4})
+    with store.hold_folder(out):
+        before = files(out)
+        code = main([command, *map(str, argv)])
+        one_line(capsys, command, code, f"{out} is in use: another unclip command is writing to it")
+        assert files(out) == before
+
+
 # ---------------------------------------------------------------- 6. validate names every kind of damage
 
 

@@ -251,3 +251,46 @@ def test_temp_files_are_atomic_writes_leftovers_in_the_stores_own_folders_only(t
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("x")
     assert sorted(store.temp_files(root)) == sorted(ours)
+
+
+def test_hold_folder_refuses_a_second_holder_and_removes_only_a_folder_it_made_and_left_empty(tmp_path):
+    from pipeline.errors import UsageError
+
+    out = tmp_path / "a" / "run"
+    with store.hold_folder(out):
+        assert out.is_dir()
+        with pytest.raises(UsageError, match=r"^--out .*run is in use: another unclip command is writing"):
+            with store.hold_folder(out):
+                pass
+        assert out.is_dir()  # the refused second holder removes nothing
+    with store.hold_folder(out):  # released at the end of the block
+        pass
+    with pytest.raises(RuntimeError):  # a failure before any write: the folder it made goes again
+        with store.hold_folder(tmp_path / "new"):
+            raise RuntimeError("refused")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(RuntimeError):  # ... but never a folder that was there, nor one holding a file
+        with store.hold_folder(out):
+            raise RuntimeError("refused")
+    with pytest.raises(RuntimeError):
+        with store.hold_folder(tmp_path / "written") as p:
+            (p / "x").write_text("kept")
+            raise RuntimeError("failed midway")
+    assert out.is_dir() and (tmp_path / "written" / "x").read_text() == "kept"
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(UsageError, match="is a file; give a folder"):
+        with store.hold_folder(tmp_path / "f"):
+            pass
+
+
+def test_hold_folder_runs_unlocked_where_the_filesystem_has_no_locks(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING"), store.hold_folder(tmp_path / "nfs") as p:
+        (p / "x").write_text("written")
+    assert "the filesystem cannot lock it (No locks available)" in caplog.text
