@@ -366,10 +366,17 @@ def format_summary(s: dict) -> str:
     return "\n".join(["[demo] summary (also in summary.json)", *rows])
 
 
+REASONS_SHOWN = 10  # failure kinds printed; the download's summary file keeps more
+
+
 def print_download_summary(s: dict) -> None:
     print(
         f"download: {s['successes']}/{s['rows']} images in {s['shards']['finished']}/{s['shards']['expected']} "
         f"shards, {s['failures']} failed, {s['images_per_second']} images/s this run ({s['seconds']} s)"
     )
-    for reason, n in s["failures_by_reason"].items():
+    reasons = list(s["failures_by_reason"].items())
+    for reason, n in reasons[:REASONS_SHOWN]:
         print(f"  {n:>6}  {reason}")
+    if len(reasons) > REASONS_SHOWN:
+        rest = sum(n for _, n in reasons[REASONS_SHOWN:])
+        print(f"  {rest:>6}  ... {len(reasons) - REASONS_SHOWN} more kinds (summary/download_summary.json)")

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import posixpath
-import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import pyarrow as pa
 import torch
 from PIL import Image, ImageOps
 
-from pipeline.errors import StageError
+from pipeline.errors import StageError, without_addresses
 from pipeline.image_input import is_jpeg
 
 log = logging.getLogger(__name__)
@@ -146,7 +145,7 @@ def decode(sample: Sample) -> tuple[Image.Image | None, str | None]:
         return _to_rgb(img), None
     except Exception as e:  # PIL raises many kinds for corrupt data
         # PIL names the BytesIO by address ("<_io.BytesIO object at 0x7f..>"): error rows must not vary by run
-        why = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e))
+        why = without_addresses(str(e))
         return None, f"cannot decode image: {type(e).__name__}: {why}"
 
 

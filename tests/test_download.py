@@ -358,3 +358,43 @@ def test_a_download_where_every_url_failed_exits_1(tmp_path, capsys):
     assert main([*args, "--processes", "1", "--threads", "2", "--timeout", "2"]) == 1
     summary = json.loads((tmp_path / "out" / "summary" / "download_summary.json").read_text())
     assert summary["complete"] and summary["successes"] == 0 and summary["exit_code"] == 1
+
+
+def test_failure_reasons_that_name_their_url_are_counted_as_one_kind(tmp_path, capsys):
+    """A million URLs of one bad kind made a million one-off reasons in the summary, each printed."""
+    from jobs.demo import print_download_summary
+    from pipeline.download import OTHER_REASONS, REASONS_KEPT, summarize
+
+    status = {"success": 5, "HTTP Error 404: Not Found": 2}
+    status.update({f"unknown url type: 'images/{i:05d}.png'": 1 for i in range(300)})
+    status.update({f"cannot identify image file <_io.BytesIO object at 0x7f{i:04x}>": 1 for i in range(7)})
+    status.update(
+        {
+            f"HTTPSConnectionPool(host='h{i}.org', port=443): Max retries exceeded with url: /{i}.jpg": 1
+            for i in range(3)
+        }
+    )
+    status.update({f"rare kind {i}": 1 for i in range(REASONS_KEPT + 4)})
+    for shard, part in (("00000", list(status.items())[:150]), ("00001", list(status.items())[150:])):
+        st = dict(part)
+        fails = sum(v for k, v in st.items() if k != "success")
+        stats = {"count": fails + st.get("success", 0), "successes": st.get("success", 0)}
+        stats.update(failed_to_download=fails, failed_to_resize=0, status_dict=st)
+        (tmp_path / f"{shard}_stats.json").write_text(json.dumps(stats))
+    s = summarize(str(tmp_path), set(), 1.0, 372, 2)
+    reasons = s["failures_by_reason"]
+    assert sum(reasons.values()) == s["failures"] == 2 + 300 + 7 + 3 + REASONS_KEPT + 4
+    assert list(reasons)[:4] == [
+        "unknown url type: '...'",
+        "cannot identify image file",
+        "HTTPSConnectionPool(host='...', port=443): Max retries exceeded with url: <url>",
+        "HTTP Error 404: Not Found",
+    ]
+    assert reasons["unknown url type: '...'"] == 300 and reasons["cannot identify image file"] == 7
+    assert (
+        len(reasons) == REASONS_KEPT + 1 and reasons[OTHER_REASONS] == 8
+    )  # the 54 one-off kinds, least kept
+    print_download_summary({**s, "images_per_second": 5.0, "seconds": 1.0})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 12 and lines[1].split() == ["300", "unknown", "url", "type:", "'...'"]
+    assert lines[-1].split()[:3] == [str(sum(list(reasons.values())[10:])), "...", "41"]
