@@ -28,7 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.errors import UsageError, without_addresses
+from pipeline.errors import UsageError, by_kind
 from pipeline.store import check_out_folder, hold_folder, unwritable, write_json
 
 log = logging.getLogger(__name__)
@@ -322,24 +322,6 @@ def _watch(out: str, total: int, already: int, stop: threading.Event) -> None:
         bar.update(len(finished_shards(out)) - bar.n)
 
 
-# img2dataset's failure messages often name the one URL, host or object they are about ("unknown url type:
-# 'a/b.png'", "HTTPSConnectionPool(host='x.org', ...)", PIL's "<_io.BytesIO object at 0x7f..>"): counted as
-# they are, a download of millions of URLs summarised millions of one-off reasons, each printed on its line.
-_URL = re.compile(r"\b[a-zA-Z][\w+.-]*://[^\s'\"<>]+")
-_QUOTED = re.compile(r"(?<!\w)'[^']*'")  # not from the apostrophe of "can't"
-_URL_PATH = re.compile(r"(with url: )\S+")  # urllib3's "Max retries exceeded with url: /a/b.jpg"
-REASONS_KEPT = 50  # the summary's most common groups; the rest are counted under OTHER_REASONS
-OTHER_REASONS = "(other reasons)"
-
-
-def reason_group(reason: str) -> str:
-    """A failure reason with the URL, host or object it names taken out, so that one cause is one group (each
-    URL's own message stays in its shard's parquet, column ``error_message``)."""
-    group = _URL.sub("<url>", without_addresses(reason))
-    group = _QUOTED.sub("'...'", _URL_PATH.sub(r"\1<url>", group)).strip()
-    return group or reason
-
-
 def summarize(out: str, shards: set[str], seconds: float, total_rows: int, expected: int) -> dict:
     """Aggregate img2dataset's per-shard stats into one report."""
     totals: Counter = Counter()
@@ -348,12 +330,7 @@ def summarize(out: str, shards: set[str], seconds: float, total_rows: int, expec
     for shard in sorted(finished_shards(out)):
         st = shard_stats(out, shard)
         totals.update({k: st[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")})
-        for k, v in st["status_dict"].items():
-            if k != "success":
-                reasons[reason_group(k)] += v
-    by_reason = dict(reasons.most_common(REASONS_KEPT))
-    if len(reasons) > REASONS_KEPT:
-        by_reason[OTHER_REASONS] = sum(reasons.values()) - sum(by_reason.values())
+        reasons.update({k: v for k, v in st["status_dict"].items() if k != "success"})
         new_successes += st["successes"] if shard in shards else 0
     done = len(finished_shards(out))
     return {
@@ -364,7 +341,7 @@ def summarize(out: str, shards: set[str], seconds: float, total_rows: int, expec
         "failures": totals["count"] - totals["successes"],
         "failed_to_download": totals["failed_to_download"],
         "failed_to_resize": totals["failed_to_resize"],
-        "failures_by_reason": by_reason,
+        "failures_by_reason": by_kind(reasons),  # grouped: a reason naming its URL would be one per URL
         "seconds": round(seconds, 2),
         "images_per_second": round(new_successes / seconds, 1) if seconds > 0 else None,
     }

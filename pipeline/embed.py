@@ -457,6 +457,23 @@ def _rounded(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
 
 
+def _errors_by_reason(root: str, markers: list[dict]) -> dict[str, int]:
+    """The shards' error rows counted by kind of reason, commonest first (their error tables, read only for
+    shards that have error rows)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.errors import by_kind
+
+    counts: dict[str, int] = {}
+    for m in markers:
+        if m.get("errors"):
+            for reason in pq.read_table(store.field_path(root, "errors", m["shard"]), columns=["reason"])[
+                "reason"
+            ].to_pylist():
+                counts[reason] = counts.get(reason, 0) + 1
+    return by_kind(counts)
+
+
 def _finish(
     cfg: EmbedConfig, manifest: dict, shards: list[str], rows: int, seconds: float, failed: dict, stats: dict
 ) -> dict:
@@ -476,6 +493,7 @@ def _finish(
         "failed": failed,
         "rows": sum(m["rows"] for m in markers),
         "errors": sum(m["errors"] for m in markers),
+        "errors_by_reason": _errors_by_reason(cfg.out, markers),
         "truncated_captions": sum(m["truncated_captions"] for m in markers),
         "empty_captions": sum(m.get("empty_captions", 0) for m in markers),
         "shards_not_cross_checked": sum(not m.get("checked_against_download_record", True) for m in markers),

@@ -1,6 +1,7 @@
 """Errors every stage shares: the CLI turns a `UsageError` into one line on stderr and exit code 2."""
 
 import re
+from collections import Counter
 
 # How Python names an object by address ("<_io.BytesIO object at 0x7f3a...>"), as PIL's messages do
 _ADDRESS = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
@@ -17,3 +18,31 @@ class UsageError(Exception):
 
 class StageError(Exception):
     """A stage started but could not finish (e.g. a diverged loss); the CLI exits 1 with this message."""
+
+
+# Failure messages often name the one URL, host or object they are about (img2dataset's "unknown url type:
+# 'a/b.png'", urllib3's "HTTPSConnectionPool(host='x.org', ...)", PIL's "<_io.BytesIO object at 0x7f..>"):
+# counted as they are, a run over millions of samples summarised millions of one-off reasons.
+_URL = re.compile(r"\b[a-zA-Z][\w+.-]*://[^\s'\"<>]+")
+_QUOTED = re.compile(r"(?<!\w)'[^']*'")  # not from the apostrophe of "can't"
+_URL_PATH = re.compile(r"(with url: )\S+")  # urllib3's "Max retries exceeded with url: /a/b.jpg"
+KINDS_KEPT = 50  # a summary's most common kinds of failure; the rest are counted under OTHER_KINDS
+OTHER_KINDS = "(other reasons)"
+
+
+def kind_of(reason: str) -> str:
+    """A failure reason with the URL, host or object it names taken out, so that one cause is one kind."""
+    kind = _URL.sub("<url>", without_addresses(reason))
+    kind = _QUOTED.sub("'...'", _URL_PATH.sub(r"\1<url>", kind)).strip()
+    return kind or reason
+
+
+def by_kind(reasons: dict[str, int]) -> dict[str, int]:
+    """Counts by reason -> counts by kind of reason, commonest first: the first KINDS_KEPT, then OTHER_KINDS."""
+    kinds: Counter = Counter()
+    for reason, n in reasons.items():
+        kinds[kind_of(reason)] += n
+    kept = dict(kinds.most_common(KINDS_KEPT))
+    if len(kinds) > KINDS_KEPT:
+        kept[OTHER_KINDS] = sum(kinds.values()) - sum(kept.values())
+    return kept

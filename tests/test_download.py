@@ -363,7 +363,8 @@ def test_a_download_where_every_url_failed_exits_1(tmp_path, capsys):
 def test_failure_reasons_that_name_their_url_are_counted_as_one_kind(tmp_path, capsys):
     """A million URLs of one bad kind made a million one-off reasons in the summary, each printed."""
     from jobs.demo import print_download_summary
-    from pipeline.download import OTHER_REASONS, REASONS_KEPT, summarize
+    from pipeline.download import summarize
+    from pipeline.errors import KINDS_KEPT, OTHER_KINDS
 
     status = {"success": 5, "HTTP Error 404: Not Found": 2}
     status.update({f"unknown url type: 'images/{i:05d}.png'": 1 for i in range(300)})
@@ -374,7 +375,7 @@ def test_failure_reasons_that_name_their_url_are_counted_as_one_kind(tmp_path, c
             for i in range(3)
         }
     )
-    status.update({f"rare kind {i}": 1 for i in range(REASONS_KEPT + 4)})
+    status.update({f"rare kind {i}": 1 for i in range(KINDS_KEPT + 4)})
     for shard, part in (("00000", list(status.items())[:150]), ("00001", list(status.items())[150:])):
         st = dict(part)
         fails = sum(v for k, v in st.items() if k != "success")
@@ -383,7 +384,7 @@ def test_failure_reasons_that_name_their_url_are_counted_as_one_kind(tmp_path, c
         (tmp_path / f"{shard}_stats.json").write_text(json.dumps(stats))
     s = summarize(str(tmp_path), set(), 1.0, 372, 2)
     reasons = s["failures_by_reason"]
-    assert sum(reasons.values()) == s["failures"] == 2 + 300 + 7 + 3 + REASONS_KEPT + 4
+    assert sum(reasons.values()) == s["failures"] == 2 + 300 + 7 + 3 + KINDS_KEPT + 4
     assert list(reasons)[:4] == [
         "unknown url type: '...'",
         "cannot identify image file",
@@ -391,9 +392,7 @@ def test_failure_reasons_that_name_their_url_are_counted_as_one_kind(tmp_path, c
         "HTTP Error 404: Not Found",
     ]
     assert reasons["unknown url type: '...'"] == 300 and reasons["cannot identify image file"] == 7
-    assert (
-        len(reasons) == REASONS_KEPT + 1 and reasons[OTHER_REASONS] == 8
-    )  # the 54 one-off kinds, least kept
+    assert len(reasons) == KINDS_KEPT + 1 and reasons[OTHER_KINDS] == 8  # the 54 one-off kinds, least kept
     print_download_summary({**s, "images_per_second": 5.0, "seconds": 1.0})
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 12 and lines[1].split() == ["300", "unknown", "url", "type:", "'...'"]

@@ -602,6 +602,8 @@ def test_unusable_samples_become_error_rows_not_misaligned_rows(base):
     assert (
         summary["rows"] == summary["rows_this_run"] == 22 and summary["errors"] == 3 and not summary["failed"]
     )
+    reasons = [e["reason"] for e in errors]  # each kind once here: counted as they are in the summary
+    assert summary["errors_by_reason"] == {r: reasons.count(r) for r in reasons}
 
 
 def test_empty_shard_writes_only_its_marker_and_embedding_reader_reads_the_store(base):
