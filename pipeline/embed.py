@@ -11,6 +11,7 @@ skipped; any other shard is redone from scratch, so a rerun after a crash ends b
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import tarfile
@@ -298,6 +299,7 @@ def _embed(cfg: EmbedConfig, shards: list[str]) -> dict:
         )
         if todo:
             params = shard_params(cfg, device, manifest)
+            warn_mixed_rounding(cfg.out, [s for s in shards if s not in todo], params.rounding())
             start = time.perf_counter()  # a LocalCluster's start-up counts, as the user waits for it
             if client is None:
                 client, cluster = connect(cfg)
@@ -312,6 +314,36 @@ def _embed(cfg: EmbedConfig, shards: list[str]) -> dict:
             stats["close_seconds"] = time.perf_counter() - closing
     seconds = time.perf_counter() - start
     return _finish(cfg, manifest, shards, rows, seconds, failed, stats)
+
+
+def warn_mixed_rounding(root: str, done: list[str], mine: dict) -> list[str]:
+    """Warn (and return the lines) when the store's finished shards were embedded with other batch size,
+    device, image decode or --compile than this run: accepted, as none is part of the store's identity, but its
+    new shards then differ from an uninterrupted run's by float rounding, which a byte-identical resume needs
+    to know. Markers written before they recorded it say nothing and are left out."""
+    seen: dict[str, set] = {}
+    for shard in done:
+        try:
+            theirs = store.read_done(root, store.shard_id_of(shard)).get("embedded_with")
+        except (OSError, ValueError, UsageError):
+            continue  # the run itself names a damaged marker where it matters
+        for k, v in (theirs or {}).items():
+            if k in mine and v != mine[k]:
+                seen.setdefault(k, set()).add(json.dumps(v))
+    lines = [
+        f"--{k.replace('_', '-')}: the store's finished shards were embedded with {' / '.join(sorted(v))}, "
+        f"this run's with {json.dumps(mine[k])}"
+        for k, v in seen.items()
+    ]
+    if lines:
+        log.warning(
+            "embed: resuming %s with other settings than its finished shards (%s): the new shards differ from an "
+            "uninterrupted run's by float rounding (cosine >= 0.999), so the store is not byte-identical to one "
+            "made in one go; rerun with the first settings for that",
+            root,
+            "; ".join(lines),
+        )
+    return lines
 
 
 def local_workers(device: str) -> int:

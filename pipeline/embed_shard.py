@@ -59,6 +59,17 @@ class ShardParams:
     compile: bool = False  # torch.compile the towers (`pipeline.encoders.compiled`)
     batch_prep: str = "auto"  # where batches are read and prepared: thread, inline or auto (`input_inline`)
 
+    def rounding(self) -> dict:
+        """The settings outside the store's identity that still change its float bytes (batch composition, the
+        device's arithmetic, the resize's, compiled kernels): kept in each shard's done marker, so that a
+        resume with others can say so (`pipeline.embed.warn_mixed_rounding`)."""
+        return {
+            "device": "cuda" if self.device.startswith("cuda") else self.device,
+            "batch_size": self.batch_size,
+            "image_decode": self.image_decode,
+            "compile": self.compile,
+        }
+
 
 def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
     """Latent codec description for the manifest; for the vae codec, fit the uint8 range on the data.
@@ -389,7 +400,7 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         present = set(acc.out["key"]) | {e["key"] for e in errors}
         for key in sorted(set(recorded) - present):
             errors.append({"key": key, "reason": "downloaded (img2dataset record) but not in the tar"})
-    marker = _write(root, shard, url, acc, errors, recorded is not None)
+    marker = _write(root, shard, url, acc, errors, recorded is not None, params.rounding())
     _lap(phases, "write", tick)
     # Reported to the caller only (the marker on disk stays free of timings): for the summary and the bench.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -440,7 +451,7 @@ def _lap(phases: dict, name: str, since: float) -> float:
     return now
 
 
-def _write(root, shard, url, acc: _Rows, errors: list[dict], cross_checked: bool) -> dict:
+def _write(root, shard, url, acc: _Rows, errors: list[dict], cross_checked: bool, rounding: dict) -> dict:
     out, mae = acc.out, acc.mae
     rows = len(out["key"])
     arrays: dict[str, np.ndarray] = {}
@@ -467,5 +478,6 @@ def _write(root, shard, url, acc: _Rows, errors: list[dict], cross_checked: bool
         "empty_captions": acc.empty,
         "checked_against_download_record": cross_checked,
         "latent_roundtrip_mae": round(float(np.mean(mae)), 6) if mae else None,
+        "embedded_with": rounding,
     }
     return store.write_shard(root, shard, arrays, tables, rows, extra)
