@@ -498,11 +498,15 @@ def _errors_by_reason(root: str, markers: list[dict]) -> dict[str, int]:
 
     counts: dict[str, int] = {}
     for m in markers:
-        if m.get("errors"):
-            for reason in pq.read_table(store.field_path(root, "errors", m["shard"]), columns=["reason"])[
-                "reason"
-            ].to_pylist():
-                counts[reason] = counts.get(reason, 0) + 1
+        if not m.get("errors"):
+            continue
+        path = store.field_path(root, "errors", m["shard"])
+        try:
+            reasons = pq.read_table(path, columns=["reason"])["reason"]
+        except Exception:  # pyarrow's kinds for a missing or damaged file: the count stays, not the reasons
+            reasons = ["(error table unreadable: see `unclip validate`)"] * m["errors"]
+        for reason in reasons:
+            counts[str(reason)] = counts.get(str(reason), 0) + 1
     return by_kind(counts)
 
 
