@@ -37,6 +37,15 @@ def setup(device: str) -> tuple[int, int, str]:
     return dist.get_rank(), world, device
 
 
+def mean_over_ranks(value: float, world: int, device: str = "cpu") -> float:
+    """``value`` averaged over every rank (each calls this at the same step); itself on one process."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
 def gather_rng_states(gen: torch.Generator, world: int, device: str = "cpu") -> tuple[list, list, list]:
     """Every rank's RNG states, so that a resume restores each rank's own stream of noise: the loop's generator,
     torch's CPU state and, on CUDA, the device's default generator (dropout draws from it there)."""

@@ -446,16 +446,35 @@ def _step(model: torch.nn.Module, batch: dict, step: int, run: RunState) -> tupl
 
 def _rows_before(path: Path, start: int, batch_size: int) -> list[torch.Tensor]:
     """--log-rows: the (shard, row) ids of steps 0 .. start - 1 that earlier invocations logged (their rows
-    past the checkpoint this run resumes from are dropped: those steps run again), as the log's first part."""
+    past the checkpoint this run resumes from are dropped: those steps run again), as the log's first part.
+    Steps that ran without --log-rows are rows of -1, so row i of the log is always step i // batch_size's."""
     if not start:
         return []
     logged = torch.load(path) if path.exists() else torch.zeros(0, 2, dtype=torch.long)
     if len(logged) < start * batch_size:
         log.warning(
-            "--log-rows: steps %d .. %d ran without --log-rows; %s lacks their rows",
+            "--log-rows: steps %d .. %d ran without --log-rows; %s holds -1 for their rows",
             len(logged) // batch_size, start - 1, path,
         )  # fmt: skip
+        missing = torch.full((start * batch_size - len(logged), 2), -1, dtype=torch.long)
+        logged = torch.cat([logged, missing])
     return [logged[: start * batch_size]]
+
+
+ROWS_SHARDS = "rows_shards.json"  # --log-rows: the shard names its shard ids stand for, by id
+
+
+def _shard_ids(out: Path, names: list[str], rank: int) -> torch.Tensor:
+    """--log-rows: each of the stream's shards (by its position among the store's non-empty shards) -> its id
+    in the log, the shard's place in ``rows_shards.json``. That list only grows, so the ids logged before a
+    resume keep naming the same shards when the store has gained some (positions would shift)."""
+    path = out / ROWS_SHARDS
+    known = store.read_json(path) if path.exists() else []
+    known += [n for n in names if n not in set(known)]
+    if rank == 0:
+        store.write_json(path, known)
+    where = {n: i for i, n in enumerate(known)}
+    return torch.tensor([where[n] for n in names], dtype=torch.long)
 
 
 def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> dict:
@@ -463,6 +482,8 @@ def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> 
     metrics_file = run.out / "metrics.jsonl"
     rows_path = run.out / f"rows_rank{rank}.pt"
     rows_log = _rows_before(rows_path, start, cfg.batch_size) if cfg.log_rows else None
+    if rows_log is not None:
+        shard_ids = _shard_ids(run.out, [name for name, _ in stream.store.shards], rank)
     batches = stream.torch_batches(run.device)
     t0, seen, last_loss, report_eval = time.perf_counter(), 0, float("nan"), None
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
@@ -472,10 +493,13 @@ def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> 
     for step in bar:
         b = next(batches)
         if rows_log is not None:
-            rows_log.append(torch.stack([b["shard"], b["row"]], 1).cpu())
+            rows_log.append(torch.stack([shard_ids[b["shard"].cpu()], b["row"].cpu()], 1))
         last_loss, grad_norm = _step(model, b, step, run)
         seen += len(b["row"]) * run.world
         done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            # the loss over the whole batch, every rank's share: rank 0's alone is a noisier curve
+            last_loss = distributed.mean_over_ranks(last_loss, run.world, run.device)
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             sps = seen / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{last_loss:.4f}", samples_per_s=f"{sps:.0f}")
@@ -490,11 +514,11 @@ def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> 
             if report_eval is not None:
                 metrics.append(metrics_file, {"step": done, "eval": report_eval})
         if done == end or (cfg.save_every and done % cfg.save_every == 0):
-            _save(done, run)
-            if rows_log:  # with each checkpoint: a resume from it finds the rows of every step before it
-                buf = io.BytesIO()
+            if rows_log:  # before the checkpoint (whose RNG gather waits for every rank's): a resume from it
+                buf = io.BytesIO()  # always finds the rows of every step before it
                 torch.save(torch.cat(rows_log), buf)
                 store.atomic_write(rows_path, buf.getvalue())
+            _save(done, run)
     distributed.record_weight_digests(run.model, run.rank, run.world, run.out)
     if rank == 0:
         metrics.plot_loss(metrics_file, run.out / "loss.png", name, run.task.loss_label)

@@ -131,9 +131,51 @@ def test_log_rows_of_a_resumed_run_are_those_of_an_uninterrupted_one(data, tmp_p
     assert torch.equal(torch.load(tmp_path / "killed/rows_rank0.pt"), straight)
     # switched on at a resume: the steps before it are named as not logged, the rest are the run's rows
     main(cfg_for(data, tmp_path / "late", stop_after=10))
-    main(cfg_for(data, tmp_path / "late", resume=True, log_rows=True))
-    assert torch.equal(torch.load(tmp_path / "late/rows_rank0.pt"), straight[10 * 32 :])
+    main(cfg_for(data, tmp_path / "late", stop_after=15, resume=True, log_rows=True))
+    late = torch.load(tmp_path / "late/rows_rank0.pt")  # row i is step i // 32's: -1 for the steps not logged
+    assert late.shape == (15 * 32, 2) and torch.equal(late[: 10 * 32], torch.full((10 * 32, 2), -1))
+    assert torch.equal(late[10 * 32 :], straight[10 * 32 : 15 * 32])
     assert "steps 0 .. 9 ran without --log-rows" in caplog.text
+    (tmp_path / "late/ckpt/latest").write_text(
+        "step_00000010"
+    )  # killed before 15's checkpoint: its rows stay
+    main(cfg_for(data, tmp_path / "late", resume=True, log_rows=True))  # used to log steps 15..19 twice
+    assert torch.equal(torch.load(tmp_path / "late/rows_rank0.pt")[10 * 32 :], straight[10 * 32 :])
+
+
+def test_log_rows_are_on_disk_before_the_checkpoint_that_needs_them(data, tmp_path, monkeypatch):
+    """The rows were written after the checkpoint: killed in between, `latest` named a step whose rows the log
+    lacked, and the resumed run's log had a hole and rows shifted to the wrong steps."""
+    from jobs import train_loop
+
+    save, seen = checkpoint.save, []
+
+    def checked(ckpt_dir, step, *a, **kw):
+        seen.append((step, len(torch.load(tmp_path / "run/rows_rank0.pt"))))
+        return save(ckpt_dir, step, *a, **kw)
+
+    monkeypatch.setattr(train_loop.checkpoint, "save", checked)
+    main(cfg_for(data, tmp_path / "run", log_rows=True))
+    assert seen == [(10, 10 * 32), (20, 20 * 32)]
+
+
+def test_log_rows_name_their_shards_and_keep_each_id_when_the_store_grows(data, tmp_path):
+    """The logged shard id was a position among the non-empty shards: "1" meant shard 00002 here (00001 is
+    empty), and every id after a new shard shifted."""
+    from jobs.train_loop import ROWS_SHARDS, _shard_ids
+    from pipeline import store
+
+    main(cfg_for(data, tmp_path / "run", log_rows=True))
+    names = json.loads((tmp_path / "run" / ROWS_SHARDS).read_text())
+    assert names == ["00000", "00002", "00003"]
+    sizes = dict(store.shard_rows(data))
+    logged = torch.load(tmp_path / "run/rows_rank0.pt").tolist()
+    assert {names[s] for s, _ in logged} == {"00000", "00002", "00003"}
+    assert all(0 <= r < sizes[names[s]] for s, r in logged) and max(r for s, r in logged if s == 1) < 250
+    # a store that gained shard 00001 (now first among the non-empty): the known ids stay, the new one is added
+    ids = _shard_ids(tmp_path / "run", ["00000", "00001", "00002", "00003"], rank=0)
+    assert ids.tolist() == [0, 3, 1, 2]
+    assert json.loads((tmp_path / "run" / ROWS_SHARDS).read_text()) == ["00000", "00002", "00003", "00001"]
 
 
 def test_resume_of_another_task_is_refused(data, tmp_path):
@@ -209,6 +251,33 @@ def test_prior_learns_the_mapping(data, tmp_path, capsys):
     assert m["top1_pred"] > m["top1_text"] + 0.1
     assert m["sim_pred_image"] > m["sim_mean_image_predictor"] + 0.1
     assert m["sim_pred_image"] > m["sim_image_unrelated_pred"]
+
+
+@pytest.mark.slow  # ~5 s: two torchrun processes
+def test_the_logged_loss_is_the_mean_over_every_ranks_share(tmp_path):
+    """metrics.jsonl held rank 0's loss alone: under N ranks a curve over 1/N of each batch."""
+    script = tmp_path / "mean.py"
+    script.write_text(
+        "import os, torch.distributed as dist\n"
+        "from jobs.distributed import mean_over_ranks\n"
+        "dist.init_process_group('gloo')\n"
+        "r = dist.get_rank()\n"
+        "v = mean_over_ranks(1.0 + 3 * r, 2)\n"
+        f"open(os.path.join({str(tmp_path)!r}, f'rank{{r}}.txt'), 'w').write(repr(v))\n"
+        "dist.destroy_process_group()\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(script),
+    ]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["2.5", "2.5"]
 
 
 @pytest.mark.slow  # ~8 s: two torchrun processes
