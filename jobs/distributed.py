@@ -46,6 +46,15 @@ def mean_over_ranks(value: float, world: int, device: str = "cpu") -> float:
     return float(t.item()) / world
 
 
+def every_ranks(value, world: int) -> list:
+    """``value`` as each rank has it, by rank (every rank calls this at the same point)."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
 def gather_rng_states(gen: torch.Generator, world: int, device: str = "cpu") -> tuple[list, list, list]:
     """Every rank's RNG states, so that a resume restores each rank's own stream of noise: the loop's generator,
     torch's CPU state and, on CUDA, the device's default generator (dropout draws from it there)."""

@@ -347,6 +347,15 @@ def train(task: Task) -> dict:
 
 def _train(task: Task, run: RunState) -> dict:
     start = _restore(run)
+    if run.world > 1:
+        # Each rank read `latest` itself. One that saw another checkpoint (an --out that is not shared by every
+        # node, a stale cache) would average gradients of different steps, then hang at a collective.
+        starts = distributed.every_ranks(start, run.world)
+        if len(set(starts)) > 1:
+            raise UsageError(
+                f"--resume: the ranks found different checkpoints in {run.ckpt_dir} (the step each resumes from, "
+                f"by rank: {starts}); every rank must see the same --out, a folder on a filesystem every node shares"
+            )
     model = _LossModule(task, run.model)
     if run.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)

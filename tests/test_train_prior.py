@@ -280,6 +280,47 @@ def test_the_logged_loss_is_the_mean_over_every_ranks_share(tmp_path):
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["2.5", "2.5"]
 
 
+@pytest.mark.slow  # ~25 s: three two-process torchrun runs
+def test_ranks_that_would_resume_from_different_checkpoints_are_refused(data, tmp_path):
+    """Each rank read `latest` itself: a rank that saw another checkpoint (an --out its node does not share)
+    trained from another step, DDP averaged the two, and the run hung at its next collective."""
+    out = tmp_path / "run"
+    args = ["--data", data, "--out", str(out), "--steps", "6", "--batch-size", "16", "--save-every", "2"]
+    args += ["--eval-every", "0", "--device", "cpu"]
+    wrapper = tmp_path / "wrapper.py"  # rank 1 finds step 2, as if its node's --out were an older copy
+    wrapper.write_text(
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from jobs import checkpoint\n"
+        "resolve = checkpoint.resolve\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    checkpoint.resolve = lambda d, *a: Path(d) / 'step_00000002' if Path(d).name == 'ckpt' else resolve(d, *a)\n"
+        "from jobs.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    subprocess.run(
+        [*run, "-m", "jobs.cli", "train-prior", *args, "--stop-after", "4"],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=240,
+    )
+    p = subprocess.run(
+        [*run, str(wrapper), "train-prior", *args, "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert p.returncode != 0
+    assert "the ranks found different checkpoints" in p.stderr and "by rank: [4, 2]" in p.stderr, p.stderr[
+        -3000:
+    ]
+    assert (out / "ckpt" / "latest").read_text().strip() == "step_00000004"
+
+
 @pytest.mark.slow  # ~8 s: two torchrun processes
 def test_two_process_gloo_training(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
