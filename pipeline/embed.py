@@ -459,30 +459,77 @@ def _run_tasks(
         "phases": dict.fromkeys(PHASES, 0.0),
         "read_ahead": {},  # shards by how their bytes were read ahead (`pipeline.readahead.ReadAhead.take`)
     }
+
+    def take(fut) -> None:
+        nonlocal rows
+        try:
+            res = fut.result()
+            rows += res["rows"]
+            stats["task_seconds"] += res["seconds"]
+            if not res["first_in_process"]:  # a worker's later shards: no one-off costs
+                stats["warm_rows"] += res["rows"]
+                stats["warm_seconds"] += res["seconds"]
+            stats["worker_peak_rss_mb"] = max(stats["worker_peak_rss_mb"], res["worker_peak_rss_mb"])
+            stats["gpu_peak_mb"] = max(stats["gpu_peak_mb"], res.get("gpu_peak_mb", 0.0))
+            stats["device_decode_fallbacks"] += res.get("device_decode_fallbacks", 0)
+            stats["batch_prep"] = res.get("batch_prep")
+            how = res.get("read_ahead", "off")
+            stats["read_ahead"][how] = stats["read_ahead"].get(how, 0) + 1
+            for k, v in res.get("phases", {}).items():
+                stats["phases"][k] = stats["phases"].get(k, 0.0) + v
+        except Exception as e:  # after dask's retries: list it, keep going with the others
+            failed[names[fut.key]] = f"{type(e).__name__}: {e}"
+            log.error("shard %s failed: %s", names[fut.key], failed[names[fut.key]])
+
     with tqdm(total=len(todo), desc="embed", unit="shard") as bar:
         for fut in as_completed(futures):
-            try:
-                res = fut.result()
-                rows += res["rows"]
-                stats["task_seconds"] += res["seconds"]
-                if not res["first_in_process"]:  # a worker's later shards: no one-off costs
-                    stats["warm_rows"] += res["rows"]
-                    stats["warm_seconds"] += res["seconds"]
-                stats["worker_peak_rss_mb"] = max(stats["worker_peak_rss_mb"], res["worker_peak_rss_mb"])
-                stats["gpu_peak_mb"] = max(stats["gpu_peak_mb"], res.get("gpu_peak_mb", 0.0))
-                stats["device_decode_fallbacks"] += res.get("device_decode_fallbacks", 0)
-                stats["batch_prep"] = res.get("batch_prep")
-                how = res.get("read_ahead", "off")
-                stats["read_ahead"][how] = stats["read_ahead"].get(how, 0) + 1
-                for k, v in res.get("phases", {}).items():
-                    stats["phases"][k] = stats["phases"].get(k, 0.0) + v
-            except Exception as e:  # after dask's retries: list it, keep going with the others
-                failed[names[fut.key]] = f"{type(e).__name__}: {e}"
-                log.error("shard %s failed: %s", names[fut.key], failed[names[fut.key]])
+            take(fut)
             bar.set_postfix(samples_per_s=f"{rows / (time.perf_counter() - tasks_start):.1f}")
             bar.update(1)
+    # A worker that dies (killed by the OOM killer, a crash in native code) fails every task it held, not only
+    # the one that killed it: dask counts each of them against its allowed failures, and tasks that ask for a
+    # GPU are all handed out at the start, so one bad shard could fail thousands it never ran with. Those go
+    # again, one at a time per worker, so that a worker's death now counts only against the shard it ran.
+    killed = [s for s in todo if failed.get(s, "").startswith("KilledWorker")]
+    if killed:
+        log.warning(
+            "%d shard(s) failed because a dask worker died while it held them (%s); running each again, one "
+            "shard per worker at a time, so that only a shard that kills its worker itself stays failed",
+            len(killed),
+            ", ".join(store.shard_id_of(s) for s in killed[:5]) + (", ..." if len(killed) > 5 else ""),
+        )
+        for s in killed:
+            del failed[s]
+        _one_per_worker(client, killed, params, cfg, resources, f"{run}-again", names, take)
     stats["tasks_seconds"] = time.perf_counter() - tasks_start
     return rows, failed, stats
+
+
+def _one_per_worker(client, shards: list[str], params, cfg, resources, token: str, names: dict, take) -> None:
+    """Run ``shards`` with at most one in flight per worker; each finished task goes to ``take``."""
+    from dask.distributed import as_completed
+
+    from pipeline.embed_shard import embed_shard
+
+    window = max(1, len(client.scheduler_info().get("workers", {})))
+    pending, running = list(enumerate(shards)), as_completed()
+
+    def submit() -> None:
+        i, s = pending.pop(0)
+        fut = client.submit(
+            embed_shard, s, params=params, key=f"{token}-{i}", retries=cfg.retries, resources=resources
+        )
+        names[fut.key] = s
+        running.add(fut)
+
+    for _ in range(min(window, len(pending))):
+        submit()
+    with tqdm(total=len(shards), desc="embed (again)", unit="shard") as bar:
+        for fut in running:
+            take(fut)
+            bar.update(1)
+            if pending:
+                submit()
 
 
 def _rounded(x: float | None) -> float | None:

@@ -819,6 +819,39 @@ def run_cli(args: list[str], **kw) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # ~40 s: dask workers killed and restarted
+def test_a_shard_that_kills_its_worker_fails_alone_not_with_the_shards_queued_behind_it(tmp_path, caplog):
+    """dask counts a worker's death against every task it held: the shard queued behind one that crashed its
+    worker failed too (with GPU resources, every shard handed to that worker), though it never ran."""
+    import dask
+
+    d = tmp_path / "shards"
+    for s in range(4):
+        write_tar(d / f"{s:05d}.tar", good_samples(s, list(range(4))))
+    preload = tmp_path / "poison.py"  # runs in each worker process as it starts
+    preload.write_text(
+        "import os\n"
+        "import pipeline.embed_shard as m\n"
+        "real = m.__dict__.setdefault('_unpoisoned', m.embed_shard)  # a preload may run twice\n"
+        "def embed_shard(url, params):\n"
+        "    if url.endswith('00002.tar'):\n"
+        "        os._exit(1)  # as the OOM killer or a crash in native code would end it\n"
+        "    return real(url, params)\n"
+        "m.embed_shard = embed_shard\n"
+    )
+    out = tmp_path / "store"
+    config = {"distributed.worker.preload": [str(preload)], "distributed.scheduler.allowed-failures": 0}
+    with dask.config.set(config), caplog.at_level("WARNING"):
+        assert embed("--shards", d, "--out", out, *TINY, "--retries", "0") == 1
+    assert store.done_shards(out) == ["00000", "00001", "00003"]
+    summary = json.loads((out / "logs" / "embed_summary.json").read_text())
+    assert (
+        list(summary["failed"]) == [str(d / "00002.tar")]
+        and "KilledWorker" in summary["failed"][str(d / "00002.tar")]
+    )
+    assert "because a dask worker died while it held them" in caplog.text
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_bytes(tmp_path):
     d = tmp_path / "shards"
