@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import logging
@@ -169,6 +170,14 @@ def store_identity(manifest: dict) -> dict:
     }
 
 
+def store_shards(manifest: dict) -> dict:
+    """The store's shards as a checkpoint records them (their count, rows and a digest of each one's name and
+    rows), so that a resume can tell the data the run is split from has changed."""
+    shards = sorted((str(s["shard"]), int(s["rows"])) for s in manifest.get("shards", []))
+    digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+    return {"shards": len(shards), "rows": sum(n for _, n in shards), "sha256": digest}
+
+
 def _check_resume(meta: dict, run: RunState) -> None:
     """A resume continues the same run: same task, network, settings and number of processes."""
     if meta.get("task") != run.task.name:
@@ -191,6 +200,13 @@ def _check_resume(meta: dict, run: RunState) -> None:
             f"--resume: {run.cfg.data} is not the store this run was trained on (its CLIP model or latent "
             "codec differ); resume on the same store, or start a new --out"
         )
+    then, now = meta.get("store_shards"), store_shards(run.manifest)
+    if then is not None and then != now:  # a checkpoint written before this was recorded says nothing
+        log.warning(
+            "--resume: %s changed since the checkpoint (%d shards of %d rows then, %d of %d now): the run "
+            "continues on the store as it is, so its data order from here is not an uninterrupted run's",
+            run.cfg.data, then["shards"], then["rows"], now["shards"], now["rows"],
+        )  # fmt: skip
     if meta["world_size"] != run.world:
         # Step s of the stream is cut for a fixed number of ranks, and each rank's noise generator is saved:
         # another world size would change the data order and the noise, so the run would not be the same.
@@ -413,6 +429,7 @@ def _save(step: int, run: RunState) -> None:
         "world_size": run.world,
         "store": store_identity(run.manifest),
         "stream_order": run.stream_order,  # how the store's rows were split and ordered
+        "store_shards": store_shards(run.manifest),  # what it was split from
     }
     checkpoint.save(run.ckpt_dir, step, run.model, run.ema, state, meta)
 

@@ -143,6 +143,25 @@ def test_log_rows_of_a_resumed_run_are_those_of_an_uninterrupted_one(data, tmp_p
     assert torch.equal(torch.load(tmp_path / "late/rows_rank0.pt")[10 * 32 :], straight[10 * 32 :])
 
 
+def test_a_resume_on_a_store_that_changed_says_the_data_order_is_no_longer_the_same(tmp_path, caplog):
+    """The stream splits and orders the store as it finds it: one that gained a shard since the checkpoint
+    silently changed the rest of the epoch (rows seen again, others skipped)."""
+    import shutil
+
+    data = tmp_path / "store"
+    make_store(data, [60, 50], dim=32, n_classes=16)
+    main(cfg_for(str(data), tmp_path / "run", steps=6, stop_after=3, save_every=3, batch_size=8))
+    main(cfg_for(str(data), tmp_path / "same", steps=6, stop_after=3, save_every=3, batch_size=8))
+    with caplog.at_level("WARNING"):
+        main(cfg_for(str(data), tmp_path / "same", steps=6, save_every=3, batch_size=8, resume=True))
+    assert "changed since the checkpoint" not in caplog.text
+    shutil.rmtree(data)
+    make_store(data, [60, 50, 40], dim=32, n_classes=16)
+    with caplog.at_level("WARNING"):
+        main(cfg_for(str(data), tmp_path / "run", steps=6, save_every=3, batch_size=8, resume=True))
+    assert "changed since the checkpoint (2 shards of 110 rows then, 3 of 150 now)" in caplog.text
+
+
 def test_log_rows_are_on_disk_before_the_checkpoint_that_needs_them(data, tmp_path, monkeypatch):
     """The rows were written after the checkpoint: killed in between, `latest` named a step whose rows the log
     lacked, and the resumed run's log had a hole and rows shifted to the wrong steps."""
