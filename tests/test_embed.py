@@ -1154,6 +1154,10 @@ def test_compile_wraps_both_towers_without_touching_the_cached_model(shards, tmp
         for s in ("00000", "00002"):
             embed_shard(str(shards / f"{s}.tar"), params)
         stores[flag] = _shard_files(out)
+        for s in ("00000", "00002"):  # the markers say which way the shard was embedded; the rest is the same
+            marker = json.loads(stores[flag].pop(f"done/{s}.json"))
+            assert marker.pop("embedded_with")["compile"] is flag
+            stores[flag][f"done/{s}.json"] = marker
     encoders._compile_towers.cache_clear()
     assert wrapped == [("VisionTransformer", True), ("Transformer", True)]  # once, dynamic shapes
     assert len(stores[True]) >= 10 and stores[True] == stores[False]
