@@ -464,9 +464,10 @@ def check_out_file(out: str | Path, flag: str = "--out") -> None:
 
 
 def wipe(root: str | Path, *, new_manifest: dict) -> list[str]:
-    """Delete what this project wrote into a store: the files each done marker lists (only those), the markers,
-    logs/embed_summary.json and temp files of ours; then the folders this left empty. Anything else in the folder
-    stays. Returns the paths removed, relative to ``root``.
+    """Delete what this project wrote into a store: the files each done marker lists, the markers, every other
+    file its folders hold under a shard file's own name (``img_emb/img_emb_00012.npy``: a partial shard's, or
+    one a killed wipe left unlisted), logs/embed_summary.json and temp files of ours; then the folders this
+    left empty. Anything else in the folder stays. Returns the paths removed, relative to ``root``.
 
     The manifest is replaced by ``new_manifest`` (atomically), never deleted, so the folder is a store at every
     moment: killed midway, a folder that also holds other files (a user's, or a partial shard's that no marker
@@ -492,6 +493,11 @@ def wipe(root: str | Path, *, new_manifest: dict) -> list[str]:
             p = root / rel
             if p.resolve().is_relative_to(base):  # a marker cannot send us outside the store
                 rm(p)
+    # A shard's files that no marker lists: a partial shard's (killed before its marker), or a killed wipe's
+    # (the marker goes first, so a kill between it and the files left them unlisted). Ours by their names.
+    for name in FIELDS:
+        for sid in field_shard_ids(root, name):
+            rm(field_path(root, name, sid))
     folders = store_folders(root)
     for tmp in temp_files(root):
         rm(tmp)

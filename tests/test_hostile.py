@@ -826,6 +826,15 @@ def test_overwrite_killed_during_its_wipe_leaves_no_marker_whose_files_are_gone(
     assert calls[0].endswith(".json")  # the marker went first
     for s in store.done_shards(out):
         assert all((out / rel).exists() for rel in store.read_done(out, s)["files"]), s
+    # ... and the same --overwrite, run again, removes the files that the killed wipe left unlisted: they were
+    # left for good (validate then failed on a store the rerun called finished)
+    shards = tmp_path / "shards"
+    write_tar(shards / "00007.tar", [sample(f"00007{i:04d}", i) for i in range(3)])
+    assert main(["embed", "--shards", str(shards), "--out", str(out), *TINY, "--overwrite"]) == 0
+    assert store.done_shards(out) == ["00007"]
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_00007.npy"]
+    assert not (out / "latents").exists() and not (out / "text_enc").exists()  # folders it left empty go too
+    assert main(["validate", str(out)]) == 0
 
 
 def test_overwrite_with_the_stores_own_settings_continues_it(work, tmp_path, capsys):
