@@ -53,6 +53,29 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
+def remove_leftovers(out: Path, ckpt_dir: Path) -> list[str]:
+    """Delete what a run killed mid-write leaves in its folder: `atomic_write`'s temp files (``.latest.tmpPID``,
+    ``.config.json.tmpPID``, ...) and half-written checkpoint folders (``ckpt/.tmp_step_N``, which a resume with
+    another --save-every might never reach again). Only ever called by the run that holds the folder."""
+    removed = []
+    for folder in (out, ckpt_dir):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.is_file() and store.TEMP_NAME.fullmatch(p.name):
+                p.unlink()
+            elif p.is_dir() and folder == ckpt_dir and p.name.startswith(".tmp_step_"):
+                shutil.rmtree(p)
+            else:
+                continue
+            removed.append(str(p.relative_to(out)))
+    if removed:
+        log.info(
+            "removed %d file(s) a killed run left half-written: %s", len(removed), ", ".join(removed[:5])
+        )
+    return removed
+
+
 def save(
     ckpt_dir: str | Path,
     step: int,

@@ -84,7 +84,7 @@ def check_settings(cfg: DemoConfig) -> None:
     path = Path(cfg.out) / SETTINGS
     mine = {k: v for k, v in asdict(cfg).items() if k != "out"}
     if not path.exists():
-        if Path(cfg.out).is_dir() and any(Path(cfg.out).iterdir()) and not (Path(cfg.out) / "data").is_dir():
+        if Path(cfg.out).is_dir() and store.entries(cfg.out) and not (Path(cfg.out) / "data").is_dir():
             raise UsageError(
                 f"--out {cfg.out} is not empty and is not a demo folder; choose a new or empty folder"
             )

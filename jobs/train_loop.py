@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -276,6 +277,14 @@ def _prepare(task: Task) -> RunState:
     check_settings(cfg)
     device = resolve_device(cfg.device)
     manifest = load_store_manifest(cfg.data)
+    listed, done = {str(s["shard"]) for s in manifest.get("shards", [])}, set(store.done_shards(cfg.data))
+    if listed != done and int(os.environ.get("RANK", "0")) == 0:  # the stream takes the done shards
+        log.warning(
+            "--data %s: its manifest lists %d shard(s) and %d are done, so its embed run did not finish (or "
+            "was killed); training on the %d done shards. Rerun `unclip embed` to finish it (`unclip validate` "
+            "checks it)",
+            cfg.data, len(listed), len(done), len(done),
+        )  # fmt: skip
     model_cfg = json.loads(json.dumps(task.model_config(manifest)))  # as meta.json will hold it
     if hasattr(cfg, "sample_steps"):  # the evaluation's sampler: refused now, not at the first evaluation
         from models.samplers import check_steps
@@ -399,6 +408,9 @@ def _train(task: Task, run: RunState) -> dict:
         )
     if run.rank == 0:  # only once the settings, the store and the checkpoint were all accepted
         run.out.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_leftovers(
+            run.out, run.ckpt_dir
+        )  # a killed run's half-written files (we hold the lock)
         config = {"task": task.name, "train": asdict(run.cfg), "model": run.model_cfg}
         store.write_json(run.out / "config.json", config)
         metrics.truncate(run.out / "metrics.jsonl", start)

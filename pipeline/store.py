@@ -441,8 +441,8 @@ def check_out_folder(out: str | Path, ours=None, what: str = "", flag: str = "--
         raise UsageError(f"{flag} {out} {where}; give a folder")
     if (blocked := unwritable(p)) is not None:
         raise UsageError(f"{flag} {out} cannot be written ({blocked} is not writable)")
-    if ours is not None and p.is_dir() and any(p.iterdir()) and not ours(p):
-        names = sorted(x.name for x in p.iterdir())
+    if ours is not None and p.is_dir() and entries(p) and not ours(p):
+        names = sorted(x.name for x in entries(p))
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise UsageError(
             f"{flag} {out} is not empty ({shown}) and is not {what}, so its files are not ours to write over; "
@@ -516,6 +516,12 @@ def store_folders(root: str | Path) -> list[Path]:
 
 
 TEMP_NAME = re.compile(r"\..+\.tmp\d+")  # `atomic_write`'s temp names: .NAME.tmpPID
+
+
+def entries(folder: str | Path) -> list[Path]:
+    """What ``folder`` holds, less the temp files `atomic_write` left there (a command killed writing its first
+    file): a folder holding only those is as empty as it was before that command."""
+    return [p for p in Path(folder).iterdir() if not (TEMP_NAME.fullmatch(p.name) and p.is_file())]
 
 
 def temp_files(root: str | Path) -> list[Path]:

@@ -103,6 +103,10 @@ def test_a_rerun_with_other_settings_is_refused_before_any_stage(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("x")
     with pytest.raises(UsageError, match="is not empty and is not a demo folder"):
         check_settings(DemoConfig(out=str(tmp_path / "mine")))
+    (tmp_path / "killed").mkdir()  # a first run killed while it wrote its settings: the same command goes on
+    (tmp_path / "killed" / f".{SETTINGS}.tmp4623").write_text('{"n": ')
+    check_settings(DemoConfig(out=str(tmp_path / "killed"), n=100))
+    assert json.loads((tmp_path / "killed" / SETTINGS).read_text())["n"] == 100
 
 
 @pytest.mark.parametrize("code, raised", [(1, "StageError"), (130, "KeyboardInterrupt")])

@@ -165,6 +165,26 @@ def test_train_and_demo_data_never_write_into_a_folder_of_user_files(command, ca
     assert files(out) == before
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_killed_writing_its_first_file_is_continued_and_its_leftovers_go(resume, work, tmp_path):
+    """Killed while atomic_write wrote config.json, a run left only `.config.json.tmpPID`: the same command and
+    --resume were both refused as "not a training run's folder"; and temp files and half-written checkpoint
+    folders that kills left were never removed."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".config.json.tmp4623").write_text('{"task": ')
+    args = ["--data", work["good"], "--out", out, "--preset", "tiny", "--steps", "4", "--batch-size", "8"]
+    args += ["--eval-every", "0", "--device", "cpu", "--save-every", "2"]
+    assert main(["train-prior", *map(str, args), "--stop-after", "2", *(["--resume"] if resume else [])]) == 0
+    (out / "ckpt" / ".latest.tmp99").write_text("step_0000")
+    (out / "ckpt" / ".tmp_step_00000009").mkdir()
+    (out / "ckpt" / ".tmp_step_00000009" / "model.safetensors").write_bytes(b"half")
+    (out / "my_notes.txt").write_text("mine")
+    assert main(["train-prior", *map(str, args), "--resume"]) == 0
+    left = sorted(str(p.relative_to(out)) for p in out.rglob(".*"))
+    assert left == [] and (out / "my_notes.txt").read_text() == "mine"
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_again_in_its_folder(work, tmp_path):
     out = tmp_path / "run"
     args = ["--data", str(work["good"]), "--out", str(out), "--preset", "tiny", "--batch-size", "8"]

@@ -162,6 +162,25 @@ def test_a_resume_on_a_store_that_changed_says_the_data_order_is_no_longer_the_s
     assert "changed since the checkpoint (2 shards of 110 rows then, 3 of 150 now)" in caplog.text
 
 
+def test_training_on_a_store_whose_embed_did_not_finish_says_so(tmp_path, caplog):
+    """A first embed run killed midway leaves a manifest listing no shards beside the shards it finished:
+    training went on, on part of the data, without a word (validate named it)."""
+    from pipeline import store
+
+    data = tmp_path / "store"
+    make_store(data, [60, 50], dim=32, n_classes=16)
+    manifest = store.load_manifest(data)
+    store.write_json(data / store.MANIFEST, {**manifest, "shards": []})  # as a killed first run leaves it
+    with caplog.at_level("WARNING"):
+        main(cfg_for(str(data), tmp_path / "run", steps=2, save_every=2, batch_size=8))
+    assert "its manifest lists 0 shard(s) and 2 are done, so its embed run did not finish" in caplog.text
+    caplog.clear()
+    store.write_json(data / store.MANIFEST, manifest)
+    with caplog.at_level("WARNING"):
+        main(cfg_for(str(data), tmp_path / "run2", steps=2, save_every=2, batch_size=8))
+    assert "did not finish" not in caplog.text
+
+
 def test_log_rows_are_on_disk_before_the_checkpoint_that_needs_them(data, tmp_path, monkeypatch):
     """The rows were written after the checkpoint: killed in between, `latest` named a step whose rows the log
     lacked, and the resumed run's log had a hole and rows shifted to the wrong steps."""
