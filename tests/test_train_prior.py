@@ -25,6 +25,9 @@ def data(tmp_path_factory):
     return str(root)
 
 
+TORCHRUN2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+
+
 def cfg_for(data, out, **kw):
     base = dict(
         data=data,
@@ -305,15 +308,7 @@ def test_the_logged_loss_is_the_mean_over_every_ranks_share(tmp_path):
         "dist.destroy_process_group()\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        str(script),
-    ]
+    cmd = [*TORCHRUN2, str(script)]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["2.5", "2.5"]
 
@@ -337,7 +332,7 @@ def test_ranks_that_would_resume_from_different_checkpoints_are_refused(data, tm
         "sys.exit(main(sys.argv[1:]))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    run = TORCHRUN2
     subprocess.run(
         [*run, "-m", "jobs.cli", "train-prior", *args, "--stop-after", "4"],
         check=True,
@@ -363,12 +358,7 @@ def test_ranks_that_would_resume_from_different_checkpoints_are_refused(data, tm
 def test_two_process_gloo_training(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
+        *TORCHRUN2,
         "-m",
         "jobs.cli",
         "train-prior",
