@@ -509,9 +509,10 @@ def _one_per_worker(client, shards: list[str], params, cfg, resources, token: st
     """Run ``shards`` with at most one in flight per worker; each finished task goes to ``take``."""
     from dask.distributed import as_completed
 
+    from pipeline.embed_cluster import able_workers, workers
     from pipeline.embed_shard import embed_shard
 
-    window = max(1, len(client.scheduler_info().get("workers", {})))
+    window = max(1, len(able_workers(workers(client), resources)))  # the workers that can take a shard task
     pending, running = list(enumerate(shards)), as_completed()
 
     def submit() -> None:

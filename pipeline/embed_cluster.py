@@ -105,7 +105,7 @@ def cluster_device(client, device: str) -> str:
 
 
 def _with_gpu_resource(info: dict, counts: dict, asked: str) -> str:
-    able = _able(info, {"GPU": 1})
+    able = able_workers(info, {"GPU": 1})
     if not able:
         raise UsageError(
             f"--device {asked} with --scheduler: each shard task asks for one GPU resource and none of the "
@@ -137,7 +137,7 @@ def warm_workers(client, params, resources: dict | None = None) -> None:
 
     from pipeline.embed_shard import warm_up
 
-    able = _able(workers(client), resources)
+    able = able_workers(workers(client), resources)
     visible = client.run(_cuda_visible_devices, workers=able) if params.device == "cuda" and able else {}
     slots = gpu_slots(able, visible)
     if params.device == "cuda":  # for workers that join later (`claim_late_slot`); empty if none is here yet
@@ -167,7 +167,7 @@ def warm_workers(client, params, resources: dict | None = None) -> None:
             f.result()  # a model that cannot be built fails the run here, once, with its own error
 
 
-def _able(info: dict, resources: dict | None) -> list[str]:
+def able_workers(info: dict, resources: dict | None) -> list[str]:
     """The workers (of ``info``, the scheduler's) that declare ``resources``, in address order."""
     wanted = (resources or {}).items()
     return sorted(w for w, i in info.items() if all(i.get("resources", {}).get(k, 0) >= n for k, n in wanted))
