@@ -508,7 +508,8 @@ def _shard_ids(out: Path, names: list[str], rank: int) -> torch.Tensor:
     resume keep naming the same shards when the store has gained some (positions would shift)."""
     path = out / ROWS_SHARDS
     known = store.read_json(path) if path.exists() else []
-    known += [n for n in names if n not in set(known)]
+    seen = set(known)
+    known += [n for n in names if n not in seen]
     if rank == 0:
         store.write_json(path, known)
     where = {n: i for i, n in enumerate(known)}

@@ -198,6 +198,11 @@ def reusable_store(cfg: EmbedConfig) -> dict | None:
         try:
             old = store.load_manifest(root)
         except (UsageError, OSError):
+            if any(_adopted_marker(root, s) for s in store.done_shards(root)):  # its manifest damaged
+                raise UsageError(
+                    f"--out {root} holds done markers of `unclip adopt` (its manifest.json does not read): its "
+                    "embeddings are your files, which embed never writes over or deletes; give another --out"
+                ) from None
             return None
         if old.get("identity") != identity:
             return None
@@ -215,6 +220,13 @@ def reusable_store(cfg: EmbedConfig) -> dict | None:
             "use another --out or pass --overwrite"
         )
     return old
+
+
+def _adopted_marker(root: Path, shard: str) -> bool:
+    try:
+        return store.read_done(root, shard).get("source") == "adopted"
+    except (OSError, ValueError, UsageError):
+        return False
 
 
 def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None) -> dict:
@@ -299,7 +311,8 @@ def _embed(cfg: EmbedConfig, shards: list[str]) -> dict:
         )
         if todo:
             params = shard_params(cfg, device, manifest)
-            warn_mixed_rounding(cfg.out, [s for s in shards if s not in todo], params.rounding())
+            pending_set = set(todo)
+            warn_mixed_rounding(cfg.out, [s for s in shards if s not in pending_set], params.rounding())
             start = time.perf_counter()  # a LocalCluster's start-up counts, as the user waits for it
             if client is None:
                 client, cluster = connect(cfg)

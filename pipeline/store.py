@@ -268,7 +268,12 @@ def hold_folder(path: str | Path, flag: str = "--out"):
         created = True
     except FileExistsError:
         created = False
-    fd = os.open(p, os.O_RDONLY)
+    except OSError as e:  # a dangling symlink, a name too long, ...
+        raise UsageError(f"{flag} {path} cannot be created ({e.strerror}); give a folder") from None
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError as e:
+        raise UsageError(f"{flag} {path} cannot be opened ({e.strerror}); give a folder") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -402,7 +407,14 @@ def remove_shard(root: str | Path, shard: str) -> None:
 def _nearest_existing(path: str | Path) -> Path | None:
     """``path`` itself if it exists, else its nearest existing parent (absolute), or None."""
     p = Path(path).absolute()
-    return next((q for q in [p, *p.parents] if q.exists()), None)
+    return next((q for q in [p, *p.parents] if _exists(q)), None)
+
+
+def _exists(p: Path) -> bool:
+    try:
+        return p.exists()
+    except OSError:  # a name too long, say: it is not there
+        return False
 
 
 def unwritable(path: str | Path) -> Path | None:
@@ -423,8 +435,8 @@ def check_is_store_or_empty(root: str | Path) -> bool:
     leftovers = [p for p in temp_files(root) if p.parent == root and p.name.startswith(f".{MANIFEST}.")]
     if root.exists() and any(p not in leftovers for p in root.iterdir()):
         raise ValueError(f"{root} is not empty and holds no {MANIFEST}, so it is not a store")
-    for p in leftovers:
-        p.unlink(missing_ok=True)
+    # (removed by the run that takes the folder, under its lock: `temp_files` at the end of embed; never here,
+    # where a refused second command would delete the running one's temp file)
     if (blocked := unwritable(root)) is not None:
         raise ValueError(f"{root} cannot be written ({blocked} is not writable)")
     return False
@@ -481,11 +493,18 @@ def wipe(root: str | Path, *, new_manifest: dict) -> list[str]:
             removed.append(str(p.relative_to(root)))
 
     base = root.resolve()  # resolved once: ``root`` may lie under a symlink (a data disk linked in)
+    try:  # shard files no marker lists are removed by name only from a store `unclip embed` wrote
+        by_name = not load_manifest(root).get("identity", {}).get("adopted")
+    except (OSError, ValueError, UsageError):
+        by_name = False  # a manifest that does not read: it could be an adopted folder's, the user's files
+    adopted: set[str] = set()
     for shard in done_shards(root):
         try:
             marker = read_done(root, shard)
             # an adopted shard's files are the user's own embeddings: never ours to delete
             listed = [] if marker.get("source") == "adopted" else list(marker.get("files", {}))
+            if marker.get("source") == "adopted":
+                adopted.add(shard)
         except (OSError, ValueError, ManifestError):
             listed = []  # an unreadable marker names nothing: only the marker itself goes
         rm(done_path(root, shard))  # first, as in `remove_shard`: killed midway, no marker outlives its files
@@ -495,7 +514,7 @@ def wipe(root: str | Path, *, new_manifest: dict) -> list[str]:
                 rm(p)
     # A shard's files that no marker lists: a partial shard's (killed before its marker), or a killed wipe's
     # (the marker goes first, so a kill between it and the files left them unlisted). Ours by their names.
-    for name in FIELDS:
+    for name in FIELDS if by_name and not adopted else ():
         for sid in field_shard_ids(root, name):
             rm(field_path(root, name, sid))
     folders = store_folders(root)

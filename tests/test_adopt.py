@@ -221,6 +221,19 @@ def test_embed_never_writes_into_an_adopted_folder_even_with_overwrite(overwrite
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "is a folder adopted with `unclip adopt`" in err
     assert snapshot(folder) == before
+    if overwrite:  # its manifest cut short: the markers still say whose files these are
+        (folder / store.MANIFEST).write_text('{"clip": ')
+        before = snapshot(folder)
+        assert main(args + ["--overwrite"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "holds done markers of `unclip adopt`" in err
+        assert snapshot(folder) == before
+        for marker in (folder / "done").iterdir():  # and with the markers unreadable too: the embeddings stay
+            marker.write_text("{")
+        assert main(args + ["--overwrite"]) == 0
+        assert {k: v for k, v in snapshot(folder).items() if k.split("/")[0] in ("img_emb", "text_emb")} == {
+            k: v for k, v in before.items() if k.split("/")[0] in ("img_emb", "text_emb")
+        } | {k: v for k, v in snapshot(folder).items() if k.endswith("_00000.npy")}
 
 
 def test_a_folder_that_cannot_be_written_is_one_line_before_the_checksums(tmp_path, capsys, monkeypatch):

@@ -294,3 +294,15 @@ def test_hold_folder_runs_unlocked_where_the_filesystem_has_no_locks(tmp_path, m
     with caplog.at_level("WARNING"), store.hold_folder(tmp_path / "nfs") as p:
         (p / "x").write_text("written")
     assert "the filesystem cannot lock it (No locks available)" in caplog.text
+
+
+def test_hold_folder_names_a_path_it_cannot_make_in_one_line(tmp_path):
+    from pipeline.errors import UsageError
+
+    (tmp_path / "link").symlink_to(tmp_path / "gone")  # a dangling symlink was a FileNotFoundError traceback
+    with pytest.raises(UsageError, match="link cannot be opened .No such file or directory"):
+        with store.hold_folder(tmp_path / "link"):
+            pass
+    with pytest.raises(UsageError, match="cannot be created .File name too long"):
+        with store.hold_folder(tmp_path / ("x" * 300)):
+            pass
