@@ -362,8 +362,18 @@ def train(task: Task) -> dict:
     """Run the loop for `task` from scratch or from its latest checkpoint; the run's report."""
     run = _prepare(task)
     try:
-        # rank 0 writes the run's files: a second run given the same --out meanwhile is refused, not mixed in
-        with store.hold_folder(run.out) if run.rank == 0 else contextlib.nullcontext():
+        # rank 0 writes the run's files: a second run given the same --out meanwhile is refused, not mixed in.
+        # Every rank learns the outcome, so all refuse together (the others would wait in a collective).
+        held, refused = contextlib.ExitStack(), None
+        if run.rank == 0:
+            try:
+                held.enter_context(store.hold_folder(run.out))
+            except UsageError as e:
+                refused = str(e)
+        refused = distributed.every_ranks(refused, run.world)[0]
+        if refused:
+            raise UsageError(refused)
+        with held:
             return _train(task, run)
     finally:
         if run.world > 1:

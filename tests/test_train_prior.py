@@ -355,6 +355,23 @@ def test_ranks_that_would_resume_from_different_checkpoints_are_refused(data, tm
 
 
 @pytest.mark.slow  # ~8 s: two torchrun processes
+def test_every_rank_refuses_an_out_another_run_holds(data, tmp_path):
+    """Only rank 0 takes the folder's lock: refused, it left the other ranks waiting in a collective."""
+    from pipeline import store
+
+    out = tmp_path / "run"
+    args = ["train-prior", "--data", data, "--out", str(out), "--steps", "2", "--batch-size", "16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with store.hold_folder(out):
+        p = subprocess.run(
+            [*TORCHRUN2, "-m", "jobs.cli", *args, "--eval-every", "0", "--device", "cpu"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert p.returncode != 0 and p.stderr.count("is in use: another unclip command is writing to it") == 2
+    assert "Connection closed by peer" not in p.stderr and list(out.iterdir()) == []
+
+
+@pytest.mark.slow  # ~8 s: two torchrun processes
 def test_two_process_gloo_training(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
