@@ -204,36 +204,57 @@ def run(cfg: AdoptConfig) -> dict:
     if old is not None and not old.get("identity", {}).get("adopted"):
         raise UsageError(f"{folder} is already a store written by `unclip embed`; it needs no adopting")
     stale = stale if store.is_adopted(folder) else []  # an earlier adoption's, of shards since removed
+    # by the files' size and time: the shards whose files are unchanged since they were hashed are not read
     todo = [c for c in checks if not _marker_current(folder, c)]
-    if old == manifest and not todo and not stale:  # a rerun over files unchanged since: nothing to write
+    unmarked = {c.shard for c in todo if not store.is_done(folder, c.shard)}
+    must_write = old != manifest or bool(stale) or bool(unmarked)
+    if must_write:
+        _check_writable(folder)  # before the checksums, which read every byte: a read-only mount
+    markers = {}
+    for c in tqdm(todo, desc="adopt: checksums", unit="shard", disable=None):
+        marker = {"shard": c.shard, "rows": c.rows, "files": {}, "stat": {}, "source": "adopted", "errors": 0}
+        for rel, path in _shard_files(folder, c.shard).items():
+            marker["stat"][rel] = _stat(path)  # before hashing: a file changed meanwhile is hashed again
+            marker["files"][rel] = _digest(path)
+        markers[c.shard] = {**marker, "truncated_captions": 0}
+    changed = [c for c in todo if c.shard in unmarked or not _same_marker(folder, markers[c.shard])]
+    if not must_write and not changed:
+        # A rerun over unchanged files (a folder adopted by an earlier version, or copied: the times differ)
+        if (
+            todo and store.unwritable(folder / "done") is None
+        ):  # keep their times, so the next rerun reads none
+            with store.hold_folder(folder, flag="folder"):
+                for c in todo:
+                    store.write_json(store.done_path(folder, c.shard), markers[c.shard])
         return _report(folder, manifest, checks, adopted_now=False)
-    for place in (folder / "done", folder):  # before the checksums, which read every byte: a read-only mount
+    _check_writable(folder)
+    with store.hold_folder(folder, flag="folder"):  # two adoptions of one folder at once: refused
+        for p in stale:
+            log.warning("adopt: %s is no longer in %s: its done marker %s goes", p.stem, folder, p)
+            p.unlink()
+        for c in todo:
+            store.write_json(store.done_path(folder, c.shard), markers[c.shard])
+        # last: a folder with a manifest is a finished adoption
+        store.write_json(folder / store.MANIFEST, manifest)
+    return _report(folder, manifest, checks, adopted_now=True)
+
+
+def _check_writable(folder: Path) -> None:
+    for place in (folder / "done", folder):
         if (blocked := store.unwritable(place)) is not None:
             raise UsageError(
                 f"{folder} cannot be adopted here: {blocked} is not writable (adopt writes manifest.json and done/ "
                 "markers beside the embeddings); copy or link the folder somewhere writable"
             )
-    with store.hold_folder(folder, flag="folder"):  # two adoptions of one folder at once: refused
-        for p in stale:
-            log.warning("adopt: %s is no longer in %s: its done marker %s goes", p.stem, folder, p)
-            p.unlink()
-        for c in tqdm(todo, desc="adopt: checksums", unit="shard", disable=None):
-            files = _shard_files(folder, c.shard)
-            marker = {
-                "shard": c.shard,
-                "rows": c.rows,
-                "files": {},
-                "stat": {},
-                "source": "adopted",
-                "errors": 0,
-            }
-            for rel, path in files.items():
-                marker["stat"][rel] = _stat(path)  # before hashing: a file changed meanwhile is hashed again
-                marker["files"][rel] = _digest(path)
-            store.write_json(store.done_path(folder, c.shard), {**marker, "truncated_captions": 0})
-        # last: a folder with a manifest is a finished adoption
-        store.write_json(folder / store.MANIFEST, manifest)
-    return _report(folder, manifest, checks, adopted_now=True)
+
+
+def _same_marker(folder: Path, new: dict) -> bool:
+    """Whether the shard's marker on disk says what ``new`` says, its files' times aside."""
+    try:
+        marker = store.read_done(folder, new["shard"])
+    except (OSError, ValueError, UsageError):
+        return False
+    return marker.get("rows") == new["rows"] and marker.get("files") == new["files"]
 
 
 def _shard_files(folder: Path, shard: str) -> dict[str, Path]:

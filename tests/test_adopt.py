@@ -275,3 +275,31 @@ def test_a_rerun_hashes_again_only_the_shards_whose_files_changed(tmp_path, caps
     capsys.readouterr()
     assert main(["adopt", str(folder), *ADOPT]) == 0  # unchanged since: nothing hashed
     assert json.loads(capsys.readouterr().out)["adopted_now"] is False and hashed == []
+
+
+def test_a_rerun_over_markers_without_file_times_writes_nothing_on_a_read_only_folder(
+    tmp_path, capsys, monkeypatch
+):
+    """Markers of an earlier version (or a copied folder) carry no file times: the rerun hashed every file and,
+    on a read-only mount, refused where it used to be a no-op."""
+    import pipeline.adopt as adopt
+
+    folder = tmp_path / "laion"
+    write_clip_retrieval_folder(folder, {0: 6, 1: 6})
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    for m in (folder / "done").iterdir():  # as an earlier version wrote them
+        marker = json.loads(m.read_text())
+        del marker["stat"]
+        m.write_text(json.dumps(marker))
+    before = snapshot(folder)
+    with monkeypatch.context() as mp:
+        mp.setattr(store, "unwritable", lambda p: folder if Path(p).is_relative_to(folder) else None)
+        capsys.readouterr()
+        assert main(["adopt", str(folder), *ADOPT]) == 0
+        assert json.loads(capsys.readouterr().out)["adopted_now"] is False and snapshot(folder) == before
+    assert main(["adopt", str(folder), *ADOPT]) == 0  # writable: the markers gain their files' times
+    assert json.loads(capsys.readouterr().out)["adopted_now"] is False
+    assert all("stat" in json.loads(m.read_text()) for m in (folder / "done").iterdir())
+    hashed = []
+    monkeypatch.setattr(adopt, "_digest", lambda p: hashed.append(p) or "x")
+    assert main(["adopt", str(folder), *ADOPT]) == 0 and hashed == []
