@@ -887,11 +887,19 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path):
 def test_a_resume_with_another_batch_size_says_the_store_is_no_longer_byte_identical(tmp_path, caplog):
     """Batch size, device, image decode and --compile are not the store's identity, so a resume with others was
     accepted in silence and its shards differed from an uninterrupted run's by float rounding."""
-    d = tmp_path / "shards"
-    for s in range(2):
-        write_tar(d / f"{s:05d}.tar", good_samples(s, list(range(6))))
+    import dataclasses
+
+    from pipeline.embed import warn_mixed_rounding
+    from pipeline.embed_shard import ShardParams, embed_shard
+
+    tar = write_tar(tmp_path / "shards" / "00000.tar", good_samples(0, list(range(6))))
     out = tmp_path / "store"
-    assert embed("--shards", d / "00000.tar", "--out", out, *TINY) == 0
+    out.mkdir()
+    params = ShardParams(
+        out=str(out), clip="unclip-tiny", pretrained="none", seed=0, device="cpu", batch_size=8,
+        latents="none", vae="", text_encodings=False, torch_threads=0, latent_params=None,
+    )  # fmt: skip
+    embed_shard(str(tar), params)
     assert store.read_done(out, "00000")["embedded_with"] == {
         "device": "cpu",
         "batch_size": 8,
@@ -899,21 +907,13 @@ def test_a_resume_with_another_batch_size_says_the_store_is_no_longer_byte_ident
         "compile": False,
     }
     with caplog.at_level("WARNING"):
-        assert embed("--shards", d / "00000.tar", "--out", out, *TINY) == 0  # nothing to do: nothing said
-        assert embed("--shards", d, "--out", out, *TINY, "--batch-size", "4") == 0
-    warned = [
-        r.getMessage() for r in caplog.records if "other settings than its finished shards" in r.getMessage()
-    ]
-    assert len(warned) == 1
-    assert "--batch-size: the store's finished shards were embedded with 8, this run's with 4" in warned[0]
-    assert store.read_done(out, "00001")["embedded_with"]["batch_size"] == 4
-    caplog.clear()
-    for s in range(2, 4):
-        write_tar(d / f"{s:05d}.tar", good_samples(s, list(range(6))))
-    with caplog.at_level("WARNING"):
-        assert embed("--shards", d, "--out", out, *TINY, "--batch-size", "4") == 0
-    assert "--batch-size: the store's finished shards were embedded with 8, this run's with 4" in caplog.text
-    assert "--device" not in caplog.text and "--image-decode" not in caplog.text
+        assert warn_mixed_rounding(str(out), [str(tar)], params.rounding()) == []
+        assert "other settings" not in caplog.text
+        lines = warn_mixed_rounding(
+            str(out), [str(tar)], dataclasses.replace(params, batch_size=4).rounding()
+        )
+    assert lines == ["--batch-size: the store's finished shards were embedded with 8, this run's with 4"]
+    assert "resuming" in caplog.text and "not byte-identical to one made in one go" in caplog.text
 
 
 def test_store_made_with_other_settings_is_refused_then_overwritten(base, shards, tmp_path, capsys):
