@@ -204,9 +204,10 @@ def run(cfg: AdoptConfig) -> dict:
     if old is not None and not old.get("identity", {}).get("adopted"):
         raise UsageError(f"{folder} is already a store written by `unclip embed`; it needs no adopting")
     stale = stale if store.is_adopted(folder) else []  # an earlier adoption's, of shards since removed
+    ondisk = {c.shard: _read_marker(folder, c.shard) for c in checks}
     # by the files' size and time: the shards whose files are unchanged since they were hashed are not read
-    todo = [c for c in checks if not _marker_current(folder, c)]
-    unmarked = {c.shard for c in todo if not store.is_done(folder, c.shard)}
+    todo = [c for c in checks if not _marker_current(folder, c, ondisk[c.shard])]
+    unmarked = {c.shard for c in todo if ondisk[c.shard] is None}
     must_write = old != manifest or bool(stale) or bool(unmarked)
     if must_write:
         _check_writable(folder)  # before the checksums, which read every byte: a read-only mount
@@ -217,12 +218,13 @@ def run(cfg: AdoptConfig) -> dict:
             marker["stat"][rel] = _stat(path)  # before hashing: a file changed meanwhile is hashed again
             marker["files"][rel] = _digest(path)
         markers[c.shard] = {**marker, "truncated_captions": 0}
-    changed = [c for c in todo if c.shard in unmarked or not _same_marker(folder, markers[c.shard])]
-    if not must_write and not changed:
-        # A rerun over unchanged files (a folder adopted by an earlier version, or copied: the times differ)
-        if (
-            todo and store.unwritable(folder / "done") is None
-        ):  # keep their times, so the next rerun reads none
+    # (with nothing else to write, every shard has a marker: only its rows and checksums can have changed)
+    if not must_write and all(
+        ondisk[c.shard][k] == markers[c.shard][k] for c in todo for k in ("rows", "files")
+    ):
+        # A rerun over unchanged files (a folder adopted by an earlier version, or copied: the times differ):
+        # where it can, it keeps their times, so that the next rerun reads none
+        if todo and store.unwritable(folder / "done") is None:
             with store.hold_folder(folder, flag="folder"):
                 for c in todo:
                     store.write_json(store.done_path(folder, c.shard), markers[c.shard])
@@ -248,13 +250,11 @@ def _check_writable(folder: Path) -> None:
             )
 
 
-def _same_marker(folder: Path, new: dict) -> bool:
-    """Whether the shard's marker on disk says what ``new`` says, its files' times aside."""
+def _read_marker(folder: Path, shard: str) -> dict | None:
     try:
-        marker = store.read_done(folder, new["shard"])
+        return store.read_done(folder, shard)
     except (OSError, ValueError, UsageError):
-        return False
-    return marker.get("rows") == new["rows"] and marker.get("files") == new["files"]
+        return None
 
 
 def _shard_files(folder: Path, shard: str) -> dict[str, Path]:
@@ -270,13 +270,11 @@ def _stat(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _marker_current(folder: Path, c: ShardCheck) -> bool:
+def _marker_current(folder: Path, c: ShardCheck, marker: dict | None) -> bool:
     """Whether the shard's done marker still describes its files: same rows, same files, each of the same size
     and modification time as when it was hashed. A file the user rewrote (new captions in its metadata, say)
     is hashed again by a rerun, so its marker never keeps a checksum the file no longer has."""
-    try:
-        marker = store.read_done(folder, c.shard)
-    except (OSError, ValueError, UsageError):
+    if marker is None:
         return False
     files = _shard_files(folder, c.shard)
     stat = marker.get("stat")

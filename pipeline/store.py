@@ -432,11 +432,10 @@ def check_is_store_or_empty(root: str | Path) -> bool:
     if (root / MANIFEST).is_file():
         return True
     # A first run killed while it wrote its manifest leaves only that write's temp file: still an empty store
-    leftovers = [p for p in temp_files(root) if p.parent == root and p.name.startswith(f".{MANIFEST}.")]
-    if root.exists() and any(p not in leftovers for p in root.iterdir()):
+    # (the run that takes the folder removes it, under its lock, at the end of embed: never here, where a
+    # refused second command would delete the running one's temp file)
+    if root.exists() and entries(root):
         raise ValueError(f"{root} is not empty and holds no {MANIFEST}, so it is not a store")
-    # (removed by the run that takes the folder, under its lock: `temp_files` at the end of embed; never here,
-    # where a refused second command would delete the running one's temp file)
     if (blocked := unwritable(root)) is not None:
         raise ValueError(f"{root} cannot be written ({blocked} is not writable)")
     return False
