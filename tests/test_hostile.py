@@ -394,12 +394,21 @@ def test_each_malformed_sample_is_one_error_row_and_the_rest_is_embedded(hostile
     assert main(["validate", str(out)]) == 0  # what was written validates, on every rerun
 
 
-def test_sixteen_bit_and_gif_images_decode_to_their_colours():
+def tiff32() -> bytes:
+    """A 32-bit signed grey TIFF (PIL's mode "I", as 16-bit PNGs opened in older Pillow) at 3/4 of full scale."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 40), 3 * 2**29, dtype=np.int32)).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def test_sixteen_and_thirty_two_bit_and_gif_images_decode_to_their_colours():
     from pipeline.shard_samples import Sample, decode
 
     grey, _ = decode(Sample("a", png16(), "grey", {}))
+    grey32, _ = decode(Sample("c", tiff32(), "grey", {}))
     red, _ = decode(Sample("b", gif(), "red", {}))
     assert np.asarray(grey)[0, 0].tolist() == [191, 191, 191]
+    assert np.asarray(grey32)[0, 0].tolist() == [191, 191, 191]  # was 255: scaled as if 16-bit, then clipped
     assert np.asarray(red)[0, 0].tolist() == [200, 30, 30]
 
 
