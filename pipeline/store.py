@@ -351,12 +351,21 @@ def write_shard(
         payloads["metadata"] = parquet_bytes(tables["metadata"])
     if tables.get("errors") is not None and tables["errors"].num_rows > 0:
         payloads["errors"] = parquet_bytes(tables["errors"])
-    for field, data in payloads.items():
-        path = field_path(root, field, shard)
-        atomic_write(path, data)
-        files[str(path.relative_to(root))] = hashlib.sha256(data).hexdigest()
     marker = {"shard": shard, "rows": rows, "files": files, **(extra or {})}
-    write_json(done_path(root, shard), marker)
+    try:
+        for field, data in payloads.items():
+            path = field_path(root, field, shard)
+            atomic_write(path, data)
+            files[str(path.relative_to(root))] = hashlib.sha256(data).hexdigest()
+        write_json(done_path(root, shard), marker)
+    except (
+        Exception
+    ):  # a full disk, say: the shard is not done, so none of its files stays to be called stray
+        try:
+            remove_shard(root, shard)
+        except OSError as e:
+            log.warning("could not remove shard %s's files after its write failed: %s", shard, e)
+        raise
     return marker
 
 
