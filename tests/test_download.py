@@ -371,7 +371,9 @@ def test_failure_reasons_that_name_their_url_are_counted_as_one_kind(tmp_path, c
     status.update({f"cannot identify image file <_io.BytesIO object at 0x7f{i:04x}>": 1 for i in range(7)})
     status.update(
         {
-            f"HTTPSConnectionPool(host='h{i}.org', port=443): Max retries exceeded with url: /{i}.jpg": 1
+            f"HTTPSConnectionPool(host='h{i}.org', port=443): Max retries exceeded with url: /{i}.jpg (Caused by "
+            f'NameResolutionError("<urllib3.connection.HTTPSConnection object at 0x7f{i:04x}>: Failed to resolve '
+            f"'h{i}.org' ([Errno -2] Name or service not known)\"))": 1
             for i in range(3)
         }
     )
@@ -388,7 +390,8 @@ def test_failure_reasons_that_name_their_url_are_counted_as_one_kind(tmp_path, c
     assert list(reasons)[:4] == [
         "unknown url type: '...'",
         "cannot identify image file",
-        "HTTPSConnectionPool(host='...', port=443): Max retries exceeded with url: <url>",
+        "HTTPSConnectionPool(host='...', port=443): Max retries exceeded with url: <url> (Caused by "
+        "NameResolutionError(\": Failed to resolve '...' ([Errno -2] Name or service not known)\"))",
         "HTTP Error 404: Not Found",
     ]
     assert reasons["unknown url type: '...'"] == 300 and reasons["cannot identify image file"] == 7
