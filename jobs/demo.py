@@ -75,6 +75,7 @@ def _timed(stages: dict[str, float], name: str) -> Iterator[None]:
 
 
 SETTINGS = "demo_settings.json"
+CLIP_CKPT = "clip/unclip-tiny-demo.pt"  # the demo CLIP, in --out
 
 
 def check_settings(cfg: DemoConfig) -> None:
@@ -161,7 +162,7 @@ def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path, stages: dict[str, 
     from jobs import demo_clip, eval_prior, train_prior
     from pipeline import embed, validate
 
-    ckpt = out / "clip" / "unclip-tiny-demo.pt"
+    ckpt = out / CLIP_CKPT
     print(
         f"[demo] 3/9 demo CLIP: unclip-tiny (random init, seed {cfg.seed}) trained {cfg.clip_steps} steps "
         f"on the demo captions -> {ckpt} (offline stand-in for a pretrained CLIP)"
@@ -279,6 +280,7 @@ def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dic
                 seed=cfg.seed,
                 out=str(out / "samples.png"),
                 device="cpu",
+                clip_pretrained=str(out / CLIP_CKPT),  # where it is now, if the folder was moved since
             )
         )
     sample.print_report(sm)
@@ -296,6 +298,7 @@ def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dic
                 seed=cfg.seed,
                 out=str(out),
                 device="cpu",
+                clip_pretrained=str(out / CLIP_CKPT),
             )
         )
     eval_decoder.print_report(ed)

@@ -59,6 +59,7 @@ class EvalDecoderConfig:
     device: str = "auto"  # auto (cuda if visible, else cpu), cuda, cuda:N or cpu
     base: str = ""  # a two-stage decoder's first stage (`unclip sample --base`)
     strength: float = 0.5  # the share of --decoder's steps that redraw the base's picture
+    clip_pretrained: str = ""  # the store's CLIP checkpoint file, moved (`unclip sample --clip-pretrained`)
 
 
 @torch.no_grad()
@@ -149,7 +150,11 @@ def run(cfg: EvalDecoderConfig) -> dict:
         strength=cfg.strength,
     )
     check_strength(cfg.strength)
-    m = load_models(cfg.prior, cfg.decoder, device) if cfg.prior else _decoder_only(cfg.decoder, device)
+    m = (
+        load_models(cfg.prior, cfg.decoder, device, cfg.clip_pretrained)
+        if cfg.prior
+        else _decoder_only(cfg.decoder, device, cfg.clip_pretrained)
+    )
     m = attach_base(m, cfg.base)
     check_steps(m, cfg.prior_steps, cfg.decoder_steps)
     codec = m.decoder_meta["store"]["latents"]
@@ -207,14 +212,12 @@ def print_report(report: dict) -> None:
     print(f"written: {report['written']} and eval_decoder.png (true / reconstructed / text-to-image rows)")
 
 
-def _decoder_only(decoder: str, device: str):
+def _decoder_only(decoder: str, device: str, clip_pretrained: str = ""):
     """The decoder and its CLIP, without a prior."""
-    from jobs.sample import Models, _clip_id
-    from pipeline.encoders import load_clip
+    from jobs.sample import Models, checkpoint_clip
 
     d, meta = load_decoder(decoder, device)
-    c = _clip_id(meta)
-    return Models(None, d, load_clip(c["arch"], c["pretrained"], device, c["seed"] or 0), {}, meta, device)
+    return Models(None, d, checkpoint_clip(meta, device, clip_pretrained), {}, meta, device)
 
 
 def _fmt(v: float | None) -> str:

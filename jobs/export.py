@@ -22,6 +22,7 @@ The negative image embedding of the pipeline is zeros (what the decoder was trai
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -43,6 +44,8 @@ class ExportConfig:
     decoder: str = field(default="", metadata={"help": "decoder training folder, ckpt/ or step_* folder"})
     prior: str = field(default="", metadata={"help": "prior training folder, ckpt/ or step_* folder"})
     overwrite: bool = False  # replace existing OUT/prior or OUT/decoder folders
+    # --prior: the store's CLIP checkpoint file, moved (`unclip sample --clip-pretrained`)
+    clip_pretrained: str = ""
 
 
 def scheduler_for_export(num_train_timesteps: int):
@@ -207,15 +210,16 @@ def run(cfg: ExportConfig) -> dict:
         why = exportable(prior_cfg, clip_dims(meta["store"]["clip"]["arch"]).context_length)
         if why:
             raise UsageError("this prior cannot be exported to PriorTransformer: " + "; ".join(why))
-        jobs.append((export_prior, folder, meta, _target(cfg, "prior", folder, meta)))
+        to_pipeline = functools.partial(export_prior, clip_pretrained=cfg.clip_pretrained)
+        jobs.append((to_pipeline, folder, meta, _target(cfg, "prior", folder, meta)))
     if len(jobs) == 2:
-        from jobs.sample import _clip_id
+        from jobs.sample import _clip_id, clip_name
 
         a, b = _clip_id(jobs[0][2]), _clip_id(jobs[1][2])
         if a != b:
             raise UsageError(
-                f"the decoder was trained on CLIP {a['arch']} ({a['pretrained']}) embeddings and the prior on "
-                f"{b['arch']} ({b['pretrained']}); export a pair trained with the same CLIP"
+                f"the decoder was trained on CLIP {clip_name(jobs[0][2])} embeddings and the prior on "
+                f"{clip_name(jobs[1][2])}; export a pair trained with the same CLIP"
             )
     from pipeline.store import hold_folder
 

@@ -359,15 +359,13 @@ def pipeline(prior, clip):
     )
 
 
-def export_prior(folder: Path, meta: dict, out: Path) -> dict:
+def export_prior(folder: Path, meta: dict, out: Path, clip_pretrained: str = "") -> dict:
     """Write OUT (the pipeline folder) from a prior checkpoint folder, atomically."""
-    from jobs.sample import _clip_id
-    from pipeline.encoders import load_clip
+    from jobs.sample import checkpoint_clip
 
     prior = checkpoint.build_model(folder, meta).eval()
     checkpoint.load_weights(prior, folder / "ema.safetensors")
-    c = _clip_id(meta)
-    clip = load_clip(c["arch"], c["pretrained"], "cpu", c["seed"] or 0)
+    clip = checkpoint_clip(meta, "cpu", clip_pretrained)
     pipe = pipeline(prior, clip)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +51,9 @@ class SampleConfig:
     # Of this many prior draws per image the one nearest (cosine) the prompt's text embedding is kept: DALL-E 2's
     # choice (n = 2, as DALLE2-pytorch's `num_samples_per_batch`); 1 = the first draw.
     prior_candidates: int = 2
+    # the CLIP checkpoint file the training store was embedded with, where it lies now (default: where the
+    # store recorded it); checked against the sha256 the store recorded
+    clip_pretrained: str = ""
 
 
 @dataclass
@@ -67,19 +71,61 @@ class Models:
 
 
 def _clip_id(meta: dict) -> dict:
+    """The CLIP a checkpoint was trained with, as two checkpoints compare: a checkpoint file by its content
+    (the store's sha256, when it recorded one), so the same file at two paths is one CLIP."""
     c = meta["store"]["clip"]
     return {
         "arch": c["arch"],
-        "pretrained": c["pretrained"],
+        "pretrained": c.get("sha256") or c["pretrained"],
         "seed": c.get("seed", 0) if c["random_init"] else None,
         "dim": c["dim"],
     }
 
 
+def checkpoint_clip(meta: dict, device: str, pretrained: str = ""):
+    """The CLIP a checkpoint was trained with, loaded on ``device``: the training store's ``--pretrained``, or
+    ``pretrained`` (``--clip-pretrained``: that checkpoint file, moved). A file is first checked against the
+    sha256 the store recorded: other weights at that path (a CLIP retrained in place) would turn every prompt
+    into an embedding the models never saw, and sample noise without a word."""
+    from pipeline.encoders import checkpoint_sha256, is_path, load_clip
+
+    c = meta["store"]["clip"]
+    path, want = pretrained or c["pretrained"], c.get("sha256")
+    seed = c.get("seed", 0) if c["random_init"] else 0
+    if c["random_init"]:
+        return load_clip(c["arch"], c["pretrained"], device, seed)  # random weights: the seed is the identity
+    if is_path(path):
+        digest = f" (sha256 {want[:12]}...)" if want else ""
+        if not os.path.isfile(path):
+            raise UsageError(
+                f"the CLIP checkpoint these models were trained with is not at {path}; put that file{digest} "
+                "back there, or pass its new path with --clip-pretrained"
+            )
+        got = checkpoint_sha256(path)
+        if want and got != want:
+            raise UsageError(
+                f"the CLIP checkpoint {path} (sha256 {got[:12]}...) is not the one these models were trained "
+                f"with{digest}; pass that file with --clip-pretrained"
+            )
+        if pretrained and not want and os.path.abspath(pretrained) != os.path.abspath(c["pretrained"]):
+            log.warning(
+                "--clip-pretrained %s: the store recorded no sha256 of its CLIP checkpoint (%s) to check it by",
+                pretrained,
+                c["pretrained"],
+            )
+    elif pretrained and pretrained != c["pretrained"]:
+        raise UsageError(
+            f"--clip-pretrained {pretrained}: these models were trained with CLIP {c['arch']} "
+            f"({c['pretrained']}); give a checkpoint file of those weights, or leave the flag out"
+        )
+    return load_clip(c["arch"], path, device, seed)
+
+
 def clip_name(meta: dict) -> str:
     """The CLIP a checkpoint was trained on, for messages: `ViT-B-32 (laion2b_s34b_b79k, 512-d)`."""
-    c = _clip_id(meta)
-    return f"{c['arch']} ({c['pretrained']}, {c['dim']}-d)"
+    c = meta["store"]["clip"]
+    digest = f", sha256 {c['sha256'][:12]}..." if c.get("sha256") else ""
+    return f"{c['arch']} ({c['pretrained']}{digest}, {c['dim']}-d)"
 
 
 def _ema_model(folder: Path, meta: dict, device: str) -> torch.nn.Module:
@@ -169,10 +215,8 @@ def two_stage(base, decoder, emb: torch.Tensor, strength: float, **kw) -> torch.
     return decoder.sample(emb, init=init, strength=strength, **kw)
 
 
-def load_models(prior: str, decoder: str, device: str) -> Models:
-    """Both checkpoints, checked to share one CLIP model, and that CLIP."""
-    from pipeline.encoders import load_clip
-
+def load_models(prior: str, decoder: str, device: str, clip_pretrained: str = "") -> Models:
+    """Both checkpoints, checked to share one CLIP model, and that CLIP (`checkpoint_clip`)."""
     pf, pm = checkpoint.open_task(prior, "prior")
     df, dm = checkpoint.open_task(decoder, "decoder")
     a, b = _clip_id(pm), _clip_id(dm)
@@ -182,7 +226,7 @@ def load_models(prior: str, decoder: str, device: str) -> Models:
             "train both on stores embedded with the same CLIP"
         )
     p, d = _ema_model(pf, pm, device), _ema_model(df, dm, device)
-    clip = load_clip(a["arch"], a["pretrained"], device, a["seed"] or 0)
+    clip = checkpoint_clip(pm, device, clip_pretrained)
     if clip.dim != pm["store"]["clip"]["dim"]:
         raise UsageError(
             f"CLIP {a['arch']} gives {clip.dim}-d embeddings but the checkpoints were trained on "
@@ -286,7 +330,7 @@ def run(cfg: SampleConfig) -> dict:
 
     prompts = validate(cfg)
     device = resolve_device(cfg.device)
-    m = attach_base(load_models(cfg.prior, cfg.decoder, device), cfg.base)
+    m = attach_base(load_models(cfg.prior, cfg.decoder, device, cfg.clip_pretrained), cfg.base)
     check_steps(m, cfg.prior_steps, cfg.decoder_steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()

@@ -181,11 +181,41 @@ def is_store(root: Path) -> bool:
         raise UsageError(f"--out {e}; name a new or empty folder (--overwrite only replaces a store)") from e
 
 
+def identity_of(cfg: EmbedConfig) -> dict:
+    """The store's identity for this run: the IDENTITY settings, and a --pretrained file's sha256."""
+    from pipeline.encoders import checkpoint_sha256
+
+    identity = {k: getattr(cfg, k) for k in IDENTITY}
+    if digest := checkpoint_sha256(cfg.pretrained):
+        identity["pretrained_sha256"] = digest
+    return identity
+
+
+def identity_diff(old: dict, new: dict) -> list[str]:
+    """The settings in which a store's identity (``old``) and this run's (``new``) differ, each as
+    ``name: the store's value``. A --pretrained file is the same checkpoint wherever it lies now when both
+    record its sha256 (a moved folder), and another one when its content changed at the same path. A store
+    made before the digest was recorded is compared by path alone."""
+    then, now = old.get("pretrained_sha256"), new.get("pretrained_sha256")
+    diff = []
+    for k in IDENTITY:
+        if k == "pretrained" and then and now:
+            if then != now:
+                moved = "" if old.get(k) == new.get(k) else f" (then at {old.get(k)})"
+                diff.append(
+                    f"pretrained: another checkpoint{moved}: the store's had sha256 {then[:12]}..., {new.get(k)} "
+                    f"has {now[:12]}..."
+                )
+        elif old.get(k) != new.get(k):
+            diff.append(f"{k}: {old.get(k)}")
+    return diff
+
+
 def reusable_store(cfg: EmbedConfig) -> dict | None:
     """The manifest of the store at ``--out`` when this run continues it; None for a new store or one that
     --overwrite replaces; a UsageError for a store made with other settings."""
     root = Path(cfg.out)
-    identity = {k: getattr(cfg, k) for k in IDENTITY}
+    identity = identity_of(cfg)
     if is_store(root) and store.is_adopted(root):
         # Its done markers list the user's own files: --overwrite would delete the embeddings it adopted.
         raise UsageError(
@@ -204,7 +234,7 @@ def reusable_store(cfg: EmbedConfig) -> dict | None:
                     "embeddings are your files, which embed never writes over or deletes; give another --out"
                 ) from None
             return None
-        if old.get("identity") != identity:
+        if not isinstance(old.get("identity"), dict) or identity_diff(old["identity"], identity):
             return None
         # Made with these settings (say the same command, rerun after a Ctrl-C): continued, not wiped
         log.info(
@@ -212,11 +242,9 @@ def reusable_store(cfg: EmbedConfig) -> dict | None:
         )
         return old
     old = store.load_manifest(root)
-    if old.get("identity") != identity:
-        diff = [k for k in IDENTITY if old.get("identity", {}).get(k) != identity[k]]
+    if diff := identity_diff(old.get("identity") or {}, identity):
         raise UsageError(
-            f"{root} holds a store made with other settings ({', '.join(diff)}: "
-            f"{', '.join(str(old.get('identity', {}).get(k)) for k in diff)}); "
+            f"{root} holds a store made with other settings ({'; '.join(diff)}); "
             "use another --out or pass --overwrite"
         )
     return old
@@ -233,7 +261,7 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None)
     """Check an existing store is compatible (or wipe it with --overwrite); return the manifest to use.
     With a ``client`` (``--scheduler``) the vae codec's range is fitted on a worker, on the workers' device."""
     root = Path(cfg.out)
-    identity = {k: getattr(cfg, k) for k in IDENTITY}
+    identity = identity_of(cfg)
     old = reusable_store(cfg)
     if old is not None:
         return old
@@ -264,6 +292,7 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None)
             dim=clip.dim,
             context_length=clip.context_length,
             random_init=cfg.pretrained.lower() in ("none", "random", ""),
+            sha256=identity.get("pretrained_sha256"),
         ),
         text_enc_width=clip.text_width if cfg.text_encodings else 0,
         latents=latents,

@@ -8,6 +8,7 @@ architecture with random weights from a fixed seed. ``unclip-tiny`` is a small a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -57,6 +58,26 @@ def _open_clip():
 
 def is_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: a file is hashed once per process
+
+
+def checkpoint_sha256(pretrained: str) -> str | None:
+    """The sha256 of a ``--pretrained`` checkpoint file, None for a tag or random weights. Stores and
+    checkpoints record it beside the path: the same path may later hold other weights (a CLIP retrained in
+    place), and the same weights another path (a moved folder)."""
+    if pretrained.lower() in RANDOM or not is_path(pretrained) or not os.path.isfile(pretrained):
+        return None
+    st = os.stat(pretrained)
+    key = (os.path.abspath(pretrained), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(pretrained, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def _check_checkpoint_file(path: str) -> None:

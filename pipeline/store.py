@@ -68,6 +68,9 @@ class ClipInfo:
     dim: int
     context_length: int = 77
     random_init: bool = False
+    sha256: str | None = (
+        None  # a checkpoint file's content (`pipeline.encoders.checkpoint_sha256`); None: a tag
+    )
 
 
 @dataclass
@@ -125,6 +128,7 @@ class Manifest:
                 "random_init": self.clip.random_init,
                 "dim": self.clip.dim,
                 "context_length": self.clip.context_length,
+                **({"sha256": self.clip.sha256} if self.clip.sha256 else {}),
             },
             "img_emb": self.img_emb.to_json(),
             "text_emb": self.text_emb.to_json(),
@@ -160,6 +164,7 @@ class Manifest:
                     int(c["dim"]),
                     int(c["context_length"]),
                     bool(c["random_init"]),
+                    c.get("sha256"),
                 ),
                 img_emb=EmbeddingInfo.from_json(d["img_emb"]),
                 text_emb=EmbeddingInfo.from_json(d["text_emb"]),

@@ -4,6 +4,7 @@ against the encoders called directly."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -784,7 +785,9 @@ def test_vae_latents_are_uint8_with_a_fitted_range_here_or_on_a_cluster_worker(s
     assert cq.shape == q.shape and np.abs(cq.astype(int) - q.astype(int)).max() <= 1
 
 
-def test_clip_weights_from_a_checkpoint_path(shards, base, tmp_path, clip):
+def test_clip_weights_from_a_checkpoint_path_and_its_content_not_its_path_is_the_stores(
+    shards, base, tmp_path, clip, capsys
+):
     import open_clip
 
     from pipeline.encoders import Clip, encode_image, normalize
@@ -804,6 +807,31 @@ def test_clip_weights_from_a_checkpoint_path(shards, base, tmp_path, clip):
     got = store.open_array(out, "img_emb", "00002").astype(np.float32)
     np.testing.assert_allclose(got, want, atol=FP16_ATOL)
     assert np.abs(got - store.open_array(base, "img_emb", "00002")).max() > 0.1  # not the seed-0 weights
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert (
+        store.load_manifest(out)["clip"]["sha256"]
+        == store.load_manifest(out)["identity"]["pretrained_sha256"]
+    )
+    assert store.load_manifest(out)["clip"]["sha256"] == digest
+
+    # The same file moved (a folder moved or mounted elsewhere): the store goes on, not refused or wiped
+    moved = tmp_path / "moved" / "tiny5.pt"
+    moved.parent.mkdir()
+    ckpt.rename(moved)
+    before = {k: t for k, t in mtimes(out).items() if not k.startswith("logs/")}  # the run's summary is new
+    assert embed("--shards", shards / "00002.tar", "--out", out, *TINY, "--pretrained", moved) == 0
+    assert mtimes(out).items() >= before.items() and store.is_done(out, "00002")
+    before = mtimes(out)
+    # Other weights written over the same file (a CLIP retrained in place): refused, as mixing the two models'
+    # embeddings in one store went unnoticed before its content was recorded
+    torch.manual_seed(6)
+    other, _, _ = open_clip.create_model_and_transforms("unclip-tiny", pretrained=None)
+    torch.save(other.state_dict(), moved)
+    capsys.readouterr()
+    assert embed("--shards", shards / "00000.tar", "--out", out, *TINY, "--pretrained", moved) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the store's had sha256 {digest[:12]}..., {moved} has " in err[0]
+    assert "--overwrite" in err[0] and mtimes(out) == before and not store.is_done(out, "00000")
 
 
 # ---------------------------------------------------------------- resume, settings, bad input

@@ -180,6 +180,59 @@ def test_sample_errors(pair, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_sample_loads_the_stores_clip_checkpoint_by_content_wherever_it_lies(pair, tmp_path, capsys):
+    """The store records its CLIP checkpoint's sha256, and the checkpoints trained on it keep it: sampling
+    refuses other weights at that path (a CLIP retrained in place made every prompt an embedding the models
+    never saw, with exit 0), names a file that is gone, and takes the same file from where it lies now with
+    --clip-pretrained."""
+    import hashlib
+    import shutil
+
+    from pipeline.encoders import _open_clip
+
+    open_clip = _open_clip()  # with unclip-tiny's config added
+    torch.manual_seed(5)
+    ckpt = tmp_path / "clip" / "tiny5.pt"
+    ckpt.parent.mkdir()
+    torch.save(open_clip.create_model_and_transforms("unclip-tiny", pretrained=None)[0].state_dict(), ckpt)
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    for task in ("prior", "decoder"):  # as training on a store embedded with that file records it
+        shutil.copytree(pair / task, tmp_path / task)
+        for meta_file in (tmp_path / task).glob("ckpt/step_*/meta.json"):
+            meta = json.loads(meta_file.read_text())
+            meta["store"]["clip"].update(pretrained=str(ckpt), random_init=False, sha256=digest)
+            meta_file.write_text(json.dumps(meta))
+    cmd = [
+        "sample",
+        "--prior",
+        str(tmp_path / "prior"),
+        "--decoder",
+        str(tmp_path / "decoder"),
+        "--prompt",
+        "a",
+    ]
+    cmd += ["--n", "1", "--prior-steps", "2", "--decoder-steps", "2", "--out", str(tmp_path / "x.png")]
+
+    moved = tmp_path / "elsewhere.pt"
+    ckpt.rename(moved)
+    capsys.readouterr()
+    assert cli(cmd) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"is not at {ckpt}; put that file (sha256 {digest[:12]}...) back there" in err[0]
+    assert cli(cmd + ["--clip-pretrained", str(moved)]) == 0 and (tmp_path / "x.png").exists()
+    (tmp_path / "x.png").unlink()
+    torch.manual_seed(6)  # other weights at the same path
+    torch.save(open_clip.create_model_and_transforms("unclip-tiny", pretrained=None)[0].state_dict(), moved)
+    capsys.readouterr()
+    assert cli(cmd + ["--clip-pretrained", str(moved)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{moved} (sha256 " in err[0]
+    assert f"is not the one these models were trained with (sha256 {digest[:12]}...)" in err[0]
+    assert cli(cmd + ["--clip-pretrained", "laion2b_s34b_b79k"]) == 2  # a tag for the store's file
+    assert "give a checkpoint file of those weights" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize(
     "case, want",
     [
