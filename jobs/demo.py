@@ -188,9 +188,10 @@ def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path, stages: dict[str, 
                 text_encodings=True,
             )
         )
+    speed = emb["samples_per_second"]  # None when every shard was done already
     print(
         f"embed: {emb['rows']} rows in {emb['done']} shards, {emb['errors']} error rows, "
-        f"{emb['samples_per_second']} samples/s this run"
+        + (f"{speed} samples/s this run" if speed is not None else "every shard done already")
     )
     _finished("embed", emb, out)
     with _timed(stages, "validate"):

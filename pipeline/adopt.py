@@ -151,8 +151,15 @@ def _manifest(cfg: AdoptConfig, checks: list[ShardCheck], dim: int, context_leng
     def emb(f: str) -> store.EmbeddingInfo:
         return store.EmbeddingInfo(dim, checks[0].dims[f][1], normalized, cfg.normalize and not normalized)
 
+    from pipeline.encoders import checkpoint_sha256
+
     clip = store.ClipInfo(
-        cfg.clip, cfg.pretrained, dim, context_length, cfg.pretrained.lower() in ("none", "random", "")
+        cfg.clip,
+        cfg.pretrained,
+        dim,
+        context_length,
+        cfg.pretrained.lower() in ("none", "random", ""),
+        checkpoint_sha256(cfg.pretrained),  # what sampling checks the file against
     )
     return store.Manifest(
         identity={"adopted": True, "clip": cfg.clip, "pretrained": cfg.pretrained},

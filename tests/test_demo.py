@@ -7,21 +7,21 @@ import pytest
 
 from jobs.demo import DemoConfig, run
 
+DEMO_SLOW = dict(
+    n=1200,
+    samples_per_shard=300,
+    clip_steps=200,
+    prior_steps=1000,
+    decoder_steps=500,
+    base_steps=500,
+    eval_samples=64,
+)
+
 
 @pytest.mark.slow
 def test_demo_end_to_end_prior_beats_baselines(tmp_path):
-    r = run(
-        DemoConfig(
-            out=str(tmp_path),
-            n=1200,
-            samples_per_shard=300,
-            clip_steps=200,
-            prior_steps=1000,
-            decoder_steps=500,
-            base_steps=500,
-            eval_samples=64,
-        )
-    )
+    r = run(DemoConfig(out=str(tmp_path / "demo"), **DEMO_SLOW))
+    tmp_path = tmp_path / "demo"
     assert r["download"]["successes"] == 1200 and r["download"]["complete"]
     assert r["validate"]["ok"] and r["embed"]["rows"] == 1200
     m = r["eval_prior"]
@@ -58,6 +58,15 @@ def test_demo_end_to_end_prior_beats_baselines(tmp_path):
     assert all(v > 0 for v in st.values()) and sum(st.values()) <= r["seconds"] + 0.5
     summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
     assert summary["seconds_train_decoder"] == st["train_decoder"]
+
+    # The demo folder moved: the rerun finds every stage done (its CLIP is known by content, not by the path the
+    # store recorded) and samples from the moved CLIP
+    moved = tmp_path.with_name("moved")
+    tmp_path.rename(moved)
+    again = run(DemoConfig(out=str(moved), **DEMO_SLOW))
+    assert again["embed"]["rows_this_run"] == 0 and again["embed"]["rows"] == 1200
+    assert again["train_prior"]["start_step"] == 1000 and again["train_decoder"]["start_step"] == 500
+    assert (moved / "samples.png").stat().st_size > 500
 
 
 def test_summary_table_names_a_missing_score_instead_of_printing_none():
