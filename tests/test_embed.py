@@ -576,6 +576,8 @@ def test_a_shard_whose_download_did_not_finish_fails_and_is_embedded_whole_once_
     assert not store.is_done(out, "00000") and not list((out / "img_emb").glob("*00000*"))
     failed = json.loads((out / "logs" / "embed_summary.json").read_text())["failed"][str(d / "00000.tar")]
     assert "has not finished" in failed and "00000_stats.json" in failed and "unclip download" in failed
+    if left == "record_missing_in_our_download":
+        return  # what follows is the same for both (a finished download): run once, to keep the suite short
     record = pa.table({"key": [s["key"] for s in full], "status": ["success"] * 8})
     pq.write_table(record, d / "00000.parquet")
     (d / "00000_stats.json").write_text('{"count": 8}')
