@@ -134,7 +134,8 @@ class PriorNetwork(nn.Module):
     ) -> torch.Tensor:
         """Predicted clean image embedding [B, emb_dim].
 
-        x_t [B, emb_dim] noised scaled image embedding; t [B] long timesteps; text_emb [B, emb_dim];
+        x_t [B, emb_dim] noised scaled image embedding; t [B] long timesteps; text_emb [B, emb_dim] (its
+        direction: L2-normalised here);
         text_enc [B, L, text_enc_dim] padded to the batch's longest caption, or None; text_enc_mask [B, L]
         bool, True = real token (None = all real); drop_cond [B] bool, True = replace the text embedding by
         the learned null embedding and ignore the text encodings (None = keep every condition).
@@ -144,7 +145,9 @@ class PriorNetwork(nn.Module):
         if drop_cond is None:
             drop_cond = torch.zeros(b, dtype=torch.bool)
         drop = drop_cond.to(dev, torch.bool)  # [B]
-        txt = self.text_in(text_emb.to(self.query))  # [B, dim]
+        # unit norm here, as sampling's CLIP text embeddings are: a store adopted without --normalize holds raw
+        # ones, on which the prior trained off the inputs `unclip sample` gives it
+        txt = self.text_in(F.normalize(text_emb.to(self.query), dim=-1))  # [B, dim]
         txt = torch.where(drop[:, None], self.null_text, txt)  # [B, dim]
         special = [txt, self.time_in(t.to(dev)), self.image_in(x_t.to(self.query)), self.query.expand(b, -1)]
         enc, enc_valid = self._text_tokens(text_enc, text_enc_mask, drop)  # [B, L, dim], [B, L]

@@ -160,6 +160,19 @@ def test_guidance_scale_one_is_conditional_and_other_scales_follow_formula():
     assert not torch.allclose(g3, cond, atol=1e-3)
 
 
+def test_the_text_embedding_counts_by_its_direction_as_sampling_gives_it():
+    """Sampling feeds unit-norm CLIP text embeddings; a store adopted without --normalize holds raw ones (norm
+    ~10 for ViT-L-14's text tower), on which the prior trained off the inputs it is sampled on."""
+    prior = _prior()
+    x, t, txt, enc = _batch()
+    raw = txt * torch.tensor([[9.0], [0.3], [14.0]])
+    assert torch.allclose(prior.net(x, t, raw, enc), prior.net(x, t, txt, enc), atol=1e-5)
+    g = torch.Generator()
+    assert torch.equal(
+        prior.loss(x, raw, enc, None, g.manual_seed(3)), prior.loss(x, txt, enc, None, g.manual_seed(3))
+    )
+
+
 def test_float16_inputs_are_cast_inside():
     prior = _prior()
     x, t, txt, enc = _batch()
