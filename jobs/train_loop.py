@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,9 @@ from pipeline.stream import Stream, StreamConfig
 
 log = logging.getLogger(__name__)
 # Settings that may change between a run and its resume; any other difference is an error.
+# Settings added later whose default is not what older versions did: a checkpoint without one resumes with this
+LEGACY_EFFECTS = {"ema_warmup": False}
+
 RESUMABLE_CHANGES = {
     "stop_after",
     "eval_every",
@@ -63,6 +66,10 @@ class TrainConfig:
     stop_after: int = 0  # stop this invocation at this step (checkpointed; --resume continues); 0 = run on
     grad_clip: float = 1.0  # gradient norm clipped to this
     ema_decay: float = 0.999  # decay of the weights' moving average (ema.safetensors, what sampling uses)
+    # The moving average is the plain mean of every step's weights until its window (1 / (1 - ema_decay) steps)
+    # is full. false: it starts from the initial weights, and after N steps still holds ema_decay^N of them
+    # (0.999^2000 = 0.14 of random weights in what sampling and evaluation use).
+    ema_warmup: bool = True
     eval_every: int = 500  # evaluation and the run folder's picture; 0 = never
     save_every: int = 500  # checkpoint every this many steps (and at the last)
     log_every: int = 10  # a metrics.jsonl row every this many steps
@@ -187,9 +194,17 @@ def _check_resume(meta: dict, run: RunState) -> None:
         keys = set(run.model_cfg) | set(meta["model"])  # a key on one side only is a difference too
         diff = sorted(k for k in keys if meta["model"].get(k) != run.model_cfg.get(k))
         raise UsageError(f"checkpoint's model config differs from this run's in {', '.join(diff)}")
-    old, new = meta["config"], asdict(run.cfg)
-    # A setting added in a later version is absent from older checkpoints: there it had its default's effect.
-    defaults = {f.name: f.default for f in fields(run.cfg) if f.default is not MISSING}
+    old = meta["config"]
+    for k, then in LEGACY_EFFECTS.items():  # the run goes on as it began
+        if k not in old and getattr(run.cfg, k) != then:
+            log.info(
+                "--resume: the checkpoint predates --%s; the run continues with %s", k.replace("_", "-"), then
+            )
+            run.cfg = replace(run.cfg, **{k: then})
+    new = asdict(run.cfg)
+    # A setting added in a later version is absent from older checkpoints: there it had its default's effect,
+    # or LEGACY_EFFECTS' where that differs.
+    defaults = {f.name: f.default for f in fields(run.cfg) if f.default is not MISSING} | LEGACY_EFFECTS
     diff = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k, defaults.get(k)) != new[k])
     if diff:
         raise UsageError(
@@ -230,6 +245,12 @@ def lr_lambda(warmup: int, total: int):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return f
+
+
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """The moving average's decay at update ``step`` (0-based): ``step / (step + 1)`` until that reaches
+    ``decay`` with ``warmup``, which makes the average the mean of the weights of steps 0 .. step."""
+    return min(decay, step / (step + 1)) if warmup else decay
 
 
 @torch.no_grad()
@@ -488,7 +509,7 @@ def _step(model: torch.nn.Module, batch: dict, step: int, run: RunState) -> tupl
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     run.sched.step()
-    _ema_update(run.ema, run.model, run.cfg.ema_decay)
+    _ema_update(run.ema, run.model, ema_decay_at(step, run.cfg.ema_decay, run.cfg.ema_warmup))
     return loss.item(), float(grad_norm)
 
 

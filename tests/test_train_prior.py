@@ -65,6 +65,49 @@ def test_resume_is_exact(data, tmp_path, text_encodings):
     assert meta["version"]["checkpoint_format"] == checkpoint.CHECKPOINT_FORMAT
 
 
+def test_the_ema_is_the_mean_of_every_steps_weights_until_its_window_is_full():
+    """It used to start from the initial weights: 0.999^N of the random init stayed in what sampling and every
+    evaluation use (0.14 after the default 2,000 steps)."""
+    from jobs.train_loop import _ema_update, ema_decay_at
+
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(5, generator=g) for _ in range(12)]  # the weights after each step
+    ema, net = torch.nn.Linear(5, 1, bias=False), torch.nn.Linear(5, 1, bias=False)
+    ema.weight.data.fill_(100.0)  # the initial weights: no share of them may stay
+    plain = ema.weight.detach().clone()
+    for i, w in enumerate(steps):
+        net.weight.data.copy_(w)
+        _ema_update(ema, net, ema_decay_at(i, 0.75, True))
+        plain = 0.75 * plain + 0.25 * w
+        if i < 4:  # window 1 / (1 - 0.75) = 4 steps: the plain mean so far
+            assert torch.allclose(ema.weight[0], torch.stack(steps[: i + 1]).mean(0), atol=1e-6)
+    assert [ema_decay_at(i, 0.75, True) for i in range(6)] == [0.0, 0.5, 2 / 3, 0.75, 0.75, 0.75]
+    assert ema_decay_at(0, 0.75, False) == 0.75
+    expect = torch.stack(steps[:4]).mean(0)  # past the window, the usual recursion from that mean
+    for w in steps[4:]:
+        expect = 0.75 * expect + 0.25 * w
+    assert torch.allclose(ema.weight[0], expect, atol=1e-5)
+    assert not torch.allclose(plain[0], expect, atol=0.5)  # without the warmup: 0.75^12 of the init's 100
+
+
+def test_a_checkpoint_from_before_ema_warmup_resumes_as_it_ran(data, tmp_path):
+    """A run checkpointed by a version without --ema-warmup had no warmup: it resumes without one, to the same
+    weights as if it had not stopped (the setting's new default would change its EMA mid-run)."""
+    main(cfg_for(data, tmp_path / "straight", ema_warmup=False))
+    main(cfg_for(data, tmp_path / "resumed", stop_after=10, ema_warmup=False))
+    main(cfg_for(data, tmp_path / "warm"))
+    meta_path = tmp_path / "resumed/ckpt/step_00000010/meta.json"  # as the older version wrote it
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["ema_warmup"]
+    meta_path.write_text(json.dumps(meta))
+    main(cfg_for(data, tmp_path / "resumed", resume=True))  # the new default, as a rerun of the command gives
+    ema = "ema.safetensors"
+    straight, resumed = (tmp_path / f"{r}/ckpt/step_00000020/{ema}" for r in ("straight", "resumed"))
+    assert straight.read_bytes() == resumed.read_bytes()
+    assert (tmp_path / f"warm/ckpt/step_00000020/{ema}").read_bytes() != straight.read_bytes()
+    assert checkpoint.read_meta(tmp_path / "resumed/ckpt/step_00000020")["config"]["ema_warmup"] is False
+
+
 def test_resume_refuses_other_settings_and_loading_is_strict(data, tmp_path):
     main(cfg_for(data, tmp_path, stop_after=10))
     with pytest.raises(UsageError, match="lr"):
