@@ -11,6 +11,7 @@ Reads a decoder checkpoint (and a prior's) and the store; writes ``eval_decoder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,7 +106,8 @@ def _held_out(cfg: EvalDecoderConfig, codec: dict, fields: tuple[str, ...]) -> t
     checkpoint.warn_if_other_split(full, stream.order)
     if stream.num_samples == 0:
         raise UsageError(f"the held-out split of {cfg.data} is empty; nothing to evaluate on")
-    b = next(stream.torch_batches("cpu"))
+    with contextlib.closing(stream.torch_batches("cpu")) as batches:  # its prefetch thread stops here
+        b = next(batches)
     tables: dict[str, list[dict]] = {}
     rows = []
     for s, r in zip(b["shard"].tolist(), b["row"].tolist()):

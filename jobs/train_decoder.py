@@ -8,6 +8,7 @@ above the decoder's reconstructions from their image embeddings (even rows), EMA
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -120,7 +121,8 @@ class DecoderTask(Task):
         if val.num_samples == 0:
             log.warning("no held-out samples (val_fraction %.3f): skipping evaluation", self.cfg.val_fraction)
             return None
-        b = next(val.torch_batches(run.device))
+        with contextlib.closing(val.torch_batches(run.device)) as batches:  # its prefetch thread stops here
+            b = next(batches)
         true = dequantized_latents(b, self.codec, self.size)
         gen = torch.Generator().manual_seed(0)
         recon = run.ema.sample(
