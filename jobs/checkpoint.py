@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -99,6 +100,32 @@ def save(
     os.replace(tmp, final)
     store.atomic_write(root / "latest", final.name.encode())  # synced, with the rename of the step above it
     return final
+
+
+STEP_NAME = re.compile(r"step_(\d{8})")
+
+
+def prune(ckpt_dir: str | Path, keep: int) -> list[str]:
+    """Remove all but the newest ``keep`` step folders (0 = keep every one), once the newest is whole and
+    `latest` names it. Each goes by a rename to a `.tmp_step_*` name first, so a kill midway leaves no step
+    folder without its weights (`remove_leftovers` clears the rest on the next start). Returns their names."""
+    root = Path(ckpt_dir)
+    if keep <= 0 or not root.is_dir():
+        return []
+    steps = sorted(
+        (p for p in root.iterdir() if p.is_dir() and STEP_NAME.fullmatch(p.name)), key=lambda p: p.name
+    )
+    latest = (root / "latest").read_text().strip() if (root / "latest").exists() else None
+    removed = []
+    for p in steps[:-keep]:
+        if p.name == latest:  # never the one a resume or `sample` reads (it is the newest: a guard only)
+            continue
+        gone = root / f".tmp_{p.name}"
+        shutil.rmtree(gone, ignore_errors=True)
+        os.replace(p, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+        removed.append(p.name)
+    return removed
 
 
 def resolve(path: str | Path) -> Path:

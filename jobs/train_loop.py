@@ -47,6 +47,7 @@ RESUMABLE_CHANGES = {
     "log_every",
     "eval_samples",
     "log_rows",  # an audit log, not a training setting: a resume may start (or stop) keeping it
+    "keep_checkpoints",
     "out",  # a run folder may be moved, and a store too (its identity is checked instead of its path)
     "data",
 }
@@ -72,6 +73,9 @@ class TrainConfig:
     ema_warmup: bool = True
     eval_every: int = 500  # evaluation and the run folder's picture; 0 = never
     save_every: int = 500  # checkpoint every this many steps (and at the last)
+    # the newest checkpoints kept in ckpt/ (older step_* folders go once a newer one is whole); 0 = every one.
+    # A b32 decoder's checkpoint (weights, EMA, optimiser) is ~1.3 GB: 400 of them in a 200k-step run at 500.
+    keep_checkpoints: int = 3
     log_every: int = 10  # a metrics.jsonl row every this many steps
     resume: bool = False  # continue from the run folder's latest checkpoint, exactly as if never stopped
     seed: int = 0  # seeds weights, data order within the split, noise and condition dropout
@@ -271,6 +275,7 @@ def check_settings(cfg: TrainConfig) -> None:
         ("stop_after", cfg.stop_after >= 0, ">= 0 (0 = run to --steps)"),
         ("grad_clip", cfg.grad_clip > 0, "> 0"),
         ("ema_decay", 0 <= cfg.ema_decay < 1, "in [0, 1)"),
+        ("keep_checkpoints", cfg.keep_checkpoints >= 0, ">= 0 (0 = keep every checkpoint)"),
         ("eval_every", cfg.eval_every >= 0, ">= 0 (0 = never)"),
         ("save_every", cfg.save_every >= 1, ">= 1"),
         ("log_every", cfg.log_every >= 1, ">= 1"),
@@ -475,6 +480,7 @@ def _save(step: int, run: RunState) -> None:
         "store_shards": store_shards(run.manifest),  # what it was split from
     }
     checkpoint.save(run.ckpt_dir, step, run.model, run.ema, state, meta)
+    checkpoint.prune(run.ckpt_dir, run.cfg.keep_checkpoints)
 
 
 def _last_good(run: RunState) -> str:
