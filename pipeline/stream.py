@@ -282,13 +282,18 @@ class Stream:
         )
         # Each shard's keys are read once here (~3 ms per 10k-row shard), on threads: arrow and numpy release
         # the GIL while they parse and sort.
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            split = list(
-                pool.map(
-                    lambda i: self.store.split_rows(i, cfg.split, cfg.val_fraction, cfg.split_seed),
-                    range(len(self.store.shards)),
+        try:
+            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+                split = list(
+                    pool.map(
+                        lambda i: self.store.split_rows(i, cfg.split, cfg.val_fraction, cfg.split_seed),
+                        range(len(self.store.shards)),
+                    )
                 )
-            )
+        except StageError as e:  # a damaged metadata file, found on opening: the input, before any work
+            if not hasattr(e, "damage"):
+                raise
+            raise UsageError(str(e)) from e
         self.rows = [rows for rows, _ in split]
         keyed = {k for _, k in split}
         # What a checkpoint records: a store without keys is split as it was before keys were used.

@@ -776,7 +776,9 @@ def test_ctrl_c_says_how_to_go_on(command, want, monkeypatch, capsys, tmp_path):
         ("metadata/metadata_00000.parquet", "remove"),
     ],
 )
-def test_a_damaged_store_file_found_mid_run_names_the_file_and_validate(rel, damage, work, tmp_path, capsys):
+def test_a_damaged_store_file_names_the_file_and_validate(rel, damage, work, tmp_path, capsys):
+    """Metadata is read as the run opens the store: damage there is the input's, exit 2 before anything is
+    written (it was exit 1); an embedding file is read when its first batch is, exit 1."""
     shutil.copytree(work["good"], tmp_path / "damaged")
     f = tmp_path / "damaged" / rel
     if damage == "cut":
@@ -787,8 +789,12 @@ def test_a_damaged_store_file_found_mid_run_names_the_file_and_validate(rel, dam
     code = main(
         ["train-prior", *args, "--steps", "2", "--batch-size", "8", "--eval-every", "0", "--device", "cpu"]
     )
-    line = one_line(capsys, "train-prior", code, f"{Path(rel).name} cannot be read", rc=1)
+    on_opening = rel.startswith("metadata/")
+    line = one_line(
+        capsys, "train-prior", code, f"{Path(rel).name} cannot be read", rc=2 if on_opening else 1
+    )
     assert f"`unclip validate {tmp_path / 'damaged'}`" in line
+    assert (tmp_path / "run").exists() is not on_opening
 
 
 def test_a_metadata_column_that_is_not_there_is_named_not_called_damage(work):
