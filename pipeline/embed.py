@@ -506,6 +506,10 @@ def _run_tasks(
         nonlocal rows
         try:
             res = fut.result()
+            if "failed" in res:  # refused by the task itself, not retried (`embed_shard`)
+                failed[names[fut.key]] = res["failed"]
+                log.error("shard %s failed: %s", names[fut.key], res["failed"])
+                return
             rows += res["rows"]
             stats["task_seconds"] += res["seconds"]
             if not res["first_in_process"]:  # a worker's later shards: no one-off costs

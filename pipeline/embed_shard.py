@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import readahead, store
-from pipeline.errors import UsageError
+from pipeline.errors import StageError, UsageError
 from pipeline.image_input import TensorPreprocess
 from pipeline.prefetch import background
 from pipeline.shard_samples import Batch, assemble_images, download_record, prepare_batches
@@ -333,14 +333,18 @@ def _collect(f: _Launched, params: ShardParams, acc: _Rows) -> None:
 
 
 def embed_shard(url: str, params: ShardParams) -> dict:
-    """Embed one shard and write it to the store; returns its done marker. Runs in a dask worker."""
+    """Embed one shard and write it to the store; returns its done marker, or ``{"failed": reason}`` for a
+    shard no retry can embed (its download not finished, its record damaged). Runs in a dask worker."""
     params = worker_params(params)
     if params.torch_threads:
         torch.set_num_threads(params.torch_threads)
     t0 = time.perf_counter()
     root, shard, device = params.out, store.shard_id_of(url), params.device
     store.remove_shard(root, shard)  # a partial shard from an interrupted run is redone from scratch
-    recorded = download_record(url)  # before the work: an unfinished download fails the shard at once
+    try:  # before the work: an unfinished download fails the shard at once
+        recorded = download_record(url)
+    except StageError as e:  # no retry can finish a download or mend its record: failed once, in one line
+        return {"failed": f"{type(e).__name__}: {e}"}
     m = _models(params)
     _warm_this_thread(m)
     cuda, lp = device.startswith("cuda"), params.latent_params

@@ -556,7 +556,7 @@ def test_a_download_record_without_its_status_column_is_reported_not_trusted(tmp
 
 
 @pytest.mark.parametrize("left", ["record_empty", "record_missing_in_our_download"])
-def test_a_shard_whose_download_did_not_finish_fails_and_is_embedded_whole_once_it_has(left, tmp_path):
+def test_a_shard_whose_download_did_not_finish_fails_and_is_embedded_whole_once_it_has(left, tmp_path, capfd):
     """A killed (or still running) img2dataset leaves a tar that may end cleanly at a member boundary, beside an
     empty record or none, and no NNNNN_stats.json (written last): the shard fails (no marker, exit 1, what to do
     named) instead of being stored short, and the finished download is then embedded whole."""
@@ -572,7 +572,12 @@ def test_a_shard_whose_download_did_not_finish_fails_and_is_embedded_whole_once_
     else:  # our download's folder: its settings are written before the first shard starts
         (d / "summary").mkdir()
         (d / "summary" / "download_settings.json").write_text("{}")
+    capfd.readouterr()
     assert embed("--shards", d / "00000.tar", "--out", out, *TINY) == 1
+    err = (
+        capfd.readouterr().err
+    )  # the workers' stderr too: failed once, not retried with a traceback each time
+    assert "Compute Failed" not in err and "Traceback" not in err
     assert not store.is_done(out, "00000") and not list((out / "img_emb").glob("*00000*"))
     failed = json.loads((out / "logs" / "embed_summary.json").read_text())["failed"][str(d / "00000.tar")]
     assert "has not finished" in failed and "00000_stats.json" in failed and "unclip download" in failed
