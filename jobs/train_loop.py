@@ -31,7 +31,7 @@ from jobs import checkpoint, distributed, metrics
 from pipeline import store
 from pipeline.encoders import resolve_device
 from pipeline.errors import StageError, UsageError
-from pipeline.stream import Stream, StreamConfig
+from pipeline.stream import VAL_FRACTION, Stream, StreamConfig
 
 log = logging.getLogger(__name__)
 # Settings that may change between a run and its resume; any other difference is an error.
@@ -79,7 +79,9 @@ class TrainConfig:
     log_every: int = 10  # a metrics.jsonl row every this many steps
     resume: bool = False  # continue from the run folder's latest checkpoint, exactly as if never stopped
     seed: int = 0  # seeds weights, data order within the split, noise and condition dropout
-    val_fraction: float = 0.05  # held-out share, drawn per sample key from split_seed: stable as data grows
+    val_fraction: float = (
+        VAL_FRACTION  # held-out share (0.05), drawn per sample key from split_seed: stable as data grows
+    )
     split_seed: int = 0  # seeds the held-out split (keep it across runs that are compared)
     device: str = "auto"  # auto (cuda if visible, else cpu), cuda, cuda:N or cpu; torchrun: the rank's GPU
     log_rows: bool = False  # write the (shard, row) ids each rank trained on, for auditing data order

@@ -46,13 +46,18 @@ KEY_ORDER = "key"
 PARALLEL_ROWS = 1024
 
 
+VAL_FRACTION = (
+    0.05  # the held-out share, the trainers' and evals' default too: one split for a loader and them
+)
+
+
 @dataclass
 class StreamConfig:
     store: str
     fields: tuple[str, ...] = ("img_emb", "text_emb")
     batch_size: int = 64
     split: str = "train"  # "train" (shuffled, endless) or "val" (in order, one pass) or "all"
-    val_fraction: float = 0.02
+    val_fraction: float = VAL_FRACTION
     split_seed: int = 0
     seed: int = 0
     rank: int = 0

@@ -161,7 +161,11 @@ def test_maps_are_bounded_and_each_block_is_read_ahead_before_its_rows_are_gathe
         return gather(self, field, shards, rows)
 
     monkeypatch.setattr(Store, "gather", spy)
-    s = Stream(StreamConfig(str(tmp_path), fields=("img_emb",), batch_size=7, shards_per_block=2, prefetch=1))
+    s = Stream(
+        StreamConfig(
+            str(tmp_path), fields=("img_emb",), batch_size=7, shards_per_block=2, prefetch=1, val_fraction=0.0
+        )
+    )
     it = s.batches()
     for _ in range(2 * s.steps_per_epoch):
         next(it)
