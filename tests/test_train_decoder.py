@@ -84,6 +84,7 @@ def test_store_without_latents_and_bad_settings_are_one_line_errors(tmp_path, da
     assert checkpoint.read_meta(checkpoint.resolve(tmp_path / "e"))["model"]["snr_shift"] == 1.0
 
 
+@pytest.mark.slow  # ~18 s of the default suite's 5 min; the model-level fit (test_decoder_model) stays in it
 def test_decoder_learns_colours_from_embeddings(data, tmp_path):
     """Each scene is a solid colour: after a short run the reconstruction's colour from the image embedding is
     far closer to the true colour than another scene's colour is (chance)."""
