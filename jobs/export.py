@@ -213,10 +213,9 @@ def run(cfg: ExportConfig) -> dict:
         to_pipeline = functools.partial(export_prior, clip_pretrained=cfg.clip_pretrained)
         jobs.append((to_pipeline, folder, meta, _target(cfg, "prior", folder, meta)))
     if len(jobs) == 2:
-        from jobs.sample import _clip_id, clip_name
+        from jobs.sample import clip_name, same_clip
 
-        a, b = _clip_id(jobs[0][2]), _clip_id(jobs[1][2])
-        if a != b:
+        if not same_clip(jobs[0][2], jobs[1][2]):
             raise UsageError(
                 f"the decoder was trained on CLIP {clip_name(jobs[0][2])} embeddings and the prior on "
                 f"{clip_name(jobs[1][2])}; export a pair trained with the same CLIP"

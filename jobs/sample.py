@@ -70,16 +70,17 @@ class Models:
     base_meta: dict | None = None
 
 
-def _clip_id(meta: dict) -> dict:
-    """The CLIP a checkpoint was trained with, as two checkpoints compare: a checkpoint file by its content
-    (the store's sha256, when it recorded one), so the same file at two paths is one CLIP."""
-    c = meta["store"]["clip"]
-    return {
-        "arch": c["arch"],
-        "pretrained": c.get("sha256") or c["pretrained"],
-        "seed": c.get("seed", 0) if c["random_init"] else None,
-        "dim": c["dim"],
-    }
+def same_clip(a: dict, b: dict) -> bool:
+    """Whether two checkpoints (their metadata) were trained with one CLIP: a checkpoint file by its content
+    where both stores recorded its sha256 (the same file at two paths is one CLIP), else by its path or tag."""
+    x, y = a["store"]["clip"], b["store"]["clip"]
+    if (x["arch"], x["dim"], x["random_init"]) != (y["arch"], y["dim"], y["random_init"]):
+        return False
+    if x["random_init"]:
+        return x.get("seed", 0) == y.get("seed", 0)
+    if x.get("sha256") and y.get("sha256"):
+        return x["sha256"] == y["sha256"]
+    return x["pretrained"] == y["pretrained"]
 
 
 def checkpoint_clip(meta: dict, device: str, pretrained: str = ""):
@@ -160,7 +161,7 @@ def attach_base(m: Models, base: str) -> Models:
     if not base:
         return m
     b, bm = load_decoder(base, m.device, "--base")
-    if _clip_id(bm) != _clip_id(m.decoder_meta):
+    if not same_clip(bm, m.decoder_meta):
         raise UsageError(
             f"--base was trained on CLIP {clip_name(bm)} embeddings and --decoder on "
             f"{clip_name(m.decoder_meta)}; train both on the same store"
@@ -219,8 +220,7 @@ def load_models(prior: str, decoder: str, device: str, clip_pretrained: str = ""
     """Both checkpoints, checked to share one CLIP model, and that CLIP (`checkpoint_clip`)."""
     pf, pm = checkpoint.open_task(prior, "prior")
     df, dm = checkpoint.open_task(decoder, "decoder")
-    a, b = _clip_id(pm), _clip_id(dm)
-    if a != b:
+    if not same_clip(pm, dm):
         raise UsageError(
             f"the prior was trained on CLIP {clip_name(pm)} embeddings and the decoder on {clip_name(dm)}; "
             "train both on stores embedded with the same CLIP"
@@ -229,7 +229,7 @@ def load_models(prior: str, decoder: str, device: str, clip_pretrained: str = ""
     clip = checkpoint_clip(pm, device, clip_pretrained)
     if clip.dim != pm["store"]["clip"]["dim"]:
         raise UsageError(
-            f"CLIP {a['arch']} gives {clip.dim}-d embeddings but the checkpoints were trained on "
+            f"CLIP {pm['store']['clip']['arch']} gives {clip.dim}-d embeddings but the checkpoints were trained on "
             f"{pm['store']['clip']['dim']}-d ones; the store's manifest names another CLIP than it was made with"
         )
     return Models(p, d, clip, pm, dm, device)

@@ -181,6 +181,28 @@ def test_sample_errors(pair, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_two_checkpoints_share_a_clip_checkpoint_file_by_content_where_both_stores_recorded_it():
+    from jobs.sample import same_clip
+
+    def meta(pretrained, sha=None, random_init=False, seed=0):
+        clip = {
+            "arch": "ViT-B-32",
+            "dim": 512,
+            "pretrained": pretrained,
+            "random_init": random_init,
+            "seed": seed,
+        }
+        return {"store": {"clip": {**clip, **({"sha256": sha} if sha else {})}}}
+
+    assert same_clip(meta("/a/clip.pt", "s1"), meta("/moved/clip.pt", "s1"))  # one file, moved
+    assert not same_clip(meta("/a/clip.pt", "s1"), meta("/a/clip.pt", "s2"))  # retrained in place
+    assert same_clip(meta("/a/clip.pt"), meta("/a/clip.pt", "s1"))  # a store from before digests: by path
+    assert not same_clip(meta("/a/clip.pt"), meta("/b/clip.pt", "s1"))
+    assert same_clip(meta("none", random_init=True), meta("random", random_init=True))
+    assert not same_clip(meta("none", random_init=True, seed=1), meta("none", random_init=True))
+    assert not same_clip(meta("openai"), meta("laion2b_s34b_b79k"))
+
+
 def test_sample_loads_the_stores_clip_checkpoint_by_content_wherever_it_lies(pair, tmp_path, capsys):
     """The store records its CLIP checkpoint's sha256, and the checkpoints trained on it keep it: sampling
     refuses other weights at that path (a CLIP retrained in place made every prompt an embedding the models
