@@ -119,7 +119,7 @@ def checkpoint_clip(meta: dict, device: str, pretrained: str = ""):
             f"--clip-pretrained {pretrained}: these models were trained with CLIP {c['arch']} "
             f"({c['pretrained']}); give a checkpoint file of those weights, or leave the flag out"
         )
-    return load_clip(c["arch"], path, device, seed)
+    return load_clip(c["arch"], path, device, seed, weights=checkpoint_sha256(path) or "")
 
 
 def clip_name(meta: dict) -> str:

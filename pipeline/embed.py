@@ -436,6 +436,7 @@ def shard_params(cfg: EmbedConfig, device: str, manifest: dict):
         decode_threads=cfg.decode_threads,
         compile=cfg.compile,
         batch_prep=cfg.batch_prep,
+        pretrained_sha256=(manifest.get("clip") or {}).get("sha256"),
     )
 
 

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import resource
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -58,6 +59,8 @@ class ShardParams:
     decode_threads: int = 0  # 0 = by device, on the worker (`decode_threads`)
     compile: bool = False  # torch.compile the towers (`pipeline.encoders.compiled`)
     batch_prep: str = "auto"  # where batches are read and prepared: thread, inline or auto (`input_inline`)
+    # the store's --pretrained file by content (manifest clip.sha256): each worker checks its copy against it
+    pretrained_sha256: str | None = None
 
     def rounding(self) -> dict:
         """The settings outside the store's identity that still change its float bytes (batch composition, the
@@ -267,9 +270,17 @@ def _clip_input_size(clip) -> int:
 
 
 def _models(params: ShardParams) -> _Models:
-    from pipeline.encoders import compiled, load_clip, load_vae
+    from pipeline.encoders import checkpoint_sha256, compiled, load_clip, load_vae
 
-    clip = load_clip(params.clip, params.pretrained, params.device, params.seed)
+    if want := params.pretrained_sha256:  # a node with another file at that path would mix two models' rows
+        got = checkpoint_sha256(params.pretrained)
+        if got != want:
+            raise StageError(
+                f"--pretrained {params.pretrained} on dask worker host {socket.gethostname()} has sha256 "
+                f"{(got or 'none: not a file here')[:12]}..., not the {want[:12]}... the store was made with; "
+                "give every worker the same checkpoint file"
+            )
+    clip = load_clip(params.clip, params.pretrained, params.device, params.seed, weights=want or "")
     if params.compile:
         clip = compiled(clip)
     vae = load_vae(params.vae, params.device) if params.latents == "vae" else None

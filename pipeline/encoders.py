@@ -221,8 +221,10 @@ def clip_dims(arch: str) -> ClipDims:
 
 
 @lru_cache(maxsize=2)
-def load_clip(arch: str, pretrained: str, device: str, seed: int = 0) -> Clip:
-    """The model in eval mode on ``device``; cached per process so that a dask worker loads it once."""
+def load_clip(arch: str, pretrained: str, device: str, seed: int = 0, weights: str = "") -> Clip:
+    """The model in eval mode on ``device``; cached per process so that a dask worker loads it once.
+    ``weights`` (a checkpoint file's sha256) is part of the cache's key only: a long-lived worker (``--scheduler``)
+    loads a file rewritten at the same path again instead of embedding with the weights it read before."""
     oc = _open_clip()
     validate_clip(arch, pretrained, check_file=False)
     ensure_pretrained(arch, pretrained)

@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 
 from jobs.cli import main
 from pipeline import store
-from pipeline.errors import UsageError
+from pipeline.errors import StageError, UsageError
 from pipeline.shard_samples import read_tar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -839,6 +839,44 @@ def test_clip_weights_from_a_checkpoint_path_and_its_content_not_its_path_is_the
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"the store's had sha256 {digest[:12]}..., {moved} has " in err[0]
     assert "--overwrite" in err[0] and mtimes(out) == before and not store.is_done(out, "00000")
+
+
+def test_each_worker_checks_its_clip_checkpoint_and_a_rewritten_file_is_loaded_again(tmp_path):
+    """A node whose copy of --pretrained differs embeds with other weights than the store's; a long-lived worker
+    (--scheduler) kept the model it had cached for that path after the file was rewritten."""
+    from pipeline import embed_shard
+    from pipeline.encoders import _open_clip, checkpoint_sha256
+
+    oc = _open_clip()
+    ckpt = tmp_path / "clip.pt"
+
+    def write(seed):
+        torch.manual_seed(seed)
+        torch.save(oc.create_model_and_transforms("unclip-tiny", pretrained=None)[0].state_dict(), ckpt)
+        return checkpoint_sha256(str(ckpt))
+
+    first = write(5)
+    params = embed_shard.ShardParams(
+        str(tmp_path),
+        "unclip-tiny",
+        str(ckpt),
+        0,
+        "cpu",
+        8,
+        "none",
+        "",
+        False,
+        0,
+        None,
+        pretrained_sha256=first,
+    )
+    a = embed_shard._models(params).clip.model.state_dict()
+    time.sleep(0.01)  # another mtime, as a real rewrite has
+    second = write(6)
+    with pytest.raises(StageError, match=f"has sha256 {second[:12]}..., not the {first[:12]}... the store"):
+        embed_shard._models(params)
+    b = embed_shard._models(dataclasses.replace(params, pretrained_sha256=second)).clip.model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the new file's weights, not the cached model's
 
 
 # ---------------------------------------------------------------- resume, settings, bad input
