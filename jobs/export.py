@@ -210,6 +210,11 @@ def run(cfg: ExportConfig) -> dict:
         why = exportable(prior_cfg, clip_dims(meta["store"]["clip"]["arch"]).context_length)
         if why:
             raise UsageError("this prior cannot be exported to PriorTransformer: " + "; ".join(why))
+        from jobs.sample import clip_source
+
+        clip_source(
+            meta, cfg.clip_pretrained
+        )  # its CLIP file is there and the same, before anything is written
         to_pipeline = functools.partial(export_prior, clip_pretrained=cfg.clip_pretrained)
         jobs.append((to_pipeline, folder, meta, _target(cfg, "prior", folder, meta)))
     if len(jobs) == 2:

@@ -84,17 +84,26 @@ def same_clip(a: dict, b: dict) -> bool:
 
 
 def checkpoint_clip(meta: dict, device: str, pretrained: str = ""):
-    """The CLIP a checkpoint was trained with, loaded on ``device``: the training store's ``--pretrained``, or
-    ``pretrained`` (``--clip-pretrained``: that checkpoint file, moved). A file is first checked against the
-    sha256 the store recorded: other weights at that path (a CLIP retrained in place) would turn every prompt
-    into an embedding the models never saw, and sample noise without a word."""
-    from pipeline.encoders import checkpoint_sha256, is_path, load_clip
+    """The CLIP a checkpoint was trained with, loaded on ``device`` from `clip_source`."""
+    from pipeline.encoders import checkpoint_sha256, load_clip
 
     c = meta["store"]["clip"]
-    path, want = pretrained or c["pretrained"], c.get("sha256")
+    path = clip_source(meta, pretrained)
     seed = c.get("seed", 0) if c["random_init"] else 0
+    return load_clip(c["arch"], path, device, seed, weights=checkpoint_sha256(path) or "")
+
+
+def clip_source(meta: dict, pretrained: str = "") -> str:
+    """Where the CLIP a checkpoint was trained with is loaded from: the training store's ``--pretrained``, or
+    ``pretrained`` (``--clip-pretrained``: that checkpoint file, moved). A file is checked against the sha256
+    the store recorded: other weights at that path (a CLIP retrained in place) would turn every prompt into an
+    embedding the models never saw, and sample noise without a word. A UsageError says what to do."""
+    from pipeline.encoders import checkpoint_sha256, is_path
+
+    c = meta["store"]["clip"]
     if c["random_init"]:
-        return load_clip(c["arch"], c["pretrained"], device, seed)  # random weights: the seed is the identity
+        return c["pretrained"]  # random weights: the seed is the identity
+    path, want = pretrained or c["pretrained"], c.get("sha256")
     if is_path(path):
         digest = f" (sha256 {want[:12]}...)" if want else ""
         if not os.path.isfile(path):
@@ -119,7 +128,7 @@ def checkpoint_clip(meta: dict, device: str, pretrained: str = ""):
             f"--clip-pretrained {pretrained}: these models were trained with CLIP {c['arch']} "
             f"({c['pretrained']}); give a checkpoint file of those weights, or leave the flag out"
         )
-    return load_clip(c["arch"], path, device, seed, weights=checkpoint_sha256(path) or "")
+    return path
 
 
 def clip_name(meta: dict) -> str:
@@ -226,7 +235,8 @@ def load_models(prior: str, decoder: str, device: str, clip_pretrained: str = ""
             "train both on stores embedded with the same CLIP"
         )
     p, d = _ema_model(pf, pm, device), _ema_model(df, dm, device)
-    clip = checkpoint_clip(pm, device, clip_pretrained)
+    # checked against whichever store recorded the file's digest (`same_clip` compared them by path otherwise)
+    clip = checkpoint_clip(pm if pm["store"]["clip"].get("sha256") else dm, device, clip_pretrained)
     if clip.dim != pm["store"]["clip"]["dim"]:
         raise UsageError(
             f"CLIP {pm['store']['clip']['arch']} gives {clip.dim}-d embeddings but the checkpoints were trained on "

@@ -217,7 +217,10 @@ def _check_resume(meta: dict, run: RunState) -> None:
             f"--resume with other settings than the checkpoint's: {', '.join(diff)} "
             f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
         )
-    if meta.get("store") != store_identity(run.manifest):
+    now, then_clip = store_identity(run.manifest), (meta.get("store") or {}).get("clip") or {}
+    if "sha256" not in then_clip:  # a checkpoint from before stores recorded it (an adopt rerun adds it)
+        now["clip"].pop("sha256", None)
+    if meta.get("store") != now:
         raise UsageError(
             f"--resume: {run.cfg.data} is not the store this run was trained on (its CLIP model or latent "
             "codec differ); resume on the same store, or start a new --out"

@@ -276,9 +276,13 @@ def _models(params: ShardParams) -> _Models:
         got = checkpoint_sha256(params.pretrained)
         if got != want:
             raise StageError(
-                f"--pretrained {params.pretrained} on dask worker host {socket.gethostname()} has sha256 "
-                f"{(got or 'none: not a file here')[:12]}..., not the {want[:12]}... the store was made with; "
-                "give every worker the same checkpoint file"
+                f"--pretrained {params.pretrained} on dask worker host {socket.gethostname()} "
+                + (
+                    f"has sha256 {got[:12]}..., not"
+                    if got
+                    else "is not a file there; the store was made with"
+                )
+                + f" the {want[:12]}... the store was made with; give every worker the same checkpoint file"
             )
     clip = load_clip(params.clip, params.pretrained, params.device, params.seed, weights=want or "")
     if params.compile:
@@ -341,6 +345,14 @@ def _collect(f: _Launched, params: ShardParams, acc: _Rows) -> None:
     out["cap"] += b.captions
     out["meta"] += b.metas
     acc.empty += b.empty_captions
+
+
+def embed_shard_or_fail(url: str, params: ShardParams) -> dict:
+    """`embed_shard` for callers that take its marker as it is (the benches): a shard it refuses raises."""
+    res = embed_shard(url, params)
+    if "failed" in res:
+        raise StageError(res["failed"].removeprefix("StageError: "))
+    return res
 
 
 def embed_shard(url: str, params: ShardParams) -> dict:

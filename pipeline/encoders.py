@@ -60,7 +60,9 @@ def is_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
-_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: a file is hashed once per process
+_DIGESTS: dict[
+    tuple, str
+] = {}  # (path, inode, size, mtime, ctime) -> sha256: a file is hashed once per process
 
 
 def checkpoint_sha256(pretrained: str) -> str | None:
@@ -70,7 +72,7 @@ def checkpoint_sha256(pretrained: str) -> str | None:
     if pretrained.lower() in RANDOM or not is_path(pretrained) or not os.path.isfile(pretrained):
         return None
     st = os.stat(pretrained)
-    key = (os.path.abspath(pretrained), st.st_size, st.st_mtime_ns)
+    key = (os.path.abspath(pretrained), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _DIGESTS:
         h = hashlib.sha256()
         with open(pretrained, "rb") as f:

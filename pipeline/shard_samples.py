@@ -117,28 +117,32 @@ def _sample(key: str, parts: dict[str, bytes]) -> Sample:
     return Sample(key, image, caption, meta, problem, empty)
 
 
-def _grey_full_scale(img: Image.Image) -> float:
-    """The value of white in a 16- or 32-bit grey image. PIL's mode "I" holds both: a TIFF names its bits
-    (tag 258) and whether they are signed (tag 339 = 2); other formats open as "I" only for 16-bit data (PNG,
-    PGM in older Pillow)."""
+def _grey_levels(img: Image.Image) -> tuple[np.ndarray, float]:
+    """A 16- or 32-bit grey image's values and the value of white. PIL's mode "I" (int32) holds both: a TIFF
+    names its bits (tag 258) and whether they are signed (tag 339 = 2); an unsigned 32-bit one is read into
+    int32, so its upper half is taken back from the wrapped negatives. Other formats open as "I" only for
+    16-bit data (PNG, PGM in older Pillow)."""
+    arr = np.asarray(img)
     if img.mode != "I":
-        return 65535.0
+        return arr.astype(np.float64), 65535.0
     tags = getattr(img, "tag_v2", None) or {}
 
     def first(tag: int, default: int) -> int:
         v = tags.get(tag, default)
         return int(v[0] if isinstance(v, tuple) else v)
 
-    bits = first(258, 16)
-    return float(2 ** (bits - 1 if first(339, 1) == 2 else bits) - 1)
+    bits, signed = first(258, 16), first(339, 1) == 2
+    if bits == 32 and not signed and arr.dtype == np.int32:
+        arr = arr.view(np.uint32)
+    return arr.astype(np.float64), float(2 ** (bits - 1 if signed else bits) - 1)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB, with 16- and 32-bit grey scaled to 8 bits (PIL's own convert clips them, which turns a 16-bit
     PNG nearly white)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        grey = np.rint(arr / (_grey_full_scale(img) / 255.0))
+        arr, white = _grey_levels(img)
+        grey = np.rint(arr / (white / 255.0))
         img = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L")
     elif img.mode == "F":
         arr = np.nan_to_num(np.asarray(img, dtype=np.float64))

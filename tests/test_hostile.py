@@ -394,11 +394,18 @@ def test_each_malformed_sample_is_one_error_row_and_the_rest_is_embedded(hostile
     assert main(["validate", str(out)]) == 0  # what was written validates, on every rerun
 
 
-def tiff32() -> bytes:
-    """A 32-bit signed grey TIFF (PIL's mode "I", as 16-bit PNGs opened in older Pillow) at 3/4 of full scale."""
+def tiff32(signed: bool = True) -> bytes:
+    """A 32-bit grey TIFF (PIL's mode "I", as 16-bit PNGs opened in older Pillow) at 3/4 of full scale, signed
+    as PIL writes it, or unsigned (its SampleFormat tag patched: PIL writes only signed ones)."""
     buf = io.BytesIO()
-    Image.fromarray(np.full((40, 40), 3 * 2**29, dtype=np.int32)).save(buf, format="TIFF")
-    return buf.getvalue()
+    value = 3 * 2**29 if signed else 3 * 2**30
+    Image.fromarray(np.full((40, 40), value, dtype=np.uint32).view(np.int32)).save(buf, format="TIFF")
+    data = buf.getvalue()
+    if not signed:  # tag 339 (SampleFormat), SHORT, count 1, value 2 -> 1
+        entry = b"\x53\x01\x03\x00\x01\x00\x00\x00"
+        assert data.count(entry + b"\x02\x00") == 1
+        data = data.replace(entry + b"\x02\x00", entry + b"\x01\x00")
+    return data
 
 
 def test_sixteen_and_thirty_two_bit_and_gif_images_decode_to_their_colours():
@@ -406,9 +413,11 @@ def test_sixteen_and_thirty_two_bit_and_gif_images_decode_to_their_colours():
 
     grey, _ = decode(Sample("a", png16(), "grey", {}))
     grey32, _ = decode(Sample("c", tiff32(), "grey", {}))
+    unsigned32, _ = decode(Sample("d", tiff32(signed=False), "grey", {}))
     red, _ = decode(Sample("b", gif(), "red", {}))
     assert np.asarray(grey)[0, 0].tolist() == [191, 191, 191]
     assert np.asarray(grey32)[0, 0].tolist() == [191, 191, 191]  # was 255: scaled as if 16-bit, then clipped
+    assert np.asarray(unsigned32)[0, 0].tolist() == [191, 191, 191]  # read as int32: negative, then black
     assert np.asarray(red)[0, 0].tolist() == [200, 30, 30]
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -130,6 +131,25 @@ def test_only_the_newest_checkpoints_are_kept(data, tmp_path, capsys):
     assert cli(["train-prior", "--data", data, "--out", str(tmp_path / "x"), "--keep-checkpoints", "-1"]) == 2
     assert "--keep-checkpoints must be >= 0 (0 = keep every checkpoint)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_from_before_stores_recorded_their_clip_digest_resumes_on_one_that_has_it(
+    data, tmp_path
+):
+    """An adopt rerun adds the CLIP file's sha256 to an adopted folder's manifest: the checkpoint trained on it
+    before was refused as another store's. A digest both record must still agree."""
+    store_copy = tmp_path / "store"
+    shutil.copytree(data, store_copy)
+    main(cfg_for(str(store_copy), tmp_path / "run", stop_after=10))
+    manifest_path = store_copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["clip"]["sha256"] = "ab" * 32
+    manifest_path.write_text(json.dumps(manifest))
+    main(cfg_for(str(store_copy), tmp_path / "run", stop_after=15, resume=True))  # was refused
+    manifest["clip"]["sha256"] = "cd" * 32  # another file than the checkpoint's (step 15 recorded "ab...")
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="is not the store this run was trained on"):
+        main(cfg_for(str(store_copy), tmp_path / "run", resume=True))
 
 
 def test_resume_refuses_other_settings_and_loading_is_strict(data, tmp_path):

@@ -41,7 +41,8 @@ def decode_rules_probe(tar: str, clip: str, device: str) -> dict:
     import pyarrow.parquet as pq
 
     from pipeline import store
-    from pipeline.embed_shard import ShardParams, embed_shard
+    from pipeline.embed_shard import ShardParams
+    from pipeline.embed_shard import embed_shard_or_fail as embed_shard
 
     outs, markers = {}, {}
     for decode in ("device", "pil"):

@@ -225,7 +225,7 @@ def paired_in_worker(shards: str, store: str, clip: str, passes: int = 2) -> dic
     redoes the shard), so that a drift within a pair does not favour one side."""
     from pipeline import embed, embed_cluster
     from pipeline import store as st
-    from pipeline.embed_shard import embed_shard
+    from pipeline.embed_shard import embed_shard_or_fail as embed_shard
 
     cfg = embed.EmbedConfig(
         shards=shards,

@@ -152,7 +152,8 @@ def probe_tasks(
     forward, and the last round's phases (`pipeline.embed_shard.PHASES`, summed over its shards)."""
     import statistics
 
-    from pipeline.embed_shard import ShardParams, embed_shard
+    from pipeline.embed_shard import ShardParams
+    from pipeline.embed_shard import embed_shard_or_fail as embed_shard
 
     tars = sorted(str(p) for p in Path(shards).glob("*.tar"))[:per_round]
     res: dict = {}
