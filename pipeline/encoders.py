@@ -222,11 +222,15 @@ def clip_dims(arch: str) -> ClipDims:
     )
 
 
-@lru_cache(maxsize=2)
 def load_clip(arch: str, pretrained: str, device: str, seed: int = 0, weights: str = "") -> Clip:
     """The model in eval mode on ``device``; cached per process so that a dask worker loads it once.
     ``weights`` (a checkpoint file's sha256) is part of the cache's key only: a long-lived worker (``--scheduler``)
     loads a file rewritten at the same path again instead of embedding with the weights it read before."""
+    return _load_clip(arch, pretrained, device, seed, weights)  # every argument given: one key per model
+
+
+@lru_cache(maxsize=2)
+def _load_clip(arch: str, pretrained: str, device: str, seed: int, weights: str) -> Clip:
     oc = _open_clip()
     validate_clip(arch, pretrained, check_file=False)
     ensure_pretrained(arch, pretrained)
@@ -418,3 +422,6 @@ def clip_preprocess_cfg(arch: str, pretrained: str = "none") -> dict:
         cfg = merge_preprocess_dict(cfg, oc.get_pretrained_cfg(arch, pretrained) or {})
     cfg["size"] = arch_cfg.get("vision_cfg", {}).get("image_size", cfg["size"])
     return cfg
+
+
+load_clip.cache_clear = _load_clip.cache_clear  # type: ignore[attr-defined]  # (the demo CLIP is trained in place)
