@@ -28,6 +28,7 @@ from jobs.sample import (
     check_guidance,
     check_steps,
     check_strength,
+    check_vae,
     decode,
     load_decoder,
     load_models,
@@ -61,6 +62,7 @@ class EvalDecoderConfig:
     base: str = ""  # a two-stage decoder's first stage (`unclip sample --base`)
     strength: float = 0.5  # the share of --decoder's steps that redraw the base's picture
     clip_pretrained: str = ""  # the store's CLIP checkpoint file, moved (`unclip sample --clip-pretrained`)
+    vae: str = ""  # the store's VAE folder, moved (`unclip sample --vae`)
 
 
 @torch.no_grad()
@@ -148,6 +150,7 @@ def run(cfg: EvalDecoderConfig) -> dict:
         prior_candidates=cfg.prior_candidates,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
+        vae=cfg.vae,
         base=cfg.base,
         strength=cfg.strength,
     )
@@ -159,6 +162,7 @@ def run(cfg: EvalDecoderConfig) -> dict:
     )
     m = attach_base(m, cfg.base)
     check_steps(m, cfg.prior_steps, cfg.decoder_steps)
+    check_vae(m, cfg.vae)
     codec = m.decoder_meta["store"]["latents"]
     b, rows = _held_out(cfg, codec, ("img_emb", "latents"))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -166,11 +170,11 @@ def run(cfg: EvalDecoderConfig) -> dict:
     # in --batch-size chunks, as text -> image is: --max-samples at once could exceed a GPU's memory
     chunks = range(0, len(cond), sc.batch_size)
     true_img = np.concatenate(
-        [latents_to_images(b["latents"][s : s + sc.batch_size], codec, device) for s in chunks]
+        [latents_to_images(b["latents"][s : s + sc.batch_size], codec, device, cfg.vae) for s in chunks]
     )
     recon = torch.cat([decode(m, cond[s : s + sc.batch_size].to(device), sc, gen) for s in chunks])
     recon_img = np.concatenate(
-        [latents_to_images(recon[s : s + sc.batch_size], codec, device) for s in chunks]
+        [latents_to_images(recon[s : s + sc.batch_size], codec, device, cfg.vae) for s in chunks]
     )
     true_emb = clip_image_embeddings(m.clip, true_img)
     recon_emb = clip_image_embeddings(m.clip, recon_img)

@@ -46,6 +46,7 @@ class ExportConfig:
     overwrite: bool = False  # replace existing OUT/prior or OUT/decoder folders
     # --prior: the store's CLIP checkpoint file, moved (`unclip sample --clip-pretrained`)
     clip_pretrained: str = ""
+    vae: str = ""  # --decoder: the store's VAE folder, moved (`unclip sample --vae`)
 
 
 def scheduler_for_export(num_train_timesteps: int):
@@ -100,15 +101,17 @@ def movq_from_vae(vae) -> torch.nn.Module:
     return movq.eval()
 
 
-def export_decoder(folder: Path, meta: dict, out: Path) -> dict:
+def export_decoder(folder: Path, meta: dict, out: Path, vae: str = "") -> dict:
     from diffusers import KandinskyV22Pipeline
 
+    from jobs.render import vae_source
     from pipeline.encoders import load_vae
 
     codec = meta["store"]["latents"]
     decoder = checkpoint.build_model(folder, meta).eval()
     checkpoint.load_weights(decoder, folder / "ema.safetensors")
-    vae = load_vae(codec["vae"], "cpu")
+    path, digest = vae_source(codec, vae)
+    vae = load_vae(path, "cpu", weights=digest or "")
     movq = movq_from_vae(vae.model if hasattr(vae, "model") else vae)
     pipe = KandinskyV22Pipeline(
         unet=decoder.unet, scheduler=scheduler_for_export(decoder.cfg.timesteps), movq=movq
@@ -196,7 +199,11 @@ def run(cfg: ExportConfig) -> dict:
                 "presets' way), which KandinskyV22Pipeline cannot do; export a decoder trained without it (b32, "
                 "l14 presets)"
             )
-        jobs.append((export_decoder, folder, meta, _target(cfg, "decoder", folder, meta)))
+        from jobs.render import vae_source
+
+        vae_source(codec, cfg.vae)  # its VAE is there and the same, before anything is written
+        to_pipeline = functools.partial(export_decoder, vae=cfg.vae)
+        jobs.append((to_pipeline, folder, meta, _target(cfg, "decoder", folder, meta)))
     if cfg.prior:
         from jobs.export_prior import export_prior, exportable
         from models.prior import PriorConfig

@@ -6,6 +6,7 @@ AutoencoderKL's posterior mean times its scaling factor, decoded by that VAE (`p
 
 from __future__ import annotations
 
+import logging
 import os
 import textwrap
 from pathlib import Path
@@ -16,16 +17,48 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.errors import UsageError
 
+log = logging.getLogger(__name__)
+
+
+def vae_source(codec: dict, vae: str = "") -> tuple[str, str | None]:
+    """(where, sha256): the VAE a store's ``vae`` latents were made with, at the store's ``--vae`` or at ``vae``
+    (``--vae``: that folder, moved), checked against the sha256 the store recorded. Another VAE at that path
+    (one fine-tuned and saved over it) would decode every image wrong without a word. A UsageError says what
+    to do; a store made before the digest was recorded is taken by its path."""
+    from pipeline.encoders import vae_sha256
+
+    path, want = vae or codec["vae"], codec.get("sha256")
+    got = vae_sha256(path)
+    if want:
+        digest = f" (sha256 {want[:12]}...)"
+        if got is None:
+            raise UsageError(
+                f"the VAE the store's latents were made with is not at {path} on this machine; put that "
+                f"folder{digest} back there, or pass its new place with --vae"
+            )
+        if got != want:
+            raise UsageError(
+                f"the VAE at {path} (sha256 {got[:12]}...) is not the one the store's latents were made "
+                f"with{digest}; pass that VAE's folder with --vae"
+            )
+    elif vae and vae != codec["vae"]:
+        log.warning(
+            "--vae %s: the store recorded no sha256 of its VAE (%s) to check it by", vae, codec["vae"]
+        )
+    return path, got
+
 
 @torch.no_grad()
-def latents_to_images(latents: torch.Tensor, codec: dict, device: str = "cpu") -> np.ndarray:
-    """uint8 [B, H, W, 3] from model-scale latents [B, C, h, w] of the store's codec (manifest["latents"])."""
+def latents_to_images(latents: torch.Tensor, codec: dict, device: str = "cpu", vae: str = "") -> np.ndarray:
+    """uint8 [B, H, W, 3] from model-scale latents [B, C, h, w] of the store's codec (manifest["latents"]);
+    ``vae``: the store's VAE folder, moved (`vae_source`)."""
     if codec["codec"] == "pixels":
         x = latents.float()  # [B, 3, h, w] in [-1, 1]
     elif codec["codec"] == "vae":
         from pipeline.encoders import load_vae, vae_decode
 
-        x = vae_decode(load_vae(codec["vae"], device), latents.float()).float()  # [B, 3, H, W]
+        path, digest = vae_source(codec, vae)
+        x = vae_decode(load_vae(path, device, weights=digest or ""), latents.float()).float()  # [B, 3, H, W]
     else:
         raise UsageError(f"unknown latent codec '{codec['codec']}'; valid: pixels, vae")
     x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [B, 3, H, W]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from jobs import checkpoint
-from jobs.render import latents_to_images, save_grid
+from jobs.render import latents_to_images, save_grid, vae_source
 from pipeline import store
 from pipeline.errors import UsageError
 from pipeline.store import check_out_file
@@ -54,6 +54,9 @@ class SampleConfig:
     # the CLIP checkpoint file the training store was embedded with, where it lies now (default: where the
     # store recorded it); checked against the sha256 the store recorded
     clip_pretrained: str = ""
+    # the VAE folder a vae-latent store was embedded with, where it lies now (default: where the store recorded
+    # it); checked against the sha256 the store recorded
+    vae: str = ""
 
 
 @dataclass
@@ -187,6 +190,18 @@ def attach_base(m: Models, base: str) -> Models:
     return m
 
 
+def check_vae(m: Models, vae: str) -> None:
+    """The decoder's VAE (a vae-latent store's) is there and the one it was trained on, before any sampling
+    (`jobs.render.vae_source`); ``--vae`` with a decoder of another codec is refused."""
+    codec = m.decoder_meta["store"]["latents"]
+    if codec["codec"] == "vae":
+        vae_source(codec, vae)
+    elif vae:
+        raise UsageError(
+            f"--vae {vae}: the decoder was trained on '{codec['codec']}' latents, which need no VAE"
+        )
+
+
 def check_steps(m: Models, prior_steps: int, decoder_steps: int) -> None:
     """``--prior-steps`` and ``--decoder-steps`` within each loaded network's training schedule
     (`models.samplers.check_steps`): refused here, before any sampling, not as NaN images or a traceback."""
@@ -291,7 +306,7 @@ def text_to_image(m: Models, prompts: list[str], cfg: SampleConfig, gen: torch.G
     for s in range(0, len(prompts), cfg.batch_size):
         emb = prior_embeddings(m, prompts[s : s + cfg.batch_size], cfg, gen)
         lat = decode(m, emb, cfg, gen)
-        images.append(latents_to_images(lat, m.decoder_meta["store"]["latents"], m.device))
+        images.append(latents_to_images(lat, m.decoder_meta["store"]["latents"], m.device, cfg.vae))
         embs.append(emb.cpu())
     return np.concatenate(images), torch.cat(embs)
 
@@ -342,6 +357,7 @@ def run(cfg: SampleConfig) -> dict:
     device = resolve_device(cfg.device)
     m = attach_base(load_models(cfg.prior, cfg.decoder, device, cfg.clip_pretrained), cfg.base)
     check_steps(m, cfg.prior_steps, cfg.decoder_steps)
+    check_vae(m, cfg.vae)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     repeated = [p for p in prompts for _ in range(cfg.n)]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from jobs.render import latents_to_images, save_grid
+from jobs.render import latents_to_images, save_grid, vae_source
 from jobs.train_loop import RunState, Task, TrainConfig, train
 from models.decoder import DECODER_PRESETS, DiffusionDecoder, build_decoder, decoder_config
 from models.samplers import SAMPLERS
@@ -76,6 +76,8 @@ class DecoderTask(Task):
                 "(or `--latents vae --vae NAME_OR_PATH`) to train a decoder"
             )
         self.codec = codec
+        if codec["codec"] == "vae" and cfg.eval_every:  # evaluation decodes with it: checked before step 0
+            vae_source(codec)
         c, h, w = codec["shape"]
         if h != w:
             raise UsageError(f"the store's latents are {h}x{w}; the decoder needs square latents")

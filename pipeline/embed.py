@@ -182,28 +182,36 @@ def is_store(root: Path) -> bool:
 
 
 def identity_of(cfg: EmbedConfig) -> dict:
-    """The store's identity for this run: the IDENTITY settings, and a --pretrained file's sha256."""
-    from pipeline.encoders import checkpoint_sha256
+    """The store's identity for this run: the IDENTITY settings, a --pretrained file's sha256 and, for
+    --latents vae, the VAE's (`pipeline.encoders.vae_sha256`)."""
+    from pipeline.encoders import checkpoint_sha256, vae_sha256
 
     identity = {k: getattr(cfg, k) for k in IDENTITY}
     if digest := checkpoint_sha256(cfg.pretrained):
         identity["pretrained_sha256"] = digest
+    if cfg.latents == "vae" and (digest := vae_sha256(cfg.vae)):
+        identity["vae_sha256"] = digest
     return identity
+
+
+# settings whose content the identity may record beside them: (the digest's key, what the setting names)
+DIGESTED = {"pretrained": ("pretrained_sha256", "checkpoint"), "vae": ("vae_sha256", "VAE")}
 
 
 def identity_diff(old: dict, new: dict) -> list[str]:
     """The settings in which a store's identity (``old``) and this run's (``new``) differ, each as
-    ``name: the store's value``. A --pretrained file is the same checkpoint wherever it lies now when both
-    record its sha256 (a moved folder), and another one when its content changed at the same path. A store
-    made before the digest was recorded is compared by path alone."""
-    then, now = old.get("pretrained_sha256"), new.get("pretrained_sha256")
+    ``name: the store's value``. A --pretrained file (or --vae folder) is the same one wherever it lies now when
+    both record its sha256 (a moved folder), and another one when its content changed at the same path. A
+    store made before the digest was recorded is compared by path alone."""
     diff = []
     for k in IDENTITY:
-        if k == "pretrained" and then and now:
+        key, what = DIGESTED.get(k, (None, None))
+        then, now = (old.get(key), new.get(key)) if key else (None, None)
+        if then and now:
             if then != now:
                 moved = "" if old.get(k) == new.get(k) else f" (then at {old.get(k)})"
                 diff.append(
-                    f"pretrained: another checkpoint{moved}: the store's had sha256 {then[:12]}..., {new.get(k)} "
+                    f"{k}: another {what}{moved}: the store's had sha256 {then[:12]}..., {new.get(k)} "
                     f"has {now[:12]}..."
                 )
         elif old.get(k) != new.get(k):
@@ -284,6 +292,8 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None)
             ) from e
     else:
         latents = calibrate_latents(cfg, shards, device)  # may still refuse: before anything is removed
+    if latents and latents["codec"] == "vae" and identity.get("vae_sha256"):
+        latents["sha256"] = identity["vae_sha256"]  # what `unclip sample` checks the folder against
     manifest = store.Manifest.new(
         identity,
         store.ClipInfo(
@@ -437,6 +447,7 @@ def shard_params(cfg: EmbedConfig, device: str, manifest: dict):
         compile=cfg.compile,
         batch_prep=cfg.batch_prep,
         pretrained_sha256=(manifest.get("clip") or {}).get("sha256"),
+        vae_sha256=(manifest.get("latents") or {}).get("sha256") if cfg.latents == "vae" else None,
     )
 
 

@@ -61,6 +61,7 @@ class ShardParams:
     batch_prep: str = "auto"  # where batches are read and prepared: thread, inline or auto (`input_inline`)
     # the store's --pretrained file by content (manifest clip.sha256): each worker checks its copy against it
     pretrained_sha256: str | None = None
+    vae_sha256: str | None = None  # the --vae folder's content, as the store recorded it
 
     def rounding(self) -> dict:
         """The settings outside the store's identity that still change its float bytes (batch composition, the
@@ -84,9 +85,9 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
         return None
     if cfg.latents == "pixels":
         return store.pixels_latents(cfg.latent_size)
-    from pipeline.encoders import load_vae, vae_encode
+    from pipeline.encoders import load_vae, vae_encode, vae_sha256
 
-    vae = load_vae(cfg.vae, device)
+    vae = load_vae(cfg.vae, device, weights=vae_sha256(cfg.vae) or "")
     px = cfg.latent_size * vae.downsample
     xs, n = [], 0
     threads = decode_threads(cfg.decode_threads, device)
@@ -270,7 +271,7 @@ def _clip_input_size(clip) -> int:
 
 
 def _models(params: ShardParams) -> _Models:
-    from pipeline.encoders import checkpoint_sha256, compiled, load_clip, load_vae
+    from pipeline.encoders import checkpoint_sha256, compiled, load_clip, load_vae, vae_sha256
 
     if want := params.pretrained_sha256:  # a node with another file at that path would mix two models' rows
         got = checkpoint_sha256(params.pretrained)
@@ -287,7 +288,17 @@ def _models(params: ShardParams) -> _Models:
     clip = load_clip(params.clip, params.pretrained, params.device, params.seed, weights=want or "")
     if params.compile:
         clip = compiled(clip)
-    vae = load_vae(params.vae, params.device) if params.latents == "vae" else None
+    vae = None
+    if params.latents == "vae":
+        if want := params.vae_sha256:  # as for --pretrained: one VAE's latents in the whole store
+            got = vae_sha256(params.vae)
+            if got != want:
+                raise StageError(
+                    f"--vae {params.vae} on dask worker host {socket.gethostname()} "
+                    + (f"has sha256 {got[:12]}..., not" if got else "is not there; the store was made with")
+                    + f" the {want[:12]}... the store was made with; give every worker the same VAE"
+                )
+        vae = load_vae(params.vae, params.device, weights=want or "")
     tp = None
     if params.image_decode == "device":
         tp = TensorPreprocess.from_open_clip(clip.model)

@@ -71,11 +71,16 @@ def checkpoint_sha256(pretrained: str) -> str | None:
     place), and the same weights another path (a moved folder)."""
     if pretrained.lower() in RANDOM or not is_path(pretrained) or not os.path.isfile(pretrained):
         return None
-    st = os.stat(pretrained)
-    key = (os.path.abspath(pretrained), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return file_sha256(pretrained)
+
+
+def file_sha256(path: str) -> str:
+    """A file's sha256, hashed once per process while the file is unchanged (its inode, size and times)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _DIGESTS:
         h = hashlib.sha256()
-        with open(pretrained, "rb") as f:
+        with open(path, "rb") as f:
             while chunk := f.read(1 << 22):
                 h.update(chunk)
         _DIGESTS[key] = h.hexdigest()
@@ -383,8 +388,48 @@ def validate_vae(name_or_path: str, probe_timeout: float = 5.0) -> None:
     reachable_or_refuse(f"VAE {name_or_path} is", host, "pass a local folder with --vae PATH", probe_timeout)
 
 
+def vae_folder(name_or_path: str) -> str | None:
+    """The folder diffusers loads ``--vae`` from: the folder itself, or a hub name's cached snapshot; None when
+    neither is on this machine (a hub name not downloaded yet)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path and HUB_NAME.fullmatch(name_or_path):
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(name_or_path, "config.json")
+        if isinstance(config, str):
+            return os.path.dirname(config)
+    return None
+
+
+def vae_sha256(name_or_path: str) -> str | None:
+    """The VAE's content: one sha256 over the name and sha256 of each file diffusers may load from its folder
+    (``config.json``, ``*.safetensors``, ``*.bin``). Stores record it beside ``--vae``: a folder may later hold
+    another VAE (one fine-tuned and saved over it), and the same VAE may move, or be a hub name's cached copy.
+    None when the folder is not here."""
+    folder = vae_folder(name_or_path)
+    if folder is None:
+        return None
+    names = sorted(
+        n
+        for n in os.listdir(folder)
+        if (n == "config.json" or n.endswith((".safetensors", ".bin")))
+        and os.path.isfile(os.path.join(folder, n))
+    )
+    h = hashlib.sha256()
+    for n in names:
+        h.update(f"{n}\0{file_sha256(os.path.join(folder, n))}\n".encode())
+    return h.hexdigest()
+
+
+def load_vae(name_or_path: str, device: str, weights: str = "") -> Vae:
+    """The VAE in eval mode on ``device``; cached per process. ``weights`` (its `vae_sha256`) is part of the
+    cache's key only, so that a long-lived worker loads a folder rewritten in place again."""
+    return _load_vae(name_or_path, device, weights)  # every argument given: one key per model
+
+
 @lru_cache(maxsize=2)
-def load_vae(name_or_path: str, device: str) -> Vae:
+def _load_vae(name_or_path: str, device: str, weights: str) -> Vae:
     from diffusers import AutoencoderKL
 
     validate_vae(name_or_path)
@@ -425,3 +470,4 @@ def clip_preprocess_cfg(arch: str, pretrained: str = "none") -> dict:
 
 
 load_clip.cache_clear = _load_clip.cache_clear  # type: ignore[attr-defined]  # (the demo CLIP is trained in place)
+load_vae.cache_clear = _load_vae.cache_clear  # type: ignore[attr-defined]

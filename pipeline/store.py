@@ -98,7 +98,8 @@ class Manifest:
     """``manifest.json``: what the store holds, as every writer records it and every reader checks it.
 
     ``latents`` is the codec's own description (``codec``, ``shape``, ``dtype``, ``lo``/``hi`` quantisation
-    constants, ``image_size``, and for ``vae`` the model and its ``scale``), kept as the codec wrote it.
+    constants, ``image_size``, and for ``vae`` the model, its ``scale`` and, where its folder was at hand, its
+    content's ``sha256``: `pipeline.encoders.vae_sha256`), kept as the codec wrote it.
     """
 
     identity: dict  # the settings that made the store; a rerun with others is refused

@@ -671,10 +671,10 @@ def test_text_encodings_are_each_captions_tokens(base, shards, clip):
 # ---------------------------------------------------------------- VAE latents and real weights
 
 
-def tiny_vae(path: Path) -> Path:
+def tiny_vae(path: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -687,6 +687,70 @@ def tiny_vae(path: Path) -> Path:
         sample_size=32,
     ).save_pretrained(path)
     return path
+
+
+def test_a_vae_is_known_by_its_content_a_folder_rewritten_in_place_is_refused_a_moved_one_continues(
+    shards, tmp_path, capsys
+):
+    """--vae was recorded by its path alone: a VAE fine-tuned and saved over the same folder continued the
+    store with rows of another latent space (and `sample` decoded with it), and a moved folder could not
+    continue it. The store now records the files' digest; every worker checks its copy against it."""
+    from jobs.render import vae_source
+    from pipeline import embed_shard
+    from pipeline.encoders import vae_sha256
+
+    vae_dir = tiny_vae(tmp_path / "vae")
+    digest, out = vae_sha256(str(vae_dir)), tmp_path / "store"
+    settings = [*TINY, "--latents", "vae", "--latent-size", "8", "--out", out]
+    assert embed("--shards", shards / "00002.tar", *settings, "--vae", vae_dir) == 0
+    m = store.load_manifest(out)
+    assert m["latents"]["sha256"] == m["identity"]["vae_sha256"] == digest and m["latents"]["vae"] == str(
+        vae_dir
+    )
+    assert vae_source(m["latents"]) == (str(vae_dir), digest)
+    moved = tmp_path / "moved"
+    shutil.copytree(vae_dir, moved)
+    (moved / "README.md").write_text("notes")  # not a file diffusers loads: the same VAE
+    assert embed("--shards", f"{shards}/0000[02].tar", *settings, "--vae", moved) == 0
+    assert store.done_shards(out) == ["00000", "00002"]
+    time.sleep(0.01)  # another mtime, as a real rewrite has
+    tiny_vae(vae_dir, seed=1)
+    capsys.readouterr()
+    assert embed("--shards", f"{shards}/0000[012].tar", *settings, "--vae", vae_dir) == 2
+    err = capsys.readouterr().err
+    assert f"vae: another VAE: the store's had sha256 {digest[:12]}..., {vae_dir} has" in err, err
+    assert store.done_shards(out) == ["00000", "00002"] and not store.is_done(out, "00001")
+    with pytest.raises(
+        UsageError, match=r"the VAE at .*vae \(sha256 \w{12}\.\.\.\) is not the one the store's latents"
+    ):
+        vae_source(m["latents"])
+    assert vae_source(m["latents"], str(moved)) == (str(moved), digest)  # --vae: where it lies now
+    params = embed_shard.ShardParams(
+        str(out),
+        "unclip-tiny",
+        "none",
+        0,
+        "cpu",
+        8,
+        "vae",
+        str(vae_dir),
+        False,
+        0,
+        m["latents"],
+        vae_sha256=digest,
+    )
+    with pytest.raises(
+        StageError, match=f"--vae {vae_dir} on dask worker host .* not the {digest[:12]}... the"
+    ):
+        embed_shard._models(params)
+    assert embed_shard._models(dataclasses.replace(params, vae=str(moved))).vae is not None
+    capsys.readouterr()  # a decoder trained on the store would preview its samples with the other VAE
+    assert main(["train-decoder", "--data", str(out), "--out", str(tmp_path / "dec"), "--device", "cpu"]) == 2
+    assert "is not the one the store's latents were made with" in capsys.readouterr().err
+    assert not (tmp_path / "dec").exists()
+    shutil.rmtree(vae_dir)
+    with pytest.raises(UsageError, match="made with is not at .*vae on this machine; put that folder"):
+        vae_source(m["latents"])
 
 
 def test_a_vae_hub_name_not_cached_is_one_line_when_the_hub_is_unreachable(monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,14 @@ import torch
 
 from jobs import checkpoint
 from jobs.cli import main
+from pipeline.errors import UsageError
 from tests.test_embed import tiny_vae
 
 pytest.importorskip("transformers")  # the export extra; `make install` installs it
 
 
 def tiny_decoder_checkpoint(
-    root: Path, vae_dir: Path | None, codec: str = "vae", space_to_depth: int = 1
+    root: Path, vae_dir: Path | None, codec: str = "vae", space_to_depth: int = 1, vae_digest: str = ""
 ) -> tuple[Path, object]:
     """A randomly initialised decoder (seed 0) saved the way train-decoder saves one, for a VAE-latents store."""
     from models.decoder import DiffusionDecoder, decoder_config
@@ -44,6 +46,8 @@ def tiny_decoder_checkpoint(
         if codec == "vae"
         else {"codec": "pixels", "shape": [3, 32, 32], "image_size": 32}
     )
+    if vae_digest:  # as stores record it since 2026-12-05
+        latents["sha256"] = vae_digest
     meta = {
         "task": "decoder",
         "config": {},
@@ -164,6 +168,41 @@ def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     else:
         assert not out.exists()
+
+
+def test_the_decoders_vae_is_checked_by_its_content_and_found_where_it_moved_with_vae(
+    exported, tmp_path, capsys
+):
+    """A VAE rewritten in place exported (and sampled) its new decoder with the old latents' UNet, without a
+    word. Refused in one line before anything is written; `--vae` takes the folder where it lies now."""
+    from types import SimpleNamespace
+
+    from jobs.sample import check_vae
+    from pipeline.encoders import vae_sha256
+
+    vae_dir = tiny_vae(tmp_path / "vae")  # the module's VAE (seed 0), at a folder of this test's own
+    digest = vae_sha256(str(vae_dir))
+    run, _ = tiny_decoder_checkpoint(tmp_path / "run", vae_dir, vae_digest=digest)
+    moved = tmp_path / "moved"
+    shutil.copytree(vae_dir, moved)
+    time.sleep(0.01)  # another mtime, as a real rewrite has
+    tiny_vae(vae_dir, seed=1)
+    out = tmp_path / "out"
+    assert main(["export", "--decoder", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and (
+        f"is not the one the store's latents were made with (sha256 {digest[:12]}...); pass that VAE's folder "
+        "with --vae" in err[0]
+    ), err
+    assert not out.exists()
+    assert main(["export", "--decoder", str(run), "--out", str(out), "--vae", str(moved)]) == 0
+    movq = "decoder/movq/diffusion_pytorch_model.safetensors"
+    assert (out / movq).read_bytes() == (exported[0] / "out" / movq).read_bytes()  # the first VAE's decoder
+    pixels = SimpleNamespace(decoder_meta={"store": {"latents": {"codec": "pixels"}}})
+    with pytest.raises(
+        UsageError, match="--vae x: the decoder was trained on 'pixels' latents, which need no VAE"
+    ):
+        check_vae(pixels, "x")
 
 
 def test_an_interrupted_exports_rerun_is_the_same_command(exported, tmp_path):
