@@ -244,9 +244,20 @@ def check_store(meta: dict, manifest: dict, data: str, latents: bool = False) ->
             f"{data} holds {have}-d ones ({manifest.get('clip', {}).get('arch')})"
         )
     if latents:
-        want, got = (trained.get("latents") or {}).get("shape"), (manifest.get("latents") or {}).get("shape")
-        if want != got:
-            raise UsageError(f"the checkpoint was trained on latents of shape {want}; {data} holds {got}")
+        then, now = trained.get("latents") or {}, manifest.get("latents") or {}
+        if then.get("shape") != now.get("shape"):
+            raise UsageError(
+                f"the checkpoint was trained on latents of shape {then.get('shape')}; {data} holds {now.get('shape')}"
+            )
+        if then.get("codec") != now.get("codec"):
+            raise UsageError(
+                f"the checkpoint was trained on '{then.get('codec')}' latents; {data} holds '{now.get('codec')}' ones"
+            )
+        if then.get("sha256") and now.get("sha256") and then["sha256"] != now["sha256"]:
+            raise UsageError(
+                f"the checkpoint was trained on latents of the VAE with sha256 {then['sha256'][:12]}...; {data} "
+                f"holds latents of another one (sha256 {now['sha256'][:12]}...)"
+            )
 
 
 def warn_if_other_split(meta: dict, order: str) -> None:

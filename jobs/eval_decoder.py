@@ -89,11 +89,12 @@ def agreement(emb: torch.Tensor, cond: torch.Tensor) -> dict[str, float]:
     }
 
 
-def _held_out(cfg: EvalDecoderConfig, codec: dict, fields: tuple[str, ...]) -> tuple[dict, list[dict]]:
+def _held_out(cfg: EvalDecoderConfig, fields: tuple[str, ...]) -> tuple[dict, list[dict]]:
     """Up to max_samples held-out rows: tensors and metadata rows, in the stream's order (shards in order,
     each shard's rows by key)."""
     full = checkpoint.read_meta(checkpoint.resolve(cfg.decoder))
-    checkpoint.check_store(full, load_store_manifest(cfg.data), cfg.data, latents=True)
+    manifest = load_store_manifest(cfg.data)
+    checkpoint.check_store(full, manifest, cfg.data, latents=True)
     meta = full["config"]
     stream = Stream(
         StreamConfig(
@@ -117,7 +118,8 @@ def _held_out(cfg: EvalDecoderConfig, codec: dict, fields: tuple[str, ...]) -> t
         if shard not in tables:
             tables[shard] = store.read_metadata(cfg.data, shard).to_pylist()
         rows.append(tables[shard][r])
-    b["latents"] = dequantize_torch(b["latents"], codec["lo"], codec["hi"])
+    own = manifest["latents"]  # --data's own range (another store of the same VAE fits its own)
+    b["latents"] = dequantize_torch(b["latents"], own["lo"], own["hi"])
     return b, rows
 
 
@@ -164,7 +166,7 @@ def run(cfg: EvalDecoderConfig) -> dict:
     check_steps(m, cfg.prior_steps, cfg.decoder_steps)
     check_vae(m, cfg.vae)
     codec = m.decoder_meta["store"]["latents"]
-    b, rows = _held_out(cfg, codec, ("img_emb", "latents"))
+    b, rows = _held_out(cfg, ("img_emb", "latents"))
     gen = torch.Generator().manual_seed(cfg.seed)
     cond = F.normalize(b["img_emb"].float(), dim=-1)
     # in --batch-size chunks, as text -> image is: --max-samples at once could exceed a GPU's memory

@@ -181,6 +181,10 @@ def run(cfg: ExportConfig) -> dict:
         raise UsageError("unclip export needs transformers: pip install -e '.[export]'") from None
     if not cfg.prior and not cfg.decoder:
         raise UsageError("unclip export needs --prior DIR, --decoder DIR or both")
+    if cfg.vae and not cfg.decoder:
+        raise UsageError(
+            f"--vae {cfg.vae}: the VAE is the decoder's; pass --decoder DIR with it, or leave it out"
+        )
     jobs = []
     if cfg.decoder:
         folder, meta = checkpoint.open_task(cfg.decoder, "decoder")

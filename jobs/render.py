@@ -20,26 +20,27 @@ from pipeline.errors import UsageError
 log = logging.getLogger(__name__)
 
 
-def vae_source(codec: dict, vae: str = "") -> tuple[str, str | None]:
+def vae_source(codec: dict, vae: str = "", fix: str = "") -> tuple[str, str | None]:
     """(where, sha256): the VAE a store's ``vae`` latents were made with, at the store's ``--vae`` or at ``vae``
-    (``--vae``: that folder, moved), checked against the sha256 the store recorded. Another VAE at that path
-    (one fine-tuned and saved over it) would decode every image wrong without a word. A UsageError says what
-    to do; a store made before the digest was recorded is taken by its path."""
+    (``--vae``: that folder, moved), checked against the sha256 the store recorded (a hub name not cached here
+    is fetched first). Another VAE at that path (one fine-tuned and saved over it) would decode every image
+    wrong without a word. A UsageError says what to do (``fix``: the command's own way, where it has no
+    ``--vae``); a store made before the digest was recorded is taken by its path."""
     from pipeline.encoders import vae_sha256
 
     path, want = vae or codec["vae"], codec.get("sha256")
-    got = vae_sha256(path)
+    got = vae_sha256(path, fetch=bool(want))
     if want:
         digest = f" (sha256 {want[:12]}...)"
         if got is None:
             raise UsageError(
                 f"the VAE the store's latents were made with is not at {path} on this machine; put that "
-                f"folder{digest} back there, or pass its new place with --vae"
+                f"folder{digest} back there, " + (fix or "or pass its new place with --vae")
             )
         if got != want:
             raise UsageError(
                 f"the VAE at {path} (sha256 {got[:12]}...) is not the one the store's latents were made "
-                f"with{digest}; pass that VAE's folder with --vae"
+                f"with{digest}; " + (fix or "pass that VAE's folder with --vae")
             )
     elif vae and vae != codec["vae"]:
         log.warning(

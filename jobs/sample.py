@@ -180,6 +180,12 @@ def attach_base(m: Models, base: str) -> Models:
         )
     lo, hi = b.cfg, m.decoder.cfg
     codec_b, codec_d = bm["store"]["latents"], m.decoder_meta["store"]["latents"]
+    if codec_b.get("sha256") and codec_d.get("sha256") and codec_b["sha256"] != codec_d["sha256"]:
+        raise UsageError(
+            f"--base was trained on latents of the VAE with sha256 {codec_b['sha256'][:12]}... and --decoder on "
+            f"another one's ({codec_d['sha256'][:12]}...); train both on the same store"
+        )
+    codec_b, codec_d = ({k: v for k, v in c.items() if k != "sha256"} for c in (codec_b, codec_d))
     if codec_b != codec_d or lo.latent_channels != hi.latent_channels or hi.latent_size % lo.latent_size:
         raise UsageError(
             f"--base makes {lo.latent_channels}x{lo.latent_size}x{lo.latent_size} {codec_b['codec']} latents, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,8 +77,9 @@ class DecoderTask(Task):
                 "(or `--latents vae --vae NAME_OR_PATH`) to train a decoder"
             )
         self.codec = codec
-        if codec["codec"] == "vae" and cfg.eval_every:  # evaluation decodes with it: checked before step 0
-            vae_source(codec)
+        # rank 0's evaluation decodes its pictures with the store's VAE: checked there before step 0
+        if codec["codec"] == "vae" and cfg.eval_every and int(os.environ.get("RANK", "0")) == 0:
+            vae_source(codec, fix="or train with --eval-every 0 (no evaluation pictures)")
         c, h, w = codec["shape"]
         if h != w:
             raise UsageError(f"the store's latents are {h}x{w}; the decoder needs square latents")
@@ -130,7 +132,11 @@ class DecoderTask(Task):
         recon = run.ema.sample(
             b["img_emb"].float(), steps=self.cfg.sample_steps, sampler=self.cfg.sampler, generator=gen
         )
-        images = [latents_to_images(x, self.codec, run.device) for x in (true, recon)]
+        try:
+            images = [latents_to_images(x, self.codec, run.device) for x in (true, recon)]
+        except UsageError as e:  # the VAE moved or was rewritten since step 0: the training goes on
+            log.warning("evaluation at step %d: no pictures: %s", step, e)
+            return {"samples": len(true), "recon_latent_mse": float(((recon - true.float()) ** 2).mean())}
         cols = min(8, len(true))
         grid = []
         for s in range(0, len(true), cols):  # a row of true images, then the same images reconstructed

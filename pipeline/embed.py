@@ -292,8 +292,10 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None)
             ) from e
     else:
         latents = calibrate_latents(cfg, shards, device)  # may still refuse: before anything is removed
-    if latents and latents["codec"] == "vae" and identity.get("vae_sha256"):
-        latents["sha256"] = identity["vae_sha256"]  # what `unclip sample` checks the folder against
+    if latents and latents["codec"] == "vae":  # what workers and `unclip sample` check the VAE against: this
+        # host's digest, or the calibrating worker's where this host has no copy (or a hub name was just fetched)
+        if digest := identity.get("vae_sha256") or latents.get("sha256"):
+            identity["vae_sha256"] = latents["sha256"] = digest
     manifest = store.Manifest.new(
         identity,
         store.ClipInfo(

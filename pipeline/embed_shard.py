@@ -88,6 +88,7 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
     from pipeline.encoders import load_vae, vae_encode, vae_sha256
 
     vae = load_vae(cfg.vae, device, weights=vae_sha256(cfg.vae) or "")
+    digest = vae_sha256(cfg.vae)  # a hub name is cached now that it is loaded: its digest too
     px = cfg.latent_size * vae.downsample
     xs, n = [], 0
     threads = decode_threads(cfg.decode_threads, device)
@@ -118,6 +119,7 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
         "lo": lo.tolist(),
         "hi": hi.tolist(),
         "fitted_on": min(n, cfg.calib_samples),
+        **({"sha256": digest} if digest else {}),
     }
     if device.startswith("cuda"):  # this (the client) process is done with the GPU: leave it to the workers
         del vae
@@ -270,34 +272,30 @@ def _clip_input_size(clip) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def _check_copy(flag: str, path: str, got: str | None, want: str, what: str) -> None:
+    """This worker's copy of a ``--pretrained`` file or ``--vae`` folder is the one the store was made with."""
+    if got != want:
+        mine = f"has sha256 {got[:12]}..." if got else "is not there"
+        raise StageError(
+            f"{flag} {path} on dask worker host {socket.gethostname()} {mine}; the store was made with sha256 "
+            f"{want[:12]}...; give every worker the same {what}"
+        )
+
+
 def _models(params: ShardParams) -> _Models:
     from pipeline.encoders import checkpoint_sha256, compiled, load_clip, load_vae, vae_sha256
 
     if want := params.pretrained_sha256:  # a node with another file at that path would mix two models' rows
-        got = checkpoint_sha256(params.pretrained)
-        if got != want:
-            raise StageError(
-                f"--pretrained {params.pretrained} on dask worker host {socket.gethostname()} "
-                + (
-                    f"has sha256 {got[:12]}..., not"
-                    if got
-                    else "is not a file there; the store was made with"
-                )
-                + f" the {want[:12]}... the store was made with; give every worker the same checkpoint file"
-            )
+        _check_copy(
+            "--pretrained", params.pretrained, checkpoint_sha256(params.pretrained), want, "checkpoint file"
+        )
     clip = load_clip(params.clip, params.pretrained, params.device, params.seed, weights=want or "")
     if params.compile:
         clip = compiled(clip)
     vae = None
     if params.latents == "vae":
         if want := params.vae_sha256:  # as for --pretrained: one VAE's latents in the whole store
-            got = vae_sha256(params.vae)
-            if got != want:
-                raise StageError(
-                    f"--vae {params.vae} on dask worker host {socket.gethostname()} "
-                    + (f"has sha256 {got[:12]}..., not" if got else "is not there; the store was made with")
-                    + f" the {want[:12]}... the store was made with; give every worker the same VAE"
-                )
+            _check_copy("--vae", params.vae, vae_sha256(params.vae, fetch=True), want, "VAE")
         vae = load_vae(params.vae, params.device, weights=want or "")
     tp = None
     if params.image_decode == "device":

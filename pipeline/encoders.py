@@ -9,6 +9,7 @@ architecture with random weights from a fixed seed. ``unclip-tiny`` is a small a
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -402,23 +403,60 @@ def vae_folder(name_or_path: str) -> str | None:
     return None
 
 
-def vae_sha256(name_or_path: str) -> str | None:
-    """The VAE's content: one sha256 over the name and sha256 of each file diffusers may load from its folder
-    (``config.json``, ``*.safetensors``, ``*.bin``). Stores record it beside ``--vae``: a folder may later hold
-    another VAE (one fine-tuned and saved over it), and the same VAE may move, or be a hub name's cached copy.
-    None when the folder is not here."""
+# the weights diffusers loads a model from, in its order of preference (safetensors, then torch's pickle)
+VAE_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.bin.index.json",
+)
+
+
+def vae_files(folder: str) -> list[str]:
+    """The files of ``folder`` diffusers builds the VAE from: ``config.json`` and the weights it prefers (a
+    sharded checkpoint's index and the shards it names); not the other copies a hub snapshot may hold."""
+    for name in VAE_WEIGHTS:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            shards = []
+            if name.endswith(".index.json"):
+                with open(path) as f:
+                    shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+            return ["config.json", name, *shards]
+    return ["config.json"]
+
+
+def fetch_vae(name: str) -> str:
+    """A hub name's config and weights into the local hub cache, as diffusers fetches them; the snapshot folder.
+    Unreachable, it is refused in one line (`validate_vae`)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    validate_vae(name)
+    config = hf_hub_download(name, "config.json")
+    for weights in VAE_WEIGHTS[::2]:  # the single-file forms; a sharded VAE is left to diffusers
+        try:
+            hf_hub_download(name, weights)
+            break
+        except EntryNotFoundError:
+            continue
+    return os.path.dirname(config)
+
+
+def vae_sha256(name_or_path: str, fetch: bool = False) -> str | None:
+    """The VAE's content: one sha256 over the name and sha256 of each file it is built from (`vae_files`).
+    Stores record it beside ``--vae``: a folder may later hold another VAE (one fine-tuned and saved over it),
+    and the same VAE may move, or be a hub name's cached copy. None when the folder is not here, unless
+    ``fetch``: then a hub name is fetched first (`fetch_vae`)."""
     folder = vae_folder(name_or_path)
+    if folder is None and fetch and HUB_NAME.fullmatch(name_or_path or ""):
+        folder = fetch_vae(name_or_path)
     if folder is None:
         return None
-    names = sorted(
-        n
-        for n in os.listdir(folder)
-        if (n == "config.json" or n.endswith((".safetensors", ".bin")))
-        and os.path.isfile(os.path.join(folder, n))
-    )
     h = hashlib.sha256()
-    for n in names:
-        h.update(f"{n}\0{file_sha256(os.path.join(folder, n))}\n".encode())
+    for n in vae_files(folder):
+        if os.path.isfile(os.path.join(folder, n)):
+            h.update(f"{n}\0{file_sha256(os.path.join(folder, n))}\n".encode())
     return h.hexdigest()
 
 

@@ -740,17 +740,82 @@ def test_a_vae_is_known_by_its_content_a_folder_rewritten_in_place_is_refused_a_
         vae_sha256=digest,
     )
     with pytest.raises(
-        StageError, match=f"--vae {vae_dir} on dask worker host .* not the {digest[:12]}... the"
+        StageError,
+        match=f"--vae {vae_dir} on dask worker host .* has sha256 \\w{{12}}...; the store was made with sha256 {digest[:12]}",
     ):
         embed_shard._models(params)
     assert embed_shard._models(dataclasses.replace(params, vae=str(moved))).vae is not None
+    gone = dataclasses.replace(params, vae=str(tmp_path / "gone"))
+    with pytest.raises(
+        StageError,
+        match=f"gone on dask worker host .* is not there; the store was made with sha256 {digest[:12]}...; give every worker the same VAE$",
+    ):
+        embed_shard._models(gone)
     capsys.readouterr()  # a decoder trained on the store would preview its samples with the other VAE
     assert main(["train-decoder", "--data", str(out), "--out", str(tmp_path / "dec"), "--device", "cpu"]) == 2
-    assert "is not the one the store's latents were made with" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        "is not the one the store's latents were made with" in err and "or train with --eval-every 0" in err
+    )
     assert not (tmp_path / "dec").exists()
     shutil.rmtree(vae_dir)
     with pytest.raises(UsageError, match="made with is not at .*vae on this machine; put that folder"):
         vae_source(m["latents"])
+
+
+def test_a_vaes_digest_is_of_the_files_diffusers_builds_it_from_and_a_hub_name_is_fetched_to_check_it(
+    tmp_path, monkeypatch
+):
+    """Every *.bin and *.safetensors used to count: a hub snapshot holding both weights forms (as
+    stabilityai/sd-vae-ft-mse does), or an fp16 variant beside the weights, was refused as another VAE. And a hub
+    name not cached on this machine was refused where it had to be fetched."""
+    import shutil
+
+    import huggingface_hub
+
+    from pipeline import encoders
+
+    vae_dir = tiny_vae(tmp_path / "vae")
+    digest = encoders.vae_sha256(str(vae_dir))
+    assert encoders.vae_files(str(vae_dir)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    both = tmp_path / "both"
+    shutil.copytree(vae_dir, both)
+    for extra in ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors", "README.md"):
+        (both / extra).write_bytes(b"other weights")
+    assert encoders.vae_sha256(str(both)) == digest
+    (both / "diffusion_pytorch_model.safetensors").unlink()  # then diffusers loads the .bin: another VAE
+    assert encoders.vae_files(str(both)) == ["config.json", "diffusion_pytorch_model.bin"]
+    assert encoders.vae_sha256(str(both)) != digest
+    (both / "diffusion_pytorch_model.bin").unlink()
+    (both / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps(
+            {"weight_map": {"a": "part-2.safetensors", "b": "part-1.safetensors", "c": "part-2.safetensors"}}
+        )
+    )
+    assert encoders.vae_files(str(both)) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors.index.json",
+        "part-1.safetensors",
+        "part-2.safetensors",
+    ]
+    remote = shutil.copytree(vae_dir, tmp_path / "remote")
+    (remote / "diffusion_pytorch_model.bin").write_bytes(b"the other form")
+    fetched = []
+
+    def download(repo, filename):  # the hub, as huggingface_hub fetches into its cache
+        fetched.append(filename)
+        if not (remote / filename).exists():
+            raise huggingface_hub.errors.EntryNotFoundError(filename)
+        dest = tmp_path / "cache" / repo / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(remote / filename, dest)
+        return str(dest)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(encoders, "validate_vae", lambda name: None)  # the hub answers
+    assert encoders.vae_sha256("unclip-test/not-cached") is None  # not asked to fetch: nothing is
+    assert encoders.vae_sha256("unclip-test/not-cached", fetch=True) == digest
+    assert fetched == ["config.json", "diffusion_pytorch_model.safetensors"]
 
 
 def test_a_vae_hub_name_not_cached_is_one_line_when_the_hub_is_unreachable(monkeypatch):
@@ -948,7 +1013,9 @@ def test_each_worker_checks_its_clip_checkpoint_and_a_rewritten_file_is_loaded_a
     a = embed_shard._models(params).clip.model.state_dict()
     time.sleep(0.01)  # another mtime, as a real rewrite has
     second = write(6)
-    with pytest.raises(StageError, match=f"has sha256 {second[:12]}..., not the {first[:12]}... the store"):
+    with pytest.raises(
+        StageError, match=f"has sha256 {second[:12]}...; the store was made with sha256 {first[:12]}...; give"
+    ):
         embed_shard._models(params)
     b = embed_shard._models(dataclasses.replace(params, pretrained_sha256=second)).clip.model.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the new file's weights, not the cached model's

@@ -198,6 +198,20 @@ def test_the_decoders_vae_is_checked_by_its_content_and_found_where_it_moved_wit
     assert main(["export", "--decoder", str(run), "--out", str(out), "--vae", str(moved)]) == 0
     movq = "decoder/movq/diffusion_pytorch_model.safetensors"
     assert (out / movq).read_bytes() == (exported[0] / "out" / movq).read_bytes()  # the first VAE's decoder
+    assert main(["export", "--prior", str(run), "--out", str(tmp_path / "o"), "--vae", str(moved)]) == 2
+    assert "the VAE is the decoder's; pass --decoder DIR with it" in capsys.readouterr().err
+    # eval-decoder --data: a held-out store of another codec or VAE is refused (its latents decode otherwise)
+    meta = {"store": {"clip": {"dim": 16}, "latents": {"codec": "vae", "shape": [4, 8, 8], "sha256": digest}}}
+    theirs = {"clip": {"dim": 16}, "latents": {"codec": "vae", "shape": [4, 8, 8]}}
+    checkpoint.check_store(meta, theirs, "other", latents=True)  # a store made before digests: by its shape
+    with pytest.raises(UsageError, match=r"other holds latents of another one \(sha256 bbbbbbbbbbbb...\)"):
+        checkpoint.check_store(
+            meta, {**theirs, "latents": {**theirs["latents"], "sha256": "b" * 64}}, "other", True
+        )
+    with pytest.raises(UsageError, match="trained on 'vae' latents; other holds 'pixels' ones"):
+        checkpoint.check_store(
+            meta, {**theirs, "latents": {"codec": "pixels", "shape": [4, 8, 8]}}, "other", True
+        )
     pixels = SimpleNamespace(decoder_meta={"store": {"latents": {"codec": "pixels"}}})
     with pytest.raises(
         UsageError, match="--vae x: the decoder was trained on 'pixels' latents, which need no VAE"
