@@ -253,10 +253,19 @@ def check_store(meta: dict, manifest: dict, data: str, latents: bool = False) ->
             raise UsageError(
                 f"the checkpoint was trained on '{then.get('codec')}' latents; {data} holds '{now.get('codec')}' ones"
             )
-        if then.get("sha256") and now.get("sha256") and then["sha256"] != now["sha256"]:
-            raise UsageError(
-                f"the checkpoint was trained on latents of the VAE with sha256 {then['sha256'][:12]}...; {data} "
-                f"holds latents of another one (sha256 {now['sha256'][:12]}...)"
+        if then.get("sha256") and now.get("sha256"):
+            if then["sha256"] != now["sha256"]:
+                raise UsageError(
+                    f"the checkpoint was trained on latents of the VAE with sha256 {then['sha256'][:12]}...; "
+                    f"{data} holds latents of another one (sha256 {now['sha256'][:12]}...)"
+                )
+        elif then.get("vae") != now.get("vae"):  # a store made before digests: its VAE is known by its path
+            log.warning(
+                "the checkpoint was trained on latents of the VAE %s and %s holds latents of %s: if that is another "
+                "VAE, its images are decoded wrong",
+                then.get("vae"),
+                data,
+                now.get("vae"),
             )
 
 

@@ -24,7 +24,7 @@ def vae_source(codec: dict, vae: str = "", fix: str = "") -> tuple[str, str | No
     """(where, sha256): the VAE a store's ``vae`` latents were made with, at the store's ``--vae`` or at ``vae``
     (``--vae``: that folder, moved), checked against the sha256 the store recorded (a hub name not cached here
     is fetched first). Another VAE at that path (one fine-tuned and saved over it) would decode every image
-    wrong without a word. A UsageError says what to do (``fix``: the command's own way, where it has no
+    wrong without a word. A UsageError says what to do (``fix``: the command's own advice, where it has no
     ``--vae``); a store made before the digest was recorded is taken by its path."""
     from pipeline.encoders import vae_sha256
 
@@ -34,8 +34,8 @@ def vae_source(codec: dict, vae: str = "", fix: str = "") -> tuple[str, str | No
         digest = f" (sha256 {want[:12]}...)"
         if got is None:
             raise UsageError(
-                f"the VAE the store's latents were made with is not at {path} on this machine; put that "
-                f"folder{digest} back there, " + (fix or "or pass its new place with --vae")
+                f"the VAE the store's latents were made with{digest} is not at {path} on this machine; "
+                + (fix or "put that folder back there, or pass its new place with --vae")
             )
         if got != want:
             raise UsageError(

@@ -79,7 +79,9 @@ class DecoderTask(Task):
         self.codec = codec
         # rank 0's evaluation decodes its pictures with the store's VAE: checked there before step 0
         if codec["codec"] == "vae" and cfg.eval_every and int(os.environ.get("RANK", "0")) == 0:
-            vae_source(codec, fix="or train with --eval-every 0 (no evaluation pictures)")
+            vae_source(
+                codec, fix="put that VAE back there, or train with --eval-every 0 (no evaluation pictures)"
+            )
         c, h, w = codec["shape"]
         if h != w:
             raise UsageError(f"the store's latents are {h}x{w}; the decoder needs square latents")
@@ -134,7 +136,10 @@ class DecoderTask(Task):
         )
         try:
             images = [latents_to_images(x, self.codec, run.device) for x in (true, recon)]
-        except UsageError as e:  # the VAE moved or was rewritten since step 0: the training goes on
+        except (
+            UsageError,
+            OSError,
+        ) as e:  # the VAE moved or was rewritten since step 0: the training goes on
             log.warning("evaluation at step %d: no pictures: %s", step, e)
             return {"samples": len(true), "recon_latent_mse": float(((recon - true.float()) ** 2).mean())}
         cols = min(8, len(true))

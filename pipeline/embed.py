@@ -292,9 +292,15 @@ def prepare_store(cfg: EmbedConfig, shards: list[str], device: str, client=None)
             ) from e
     else:
         latents = calibrate_latents(cfg, shards, device)  # may still refuse: before anything is removed
-    if latents and latents["codec"] == "vae":  # what workers and `unclip sample` check the VAE against: this
-        # host's digest, or the calibrating worker's where this host has no copy (or a hub name was just fetched)
-        if digest := identity.get("vae_sha256") or latents.get("sha256"):
+    if latents and latents["codec"] == "vae":  # what workers and `unclip sample` check the VAE against: the
+        # digest taken as the range was fitted (on a worker with --scheduler), else this host's
+        mine, fitted = identity.get("vae_sha256"), latents.get("sha256")
+        if mine and fitted and mine != fitted:
+            raise UsageError(
+                f"--vae {cfg.vae}: this host's copy has sha256 {mine[:12]}..., the dask worker that fitted the "
+                f"latent range has {fitted[:12]}...; give every host the same VAE"
+            )
+        if digest := fitted or mine:
             identity["vae_sha256"] = latents["sha256"] = digest
     manifest = store.Manifest.new(
         identity,

@@ -403,60 +403,74 @@ def vae_folder(name_or_path: str) -> str | None:
     return None
 
 
-# the weights diffusers loads a model from, in its order of preference (safetensors, then torch's pickle)
+# the weights diffusers (0.42) loads a model folder from, in its order of preference: a sharded safetensors
+# checkpoint's index, the single safetensors file, then torch's pickle
 VAE_WEIGHTS = (
-    "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.bin",
-    "diffusion_pytorch_model.bin.index.json",
 )
 
 
 def vae_files(folder: str) -> list[str]:
     """The files of ``folder`` diffusers builds the VAE from: ``config.json`` and the weights it prefers (a
-    sharded checkpoint's index and the shards it names); not the other copies a hub snapshot may hold."""
+    sharded checkpoint's index and the shards it names); not the other copies a hub snapshot may hold. Only
+    ``config.json`` when the folder holds no weights."""
     for name in VAE_WEIGHTS:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             shards = []
             if name.endswith(".index.json"):
-                with open(path) as f:
-                    shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+                try:
+                    with open(path) as f:
+                        shards = sorted(set(json.load(f)["weight_map"].values()))
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise UsageError(f"the VAE's {path} is damaged ({type(e).__name__}: {e})") from e
             return ["config.json", name, *shards]
     return ["config.json"]
 
 
 def fetch_vae(name: str) -> str:
     """A hub name's config and weights into the local hub cache, as diffusers fetches them; the snapshot folder.
-    Unreachable, it is refused in one line (`validate_vae`)."""
+    Refused in one line when the hub is unreachable (`validate_vae`) or the download fails."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     validate_vae(name)
-    config = hf_hub_download(name, "config.json")
-    for weights in VAE_WEIGHTS[::2]:  # the single-file forms; a sharded VAE is left to diffusers
-        try:
-            hf_hub_download(name, weights)
-            break
-        except EntryNotFoundError:
-            continue
+    try:
+        config = hf_hub_download(name, "config.json")
+        for weights in VAE_WEIGHTS[1:]:  # the single-file forms; a sharded VAE is left to diffusers
+            try:
+                hf_hub_download(name, weights)
+                break
+            except EntryNotFoundError:
+                continue
+    except (
+        Exception
+    ) as e:  # a mistyped or gated name, a server error, a timeout: huggingface_hub's and httpx's
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(f"VAE {name}: fetching it from the hub failed ({type(e).__name__}: {first})") from e
     return os.path.dirname(config)
 
 
 def vae_sha256(name_or_path: str, fetch: bool = False) -> str | None:
     """The VAE's content: one sha256 over the name and sha256 of each file it is built from (`vae_files`).
     Stores record it beside ``--vae``: a folder may later hold another VAE (one fine-tuned and saved over it),
-    and the same VAE may move, or be a hub name's cached copy. None when the folder is not here, unless
-    ``fetch``: then a hub name is fetched first (`fetch_vae`)."""
+    and the same VAE may move, or be a hub name's cached copy. None when the folder or its weights are not here
+    (a download cut short leaves a cached config alone), unless ``fetch``: then a hub name is fetched first
+    (`fetch_vae`)."""
     folder = vae_folder(name_or_path)
-    if folder is None and fetch and HUB_NAME.fullmatch(name_or_path or ""):
+    hub = bool(name_or_path) and not os.path.isdir(name_or_path) and HUB_NAME.fullmatch(name_or_path)
+    if fetch and hub and (folder is None or len(vae_files(folder)) == 1):
         folder = fetch_vae(name_or_path)
     if folder is None:
         return None
+    files = [n for n in vae_files(folder) if os.path.isfile(os.path.join(folder, n))]
+    if len(files) < 2:
+        return None
     h = hashlib.sha256()
-    for n in vae_files(folder):
-        if os.path.isfile(os.path.join(folder, n)):
-            h.update(f"{n}\0{file_sha256(os.path.join(folder, n))}\n".encode())
+    for n in files:
+        h.update(f"{n}\0{file_sha256(os.path.join(folder, n))}\n".encode())
     return h.hexdigest()
 
 

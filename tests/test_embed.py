@@ -754,12 +754,13 @@ def test_a_vae_is_known_by_its_content_a_folder_rewritten_in_place_is_refused_a_
     capsys.readouterr()  # a decoder trained on the store would preview its samples with the other VAE
     assert main(["train-decoder", "--data", str(out), "--out", str(tmp_path / "dec"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert (
-        "is not the one the store's latents were made with" in err and "or train with --eval-every 0" in err
-    )
+    assert "is not the one the store's latents were made with" in err
+    assert "; put that VAE back there, or train with --eval-every 0 (no evaluation pictures)" in err
     assert not (tmp_path / "dec").exists()
     shutil.rmtree(vae_dir)
-    with pytest.raises(UsageError, match="made with is not at .*vae on this machine; put that folder"):
+    with pytest.raises(
+        UsageError, match=r"made with \(sha256 \w{12}...\) is not at .*vae on this machine; put that"
+    ):
         vae_source(m["latents"])
 
 
@@ -786,8 +787,12 @@ def test_a_vaes_digest_is_of_the_files_diffusers_builds_it_from_and_a_hub_name_i
     (both / "diffusion_pytorch_model.safetensors").unlink()  # then diffusers loads the .bin: another VAE
     assert encoders.vae_files(str(both)) == ["config.json", "diffusion_pytorch_model.bin"]
     assert encoders.vae_sha256(str(both)) != digest
-    (both / "diffusion_pytorch_model.bin").unlink()
-    (both / "diffusion_pytorch_model.safetensors.index.json").write_text(
+    (both / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    index = both / "diffusion_pytorch_model.safetensors.index.json"  # diffusers prefers it to the single file
+    index.write_text("{not json")
+    with pytest.raises(UsageError, match="the VAE's .*index.json is damaged"):
+        encoders.vae_sha256(str(both))
+    index.write_text(
         json.dumps(
             {"weight_map": {"a": "part-2.safetensors", "b": "part-1.safetensors", "c": "part-2.safetensors"}}
         )
@@ -816,6 +821,20 @@ def test_a_vaes_digest_is_of_the_files_diffusers_builds_it_from_and_a_hub_name_i
     assert encoders.vae_sha256("unclip-test/not-cached") is None  # not asked to fetch: nothing is
     assert encoders.vae_sha256("unclip-test/not-cached", fetch=True) == digest
     assert fetched == ["config.json", "diffusion_pytorch_model.safetensors"]
+    only_config = tmp_path / "cut"  # a download cut short: the config alone is no VAE to take a digest of
+    only_config.mkdir()
+    shutil.copy(vae_dir / "config.json", only_config)
+    assert encoders.vae_sha256(str(only_config)) is None
+
+    def failing(repo, filename):  # e.g. httpx's, as a server error or timeout arrives
+        raise ConnectionError("503 Server Error.\nService Unavailable for url")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing)
+    with pytest.raises(
+        UsageError,
+        match=r"^VAE someone/typo: fetching it from the hub failed \(ConnectionError: 503 Server Error.\)$",
+    ):
+        encoders.vae_sha256("someone/typo", fetch=True)
 
 
 def test_a_vae_hub_name_not_cached_is_one_line_when_the_hub_is_unreachable(monkeypatch):
