@@ -67,6 +67,33 @@ def test_resume_is_exact(data, tmp_path):
     assert (tmp_path / "straight/loss.png").stat().st_size > 1000
 
 
+def test_an_evaluation_whose_pictures_cannot_be_decoded_keeps_its_latent_figures_and_the_run_goes_on(
+    data, tmp_path, monkeypatch, caplog
+):
+    """A VAE folder moved or rewritten after step 0 stopped a long training run at its next evaluation."""
+    from jobs import train_decoder
+    from pipeline.errors import UsageError
+
+    def moved(*a, **kw):
+        raise UsageError(
+            "the VAE the store's latents were made with is not at /vae on this machine; put it back"
+        )
+
+    monkeypatch.setattr(train_decoder, "latents_to_images", moved)
+    main(cfg_for(data, tmp_path, steps=4, eval_every=2, eval_samples=4, sample_steps=2))
+    evs = [
+        json.loads(x)["eval"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eval"' in x
+    ]
+    assert len(evs) == 2 and all(
+        set(e) == {"samples", "recon_latent_mse"} and e["recon_latent_mse"] > 0 for e in evs
+    )
+    assert (
+        "evaluation at step 2: no pictures: the VAE the store's latents were made with is not at /vae"
+        in caplog.text
+    )
+    assert (tmp_path / "ckpt/step_00000004").is_dir()
+
+
 def test_store_without_latents_and_bad_settings_are_one_line_errors(tmp_path, data, capsys):
     plain = tmp_path / "plain"
     make_store(plain, [64], dim=DIM)
