@@ -136,10 +136,8 @@ class DecoderTask(Task):
         )
         try:
             images = [latents_to_images(x, self.codec, run.device) for x in (true, recon)]
-        except (
-            UsageError,
-            OSError,
-        ) as e:  # the VAE moved or was rewritten since step 0: the training goes on
+        except (UsageError, OSError) as e:
+            # the VAE moved or was rewritten since step 0: the training goes on, without this evaluation's pictures
             log.warning("evaluation at step %d: no pictures: %s", step, e)
             return {"samples": len(true), "recon_latent_mse": float(((recon - true.float()) ** 2).mean())}
         cols = min(8, len(true))

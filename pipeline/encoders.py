@@ -445,9 +445,8 @@ def fetch_vae(name: str) -> str:
                 break
             except EntryNotFoundError:
                 continue
-    except (
-        Exception
-    ) as e:  # a mistyped or gated name, a server error, a timeout: huggingface_hub's and httpx's
+    except Exception as e:
+        # a mistyped or gated name, a server error, a timeout: huggingface_hub's and httpx's own exceptions
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UsageError(f"VAE {name}: fetching it from the hub failed ({type(e).__name__}: {first})") from e
     return os.path.dirname(config)
