@@ -867,7 +867,9 @@ def test_vae_by_hub_name_loads_from_the_hub_cache(tmp_path):
     assert run.returncode == 0 and run.stdout.split() == ["4", "2"], run.stderr[-2000:]
 
 
-def test_vae_latents_are_uint8_with_a_fitted_range_here_or_on_a_cluster_worker(shards, tmp_path, monkeypatch):
+def test_vae_latents_are_uint8_with_a_fitted_range_here_or_on_a_cluster_worker(
+    shards, tmp_path, monkeypatch, capsys
+):
     from pipeline.encoders import load_vae, vae_encode
 
     vae_dir = tiny_vae(tmp_path / "vae")
@@ -949,6 +951,27 @@ def test_vae_latents_are_uint8_with_a_fitted_range_here_or_on_a_cluster_worker(s
     # so a code may move by one step where a latent sits on a rounding boundary, never more
     cq = store.open_array(tmp_path / "cluster", "latents", "00002")
     assert cq.shape == q.shape and np.abs(cq.astype(int) - q.astype(int)).max() <= 1
+    # The VAE's digest is the one taken where the range was fitted: a client without the folder (a login node)
+    # still records it, and a client whose copy differs from the worker's is refused before anything is written
+    from pipeline.encoders import vae_sha256
+
+    mine = embed_stage.identity_of
+    blind = lambda c: {k: v for k, v in mine(c).items() if k != "vae_sha256"}  # noqa: E731
+    monkeypatch.setattr(embed_stage, "identity_of", blind)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        assert embed(*relative, "--out", tmp_path / "blind", "--scheduler", cluster.scheduler_address) == 0
+        monkeypatch.setattr(embed_stage, "identity_of", lambda c: {**mine(c), "vae_sha256": "f" * 64})
+        capsys.readouterr()
+        assert embed(*relative, "--out", tmp_path / "differs", "--scheduler", cluster.scheduler_address) == 2
+    m = store.load_manifest(tmp_path / "blind")
+    assert m["latents"]["sha256"] == m["identity"]["vae_sha256"] == vae_sha256(str(vae_dir))
+    err = capsys.readouterr().err
+    assert (
+        "this host's copy has sha256 ffffffffffff..., the dask worker that fitted the latent range has" in err
+    )
+    assert (
+        not store.done_shards(tmp_path / "differs") and not (tmp_path / "differs" / "manifest.json").exists()
+    )
 
 
 def test_clip_weights_from_a_checkpoint_path_and_its_content_not_its_path_is_the_stores(
