@@ -219,6 +219,26 @@ def test_the_decoders_vae_is_checked_by_its_content_and_found_where_it_moved_wit
         check_vae(pixels, "x")
 
 
+def test_a_two_stage_decoders_stages_are_compared_by_their_vaes_content(exported, tmp_path, monkeypatch):
+    """`sample --base` compared the two stores' codec descriptions whole: stages of two VAEs were refused as
+    latents that "do not upsample", and a store made before digests as another codec."""
+    from jobs import sample
+
+    monkeypatch.setattr(sample, "same_clip", lambda a, b: True)  # these checkpoints name no real CLIP
+    vae_dir = exported[1]
+    runs = {k: tiny_decoder_checkpoint(tmp_path / k, vae_dir, vae_digest=k * 64)[0] for k in ("a", "b")}
+    runs["old"] = tiny_decoder_checkpoint(tmp_path / "old", vae_dir)[0]  # its store recorded no digest
+    decoder, meta = sample.load_decoder(str(runs["a"]), "cpu")
+    m = sample.Models(None, decoder, None, {}, meta, "cpu")
+    with pytest.raises(
+        UsageError,
+        match=r"--base was trained on latents of the VAE with sha256 bbbbbbbbbbbb\.\.\. and --decoder on another "
+        r"one's \(aaaaaaaaaaaa\.\.\.\)",
+    ):
+        sample.attach_base(m, str(runs["b"]))
+    assert sample.attach_base(m, str(runs["old"])).base is not None
+
+
 def test_an_interrupted_exports_rerun_is_the_same_command(exported, tmp_path):
     """Ctrl-C says "rerun the same command": the checkpoint's own export already in place (the first of two
     folders) is redone without --overwrite, and the interrupted one's temporary folder goes."""
