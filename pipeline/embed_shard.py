@@ -87,8 +87,9 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
         return store.pixels_latents(cfg.latent_size)
     from pipeline.encoders import load_vae, vae_encode, vae_sha256
 
-    vae = load_vae(cfg.vae, device, weights=vae_sha256(cfg.vae) or "")
-    digest = vae_sha256(cfg.vae)  # a hub name is cached now that it is loaded: its digest too
+    digest = vae_sha256(cfg.vae)
+    vae = load_vae(cfg.vae, device, weights=digest or "")
+    digest = digest or vae_sha256(cfg.vae)  # a hub name is cached once loaded: its digest can be taken now
     px = cfg.latent_size * vae.downsample
     xs, n = [], 0
     threads = decode_threads(cfg.decode_threads, device)
