@@ -439,12 +439,16 @@ def fetch_vae(name: str) -> str:
     validate_vae(name)
     try:
         config = hf_hub_download(name, "config.json")
-        for weights in VAE_WEIGHTS[1:]:  # the single-file forms; a sharded VAE is left to diffusers
+        # diffusers' order: a sharded checkpoint's index (then each shard it names), else the single files
+        for weights in VAE_WEIGHTS:
             try:
-                hf_hub_download(name, weights)
-                break
+                got = hf_hub_download(name, weights)
             except EntryNotFoundError:
                 continue
+            if weights.endswith(".index.json"):
+                for shard in vae_files(os.path.dirname(got))[2:]:
+                    hf_hub_download(name, shard)
+            break
     except Exception as e:
         # a mistyped or gated name, a server error, a timeout: huggingface_hub's and httpx's own exceptions
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

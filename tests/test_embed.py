@@ -820,7 +820,26 @@ def test_a_vaes_digest_is_of_the_files_diffusers_builds_it_from_and_a_hub_name_i
     monkeypatch.setattr(encoders, "validate_vae", lambda name: None)  # the hub answers
     assert encoders.vae_sha256("unclip-test/not-cached") is None  # not asked to fetch: nothing is
     assert encoders.vae_sha256("unclip-test/not-cached", fetch=True) == digest
-    assert fetched == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert fetched == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors.index.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    sharded = remote.parent / "sharded"  # a sharded checkpoint: its index, then each shard the index names
+    sharded.mkdir()
+    shutil.copy(remote / "config.json", sharded)
+    shutil.copy(both / "diffusion_pytorch_model.safetensors.index.json", sharded)
+    for n in ("part-1.safetensors", "part-2.safetensors"):
+        (sharded / n).write_bytes(n.encode())
+    remote, fetched[:] = sharded, []
+    shards_digest = encoders.vae_sha256("unclip-test/sharded", fetch=True)
+    assert fetched == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors.index.json",
+        "part-1.safetensors",
+        "part-2.safetensors",
+    ]
+    assert shards_digest == encoders.vae_sha256(str(sharded)) != digest
     only_config = tmp_path / "cut"  # a download cut short: the config alone is no VAE to take a digest of
     only_config.mkdir()
     shutil.copy(vae_dir / "config.json", only_config)
