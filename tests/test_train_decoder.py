@@ -520,3 +520,27 @@ def test_prior_candidates_keep_the_draw_nearest_the_prompt(pair, capsys, tmp_pat
     assert cli(cmd + ["--prior-candidates", "0", "--out", str(tmp_path / "x.png")]) == 2
     assert "--prior-candidates must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_eval_decoder_dequantises_with_the_data_stores_own_range(pair, data, tmp_path):
+    """Another store of the same codec fits its own lo/hi (a VAE's range is fitted on each store's first
+    images): eval-decoder reads --data's uint8 latents back with --data's range, not the one the decoder was
+    trained with, else every latent it scores is shifted and scaled."""
+    import shutil
+
+    from jobs.eval_decoder import EvalDecoderConfig, _held_out
+
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["latents"]["lo"], manifest["latents"]["hi"] = [-2.0, -0.5, 0.0], [2.0, 0.5, 3.0]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    cfg = dict(decoder=str(pair / "decoder"), max_samples=8)
+    ours, rows = _held_out(EvalDecoderConfig(data=data, **cfg), ("latents",))
+    theirs, rows_other = _held_out(EvalDecoderConfig(data=str(other), **cfg), ("latents",))
+    assert rows == rows_other and len(rows) == 8
+    q = (ours["latents"] + 1) / 2  # back to [0, 1] from the trained store's [-1, 1]
+    lo = torch.tensor([-2.0, -0.5, 0.0]).view(1, 3, 1, 1)
+    hi = torch.tensor([2.0, 0.5, 3.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(theirs["latents"], lo + q * (hi - lo), atol=1e-5, rtol=0)
+    assert not torch.allclose(theirs["latents"], ours["latents"])
