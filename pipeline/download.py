@@ -28,7 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.errors import UsageError, by_kind
+from pipeline.errors import StageError, UsageError, by_kind
 from pipeline.store import check_out_folder, hold_folder, unwritable, write_json
 
 log = logging.getLogger(__name__)
@@ -353,15 +353,87 @@ def run(cfg: DownloadConfig) -> dict:
     expected = math.ceil(rows / cfg.samples_per_shard)
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else albumentations checks for updates online
-    from img2dataset import download  # heavy import (~10 s): after validation
-
     with hold_folder(cfg.out):  # one download writes a folder at a time
-        return _download(cfg, download, input_format, columns, rows, expected)
+        return _download(cfg, input_format, columns, rows, expected)
 
 
-def _download(
-    cfg: DownloadConfig, download, input_format: str, columns: list, rows: int, expected: int
-) -> dict:
+# How long an interrupted img2dataset gets to end itself before its processes are killed. Its own Ctrl-C
+# handler sometimes never returns: its pool's terminate waited forever on a queue's lock (py-spy: in
+# Pool._terminate_pool, SimpleQueue.put), the pool's workers already ended by the same Ctrl-C (1 of 8 runs of
+# the Ctrl-C test on a loaded 2-core VM).
+INTERRUPT_GRACE_S = 10.0
+
+
+def _img2dataset(kwargs: dict) -> None:
+    """The download itself, in a child process (`_run_img2dataset`)."""
+    try:
+        from img2dataset import download  # heavy import (~10 s)
+
+        download(**kwargs)
+    except KeyboardInterrupt:  # Ctrl-C before img2dataset installed its handler: the parent reports it
+        os._exit(130)
+
+
+def _run_img2dataset(kwargs: dict, grace_s: float = INTERRUPT_GRACE_S, target=_img2dataset) -> bool:
+    """Run img2dataset's `download` in a child process; True when it was interrupted (Ctrl-C, SIGINT).
+
+    A child, so that an interrupt always ends the run: the child and its own processes (img2dataset's pool and
+    logger) get the terminal's SIGINT with us (or ours, forwarded), have ``grace_s`` to end, and are then
+    killed. What a kill cuts short is what a resume redoes: a shard counts as finished only once its
+    stats file is written (`shard_stats` rebuilds one cut off mid-write)."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=target, args=(kwargs,), name="img2dataset")
+    try:
+        proc.start()
+        proc.join()
+    except KeyboardInterrupt:
+        _stop(proc, grace_s)
+        return True
+    if proc.exitcode != 0:
+        raise StageError(
+            f"img2dataset ended with exit code {proc.exitcode} (its error is above); "
+            "finished shards are kept: rerun the same command to finish"
+        )
+    return False
+
+
+def _stop(proc, grace_s: float) -> None:
+    """End an interrupted child: SIGINT (it may have had the terminal's already), ``grace_s`` to exit, then
+    SIGKILL to it and every process under it."""
+    import psutil
+
+    if proc.pid is None:  # interrupted before it started
+        return
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    if proc.is_alive():
+        os.kill(proc.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            break
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+            break
+    if proc.is_alive():
+        log.warning("download: img2dataset did not end %.0f s after the interrupt; killing it", grace_s)
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True) or tree
+        except psutil.NoSuchProcess:
+            pass
+        proc.kill()
+        proc.join()
+    for p in tree:  # its pool workers and logger, where the SIGINT did not end them
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _download(cfg: DownloadConfig, input_format: str, columns: list, rows: int, expected: int) -> dict:
     before = finished_shards(cfg.out)
     for shard in sorted(before):  # a stats file a kill cut off: rebuilt now, or refused before any download
         shard_stats(cfg.out, shard)
@@ -372,34 +444,30 @@ def _download(
     watcher = threading.Thread(target=_watch, args=(cfg.out, expected, len(before), stop), daemon=True)
     start = time.perf_counter()
     watcher.start()
-    interrupted = False
-    handler = signal.getsignal(signal.SIGINT)
     try:
-        download(
-            url_list=cfg.urls,
-            output_folder=cfg.out,
-            input_format=input_format,
-            output_format="webdataset",
-            url_col=cfg.url_col,
-            caption_col=cfg.caption_col,
-            save_additional_columns=extra,
-            image_size=cfg.image_size,
-            resize_mode=cfg.resize_mode,
-            number_sample_per_shard=cfg.samples_per_shard,
-            processes_count=cfg.processes,
-            thread_count=cfg.threads,
-            distributor=cfg.distributor,
-            timeout=cfg.timeout,
-            retries=cfg.retries,
-            encode_quality=cfg.encode_quality,
-            incremental_mode="incremental",
-            enable_wandb=False,
+        interrupted = _run_img2dataset(
+            dict(
+                url_list=cfg.urls,
+                output_folder=cfg.out,
+                input_format=input_format,
+                output_format="webdataset",
+                url_col=cfg.url_col,
+                caption_col=cfg.caption_col,
+                save_additional_columns=extra,
+                image_size=cfg.image_size,
+                resize_mode=cfg.resize_mode,
+                number_sample_per_shard=cfg.samples_per_shard,
+                processes_count=cfg.processes,
+                thread_count=cfg.threads,
+                distributor=cfg.distributor,
+                timeout=cfg.timeout,
+                retries=cfg.retries,
+                encode_quality=cfg.encode_quality,
+                incremental_mode="incremental",
+                enable_wandb=False,
+            )
         )
-    except (KeyboardInterrupt, SystemExit):
-        # img2dataset's SIGINT handler ends the run with sys.exit(0): an interrupt, not a success.
-        interrupted = True
     finally:
-        signal.signal(signal.SIGINT, handler)  # img2dataset leaves its handler installed
         stop.set()
         watcher.join()
     seconds = time.perf_counter() - start
