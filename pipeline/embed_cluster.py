@@ -44,8 +44,20 @@ def connect(cfg) -> tuple:
             processes=True,
             dashboard_address=None,
             silence_logs=logging.ERROR,
+            # `dask_setup` below, in each worker process as it starts (a restarted one too), after the user's own
+            preload=[*dask.config.get("distributed.worker.preload", []), __name__],
         )
     return Client(cluster), cluster
+
+
+def dask_setup(worker) -> None:
+    """A LocalCluster's worker process ignores Ctrl-C. The terminal sends SIGINT to the whole process group:
+    each worker used to die of it with a traceback of its own (and the read-ahead plugin's teardown error) above
+    the one line that says what to do, while this command, which gets it too, closes the cluster and so ends
+    them anyway."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def task_resources(cfg, device: str) -> dict | None:

@@ -1161,6 +1161,44 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path):
     }
 
 
+def test_ctrl_c_ends_the_run_in_one_line_and_the_same_command_finishes_it(tmp_path):
+    """Ctrl-C reaches the whole process group. Each LocalCluster worker died of it with a traceback of its own
+    (and the read-ahead plugin's teardown error), some 40 lines above the one that says what to do; now the
+    workers ignore it and this command closes them."""
+    d = tmp_path / "shards"
+    for s in range(12):
+        write_tar(d / f"{s:05d}.tar", good_samples(s, list(range(32))))
+    args = ["--shards", d, *TINY]
+    out, ref = tmp_path / "store", tmp_path / "ref"
+    proc = subprocess.Popen(
+        [PY, "-m", "jobs.cli", "embed", *map(str, args), "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not list((out / "done").glob("*.json")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = err.decode()
+    assert proc.returncode == 130, text[-3000:]
+    assert text.rstrip().endswith("unclip embed: interrupted; rerun the same command to continue"), text[
+        -3000:
+    ]
+    assert "Traceback" not in text and "ERROR" not in text, text[-3000:]
+    assert 1 <= len(store.done_shards(out)) < 12
+    assert embed(*args, "--out", out) == 0 and embed(*args, "--out", ref) == 0
+    got, want = files_of(out), files_of(ref)
+    assert sorted(got) == sorted(want) and [k for k in want if got[k] != want[k] and "logs" not in k] == []
+
+
 def test_a_resume_with_another_batch_size_says_the_store_is_no_longer_byte_identical(tmp_path, caplog):
     """Batch size, device, image decode and --compile are not the store's identity, so a resume with others was
     accepted in silence and its shards differed from an uninterrupted run's by float rounding."""
