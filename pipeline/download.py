@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -364,73 +365,120 @@ def run(cfg: DownloadConfig) -> dict:
 INTERRUPT_GRACE_S = 10.0
 
 
-def _img2dataset(kwargs: dict) -> None:
-    """The download itself, in a child process (`_run_img2dataset`)."""
-    try:
-        from img2dataset import download  # heavy import (~10 s)
+def _img2dataset(download: str, kwargs: dict, started) -> None:
+    """The download itself, in a child process (`_run_img2dataset`): ``download`` ("module:function",
+    img2dataset's) called with ``kwargs``. ``started`` (a shared double) gets the wall-clock time the download
+    starts at, after the import, so that the summary's rate leaves the import out."""
+    import importlib
 
-        download(**kwargs)
-    except KeyboardInterrupt:  # Ctrl-C before img2dataset installed its handler: the parent reports it
+    _end_with_parent()
+    try:
+        module, name = download.split(":")
+        fn = getattr(importlib.import_module(module), name)  # img2dataset: a heavy import (~10 s)
+        started.value = time.time()
+        fn(**kwargs)
+    except (KeyboardInterrupt, SystemExit):  # img2dataset's Ctrl-C handler ends with sys.exit(0)
         os._exit(130)
 
 
-def _run_img2dataset(kwargs: dict, grace_s: float = INTERRUPT_GRACE_S, target=_img2dataset) -> bool:
-    """Run img2dataset's `download` in a child process; True when it was interrupted (Ctrl-C, SIGINT).
-
-    A child, so that an interrupt always ends the run: the child and its own processes (img2dataset's pool and
-    logger) get the terminal's SIGINT with us (or ours, forwarded), have ``grace_s`` to end, and are then
-    killed. What a kill cuts short is what a resume redoes: a shard counts as finished only once its
-    stats file is written (`shard_stats` rebuilds one cut off mid-write)."""
+def _end_with_parent() -> None:
+    """When the parent dies (killed, or ended by SIGTERM), this child and the processes under it end too: else
+    img2dataset would go on downloading unwatched, outside the parent's hold on ``--out``."""
     import multiprocessing
 
-    proc = multiprocessing.get_context("spawn").Process(target=target, args=(kwargs,), name="img2dataset")
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        from multiprocessing.connection import wait
+
+        wait([parent.sentinel])
+        for p in psutil.Process().children(recursive=True):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+
+
+def _run_img2dataset(
+    kwargs: dict, grace_s: float = INTERRUPT_GRACE_S, download: str = "img2dataset:download"
+) -> tuple[bool, float]:
+    """Run img2dataset's `download` in a child process: (whether it was interrupted (Ctrl-C, SIGINT), the
+    wall-clock time the download started at, after the child's imports; 0.0 when it never did).
+
+    A child, so that an interrupt always ends the run: the child and its own processes (img2dataset's pool and
+    logger) get the terminal's SIGINT with us (or ours, forwarded), have ``grace_s`` to end (a second Ctrl-C
+    cuts that short), and are then killed. What a kill cuts short is what a resume redoes: a shard counts as
+    finished only once its stats file is written (`shard_stats` rebuilds one cut off mid-write)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    started = ctx.Value("d", 0.0, lock=False)
+    proc = ctx.Process(target=_img2dataset, args=(download, kwargs, started), name="img2dataset")
     try:
         proc.start()
         proc.join()
     except KeyboardInterrupt:
         _stop(proc, grace_s)
-        return True
+        return True, started.value
+    if proc.exitcode == 130:  # img2dataset's own handler ran: a SIGINT sent to the child alone
+        return True, started.value
     if proc.exitcode != 0:
+        how = (
+            f"was killed by signal {-proc.exitcode}"
+            if proc.exitcode < 0
+            else f"ended with exit code {proc.exitcode}"
+        )
         raise StageError(
-            f"img2dataset ended with exit code {proc.exitcode} (its error is above); "
+            f"img2dataset {how}{' (its error is above)' if proc.exitcode > 0 else ''}; "
             "finished shards are kept: rerun the same command to finish"
         )
-    return False
+    return False, started.value
 
 
 def _stop(proc, grace_s: float) -> None:
     """End an interrupted child: SIGINT (it may have had the terminal's already), ``grace_s`` to exit, then
-    SIGKILL to it and every process under it."""
-    import psutil
-
-    if proc.pid is None:  # interrupted before it started
-        return
+    SIGKILL to it and every process under it. A further Ctrl-C meanwhile only cuts the wait short: it must not
+    leave the child running, as multiprocessing would then wait for it at exit."""
+    again = threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: again.set()) if main else None
+    tree: list = []
     try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    if proc.is_alive():
-        os.kill(proc.pid, signal.SIGINT)
-    deadline = time.monotonic() + grace_s
-    while True:
+        if proc.pid is None:  # interrupted before it started
+            return
         try:
-            proc.join(max(0.0, deadline - time.monotonic()))
-            break
-        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
-            break
-    if proc.is_alive():
-        log.warning("download: img2dataset did not end %.0f s after the interrupt; killing it", grace_s)
-        try:
-            tree = psutil.Process(proc.pid).children(recursive=True) or tree
-        except psutil.NoSuchProcess:
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
             pass
-        proc.kill()
-        proc.join()
-    for p in tree:  # its pool workers and logger, where the SIGINT did not end them
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGINT)
+        deadline = time.monotonic() + grace_s
+        while proc.is_alive() and time.monotonic() < deadline and not again.is_set():
+            proc.join(0.05)
+    finally:
+        if proc.pid is not None and proc.is_alive():
+            why = (
+                "a second Ctrl-C" if again.is_set() else f"it did not end {grace_s:.0f} s after the interrupt"
+            )
+            log.warning("download: killing img2dataset (%s)", why)
+            try:
+                tree = psutil.Process(proc.pid).children(recursive=True) or tree
+            except psutil.Error:
+                pass
+            proc.kill()
+            proc.join()
+        for p in tree:  # its pool workers and logger, where the SIGINT did not end them
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _download(cfg: DownloadConfig, input_format: str, columns: list, rows: int, expected: int) -> dict:
@@ -445,7 +493,7 @@ def _download(cfg: DownloadConfig, input_format: str, columns: list, rows: int, 
     start = time.perf_counter()
     watcher.start()
     try:
-        interrupted = _run_img2dataset(
+        interrupted, started = _run_img2dataset(
             dict(
                 url_list=cfg.urls,
                 output_folder=cfg.out,
@@ -470,7 +518,7 @@ def _download(cfg: DownloadConfig, input_format: str, columns: list, rows: int, 
     finally:
         stop.set()
         watcher.join()
-    seconds = time.perf_counter() - start
+    seconds = time.time() - started if started else time.perf_counter() - start  # from the download's start
     summary = summarize(cfg.out, finished_shards(cfg.out) - before, seconds, rows, expected)
     summary["config"] = asdict(cfg)
     summary["interrupted"] = interrupted

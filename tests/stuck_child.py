@@ -1,8 +1,9 @@
-"""Stand-ins for img2dataset in `pipeline.download`'s child process (`tests/test_download.py`): importable by a
+"""Stand-ins for img2dataset's `download` in `pipeline.download`'s child process (`tests/test_download.py`): importable by a
 spawned child, and light to import."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -10,20 +11,26 @@ import time
 from pathlib import Path
 
 
-def ignores_ctrl_c(kwargs: dict) -> None:
+def ignores_ctrl_c(**kwargs) -> None:
     """A download whose Ctrl-C handling never returns, as img2dataset's pool terminate sometimes does: SIGINT is
     ignored, and a process of its own (a pool worker's stand-in) runs under it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)",
-        ]
-    )
-    Path(kwargs["ready"]).write_text(f"{worker.pid}\n")
+    code = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(600)"
+    worker = subprocess.Popen([sys.executable, "-c", code])
+    Path(kwargs["ready"]).write_text(f"{os.getpid()} {worker.pid}\n")
     time.sleep(600)
 
 
-def fails(kwargs: dict) -> None:
+def exits_on_ctrl_c(**kwargs) -> None:
+    """As img2dataset's handler does: sys.exit(0) on SIGINT."""
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    Path(kwargs["ready"]).write_text(f"{os.getpid()}\n")
+    time.sleep(600)
+
+
+def fails(**kwargs) -> None:
     raise ValueError("img2dataset refused the input")
+
+
+def is_killed(**kwargs) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would end it

@@ -402,40 +402,100 @@ def test_failure_reasons_that_name_their_url_are_counted_as_one_kind(tmp_path, c
     assert lines[-1].split()[:3] == [str(sum(list(reasons.values())[10:])), "...", "41"]
 
 
-def test_an_interrupt_ends_a_download_whose_ctrl_c_handler_hangs(tmp_path):
+def _wait_ready(ready: Path) -> list[int]:
+    deadline = time.monotonic() + 60
+    while not ready.exists() or not ready.read_text().endswith("\n"):
+        assert time.monotonic() < deadline, "the stand-in never started"
+        time.sleep(0.02)
+    return [int(p) for p in ready.read_text().split()]
+
+
+def _gone(*pids: int, within: float = 10.0) -> bool:
+    import psutil
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_an_interrupt_ends_a_download_whose_ctrl_c_handler_hangs(tmp_path, presses):
     """img2dataset's own Ctrl-C handling hung about once in eight interrupted runs (its pool's terminate blocked
     on a queue lock), so `unclip download` never exited. The download runs in a child: after an interrupt it
     and every process under it have the grace period to end, then are killed, and the run reports the
-    interrupt."""
-    import psutil
+    interrupt. A second Ctrl-C cuts the wait short, and does not escape with the child still running (the
+    process would then hang at exit, waiting for it)."""
+    import threading
 
     from pipeline.download import _run_img2dataset
-    from tests.stuck_child import ignores_ctrl_c
 
     ready = tmp_path / "ready"
 
     def interrupt_when_ready():
-        while not ready.exists() or not ready.read_text().endswith("\n"):
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, as the CLI's main thread gets it
-
-    import threading
+        _wait_ready(ready)
+        for _ in range(presses):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, as the CLI's main thread gets it
+            time.sleep(0.3)
 
     threading.Thread(target=interrupt_when_ready, daemon=True).start()
     start = time.monotonic()
-    assert _run_img2dataset({"ready": str(ready)}, grace_s=1.0, target=ignores_ctrl_c) is True
-    assert time.monotonic() - start < 60
-    worker = int(ready.read_text())
-    deadline = time.monotonic() + 10
-    while psutil.pid_exists(worker) and psutil.Process(worker).status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < deadline, "the child's own process outlived the kill"
-        time.sleep(0.05)
+    grace = 1.0 if presses == 1 else 60.0
+    assert _run_img2dataset({"ready": str(ready)}, grace, "tests.stuck_child:ignores_ctrl_c")[0] is True
+    assert time.monotonic() - start < 30
+    assert _gone(*_wait_ready(ready)), "the child or its own process outlived the kill"
 
 
-def test_a_download_child_that_fails_is_a_stage_error(tmp_path):
+def test_a_download_child_ends_when_its_parent_is_killed(tmp_path):
+    """A child left behind by a killed `unclip download` went on downloading unwatched, outside the parent's
+    hold on --out (a rerun meanwhile raced it over img2dataset's temporary files)."""
+    import psutil
+
+    ready = tmp_path / "ready"
+    code = (
+        "from pipeline.download import _run_img2dataset\n"
+        f"_run_img2dataset({{'ready': {str(ready)!r}}}, download='tests.stuck_child:ignores_ctrl_c')\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    child, worker = _wait_ready(ready)
+    try:
+        assert psutil.Process(child).ppid() == parent.pid
+        parent.kill()  # SIGKILL: no handler of the parent runs
+        parent.wait()
+        assert _gone(child, worker), "the child or its own process outlived its parent"
+    finally:
+        for pid in (child, worker):
+            if psutil.pid_exists(pid):
+                psutil.Process(pid).kill()
+
+
+def test_a_sigint_to_the_download_child_alone_is_an_interrupt(tmp_path):
+    """img2dataset's handler ends its process with sys.exit(0): the run is reported interrupted, not finished."""
+    import threading
+
+    from pipeline.download import _run_img2dataset
+
+    ready = tmp_path / "ready"
+    threading.Thread(target=lambda: os.kill(_wait_ready(ready)[0], signal.SIGINT), daemon=True).start()
+    before = time.time()
+    interrupted, started = _run_img2dataset(
+        {"ready": str(ready)}, download="tests.stuck_child:exits_on_ctrl_c"
+    )
+    assert interrupted is True and before < started < time.time()
+
+
+@pytest.mark.parametrize(
+    "stand_in, message",
+    [
+        ("fails", r"^img2dataset ended with exit code 1 \(its error is above\); .*rerun the same command"),
+        ("is_killed", r"^img2dataset was killed by signal 9; .*rerun the same command"),
+    ],
+)
+def test_a_download_child_that_fails_is_a_stage_error(stand_in, message):
     from pipeline.download import _run_img2dataset
     from pipeline.errors import StageError
-    from tests.stuck_child import fails
 
-    with pytest.raises(StageError, match="img2dataset ended with exit code 1 .*rerun the same command"):
-        _run_img2dataset({}, target=fails)
+    with pytest.raises(StageError, match=message):
+        _run_img2dataset({}, download=f"tests.stuck_child:{stand_in}")
