@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jobs.config import add_dataclass_args, build_config
-from pipeline.errors import StageError, UsageError
+from pipeline.errors import StageError, Stopped, UsageError
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"unclip {args.command}: interrupted; {cmd.on_interrupt}", file=sys.stderr)
         return 130
+    except Stopped as e:
+        print(f"unclip {args.command}: stopped by SIGTERM: {e}; {cmd.on_interrupt}", file=sys.stderr)
+        return 143
     if cmd.report:
         _resolve(cmd.report)(report)
     elif report is not None and args.command != "demo":

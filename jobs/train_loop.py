@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
@@ -30,7 +32,7 @@ from tqdm import tqdm
 from jobs import checkpoint, distributed, metrics
 from pipeline import store
 from pipeline.encoders import resolve_device
-from pipeline.errors import StageError, UsageError
+from pipeline.errors import StageError, Stopped, UsageError
 from pipeline.stream import VAL_FRACTION, Stream, StreamConfig
 
 log = logging.getLogger(__name__)
@@ -558,7 +560,31 @@ def _shard_ids(out: Path, names: list[str], rank: int) -> torch.Tensor:
     return torch.tensor([where[n] for n in names], dtype=torch.long)
 
 
+@contextlib.contextmanager
+def _sigterm_flag():
+    """An Event that SIGTERM sets while the block runs, in place of dying: a batch scheduler's notice (SLURM's
+    at the time limit or on preemption, torchrun's when it stops its ranks) that a SIGKILL follows. The loop
+    then checkpoints the step it is on and stops. Only the main thread can take signals; elsewhere the Event is
+    never set and SIGTERM keeps its default."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> dict:
+    with _sigterm_flag() as sigterm:
+        return _loop_until(model, stream, start, run, sigterm)
+
+
+def _loop_until(
+    model: torch.nn.Module, stream: Stream, start: int, run: RunState, sigterm: threading.Event
+) -> dict:
     cfg, rank = run.cfg, run.rank
     metrics_file = run.out / "metrics.jsonl"
     rows_path = run.out / f"rows_rank{rank}.pt"
@@ -571,6 +597,7 @@ def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> 
     name = f"train-{run.task.name}"
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=name, disable=rank != 0)
     run.model.train()
+    stopped = 0  # the step a SIGTERM stopped the run after (checkpointed), if one did
     for step in bar:
         b = next(batches)
         if rows_log is not None:
@@ -594,15 +621,23 @@ def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> 
             report_eval = run.task.evaluate(run, done)
             if report_eval is not None:
                 metrics.append(metrics_file, {"step": done, "eval": report_eval})
-        if done == end or (cfg.save_every and done % cfg.save_every == 0):
+        # Every rank stops after the same step (one may have had the signal a step later): the flag is agreed on.
+        stop = distributed.mean_over_ranks(float(sigterm.is_set()), run.world, run.device) > 0
+        if done == end or stop or (cfg.save_every and done % cfg.save_every == 0):
             if rows_log:  # before the checkpoint (whose RNG gather waits for every rank's): a resume from it
                 buf = io.BytesIO()  # always finds the rows of every step before it
                 torch.save(torch.cat(rows_log), buf)
                 store.atomic_write(rows_path, buf.getvalue())
             _save(done, run)
+        if stop and done < end:
+            stopped = done
+            break
+    bar.close()
     distributed.record_weight_digests(run.model, run.rank, run.world, run.out)
     if rank == 0:
         metrics.plot_loss(metrics_file, run.out / "loss.png", name, run.task.loss_label)
+    if stopped:
+        raise Stopped(f"{name} stopped after step {stopped} of {end}, checkpointed in {run.ckpt_dir}")
     elapsed = time.perf_counter() - t0
     return {
         "steps": end,

@@ -20,6 +20,11 @@ class StageError(Exception):
     """A stage started but could not finish (e.g. a diverged loss); the CLI exits 1 with this message."""
 
 
+class Stopped(Exception):
+    """A stage stopped on SIGTERM (a batch scheduler's notice before its SIGKILL) once its progress was saved;
+    the CLI exits 143 (128 + SIGTERM, as a shell reports a process SIGTERM ended) with this message."""
+
+
 # Failure messages often name the one URL, host or object they are about (img2dataset's "unknown url type:
 # 'a/b.png'", urllib3's "HTTPSConnectionPool(host='x.org', ...)", PIL's "<_io.BytesIO object at 0x7f..>"):
 # counted as they are, a run over millions of samples summarised millions of one-off reasons.

@@ -523,3 +523,89 @@ def test_resume_names_a_model_setting_the_checkpoint_has_and_this_run_lacks():
     meta = {"task": "prior", "model": {"dim": 64, "depth": 2, "heads": 4}}
     with pytest.raises(UsageError, match="model config differs from this run.s in heads$"):
         _check_resume(meta, run)
+
+
+def _wait_for_metrics(out, proc, timeout=120):
+    import time
+
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no metrics within {timeout} s (exit code {proc.poll()})")
+
+
+def test_sigterm_checkpoints_the_step_it_is_on_and_the_resume_is_exact(data, tmp_path):
+    """A batch scheduler's SIGTERM (SLURM's at the time limit or on preemption) killed the run: the steps since
+    the last checkpoint (up to --save-every of them) were lost. Now the run checkpoints the step it is on,
+    exits 143 saying to --resume, and the resume goes on as if it had never stopped."""
+    import signal
+
+    steps = dict(steps=400, save_every=1000, log_every=5)
+    out = tmp_path / "run"
+    args = ["--data", data, "--out", str(out), "--batch-size", "32", "--eval-every", "0", "--steps", "400"]
+    args += ["--save-every", "1000", "--log-every", "5", "--warmup-steps", "5", "--val-fraction", "0.1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "train-prior", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for_metrics(out, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = err.decode().strip().splitlines()[-1]
+    assert proc.returncode == 143, err.decode()[-3000:]
+    stopped = checkpoint.read_meta(checkpoint.resolve(out))["step"]
+    assert 5 <= stopped < 400
+    assert last == (
+        f"unclip train-prior: stopped by SIGTERM: train-prior stopped after step {stopped} of 400, checkpointed in "
+        f"{out / 'ckpt'}; rerun it with --resume to continue from the last checkpoint"
+    )
+    main(cfg_for(data, out, stop_after=stopped + 3, resume=True, **steps))
+    main(cfg_for(data, tmp_path / "straight", stop_after=stopped + 3, **steps))
+    at = f"ckpt/step_{stopped + 3:08d}"
+    assert weights(out / at) == weights(tmp_path / "straight" / at)
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_checkpointed_step(data, tmp_path):
+    """Under torchrun the ranks must agree on the step they stop after: the checkpoint's RNG gather is a
+    collective, and a rank that went on alone would wait in the next step's gradient all-reduce forever."""
+    import signal
+
+    import psutil
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--data", data, "--out", str(tmp_path), "--steps", "400", "--batch-size", "16", "--save-every"]
+    args += ["1000", "--log-every", "5", "--eval-every", "0", "--device", "cpu"]
+    proc = subprocess.Popen(
+        [*TORCHRUN2, "-m", "jobs.cli", "train-prior", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for_metrics(tmp_path, proc, timeout=240)
+        ranks = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "jobs.cli" in " ".join(p.cmdline())
+        ]
+        assert len(ranks) == 2
+        ranks[1].send_signal(signal.SIGTERM)  # one rank only: the other learns it from the flag's all-reduce
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # a hang: the ranks too, not only torchrun
+            for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                p.kill()
+            proc.wait()
+    text = err.decode()
+    assert proc.returncode != 0 and text.count("unclip train-prior: stopped by SIGTERM") == 2, text[-3000:]
+    meta = checkpoint.read_meta(checkpoint.resolve(tmp_path))
+    assert meta["world_size"] == 2 and 5 <= meta["step"] < 400
+    digests = json.loads((tmp_path / "weights_by_rank.json").read_text())
+    assert len(digests) == 2 and digests[0] == digests[1]
