@@ -7,8 +7,11 @@ settle ``--device``: `cluster_device` asks each worker how many CUDA devices it 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 
 from pipeline.errors import UsageError
 
@@ -37,27 +40,74 @@ def connect(cfg) -> tuple:
     # to torch instead.
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.workers)
     environ = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        cluster = LocalCluster(
-            n_workers=cfg.workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-            # `dask_setup` below, in each worker process as it starts (a restarted one too), after the user's own
-            preload=[*dask.config.get("distributed.worker.preload", []), __name__],
-        )
-    return Client(cluster), cluster
+    cluster = None
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), _ctrl_c_deferred():
+            cluster = LocalCluster(
+                n_workers=cfg.workers,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+                **_with_our_preload(),
+            )
+        return Client(cluster), cluster  # a Ctrl-C during the start arrives by here
+    except BaseException:
+        if cluster is not None:
+            cluster.close()
+        raise
+
+
+def _with_our_preload() -> dict:
+    """The workers' preloads: the user's own (dask's config takes a name or a list, and argv for all of them or
+    one list each), then `dask_setup` below, run in each worker process as it starts (a restarted one too)."""
+    import dask
+
+    preload = dask.config.get("distributed.worker.preload", None) or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    argv = dask.config.get("distributed.worker.preload-argv", None) or []
+    if argv and not isinstance(argv[0], str):  # one list each: ours takes none
+        return {"preload": [*preload, __name__], "preload_argv": [*argv, []]}
+    return {"preload": [*preload, __name__]}
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """A Ctrl-C while the block starts the cluster is taken once the cluster is whole, and closed (`connect`):
+    one that landed inside LocalCluster's start left a half-made cluster for dask's exit hook, which failed on
+    it (`AssertionError: Status.init`). A worker process that a Ctrl-C finds still importing, before
+    `dask_setup` runs, still dies with a traceback (and the start then fails: an interrupt all the same)."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal is the main thread's
+        yield
+        return
+    pressed = []
+    before = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        yield
+    except BaseException:
+        if pressed:  # e.g. "Nanny failed to start": the same Ctrl-C ended a worker as it started
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def dask_setup(worker) -> None:
     """A LocalCluster's worker process ignores Ctrl-C. The terminal sends SIGINT to the whole process group:
     each worker used to die of it with a traceback of its own (and the read-ahead plugin's teardown error) above
     the one line that says what to do, while this command, which gets it too, closes the cluster and so ends
-    them anyway."""
-    import signal
-
+    them anyway. Nor does it log its heartbeats that fail as that close takes the scheduler down first (a
+    traceback each, when the Ctrl-C finds the worker busy warming its models): its scheduler lives in this
+    command's process, so one gone is never news to the user."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("distributed.worker").addFilter(_NoFailedHeartbeats())
+
+
+class _NoFailedHeartbeats(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to communicate with scheduler during heartbeat")
 
 
 def task_resources(cfg, device: str) -> dict | None:

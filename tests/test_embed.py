@@ -1161,6 +1161,35 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path):
     }
 
 
+def test_our_worker_preload_comes_after_the_users_in_every_form_dask_takes():
+    """dask's config takes a preload as one name or a list, and its argv as one list for every preload or a
+    list each: the first form was split into characters ("No module named 'u'") and the last refused for
+    mismatched lengths, so that a user's own preload stopped the cluster's start."""
+    import dask
+
+    from pipeline import embed_cluster
+
+    ours = embed_cluster.__name__
+    cases = [
+        ({}, {"preload": [ours]}),
+        ({"distributed.worker.preload": "userpre"}, {"preload": ["userpre", ours]}),
+        ({"distributed.worker.preload": ["a", "b"]}, {"preload": ["a", "b", ours]}),
+        (
+            {"distributed.worker.preload": ["a"], "distributed.worker.preload-argv": ["--x", "1"]},
+            {"preload": ["a", ours]},  # one argv for every preload: ours is no click command and ignores it
+        ),
+        (
+            {"distributed.worker.preload": ["a", "b"], "distributed.worker.preload-argv": [["--x"], []]},
+            {"preload": ["a", "b", ours], "preload_argv": [["--x"], [], []]},
+        ),
+    ]
+    for config, want in cases:
+        with dask.config.set(
+            {"distributed.worker.preload": [], "distributed.worker.preload-argv": [], **config}
+        ):
+            assert embed_cluster._with_our_preload() == want, config
+
+
 def test_ctrl_c_ends_the_run_in_one_line_and_the_same_command_finishes_it(tmp_path):
     """Ctrl-C reaches the whole process group. Each LocalCluster worker died of it with a traceback of its own
     (and the read-ahead plugin's teardown error), some 40 lines above the one that says what to do; now the
