@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 
 # How long a rank waits in a collective. Rank 0 evaluates alone while the others wait in the next one (the
-# checkpoint's RNG gather): NCCL's default of 10 minutes would end a run whose evaluation takes longer (a large
-# --eval-samples, a VAE decode). A rank that dies still ends the run at once: torchrun stops the others.
+# step's SIGTERM flag, `train_loop._agreed`): NCCL's default of 10 minutes would end a run whose evaluation takes
+# longer (a large --eval-samples, a VAE decode). A rank that dies still ends the run: torchrun sends the others
+# SIGTERM, which a rank waiting in a collective cannot act on, then SIGKILL after its --shutdown-timeout (30 s).
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=1)
 
 

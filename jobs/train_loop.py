@@ -560,21 +560,41 @@ def _shard_ids(out: Path, names: list[str], rank: int) -> torch.Tensor:
     return torch.tensor([where[n] for n in names], dtype=torch.long)
 
 
+class _Flag:
+    """Set by a signal handler: a plain attribute, as a handler may run inside any Python code, an
+    Event's own lock included."""
+
+    def __init__(self) -> None:
+        self.set = False
+
+
 @contextlib.contextmanager
 def _sigterm_flag():
-    """An Event that SIGTERM sets while the block runs, in place of dying: a batch scheduler's notice (SLURM's
-    at the time limit or on preemption, torchrun's when it stops its ranks) that a SIGKILL follows. The loop
-    then checkpoints the step it is on and stops. Only the main thread can take signals; elsewhere the Event is
-    never set and SIGTERM keeps its default."""
-    flag = threading.Event()
+    """A flag that SIGTERM sets while the block runs, in place of dying: a batch scheduler's notice (SLURM's at
+    the time limit or on preemption, torchrun's when it stops its ranks) that a SIGKILL follows. The loop then
+    checkpoints the step it is on and stops. A second SIGTERM has its default effect again: a rank that cannot
+    get back to the loop (stuck in a collective with a dead peer) can still be ended by it. Only the main thread
+    can take signals; elsewhere the flag is never set and SIGTERM keeps its default."""
+    flag = _Flag()
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+
+    def on_sigterm(*_):
+        flag.set = True
+        signal.signal(signal.SIGTERM, previous)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield flag
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _agreed(sigterm: _Flag, run: RunState) -> bool:
+    """Whether any rank has had SIGTERM (every rank calls this at the same point)."""
+    return distributed.mean_over_ranks(float(sigterm.set), run.world, run.device) > 0
 
 
 def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> dict:
@@ -582,9 +602,7 @@ def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> 
         return _loop_until(model, stream, start, run, sigterm)
 
 
-def _loop_until(
-    model: torch.nn.Module, stream: Stream, start: int, run: RunState, sigterm: threading.Event
-) -> dict:
+def _loop_until(model: torch.nn.Module, stream: Stream, start: int, run: RunState, sigterm: _Flag) -> dict:
     cfg, rank = run.cfg, run.rank
     metrics_file = run.out / "metrics.jsonl"
     rows_path = run.out / f"rows_rank{rank}.pt"
@@ -622,13 +640,14 @@ def _loop_until(
             if report_eval is not None:
                 metrics.append(metrics_file, {"step": done, "eval": report_eval})
         # Every rank stops after the same step (one may have had the signal a step later): the flag is agreed on.
-        stop = distributed.mean_over_ranks(float(sigterm.is_set()), run.world, run.device) > 0
+        stop = _agreed(sigterm, run)
         if done == end or stop or (cfg.save_every and done % cfg.save_every == 0):
             if rows_log:  # before the checkpoint (whose RNG gather waits for every rank's): a resume from it
                 buf = io.BytesIO()  # always finds the rows of every step before it
                 torch.save(torch.cat(rows_log), buf)
                 store.atomic_write(rows_path, buf.getvalue())
             _save(done, run)
+            stop = stop or _agreed(sigterm, run)  # a SIGTERM during the save: stop on it, not one step on
         if stop and done < end:
             stopped = done
             break

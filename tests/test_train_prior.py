@@ -609,3 +609,35 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_checkpointed_step(d
     assert meta["world_size"] == 2 and 5 <= meta["step"] < 400
     digests = json.loads((tmp_path / "weights_by_rank.json").read_text())
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_a_second_sigterm_has_its_default_effect_and_one_during_a_save_stops_on_that_save(
+    data, tmp_path, monkeypatch
+):
+    """A rank stuck in a collective never gets back to the loop to act on the flag: a second SIGTERM must end
+    it. And a SIGTERM during a periodic save stopped the run only after one more step and a second full
+    checkpoint, inside the scheduler's kill window."""
+    import signal
+
+    from jobs import train_loop
+    from pipeline.errors import Stopped
+
+    before = signal.getsignal(signal.SIGTERM)
+    with train_loop._sigterm_flag() as flag:
+        assert signal.getsignal(signal.SIGTERM) is not before and not flag.set
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.set and signal.getsignal(signal.SIGTERM) is before  # the next one: the default again
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    save = train_loop._save
+
+    def save_then_sigterm(step, run):
+        save(step, run)
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train_loop, "_save", save_then_sigterm)
+    with pytest.raises(Stopped, match="stopped after step 10 of 20"):
+        main(cfg_for(data, tmp_path, save_every=5))
+    assert checkpoint.read_meta(checkpoint.resolve(tmp_path))["step"] == 10
+    assert signal.getsignal(signal.SIGTERM) is before
