@@ -11,6 +11,7 @@ shows progress, and summarises the result.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -18,6 +19,7 @@ import math
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -377,8 +379,11 @@ def _img2dataset(download: str, kwargs: dict, started) -> None:
         fn = getattr(importlib.import_module(module), name)  # img2dataset: a heavy import (~10 s)
         started.value = time.time()
         fn(**kwargs)
-    except (KeyboardInterrupt, SystemExit):  # img2dataset's Ctrl-C handler ends with sys.exit(0)
-        os._exit(130)
+    except (KeyboardInterrupt, SystemExit) as e:  # img2dataset's Ctrl-C handler ends with sys.exit(0)
+        code = getattr(e, "code", 0)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130 if code in (0, None) else code if isinstance(code, int) else 1)
 
 
 def _end_with_parent() -> None:
@@ -413,18 +418,31 @@ def _run_img2dataset(
     A child, so that an interrupt always ends the run: the child and its own processes (img2dataset's pool and
     logger) get the terminal's SIGINT with us (or ours, forwarded), have ``grace_s`` to end (a second Ctrl-C
     cuts that short), and are then killed. What a kill cuts short is what a resume redoes: a shard counts as
-    finished only once its stats file is written (`shard_stats` rebuilds one cut off mid-write)."""
+    finished only once its stats file is written (`shard_stats` rebuilds one cut off mid-write).
+
+    While the child lives, SIGINT here only counts presses (no KeyboardInterrupt can leave the child running
+    for multiprocessing's exit hook to wait on), and the processes under it are noted every second, so that
+    those of a child that dies are ended too (they would be orphans, out of reach)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     started = ctx.Value("d", 0.0, lock=False)
     proc = ctx.Process(target=_img2dataset, args=(download, kwargs, started), name="img2dataset")
-    try:
-        proc.start()
-        proc.join()
-    except KeyboardInterrupt:
-        _stop(proc, grace_s)
-        return True, started.value
+    presses: list[float] = []
+    tree: list = []
+    with _counting_ctrl_c(presses):
+        try:
+            proc.start()
+            noted = 0.0
+            while proc.is_alive() and not presses:
+                if time.monotonic() - noted > 1.0:
+                    tree, noted = _tree(proc) or tree, time.monotonic()
+                proc.join(0.05)
+            if presses:
+                _stop(proc, grace_s, presses, tree)
+                return True, started.value
+        finally:
+            _kill(proc, tree)  # what is left: a child that died by a signal, or an exception here
     if proc.exitcode == 130:  # img2dataset's own handler ran: a SIGINT sent to the child alone
         return True, started.value
     if proc.exitcode != 0:
@@ -440,45 +458,56 @@ def _run_img2dataset(
     return False, started.value
 
 
-def _stop(proc, grace_s: float) -> None:
-    """End an interrupted child: SIGINT (it may have had the terminal's already), ``grace_s`` to exit, then
-    SIGKILL to it and every process under it. A further Ctrl-C meanwhile only cuts the wait short: it must not
-    leave the child running, as multiprocessing would then wait for it at exit."""
-    again = threading.Event()
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda *_: again.set()) if main else None
-    tree: list = []
+@contextlib.contextmanager
+def _counting_ctrl_c(presses: list):
+    """SIGINT appends its time to ``presses`` while the block runs, in place of raising KeyboardInterrupt. Only
+    the main thread takes signals (elsewhere nothing changes), and a handler installed outside Python cannot be
+    put back, so then nothing changes either."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda *_: presses.append(time.monotonic()))
     try:
-        if proc.pid is None:  # interrupted before it started
-            return
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _tree(proc) -> list:
+    """The processes under ``proc`` now (none once it has gone)."""
+    try:
+        return psutil.Process(proc.pid).children(recursive=True) if proc.pid else []
+    except psutil.Error:
+        return []
+
+
+def _kill(proc, tree: list) -> None:
+    """SIGKILL to ``proc`` if it still runs, and to each process of ``tree`` (noted while it ran) still there."""
+    if proc.pid is not None and proc.is_alive():
+        tree = _tree(proc) or tree
+        proc.kill()
+        proc.join()
+    for p in tree:
         try:
-            tree = psutil.Process(proc.pid).children(recursive=True)
+            p.kill()  # psutil checks it is the process noted, not another given its pid since
         except psutil.Error:
             pass
-        if proc.is_alive():
-            os.kill(proc.pid, signal.SIGINT)
-        deadline = time.monotonic() + grace_s
-        while proc.is_alive() and time.monotonic() < deadline and not again.is_set():
-            proc.join(0.05)
-    finally:
-        if proc.pid is not None and proc.is_alive():
-            why = (
-                "a second Ctrl-C" if again.is_set() else f"it did not end {grace_s:.0f} s after the interrupt"
-            )
-            log.warning("download: killing img2dataset (%s)", why)
-            try:
-                tree = psutil.Process(proc.pid).children(recursive=True) or tree
-            except psutil.Error:
-                pass
-            proc.kill()
-            proc.join()
-        for p in tree:  # its pool workers and logger, where the SIGINT did not end them
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        if main:
-            signal.signal(signal.SIGINT, previous)
+
+
+def _stop(proc, grace_s: float, presses: list, tree: list) -> None:
+    """End an interrupted child: SIGINT (it may have had the terminal's already), ``grace_s`` to exit, then
+    SIGKILL to it and every process under it (`_run_img2dataset`'s ``finally``). A second Ctrl-C cuts the wait
+    short."""
+    tree[:] = _tree(proc) or tree
+    if proc.is_alive():
+        os.kill(proc.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    while proc.is_alive() and time.monotonic() < deadline and len(presses) < 2:
+        proc.join(0.05)
+    if proc.is_alive():
+        why = "a second Ctrl-C" if len(presses) > 1 else f"it did not end {grace_s:.0f} s after the interrupt"
+        log.warning("download: killing img2dataset (%s)", why)
 
 
 def _download(cfg: DownloadConfig, input_format: str, columns: list, rows: int, expected: int) -> dict:

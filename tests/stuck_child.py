@@ -34,3 +34,16 @@ def fails(**kwargs) -> None:
 
 def is_killed(**kwargs) -> None:
     os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would end it
+
+
+def dies_leaving_a_worker(**kwargs) -> None:
+    """Killed (as by the OOM killer) while a process of its own (a pool worker's stand-in) runs on."""
+    code = "import time; time.sleep(600)"
+    worker = subprocess.Popen([sys.executable, "-c", code])
+    Path(kwargs["ready"]).write_text(f"{os.getpid()} {worker.pid}\n")
+    time.sleep(2.5)  # the parent notes the processes under it every second
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exits_with(**kwargs) -> None:
+    sys.exit(kwargs["code"])

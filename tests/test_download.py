@@ -487,15 +487,33 @@ def test_a_sigint_to_the_download_child_alone_is_an_interrupt(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "stand_in, message",
+    "stand_in, kwargs, message",
     [
-        ("fails", r"^img2dataset ended with exit code 1 \(its error is above\); .*rerun the same command"),
-        ("is_killed", r"^img2dataset was killed by signal 9; .*rerun the same command"),
+        (
+            "fails",
+            {},
+            r"^img2dataset ended with exit code 1 \(its error is above\); .*rerun the same command",
+        ),
+        ("is_killed", {}, r"^img2dataset was killed by signal 9; .*rerun the same command"),
+        ("exits_with", {"code": 3}, r"^img2dataset ended with exit code 3 "),  # not taken for an interrupt
     ],
 )
-def test_a_download_child_that_fails_is_a_stage_error(stand_in, message):
+def test_a_download_child_that_fails_is_a_stage_error(stand_in, kwargs, message):
     from pipeline.download import _run_img2dataset
     from pipeline.errors import StageError
 
     with pytest.raises(StageError, match=message):
-        _run_img2dataset({}, download=f"tests.stuck_child:{stand_in}")
+        _run_img2dataset(kwargs, download=f"tests.stuck_child:{stand_in}")
+
+
+def test_the_processes_of_a_download_child_that_was_killed_are_ended_too(tmp_path):
+    """Killed by a signal (the OOM killer), the child left img2dataset's pool workers and logger running as
+    orphans, out of the command's reach and after it had let go of --out."""
+    from pipeline.download import _run_img2dataset
+    from pipeline.errors import StageError
+
+    ready = tmp_path / "ready"
+    with pytest.raises(StageError, match="killed by signal 9"):
+        _run_img2dataset({"ready": str(ready)}, download="tests.stuck_child:dies_leaving_a_worker")
+    child, worker = _wait_ready(ready)
+    assert _gone(worker), "the killed child's own process was left running"
