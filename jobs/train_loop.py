@@ -561,30 +561,41 @@ def _shard_ids(out: Path, names: list[str], rank: int) -> torch.Tensor:
 
 
 class _Flag:
-    """Set by a signal handler: a plain attribute, as a handler may run inside any Python code, an
-    Event's own lock included."""
+    """Set by a signal handler: plain attributes, as a handler may run inside any Python code, an Event's own
+    lock included."""
 
     def __init__(self) -> None:
         self.set = False
+        self.at = 0.0  # when the first SIGTERM came (time.monotonic())
+
+
+# SIGTERMs within this many seconds of the first are the same notice: under SLURM every process of the step gets
+# one, torchrun included, which passes its own on to each rank a few milliseconds later.
+SIGTERM_REPEAT_S = 5.0
 
 
 @contextlib.contextmanager
 def _sigterm_flag():
     """A flag that SIGTERM sets while the block runs, in place of dying: a batch scheduler's notice (SLURM's at
     the time limit or on preemption, torchrun's when it stops its ranks) that a SIGKILL follows. The loop then
-    checkpoints the step it is on and stops. A second SIGTERM has its default effect again: a rank that cannot
-    get back to the loop (stuck in a collective with a dead peer) can still be ended by it. Only the main thread
-    can take signals; elsewhere the flag is never set and SIGTERM keeps its default."""
+    checkpoints the step it is on and stops. A SIGTERM more than SIGTERM_REPEAT_S after the first has the
+    previous handler's effect (the default: the end), so that a rank that cannot get back to the loop (stuck in
+    a collective with a dead peer) can still be ended. Only the main thread takes signals, and a handler
+    installed outside Python cannot be put back: in either case the flag is never set and nothing changes."""
     flag = _Flag()
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
         yield flag
         return
 
     def on_sigterm(*_):
-        flag.set = True
-        signal.signal(signal.SIGTERM, previous)
+        now = time.monotonic()
+        if not flag.set:
+            flag.set, flag.at = True, now
+        elif now - flag.at > SIGTERM_REPEAT_S:
+            signal.signal(signal.SIGTERM, previous)
+            signal.raise_signal(signal.SIGTERM)
 
-    previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield flag

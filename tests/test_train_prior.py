@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -572,9 +573,11 @@ def test_sigterm_checkpoints_the_step_it_is_on_and_the_resume_is_exact(data, tmp
     assert weights(out / at) == weights(tmp_path / "straight" / at)
 
 
-def test_sigterm_to_one_rank_stops_every_rank_after_the_same_checkpointed_step(data, tmp_path):
+@pytest.mark.parametrize("to", ["rank 1", "every process"])
+def test_sigterm_under_torchrun_stops_every_rank_after_the_same_checkpointed_step(data, tmp_path, to):
     """Under torchrun the ranks must agree on the step they stop after: the checkpoint's RNG gather is a
-    collective, and a rank that went on alone would wait in the next step's gradient all-reduce forever."""
+    collective, and a rank that went on alone would wait in the next step's gradient all-reduce forever. SLURM
+    signals every process of the step, torchrun included, which passes its own on: each rank gets two."""
     import signal
 
     import psutil
@@ -596,7 +599,13 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_checkpointed_step(d
             if "jobs.cli" in " ".join(p.cmdline())
         ]
         assert len(ranks) == 2
-        ranks[1].send_signal(signal.SIGTERM)  # one rank only: the other learns it from the flag's all-reduce
+        if to == "rank 1":
+            ranks[1].send_signal(
+                signal.SIGTERM
+            )  # one rank only: the other learns it from the flag's all-reduce
+        else:  # as slurmstepd does
+            for p in (psutil.Process(proc.pid), *ranks):
+                p.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:  # a hang: the ranks too, not only torchrun
@@ -611,23 +620,35 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_checkpointed_step(d
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
-def test_a_second_sigterm_has_its_default_effect_and_one_during_a_save_stops_on_that_save(
+def test_a_repeated_sigterm_is_the_same_notice_a_later_one_ends_and_one_during_a_save_stops_on_it(
     data, tmp_path, monkeypatch
 ):
-    """A rank stuck in a collective never gets back to the loop to act on the flag: a second SIGTERM must end
-    it. And a SIGTERM during a periodic save stopped the run only after one more step and a second full
+    """Under SLURM, torchrun and each rank get SIGTERM, and torchrun passes its own on: every rank had two a few
+    milliseconds apart, and the second killed it before its checkpoint. A SIGTERM well after the first still has
+    the previous handler's effect (by default the end: a rank stuck in a collective never gets back to the
+    loop). And a SIGTERM during a periodic save stopped the run only after one more step and a second full
     checkpoint, inside the scheduler's kill window."""
     import signal
 
     from jobs import train_loop
     from pipeline.errors import Stopped
 
-    before = signal.getsignal(signal.SIGTERM)
-    with train_loop._sigterm_flag() as flag:
-        assert signal.getsignal(signal.SIGTERM) is not before and not flag.set
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.set and signal.getsignal(signal.SIGTERM) is before  # the next one: the default again
-    assert signal.getsignal(signal.SIGTERM) is before
+    got = []
+    before = signal.signal(signal.SIGTERM, lambda *_: got.append("previous"))  # a stand-in for the default
+    try:
+        with train_loop._sigterm_flag() as flag:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # the same notice, by another path
+            assert flag.set and got == []
+            monkeypatch.setattr(train_loop, "SIGTERM_REPEAT_S", 0.0)
+            time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)  # a later one: the previous handler's
+            time.sleep(0.01)
+            assert got == ["previous"]
+        assert got == ["previous"] and signal.getsignal(signal.SIGTERM) is not None
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    monkeypatch.setattr(train_loop, "SIGTERM_REPEAT_S", 5.0)
 
     save = train_loop._save
 
