@@ -75,18 +75,29 @@ def _with_our_preload() -> dict:
 def _ctrl_c_deferred():
     """A Ctrl-C while the block starts the cluster is taken once the cluster is whole, and closed (`connect`):
     one that landed inside LocalCluster's start left a half-made cluster for dask's exit hook, which failed on
-    it (`AssertionError: Status.init`). A worker process that a Ctrl-C finds still importing, before
-    `dask_setup` runs, still dies with a traceback (and the start then fails: an interrupt all the same)."""
-    if threading.current_thread() is not threading.main_thread():  # signal.signal is the main thread's
+    it (`AssertionError: Status.init`). A second Ctrl-C is taken at once (a start that hangs). A worker process
+    that a Ctrl-C finds still importing, before `dask_setup` runs, still dies with a traceback (and the start
+    then fails: an interrupt all the same, its error logged). Only the main thread takes signals, and a handler
+    installed outside Python cannot be put back: in either case nothing changes."""
+    before = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or before is None:
         yield
         return
     pressed = []
-    before = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+
+    def on_sigint(*_):
+        pressed.append(True)
+        if len(pressed) > 1:
+            signal.signal(signal.SIGINT, before)
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         yield
-    except BaseException:
+    except Exception as e:
         if pressed:  # e.g. "Nanny failed to start": the same Ctrl-C ended a worker as it started
-            raise KeyboardInterrupt from None
+            log.warning("the dask cluster's start, interrupted, failed: %s: %s", type(e).__name__, e)
+            raise KeyboardInterrupt from e
         raise
     finally:
         signal.signal(signal.SIGINT, before)

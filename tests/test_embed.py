@@ -1190,6 +1190,36 @@ def test_our_worker_preload_comes_after_the_users_in_every_form_dask_takes():
             assert embed_cluster._with_our_preload() == want, config
 
 
+def test_a_ctrl_c_while_the_cluster_starts_is_taken_once_it_has_and_a_second_at_once():
+    """One that landed inside LocalCluster's start left a half-made cluster for dask's exit hook to fail on."""
+    from pipeline.embed_cluster import _ctrl_c_deferred
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            finished.append("the start")  # not cut short
+    assert finished == ["the start"]
+    with pytest.raises(KeyboardInterrupt) as caught:
+        with _ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            raise RuntimeError("Nanny failed to start.")  # the same Ctrl-C ended a worker
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)  # a start that hangs: the second is taken at once
+            time.sleep(0.05)
+            finished.append("after the second")
+    assert finished == ["the start"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(ValueError):  # no Ctrl-C: the start's own error
+        with _ctrl_c_deferred():
+            raise ValueError("port in use")
+
+
 def test_ctrl_c_ends_the_run_in_one_line_and_the_same_command_finishes_it(tmp_path):
     """Ctrl-C reaches the whole process group. Each LocalCluster worker died of it with a traceback of its own
     (and the read-ahead plugin's teardown error), some 40 lines above the one that says what to do; now the
