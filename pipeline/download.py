@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -381,9 +382,19 @@ def _img2dataset(download: str, kwargs: dict, started) -> None:
         fn(**kwargs)
     except (KeyboardInterrupt, SystemExit) as e:  # img2dataset's Ctrl-C handler ends with sys.exit(0)
         code = getattr(e, "code", 0)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130 if code in (0, None) else code if isinstance(code, int) else 1)
+        _exit_now(130 if code in (0, None) else code if isinstance(code, int) else 1)
+    except Exception:
+        traceback.print_exc()
+        _exit_now(1)
+
+
+def _exit_now(code: int) -> None:
+    """End the child without Python's exit hooks: multiprocessing's would wait for img2dataset's logger process,
+    which is no daemon and runs until told to stop, so an error in img2dataset left the child (and the command
+    waiting on it) hanging. The parent kills what is left under it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _end_with_parent() -> None:

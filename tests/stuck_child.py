@@ -47,3 +47,15 @@ def dies_leaving_a_worker(**kwargs) -> None:
 
 def exits_with(**kwargs) -> None:
     sys.exit(kwargs["code"])
+
+
+def fails_with_its_logger_running(**kwargs) -> None:
+    """An error after img2dataset started its logger, a process that is no daemon and runs until told to stop:
+    multiprocessing's exit hook in the child waits for it."""
+    import multiprocessing
+
+    logger = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(600,))
+    logger.start()
+    Path(kwargs["ready"]).write_text(f"{os.getpid()} {logger.pid}\n")
+    time.sleep(1.5)  # the parent notes the processes under it every second
+    raise ValueError("img2dataset failed after starting its logger")

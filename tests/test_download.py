@@ -517,3 +517,26 @@ def test_the_processes_of_a_download_child_that_was_killed_are_ended_too(tmp_pat
         _run_img2dataset({"ready": str(ready)}, download="tests.stuck_child:dies_leaving_a_worker")
     child, worker = _wait_ready(ready)
     assert _gone(worker), "the killed child's own process was left running"
+
+
+def test_a_download_child_that_fails_with_its_logger_running_ends(tmp_path):
+    """img2dataset's logger process is no daemon: an error in img2dataset left the child waiting for it in
+    multiprocessing's exit hook, and the command waiting for the child, for good."""
+    ready = tmp_path / "ready"
+    code = (
+        "from pipeline.download import _run_img2dataset\n"
+        f"_run_img2dataset({{'ready': {str(ready)!r}}}, download='tests.stuck_child:fails_with_its_logger_running')\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, timeout=60
+        )
+    finally:
+        pids = _wait_ready(ready) if ready.exists() else []
+        for pid in pids:  # a hang: what it left
+            if not _gone(pid, within=0.1):
+                os.kill(pid, signal.SIGKILL)
+    err = done.stderr.decode()
+    assert "ValueError: img2dataset failed after starting its logger" in err
+    assert "StageError: img2dataset ended with exit code 1" in err
+    assert _gone(*pids), "the logger process was left running"
