@@ -584,8 +584,8 @@ def _sigterm_flag():
     installed outside Python cannot be put back: in either case the flag is never set and nothing changes."""
     flag = _Flag()
     previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
-        yield flag
+    if threading.current_thread() is not threading.main_thread() or previous in (None, signal.SIG_IGN):
+        yield flag  # nor where SIGTERM is ignored: it stays so
         return
 
     def on_sigterm(*_):

@@ -475,8 +475,8 @@ def _counting_ctrl_c(presses: list):
     the main thread takes signals (elsewhere nothing changes), and a handler installed outside Python cannot be
     put back, so then nothing changes either."""
     previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
-        yield
+    if threading.current_thread() is not threading.main_thread() or previous in (None, signal.SIG_IGN):
+        yield  # nor where SIGINT is ignored (`nohup`, a background job)
         return
     signal.signal(signal.SIGINT, lambda *_: presses.append(time.monotonic()))
     try:
