@@ -80,8 +80,8 @@ def _ctrl_c_deferred():
     then fails: an interrupt all the same, its error logged). Only the main thread takes signals, and a handler
     installed outside Python cannot be put back: in either case nothing changes."""
     before = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or before is None:
-        yield
+    if threading.current_thread() is not threading.main_thread() or before in (None, signal.SIG_IGN):
+        yield  # nor where SIGINT is ignored (`nohup`, a background job)
         return
     pressed = []
 
