@@ -382,7 +382,11 @@ def _img2dataset(download: str, kwargs: dict, started) -> None:
         fn(**kwargs)
     except (KeyboardInterrupt, SystemExit) as e:  # img2dataset's Ctrl-C handler ends with sys.exit(0)
         code = getattr(e, "code", 0)
-        _exit_now(130 if code in (0, None) else code if isinstance(code, int) else 1)
+        if isinstance(code, str):  # sys.exit("message"): Python prints it
+            print(code, file=sys.stderr)
+        _exit_now(
+            130 if code is None or (type(code) is int and code == 0) else code if type(code) is int else 1
+        )
     except Exception:
         traceback.print_exc()
         _exit_now(1)
@@ -391,9 +395,15 @@ def _img2dataset(download: str, kwargs: dict, started) -> None:
 def _exit_now(code: int) -> None:
     """End the child without Python's exit hooks: multiprocessing's would wait for img2dataset's logger process,
     which is no daemon and runs until told to stop, so an error in img2dataset left the child (and the command
-    waiting on it) hanging. The parent kills what is left under it."""
+    waiting on it) hanging. What runs under the child is killed first: once the child is gone, a process the
+    parent has not noted yet would be out of its reach."""
     sys.stdout.flush()
     sys.stderr.flush()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
     os._exit(code)
 
 
@@ -510,8 +520,8 @@ def _stop(proc, grace_s: float, presses: list, tree: list) -> None:
     """End an interrupted child: SIGINT (it may have had the terminal's already), ``grace_s`` to exit, then
     SIGKILL to it and every process under it (`_run_img2dataset`'s ``finally``). A second Ctrl-C cuts the wait
     short."""
-    tree[:] = _tree(proc) or tree
-    if proc.is_alive():
+    if proc.is_alive():  # not reaped: its pid is still its own
+        tree[:] = _tree(proc) or tree
         os.kill(proc.pid, signal.SIGINT)
     deadline = time.monotonic() + grace_s
     while proc.is_alive() and time.monotonic() < deadline and len(presses) < 2:
