@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import signal
-import threading
 import time
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ from jobs import checkpoint, distributed, metrics
 from pipeline import store
 from pipeline.encoders import resolve_device
 from pipeline.errors import StageError, Stopped, UsageError
+from pipeline.signals import handling
 from pipeline.stream import VAL_FRACTION, Stream, StreamConfig
 
 log = logging.getLogger(__name__)
@@ -580,13 +580,10 @@ def _sigterm_flag():
     the time limit or on preemption, torchrun's when it stops its ranks) that a SIGKILL follows. The loop then
     checkpoints the step it is on and stops. A SIGTERM more than SIGTERM_REPEAT_S after the first has the
     previous handler's effect (the default: the end), so that a rank that cannot get back to the loop (stuck in
-    a collective with a dead peer) can still be ended. Only the main thread takes signals, and a handler
-    installed outside Python cannot be put back: in either case the flag is never set and nothing changes."""
+    a collective with a dead peer) can still be ended. Where `signals.handling` installs nothing, the flag is never
+    set and nothing changes."""
     flag = _Flag()
     previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or previous in (None, signal.SIG_IGN):
-        yield flag  # nor where SIGTERM is ignored: it stays so
-        return
 
     def on_sigterm(*_):
         now = time.monotonic()
@@ -596,11 +593,8 @@ def _sigterm_flag():
             signal.signal(signal.SIGTERM, previous)
             signal.raise_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
+    with handling(signal.SIGTERM, on_sigterm):
         yield flag
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _agreed(sigterm: _Flag, run: RunState) -> bool:

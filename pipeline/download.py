@@ -11,7 +11,6 @@ shows progress, and summarises the result.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import logging
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.errors import StageError, UsageError, by_kind
+from pipeline.signals import handling
 from pipeline.store import check_out_folder, hold_folder, unwritable, write_json
 
 log = logging.getLogger(__name__)
@@ -381,12 +381,14 @@ def _img2dataset(download: str, kwargs: dict, started) -> None:
         started.value = time.time()
         fn(**kwargs)
     except (KeyboardInterrupt, SystemExit) as e:  # img2dataset's Ctrl-C handler ends with sys.exit(0)
-        code = getattr(e, "code", 0)
-        if isinstance(code, str):  # sys.exit("message"): Python prints it
-            print(code, file=sys.stderr)
-        _exit_now(
-            130 if code is None or (type(code) is int and code == 0) else code if type(code) is int else 1
-        )
+        code = getattr(e, "code", None)  # a KeyboardInterrupt has none
+        if code is None or (type(code) is int and code == 0):
+            code = 130  # an interrupt
+        elif type(code) is not int:
+            if isinstance(code, str):  # sys.exit("message"): Python would print it
+                print(code, file=sys.stderr)
+            code = 1
+        _exit_now(code)
     except Exception:
         traceback.print_exc()
         _exit_now(1)
@@ -399,12 +401,18 @@ def _exit_now(code: int) -> None:
     parent has not noted yet would be out of its reach."""
     sys.stdout.flush()
     sys.stderr.flush()
-    for p in psutil.Process().children(recursive=True):
+    _kill_all(psutil.Process().children(recursive=True))
+    os._exit(code)
+
+
+def _kill_all(processes: list) -> None:
+    """SIGKILL to each of ``processes`` still there (psutil checks each is the process it was, not another given
+    its pid since)."""
+    for p in processes:
         try:
             p.kill()
         except psutil.Error:
             pass
-    os._exit(code)
 
 
 def _end_with_parent() -> None:
@@ -420,12 +428,7 @@ def _end_with_parent() -> None:
         from multiprocessing.connection import wait
 
         wait([parent.sentinel])
-        for p in psutil.Process().children(recursive=True):
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        os._exit(1)
+        _exit_now(1)
 
     threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
 
@@ -441,8 +444,8 @@ def _run_img2dataset(
     cuts that short), and are then killed. What a kill cuts short is what a resume redoes: a shard counts as
     finished only once its stats file is written (`shard_stats` rebuilds one cut off mid-write).
 
-    While the child lives, SIGINT here only counts presses (no KeyboardInterrupt can leave the child running
-    for multiprocessing's exit hook to wait on), and the processes under it are noted every second, so that
+    While the child lives, SIGINT here (on the main thread) only counts presses (no KeyboardInterrupt can leave
+    the child running for multiprocessing's exit hook to wait on), and the processes under it are noted every second, so that
     those of a child that dies are ended too (they would be orphans, out of reach)."""
     import multiprocessing
 
@@ -451,7 +454,7 @@ def _run_img2dataset(
     proc = ctx.Process(target=_img2dataset, args=(download, kwargs, started), name="img2dataset")
     presses: list[float] = []
     tree: list = []
-    with _counting_ctrl_c(presses):
+    with handling(signal.SIGINT, lambda *_: presses.append(time.monotonic())):
         try:
             proc.start()
             noted = 0.0
@@ -479,22 +482,6 @@ def _run_img2dataset(
     return False, started.value
 
 
-@contextlib.contextmanager
-def _counting_ctrl_c(presses: list):
-    """SIGINT appends its time to ``presses`` while the block runs, in place of raising KeyboardInterrupt. Only
-    the main thread takes signals (elsewhere nothing changes), and a handler installed outside Python cannot be
-    put back, so then nothing changes either."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous in (None, signal.SIG_IGN):
-        yield  # nor where SIGINT is ignored (`nohup`, a background job)
-        return
-    signal.signal(signal.SIGINT, lambda *_: presses.append(time.monotonic()))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _tree(proc) -> list:
     """The processes under ``proc`` now (none once it has gone)."""
     try:
@@ -509,11 +496,7 @@ def _kill(proc, tree: list) -> None:
         tree = _tree(proc) or tree
         proc.kill()
         proc.join()
-    for p in tree:
-        try:
-            p.kill()  # psutil checks it is the process noted, not another given its pid since
-        except psutil.Error:
-            pass
+    _kill_all(tree)
 
 
 def _stop(proc, grace_s: float, presses: list, tree: list) -> None:

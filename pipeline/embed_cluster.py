@@ -11,9 +11,9 @@ import contextlib
 import logging
 import os
 import signal
-import threading
 
 from pipeline.errors import UsageError
+from pipeline.signals import handling
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,10 @@ def _ctrl_c_deferred():
     one that landed inside LocalCluster's start left a half-made cluster for dask's exit hook, which failed on
     it (`AssertionError: Status.init`). A second Ctrl-C is taken at once (a start that hangs). A worker process
     that a Ctrl-C finds still importing, before `dask_setup` runs, still dies with a traceback (and the start
-    then fails: an interrupt all the same, its error logged). Only the main thread takes signals, and a handler
-    installed outside Python cannot be put back: in either case nothing changes."""
-    before = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or before in (None, signal.SIG_IGN):
-        yield  # nor where SIGINT is ignored (`nohup`, a background job)
-        return
+    then fails: an interrupt all the same, its error logged). Where `signals.handling` installs nothing, nothing
+    changes."""
     pressed = []
+    before = signal.getsignal(signal.SIGINT)
 
     def on_sigint(*_):
         pressed.append(True)
@@ -91,16 +88,14 @@ def _ctrl_c_deferred():
             signal.signal(signal.SIGINT, before)
             raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    except Exception as e:
-        if pressed:  # e.g. "Nanny failed to start": the same Ctrl-C ended a worker as it started
-            log.warning("the dask cluster's start, interrupted, failed: %s: %s", type(e).__name__, e)
-            raise KeyboardInterrupt from e
-        raise
-    finally:
-        signal.signal(signal.SIGINT, before)
+    with handling(signal.SIGINT, on_sigint):
+        try:
+            yield
+        except Exception as e:
+            if pressed:  # e.g. "Nanny failed to start": the same Ctrl-C ended a worker as it started
+                log.warning("the dask cluster's start, interrupted, failed: %s: %s", type(e).__name__, e)
+                raise KeyboardInterrupt from e
+            raise
     if pressed:
         raise KeyboardInterrupt
 
