@@ -226,9 +226,11 @@ def test_summary_reports_the_rate_inside_tasks_and_without_each_workers_first_sh
     assert s["rows_this_run"] == 22 and s["samples_per_second_in_tasks"] > 0
     # One worker, three shards: its later two (rows > 0 among them whatever the order) make the warm figure.
     assert s["samples_per_second_in_warm_tasks"] > 0
-    # --read-ahead's default: the plugin ran in the worker process and advised the page cache of each local
-    # shard that was queued before its task started (the worker's later shards at least)
-    assert sum(s["read_ahead"].values()) == 3 and s["read_ahead"].get("page cache", 0) >= 2
+    # --read-ahead's default: the plugin ran in the worker process and advised the page cache of a local shard
+    # queued before its task started. Only 00001 is sure to be: it is queued while 00000's 16 samples embed.
+    # 00002 arrives once the scheduler hears 00000 ended, and the empty 00001 may be done by then, so 00002
+    # can start at once with nothing read ahead ("none"); 00000, the worker's first, always has "none".
+    assert sum(s["read_ahead"].values()) == 3 and 1 <= s["read_ahead"].get("page cache", 0) <= 2
     assert set(s["read_ahead"]) <= {"page cache", "none"}
 
 
