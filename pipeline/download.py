@@ -11,6 +11,7 @@ shows progress, and summarises the result.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import json
 import logging
@@ -407,12 +408,47 @@ def _exit_now(code: int) -> None:
 
 def _kill_all(processes: list) -> None:
     """SIGKILL to each of ``processes`` still there (psutil checks each is the process it was, not another given
-    its pid since)."""
+    its pid since), and wait for them: those that are our children (orphans we adopted) are reaped."""
     for p in processes:
         try:
             p.kill()
         except psutil.Error:
             pass
+    psutil.wait_procs(processes, timeout=5)
+
+
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # <linux/prctl.h>
+
+
+def _subreaper(on: int) -> int | None:
+    """Linux: make this process its descendants' "child subreaper" (``on`` = 1) or not (0): a process whose
+    parent dies is then adopted by us, not by init, and stays in reach. Returns the setting it had before, or
+    None where it cannot be set (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        was = ctypes.c_int(0)
+        if libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0) != 0:
+            return None
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, on, 0, 0, 0) != 0:
+            return None
+        return was.value
+    except (OSError, AttributeError):
+        return None
+
+
+def _adopted(ours: set) -> list:
+    """The processes that came to us as orphans (`_subreaper`), and theirs: our children now that were not
+    ``ours`` (those we had before the download's child started)."""
+    found = []
+    for p in psutil.Process().children():
+        if p not in ours:
+            try:
+                found += [p, *p.children(recursive=True)]
+            except psutil.Error:
+                pass
+    return found
 
 
 def _end_with_parent() -> None:
@@ -445,15 +481,22 @@ def _run_img2dataset(
     finished only once its stats file is written (`shard_stats` rebuilds one cut off mid-write).
 
     While the child lives, SIGINT here (on the main thread) only counts presses (no KeyboardInterrupt can leave
-    the child running for multiprocessing's exit hook to wait on), and the processes under it are noted every second, so that
-    those of a child that dies are ended too (they would be orphans, out of reach)."""
+    the child running for multiprocessing's exit hook to wait on). The processes under a child that dies are
+    ended too, not left as orphans out of reach: on Linux they come to us (`_subreaper`), and elsewhere those
+    noted (every second) are killed."""
     import multiprocessing
+    from multiprocessing import resource_tracker
 
     ctx = multiprocessing.get_context("spawn")
     started = ctx.Value("d", 0.0, lock=False)
     proc = ctx.Process(target=_img2dataset, args=(download, kwargs, started), name="img2dataset")
     presses: list[float] = []
     tree: list = []
+    resource_tracker.ensure_running()  # started by the child's start otherwise, and then taken for an orphan
+    ours = set(psutil.Process().children())
+    was = _subreaper(
+        1
+    )  # an orphan of the child's tree comes to us, noted or not (a child killed by a signal)
     with handling(signal.SIGINT, lambda *_: presses.append(time.monotonic())):
         try:
             proc.start()
@@ -467,6 +510,9 @@ def _run_img2dataset(
                 return True, started.value
         finally:
             _kill(proc, tree)  # what is left: a child that died by a signal, or an exception here
+            if was is not None:
+                _kill_all(_adopted(ours))
+                _subreaper(was)
     if proc.exitcode == 130:  # img2dataset's own handler ran: a SIGINT sent to the child alone
         return True, started.value
     if proc.exitcode != 0:

@@ -59,3 +59,17 @@ def fails_with_its_logger_running(**kwargs) -> None:
     Path(kwargs["ready"]).write_text(f"{os.getpid()} {logger.pid}\n")
     time.sleep(0.2)  # sooner than the parent notes the processes under it (once a second)
     raise ValueError("img2dataset failed after starting its logger")
+
+
+def orphans_a_worker_then_dies(**kwargs) -> None:
+    """A process of its tree orphaned at once (its parent, a go-between, exits), so that the parent's notes of
+    the processes under the child never see it; then the child is killed."""
+    code = (
+        "import subprocess, sys\n"
+        "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(w.pid)"
+    )
+    worker = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
+    Path(kwargs["ready"]).write_text(f"{os.getpid()} {worker}\n")
+    time.sleep(1.5)  # past a note of the tree
+    os.kill(os.getpid(), signal.SIGKILL)

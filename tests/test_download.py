@@ -519,6 +519,26 @@ def test_the_processes_of_a_download_child_that_was_killed_are_ended_too(tmp_pat
     assert _gone(worker), "the killed child's own process was left running"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a child subreaper is Linux's")
+def test_an_orphan_of_the_download_childs_tree_is_ended_with_it(tmp_path):
+    """A process of the child's tree whose parent died went to init, out of the notes of the tree: one started
+    less than a second before the child was killed was left running."""
+    from pipeline.download import _run_img2dataset, _subreaper
+    from pipeline.errors import StageError
+
+    ready = tmp_path / "ready"
+    before = _subreaper(0)
+    with pytest.raises(StageError, match="killed by signal 9"):
+        _run_img2dataset({"ready": str(ready)}, download="tests.stuck_child:orphans_a_worker_then_dies")
+    child, worker = _wait_ready(ready)
+    try:
+        assert _gone(worker), "the orphan was left running"
+        assert _subreaper(before) == 0, "the subreaper setting was not given back"
+    finally:
+        if not _gone(worker, within=0.1):
+            os.kill(worker, signal.SIGKILL)
+
+
 def test_a_download_child_that_fails_with_its_logger_running_ends(tmp_path):
     """img2dataset's logger process is no daemon: an error in img2dataset left the child waiting for it in
     multiprocessing's exit hook, and the command waiting for the child, for good."""
