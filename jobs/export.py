@@ -166,6 +166,28 @@ def _target(cfg: ExportConfig, name: str, folder: Path, meta: dict) -> Path:
     return out
 
 
+def _check_partner(cfg: ExportConfig, meta: dict) -> None:
+    """One of the pair exported into an OUT that already holds the other: they must share a CLIP, as a pair
+    exported in one command must (the prior's image embeddings are what the decoder is conditioned on)."""
+    from jobs.sample import clip_name, same_clip
+
+    other = "prior" if meta["task"] == "decoder" else "decoder"
+    note = _export_note(Path(cfg.out) / other)
+    if note is None or not isinstance(note.get("clip"), dict):
+        return
+    partner = {"store": {"clip": note["clip"]}}
+    try:
+        same, theirs = same_clip(meta, partner), clip_name(partner)
+    except KeyError:  # a note of another version: nothing to compare
+        return
+    if not same:
+        raise UsageError(
+            f"{Path(cfg.out) / other} is an export of a {other} trained on CLIP {theirs}, and this "
+            f"{meta['task']} was trained on {clip_name(meta)}: the pair would not work together; export into "
+            "another --out"
+        )
+
+
 def _export_note(out: Path) -> dict | None:
     try:
         note = json.loads((out / "unclip_export.json").read_text())
@@ -199,9 +221,9 @@ def run(cfg: ExportConfig) -> dict:
             fold != 1
         ):  # the pipeline hands its UNet the latents as they are: it would get 4 channels, not 4 f^2
             raise UsageError(
-                f"the decoder folds {fold} x {fold} latent blocks into channels (space_to_depth {fold}, the tiny "
-                "presets' way), which KandinskyV22Pipeline cannot do; export a decoder trained without it (b32, "
-                "l14 presets)"
+                f"the decoder folds {fold} x {fold} latent blocks into channels (space_to_depth {fold}, as the "
+                "tiny preset does on VAE latents), which KandinskyV22Pipeline cannot do; export a decoder trained "
+                "without it (presets tiny-base, b32, base, large)"
             )
         from jobs.render import vae_source
 
@@ -236,6 +258,8 @@ def run(cfg: ExportConfig) -> dict:
                 f"the decoder was trained on CLIP {clip_name(jobs[0][2])} embeddings and the prior on "
                 f"{clip_name(jobs[1][2])}; export a pair trained with the same CLIP"
             )
+    elif jobs:
+        _check_partner(cfg, jobs[0][2])
     from pipeline.store import hold_folder
 
     report = {}

@@ -77,7 +77,7 @@ def same_clip(a: dict, b: dict) -> bool:
     """Whether two checkpoints (their metadata) were trained with one CLIP: a checkpoint file by its content
     where both stores recorded its sha256 (the same file at two paths is one CLIP), else by its path or tag."""
     x, y = a["store"]["clip"], b["store"]["clip"]
-    if (x["arch"], x["dim"], x["random_init"]) != (y["arch"], y["dim"], y["random_init"]):
+    if (x["arch"], x["dim"], x.get("random_init")) != (y["arch"], y["dim"], y.get("random_init")):
         return False
     if x["random_init"]:
         return x.get("seed", 0) == y.get("seed", 0)
@@ -138,7 +138,7 @@ def clip_name(meta: dict) -> str:
     """The CLIP a checkpoint was trained on, for messages: `ViT-B-32 (laion2b_s34b_b79k, 512-d)`."""
     c = meta["store"]["clip"]
     digest = f", sha256 {c['sha256'][:12]}..." if c.get("sha256") else ""
-    return f"{c['arch']} ({c['pretrained']}{digest}, {c['dim']}-d)"
+    return f"{c['arch']} ({c.get('pretrained', 'none')}{digest}, {c['dim']}-d)"
 
 
 def _ema_model(folder: Path, meta: dict, device: str) -> torch.nn.Module:

@@ -127,6 +127,8 @@ def test_exported_pipeline_draws_the_images_unclip_draws(exported, guidance):
         ("overwrite_a_run", "is not an earlier export (no readable unclip_export.json in it)"),
         ("out_is_a_file", "is a file; give a folder"),
         ("out_under_a_file", "lies under"),
+        # exported alone into an OUT whose prior came from another CLIP: the pair would not work together
+        ("partner_of_another_clip", "is an export of a prior trained on CLIP ViT-B-32 (openai, 512-d)"),
     ],
 )
 def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
@@ -152,6 +154,12 @@ def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
     elif case == "out_under_a_file":
         out.write_text("mine")
         args[4] = str(out / "sub")
+    elif case == "partner_of_another_clip":
+        (out / "prior").mkdir(parents=True)
+        clip = {"arch": "ViT-B-32", "pretrained": "openai", "dim": 512, "random_init": False}
+        (out / "prior/unclip_export.json").write_text(
+            json.dumps({"source_checkpoint": "p", "step": 1, "clip": clip})
+        )
     else:  # an export of another step of the run is there
         shutil.copytree(d / "out", out)
         note = json.loads((out / "decoder/unclip_export.json").read_text())
@@ -166,6 +174,8 @@ def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
         assert out.read_text() == "mine"
     elif case == "exists":
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    elif case == "partner_of_another_clip":
+        assert [p.name for p in out.iterdir()] == ["prior"]
     else:
         assert not out.exists()
 
