@@ -12,6 +12,7 @@ error that names the difference.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -126,6 +127,28 @@ def prune(ckpt_dir: str | Path, keep: int) -> list[str]:
         shutil.rmtree(gone, ignore_errors=True)
         removed.append(p.name)
     return removed
+
+
+@contextlib.contextmanager
+def writing_beside(folder: Path, what: str, on_failure=None):
+    """Around the writes of an evaluation's report into the checkpoint folder it evaluated, which a training
+    run still going may have pruned meanwhile (--keep-checkpoints): then a one-line failure, never the folder
+    made again around the report alone (a step folder without weights, which the run's next prune deletes,
+    report and all). ``on_failure`` shows the figures before that failure."""
+    from pipeline.errors import StageError
+
+    try:
+        if not folder.is_dir():
+            raise FileNotFoundError(folder)
+        yield
+    except FileNotFoundError:
+        if on_failure is not None:
+            on_failure()
+        raise StageError(
+            f"{folder} was deleted while it was evaluated (a training run still going keeps only its newest "
+            f"--keep-checkpoints), so {what} was not written there; the figures are above: pass --out to keep "
+            "them"
+        ) from None
 
 
 def resolve(path: str | Path) -> Path:

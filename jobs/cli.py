@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jobs.config import add_dataclass_args, build_config
+from jobs.config import add_dataclass_args, build_config, explicit_bools
 from pipeline.errors import StageError, Stopped, UsageError
 
 
@@ -129,6 +129,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        if args is not None and getattr(self, "bool_flags", None):  # a subcommand's own arguments
+            args = explicit_bools(self.bool_flags, list(args))
+        return super().parse_known_args(args, namespace)
+
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """Every subcommand is listed; only the one named in ``argv`` imports its module (and so torch), which
@@ -169,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as e:
         print(f"unclip {args.command}: stopped by SIGTERM: {e}; {cmd.on_interrupt}", file=sys.stderr)
         return 143
+    except OSError as e:  # the system refused a read or a write (a full disk, a path it will not take)
+        logging.getLogger(__name__).debug("where", exc_info=True)
+        hint = "" if args.verbose else " (--verbose shows where)"
+        print(f"unclip {args.command}: failed: {e}{hint}", file=sys.stderr)
+        return 1
     if cmd.report:
         _resolve(cmd.report)(report)
     elif report is not None and args.command != "demo":

@@ -36,10 +36,14 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_BOOL_WORDS = {*_TRUE, *_FALSE}
+
+
 def _parse_bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
+    if s.lower() in _TRUE:
         return True
-    if s.lower() in ("0", "false", "no", "off"):
+    if s.lower() in _FALSE:
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got '{s}'")
 
@@ -109,8 +113,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: t
             kw["type"] = _finite_float
         elif tp in (int, str):
             kw["type"] = tp
-        elif typing.get_origin(tp) in (list, tuple):  # list[str]: one or more values after the flag
-            kw.update(nargs="+", type=typing.get_args(tp)[0])
+        elif typing.get_origin(tp) in (list, tuple):  # list[str]: one or more values after the flag; given
+            kw.update(nargs="+", type=typing.get_args(tp)[0], action="extend")  # twice, both lists count
         if f.name in positional:
             parser.add_argument(f.name, **{k: v for k, v in kw.items() if k != "default"})
             continue
@@ -118,7 +122,25 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: t
         if has_default:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             kw["help"] = f"{kw['help']} (default: {default})".strip()
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, dest=f.name, **kw)
+        if tp is bool:
+            parser.bool_flags = getattr(parser, "bool_flags", set()) | {flag}
+
+
+def explicit_bools(flags: set[str], args: list[str]) -> list[str]:
+    """``args`` with each bare bool flag among ``flags`` written ``--flag=true``, unless a true/false word
+    follows it: argparse would otherwise take the next argument for its value (`validate --check-tars STORE`
+    read STORE as the bool and failed)."""
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == "--":
+            break
+        if a in flags:
+            nxt = out[i + 1].lower() if i + 1 < len(out) else ""
+            if nxt not in _BOOL_WORDS:
+                out[i] = f"{a}=true"
+    return out
 
 
 _JSON_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}

@@ -60,7 +60,9 @@ class EvalDecoderConfig:
     out: str = ""  # folder for eval_decoder.json / .png; default: the checkpoint folder
     device: str = "auto"  # auto (cuda if visible, else cpu), cuda, cuda:N or cpu
     base: str = ""  # a two-stage decoder's first stage (`unclip sample --base`)
-    strength: float = 0.5  # the share of --decoder's steps that redraw the base's picture
+    strength: float | None = (
+        None  # with --base: the share of --decoder's steps that redraw its picture; unset = 0.5
+    )
     clip_pretrained: str = ""  # the store's CLIP checkpoint file, moved (`unclip sample --clip-pretrained`)
     vae: str = ""  # the store's VAE folder, moved (`unclip sample --vae`)
 
@@ -156,7 +158,7 @@ def run(cfg: EvalDecoderConfig) -> dict:
         base=cfg.base,
         strength=cfg.strength,
     )
-    check_strength(cfg.strength)
+    check_strength(cfg.strength, cfg.base)
     m = (
         load_models(cfg.prior, cfg.decoder, device, cfg.clip_pretrained)
         if cfg.prior
@@ -206,11 +208,17 @@ def run(cfg: EvalDecoderConfig) -> dict:
         grids.append(t2i_img[:8])
         if attrs:
             report["attributes"]["text_to_image"] = attribute_accuracy(t2i_img, attrs)
-    out = Path(cfg.out) if cfg.out else checkpoint.resolve(cfg.decoder)
-    out.mkdir(parents=True, exist_ok=True)
     cols = len(grids[0])
-    save_grid(np.concatenate([g[:cols] for g in grids]), out / "eval_decoder.png", cols=cols)
-    store.write_json(out / "eval_decoder.json", report)
+    if cfg.out:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        writing = contextlib.nullcontext()
+    else:
+        out = checkpoint.resolve(cfg.decoder)
+        writing = checkpoint.writing_beside(out, "eval_decoder.json", lambda: print(format_table(report)))
+    with writing:
+        save_grid(np.concatenate([g[:cols] for g in grids]), out / "eval_decoder.png", cols=cols)
+        store.write_json(out / "eval_decoder.json", report)
     report["written"] = str(out / "eval_decoder.json")
     return report
 

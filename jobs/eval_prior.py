@@ -127,7 +127,7 @@ def run(cfg: EvalPriorConfig) -> dict:
 
     check_guidance(cfg)
     if cfg.out:
-        store.check_out_file(cfg.out)
+        store.check_out_file(cfg.out, ours=is_eval_report, what="an earlier eval-prior report")
 
     folder = checkpoint.resolve(cfg.ckpt)
     meta = checkpoint.read_meta(folder)
@@ -169,8 +169,15 @@ def run(cfg: EvalPriorConfig) -> dict:
         cfg.sampler,
     )
     metrics["step"] = meta["step"]
-    out = Path(cfg.out) if cfg.out else folder / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    store.write_json(out, metrics)
     print(format_table(metrics))
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        store.write_json(cfg.out, metrics)
+    else:
+        with checkpoint.writing_beside(folder, "eval.json"):
+            store.write_json(folder / "eval.json", metrics)
     return metrics
+
+
+def is_eval_report(path: Path) -> bool:
+    return store.is_report(path, "step", "retrieval_chance_top1")

@@ -23,7 +23,7 @@ from jobs import checkpoint
 from jobs.render import latents_to_images, save_grid, vae_source
 from pipeline import store
 from pipeline.errors import UsageError
-from pipeline.store import check_out_file
+from pipeline.store import check_out_file, is_report
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class SampleConfig:
     # A two-stage decoder's first stage: a low-resolution decoder (`train-decoder --resolution`) draws the
     # picture, and --decoder redraws it upsampled, image to image, over the last --strength of its steps.
     base: str = ""
-    strength: float = 0.5  # with --base: the share of --decoder's steps that redraw its picture, (0, 1]
+    # with --base: the share of --decoder's steps that redraw its picture, (0, 1]; unset = 0.5
+    strength: float | None = None
     # Of this many prior draws per image the one nearest (cosine) the prompt's text embedding is kept: DALL-E 2's
     # choice (n = 2, as DALLE2-pytorch's `num_samples_per_batch`); 1 = the first draw.
     prior_candidates: int = 2
@@ -154,7 +155,18 @@ def load_decoder(path: str, device: str, flag: str = "--decoder") -> tuple[torch
     return _ema_model(folder, meta, device), meta
 
 
-def check_strength(strength: float) -> None:
+DEFAULT_STRENGTH = 0.5
+
+
+def check_strength(strength: float | None, base: str) -> None:
+    """--strength is --base's: given without it, it would change nothing."""
+    if strength is None:
+        return
+    if not base:
+        raise UsageError(
+            "--strength is the share of the decoder's steps that redraw --base's picture; pass --base DIR with "
+            "it, or leave it out"
+        )
     if not 0.0 < strength <= 1.0:
         raise UsageError(f"--strength must be in (0, 1] (the share of the decoder's steps), got {strength}")
 
@@ -234,7 +246,8 @@ def decode(m: Models, emb: torch.Tensor, cfg: SampleConfig, gen: torch.Generator
     )
     if m.base is None:
         return m.decoder.sample(emb, **kw)
-    return two_stage(m.base, m.decoder, emb, cfg.strength, **kw)
+    strength = DEFAULT_STRENGTH if cfg.strength is None else cfg.strength
+    return two_stage(m.base, m.decoder, emb, strength, **kw)
 
 
 def two_stage(base, decoder, emb: torch.Tensor, strength: float, **kw) -> torch.Tensor:
@@ -348,11 +361,21 @@ def validate(cfg: SampleConfig) -> list[str]:
     for name in ("n", "prior_steps", "decoder_steps", "batch_size", "prior_candidates"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    check_strength(cfg.strength)
+    check_strength(cfg.strength, cfg.base)
+    if cfg.base and cfg.strength is None:
+        cfg.strength = DEFAULT_STRENGTH  # as its settings record it
     check_guidance(cfg)
     if not cfg.out.lower().endswith(".png"):
         raise UsageError(f"--out {cfg.out} must name a .png file")
-    check_out_file(cfg.out)
+    settings = Path(cfg.out).with_suffix(".json")
+    check_out_file(
+        cfg.out,
+        ours=lambda _: is_sample_report(settings),
+        what=f"an earlier grid of ours (no {settings.name} of ours beside it)",
+    )
+    check_out_file(
+        settings, f"--out {cfg.out}'s settings file", is_sample_report, "one `unclip sample` wrote"
+    )
     return _prompts(cfg)
 
 
@@ -390,6 +413,11 @@ def run(cfg: SampleConfig) -> dict:
     }
     store.write_json(out.with_suffix(".json"), json.loads(json.dumps(report, default=str)))
     return report
+
+
+def is_sample_report(path: Path) -> bool:
+    """The settings .json that `run` writes beside its grid (the grid may then be replaced too)."""
+    return is_report(path, "out", "prompts", "images", "settings")
 
 
 def print_report(report: dict) -> None:

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -433,9 +434,45 @@ def _exists(p: Path) -> bool:
 
 
 def unwritable(path: str | Path) -> Path | None:
-    """The nearest existing folder on ``path``'s way that we may not write into, or None."""
+    """The nearest existing folder on ``path``'s way that we may not write into, or None. Tried, not only
+    asked: `os.access` says yes to root everywhere, /proc and /sys included, where a file cannot be made."""
     parent = _nearest_existing(path)
-    return parent if parent is not None and not os.access(parent, os.W_OK | os.X_OK) else None
+    if parent is None or not parent.is_dir():
+        return None
+    return parent if not os.access(parent, os.W_OK | os.X_OK) or not _can_create_in(parent) else None
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be made in ``folder``. Unseen where the filesystem allows (an unnamed O_TMPFILE):
+    another process checking that the folder is empty (each rank of a torchrun) must not find the probe; else a
+    named one, which `entries` passes over as a temp file of ours."""
+    if hasattr(os, "O_TMPFILE"):
+        try:
+            os.close(os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600))
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                return False
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".unclip-probe-", suffix=f".tmp{os.getpid()}")
+    except OSError:
+        return False
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+    return True
+
+
+def is_report(path: str | Path, *keys: str) -> bool:
+    """Whether ``path`` is a JSON object holding each of ``keys``: a report one of our commands wrote, which its
+    rerun may replace (anything else at an output path is the user's, and refused)."""
+    try:
+        if Path(path).stat().st_size > 64 << 20:
+            return False
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and all(k in report for k in keys)
 
 
 def check_is_store_or_empty(root: str | Path) -> bool:
@@ -476,12 +513,16 @@ def check_out_folder(out: str | Path, ours=None, what: str = "", flag: str = "--
         )
 
 
-def check_out_file(out: str | Path, flag: str = "--out") -> None:
+def check_out_file(out: str | Path, flag: str = "--out", ours=None, what: str = "") -> None:
     """Refuse (UsageError) an output file path that names a folder, lies under a file, or cannot be written:
-    found before the work whose result it would hold, not after."""
+    found before the work whose result it would hold, not after. With ``ours`` (path -> bool), also an existing
+    file it does not take for an earlier output of the command (``what`` names one): a rerun replaces its own
+    output, never another file given by mistake (a store's manifest.json, say)."""
     p = Path(out)
     if p.is_dir():
         raise UsageError(f"{flag} {out} is a folder; name the file to write")
+    if ours is not None and p.exists() and not ours(p):
+        raise UsageError(f"{flag} {out} exists and is not {what}; give another path, or move it away first")
     above = _nearest_existing(p.parent)
     if above is not None and not above.is_dir():
         raise UsageError(f"{flag} {out} lies under {above}, a file; give a path in a folder")

@@ -47,3 +47,52 @@ def test_a_stage_s_help_describes_its_flags(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "--n N images per prompt (default: 4)" in out
     assert "--sampler SAMPLER ddim or dpm++, for both models (default: dpm++)" in out
+
+
+@dataclass
+class Flags:
+    store: str
+    check: bool = False
+    prompt: list[str] = field(default_factory=list)
+
+
+@pytest.mark.parametrize(
+    "argv, want",
+    [
+        # a bare bool flag before the positional took it for its value ("expected true/false, got 'store'")
+        (["--check", "st"], ("st", True)),
+        (["st", "--check"], ("st", True)),
+        (["--check", "false", "st"], ("st", False)),
+        (["--check=no", "st"], ("st", False)),
+        (["st"], ("st", None)),
+    ],
+)
+def test_a_bare_bool_flag_leaves_the_next_argument_alone(argv, want):
+    from jobs.cli import _Parser
+
+    p = _Parser()
+    add_dataclass_args(p, Flags, positional=("store",))
+    args = p.parse_args(argv)
+    assert (args.store, getattr(args, "check", None)) == want
+
+
+def test_a_list_flag_given_twice_keeps_both_lists():
+    from jobs.cli import _Parser
+
+    p = _Parser()
+    add_dataclass_args(p, Flags, positional=("store",))
+    assert p.parse_args(["st", "--prompt", "a", "b", "--prompt", "c"]).prompt == ["a", "b", "c"]
+
+
+def test_a_refused_read_or_write_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    from pipeline import validate
+
+    def full(cfg):
+        raise OSError(28, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(validate, "run", full)
+    assert cli(["validate", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"unclip validate: failed: [Errno 28] No space left on device: '{tmp_path / 'x'}' (--verbose shows where)"
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -317,3 +318,24 @@ def test_hold_folder_names_a_path_it_cannot_make_in_one_line(tmp_path):
     with pytest.raises(UsageError, match="cannot be created .File name too long"):
         with store.hold_folder(tmp_path / ("x" * 300)):
             pass
+
+
+def test_the_write_probe_leaves_nothing_another_process_would_take_for_content(tmp_path, monkeypatch):
+    """`unwritable` makes a file to find out (os.access says yes to root in /proc): a named probe seen by the
+    other rank of a torchrun made it refuse --out as "not empty"."""
+    import tempfile
+
+    assert store.unwritable(tmp_path / "run") is None and list(tmp_path.iterdir()) == []
+    assert store.unwritable("/proc/run") == Path("/proc")
+    made = []
+    real = tempfile.mkstemp
+
+    def named(*a, **kw):  # where O_TMPFILE is not there: a named probe, which `entries` passes over
+        fd, name = real(*a, **kw)
+        made.append(Path(name))
+        assert store.entries(tmp_path) == []
+        return fd, name
+
+    monkeypatch.delattr(os, "O_TMPFILE", raising=False)
+    monkeypatch.setattr(tempfile, "mkstemp", named)
+    assert store.unwritable(tmp_path / "run") is None and len(made) == 1 and not made[0].exists()

@@ -182,6 +182,43 @@ def test_sample_writes_grid_and_settings_and_is_seeded(pair, tmp_path):
     assert (a == b).all() and not (a == c).all()
 
 
+def test_sample_replaces_only_its_own_output_and_takes_every_prompt_flag(pair, tmp_path, capsys):
+    """A rerun replaces its own grid and settings; a file of the user's at either path is refused before any
+    work (the settings .json beside --out was replaced without a word). --prompt given twice: both count."""
+    args = ["sample", "--prior", str(pair / "prior"), "--decoder", str(pair / "decoder"), "--n", "1"]
+    args += [
+        "--prior-steps",
+        "2",
+        "--decoder-steps",
+        "2",
+        "--device",
+        "cpu",
+        "--prompt",
+        "a",
+        "--prompt",
+        "b c",
+    ]
+    out = tmp_path / "g.png"
+    assert cli(args + ["--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["prompts"] == ["a", "b c"]
+    assert cli(args + ["--out", str(out), "--seed", "1"]) == 0  # its own: replaced
+    assert json.loads(out.with_suffix(".json").read_text())["settings"]["seed"] == 1
+    capsys.readouterr()
+    notes = tmp_path / "n.json"
+    notes.write_text("my notes")
+    assert cli(args + ["--out", str(tmp_path / "n.png")]) == 2
+    assert "n.png's settings file" in capsys.readouterr().err and notes.read_text() == "my notes"
+    assert not (tmp_path / "n.png").exists()
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"a picture of mine")
+    assert cli(args + ["--out", str(mine)]) == 2
+    assert "exists and is not an earlier grid of ours" in capsys.readouterr().err
+    assert mine.read_bytes() == b"a picture of mine" and not mine.with_suffix(".json").exists()
+    # a folder where no file can be made, although os.access says root may write anywhere
+    assert cli(args + ["--out", "/proc/g.png"]) == 2
+    assert "cannot be written (/proc is not writable)" in capsys.readouterr().err
+
+
 def test_sample_errors(pair, tmp_path, capsys):
     base = ["sample", "--prior", str(pair / "prior"), "--decoder", str(pair / "decoder")]
     assert cli(base + ["--out", str(tmp_path / "x.png")]) == 2
@@ -453,6 +490,13 @@ def test_two_stage_decoder_base_at_lower_resolution_then_image_to_image(pair, da
         == 2
     )
     assert "--strength must be in (0, 1]" in capsys.readouterr().err
+    # without --base it would change nothing: refused, not recorded as if it had been used
+    assert cli(args + ["--strength", "0.3", "--out", str(tmp_path / "y.png")]) == 2
+    assert (
+        "--strength is the share of the decoder's steps that redraw --base's picture"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "y.png").exists()
     # a base trained at a side that does not divide the decoder's: 16 px base under an 8 px "decoder"
     bad = args[:4] + [str(tmp_path / "base")] + ["--base", str(pair / "decoder"), "--prompt", "a"]
     assert cli(bad + ["--out", str(tmp_path / "x.png")]) == 2

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -337,6 +338,51 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, mo
         cli(["eval-prior", "--ckpt", str(tmp_path), "--data", data, "--steps", "4", "--max-samples", "64"])
         == 0
     )
+
+
+def test_eval_prior_writes_only_its_own_report_and_never_remakes_a_pruned_step_folder(
+    data, tmp_path, capsys, monkeypatch
+):
+    """--out naming the store's manifest replaced it with metrics; a step folder pruned by a run still going
+    was made again around eval.json alone (and the run's next prune deleted it): exit 0, no report anywhere."""
+    from jobs import eval_prior
+
+    main(cfg_for(data, tmp_path / "run", stop_after=4, save_every=4))
+    ev = [
+        "eval-prior",
+        "--ckpt",
+        str(tmp_path / "run"),
+        "--data",
+        data,
+        "--steps",
+        "2",
+        "--max-samples",
+        "32",
+    ]
+    manifest = Path(data) / "manifest.json"
+    before = manifest.read_bytes()
+    assert cli([*ev, "--out", str(manifest)]) == 2
+    assert "exists and is not an earlier eval-prior report" in capsys.readouterr().err
+    assert manifest.read_bytes() == before
+    report = tmp_path / "r.json"
+    assert (
+        cli([*ev, "--out", str(report)]) == 0 and cli([*ev, "--out", str(report)]) == 0
+    )  # its own: replaced
+    assert json.loads(report.read_text())["step"] == 4
+    step = tmp_path / "run/ckpt/step_00000004"
+    real = eval_prior.evaluate
+
+    def pruned_meanwhile(*a, **kw):
+        out = real(*a, **kw)
+        shutil.rmtree(step)
+        return out
+
+    monkeypatch.setattr(eval_prior, "evaluate", pruned_meanwhile)
+    capsys.readouterr()
+    assert cli(ev) == 1
+    out, err = capsys.readouterr()
+    assert "step_00000004 was deleted while it was evaluated" in err and "pass --out" in err
+    assert "top-1 retrieval" in out and not step.exists()
 
 
 def test_a_nan_in_the_store_names_the_data_and_validate_not_the_learning_rate(data, tmp_path):
