@@ -81,8 +81,8 @@ SAMPLES ?= samples.png
 train-decoder: $(VENV_STAMP) ## train the decoder: make train-decoder STORE=store/ DECODER_OUT=decoder/ [ARGS='--preset base']
 	.venv/bin/unclip train-decoder --data $(STORE) --out $(DECODER_OUT) $(ARGS)
 
-eval-decoder: $(VENV_STAMP) ## re-embed the decoder's images on the held-out split (and text -> image with the prior)
-	.venv/bin/unclip eval-decoder --decoder $(DECODER_OUT) $(if $(BASE_OUT),--base $(BASE_OUT)) --prior $(PRIOR_OUT) --data $(STORE) $(ARGS)
+eval-decoder: $(VENV_STAMP) ## re-embed the decoder's images on the held-out split, and text -> image with the prior (PRIOR_OUT= for the decoder alone)
+	.venv/bin/unclip eval-decoder --decoder $(DECODER_OUT) $(if $(BASE_OUT),--base $(BASE_OUT)) $(if $(PRIOR_OUT),--prior $(PRIOR_OUT)) --data $(STORE) $(ARGS)
 
 sample: $(VENV_STAMP) ## text -> image: make sample PROMPT="a red circle" [PRIOR_OUT=prior DECODER_OUT=decoder BASE_OUT=base SAMPLES=out.png]
 	@test -n "$(PROMPT)" || { echo 'usage: make sample PROMPT="a red circle on a white background" [ARGS=--n 8]' >&2; exit 2; }

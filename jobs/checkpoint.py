@@ -268,6 +268,11 @@ def check_store(meta: dict, manifest: dict, data: str, latents: bool = False) ->
         )
     if latents:
         then, now = trained.get("latents") or {}, manifest.get("latents") or {}
+        if not now:
+            raise UsageError(
+                f"{data} has no latents (it was embedded without --latents): evaluate the decoder on a store "
+                f"embedded with `--latents {then.get('codec', 'pixels')}`, as it was trained"
+            )
         if then.get("shape") != now.get("shape"):
             raise UsageError(
                 f"the checkpoint was trained on latents of shape {then.get('shape')}; {data} holds {now.get('shape')}"

@@ -138,7 +138,13 @@ def run(cfg: EvalPriorConfig) -> dict:
             lambda: store.check_out_file(folder / "eval.json", flag="eval-prior's report")
         )
     tcfg = meta["config"]
-    checkpoint.check_store(meta, load_store_manifest(cfg.data), cfg.data)
+    manifest = load_store_manifest(cfg.data)
+    checkpoint.check_store(meta, manifest, cfg.data)
+    if tcfg["text_encodings"] and not manifest.get("text_enc"):
+        raise UsageError(
+            f"the prior was trained with --text-encodings and {cfg.data} has none: evaluate it on a store "
+            "embedded with --text-encodings"
+        )
     device = resolve_device(cfg.device)
     prior = checkpoint.build_model(folder, meta).to(device).eval()
     try:

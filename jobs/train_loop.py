@@ -48,6 +48,8 @@ RESUMABLE_CHANGES = {
     "device",
     "log_every",
     "eval_samples",
+    "sample_steps",  # the evaluation's sampler and its steps: they draw nothing from the training's random state
+    "sampler",
     "log_rows",  # an audit log, not a training setting: a resume may start (or stop) keeping it
     "keep_checkpoints",
     "out",  # a run folder may be moved, and a store too (its identity is checked instead of its path)
@@ -172,7 +174,10 @@ class _LossModule(torch.nn.Module):
 
 def load_store_manifest(data: str) -> dict:
     if not (Path(data) / store.MANIFEST).exists():
-        raise UsageError(f"--data {data} is not an embedding store (no {store.MANIFEST}); run `unclip embed`")
+        raise UsageError(
+            f"--data {data} is not an embedding store (no {store.MANIFEST}); run `unclip embed` on its shards, or "
+            "`unclip adopt` on an embedding folder made elsewhere"
+        )
     return store.load_manifest(data)
 
 
@@ -618,6 +623,13 @@ def _loop_until(model: torch.nn.Module, stream: Stream, start: int, run: RunStat
     t0, seen, last_loss, report_eval = time.perf_counter(), 0, float("nan"), None
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     name = f"train-{run.task.name}"
+    if start >= end and start < cfg.steps:
+        raise UsageError(
+            f"--stop-after {cfg.stop_after} is not after the checkpoint's step {start}: nothing to train; give a "
+            f"later step, or leave it out to run on to --steps {cfg.steps}"
+        )
+    if start >= end:
+        log.info("%s: the checkpoint is at --steps %d already; nothing to train", name, cfg.steps)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=name, disable=rank != 0)
     run.model.train()
     stopped = 0  # the step a SIGTERM stopped the run after (checkpointed), if one did
@@ -664,9 +676,9 @@ def _loop_until(model: torch.nn.Module, stream: Stream, start: int, run: RunStat
         raise Stopped(f"{name} stopped after step {stopped} of {end}, checkpointed in {run.ckpt_dir}")
     elapsed = time.perf_counter() - t0
     return {
-        "steps": end,
+        "steps": max(end, start),
         "start_step": start,
-        "final_loss": last_loss,
+        "final_loss": None if math.isnan(last_loss) else last_loss,  # None: no step ran (JSON has no NaN)
         "seconds": round(elapsed, 2),
         "samples_per_s": round(seen / elapsed, 1) if seen else None,
         "ckpt": str(run.ckpt_dir),

@@ -154,8 +154,8 @@ def _is_demo_folder(folder: Path) -> bool:
 
 def run(cfg: DemoDataConfig) -> dict:
     """Write ``cfg.n`` images and ``demo.parquet`` into ``cfg.out``. Returns a small report."""
-    if cfg.n < 1 or cfg.size < 16:
-        raise UsageError(f"--n must be >= 1 and --size >= 16 (got n={cfg.n}, size={cfg.size})")
+    if cfg.n < 1 or not 16 <= cfg.size <= 4096:
+        raise UsageError(f"--n must be >= 1 and --size between 16 and 4096 (got n={cfg.n}, size={cfg.size})")
     out = Path(cfg.out)
     check_out_folder(
         out, _is_demo_folder, "a demo-data folder (demo.parquet with scene columns, images/NNNNN.png)"

@@ -250,6 +250,12 @@ def validate(cfg: DownloadConfig) -> tuple[str, list[str], int]:
     for name in ("samples_per_shard", "processes", "threads", "timeout"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(cfg, name)})")
+    if cfg.retries < 0:  # img2dataset then tries no URL at all, and fails inside
+        raise UsageError(f"--retries must be >= 0 (got {cfg.retries})")
+    if not 0 <= cfg.encode_quality <= 100:
+        raise UsageError(
+            f"--encode-quality must be between 0 and 100, a JPEG quality (got {cfg.encode_quality})"
+        )
     if cfg.resize_mode not in RESIZE_MODES:
         raise UsageError(f"unknown --resize-mode '{cfg.resize_mode}'; valid: {', '.join(RESIZE_MODES)}")
     if cfg.distributor not in DISTRIBUTORS:

@@ -4,6 +4,7 @@ import hashlib
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from pipeline.demo_data import BACKGROUND_RGB, COLORS, POSITIONS, DemoDataConfig, run
@@ -188,3 +189,12 @@ def test_broken_binding_always_draws_another_picture_and_swaps_two_colours():
             "shape2": "circle", "color2": "red", "position2": "top left"}  # fmt: skip
     b = broken_binding(same, rng)
     assert b["color1"] not in ("red", "white") and b["color2"] == "red"
+
+
+@pytest.mark.parametrize("size", ["8", "100000"])
+def test_a_picture_size_out_of_range_is_refused_before_anything_is_written(size, tmp_path, capsys):
+    # 100000 px a side was taken, and the process was killed for memory, leaving an empty images/ behind
+    from jobs.cli import main
+
+    assert main(["demo-data", "--out", str(tmp_path / "dd"), "--n", "1", "--size", size]) == 2
+    assert "--size between 16 and 4096" in capsys.readouterr().err and not (tmp_path / "dd").exists()

@@ -162,6 +162,8 @@ def test_download_never_writes_over_the_users_files(tmp_path, capsys, case, mess
         ("missing_col", "--caption-col 'caption' is not a column of"),
         ("empty", "has no rows"),
         ("bad_size", "--image-size must be between 8 and 8192"),
+        ("bad_retries", "--retries must be >= 0 (got -1)"),  # img2dataset crashed inside, half-written
+        ("bad_quality", "--encode-quality must be between 0 and 100"),
         # demo-data's own table: paths, which img2dataset failed one by one, ending with 0 images and exit 0
         ("paths_not_urls", "holds 'images/00000.png' (row 1), not a URL"),
     ],
@@ -183,6 +185,10 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case, message):
         args = ["--urls", str(tmp_path / "urls.jsonl")]
     elif case == "bad_size":
         args += ["--image-size", "0"]
+    elif case == "bad_retries":
+        args += ["--retries", "-1"]
+    elif case == "bad_quality":
+        args += ["--encode-quality", "101"]
     elif case == "paths_not_urls":
         pq.write_table(pa.table({"url": ["images/00000.png"], "caption": ["a"]}), urls)
     out = tmp_path / "out"

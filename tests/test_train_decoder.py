@@ -337,6 +337,8 @@ def test_sample_loads_the_stores_clip_checkpoint_by_content_wherever_it_lies(pai
         ("eval_decoder_steps_above_schedule", "--decoder-steps must be between 1 and 1000"),
         ("eval_prior_steps_above_schedule", "--steps must be between 1 and 1000"),
         ("seed_beyond_64_bits", "--seed must be in [0, 2**63)"),
+        # it said "trained on latents of shape [3, 16, 16]; ... holds None"
+        ("eval_store_without_latents", "has no latents (it was embedded without --latents)"),
     ],
 )
 def test_sample_and_eval_refuse_before_the_work(case, want, pair, data, tmp_path, capsys):
@@ -362,6 +364,11 @@ def test_sample_and_eval_refuse_before_the_work(case, want, pair, data, tmp_path
     elif case == "eval_decoder_steps_above_schedule":
         args = ["eval-decoder", "--decoder", str(pair / "decoder"), "--data", data, "--decoder-steps", "1001"]
         png = tmp_path / "ev"
+    elif case == "eval_store_without_latents":
+        plain = tmp_path / "plain"
+        make_store(plain, [16], dim=DIM, n_classes=4, latent_size=0)
+        args = ["eval-decoder", "--decoder", str(pair / "decoder"), "--data", str(plain)]
+        png = tmp_path / "ev"
     elif case == "eval_prior_steps_above_schedule":
         args = ["eval-prior", "--ckpt", str(pair / "prior"), "--data", data, "--steps", "1001"]
         png = tmp_path / "ev.json"
@@ -378,7 +385,9 @@ def test_sample_and_eval_refuse_before_the_work(case, want, pair, data, tmp_path
     assert len(err) == 1 and want in err[0], err
     if case == "base_is_a_prior":
         assert "is a prior checkpoint, not a decoder" in err[0]
-    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "p.txt" and p.name != "f"]
+    mine = ("p.txt", "f") if case != "eval_store_without_latents" else ()
+    made = [p for p in tmp_path.rglob("*") if p.is_file() and p.name not in mine]
+    assert not [p for p in made if "plain" not in p.parts]
 
 
 @pytest.mark.parametrize("command", ["eval-prior", "eval-decoder"])

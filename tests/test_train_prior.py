@@ -385,6 +385,45 @@ def test_eval_prior_writes_only_its_own_report_and_never_remakes_a_pruned_step_f
     assert "top-1 retrieval" in out and not step.exists()
 
 
+def test_a_resume_with_nothing_to_train_says_so_and_evaluation_settings_may_change(data, tmp_path, capsys):
+    """A resume at or past --stop-after printed "steps": 5 from step 10 and "final_loss": NaN (not JSON); a
+    changed --sampler or --sample-steps (the evaluation's own) was refused."""
+    main(cfg_for(data, tmp_path, stop_after=10, eval_every=10, eval_samples=8, sample_steps=4))
+    with pytest.raises(
+        UsageError, match=r"--stop-after 5 is not after the checkpoint's step 10: nothing to train"
+    ):
+        main(
+            cfg_for(data, tmp_path, resume=True, stop_after=5, eval_every=10, eval_samples=8, sample_steps=4)
+        )
+    main(cfg_for(data, tmp_path, resume=True, eval_every=10, eval_samples=8, sample_steps=2, sampler="dpm++"))
+    capsys.readouterr()
+    assert (
+        cli(["train-prior", *_flags(cfg_for(data, tmp_path, resume=True, eval_every=10, eval_samples=8))])
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)  # strict JSON: no NaN
+    assert report["steps"] == 20 and report["start_step"] == 20 and report["final_loss"] is None
+
+
+def _flags(cfg) -> list[str]:
+    import dataclasses
+
+    out = []
+    for k, v in dataclasses.asdict(cfg).items():
+        out += [f"--{k.replace('_', '-')}", str(v).lower() if isinstance(v, bool) else str(v)]
+    return out
+
+
+def test_eval_prior_of_a_text_encodings_prior_on_a_store_without_them_names_the_prior(data, tmp_path, capsys):
+    """It blamed the store ("text_enc_offsets ... cannot be read; unclip validate lists the damage")."""
+    main(cfg_for(data, tmp_path / "run", stop_after=2, save_every=2, text_encodings=True))
+    plain = tmp_path / "plain"
+    make_store(plain, [64], dim=32, n_classes=4)
+    assert cli(["eval-prior", "--ckpt", str(tmp_path / "run"), "--data", str(plain), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with --text-encodings and" in err and "has none" in err
+
+
 def test_a_nan_in_the_store_names_the_data_and_validate_not_the_learning_rate(data, tmp_path):
     """It said "lower --lr ... the last good checkpoint is in RUN/ckpt", a folder that did not exist yet."""
     import shutil
