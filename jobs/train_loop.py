@@ -154,6 +154,8 @@ class RunState:
     # How the train stream split and ordered the store (`Stream.order`), and how the resumed checkpoint's did
     stream_order: str = ""
     resumed_order: str | None = None
+    shards: dict | None = None  # `store_shards` of the stream's store, and of the resumed checkpoint's
+    resumed_shards: dict | None = None
 
     @property
     def ckpt_dir(self) -> Path:
@@ -191,10 +193,12 @@ def store_identity(manifest: dict) -> dict:
     }
 
 
-def store_shards(manifest: dict) -> dict:
-    """The store's shards as a checkpoint records them (their count, rows and a digest of each one's name and
-    rows), so that a resume can tell the data the run is split from has changed."""
-    shards = sorted((str(s["shard"]), int(s["rows"])) for s in manifest.get("shards", []))
+def store_shards(done: list[tuple[str, int]]) -> dict:
+    """The done shards a run's stream was split from, as a checkpoint records them (their count, rows and a
+    digest of each one's name and rows), so that a resume can tell the data has changed. The done markers', not
+    the manifest's list: a running embed writes markers first, and the manifest only at its end. (Of a finished
+    store the two are the same, so a checkpoint that recorded the manifest's is compared alike.)"""
+    shards = sorted((str(s), int(n)) for s, n in done)
     digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
     return {"shards": len(shards), "rows": sum(n for _, n in shards), "sha256": digest}
 
@@ -232,13 +236,7 @@ def _check_resume(meta: dict, run: RunState) -> None:
             f"--resume: {run.cfg.data} is not the store this run was trained on (its CLIP model or latent "
             "codec differ); resume on the same store, or start a new --out"
         )
-    then, now = meta.get("store_shards"), store_shards(run.manifest)
-    if then is not None and then != now:  # a checkpoint written before this was recorded says nothing
-        log.warning(
-            "--resume: %s changed since the checkpoint (%d shards of %d rows then, %d of %d now): the run "
-            "continues on the store as it is, so its data order from here is not an uninterrupted run's",
-            run.cfg.data, then["shards"], then["rows"], now["shards"], now["rows"],
-        )  # fmt: skip
+    run.resumed_shards = meta.get("store_shards")  # checked against the stream's once it is built
     if meta["world_size"] != run.world:
         # Step s of the stream is cut for a fixed number of ranks, and each rank's noise generator is saved:
         # another world size would change the data order and the noise, so the run would not be the same.
@@ -446,6 +444,16 @@ def _train(task: Task, run: RunState) -> dict:
         )
     )
     run.stream_order = stream.order
+    run.shards = store_shards(stream.store.done)
+    then, now = run.resumed_shards, run.shards
+    if (
+        then is not None and then != now and run.rank == 0
+    ):  # a checkpoint made before it was recorded: nothing
+        log.warning(
+            "--resume: %s changed since the checkpoint (%d shards of %d rows then, %d of %d now): the run "
+            "continues on the store as it is, so its data order from here is not an uninterrupted run's",
+            run.cfg.data, then["shards"], then["rows"], now["shards"], now["rows"],
+        )  # fmt: skip
     if run.resumed_order is not None and run.resumed_order != stream.order:
         by = {"row": "row position", "key": "sample key"}
         raise UsageError(
@@ -489,7 +497,7 @@ def _save(step: int, run: RunState) -> None:
         "world_size": run.world,
         "store": store_identity(run.manifest),
         "stream_order": run.stream_order,  # how the store's rows were split and ordered
-        "store_shards": store_shards(run.manifest),  # what it was split from
+        "store_shards": run.shards,  # what it was split from
     }
     checkpoint.save(run.ckpt_dir, step, run.model, run.ema, state, meta)
     checkpoint.prune(run.ckpt_dir, run.cfg.keep_checkpoints)

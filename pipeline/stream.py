@@ -85,7 +85,8 @@ class Store:
     def __init__(self, root: str | Path, max_cached: int = 64, max_maps: int = 64, reuse: int = 8):
         self.root = Path(root)
         self.manifest = store.load_manifest(self.root)
-        self.shards = [(s, n) for s, n in store.shard_rows(self.root) if n > 0]
+        self.done = store.shard_rows(self.root)  # every done shard (a store still being embedded: so far)
+        self.shards = [(s, n) for s, n in self.done if n > 0]
         self._cache: OrderedDict = OrderedDict()  # whole per-shard arrays (text encodings), read into memory
         self._max_cached = max_cached
         self._maps: OrderedDict = OrderedDict()

@@ -154,6 +154,24 @@ def test_a_checkpoint_from_before_stores_recorded_their_clip_digest_resumes_on_o
         main(cfg_for(str(store_copy), tmp_path / "run", resume=True))
 
 
+def test_a_resume_on_a_store_an_embed_has_added_shards_to_says_its_data_changed(data, tmp_path, caplog):
+    """A running embed writes each shard's done marker, and the manifest only at its end: the checkpoint
+    recorded the manifest's shards, the stream trained on the done ones, and a resume after the embed added
+    one continued silently, not as an uninterrupted run would."""
+    store_copy = tmp_path / "store"
+    shutil.copytree(data, store_copy)
+    manifest = json.loads((store_copy / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:1]  # as the embed's first run of the store wrote it
+    (store_copy / "manifest.json").write_text(json.dumps(manifest))
+    for later in ("00002", "00003"):  # not done yet
+        (store_copy / "done" / f"{later}.json").rename(tmp_path / f"{later}.json")
+    main(cfg_for(str(store_copy), tmp_path / "run", stop_after=10))
+    (tmp_path / "00002.json").rename(store_copy / "done/00002.json")  # the embed finished one more shard
+    with caplog.at_level("WARNING", logger="jobs.train_loop"):
+        main(cfg_for(str(store_copy), tmp_path / "run", stop_after=15, resume=True))
+    assert "changed since the checkpoint (2 shards of 300 rows then, 3 of 550 now)" in caplog.text
+
+
 def test_resume_refuses_other_settings_and_loading_is_strict(data, tmp_path):
     main(cfg_for(data, tmp_path, stop_after=10))
     with pytest.raises(UsageError, match="lr"):
