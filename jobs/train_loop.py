@@ -315,11 +315,13 @@ def _prepare(task: Task) -> RunState:
     manifest = load_store_manifest(cfg.data)
     listed, done = {str(s["shard"]) for s in manifest.get("shards", [])}, set(store.done_shards(cfg.data))
     if listed != done and int(os.environ.get("RANK", "0")) == 0:  # the stream takes the done shards
+        from pipeline.validate import redo
+
+        what = "adoption" if (manifest.get("identity") or {}).get("adopted") else "embed run"
         log.warning(
-            "--data %s: its manifest lists %d shard(s) and %d are done, so its embed run did not finish (or "
-            "was killed); training on the %d done shards. Rerun `unclip embed` to finish it (`unclip validate` "
-            "checks it)",
-            cfg.data, len(listed), len(done), len(done),
+            "--data %s: its manifest lists %d shard(s) and %d are done, so its %s did not finish (or was "
+            "killed); training on the %d done shards. To finish it, %s (`unclip validate` checks it)",
+            cfg.data, len(listed), len(done), what, len(done), redo(Path(cfg.data), manifest),
         )  # fmt: skip
     model_cfg = json.loads(json.dumps(task.model_config(manifest)))  # as meta.json will hold it
     if hasattr(cfg, "sample_steps"):  # the evaluation's sampler: refused now, not at the first evaluation

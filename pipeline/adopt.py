@@ -4,15 +4,16 @@ embedding sets) a store that `validate`, `train-prior` and the stream accept, wi
 The folder holds ``img_emb/img_emb_N.npy``, ``text_emb/text_emb_N.npy`` and ``metadata/metadata_N.parquet``,
 numbered with or without zero padding, gaps allowed, float16 or float32, and no manifest. Adopt checks every
 shard (row counts agree across the three files, dims and dtypes agree across shards and with the named CLIP
-model, every row finite, norms measured), then writes only ``manifest.json`` and ``done/N.json`` markers with
-checksums, the markers first and the manifest last, each atomically. A folder that fails a check gets one line
-per problem (the first few, then a count), exit 2, and nothing written. Rerunning on an adopted folder is a
-no-op.
+model, every row finite and not all zeros, norms measured, a ``key`` column, if there is one, without nulls or
+repeats), then writes only ``manifest.json`` and ``done/N.json`` markers with checksums, the markers first and
+the manifest last, each atomically. A folder that fails a check gets one line per problem (the first few, then
+a count), exit 2, and nothing written. Rerunning on an adopted folder is a no-op, except that it writes a
+damaged manifest again (it is derived from the folder's files). The user's other files in the folder
+(``_SUCCESS``, notes) are left alone, and `validate` passes over them too.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,18 +77,36 @@ class ShardCheck:
     norm_max: float
 
 
-def _norms(a: np.ndarray, chunk: int = 1 << 16) -> tuple[bool, float, float]:
-    """(all rows finite, smallest norm, largest norm) read in chunks: a memory map is never loaded whole."""
-    lo, hi, finite = np.inf, 0.0, True
+def _norms(a: np.ndarray, chunk: int = 1 << 16) -> tuple[bool, int, float, float]:
+    """(all rows finite, rows of zero norm, smallest and largest norm of the others) read in chunks: a memory
+    map is never loaded whole."""
+    lo, hi, finite, zeros = np.inf, 0.0, True, 0
     for i in range(0, len(a), chunk):
         x = np.asarray(a[i : i + chunk], dtype=np.float32)
         if not np.isfinite(x).all():
             finite = False
             continue
         n = np.linalg.norm(x, axis=1)
+        zero = n < store.ZERO_NORM
+        zeros += int(zero.sum())
+        n = n[~zero]
         if len(n):
             lo, hi = min(lo, float(n.min())), max(hi, float(n.max()))
-    return finite, lo, hi
+    return finite, zeros, lo, hi
+
+
+def _key_problems(path: Path) -> str | None:
+    """What is wrong with a metadata file's ``key`` column, if it has one: the stream splits rows by key, so a
+    null one stops training, and a key twice in a shard is refused by `validate` too. None when it is fine."""
+    if "key" not in pq.ParquetFile(path).schema_arrow.names:
+        return None  # rows are then split by position
+    keys = pq.read_table(path, columns=["key"])["key"]
+    if keys.null_count:
+        first = keys.to_pylist().index(None)
+        return f"its key column has {keys.null_count} null key(s) (row {first} first)"
+    if len(set(keys.to_pylist())) != len(keys):
+        return "its key column holds a key twice"
+    return None
 
 
 def check_shard(folder: Path, shard: str, dim: int) -> tuple[ShardCheck | None, list[str]]:
@@ -113,9 +132,11 @@ def check_shard(folder: Path, shard: str, dim: int) -> tuple[ShardCheck | None, 
         if a.shape[1] != dim:
             problems.append(f"shard {shard}: {f} is {a.shape[1]}-d; the named CLIP model gives {dim}-d")
         arrays[f], dims[f] = a, (a.shape[1], str(a.dtype))
-        finite, n_lo, n_hi = _norms(a)
+        finite, zeros, n_lo, n_hi = _norms(a)
         if not finite:
             problems.append(f"shard {shard}: {f} has NaN or inf rows")
+        if zeros:
+            problems.append(f"shard {shard}: {f} has {zeros} all-zero row(s), which are no embeddings")
         lo, hi = min(lo, n_lo), max(hi, n_hi)
     try:
         meta_rows = pq.ParquetFile(paths["metadata"]).metadata.num_rows
@@ -124,6 +145,11 @@ def check_shard(folder: Path, shard: str, dim: int) -> tuple[ShardCheck | None, 
             f"shard {shard}: {paths['metadata'].relative_to(folder)} is not readable parquet ({e})"
         )
         meta_rows = None
+    if meta_rows is not None and (why := _key_problems(paths["metadata"])):
+        problems.append(
+            f"shard {shard}: {paths['metadata'].relative_to(folder)}: {why}; mend it, or drop the key column "
+            "(rows are then split by position)"
+        )
     counts = {f: len(a) for f, a in arrays.items()}
     if meta_rows is not None:
         counts["metadata"] = meta_rows
@@ -137,11 +163,7 @@ def check_shard(folder: Path, shard: str, dim: int) -> tuple[ShardCheck | None, 
 
 
 def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    return store.sha256_of(path, 1 << 24)
 
 
 def _manifest(cfg: AdoptConfig, checks: list[ShardCheck], dim: int, context_length: int) -> dict:
@@ -203,11 +225,13 @@ def run(cfg: AdoptConfig) -> dict:
         problems.append(
             f"done/ holds markers of no shard here ({', '.join(p.name for p in stale[:3])}); remove them"
         )
+    if not problems and not sum(c.rows for c in checks):
+        problems.append(f"its {len(checks)} shard(s) hold no rows: nothing to train on")
     if problems:
         more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
         raise UsageError(f"{folder} cannot be adopted: " + "; ".join(problems[:SHOWN]) + more)
     manifest = _manifest(cfg, checks, dims.dim, dims.context_length)
-    old = store.load_manifest(folder) if (folder / store.MANIFEST).exists() else None
+    old = _old_manifest(folder)
     if old is not None and not old.get("identity", {}).get("adopted"):
         raise UsageError(f"{folder} is already a store written by `unclip embed`; it needs no adopting")
     stale = stale if store.is_adopted(folder) else []  # an earlier adoption's, of shards since removed
@@ -246,6 +270,28 @@ def run(cfg: AdoptConfig) -> dict:
         # last: a folder with a manifest is a finished adoption
         store.write_json(folder / store.MANIFEST, manifest)
     return _report(folder, manifest, checks, adopted_now=True)
+
+
+def _old_manifest(folder: Path) -> dict | None:
+    """The folder's manifest, if it has one. One that cannot be read is rewritten when the folder is an
+    adoption (every done marker is adopt's): it is derived from the user's files, which are all there; no other
+    command could mend it (embed refuses an adopted folder)."""
+    if not (folder / store.MANIFEST).exists():
+        return None
+    try:
+        return store.load_manifest(folder)
+    except UsageError as e:
+        try:  # a newer version's manifest is not damaged: this code must not write over it
+            version = store.read_json(folder / store.MANIFEST).get("format_version")
+            newer = isinstance(version, int) and version > store.FORMAT_VERSION
+        except (OSError, ValueError, AttributeError):
+            newer = False
+        markers = [_read_marker(folder, s) for s in store.done_shards(folder)]
+        ours = markers and all(m is not None and m.get("source") == "adopted" for m in markers)
+        if newer or not ours:  # (a manifest.json beside no marker of ours may be the user's own file)
+            raise
+        log.warning("adopt: %s; it is written again from the folder's files", e)
+        return None
 
 
 def _check_writable(folder: Path) -> None:

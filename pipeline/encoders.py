@@ -80,11 +80,9 @@ def file_sha256(path: str) -> str:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
+        from pipeline.store import sha256_of
+
+        _DIGESTS[key] = sha256_of(path)
     return _DIGESTS[key]
 
 

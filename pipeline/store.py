@@ -55,6 +55,7 @@ FIELDS: dict[str, tuple[str, str, str]] = {
 LATENT_CODECS = ("none", "pixels", "vae")
 EMB_DTYPE = np.float16  # what `unclip embed` writes; adopted folders may hold float32 (the manifest says)
 LATENT_DTYPE = np.uint8
+ZERO_NORM = 1e-6  # an embedding row shorter than this is none (a failed image's zeros: it has no direction)
 TEXT_ENC_LAYOUT = "flat tokens + offsets"
 
 
@@ -321,6 +322,15 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
+    """A file's sha256, read a chunk at a time (a store's shard files can be gigabytes each)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: str | Path) -> Any:

@@ -93,7 +93,12 @@ class Store:
         self._max_maps = max_maps
         self._lock = threading.Lock()  # a batch's fields are gathered on several threads
         self._outs = Recycler(reuse)
-        self._shapes: dict[str, tuple[int, ...]] = {}  # a row's shape per field, from the first map opened
+        # a row's shape per field: the manifest's where it says (a file of another width was a traceback deep
+        # in the model), else the first map opened's
+        dim = int(self.manifest["clip"]["dim"])
+        self._shapes: dict[str, tuple[int, ...]] = {"img_emb": (dim,), "text_emb": (dim,)}
+        if self.manifest.get("latents"):
+            self._shapes["latents"] = tuple(int(x) for x in self.manifest["latents"]["shape"])
         self._normalize = {
             f for f, d in self.manifest.items() if isinstance(d, dict) and d.get("normalize_on_read")
         }
@@ -120,8 +125,8 @@ class Store:
                 if len(m) != n or m.shape[1:] != shape:
                     path = store.field_path(self.root, field, shard)
                     raise StageError(
-                        f"{path} holds {len(m)} rows of shape {m.shape[1:]} where its done marker says {n} and "
-                        f"the store's other shards hold {shape}; `unclip validate {self.root}` lists the damage"
+                        f"{path} holds {len(m)} rows of shape {m.shape[1:]} where its done marker says {n} rows "
+                        f"of shape {shape}; `unclip validate {self.root}` lists the damage"
                     )
                 self._maps[key] = m
                 if len(self._maps) > self._max_maps:

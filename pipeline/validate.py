@@ -5,7 +5,6 @@ Reads the store (and each shard's source tar, when reachable, to compare keys). 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,13 +52,29 @@ def _finite(a: np.ndarray, chunk: int = 1 << 16) -> bool:
     )
 
 
+def _embedding_problems(a: np.ndarray, normalized: bool, chunk: int = 1 << 16) -> str | None:
+    """What is wrong with a shard's embeddings, read a chunk at a time (a LAION part is ~1.5 GB as float32):
+    NaN or inf, all-zero rows, or (where the manifest says they are normalised) rows whose norm is not 1."""
+    zeros = off = 0
+    for i in range(0, len(a), chunk):
+        x = np.asarray(a[i : i + chunk], dtype=np.float32)
+        if not np.isfinite(x).all():
+            return "has NaN or inf"
+        n = np.linalg.norm(x, axis=1)
+        zeros += int((n < store.ZERO_NORM).sum())
+        off += int((np.abs(n - 1) > NORM_TOLERANCE).sum()) if normalized else 0
+    if zeros:
+        return f"has {zeros} all-zero row(s), which are no embeddings"
+    return f"has {off} rows whose norm is not 1" if off else None
+
+
 def _check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> list[str]:
     shard, rows, problems = marker["shard"], marker["rows"], []
     for rel, digest in marker["files"].items():
         p = root / rel
         if not p.exists():
             problems.append(f"{shard}: missing file {rel}; {_repair(root, manifest, shard)}")
-        elif hashlib.sha256(p.read_bytes()).hexdigest() != digest:
+        elif store.sha256_of(p) != digest:
             problems.append(f"{shard}: checksum mismatch for {rel}; {_repair(root, manifest, shard)}")
     if problems or rows == 0:
         return problems
@@ -72,13 +87,8 @@ def _check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> 
                 f"{shard}: {fld} is {a.dtype}{list(a.shape)}, manifest says {want}[{rows}, {dim}]"
             )
             continue
-        x = np.asarray(a, dtype=np.float32)
-        if not np.isfinite(x).all():
-            problems.append(f"{shard}: {fld} has NaN or inf")
-        elif manifest[fld].get("normalized", True) and (
-            bad := int((np.abs(np.linalg.norm(x, axis=1) - 1) > NORM_TOLERANCE).sum())
-        ):
-            problems.append(f"{shard}: {fld} has {bad} rows whose norm is not 1")
+        if why := _embedding_problems(a, manifest[fld].get("normalized", True)):
+            problems.append(f"{shard}: {fld} {why}")
     if (lat := manifest.get("latents")) is not None:
         a = store.open_array(root, "latents", shard)
         if a.shape != (rows, *lat["shape"]) or a.dtype != store.LATENT_DTYPE:
@@ -105,7 +115,11 @@ def _check_shard(root: Path, manifest: dict, marker: dict, check_tars: bool) -> 
     keys = store.read_metadata(root, shard, ["key"])["key"].to_pylist()
     if len(keys) != rows:
         problems.append(f"{shard}: metadata has {len(keys)} rows, done marker says {rows}")
-    if len(set(keys)) != len(keys):
+    if None in keys:  # the stream splits rows by key: training stops at the first null
+        problems.append(
+            f"{shard}: metadata has {keys.count(None)} null key(s) (row {keys.index(None)} first)"
+        )
+    elif len(set(keys)) != len(keys):
         problems.append(f"{shard}: keys are not unique")
     if check_tars:
         problems += _check_keys(root, shard, marker, keys)
@@ -162,15 +176,21 @@ def _read_json(path: Path, required: dict[str, type]) -> tuple[dict | None, str 
     return obj, None
 
 
-def _stray_files(root: Path, markers: dict[str, dict], again: str) -> list[str]:
+def _stray_files(root: Path, markers: dict[str, dict], again: str, adopted: bool = False) -> list[str]:
     """Files in the store's field folders that no done marker lists: partial shards, temp files of a killed
-    writer, or files put there by hand."""
+    writer, or files put there by hand. An adopted folder is the user's: there only shard files (a shard added
+    since the adoption) count, not their other files (`_SUCCESS`, `.DS_Store`, notes), which adopt passes over."""
     listed = {rel for m in markers.values() for rel in m["files"]}
+    shard_files = {
+        str(store.field_path(root, f, s).relative_to(root))
+        for f in store.FIELDS
+        for s in store.field_shard_ids(root, f)
+    }
     problems = []
     for folder in sorted({f[0] for f in store.FIELDS.values()}):
         for p in sorted((root / folder).iterdir()) if (root / folder).is_dir() else []:
             rel = str(p.relative_to(root))
-            if rel in listed:
+            if rel in listed or (adopted and rel not in shard_files):
                 continue
             if p.name.startswith(".") and ".tmp" in p.name:
                 problems.append(f"{rel}: temp file of an interrupted write; remove it")
@@ -193,7 +213,13 @@ def run(cfg: ValidateConfig) -> dict:
         except store.ManifestError as e:
             manifest, why = None, str(e)
     if manifest is None:
-        return _report(root, 0, 0, [f"{why}; the store cannot be read (re-embed it with --overwrite)"])
+        sources = [m.get("source") for p in (root / "done").glob("*.json") if (m := _json_object(p))]
+        fix = (
+            "rerun `unclip adopt` on it with its --clip and --pretrained, which writes the manifest again"
+            if sources and all(x == "adopted" for x in sources)
+            else "re-embed it with --overwrite"
+        )
+        return _report(root, 0, 0, [f"{why}; the store cannot be read ({fix})"])
     problems: list[str] = []
     again = redo(root, manifest)
     done = store.done_shards(root)
@@ -209,12 +235,20 @@ def run(cfg: ValidateConfig) -> dict:
     listed = [s.get("shard") for s in manifest.get("shards", []) if isinstance(s, dict)]
     if listed != done:
         problems.append(f"manifest lists {len(listed)} shards but {len(done)} are done; {again}")
-    problems += _stray_files(root, markers, again)
+    problems += _stray_files(root, markers, again, bool((manifest.get("identity") or {}).get("adopted")))
     rows = 0
     for marker in markers.values():
         rows += marker["rows"]
         problems += check_shard(root, manifest, marker, cfg.check_tars)
     return _report(root, len(done), rows, problems)
+
+
+def _json_object(path: Path) -> dict | None:
+    try:
+        obj = store.read_json(path)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _report(root: Path, shards: int, rows: int, problems: list[str]) -> dict:

@@ -122,6 +122,21 @@ def _break(folder: Path, case: str) -> None:
         shutil.rmtree(folder / "img_emb")
     elif case == "metadata_not_parquet":
         (folder / "metadata" / "metadata_1.parquet").write_bytes(b"not parquet at all")
+    elif case in ("null_key", "key_twice"):  # passed adopt and validate; training stopped at the null
+        path = folder / "metadata" / "metadata_1.parquet"
+        keys = [f"1{i:04d}" for i in range(10)]
+        keys[5] = None if case == "null_key" else keys[6]
+        pq.write_table(pq.read_table(path).append_column("key", pa.array(keys, pa.string())), path)
+    elif case == "zero_rows":  # adopted and trained on, and two of them marked the folder "not normalised"
+        a = np.load(folder / "img_emb" / "img_emb_1.npy")
+        a[[2, 7]] = 0
+        np.save(folder / "img_emb" / "img_emb_1.npy", a)
+    elif case == "no_rows":  # adopted, with "norm_min": Infinity in its manifest (not JSON)
+        for n in (0, 1):
+            for field in ("img_emb", "text_emb"):
+                np.save(folder / field / f"{field}_{n}.npy", np.zeros((0, DIM), np.float16))
+            path = folder / "metadata" / f"metadata_{n}.parquet"
+            pq.write_table(pq.read_table(path).slice(0, 0), path)
 
 
 @pytest.mark.parametrize(
@@ -137,6 +152,10 @@ def _break(folder: Path, case: str) -> None:
         ("integer_embeddings", "shard 0: img_emb is int8[10, 64]; expected float16 or float32"),
         ("not_an_embedding_folder", "has no img_emb/ folder"),
         ("metadata_not_parquet", "shard 1: metadata/metadata_1.parquet is not readable parquet"),
+        ("null_key", "shard 1: metadata/metadata_1.parquet: its key column has 1 null key(s) (row 5 first)"),
+        ("key_twice", "shard 1: metadata/metadata_1.parquet: its key column holds a key twice"),
+        ("zero_rows", "shard 1: img_emb has 2 all-zero row(s), which are no embeddings"),
+        ("no_rows", "its 2 shard(s) hold no rows: nothing to train on"),
     ],
 )
 def test_a_folder_that_fails_a_check_is_one_line_exit_2_and_nothing_written(case, want, tmp_path, capsys):
@@ -303,3 +322,65 @@ def test_a_rerun_over_markers_without_file_times_writes_nothing_on_a_read_only_f
     hashed = []
     monkeypatch.setattr(adopt, "_digest", lambda p: hashed.append(p) or "x")
     assert main(["adopt", str(folder), *ADOPT]) == 0 and hashed == []
+
+
+def test_a_damaged_manifest_of_an_adoption_is_written_again_by_adopt_and_validate_says_so(tmp_path, capsys):
+    """No command could mend it: adopt refused it as damage, validate said to re-embed with --overwrite, and
+    embed refuses an adopted folder."""
+    folder = tmp_path / "f"
+    write_clip_retrieval_folder(folder, {0: 10, 1: 10})
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    good = (folder / "manifest.json").read_bytes()
+    (folder / "manifest.json").write_text('{"trunc')
+    capsys.readouterr()
+    assert main(["validate", str(folder)]) == 1
+    assert "rerun `unclip adopt` on it with its --clip and --pretrained" in capsys.readouterr().out
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    assert (folder / "manifest.json").read_bytes() == good and main(["validate", str(folder)]) == 0
+    # a manifest.json beside no marker of adopt's may be the user's own file: refused, not written over
+    other = tmp_path / "g"
+    write_clip_retrieval_folder(other, {0: 10})
+    (other / "manifest.json").write_text('{"mine": true}')
+    assert main(["adopt", str(other), *ADOPT]) == 2
+    assert (other / "manifest.json").read_text() == '{"mine": true}'
+
+
+def test_validate_passes_over_the_users_own_files_in_an_adopted_folder_but_not_a_shard_added_since(
+    tmp_path, capsys
+):
+    """`_SUCCESS`, `.DS_Store` or notes in the field folders: adopt took the folder, validate failed it and
+    said to rerun adopt, which changed nothing."""
+    folder = tmp_path / "f"
+    write_clip_retrieval_folder(folder, {0: 10, 1: 10})
+    for extra in (
+        "img_emb/_SUCCESS",
+        "img_emb/.DS_Store",
+        "metadata/notes.txt",
+        "text_emb/text_emb_0.npy.bak",
+    ):
+        (folder / extra).write_text("the user's")
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    capsys.readouterr()
+    assert main(["validate", str(folder)]) == 0
+    write_clip_retrieval_folder(tmp_path / "more", {2: 10})  # a shard added since: listed by no marker
+    for field, ext in (("img_emb", "npy"), ("text_emb", "npy"), ("metadata", "parquet")):
+        shutil.copy(tmp_path / "more" / field / f"{field}_2.{ext}", folder / field)
+    capsys.readouterr()
+    assert main(["validate", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "img_emb/img_emb_2.npy: no done marker lists it" in out and "_SUCCESS" not in out
+
+
+def test_a_store_whose_files_are_of_another_width_than_its_manifest_is_one_line_at_training(tmp_path, capsys):
+    """An adopted folder's embeddings replaced by narrower ones: a torch traceback (mat1 and mat2 shapes)."""
+    folder = tmp_path / "f"
+    write_clip_retrieval_folder(folder, {0: 40, 1: 40})
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    for n in (0, 1):
+        for field in ("img_emb", "text_emb"):
+            x = np.load(folder / field / f"{field}_{n}.npy")[:, :32]
+            np.save(folder / field / f"{field}_{n}.npy", x / np.linalg.norm(x, axis=1, keepdims=True))
+    args = ["--data", str(folder), "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "8"]
+    assert main(["train-prior", *args, "--eval-every", "0", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "holds 40 rows of shape (32,) where its done marker says 40 rows of shape (64,)" in err[-1]
