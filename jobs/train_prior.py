@@ -8,6 +8,7 @@ network from the store's manifest, its loss and its held-out evaluation.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,6 +52,13 @@ class PriorTask(Task):
                 f"--text-encodings needs a store embedded with --text-encodings; {cfg.data} has none"
             )
         width = manifest["text_enc"]["width"] if cfg.text_encodings else 0
+        made_for, dim = PRIOR_PRESETS[cfg.preset].emb_dim, manifest["clip"]["dim"]
+        if cfg.preset != "tiny" and made_for != dim and int(os.environ.get("RANK", "0")) == 0:
+            log.warning(
+                "--preset %s is sized for %d-d CLIP embeddings and %s holds %d-d ones (%s): it trains at %d-d, "
+                "but the preset for this CLIP may fit it better",
+                cfg.preset, made_for, cfg.data, dim, manifest["clip"].get("arch"), dim,
+            )  # fmt: skip
         pc = prior_config(
             cfg.preset, emb_dim=manifest["clip"]["dim"], text_enc_dim=width, guidance_scale=cfg.guidance_scale
         )

@@ -765,3 +765,16 @@ def test_a_repeated_sigterm_is_the_same_notice_a_later_one_ends_and_one_during_a
         main(cfg_for(data, tmp_path, save_every=5))
     assert checkpoint.read_meta(checkpoint.resolve(tmp_path))["step"] == 10
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_preset_sized_for_another_clip_says_so(data, tmp_path, caplog):
+    """--preset vit-l-14 ("768-d") on a store of another width trained at the store's width without a word."""
+    from jobs.train_prior import PriorTask
+
+    manifest = json.loads((Path(data) / "manifest.json").read_text())
+    with caplog.at_level("WARNING", logger="jobs.train_prior"):
+        assert PriorTask(cfg_for(data, tmp_path, preset="vit-b-32")).model_config(manifest)["emb_dim"] == 32
+        assert "--preset vit-b-32 is sized for 512-d CLIP embeddings" in caplog.text
+        caplog.clear()
+        PriorTask(cfg_for(data, tmp_path, preset="tiny")).model_config(manifest)  # made to fit any store
+        assert caplog.text == ""
