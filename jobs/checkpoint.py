@@ -266,6 +266,19 @@ def check_store(meta: dict, manifest: dict, data: str, latents: bool = False) ->
             f"the checkpoint was trained on {dim}-d CLIP embeddings ({trained.get('clip', {}).get('arch')}); "
             f"{data} holds {have}-d ones ({manifest.get('clip', {}).get('arch')})"
         )
+    from jobs.sample import clip_name, same_clip
+
+    try:
+        other = not same_clip(meta, {"store": {"clip": manifest["clip"]}})
+        names = clip_name(meta), clip_name({"store": {"clip": manifest["clip"]}})
+    except KeyError:  # an older checkpoint's record: the size agreed, nothing more to compare
+        other = False
+    if other:
+        log.warning(
+            "the checkpoint was trained on CLIP %s embeddings and %s holds %s ones, of the same size: its figures "
+            "on them say little",
+            names[0], data, names[1],
+        )  # fmt: skip
     if latents:
         then, now = trained.get("latents") or {}, manifest.get("latents") or {}
         if not now:

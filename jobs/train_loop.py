@@ -656,7 +656,8 @@ def _loop_until(model: torch.nn.Module, stream: Stream, start: int, run: RunStat
         if rank == 0 and (done % cfg.log_every == 0 or done == cfg.steps):
             sps = seen / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{last_loss:.4f}", samples_per_s=f"{sps:.0f}")
-            lr = run.sched.get_last_lr()[0]
+            # the rate this step was taken at (the scheduler has already moved on to the next step's)
+            lr = run.sched.base_lrs[0] * run.sched.lr_lambdas[0](step)
             row = {"step": done, "loss": last_loss, "grad_norm": grad_norm, "lr": lr, "samples_per_s": sps}
             metrics.append(metrics_file, row)
         # Evaluated before the save: a checkpoint exists only for a step whose evaluation ran, so a resume after

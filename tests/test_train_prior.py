@@ -778,3 +778,29 @@ def test_a_preset_sized_for_another_clip_says_so(data, tmp_path, caplog):
         caplog.clear()
         PriorTask(cfg_for(data, tmp_path, preset="tiny")).model_config(manifest)  # made to fit any store
         assert caplog.text == ""
+
+
+def test_the_logged_learning_rate_is_the_one_its_step_was_taken_at(data, tmp_path):
+    """metrics.jsonl logged the scheduler's rate after it had stepped: the next step's."""
+    from jobs.train_loop import lr_lambda
+
+    main(cfg_for(data, tmp_path, steps=10, warmup_steps=10, lr=1e-3, save_every=10))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert logged == {s: pytest.approx(1e-3 * lr_lambda(10, 10)(s - 1)) for s in (5, 10)}
+    assert logged[5] == pytest.approx(0.5e-3)  # warmup step 5 of 10 (0-based 4): 5/10 of the rate
+
+
+def test_eval_prior_on_a_store_of_another_clip_of_the_same_size_warns(data, tmp_path, caplog):
+    main(cfg_for(data, tmp_path / "run", stop_after=2, save_every=2))
+    other = tmp_path / "store"
+    shutil.copytree(data, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["clip"]["arch"] = "RN50"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    ev = ["eval-prior", "--ckpt", str(tmp_path / "run"), "--steps", "2", "--max-samples", "16"]
+    with caplog.at_level("WARNING", logger="jobs.checkpoint"):
+        assert cli([*ev, "--data", data, "--out", str(tmp_path / "a.json")]) == 0
+        assert "of the same size" not in caplog.text
+        assert cli([*ev, "--data", str(other), "--out", str(tmp_path / "b.json")]) == 0
+    assert "holds RN50 (" in caplog.text and "of the same size: its figures on them say little" in caplog.text
