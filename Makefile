@@ -53,7 +53,7 @@ lint: $(VENV_STAMP) ## ruff lint and format check
 
 download: $(VENV_STAMP) ## download URLS=table.parquet into OUT=shards/ (webdataset, img2dataset)
 	@test -n "$(URLS)" || { echo "usage: make download URLS=urls.parquet OUT=shards/" >&2; exit 2; }
-	.venv/bin/unclip download --urls $(URLS) --out $(or $(OUT),shards) $(ARGS)
+	.venv/bin/unclip download --urls '$(URLS)' --out '$(or $(OUT),shards)' $(ARGS)
 
 STORE ?= store
 PRIOR_OUT ?= prior
@@ -61,16 +61,16 @@ PRIOR_OUT ?= prior
 
 embed: $(VENV_STAMP) ## embed SHARDS='shards/{00000..00009}.tar' into OUT=store/ (add ARGS='--latents vae --vae …')
 	@test -n "$(SHARDS)" || { echo "usage: make embed SHARDS=shards/ OUT=store/ [ARGS='--clip ViT-B-32 --pretrained …']" >&2; exit 2; }
-	.venv/bin/unclip embed --shards '$(SHARDS)' --out $(or $(OUT),$(STORE)) $(ARGS)
+	.venv/bin/unclip embed --shards '$(SHARDS)' --out '$(or $(OUT),$(STORE))' $(ARGS)
 
 validate: $(VENV_STAMP) ## check an embedding store: make validate STORE=store/
-	.venv/bin/unclip validate $(STORE)
+	.venv/bin/unclip validate '$(STORE)'
 
 train-prior: $(VENV_STAMP) ## train the diffusion prior: make train-prior STORE=store/ PRIOR_OUT=prior/ [ARGS='--preset vit-b-32']
-	.venv/bin/unclip train-prior --data $(STORE) --out $(PRIOR_OUT) $(ARGS)
+	.venv/bin/unclip train-prior --data '$(STORE)' --out '$(PRIOR_OUT)' $(ARGS)
 
 eval-prior: $(VENV_STAMP) ## evaluate the prior's EMA weights on the held-out split
-	.venv/bin/unclip eval-prior --ckpt $(PRIOR_OUT) --data $(STORE) $(ARGS)
+	.venv/bin/unclip eval-prior --ckpt '$(PRIOR_OUT)' --data '$(STORE)' $(ARGS)
 
 DECODER_OUT ?= decoder
 BASE_OUT ?=
@@ -79,14 +79,14 @@ SAMPLES ?= samples.png
 .PHONY: train-decoder eval-decoder sample
 
 train-decoder: $(VENV_STAMP) ## train the decoder: make train-decoder STORE=store/ DECODER_OUT=decoder/ [ARGS='--preset base']
-	.venv/bin/unclip train-decoder --data $(STORE) --out $(DECODER_OUT) $(ARGS)
+	.venv/bin/unclip train-decoder --data '$(STORE)' --out '$(DECODER_OUT)' $(ARGS)
 
 eval-decoder: $(VENV_STAMP) ## re-embed the decoder's images on the held-out split, and text -> image with the prior (PRIOR_OUT= for the decoder alone)
-	.venv/bin/unclip eval-decoder --decoder $(DECODER_OUT) $(if $(BASE_OUT),--base $(BASE_OUT)) $(if $(PRIOR_OUT),--prior $(PRIOR_OUT)) --data $(STORE) $(ARGS)
+	.venv/bin/unclip eval-decoder --decoder '$(DECODER_OUT)' $(if $(BASE_OUT),--base '$(BASE_OUT)') $(if $(PRIOR_OUT),--prior '$(PRIOR_OUT)') --data '$(STORE)' $(ARGS)
 
 sample: $(VENV_STAMP) ## text -> image: make sample PROMPT="a red circle" [PRIOR_OUT=prior DECODER_OUT=decoder BASE_OUT=base SAMPLES=out.png]
 	@test -n "$(PROMPT)" || { echo 'usage: make sample PROMPT="a red circle on a white background" [ARGS=--n 8]' >&2; exit 2; }
-	.venv/bin/unclip sample --prior $(PRIOR_OUT) --decoder $(DECODER_OUT) $(if $(BASE_OUT),--base $(BASE_OUT)) --prompt "$(PROMPT)" --out $(SAMPLES) $(ARGS)
+	.venv/bin/unclip sample --prior '$(PRIOR_OUT)' --decoder '$(DECODER_OUT)' $(if $(BASE_OUT),--base '$(BASE_OUT)') --prompt "$(PROMPT)" --out '$(SAMPLES)' $(ARGS)
 
 .PHONY: bench
 bench: $(VENV_STAMP) ## every stage vs its physical limit, side by side -> bench/results.{json,md} (~10-15 min, 2 cores)

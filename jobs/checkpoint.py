@@ -156,11 +156,12 @@ def resolve(path: str | Path) -> Path:
     p = Path(path)
     for root in (p, p / "ckpt"):
         if (root / "latest").exists():
-            folder = root / (root / "latest").read_text().strip()
-            if not (folder / "meta.json").is_file():
+            name = (root / "latest").read_text().strip()
+            folder = root / name
+            if not name or not (folder / "meta.json").is_file():
+                what = f"names {name}, which is missing or incomplete" if name else "is empty"
                 raise UsageError(
-                    f"{root / 'latest'} names {folder.name}, which is missing or incomplete; "
-                    "point at one of the step_* folders there, or retrain"
+                    f"{root / 'latest'} {what}; point at one of the step_* folders there, or retrain"
                 )
             return folder
     if (p / "meta.json").exists():
@@ -175,9 +176,17 @@ def read_meta(folder: str | Path) -> dict:
         raise UsageError(f"checkpoint {folder}: meta.json cannot be read ({e})") from e
     if not isinstance(meta, dict):
         raise UsageError(f"checkpoint {folder}: meta.json is not a JSON object")
-    fmt = meta.get("version", {}).get("checkpoint_format")
+    version = meta.get("version")
+    fmt = version.get("checkpoint_format") if isinstance(version, dict) else None
     if fmt != CHECKPOINT_FORMAT:
         raise UsageError(f"checkpoint {folder} has format {fmt}; this code reads format {CHECKPOINT_FORMAT}")
+    kinds = {"task": str, "step": int, "model": dict, "config": dict, "store": dict}
+    bad = [k for k, t in kinds.items() if not isinstance(meta.get(k), t)]
+    if bad or not isinstance(meta["store"].get("clip"), dict):
+        raise UsageError(
+            f"checkpoint {folder}: meta.json lacks or mistypes {', '.join(bad) or 'store.clip'}; it was not written "
+            "by this code's training (or was edited)"
+        )
     return meta
 
 

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -179,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if args.verbose else " (--verbose shows where)"
         print(f"unclip {args.command}: failed: {e}{hint}", file=sys.stderr)
         return 1
-    if cmd.report:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports the run, once
+        pass
+    elif cmd.report:
         _resolve(cmd.report)(report)
     elif report is not None and args.command != "demo":
         print(json.dumps(report, indent=2, default=str))

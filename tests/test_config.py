@@ -96,3 +96,13 @@ def test_a_refused_read_or_write_is_one_line_not_a_traceback(tmp_path, capsys, m
     assert err == [
         f"unclip validate: failed: [Errno 28] No space left on device: '{tmp_path / 'x'}' (--verbose shows where)"
     ]
+
+
+def test_only_rank_0_prints_the_report_under_torchrun(tmp_path, capsys, monkeypatch):
+    from tests.synthetic_store import make_store
+
+    make_store(tmp_path / "s", [8], dim=16, n_classes=2)
+    monkeypatch.setenv("RANK", "1")
+    assert cli(["validate", str(tmp_path / "s")]) == 0 and capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert cli(["validate", str(tmp_path / "s")]) == 0 and "rows: OK" in capsys.readouterr().out

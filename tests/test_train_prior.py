@@ -804,3 +804,17 @@ def test_eval_prior_on_a_store_of_another_clip_of_the_same_size_warns(data, tmp_
         assert "of the same size" not in caplog.text
         assert cli([*ev, "--data", str(other), "--out", str(tmp_path / "b.json")]) == 0
     assert "holds RN50 (" in caplog.text and "of the same size: its figures on them say little" in caplog.text
+
+
+def test_a_checkpoint_whose_meta_lacks_a_field_or_whose_latest_is_empty_is_one_line(data, tmp_path, capsys):
+    """meta.json without "store" was a KeyError traceback in sample; an empty `latest` said it named "ckpt"."""
+    main(cfg_for(data, tmp_path / "run", stop_after=2, save_every=2))
+    meta_file = tmp_path / "run/ckpt/step_00000002/meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "store"}))
+    ev = ["eval-prior", "--ckpt", str(tmp_path / "run"), "--data", data, "--steps", "2"]
+    assert cli(ev) == 2
+    assert "meta.json lacks or mistypes store" in capsys.readouterr().err
+    (tmp_path / "run/ckpt/latest").write_text("")
+    assert cli(ev) == 2
+    assert "latest is empty; point at one of the step_* folders" in capsys.readouterr().err
