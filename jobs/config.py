@@ -115,8 +115,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: t
             kw["type"] = tp
         elif typing.get_origin(tp) in (list, tuple):  # list[str]: one or more values after the flag; given
             kw.update(nargs="+", type=typing.get_args(tp)[0], action="extend")  # twice, both lists count
-        if f.name in positional:
-            parser.add_argument(f.name, **{k: v for k, v in kw.items() if k != "default"})
+        if (
+            f.name in positional
+        ):  # optional here: `--config` may give it (build_config says when neither does)
+            parser.add_argument(f.name, nargs="?", **{k: v for k, v in kw.items() if k != "nargs"})
+            parser.set_defaults(_positional=positional)
             continue
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         if has_default:
@@ -226,8 +229,10 @@ def build_config(cls: type, args: argparse.Namespace) -> Any:
         and f.default_factory is dataclasses.MISSING
     ]
     if missing:
+        positional = getattr(args, "_positional", ())
         raise UsageError(
-            "missing required setting(s): " + ", ".join("--" + m.replace("_", "-") for m in missing)
+            "missing required setting(s): "
+            + ", ".join(m.upper() if m in positional else "--" + m.replace("_", "-") for m in missing)
         )
     for k, v in values.items():  # torch's generators take 64 bits: a larger seed failed after models loaded
         if (k == "seed" or k.endswith("_seed")) and isinstance(v, int) and not 0 <= v < SEED_LIMIT:

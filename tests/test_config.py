@@ -1,6 +1,7 @@
 """Flags from config dataclasses: `--help` describes each flag with its field's comment."""
 
 import argparse
+import json
 from dataclasses import dataclass, field
 
 import pytest
@@ -106,3 +107,15 @@ def test_only_rank_0_prints_the_report_under_torchrun(tmp_path, capsys, monkeypa
     assert cli(["validate", str(tmp_path / "s")]) == 0 and capsys.readouterr().out == ""
     monkeypatch.setenv("RANK", "0")
     assert cli(["validate", str(tmp_path / "s")]) == 0 and "rows: OK" in capsys.readouterr().out
+
+
+def test_a_positional_setting_may_come_from_the_config_file(tmp_path, capsys):
+    """--config loads settings, but validate's STORE and adopt's FOLDER had to be typed: "required: store"."""
+    from tests.synthetic_store import make_store
+
+    make_store(tmp_path / "s", [8], dim=16, n_classes=2)
+    (tmp_path / "c.json").write_text(json.dumps({"store": str(tmp_path / "s")}))
+    assert cli(["validate", "--config", str(tmp_path / "c.json")]) == 0
+    assert "rows: OK" in capsys.readouterr().out
+    assert cli(["validate"]) == 2
+    assert capsys.readouterr().err.strip() == "unclip validate: error: missing required setting(s): STORE"
