@@ -15,6 +15,7 @@ damaged manifest again (it is derived from the folder's files). The user's other
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,6 +263,8 @@ def run(cfg: AdoptConfig) -> dict:
         return _report(folder, manifest, checks, adopted_now=False)
     _check_writable(folder)
     with store.hold_folder(folder, flag="folder"):  # two adoptions of one folder at once: refused
+        for p in _our_temp_files(folder):  # an earlier adoption's, killed mid-write
+            p.unlink(missing_ok=True)
         for p in stale:
             log.warning("adopt: %s is no longer in %s: its done marker %s goes", p.stem, folder, p)
             p.unlink()
@@ -292,6 +295,16 @@ def _old_manifest(folder: Path) -> dict | None:
             raise
         log.warning("adopt: %s; it is written again from the folder's files", e)
         return None
+
+
+def _our_temp_files(folder: Path) -> list[Path]:
+    """Temp files of adopt's own writes (a marker's or the manifest's, cut off by a kill): only those names, in
+    only those places; the rest of the folder is the user's."""
+    ours = {
+        folder / "done": re.compile(r"\..+\.json\.tmp\d+"),
+        folder: re.compile(r"\.manifest\.json\.tmp\d+"),
+    }
+    return [p for p in store.temp_files(folder) if p.parent in ours and ours[p.parent].fullmatch(p.name)]
 
 
 def _check_writable(folder: Path) -> None:

@@ -186,7 +186,11 @@ def _stray_files(root: Path, markers: dict[str, dict], again: str, adopted: bool
         for f in store.FIELDS
         for s in store.field_shard_ids(root, f)
     }
-    problems = []
+    problems = [
+        f"{p.relative_to(root)}: temp file of an interrupted write; remove it"
+        for p in store.temp_files(root)
+        if p.parent in (root, root / "done")
+    ]
     for folder in sorted({f[0] for f in store.FIELDS.values()}):
         for p in sorted((root / folder).iterdir()) if (root / folder).is_dir() else []:
             rel = str(p.relative_to(root))

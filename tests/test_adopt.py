@@ -384,3 +384,18 @@ def test_a_store_whose_files_are_of_another_width_than_its_manifest_is_one_line_
     assert main(["train-prior", *args, "--eval-every", "0", "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "holds 40 rows of shape (32,) where its done marker says 40 rows of shape (64,)" in err[-1]
+
+
+def test_temp_files_of_a_killed_adoption_are_reported_by_validate_and_removed_by_the_rerun(tmp_path, capsys):
+    folder = tmp_path / "f"
+    write_clip_retrieval_folder(folder, {0: 10, 1: 10})
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    (folder / "done/1.json").rename(folder / "done/.1.json.tmp4242")  # killed while it wrote shard 1's marker
+    (folder / "metadata/.notes.txt.tmp7").write_text("the user's")  # not adopt's: never touched
+    capsys.readouterr()
+    assert main(["validate", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "done/.1.json.tmp4242: temp file of an interrupted write" in out and "notes" not in out
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    assert not (folder / "done/.1.json.tmp4242").exists() and (folder / "metadata/.notes.txt.tmp7").exists()
+    assert main(["validate", str(folder)]) == 0
