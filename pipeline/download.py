@@ -11,6 +11,7 @@ shows progress, and summarises the result.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import json
@@ -498,7 +499,8 @@ def _run_img2dataset(
     proc = ctx.Process(target=_img2dataset, args=(download, kwargs, started), name="img2dataset")
     presses: list[float] = []
     tree: list = []
-    resource_tracker.ensure_running()  # started by the child's start otherwise, and then taken for an orphan
+    with _quiet_tracker():  # started by the child's start otherwise, and then taken for an orphan
+        resource_tracker.ensure_running()
     ours = set(psutil.Process().children())
     was = _subreaper(
         1
@@ -532,6 +534,24 @@ def _run_img2dataset(
             "finished shards are kept: rerun the same command to finish"
         )
     return False, started.value
+
+
+@contextlib.contextmanager
+def _quiet_tracker():
+    """Around the start of multiprocessing's resource tracker: it is told not to warn of "leaked semaphore
+    objects" when it exits. An interrupted child ends by `os._exit` (its exit hooks could hang), so the
+    semaphores of img2dataset's pool are never unlinked by it; the tracker unlinks them, as it is there to,
+    and its warning, printed after the command's last line at every Ctrl-C, only alarmed."""
+    key, was = "PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS")
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    os.environ[key] = f"{was},{quiet}" if was else quiet
+    try:
+        yield
+    finally:
+        if was is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = was
 
 
 def _tree(proc) -> list:

@@ -73,3 +73,14 @@ def orphans_a_worker_then_dies(**kwargs) -> None:
     Path(kwargs["ready"]).write_text(f"{os.getpid()} {worker}\n")
     time.sleep(1.5)  # past a note of the tree
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def holds_semaphores_and_ignores_ctrl_c(**kwargs) -> None:
+    """As img2dataset's pool does: semaphores made, registered with multiprocessing's resource tracker, never
+    unlinked by a child that is killed."""
+    import multiprocessing
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    held = [multiprocessing.get_context("spawn").Lock() for _ in range(3)]  # named: registered
+    Path(kwargs["ready"]).write_text(f"{os.getpid()} {len(held)}\n")
+    time.sleep(600)

@@ -454,6 +454,31 @@ def test_an_interrupt_ends_a_download_whose_ctrl_c_handler_hangs(tmp_path, press
     assert _gone(*_wait_ready(ready)), "the child or its own process outlived the kill"
 
 
+def test_an_interrupted_download_ends_without_the_resource_trackers_leak_warning(tmp_path):
+    """Every Ctrl-C of `unclip download` ended with multiprocessing's "There appear to be N leaked semaphore
+    objects to clean up at shutdown", printed after the command's own last line."""
+    ready = tmp_path / "ready"
+    code = (
+        "import os, signal, threading, time\n"
+        "from pipeline.download import _run_img2dataset\n"
+        "def press():\n"
+        f"    while not os.path.exists({str(ready)!r}): time.sleep(0.02)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "threading.Thread(target=press, daemon=True).start()\n"
+        f"print(_run_img2dataset({{'ready': {str(ready)!r}}}, 0.5, 'tests.stuck_child:holds_semaphores_and_ignores_ctrl_c')[0])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.strip() == "True", done.stderr
+    assert "leaked semaphore" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "PYTHONWARNINGS" not in os.environ or "resource_tracker" not in os.environ["PYTHONWARNINGS"]
+
+
 def test_a_download_child_ends_when_its_parent_is_killed(tmp_path):
     """A child left behind by a killed `unclip download` went on downloading unwatched, outside the parent's
     hold on --out (a rerun meanwhile raced it over img2dataset's temporary files)."""
