@@ -132,7 +132,7 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         if args is not None and getattr(self, "bool_flags", None):  # a subcommand's own arguments
-            args = explicit_bools(self.bool_flags, list(args))
+            args = explicit_bools(self.bool_flags, list(args), getattr(self, "flags", set()) | {"--config"})
         return super().parse_known_args(args, namespace)
 
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if args.verbose else " (--verbose shows where)"
         print(f"unclip {args.command}: failed: {e}{hint}", file=sys.stderr)
         return 1
-    if os.environ.get("RANK", "0") != "0":  # under torchrun: rank 0 reports the run, once
+    if args.command.startswith("train-") and os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         pass
     elif cmd.report:
         _resolve(cmd.report)(report)

@@ -127,22 +127,25 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: t
             kw["help"] = f"{kw['help']} (default: {default})".strip()
         flag = "--" + f.name.replace("_", "-")
         parser.add_argument(flag, dest=f.name, **kw)
+        parser.flags = getattr(parser, "flags", set()) | {flag}
         if tp is bool:
             parser.bool_flags = getattr(parser, "bool_flags", set()) | {flag}
 
 
-def explicit_bools(flags: set[str], args: list[str]) -> list[str]:
+def explicit_bools(flags: set[str], args: list[str], every: set[str] = frozenset()) -> list[str]:
     """``args`` with each bare bool flag among ``flags`` written ``--flag=true``, unless a true/false word
     follows it: argparse would otherwise take the next argument for its value (`validate --check-tars STORE`
-    read STORE as the bool and failed)."""
+    read STORE as the bool and failed). A flag shortened as argparse allows (the start of one of ``every``
+    flag only) counts as the flag it names."""
     out = list(args)
     for i, a in enumerate(out):
         if a == "--":
             break
-        if a in flags:
+        named = [f for f in every if f.startswith(a)] if a.startswith("--") and a not in flags else [a]
+        if len(named) == 1 and named[0] in flags:
             nxt = out[i + 1].lower() if i + 1 < len(out) else ""
             if nxt not in _BOOL_WORDS:
-                out[i] = f"{a}=true"
+                out[i] = f"{named[0]}=true"
     return out
 
 

@@ -137,6 +137,16 @@ def run(cfg: EvalDecoderConfig) -> dict:
     check_guidance(cfg)
     if cfg.out:
         store.check_out_folder(cfg.out)  # a file, or under one: refused before the work
+        for name in (
+            "eval_decoder.json",
+            "eval_decoder.png",
+        ):  # a rerun replaces its own report, no other file
+            store.check_out_file(
+                Path(cfg.out) / name,
+                "--out",
+                lambda _: _is_report(Path(cfg.out)),
+                "an earlier eval-decoder report",
+            )
     else:  # the default, the checkpoint's folder, which may be shared and read-only
         decoder = checkpoint.resolve(cfg.decoder)
         checkpoint.default_out_writable(
@@ -216,11 +226,16 @@ def run(cfg: EvalDecoderConfig) -> dict:
     else:
         out = checkpoint.resolve(cfg.decoder)
         writing = checkpoint.writing_beside(out, "eval_decoder.json", lambda: print(format_table(report)))
-    with writing:
-        save_grid(np.concatenate([g[:cols] for g in grids]), out / "eval_decoder.png", cols=cols)
-        store.write_json(out / "eval_decoder.json", report)
+    with writing:  # into the checkpoint's folder: never made again if a running training pruned it
+        grid = np.concatenate([g[:cols] for g in grids])
+        save_grid(grid, out / "eval_decoder.png", cols=cols, make_parent=bool(cfg.out))
+        store.write_json(out / "eval_decoder.json", report, make_parent=bool(cfg.out))
     report["written"] = str(out / "eval_decoder.json")
     return report
+
+
+def _is_report(folder: Path) -> bool:
+    return store.is_report(folder / "eval_decoder.json", "samples", "decoder_step")
 
 
 def print_report(report: dict) -> None:

@@ -180,8 +180,8 @@ def run(cfg: EvalPriorConfig) -> dict:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         store.write_json(cfg.out, metrics)
     else:
-        with checkpoint.writing_beside(folder, "eval.json"):
-            store.write_json(folder / "eval.json", metrics)
+        with checkpoint.writing_beside(folder, "eval.json"):  # never made again if a training pruned it
+            store.write_json(folder / "eval.json", metrics, make_parent=False)
     return metrics
 
 

@@ -183,8 +183,8 @@ def _check_partner(cfg: ExportConfig, meta: dict) -> None:
     if not same:
         raise UsageError(
             f"{Path(cfg.out) / other} is an export of a {other} trained on CLIP {theirs}, and this "
-            f"{meta['task']} was trained on {clip_name(meta)}: the pair would not work together; export into "
-            "another --out"
+            f"{meta['task']} was trained on {clip_name(meta)}: the pair would not work together; export both in "
+            "one command (with --overwrite), or into another --out"
         )
 
 

@@ -73,9 +73,11 @@ def save_grid(
     labels: list[str] | None = None,
     scale: int = 2,
     label_lines: int = 3,
+    make_parent: bool = True,
 ) -> Path:
     """Write images uint8 [N, H, W, 3] as a PNG grid of ``cols`` columns, each upscaled ``scale`` times
-    (nearest), with an optional caption under each one; atomically (temporary name, then rename)."""
+    (nearest), with an optional caption under each one; atomically (temporary name, then rename). Without
+    ``make_parent`` a folder that is gone is a FileNotFoundError."""
     n, h, w, _ = images.shape
     h, w = h * scale, w * scale
     font = ImageFont.load_default()
@@ -91,7 +93,8 @@ def save_grid(
             lines = textwrap.wrap(labels[i], chars)[:label_lines]
             draw.multiline_text((x0, y0 + h + 2), "\n".join(lines), fill="black", font=font, spacing=1)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     canvas.save(tmp, format="PNG")
     os.replace(tmp, path)

@@ -633,13 +633,9 @@ def _loop_until(model: torch.nn.Module, stream: Stream, start: int, run: RunStat
     t0, seen, last_loss, report_eval = time.perf_counter(), 0, float("nan"), None
     end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
     name = f"train-{run.task.name}"
-    if start >= end and start < cfg.steps:
-        raise UsageError(
-            f"--stop-after {cfg.stop_after} is not after the checkpoint's step {start}: nothing to train; give a "
-            f"later step, or leave it out to run on to --steps {cfg.steps}"
-        )
-    if start >= end:
-        log.info("%s: the checkpoint is at --steps %d already; nothing to train", name, cfg.steps)
+    if start >= end:  # a finished chunk run again (a requeued job): a no-op, as the same command should be
+        why = f"--steps {cfg.steps}" if start >= cfg.steps else f"--stop-after {cfg.stop_after}"
+        log.warning("%s: the checkpoint is at step %d, at or past %s: nothing to train", name, start, why)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=name, disable=rank != 0)
     run.model.train()
     stopped = 0  # the step a SIGTERM stopped the run after (checkpointed), if one did

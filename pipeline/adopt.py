@@ -256,8 +256,11 @@ def run(cfg: AdoptConfig) -> dict:
     ):
         # A rerun over unchanged files (a folder adopted by an earlier version, or copied: the times differ):
         # where it can, it keeps their times, so that the next rerun reads none
-        if todo and store.unwritable(folder / "done") is None:
+        leftovers = _our_temp_files(folder)
+        if (todo or leftovers) and store.unwritable(folder / "done") is None:
             with store.hold_folder(folder, flag="folder"):
+                for p in _our_temp_files(folder):  # a kill during an earlier rerun's marker writes
+                    p.unlink(missing_ok=True)
                 for c in todo:
                     store.write_json(store.done_path(folder, c.shard), markers[c.shard])
         return _report(folder, manifest, checks, adopted_now=False)

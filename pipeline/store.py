@@ -230,11 +230,12 @@ def done_path(root: str | Path, shard: str) -> Path:
 # ---------------------------------------------------------------- atomic writes
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, make_parent: bool = True) -> None:
     """Write `data` to `path` through a temporary file in its folder, synced, then renamed over it, and the
     rename synced too (the folder's entry): a done marker written after its files then never survives a power
-    loss that they do not."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    loss that they do not. Without ``make_parent`` a folder that is gone is a FileNotFoundError."""
+    if make_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -320,8 +321,8 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def write_json(path: str | Path, obj: Any, make_parent: bool = True) -> None:
+    atomic_write(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), make_parent)
 
 
 def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:

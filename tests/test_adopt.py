@@ -399,3 +399,9 @@ def test_temp_files_of_a_killed_adoption_are_reported_by_validate_and_removed_by
     assert main(["adopt", str(folder), *ADOPT]) == 0
     assert not (folder / "done/.1.json.tmp4242").exists() and (folder / "metadata/.notes.txt.tmp7").exists()
     assert main(["validate", str(folder)]) == 0
+    # a rerun with nothing else to write (killed while it rewrote markers of a copied folder) removes them too
+    (folder / "done/.0.json.tmp4343").write_text("{")
+    (folder / ".manifest.json.tmp4343").write_text("{")
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    assert not (folder / "done/.0.json.tmp4343").exists() and not (folder / ".manifest.json.tmp4343").exists()
+    assert main(["validate", str(folder)]) == 0

@@ -66,6 +66,7 @@ class Flags:
         (["--check", "false", "st"], ("st", False)),
         (["--check=no", "st"], ("st", False)),
         (["st"], ("st", None)),
+        (["--che", "st"], ("st", True)),  # shortened, as argparse allows
     ],
 )
 def test_a_bare_bool_flag_leaves_the_next_argument_alone(argv, want):
@@ -99,14 +100,20 @@ def test_a_refused_read_or_write_is_one_line_not_a_traceback(tmp_path, capsys, m
     ]
 
 
-def test_only_rank_0_prints_the_report_under_torchrun(tmp_path, capsys, monkeypatch):
+def test_only_rank_0_prints_a_training_runs_report_under_torchrun(tmp_path, capsys, monkeypatch):
+    """Every rank printed the run's report. Other commands print theirs under any RANK (a script run by a
+    launcher that sets it, a Kubernetes job's pod): their report is their output."""
+    from jobs import train_prior
     from tests.synthetic_store import make_store
 
     make_store(tmp_path / "s", [8], dim=16, n_classes=2)
+    monkeypatch.setattr(train_prior, "run", lambda cfg: {"steps": 1})
     monkeypatch.setenv("RANK", "1")
-    assert cli(["validate", str(tmp_path / "s")]) == 0 and capsys.readouterr().out == ""
-    monkeypatch.setenv("RANK", "0")
+    train = ["train-prior", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "r")]
+    assert cli(train) == 0 and capsys.readouterr().out == ""
     assert cli(["validate", str(tmp_path / "s")]) == 0 and "rows: OK" in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "0")
+    assert cli(train) == 0 and json.loads(capsys.readouterr().out) == {"steps": 1}
 
 
 def test_a_positional_setting_may_come_from_the_config_file(tmp_path, capsys):

@@ -339,6 +339,7 @@ def test_sample_loads_the_stores_clip_checkpoint_by_content_wherever_it_lies(pai
         ("seed_beyond_64_bits", "--seed must be in [0, 2**63)"),
         # it said "trained on latents of shape [3, 16, 16]; ... holds None"
         ("eval_store_without_latents", "has no latents (it was embedded without --latents)"),
+        ("eval_out_holds_a_users_file", "eval_decoder.json exists and is not an earlier eval-decoder report"),
     ],
 )
 def test_sample_and_eval_refuse_before_the_work(case, want, pair, data, tmp_path, capsys):
@@ -364,6 +365,11 @@ def test_sample_and_eval_refuse_before_the_work(case, want, pair, data, tmp_path
     elif case == "eval_decoder_steps_above_schedule":
         args = ["eval-decoder", "--decoder", str(pair / "decoder"), "--data", data, "--decoder-steps", "1001"]
         png = tmp_path / "ev"
+    elif case == "eval_out_holds_a_users_file":
+        args = ["eval-decoder", "--decoder", str(pair / "decoder"), "--data", data]
+        png = tmp_path / "ev"
+        png.mkdir()
+        (png / "eval_decoder.json").write_text("mine")
     elif case == "eval_store_without_latents":
         plain = tmp_path / "plain"
         make_store(plain, [16], dim=DIM, n_classes=4, latent_size=0)
@@ -385,7 +391,9 @@ def test_sample_and_eval_refuse_before_the_work(case, want, pair, data, tmp_path
     assert len(err) == 1 and want in err[0], err
     if case == "base_is_a_prior":
         assert "is a prior checkpoint, not a decoder" in err[0]
-    mine = ("p.txt", "f") if case != "eval_store_without_latents" else ()
+    if case == "eval_out_holds_a_users_file":
+        assert (png / "eval_decoder.json").read_text() == "mine"
+    mine = ("p.txt", "f", "eval_decoder.json") if case != "eval_store_without_latents" else ()
     made = [p for p in tmp_path.rglob("*") if p.is_file() and p.name not in mine]
     assert not [p for p in made if "plain" not in p.parts]
 

@@ -403,16 +403,21 @@ def test_eval_prior_writes_only_its_own_report_and_never_remakes_a_pruned_step_f
     assert "top-1 retrieval" in out and not step.exists()
 
 
-def test_a_resume_with_nothing_to_train_says_so_and_evaluation_settings_may_change(data, tmp_path, capsys):
+def test_a_resume_with_nothing_to_train_says_so_and_evaluation_settings_may_change(
+    data, tmp_path, capsys, caplog
+):
     """A resume at or past --stop-after printed "steps": 5 from step 10 and "final_loss": NaN (not JSON); a
     changed --sampler or --sample-steps (the evaluation's own) was refused."""
     main(cfg_for(data, tmp_path, stop_after=10, eval_every=10, eval_samples=8, sample_steps=4))
-    with pytest.raises(
-        UsageError, match=r"--stop-after 5 is not after the checkpoint's step 10: nothing to train"
-    ):
-        main(
-            cfg_for(data, tmp_path, resume=True, stop_after=5, eval_every=10, eval_samples=8, sample_steps=4)
-        )
+    before = weights(tmp_path / "ckpt/step_00000010")
+    # the same chunk again (a requeued job), or an earlier stop: a no-op that says so
+    again = cfg_for(data, tmp_path, resume=True, stop_after=5, eval_every=10, eval_samples=8, sample_steps=4)
+    with caplog.at_level("WARNING", logger="jobs.train_loop"):
+        r = main(again)
+    assert "the checkpoint is at step 10, at or past --stop-after 5: nothing to train" in caplog.text
+    assert r["steps"] == 10 and r["start_step"] == 10 and r["final_loss"] is None
+    assert weights(tmp_path / "ckpt/step_00000010") == before
+    assert checkpoint.resolve(tmp_path).name == "step_00000010"
     main(cfg_for(data, tmp_path, resume=True, eval_every=10, eval_samples=8, sample_steps=2, sampler="dpm++"))
     capsys.readouterr()
     assert (
@@ -818,3 +823,17 @@ def test_a_checkpoint_whose_meta_lacks_a_field_or_whose_latest_is_empty_is_one_l
     (tmp_path / "run/ckpt/latest").write_text("")
     assert cli(ev) == 2
     assert "latest is empty; point at one of the step_* folders" in capsys.readouterr().err
+
+
+def test_a_report_written_beside_a_checkpoint_never_makes_its_folder_again(tmp_path):
+    """The folder checked once, then pruned by a running training before the write: the write made it again
+    around the report alone (a step folder without weights, which the next prune deletes, report and all)."""
+    from pipeline import store
+
+    folder = tmp_path / "ckpt/step_00000010"
+    folder.mkdir(parents=True)
+    with pytest.raises(StageError, match="step_00000010 was deleted while it was evaluated"):
+        with checkpoint.writing_beside(folder, "eval.json"):
+            shutil.rmtree(folder)
+            store.write_json(folder / "eval.json", {"step": 10}, make_parent=False)
+    assert not folder.exists()
