@@ -462,7 +462,8 @@ def _can_create_in(folder: Path) -> bool:
             os.close(os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600))
             return True
         except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            # a filesystem (or sandbox) without O_TMPFILE: a named file decides
+            if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.EPERM, errno.ENOSYS):
                 return False
     try:
         fd, name = tempfile.mkstemp(dir=folder, prefix=".unclip-probe-", suffix=f".tmp{os.getpid()}")
