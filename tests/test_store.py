@@ -68,7 +68,7 @@ def test_write_shard_writes_the_marker_last_with_checksums(tmp_path, monkeypatch
     order = []
     real = store.atomic_write
     monkeypatch.setattr(
-        store, "atomic_write", lambda p, d: (order.append(p.relative_to(tmp_path)), real(p, d))
+        store, "atomic_write", lambda p, d, *a: (order.append(p.relative_to(tmp_path)), real(p, d, *a))
     )
     marker = store.write_shard(
         tmp_path, "00007", arrays(3), tables(["a", "b", "c"], ["z"]), 3, {"source": "x"}
