@@ -376,12 +376,26 @@ def run(cfg: DownloadConfig) -> dict:
 INTERRUPT_GRACE_S = 10.0
 
 
-def _img2dataset(download: str, kwargs: dict, started) -> None:
+_CHILD: dict = {}  # in the download's child: its shared exit code, and whether it leads its process group
+
+
+def _img2dataset(download: str, kwargs: dict, started, exit_code=None) -> None:
     """The download itself, in a child process (`_run_img2dataset`): ``download`` ("module:function",
     img2dataset's) called with ``kwargs``. ``started`` (a shared double) gets the wall-clock time the download
-    starts at, after the import, so that the summary's rate leaves the import out."""
+    starts at, after the import, so that the summary's rate leaves the import out; ``exit_code`` (a shared int)
+    the code it ends with by `_exit_now`, whose kill of its process group ends it by SIGKILL.
+
+    The child leads a process group of its own, which every process img2dataset starts joins: `_exit_now`
+    ends them all with one kill of the group, which no process being forked meanwhile escapes (the pool
+    starts a new worker for each one that ends: killed one by one, its new workers outlived the child)."""
     import importlib
 
+    _CHILD["exit_code"] = exit_code
+    try:
+        os.setpgid(0, 0)
+        _CHILD["group"] = True
+    except OSError:  # pragma: no cover (a session leader cannot; a spawned child is none)
+        pass
     _end_with_parent()
     try:
         module, name = download.split(":")
@@ -409,11 +423,15 @@ def _exit_now(code: int) -> None:
     parent has not noted yet would be out of its reach."""
     sys.stdout.flush()
     sys.stderr.flush()
-    _kill_all(psutil.Process().children(recursive=True))
+    if _CHILD.get("exit_code") is not None:
+        _CHILD["exit_code"].value = code  # what the parent reports: the group's kill ends this one by SIGKILL
+    _kill_all(psutil.Process().children(recursive=True), wait=False)  # any that left the group
+    if _CHILD.get("group"):
+        os.killpg(0, signal.SIGKILL)
     os._exit(code)
 
 
-def _kill_all(processes: list) -> None:
+def _kill_all(processes: list, wait: bool = True) -> None:
     """SIGKILL to each of ``processes`` still there (psutil checks each is the process it was, not another given
     its pid since), and wait for them: those that are our children (orphans we adopted) are reaped."""
     for p in processes:
@@ -421,7 +439,23 @@ def _kill_all(processes: list) -> None:
             p.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(processes, timeout=5)
+    if wait:
+        psutil.wait_procs(processes, timeout=5)
+
+
+def _signal_group(proc, sig: int) -> None:
+    """``sig`` to the download child's process group (it and every process img2dataset started), or to the
+    child alone if it has not made its group yet."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+            return
+    except OSError:
+        pass
+    try:
+        os.kill(proc.pid, sig)
+    except OSError:
+        pass
 
 
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # <linux/prctl.h>
@@ -496,7 +530,8 @@ def _run_img2dataset(
 
     ctx = multiprocessing.get_context("spawn")
     started = ctx.Value("d", 0.0, lock=False)
-    proc = ctx.Process(target=_img2dataset, args=(download, kwargs, started), name="img2dataset")
+    exit_code = ctx.Value("i", 0, lock=False)
+    proc = ctx.Process(target=_img2dataset, args=(download, kwargs, started, exit_code), name="img2dataset")
     presses: list[float] = []
     tree: list = []
     with _quiet_tracker():  # started by the child's start otherwise, and then taken for an orphan
@@ -521,16 +556,15 @@ def _run_img2dataset(
             if was is not None:
                 _kill_all(_adopted(ours))
                 _subreaper(was)
-    if proc.exitcode == 130:  # img2dataset's own handler ran: a SIGINT sent to the child alone
+    code = proc.exitcode
+    if code == -signal.SIGKILL and exit_code.value:  # it ended itself (`_exit_now`), by killing its group
+        code = exit_code.value
+    if code == 130:  # img2dataset's own handler ran: a SIGINT sent to the child alone
         return True, started.value
-    if proc.exitcode != 0:
-        how = (
-            f"was killed by signal {-proc.exitcode}"
-            if proc.exitcode < 0
-            else f"ended with exit code {proc.exitcode}"
-        )
+    if code != 0:
+        how = f"was killed by signal {-code}" if code < 0 else f"ended with exit code {code}"
         raise StageError(
-            f"img2dataset {how}{' (its error is above)' if proc.exitcode > 0 else ''}; "
+            f"img2dataset {how}{' (its error is above)' if code > 0 else ''}; "
             "finished shards are kept: rerun the same command to finish"
         )
     return False, started.value
@@ -566,8 +600,16 @@ def _kill(proc, tree: list) -> None:
     """SIGKILL to ``proc`` if it still runs, and to each process of ``tree`` (noted while it ran) still there."""
     if proc.pid is not None and proc.is_alive():
         tree = _tree(proc) or tree
+        _signal_group(proc, signal.SIGKILL)
         proc.kill()
         proc.join()
+    if (
+        proc.pid is not None
+    ):  # what is left of its group (the child just reaped: the group id is still its own)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
     _kill_all(tree)
 
 
@@ -577,7 +619,7 @@ def _stop(proc, grace_s: float, presses: list, tree: list) -> None:
     short."""
     if proc.is_alive():  # not reaped: its pid is still its own
         tree[:] = _tree(proc) or tree
-        os.kill(proc.pid, signal.SIGINT)
+        _signal_group(proc, signal.SIGINT)  # its group is no longer the terminal's: it gets our Ctrl-C
     deadline = time.monotonic() + grace_s
     while proc.is_alive() and time.monotonic() < deadline and len(presses) < 2:
         proc.join(0.05)

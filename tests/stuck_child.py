@@ -84,3 +84,21 @@ def holds_semaphores_and_ignores_ctrl_c(**kwargs) -> None:
     held = [multiprocessing.get_context("spawn").Lock() for _ in range(3)]  # named: registered
     Path(kwargs["ready"]).write_text(f"{os.getpid()} {len(held)}\n")
     time.sleep(600)
+
+
+def keeps_starting_workers(**kwargs) -> None:
+    """As img2dataset's pool does when its workers are killed (and every --maxtasksperchild tasks): a new one
+    started for each that ends, all the time. Each one's pid goes to the ready file's second line on."""
+    import threading
+
+    def spawn():
+        while True:
+            w = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+            with open(kwargs["pids"], "a") as f:
+                f.write(f"{w.pid}\n")
+            time.sleep(0.01)
+
+    threading.Thread(target=spawn, daemon=True).start()
+    time.sleep(1.0)
+    Path(kwargs["ready"]).write_text(f"{os.getpid()}\n")
+    time.sleep(600)

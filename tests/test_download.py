@@ -502,6 +502,30 @@ def test_a_download_child_ends_when_its_parent_is_killed(tmp_path):
                 psutil.Process(pid).kill()
 
 
+def test_no_process_of_a_killed_downloads_child_outlives_it_even_one_started_as_the_child_ends(tmp_path):
+    """A SIGKILLed `unclip download` left img2dataset's pool workers downloading, adopted by init: the child
+    killed its processes one by one, and the pool started new ones before the child was gone. They wrote
+    shards into --out after the command had let go of it."""
+    import psutil
+
+    ready, pids = tmp_path / "ready", tmp_path / "pids"
+    kw = {"ready": str(ready), "pids": str(pids)}
+    code = f"from pipeline.download import _run_img2dataset\n_run_img2dataset({kw!r}, download='tests.stuck_child:keeps_starting_workers')\n"
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    (child,) = _wait_ready(ready)
+    parent.kill()
+    parent.wait()
+    assert _gone(child), "the child outlived its parent"
+    time.sleep(0.5)  # any worker started as the child ended has been, by now
+    started = [int(p) for p in pids.read_text().split()]
+    alive = [
+        p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    ]
+    for p in alive:
+        psutil.Process(p).kill()
+    assert len(started) > 10 and alive == [], f"{len(alive)} of {len(started)} workers outlived the child"
+
+
 def test_a_sigint_to_the_download_child_alone_is_an_interrupt(tmp_path):
     """img2dataset's handler ends its process with sys.exit(0): the run is reported interrupted, not finished."""
     import threading
