@@ -628,10 +628,30 @@ def _stop(proc, grace_s: float, presses: list, tree: list) -> None:
         log.warning("download: killing img2dataset (%s)", why)
 
 
+def _remove_unfinished(out: str, finished: set[str]) -> None:
+    """Delete the tar and record of each shard without its stats file: a killed run's partial output, which
+    img2dataset redoes anyway, and which a rerun with another --samples-per-shard (a fresh start after a kill
+    before any shard finished) would never redo: it stayed, and embed refused it as unfinished."""
+    gone = (
+        [
+            p
+            for p in Path(out).iterdir()
+            if (m := re.fullmatch(r"(\d+)\.(tar|parquet)", p.name)) and m.group(1) not in finished
+        ]
+        if Path(out).is_dir()
+        else []
+    )
+    for p in gone:
+        p.unlink(missing_ok=True)
+    if gone:
+        log.info("download: removed %d file(s) of unfinished shards (%s ...)", len(gone), gone[0].name)
+
+
 def _download(cfg: DownloadConfig, input_format: str, columns: list, rows: int, expected: int) -> dict:
     before = finished_shards(cfg.out)
     for shard in sorted(before):  # a stats file a kill cut off: rebuilt now, or refused before any download
         shard_stats(cfg.out, shard)
+    _remove_unfinished(cfg.out, before)
     if not before or not (Path(cfg.out) / SETTINGS).is_file():
         write_json(Path(cfg.out) / SETTINGS, _shard_settings(cfg, rows))
     extra = [c for c in columns if c not in (cfg.url_col, cfg.caption_col)] or None  # extra columns are kept

@@ -303,6 +303,20 @@ def test_a_retry_before_any_shard_finished_may_change_the_settings(tmp_path):
         validate(DownloadConfig(urls=str(urls), out=str(out), image_size=32))
 
 
+def test_a_download_starts_by_removing_the_files_of_unfinished_shards_only(tmp_path):
+    """A run killed before any shard finished, retried with another --samples-per-shard, left the first run's
+    00001.tar behind (the retry made one shard): the store reported complete, and embed refused 00001.tar."""
+    from pipeline.download import _remove_unfinished, finished_shards
+
+    out = tmp_path / "out"
+    (out / "summary").mkdir(parents=True)
+    for name in ("00000.tar", "00000.parquet", "00000_stats.json", "00001.tar", "00001.parquet", "00002.tar"):
+        (out / name).write_text("x")
+    (out / "summary/download_summary.json").write_text("{}")
+    _remove_unfinished(str(out), finished_shards(str(out)))
+    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json", "summary"]
+
+
 def test_a_torn_stats_file_is_rebuilt_from_the_shards_record_and_nothing_is_deleted(tmp_path, capsys):
     """img2dataset writes NNNNN_stats.json in place after closing the shard: a kill mid-write leaves it cut off
     beside a whole shard (our summary then crashed on every rerun). Its counts come back from the record; with
