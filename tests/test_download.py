@@ -314,7 +314,12 @@ def test_a_download_starts_by_removing_the_files_of_unfinished_shards_only(tmp_p
         (out / name).write_text("x")
     (out / "summary/download_summary.json").write_text("{}")
     _remove_unfinished(str(out), finished_shards(str(out)))
-    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json", "summary"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00000.parquet",
+        "00000.tar",
+        "00000_stats.json",
+        "summary",
+    ]
 
 
 def test_a_torn_stats_file_is_rebuilt_from_the_shards_record_and_nothing_is_deleted(tmp_path, capsys):
