@@ -94,13 +94,19 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
     xs, n = [], 0
     threads = decode_threads(cfg.decode_threads, device)
     for url in shards:
-        for batch in prepare_batches(
-            url, lambda im: torch.zeros(1), cfg.batch_size, "vae", px, [], threads=threads
-        ):
-            xs.append(vae_encode(vae, batch.latent_input).float().cpu().numpy())
-            n += len(batch.keys)
-            if n >= cfg.calib_samples:
-                break
+        try:  # a shard that cannot be read (unfinished, cut off) fails its own task later, not the whole run
+            download_record(url)
+            for batch in prepare_batches(
+                url, lambda im: torch.zeros(1), cfg.batch_size, "vae", px, [], threads=threads
+            ):
+                xs.append(vae_encode(vae, batch.latent_input).float().cpu().numpy())
+                n += len(batch.keys)
+                if n >= cfg.calib_samples:
+                    break
+        except StageError as e:
+            log.warning(
+                "--latents vae: %s is passed over for the latent range (its task will fail): %s", url, e
+            )
         if n >= cfg.calib_samples:
             break
     if not xs:

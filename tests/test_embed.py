@@ -1559,3 +1559,30 @@ def test_compiled_towers_embed_the_same_rows_as_eager(shards, base, tmp_path):
         assert np.array_equal(
             store.open_array(base, "latents", shard), store.open_array(out, "latents", shard)
         )
+
+
+def test_a_damaged_shard_fails_alone_with_vae_latents_too(shards, tmp_path, capsys):
+    """The latent range is fitted on the first shards' images before any task: a tar cut mid-member there
+    stopped the whole run with no store at all, where without latents only that shard fails."""
+    vae_dir = tiny_vae(tmp_path / "vae")
+    d = tmp_path / "shards"
+    d.mkdir()
+    whole = (shards / "00000.tar").read_bytes()
+    (d / "00000.tar").write_bytes(whole[: len(whole) // 2])  # first in the order the range is fitted on
+    shutil.copy(shards / "00002.tar", d / "00002.tar")
+    out = tmp_path / "store"
+    args = [
+        "--shards",
+        f"{d}/{{00000,00002}}.tar",
+        *TINY,
+        "--latents",
+        "vae",
+        "--vae",
+        vae_dir,
+        "--latent-size",
+        "8",
+    ]
+    assert embed(*args, "--out", out, "--retries", "0") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["done"] == 1 and "is truncated or damaged" in str(report["failed"])
+    assert store.done_shards(out) == ["00002"] and store.load_manifest(out)["latents"]["fitted_on"] > 0
