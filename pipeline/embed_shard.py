@@ -136,14 +136,32 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
 
 
 def _column(values: list) -> pa.Array:
-    """One metadata column; values of mixed or nested types that arrow cannot hold as one type (a hostile or
-    inconsistent .json) are kept as their JSON text rather than failing the shard."""
+    """One metadata column; values of mixed or nested types that arrow cannot hold as one type, or parquet
+    cannot write (an empty object), are kept as their JSON text rather than failing the shard (a hostile or
+    inconsistent .json); text with a lone surrogate (a JSON escape such as "\\ud83d") keeps it as ``\\udNNN``."""
     try:
-        return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-        return pa.array(
-            [v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in values]
-        )
+        column = pa.array(values)
+        if _writable(column.type):
+            return column
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError, UnicodeEncodeError):
+        pass
+    return pa.array([None if v is None else _text(v) for v in values], pa.string())
+
+
+def _text(v) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)  # json.dumps escapes surrogates itself
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _writable(t: pa.DataType) -> bool:
+    """Whether parquet can write a column of type ``t``: no struct without fields, at any depth."""
+    if pa.types.is_struct(t):
+        return t.num_fields > 0 and all(_writable(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _writable(t.value_type)
+    if pa.types.is_map(t):
+        return _writable(t.key_type) and _writable(t.item_type)
+    return True
 
 
 def _metadata(keys: list[str], captions: list[str], metas: list[dict]) -> pa.Table:

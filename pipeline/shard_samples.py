@@ -55,12 +55,15 @@ def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
     As webdataset groups a tar: a sample's key is its members' path up to the first dot of the file name, the
     folder kept (``a/k00.jpg`` and ``b/k00.jpg`` are two samples), less a leading ``./``; members whose file
     name starts with a dot (macOS tar's ``._k00.jpg`` AppleDouble files) are no sample's and are skipped."""
-    current: dict[str, bytes] = {}
+    current: dict[
+        str, bytes | None
+    ] = {}  # a link member's part is None: a stream cannot seek back to its file
     key, members, skipped = None, 0, 0
     try:
         with fsspec.open(local or url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
             for member in tf:
-                if not member.isfile():
+                link = member.islnk() or member.issym()
+                if not (member.isfile() or link):
                     continue
                 k, ext = _key_ext(member.name)
                 if k is None:
@@ -71,7 +74,7 @@ def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
                     yield _sample(key, current)
                     current = {}
                 key = k
-                current[ext.lower()] = tf.extractfile(member).read()
+                current[ext.lower()] = None if link else tf.extractfile(member).read()
                 members += 1
     except (tarfile.TarError, EOFError, OSError) as e:
         # Nothing of the shard is written (its marker is written last): rerun once the tar is fixed.
@@ -83,7 +86,10 @@ def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
 
 
 def _key_ext(name: str) -> tuple[str | None, str]:
-    """(sample key, extension) of a tar member's path; (None, "") for a member that is no sample's."""
+    """(sample key, extension) of a tar member's path; (None, "") for a member that is no sample's. A name
+    whose bytes are not UTF-8 (tarfile keeps them as surrogates, which no parquet column takes) keeps them as
+    ``\\xNN`` text: the same key whenever the tar is read."""
+    name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     while name.startswith("./"):
         name = name[2:]
     folder, _, base = name.rpartition("/")
@@ -93,7 +99,12 @@ def _key_ext(name: str) -> tuple[str | None, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
-def _sample(key: str, parts: dict[str, bytes]) -> Sample:
+def _sample(key: str, parts: dict[str, bytes | None]) -> Sample:
+    links = sorted(e for e, data in parts.items() if data is None)
+    if links:  # an error row, not a sample that vanished
+        return Sample(
+            key, None, None, {}, f"tar member {key}.{links[0]} is a link, which is not read: store the file"
+        )
     image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
     caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else None
     meta, problem = {}, None

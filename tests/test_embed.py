@@ -228,9 +228,9 @@ def test_summary_reports_the_rate_inside_tasks_and_without_each_workers_first_sh
     assert s["samples_per_second_in_warm_tasks"] > 0
     # --read-ahead's default: the plugin ran in the worker process and advised the page cache of a local shard
     # queued before its task started. Only 00001 is sure to be: it is queued while 00000's 16 samples embed.
-    # 00002 arrives once the scheduler hears 00000 ended, and the empty 00001 may be done by then, so 00002
-    # can start at once with nothing read ahead ("none"); 00000, the worker's first, always has "none".
-    assert sum(s["read_ahead"].values()) == 3 and 1 <= s["read_ahead"].get("page cache", 0) <= 2
+    # 00000 may be too (queued behind the worker's warm-up task), or not; and 00002 arrives once the scheduler
+    # hears 00000 ended, when the empty 00001 may be done already, so it can start at once, with "none".
+    assert sum(s["read_ahead"].values()) == 3 and s["read_ahead"].get("page cache", 0) >= 1
     assert set(s["read_ahead"]) <= {"page cache", "none"}
 
 
@@ -1586,3 +1586,42 @@ def test_a_damaged_shard_fails_alone_with_vae_latents_too(shards, tmp_path, caps
     report = json.loads(capsys.readouterr().out)
     assert report["done"] == 1 and "is truncated or damaged" in str(report["failed"])
     assert store.done_shards(out) == ["00002"] and store.load_manifest(out)["latents"]["fitted_on"] > 0
+
+
+def test_odd_members_and_metadata_make_error_rows_or_stored_text_never_a_failed_or_short_shard(
+    tmp_path, capsys
+):
+    """A sample whose image is a link in the tar vanished (neither embedded nor an error row); a member name
+    that is not UTF-8, a lone surrogate escaped in .json, and an empty object in .json each failed the whole
+    shard (dask tracebacks: UnicodeEncodeError, "Cannot write struct type ... with no child field")."""
+    path = tmp_path / "shards/00000.tar"
+    path.parent.mkdir()
+    ok = [sample(f"k{i}", i) for i in range(3)]
+    ok[1]["json"] = json.dumps({"key": "k1", "url": "http://x/\ud83d.jpg", "extra": {}}).encode()
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+        for s in ok:
+            for ext in ("jpg", "txt", "json"):
+                add(f"{s['key']}.{ext}", s[ext])
+        add("caf\xe9.jpg", jpeg(7))  # written as latin-1 bytes: not UTF-8
+        add("caf\xe9.txt", b"a cafe")
+        link = tarfile.TarInfo("k9.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "k0.jpg"
+        tf.addfile(link)
+        add("k9.txt", b"a linked picture")
+    out = tmp_path / "store"
+    assert embed("--shards", str(path), "--out", out, *TINY, "--retries", "0") == 0
+    keys = store.read_metadata(out, "00000")["key"].to_pylist()
+    errors = pq.read_table(store.field_path(out, "errors", "00000")).to_pydict()
+    assert sorted(keys) == ["caf\\xe9", "k0", "k1", "k2"]
+    assert errors["key"] == ["k9"] and "is a link, which is not read" in errors["reason"][0]
+    meta = store.read_metadata(out, "00000").to_pydict()
+    row = keys.index("k1")
+    assert meta["url"][row] == "http://x/\\ud83d.jpg" and meta["extra"][row] == "{}"
+    capsys.readouterr()
+    assert main(["validate", str(out)]) == 0  # its key check reads the tar's keys the same way
