@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pipeline import store
 from pipeline.embed_cluster import cluster_device, connect, task_resources, warm_workers
 from pipeline.embed_shard import BATCH_PREPS
-from pipeline.errors import UsageError
+from pipeline.errors import StageError, UsageError
 from pipeline.image_input import IMAGE_DECODES
 from pipeline.store import LATENT_CODECS
 
@@ -115,6 +115,16 @@ def list_shards(pattern: str) -> list[str]:
     return shards
 
 
+def _unfinished(url: str) -> bool:
+    from pipeline.shard_samples import download_record
+
+    try:
+        download_record(url)
+    except StageError:
+        return True
+    return False
+
+
 def check_tar(url: str) -> None:
     try:
         with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
@@ -168,7 +178,14 @@ def validate(cfg: EmbedConfig) -> list[str]:
     shards = list_shards(cfg.shards)
     is_store(Path(cfg.out))  # a file, or a folder of someone else's files, is refused before any work
     for s in shards:
-        check_tar(s)
+        try:
+            check_tar(s)
+        except UsageError:
+            if not _unfinished(s):
+                raise
+            # a shard img2dataset has not finished (a killed download's 0-byte tar): it fails alone at its
+            # task, naming `unclip download`, as one whose tar reads does
+            log.warning("%s is a shard img2dataset has not finished: its task will fail", s)
     ensure_pretrained(cfg.clip, cfg.pretrained)  # once here, not once per dask worker
     return shards
 

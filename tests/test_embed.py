@@ -1625,3 +1625,19 @@ def test_odd_members_and_metadata_make_error_rows_or_stored_text_never_a_failed_
     assert meta["url"][row] == "http://x/\\ud83d.jpg" and meta["extra"][row] == "{}"
     capsys.readouterr()
     assert main(["validate", str(out)]) == 0  # its key check reads the tar's keys the same way
+
+
+def test_a_killed_downloads_empty_tar_fails_alone_not_the_whole_run(shards, tmp_path):
+    """A download killed as it opened a shard leaves a 0-byte tar: the run was refused (exit 2, "unreadable
+    tar"), where a shard img2dataset has not finished fails alone, naming `unclip download`."""
+    d, out = tmp_path / "shards", tmp_path / "store"
+    d.mkdir()
+    shutil.copy(shards / "00002.tar", d / "00002.tar")
+    (d / "00002_stats.json").write_text('{"count": 9}')
+    (d / "00003.tar").write_bytes(b"")
+    (d / "summary").mkdir()
+    (d / "summary/download_settings.json").write_text("{}")  # our download's folder
+    assert embed("--shards", f"{d}/{{00002,00003}}.tar", "--out", out, *TINY, "--retries", "0") == 1
+    failed = json.loads((out / "logs" / "embed_summary.json").read_text())["failed"]
+    assert list(failed) == [str(d / "00003.tar")] and "unclip download" in failed[str(d / "00003.tar")]
+    assert store.done_shards(out) == ["00002"]
