@@ -123,8 +123,10 @@ def check_urls(path: str, url_col: str, urls: list) -> None:
     ("images/00001.png") as an "unknown url type", and the run ends with every row failed."""
     from urllib.parse import urlsplit
 
-    for i, u in enumerate(urls, 1):
-        if isinstance(u, str) and not urlsplit(u).scheme:
+    for i, u in enumerate(
+        urls, 1
+    ):  # an empty or missing one is a row that fails, counted as parquet's null is
+        if isinstance(u, str) and u.strip() and not urlsplit(u).scheme:
             raise UsageError(
                 f"--url-col '{url_col}' of {path} holds {u[:80]!r} (row {i}), not a URL: img2dataset downloads "
                 "http://, https:// or file:// URLs (serve a folder of images over HTTP, or give file:// + its "
@@ -153,6 +155,9 @@ def check_columns(path: str, fmt: str, url_col: str, caption_col: str) -> None:
     elif fmt in ("csv", "tsv"):
         opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
         first = next(iter(pacsv.open_csv(path, parse_options=opts)), None)
+        tp = first.schema.field(url_col).type if first is not None else pa.string()
+        if not (pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_null(tp)):
+            raise UsageError(f"--url-col '{url_col}' of {path} holds {tp}, not text")
         check_urls(
             path, url_col, first.column(url_col).to_pylist()[:URL_CHECKED] if first is not None else []
         )
@@ -165,7 +170,7 @@ def check_columns(path: str, fmt: str, url_col: str, caption_col: str) -> None:
                 obj = json.loads(line)
                 if len(urls) < URL_CHECKED:
                     urls.append(obj.get(url_col))
-                if not isinstance(obj.get(url_col), str):
+                if obj.get(url_col) is not None and not isinstance(obj.get(url_col), str):
                     raise UsageError(
                         f"{path} line {lineno}: '{url_col}' is not a string ({obj.get(url_col)!r})"
                     )
@@ -173,6 +178,16 @@ def check_columns(path: str, fmt: str, url_col: str, caption_col: str) -> None:
                 if cap is not None and not isinstance(cap, str):
                     raise UsageError(f"{path} line {lineno}: '{caption_col}' is not a string ({cap!r})")
         check_urls(path, url_col, urls)
+        if urls:  # read as img2dataset will (pyarrow's JSON reader): a key whose values change type fails it
+            import pyarrow.json as pajson
+
+            try:
+                for _ in pajson.open_json(path):
+                    pass
+            except pa.ArrowException as e:
+                raise UsageError(
+                    f"{path} cannot be read as img2dataset reads it: {e}".splitlines()[0]
+                ) from None
 
 
 def check_out(out: str, urls: str | None = None) -> None:

@@ -164,6 +164,12 @@ def test_download_never_writes_over_the_users_files(tmp_path, capsys, case, mess
         ("bad_size", "--image-size must be between 8 and 8192"),
         ("bad_retries", "--retries must be >= 0 (got -1)"),  # img2dataset crashed inside, half-written
         ("bad_quality", "--encode-quality must be between 0 and 100"),
+        # img2dataset's own JSON read failed after shards were started, with "rerun the same command" advice
+        (
+            "jsonl_key_changes_type",
+            "cannot be read as img2dataset reads it: JSON parse error: Column(/n) changed",
+        ),
+        ("csv_numeric_urls", "--url-col 'url' of"),  # downloaded, failing every row
         # demo-data's own table: paths, which img2dataset failed one by one, ending with 0 images and exit 0
         ("paths_not_urls", "holds 'images/00000.png' (row 1), not a URL"),
     ],
@@ -185,6 +191,16 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case, message):
         args = ["--urls", str(tmp_path / "urls.jsonl")]
     elif case == "bad_size":
         args += ["--image-size", "0"]
+    elif case == "jsonl_key_changes_type":
+        lines = [
+            json.dumps({"url": f"http://127.0.0.1:9/{i}.jpg", "caption": "a", "n": i if i < 3 else "x"})
+            for i in range(5)
+        ]
+        (tmp_path / "u.jsonl").write_text("\n".join(lines) + "\n")
+        args = ["--urls", str(tmp_path / "u.jsonl")]
+    elif case == "csv_numeric_urls":
+        (tmp_path / "u.csv").write_text("url,caption\n1,a\n2,b\n")
+        args = ["--urls", str(tmp_path / "u.csv")]
     elif case == "bad_retries":
         args += ["--retries", "-1"]
     elif case == "bad_quality":
@@ -301,6 +317,24 @@ def test_a_retry_before_any_shard_finished_may_change_the_settings(tmp_path):
     (out / "00000_stats.json").write_text("{}")
     with pytest.raises(UsageError, match="--image-size 64 -> 32"):
         validate(DownloadConfig(urls=str(urls), out=str(out), image_size=32))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_a_row_without_a_url_is_a_failed_row_in_every_format(fmt, tmp_path):
+    """An empty URL refused the whole table as "not a URL" in csv, tsv and jsonl, and was a counted failure in
+    parquet (a null): one rule now, a row that fails and is counted, in each."""
+    from pipeline.download import DownloadConfig, validate
+
+    urls = [f"http://127.0.0.1:9/{i}.jpg" for i in range(20)]
+    urls[11] = None
+    path = tmp_path / f"u.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.table({"url": urls, "caption": ["a"] * 20}), path)
+    elif fmt == "csv":
+        path.write_text("url,caption\n" + "".join(f"{u or ''},a\n" for u in urls))
+    else:
+        path.write_text("".join(json.dumps({"url": u, "caption": "a"}) + "\n" for u in urls))
+    assert validate(DownloadConfig(urls=str(path), out=str(tmp_path / "out")))[2] == 20
 
 
 def test_a_download_starts_by_removing_the_files_of_unfinished_shards_only(tmp_path):
