@@ -221,8 +221,11 @@ def check_out(out: str, urls: str | None = None) -> None:
 
 
 def _shard_settings(cfg: DownloadConfig, rows: int) -> dict:
-    """What decides the shards' content: `SETTINGS` holds it."""
-    return {**{k: getattr(cfg, k) for k in SHARD_SETTINGS}, "rows": rows}
+    """What decides the shards' content: `SETTINGS` holds it. The table by its bytes' sha256 (it may move;
+    another table of as many rows would fill the remaining shards with other images)."""
+    from pipeline.store import sha256_of
+
+    return {**{k: getattr(cfg, k) for k in SHARD_SETTINGS}, "rows": rows, "table_sha256": sha256_of(cfg.urls)}
 
 
 def check_same_settings(cfg: DownloadConfig, rows: int) -> None:
@@ -242,8 +245,9 @@ def check_same_settings(cfg: DownloadConfig, rows: int) -> None:
     new = _shard_settings(cfg, rows)
     diff = [k for k in new if k in old and old[k] != new[k]]
     if diff:
+        names = {"rows": "input rows", "table_sha256": "--urls table (sha256)"}
         said = ", ".join(
-            f"{'--' + k.replace('_', '-') if k != 'rows' else 'input rows'} {old[k]} -> {new[k]}"
+            f"{names.get(k, '--' + k.replace('_', '-'))} {str(old[k])[:12]} -> {str(new[k])[:12]}"
             for k in diff
         )
         raise UsageError(

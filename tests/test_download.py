@@ -122,6 +122,12 @@ def test_download_counts_failures_and_keeps_captions(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "holds shards made with other settings (--samples-per-shard 10 -> 5)" in err and "\n" not in err
     assert {p.name: p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()} == before
+    # another table of as many rows would fill the remaining shards with its images: refused too
+    other = pd.read_parquet(urls).assign(caption=lambda t: "another " + t.caption)
+    other.to_parquet(tmp_path / "other.parquet")
+    assert main([*again[:2], str(tmp_path / "other.parquet"), *again[3:], "--samples-per-shard", "10"]) == 2
+    assert "other settings (--urls table (sha256)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize(
