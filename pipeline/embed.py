@@ -221,7 +221,11 @@ def identity_diff(old: dict, new: dict) -> list[str]:
     both record its sha256 (a moved folder), and another one when its content changed at the same path. A
     store made before the digest was recorded is compared by path alone."""
     diff = []
+    latents = old.get("latents") if old.get("latents") == new.get("latents") else None
+    unused = {"none": ("latent_size", "vae"), "pixels": ("vae",)}.get(latents, ())
     for k in IDENTITY:
+        if k in unused:  # a setting of latents the store has none of (--latent-size with --latents none)
+            continue
         key, what = DIGESTED.get(k, (None, None))
         then, now = (old.get(key), new.get(key)) if key else (None, None)
         if then and now:

@@ -1641,3 +1641,17 @@ def test_a_killed_downloads_empty_tar_fails_alone_not_the_whole_run(shards, tmp_
     failed = json.loads((out / "logs" / "embed_summary.json").read_text())["failed"]
     assert list(failed) == [str(d / "00003.tar")] and "unclip download" in failed[str(d / "00003.tar")]
     assert store.done_shards(out) == ["00002"]
+
+
+def test_a_rerun_is_not_refused_for_latent_settings_of_a_store_without_latents(shards, tmp_path, capsys):
+    """`--latent-size 16` (or --vae) on a rerun of a store made without latents was refused as "made with other
+    settings (latent_size: 32)": a setting that changes nothing in it. Another --latents still is."""
+    out = tmp_path / "store"
+    args = ["--shards", str(shards / "00002.tar"), "--out", out, *TINY]
+    assert embed(*args) == 0
+    manifest = (out / "manifest.json").read_bytes()
+    assert embed(*args, "--latent-size", "16", "--vae", "some/vae") == 0
+    assert (out / "manifest.json").read_bytes() == manifest
+    capsys.readouterr()
+    assert embed(*args, "--latents", "pixels") == 2
+    assert "made with other settings (latents: none)" in capsys.readouterr().err
