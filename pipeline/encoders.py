@@ -371,6 +371,14 @@ def validate_vae(name_or_path: str, probe_timeout: float = 5.0) -> None:
     if not name_or_path:
         raise UsageError("--latents vae needs --vae NAME_OR_PATH (a diffusers AutoencoderKL)")
     if os.path.isdir(name_or_path):
+        missing = "config.json" if not os.path.isfile(os.path.join(name_or_path, "config.json")) else None
+        if missing is None and len(vae_files(name_or_path)) < 2:
+            missing = f"weights ({' or '.join(n for n in VAE_WEIGHTS if 'index' not in n)})"
+        if missing:
+            raise UsageError(
+                f"--vae {name_or_path} holds no {missing}: not a diffusers AutoencoderKL folder (one that "
+                "AutoencoderKL.save_pretrained wrote), or a hub name such as stabilityai/sd-vae-ft-mse"
+            )
         return
     if not HUB_NAME.fullmatch(name_or_path):
         raise UsageError(

@@ -1333,6 +1333,8 @@ def test_store_made_with_other_settings_is_refused_then_overwritten(base, shards
         ),
         ("checkpoint_not_safetensors", "cannot be read as a CLIP checkpoint: safetensors failed"),
         ("garbage_tar", "unreadable tar"),
+        # a folder that is no VAE: diffusers' "no file named config.json" after the work had begun, exit 1
+        ("vae_not_a_vae_folder", "holds no config.json: not a diffusers AutoencoderKL folder"),
         ("vae_missing", "VAE folder not found"),
         ("device_name", "unknown --device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
         ("device_index", "--device cuda:99 but "),
@@ -1368,6 +1370,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, t
         shutil.copytree(shards, bad)
         (bad / "00003.tar").write_bytes(b"these are not the bytes of a tar file\n" * 40)
         args[1] = bad
+    elif case == "vae_not_a_vae_folder":
+        args += ["--latents", "vae", "--vae", shards]
     elif case == "vae_missing":
         args += ["--latents", "vae", "--vae", f"{tmp_path}/no_vae/"]
     elif case == "decode_threads":
