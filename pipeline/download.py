@@ -465,6 +465,8 @@ def _kill_all(processes: list, wait: bool = True) -> None:
 def _signal_group(proc, sig: int) -> None:
     """``sig`` to the download child's process group (it and every process img2dataset started), or to the
     child alone if it has not made its group yet."""
+    if proc.pid is None:  # not started
+        return
     try:
         if os.getpgid(proc.pid) == proc.pid:
             os.killpg(proc.pid, sig)
@@ -559,7 +561,16 @@ def _run_img2dataset(
     was = _subreaper(
         1
     )  # an orphan of the child's tree comes to us, noted or not (a child killed by a signal)
-    with handling(signal.SIGINT, lambda *_: presses.append(time.monotonic())):
+
+    def suspend(*_):  # Ctrl-Z: the child's group is not the terminal's, so it is stopped with us, and goes on
+        _signal_group(proc, signal.SIGSTOP)  # with us (SIGCONT: `fg`, `bg`)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    with (
+        handling(signal.SIGINT, lambda *_: presses.append(time.monotonic())),
+        handling(signal.SIGTSTP, suspend),
+        handling(signal.SIGCONT, lambda *_: _signal_group(proc, signal.SIGCONT)),
+    ):
         try:
             proc.start()
             noted = 0.0

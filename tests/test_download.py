@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -583,6 +584,39 @@ def test_no_process_of_a_killed_downloads_child_outlives_it_even_one_started_as_
     for p in alive:
         psutil.Process(p).kill()
     assert len(started) > 10 and alive == [], f"{len(alive)} of {len(started)} workers outlived the child"
+
+
+def test_ctrl_z_stops_the_download_child_with_the_command_and_fg_goes_on_with_both(tmp_path):
+    """The child leads its own process group, which the terminal's Ctrl-Z (SIGTSTP to the foreground group)
+    does not reach: the command stops, and takes the child's group with it; SIGCONT wakes both."""
+    import psutil
+
+    ready = tmp_path / "ready"
+    code = (
+        "from pipeline.download import _run_img2dataset\n"
+        f"_run_img2dataset({{'ready': {str(ready)!r}}}, download='tests.stuck_child:ignores_ctrl_c')\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    pids = _wait_ready(ready)
+    procs = [psutil.Process(p) for p in (parent.pid, *pids)]
+
+    def states(want: str) -> bool:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if all((p.status() == psutil.STATUS_STOPPED) == (want == "stopped") for p in procs):
+                return True
+            time.sleep(0.05)
+        return False
+
+    try:
+        parent.send_signal(signal.SIGTSTP)
+        assert states("stopped"), [p.status() for p in procs]
+        parent.send_signal(signal.SIGCONT)
+        assert states("running"), [p.status() for p in procs]
+    finally:
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 def test_a_sigint_to_the_download_child_alone_is_an_interrupt(tmp_path):
