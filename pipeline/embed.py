@@ -667,6 +667,7 @@ def _finish(
         "errors_by_reason": _errors_by_reason(cfg.out, markers),
         "truncated_captions": sum(m["truncated_captions"] for m in markers),
         "empty_captions": sum(m.get("empty_captions", 0) for m in markers),
+        "captions_not_utf8": sum(m.get("captions_not_utf8", 0) for m in markers),
         "shards_not_cross_checked": sum(not m.get("checked_against_download_record", True) for m in markers),
         "latent_roundtrip_mae": float(np.mean(maes)) if maes else None,
         "rows_this_run": rows,

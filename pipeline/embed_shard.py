@@ -257,6 +257,7 @@ class _Rows:
     )
     truncated: int = 0
     empty: int = 0
+    not_utf8: int = 0
     device_decode_fallbacks: int = 0  # reported with the timings, not in the done marker
     mae: list[float] = field(default_factory=list)
 
@@ -379,6 +380,7 @@ def _collect(f: _Launched, params: ShardParams, acc: _Rows) -> None:
     out["cap"] += b.captions
     out["meta"] += b.metas
     acc.empty += b.empty_captions
+    acc.not_utf8 += b.captions_not_utf8
 
 
 def embed_shard_or_fail(url: str, params: ShardParams) -> dict:
@@ -537,6 +539,7 @@ def _write(root, shard, url, acc: _Rows, errors: list[dict], cross_checked: bool
         "errors": len(errors),
         "truncated_captions": acc.truncated,
         "empty_captions": acc.empty,
+        "captions_not_utf8": acc.not_utf8,
         "checked_against_download_record": cross_checked,
         "latent_roundtrip_mae": round(float(np.mean(mae)), 6) if mae else None,
         "embedded_with": rounding,

@@ -46,6 +46,7 @@ class Sample:
     meta: dict
     problem: str | None = None  # why the sample cannot be used, found while reading it
     empty_caption: bool = False  # the source had no caption (None/NaN): stored as "" and counted
+    caption_not_utf8: bool = False  # its .txt was not UTF-8: stored with U+FFFD for the bad bytes, and counted
 
 
 def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
@@ -106,7 +107,12 @@ def _sample(key: str, parts: dict[str, bytes | None]) -> Sample:
             key, None, None, {}, f"tar member {key}.{links[0]} is a link, which is not read: store the file"
         )
     image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-    caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else None
+    caption, not_utf8 = None, False
+    if "txt" in parts:
+        try:
+            caption = parts["txt"].decode("utf-8")
+        except UnicodeDecodeError:
+            caption, not_utf8 = parts["txt"].decode("utf-8", errors="replace"), True
     meta, problem = {}, None
     if "json" in parts:
         try:
@@ -125,7 +131,7 @@ def _sample(key: str, parts: dict[str, bytes | None]) -> Sample:
     )
     if empty:
         caption = ""
-    return Sample(key, image, caption, meta, problem, empty)
+    return Sample(key, image, caption, meta, problem, empty, not_utf8)
 
 
 def _grey_levels(img: Image.Image) -> tuple[np.ndarray, float]:
@@ -247,6 +253,8 @@ class Batch:
     parts: list[bytes | torch.Tensor] | None = None
     positions: list[int] | None = None  # each sample's index in the tar, for error-row order
     empty_flags: list[bool] | None = None  # per sample: its caption was missing in the source
+    captions_not_utf8: int = 0
+    not_utf8_flags: list[bool] | None = None  # per sample: its caption's bytes were not UTF-8
     # --image-decode device: JPEGs the device decoder refused or was not given (PIL took them)
     device_decode_fallbacks: int = 0
 
@@ -490,6 +498,8 @@ def _batch(buf: list[_Prepared], preprocess, latents: str, tokenizer, device_jpe
         parts=parts,
         positions=[p.pos for p in buf],
         empty_flags=[s.empty_caption for s in samples],
+        captions_not_utf8=sum(s.caption_not_utf8 for s in samples),
+        not_utf8_flags=[s.caption_not_utf8 for s in samples],
     )
 
 
@@ -546,6 +556,8 @@ def assemble_images(b: Batch, preprocess, tensor_preprocess, device: str, errors
         tokens=_pinned_like(b.tokens[pick], b.tokens) if b.tokens is not None else None,
         positions=[b.positions[i] for i in keep],
         empty_flags=[b.empty_flags[i] for i in keep],
+        captions_not_utf8=sum(b.not_utf8_flags[i] for i in keep),
+        not_utf8_flags=[b.not_utf8_flags[i] for i in keep],
         device_decode_fallbacks=len(refused),
     )
 

@@ -1614,6 +1614,8 @@ def test_odd_members_and_metadata_make_error_rows_or_stored_text_never_a_failed_
                 add(f"{s['key']}.{ext}", s[ext])
         add("caf\xe9.jpg", jpeg(7))  # written as latin-1 bytes: not UTF-8
         add("caf\xe9.txt", b"a cafe")
+        add("k8.jpg", jpeg(8))
+        add("k8.txt", b"caf\xe9 au lait")  # latin-1, not UTF-8: kept with U+FFFD, and counted
         link = tarfile.TarInfo("k9.jpg")
         link.type, link.linkname = tarfile.SYMTYPE, "k0.jpg"
         tf.addfile(link)
@@ -1622,7 +1624,10 @@ def test_odd_members_and_metadata_make_error_rows_or_stored_text_never_a_failed_
     assert embed("--shards", str(path), "--out", out, *TINY, "--retries", "0") == 0
     keys = store.read_metadata(out, "00000")["key"].to_pylist()
     errors = pq.read_table(store.field_path(out, "errors", "00000")).to_pydict()
-    assert sorted(keys) == ["caf\\xe9", "k0", "k1", "k2"]
+    assert sorted(keys) == ["caf\\xe9", "k0", "k1", "k2", "k8"]
+    captions = store.read_metadata(out, "00000")["caption"].to_pylist()
+    assert captions[keys.index("k8")] == "caf\ufffd au lait"
+    assert store.read_done(out, "00000")["captions_not_utf8"] == 1
     assert errors["key"] == ["k9"] and "is a link, which is not read" in errors["reason"][0]
     meta = store.read_metadata(out, "00000").to_pydict()
     row = keys.index("k1")
