@@ -46,7 +46,7 @@ class Sample:
     meta: dict
     problem: str | None = None  # why the sample cannot be used, found while reading it
     empty_caption: bool = False  # the source had no caption (None/NaN): stored as "" and counted
-    caption_not_utf8: bool = False  # its .txt was not UTF-8: stored with U+FFFD for the bad bytes, and counted
+    caption_not_utf8: bool = False  # its .txt was not UTF-8: kept with U+FFFD for the bad bytes, counted
 
 
 def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
