@@ -227,9 +227,10 @@ def run(cfg: EvalDecoderConfig) -> dict:
         out = checkpoint.resolve(cfg.decoder)
         writing = checkpoint.writing_beside(out, "eval_decoder.json", lambda: print(format_table(report)))
     with writing:  # into the checkpoint's folder: never made again if a running training pruned it
+        # the report first: a run killed between the two leaves its own report, which its rerun replaces
+        store.write_json(out / "eval_decoder.json", report, make_parent=bool(cfg.out))
         grid = np.concatenate([g[:cols] for g in grids])
         save_grid(grid, out / "eval_decoder.png", cols=cols, make_parent=bool(cfg.out))
-        store.write_json(out / "eval_decoder.json", report, make_parent=bool(cfg.out))
     report["written"] = str(out / "eval_decoder.json")
     return report
 

@@ -178,12 +178,13 @@ def check_columns(path: str, fmt: str, url_col: str, caption_col: str) -> None:
                 if cap is not None and not isinstance(cap, str):
                     raise UsageError(f"{path} line {lineno}: '{caption_col}' is not a string ({cap!r})")
         check_urls(path, url_col, urls)
-        if urls:  # read as img2dataset will (pyarrow's JSON reader): a key whose values change type fails it
+        if (
+            urls
+        ):  # read as img2dataset will (pyarrow's read_json, whole): a key whose values change type fails it
             import pyarrow.json as pajson
 
             try:
-                for _ in pajson.open_json(path):
-                    pass
+                pajson.read_json(path)
             except pa.ArrowException as e:
                 raise UsageError(
                     f"{path} cannot be read as img2dataset reads it: {e}".splitlines()[0]
@@ -221,11 +222,9 @@ def check_out(out: str, urls: str | None = None) -> None:
 
 
 def _shard_settings(cfg: DownloadConfig, rows: int) -> dict:
-    """What decides the shards' content: `SETTINGS` holds it. The table by its bytes' sha256 (it may move;
-    another table of as many rows would fill the remaining shards with other images)."""
-    from pipeline.store import sha256_of
-
-    return {**{k: getattr(cfg, k) for k in SHARD_SETTINGS}, "rows": rows, "table_sha256": sha256_of(cfg.urls)}
+    """What decides the shards' content: `SETTINGS` holds it. Not the table's bytes: the demo serves its
+    images on a new port each run and writes its table again (a resume was refused as another table)."""
+    return {**{k: getattr(cfg, k) for k in SHARD_SETTINGS}, "rows": rows}
 
 
 def check_same_settings(cfg: DownloadConfig, rows: int) -> None:
@@ -245,7 +244,7 @@ def check_same_settings(cfg: DownloadConfig, rows: int) -> None:
     new = _shard_settings(cfg, rows)
     diff = [k for k in new if k in old and old[k] != new[k]]
     if diff:
-        names = {"rows": "input rows", "table_sha256": "--urls table (sha256)"}
+        names = {"rows": "input rows"}
         said = ", ".join(
             f"{names.get(k, '--' + k.replace('_', '-'))} {str(old[k])[:12]} -> {str(new[k])[:12]}"
             for k in diff
@@ -410,6 +409,10 @@ def _img2dataset(download: str, kwargs: dict, started, exit_code=None) -> None:
     import importlib
 
     _CHILD["exit_code"] = exit_code
+    # Its group is not the terminal's foreground one: with `stty tostop` its first write to the terminal (a
+    # progress bar) would stop it and its workers for good. Ignored, the write goes through (and workers,
+    # which inherit the setting, do the same).
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     try:
         os.setpgid(0, 0)
         _CHILD["group"] = True
@@ -563,8 +566,11 @@ def _run_img2dataset(
     )  # an orphan of the child's tree comes to us, noted or not (a child killed by a signal)
 
     def suspend(*_):  # Ctrl-Z: the child's group is not the terminal's, so it is stopped with us, and goes on
-        _signal_group(proc, signal.SIGSTOP)  # with us (SIGCONT: `fg`, `bg`)
-        os.kill(os.getpid(), signal.SIGSTOP)
+        _signal_group(proc, signal.SIGSTOP)  # with us (`fg`, `bg`)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTSTP)  # stops us here, unless the kernel drops it (an orphaned group)
+        signal.signal(signal.SIGTSTP, suspend)
+        _signal_group(proc, signal.SIGCONT)
 
     with (
         handling(signal.SIGINT, lambda *_: presses.append(time.monotonic())),

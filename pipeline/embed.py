@@ -183,9 +183,9 @@ def validate(cfg: EmbedConfig) -> list[str]:
         except UsageError:
             if not _unfinished(s):
                 raise
-            # a shard img2dataset has not finished (a killed download's 0-byte tar): it fails alone at its
-            # task, naming `unclip download`, as one whose tar reads does
-            log.warning("%s is a shard img2dataset has not finished: its task will fail", s)
+            # a shard img2dataset has not finished (a killed download's 0-byte tar), or whose record is
+            # damaged: it fails alone at its task, saying which, as one whose tar reads does
+            log.warning("%s cannot be read and its download record says why: its task will fail", s)
     ensure_pretrained(cfg.clip, cfg.pretrained)  # once here, not once per dask worker
     return shards
 

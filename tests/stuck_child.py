@@ -102,3 +102,7 @@ def keeps_starting_workers(**kwargs) -> None:
     time.sleep(1.0)
     Path(kwargs["ready"]).write_text(f"{os.getpid()}\n")
     time.sleep(600)
+
+
+def says_how_it_takes_sigttou(**kwargs) -> None:
+    Path(kwargs["ready"]).write_text(f"{int(signal.getsignal(signal.SIGTTOU) == signal.SIG_IGN)}\n")

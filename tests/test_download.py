@@ -123,12 +123,6 @@ def test_download_counts_failures_and_keeps_captions(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "holds shards made with other settings (--samples-per-shard 10 -> 5)" in err and "\n" not in err
     assert {p.name: p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()} == before
-    # another table of as many rows would fill the remaining shards with its images: refused too
-    other = pd.read_parquet(urls).assign(caption=lambda t: "another " + t.caption)
-    other.to_parquet(tmp_path / "other.parquet")
-    assert main([*again[:2], str(tmp_path / "other.parquet"), *again[3:], "--samples-per-shard", "10"]) == 2
-    assert "other settings (--urls table (sha256)" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize(
@@ -617,6 +611,28 @@ def test_ctrl_z_stops_the_download_child_with_the_command_and_fg_goes_on_with_bo
         for p in procs:
             with contextlib.suppress(psutil.Error):
                 p.kill()
+
+
+def test_the_download_child_writes_to_the_terminal_under_stty_tostop(tmp_path):
+    """Its process group is not the terminal's foreground one: with `stty tostop` its first progress bar
+    stopped it and its workers (SIGTTOU) for good. It ignores SIGTTOU, which its workers inherit."""
+    from pipeline.download import _run_img2dataset
+
+    ready = tmp_path / "ready"
+    _run_img2dataset({"ready": str(ready)}, download="tests.stuck_child:says_how_it_takes_sigttou")
+    assert _wait_ready(ready) == [1]
+
+
+def test_a_jsonl_whose_key_first_appears_past_pyarrows_first_block_is_taken(tmp_path):
+    """Read as img2dataset reads it (read_json, whole): a streaming read fixed its columns on the first block
+    and refused a key first seen later ("unexpected field")."""
+    from pipeline.download import DownloadConfig, validate
+
+    rows = [{"url": f"http://127.0.0.1:9/{i}.jpg", "caption": f"caption {i}"} for i in range(30_000)]
+    rows[29_000]["extra"] = "late"
+    path = tmp_path / "late.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert validate(DownloadConfig(urls=str(path), out=str(tmp_path / "out")))[2] == 30_000
 
 
 def test_a_sigint_to_the_download_child_alone_is_an_interrupt(tmp_path):
