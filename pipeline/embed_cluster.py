@@ -29,6 +29,9 @@ def connect(cfg) -> tuple:
     from dask.distributed import Client, LocalCluster
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # dask logs each worker start/stop at INFO
+    tornado = logging.getLogger("tornado.application")
+    if not any(isinstance(f, _NoCancelNameError) for f in tornado.filters):
+        tornado.addFilter(_NoCancelNameError())
 
     if cfg.scheduler:
         try:
@@ -114,6 +117,16 @@ def dask_setup(worker) -> None:
 class _NoFailedHeartbeats(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Failed to communicate with scheduler during heartbeat")
+
+
+class _NoCancelNameError(logging.Filter):
+    """distributed's `sync` (2026.8) cancels its call when Ctrl-C reaches the waiting thread; one that came
+    before the call had started fails in that cancel ("cannot access free variable 'future'"), and tornado logs
+    the NameError with its traceback at ERROR, above the command's one line. Harmless: the call never started."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NameError) and "free variable 'future'" in str(exc))
 
 
 def task_resources(cfg, device: str) -> dict | None:
