@@ -123,9 +123,8 @@ def check_urls(path: str, url_col: str, urls: list) -> None:
     ("images/00001.png") as an "unknown url type", and the run ends with every row failed."""
     from urllib.parse import urlsplit
 
-    for i, u in enumerate(
-        urls, 1
-    ):  # an empty or missing one is a row that fails, counted as parquet's null is
+    # an empty or missing one is a row that fails, counted, as parquet's null is
+    for i, u in enumerate(urls, 1):
         if isinstance(u, str) and u.strip() and not urlsplit(u).scheme:
             raise UsageError(
                 f"--url-col '{url_col}' of {path} holds {u[:80]!r} (row {i}), not a URL: img2dataset downloads "
@@ -178,9 +177,8 @@ def check_columns(path: str, fmt: str, url_col: str, caption_col: str) -> None:
                 if cap is not None and not isinstance(cap, str):
                     raise UsageError(f"{path} line {lineno}: '{caption_col}' is not a string ({cap!r})")
         check_urls(path, url_col, urls)
-        if (
-            urls
-        ):  # read as img2dataset will (pyarrow's read_json, whole): a key whose values change type fails it
+        # read as img2dataset will (pyarrow's read_json, whole): a key whose values change type fails it
+        if urls:
             import pyarrow.json as pajson
 
             try:
@@ -561,9 +559,8 @@ def _run_img2dataset(
     with _quiet_tracker():  # started by the child's start otherwise, and then taken for an orphan
         resource_tracker.ensure_running()
     ours = set(psutil.Process().children())
-    was = _subreaper(
-        1
-    )  # an orphan of the child's tree comes to us, noted or not (a child killed by a signal)
+    # an orphan of the child's tree comes to us, noted or not (a child killed by a signal)
+    was = _subreaper(1)
 
     def suspend(*_):  # Ctrl-Z: the child's group is not the terminal's, so it is stopped with us, and goes on
         _signal_group(proc, signal.SIGSTOP)  # with us (`fg`, `bg`)
