@@ -30,7 +30,7 @@ from pipeline import readahead, store
 from pipeline.errors import StageError, UsageError
 from pipeline.image_input import TensorPreprocess
 from pipeline.prefetch import background
-from pipeline.shard_samples import Batch, assemble_images, download_record, prepare_batches
+from pipeline.shard_samples import Batch, TarDamaged, assemble_images, download_record, prepare_batches
 
 log = logging.getLogger(__name__)
 
@@ -455,6 +455,10 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         if launched is not None:
             _collect(launched, params, acc)
             tick = _lap(phases, "models", tick)
+    except TarDamaged as e:
+        if not readahead.is_local(url):  # a remote read may only have lost its connection: dask retries it
+            raise
+        return {"failed": f"StageError: {e}"}  # a local file's damage: no retry mends it (failed once)
     finally:  # now, not when the traceback of a failed shard is dropped: the decode threads stop, the tar closes
         source.close()
         readahead.release(local)

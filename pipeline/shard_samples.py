@@ -49,6 +49,10 @@ class Sample:
     caption_not_utf8: bool = False  # its .txt was not UTF-8: kept with U+FFFD for the bad bytes, counted
 
 
+class TarDamaged(StageError):
+    """A tar that reads no further: cut off, damaged, or (a remote one) its connection lost."""
+
+
 def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
     """Samples in the tar's own order (img2dataset writes them in completion order; the key is the truth).
     ``local``: a whole local copy of ``url`` to read instead (`pipeline.readahead`); errors still name ``url``.
@@ -79,7 +83,7 @@ def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
                 members += 1
     except (tarfile.TarError, EOFError, OSError) as e:
         # Nothing of the shard is written (its marker is written last): rerun once the tar is fixed.
-        raise StageError(f"{url} is truncated or damaged after {members} members ({e})") from None
+        raise TarDamaged(f"{url} is truncated or damaged after {members} members ({e})") from None
     if key is not None:
         yield _sample(key, current)
     if skipped:

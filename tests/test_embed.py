@@ -1681,3 +1681,18 @@ def test_distributeds_harmless_cancel_error_on_an_early_ctrl_c_is_not_logged(cap
     f = _NoCancelNameError()
     assert not f.filter(record(NameError("cannot access free variable 'future' where it is not associated")))
     assert f.filter(record(NameError("name 'x' is not defined"))) and f.filter(record(ValueError("future")))
+
+
+@pytest.mark.own_cluster  # its worker's stderr is read, from a worker started under this test's capture
+def test_a_damaged_local_tar_fails_once_not_retried(shards, tmp_path, capfd):
+    """No retry mends a local tar cut off mid-member: it was run --retries times, each with a dask traceback."""
+    d = tmp_path / "shards"
+    d.mkdir()
+    whole = (shards / "00000.tar").read_bytes()
+    (d / "00000.tar").write_bytes(whole[: len(whole) // 2])
+    capfd.readouterr()
+    assert embed("--shards", d / "00000.tar", "--out", tmp_path / "store", *TINY, "--retries", "2") == 1
+    err = capfd.readouterr().err
+    assert "Compute Failed" not in err and "Traceback" not in err
+    failed = json.loads((tmp_path / "store/logs/embed_summary.json").read_text())["failed"]
+    assert "is truncated or damaged" in failed[str(d / "00000.tar")]
