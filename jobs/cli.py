@@ -180,11 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if args.verbose else " (--verbose shows where)"
         print(f"unclip {args.command}: failed: {e}{hint}", file=sys.stderr)
         return 1
-    if args.command.startswith("train-") and os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
-        pass
-    elif cmd.report:
+    # under torchrun, rank 0 alone reports a training run
+    quiet = args.command.startswith("train-") and os.environ.get("RANK", "0") != "0"
+    if cmd.report and not quiet:
         _resolve(cmd.report)(report)
-    elif report is not None and args.command != "demo":
+    elif report is not None and not cmd.report and not quiet and args.command != "demo":
         print(json.dumps(report, indent=2, default=str))
     return int(report.get("exit_code", 0)) if isinstance(report, dict) else 0
 

@@ -115,9 +115,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, positional: t
             kw["type"] = tp
         elif typing.get_origin(tp) in (list, tuple):  # list[str]: one or more values after the flag; given
             kw.update(nargs="+", type=typing.get_args(tp)[0], action="extend")  # twice, both lists count
-        if (
-            f.name in positional
-        ):  # optional here: `--config` may give it (build_config says when neither does)
+        # a positional is optional here: `--config` may give it (build_config says when neither does)
+        if f.name in positional:
             parser.add_argument(f.name, nargs="?", **{k: v for k, v in kw.items() if k != "nargs"})
             parser.set_defaults(_positional=positional)
             continue

@@ -60,9 +60,8 @@ class EvalDecoderConfig:
     out: str = ""  # folder for eval_decoder.json / .png; default: the checkpoint folder
     device: str = "auto"  # auto (cuda if visible, else cpu), cuda, cuda:N or cpu
     base: str = ""  # a two-stage decoder's first stage (`unclip sample --base`)
-    strength: float | None = (
-        None  # with --base: the share of --decoder's steps that redraw its picture; unset = 0.5
-    )
+    # with --base: the share of --decoder's steps that redraw its picture; unset = 0.5
+    strength: float | None = None
     clip_pretrained: str = ""  # the store's CLIP checkpoint file, moved (`unclip sample --clip-pretrained`)
     vae: str = ""  # the store's VAE folder, moved (`unclip sample --vae`)
 
@@ -137,15 +136,10 @@ def run(cfg: EvalDecoderConfig) -> dict:
     check_guidance(cfg)
     if cfg.out:
         store.check_out_folder(cfg.out)  # a file, or under one: refused before the work
-        for name in (
-            "eval_decoder.json",
-            "eval_decoder.png",
-        ):  # a rerun replaces its own report, no other file
+        ours = _is_report(Path(cfg.out))  # a rerun replaces its own report, no other file
+        for name in ("eval_decoder.json", "eval_decoder.png"):
             store.check_out_file(
-                Path(cfg.out) / name,
-                "--out",
-                lambda _: _is_report(Path(cfg.out)),
-                "an earlier eval-decoder report",
+                Path(cfg.out) / name, "--out", lambda _: ours, "an earlier eval-decoder report"
             )
     else:  # the default, the checkpoint's folder, which may be shared and read-only
         decoder = checkpoint.resolve(cfg.decoder)

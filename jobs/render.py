@@ -6,8 +6,8 @@ AutoencoderKL's posterior mean times its scaling factor, decoded by that VAE (`p
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 import textwrap
 from pathlib import Path
 
@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline import store
 from pipeline.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,7 @@ def save_grid(
         if labels:
             lines = textwrap.wrap(labels[i], chars)[:label_lines]
             draw.multiline_text((x0, y0 + h + 2), "\n".join(lines), fill="black", font=font, spacing=1)
-    path = Path(path)
-    if make_parent:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    path, png = Path(path), io.BytesIO()
+    canvas.save(png, format="PNG")
+    store.atomic_write(path, png.getvalue(), make_parent)
     return path

@@ -448,9 +448,8 @@ def _train(task: Task, run: RunState) -> dict:
     run.stream_order = stream.order
     run.shards = store_shards(stream.store.done)
     then, now = run.resumed_shards, run.shards
-    if (
-        then is not None and then != now and run.rank == 0
-    ):  # a checkpoint made before it was recorded: nothing
+    # (a checkpoint made before it was recorded says nothing)
+    if then is not None and then != now and run.rank == 0:
         log.warning(
             "--resume: %s changed since the checkpoint (%d shards of %d rows then, %d of %d now): the run "
             "continues on the store as it is, so its data order from here is not an uninterrupted run's",

@@ -78,16 +78,13 @@ class ShardCheck:
     norm_max: float
 
 
-def _norms(a: np.ndarray, chunk: int = 1 << 16) -> tuple[bool, int, float, float]:
-    """(all rows finite, rows of zero norm, smallest and largest norm of the others) read in chunks: a memory
-    map is never loaded whole."""
+def _norms(a: np.ndarray) -> tuple[bool, int, float, float]:
+    """(all rows finite, rows of zero norm, smallest and largest norm of the others), read in chunks."""
     lo, hi, finite, zeros = np.inf, 0.0, True, 0
-    for i in range(0, len(a), chunk):
-        x = np.asarray(a[i : i + chunk], dtype=np.float32)
-        if not np.isfinite(x).all():
+    for n in store.row_norms(a):
+        if n is None:
             finite = False
             continue
-        n = np.linalg.norm(x, axis=1)
         zero = n < store.ZERO_NORM
         zeros += int(zero.sum())
         n = n[~zero]

@@ -60,9 +60,8 @@ def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
     As webdataset groups a tar: a sample's key is its members' path up to the first dot of the file name, the
     folder kept (``a/k00.jpg`` and ``b/k00.jpg`` are two samples), less a leading ``./``; members whose file
     name starts with a dot (macOS tar's ``._k00.jpg`` AppleDouble files) are no sample's and are skipped."""
-    current: dict[
-        str, bytes | None
-    ] = {}  # a link member's part is None: a stream cannot seek back to its file
+    # a link member's part is None: a stream cannot seek back to its file
+    current: dict[str, bytes | None] = {}
     key, members, skipped = None, 0, 0
     try:
         with fsspec.open(local or url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:

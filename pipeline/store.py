@@ -334,6 +334,14 @@ def sha256_of(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def row_norms(a: np.ndarray, chunk: int = 1 << 16):
+    """The L2 norm of each row of an embedding array, a chunk of rows at a time (a memory map is never read
+    whole: a LAION part is ~1.5 GB as float32); None for a chunk that holds NaN or inf."""
+    for i in range(0, len(a), chunk):
+        x = np.asarray(a[i : i + chunk], dtype=np.float32)
+        yield np.linalg.norm(x, axis=1) if np.isfinite(x).all() else None
+
+
 def read_json(path: str | Path) -> Any:
     with open(path) as f:
         return json.load(f)

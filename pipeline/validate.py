@@ -52,15 +52,13 @@ def _finite(a: np.ndarray, chunk: int = 1 << 16) -> bool:
     )
 
 
-def _embedding_problems(a: np.ndarray, normalized: bool, chunk: int = 1 << 16) -> str | None:
-    """What is wrong with a shard's embeddings, read a chunk at a time (a LAION part is ~1.5 GB as float32):
-    NaN or inf, all-zero rows, or (where the manifest says they are normalised) rows whose norm is not 1."""
+def _embedding_problems(a: np.ndarray, normalized: bool) -> str | None:
+    """What is wrong with a shard's embeddings, read in chunks: NaN or inf, all-zero rows, or (where the
+    manifest says they are normalised) rows whose norm is not 1."""
     zeros = off = 0
-    for i in range(0, len(a), chunk):
-        x = np.asarray(a[i : i + chunk], dtype=np.float32)
-        if not np.isfinite(x).all():
+    for n in store.row_norms(a):
+        if n is None:
             return "has NaN or inf"
-        n = np.linalg.norm(x, axis=1)
         zeros += int((n < store.ZERO_NORM).sum())
         off += int((np.abs(n - 1) > NORM_TOLERANCE).sum()) if normalized else 0
     if zeros:
