@@ -219,13 +219,68 @@ def check_out(out: str, urls: str | None = None) -> None:
         )
 
 
-def _shard_settings(cfg: DownloadConfig, rows: int) -> dict:
+# A URL's scheme and host: left out of the rows' digest, so that the same rows served from elsewhere (the demo
+# serves its images on a new port each run; a mirror moves) still resume.
+_URL_HOST = r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*"
+
+
+def _table_batches(path: str, fmt: str, columns: list[str]):
+    """The table's record batches, read as img2dataset reads the format (jsonl: pyarrow's JSON reader)."""
+    if fmt == "parquet":
+        yield from pq.ParquetFile(path).iter_batches(batch_size=65536, columns=columns)
+    elif fmt in ("csv", "tsv"):
+        opts = pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",")
+        yield from pacsv.open_csv(
+            path,
+            parse_options=opts,
+            convert_options=pacsv.ConvertOptions(
+                include_columns=columns, column_types=dict.fromkeys(columns, "string")
+            ),
+        )
+    else:
+        import pyarrow.json as pajson
+
+        yield from pajson.read_json(path).select(columns).to_batches()
+
+
+def rows_digest(path: str, fmt: str, url_col: str, caption_col: str) -> str:
+    """sha256 of what the shards are made from: every row's URL, less its scheme and host, and its caption, in
+    order. Another table with as many rows then reads as another table; the demo's, written again with a new
+    port, reads as the same. Independent of how the reader cuts the table into batches."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    parts = {k: hashlib.sha256() for k in ("url_lengths", "urls", "caption_lengths", "captions")}
+    try:
+        for batch in _table_batches(path, fmt, list(dict.fromkeys([url_col, caption_col]))):
+            for col, name in ((url_col, "url"), (caption_col, "caption")):
+                arr = batch.column(col)
+                arr = arr.cast(pa.large_string()) if not pa.types.is_large_string(arr.type) else arr
+                if name == "url":
+                    arr = pc.replace_substring_regex(arr, _URL_HOST, "")
+                lengths = pc.fill_null(pc.binary_length(arr), -1)  # a null is not an empty string
+                parts[f"{name}_lengths"].update(
+                    lengths.to_numpy(zero_copy_only=False).astype("<i8").tobytes()
+                )
+                _, offsets, data = arr.buffers()
+                if data is not None and len(arr):
+                    at = np.frombuffer(offsets, "<i8")[arr.offset : arr.offset + len(arr) + 1]
+                    parts[f"{name}s"].update(memoryview(data)[at[0] : at[-1]])
+    except (OSError, pa.ArrowException) as e:
+        raise UsageError(f"cannot read {path} as {fmt}: {e}".splitlines()[0]) from e
+    return hashlib.sha256(b"".join(h.digest() for h in parts.values())).hexdigest()
+
+
+def _shard_settings(cfg: DownloadConfig, rows: int, digest: str) -> dict:
     """What decides the shards' content: `SETTINGS` holds it. Not the table's bytes: the demo serves its
     images on a new port each run and writes its table again (a resume was refused as another table)."""
-    return {**{k: getattr(cfg, k) for k in SHARD_SETTINGS}, "rows": rows}
+    return {**{k: getattr(cfg, k) for k in SHARD_SETTINGS}, "rows": rows, "rows_digest": digest}
 
 
-def check_same_settings(cfg: DownloadConfig, rows: int) -> None:
+def check_same_settings(cfg: DownloadConfig, rows: int, digest: str) -> None:
     """A rerun into a folder with shards continues that download: other shard settings or another table would
     put shards of two kinds in one folder (another --samples-per-shard even repeats rows), so they are refused."""
     if not finished_shards(cfg.out):  # nothing made yet: a retry with corrected settings starts afresh
@@ -239,8 +294,14 @@ def check_same_settings(cfg: DownloadConfig, rows: int) -> None:
             old = {**summary.get("config", {}), "rows": summary.get("rows")}
     except (OSError, ValueError, AttributeError):
         old = {}  # unreadable: nothing to compare with (both are written atomically, so only by hand)
-    new = _shard_settings(cfg, rows)
+    new = _shard_settings(cfg, rows, digest)
     diff = [k for k in new if k in old and old[k] != new[k]]
+    if diff == ["rows_digest"]:
+        raise UsageError(
+            f"--out {cfg.out} holds shards of another table: {cfg.urls} has as many rows, but other URLs or "
+            "captions; rerun with the earlier table to finish that download, or choose a new --out"
+        )
+    diff = [k for k in diff if k != "rows_digest"]
     if diff:
         names = {"rows": "input rows"}
         said = ", ".join(
@@ -253,8 +314,9 @@ def check_same_settings(cfg: DownloadConfig, rows: int) -> None:
         )
 
 
-def validate(cfg: DownloadConfig) -> tuple[str, list[str], int]:
-    """Check everything before anything is written. Returns (img2dataset input format, columns, rows)."""
+def validate(cfg: DownloadConfig) -> tuple[str, list[str], int, str]:
+    """Check everything before anything is written. Returns (img2dataset input format, columns, rows, the
+    rows' digest)."""
     if not os.path.isfile(cfg.urls):
         raise UsageError(f"input file not found: {cfg.urls}")
     ext = Path(cfg.urls).suffix.lower()
@@ -287,12 +349,13 @@ def validate(cfg: DownloadConfig) -> tuple[str, list[str], int]:
     columns, rows = count_rows(cfg.urls, fmt)
     if rows == 0:
         raise UsageError(f"input table {cfg.urls} has no rows")
-    check_same_settings(cfg, rows)
     for flag, col in (("--url-col", cfg.url_col), ("--caption-col", cfg.caption_col)):
         if col not in columns:
             raise UsageError(f"{flag} '{col}' is not a column of {cfg.urls}; columns: {', '.join(columns)}")
     check_columns(cfg.urls, fmt, cfg.url_col, cfg.caption_col)
-    return fmt, columns, rows
+    digest = rows_digest(cfg.urls, fmt, cfg.url_col, cfg.caption_col)
+    check_same_settings(cfg, rows, digest)
+    return fmt, columns, rows, digest
 
 
 STATS_KEYS = ("count", "successes", "failed_to_download", "failed_to_resize", "status_dict")
@@ -377,12 +440,12 @@ def summarize(out: str, shards: set[str], seconds: float, total_rows: int, expec
 
 def run(cfg: DownloadConfig) -> dict:
     """Validate, download the missing shards with img2dataset, write and return the summary."""
-    input_format, columns, rows = validate(cfg)
+    input_format, columns, rows, digest = validate(cfg)
     expected = math.ceil(rows / cfg.samples_per_shard)
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # else albumentations checks for updates online
     with hold_folder(cfg.out):  # one download writes a folder at a time
-        return _download(cfg, input_format, columns, rows, expected)
+        return _download(cfg, input_format, columns, rows, digest, expected)
 
 
 # How long an interrupted img2dataset gets to end itself before its processes are killed. Its own Ctrl-C
@@ -680,13 +743,15 @@ def _remove_unfinished(out: str, finished: set[str]) -> None:
         log.info("download: removed %d file(s) of unfinished shards (%s ...)", len(gone), gone[0].name)
 
 
-def _download(cfg: DownloadConfig, input_format: str, columns: list, rows: int, expected: int) -> dict:
+def _download(
+    cfg: DownloadConfig, input_format: str, columns: list, rows: int, digest: str, expected: int
+) -> dict:
     before = finished_shards(cfg.out)
     for shard in sorted(before):  # a stats file a kill cut off: rebuilt now, or refused before any download
         shard_stats(cfg.out, shard)
     _remove_unfinished(cfg.out, before)
-    if not before or not (Path(cfg.out) / SETTINGS).is_file():
-        write_json(Path(cfg.out) / SETTINGS, _shard_settings(cfg, rows))
+    # checked against the earlier ones: the same, or a folder from before the digest, which it now records
+    write_json(Path(cfg.out) / SETTINGS, _shard_settings(cfg, rows, digest))
     extra = [c for c in columns if c not in (cfg.url_col, cfg.caption_col)] or None  # extra columns are kept
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(cfg.out, expected, len(before), stop), daemon=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -123,6 +124,56 @@ def test_download_counts_failures_and_keeps_captions(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "holds shards made with other settings (--samples-per-shard 10 -> 5)" in err and "\n" not in err
     assert {p.name: p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()} == before
+    # Another table of as many rows would finish the folder with its own rows: refused, nothing touched.
+    urls_b = write_table(tmp_path / "b.parquet", base, list(reversed(names[:10] + bad + names[10:])))
+    b = ["download", "--urls", str(urls_b), "--out", str(tmp_path / "shards"), "--image-size", "32"]
+    assert main([*b, "--samples-per-shard", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"holds shards of another table: {urls_b} has as many rows, but other URLs or captions" in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()} == before
+    # The same rows served from another host and port (the demo's case) are the same table: a resume.
+    t = pq.read_table(urls)
+    moved = [u.replace("http://127.0.0.1:", "https://localhost:1") for u in t.column("url").to_pylist()]
+    pq.write_table(t.set_column(0, "url", pa.array(moved)), tmp_path / "moved.parquet")
+    m = ["download", "--urls", str(tmp_path / "moved.parquet"), "--out", str(tmp_path / "shards")]
+    assert main([*m, "--image-size", "32", "--samples-per-shard", "10"]) == 0
+    shards = {n: v for n, v in before.items() if n.endswith((".tar", ".parquet", "_stats.json"))}
+    assert {n: before[n] for n in shards} == {
+        p.name: p.read_bytes() for p in (tmp_path / "shards").glob("0*") if p.name in shards
+    }
+    assert json.loads((tmp_path / "shards/summary/download_summary.json").read_text())["complete"]
+
+
+def test_the_rows_digest_reads_content_not_batches_hosts_or_formats(tmp_path):
+    from pipeline.download import rows_digest
+
+    urls = [f"http://127.0.0.1:8000/img/{i}.jpg?s={i % 3}" for i in range(5000)]
+    caps = [None if i % 50 == 0 else f"caption {i}" for i in range(5000)]
+    pq.write_table(pa.table({"url": urls, "caption": caps}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"url": urls, "caption": caps}), tmp_path / "b.parquet", row_group_size=777)
+    moved = [u.replace("http://127.0.0.1:8000", "https://mirror.example") for u in urls]
+    pq.write_table(pa.table({"x": range(5000), "caption": caps, "url": moved}), tmp_path / "c.parquet")
+    digest = rows_digest(str(tmp_path / "a.parquet"), "parquet", "url", "caption")
+    assert rows_digest(str(tmp_path / "b.parquet"), "parquet", "url", "caption") == digest
+    assert rows_digest(str(tmp_path / "c.parquet"), "parquet", "url", "caption") == digest
+    # one caption changed, two rows swapped, a null caption made empty, a path changed: each another table
+    for i, (u, c) in enumerate(
+        [
+            (urls, caps[:4000] + ["other"] + caps[4001:]),
+            (urls[:2] + [urls[3], urls[2]] + urls[4:], caps),
+            (urls, [""] + caps[1:]),
+            (urls[:-1] + [urls[-1].replace("/img/", "/im/g")], caps),
+        ]
+    ):
+        pq.write_table(pa.table({"url": u, "caption": c}), tmp_path / f"d{i}.parquet")
+        assert rows_digest(str(tmp_path / f"d{i}.parquet"), "parquet", "url", "caption") != digest, i
+    with open(tmp_path / "a.jsonl", "w") as f:
+        f.writelines(json.dumps({"url": u, "caption": c}) + "\n" for u, c in zip(urls, caps))
+    pacsv.write_csv(pa.table({"caption": caps, "url": urls}), tmp_path / "a.csv")
+    assert rows_digest(str(tmp_path / "a.jsonl"), "jsonl", "url", "caption") == digest
+    # csv has no null string: its empty captions are empty strings, read so every run
+    csv = rows_digest(str(tmp_path / "a.csv"), "csv", "url", "caption")
+    assert csv == rows_digest(str(tmp_path / "a.csv"), "csv", "url", "caption") != digest
 
 
 @pytest.mark.parametrize(
