@@ -156,8 +156,30 @@ def _check_keys(root: Path, shard: str, marker: dict, keys: list[str]) -> list[s
         err_keys = {k for k, r in zip(t["key"], t["reason"]) if not r.startswith("duplicate key")}
     expected = [k for k in dict.fromkeys(tar_keys) if k not in err_keys]
     return (
-        [] if expected == keys else [f"{shard}: metadata keys differ from the tar's keys (order or content)"]
+        []
+        if expected == keys
+        else [f"{shard}: metadata keys differ from the tar's keys ({_key_diff(expected, keys)})"]
     )
+
+
+def _key_diff(tar: list[str], ours: list[str]) -> str:
+    """How the store's keys differ from the tar's (less its error rows): what a user needs to see why."""
+    in_ours, in_tar = set(ours), set(tar)
+    missing = [k for k in tar if k not in in_ours]
+    extra = [k for k in ours if k not in in_tar]
+    said = []
+    if missing:
+        said.append(
+            f"{len(missing)} of the tar's samples neither embedded nor in its error rows, first {missing[0]!r}"
+        )
+    if extra:
+        said.append(f"{len(extra)} key(s) not in the tar, first {extra[0]!r}")
+    if not said:
+        first = next(i for i, (a, b) in enumerate(zip(tar, ours)) if a != b)
+        said.append(
+            f"the same keys in another order, from row {first} ({ours[first]!r} where the tar has {tar[first]!r})"
+        )
+    return "; ".join(said)
 
 
 def _read_json(path: Path, required: dict[str, type]) -> tuple[dict | None, str | None]:
