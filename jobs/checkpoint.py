@@ -91,12 +91,30 @@ def save(
     tmp = root / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_state(model), tmp / "model.safetensors")
-    save_file(_state(ema), tmp / "ema.safetensors")
-    torch.save(extra_state, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "version": code_version(), **meta}, indent=2))
-    for p in [*tmp.iterdir(), tmp]:  # on the disk before `latest` names them: a power loss keeps a whole step
-        store.fsync_path(p)
+    try:
+        save_file(_state(model), tmp / "model.safetensors")
+        save_file(_state(ema), tmp / "ema.safetensors")
+        torch.save(extra_state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(
+            json.dumps({"step": step, "version": code_version(), **meta}, indent=2)
+        )
+        for p in [
+            *tmp.iterdir(),
+            tmp,
+        ]:  # on the disk before `latest` names them: a power loss keeps a whole step
+            store.fsync_path(p)
+    except Exception as e:
+        # A full disk: safetensors and torch.save raise their own errors for it, not OSError (torch's reads
+        # "[enforce fail at inline_container.cc] unexpected pos"). The half-written step goes, freeing its
+        # space; the steps before it are whole.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise
+        free = shutil.disk_usage(root).free / 2**20
+        raise OSError(
+            f"cannot write checkpoint {final.name} into {root} ({free:.0f} MiB free there): "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        ) from e
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     store.atomic_write(root / "latest", final.name.encode())  # synced, with the rename of the step above it

@@ -837,3 +837,35 @@ def test_a_report_written_beside_a_checkpoint_never_makes_its_folder_again(tmp_p
             shutil.rmtree(folder)
             store.write_json(folder / "eval.json", {"step": 10}, make_parent=False)
     assert not folder.exists()
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_steps_before_stay(data, tmp_path, monkeypatch, capsys):
+    """safetensors and torch.save report a full disk with their own errors (torch's: "[enforce fail at
+    inline_container.cc:672] . unexpected pos ..."), which the CLI printed as a 40-line traceback."""
+    real, calls = torch.save, {"n": 0}
+
+    def full(obj, f, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint's state.pt
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real(obj, f, *a, **kw)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    args = [
+        "--data",
+        data,
+        "--out",
+        str(tmp_path),
+        "--batch-size",
+        "32",
+        "--steps",
+        "20",
+        "--eval-every",
+        "0",
+    ]
+    assert cli(["train-prior", *args, "--save-every", "10", "--val-fraction", "0.1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # below the progress bar
+    assert err.startswith("unclip train-prior: failed: cannot write checkpoint step_00000020 into ")
+    assert "MiB free there): RuntimeError: [enforce fail at inline_container.cc:672]" in err
+    assert checkpoint.resolve(tmp_path).name == "step_00000010"
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_00000010"]
