@@ -177,20 +177,46 @@ class Store:
             return _cached_split(str(self.root), shard, n, split, fraction, seed)
         return _split(self.root, shard, n, split, fraction, seed)
 
+    def text_enc(self, shard_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """A shard's per-token encodings and their row offsets, checked against its done marker once as they
+        are read: a file cut short or of another shard was an IndexError or a broadcast error mid-training."""
+        shard, n = self.shards[shard_index]
+        with self._lock:
+            checked = ("text_enc_offsets", shard) in self._cache and ("text_enc", shard) in self._cache
+            off, enc = self.array("text_enc_offsets", shard), self.array("text_enc", shard)
+        if not checked:
+            wrong = None
+            if off.ndim != 1 or len(off) != n + 1:
+                wrong = f"{store.field_path(self.root, 'text_enc_offsets', shard)} holds {len(off)} offsets"
+            elif off[0] != 0 or (np.diff(off) < 0).any() or off[-1] != len(enc) or enc.ndim != 2:
+                wrong = (
+                    f"{store.field_path(self.root, 'text_enc', shard)} holds {len(enc)} token rows where its "
+                    f"offsets span {int(off[0])}..{int(off[-1])}"
+                )
+            if wrong:
+                with self._lock:
+                    self._cache.pop(("text_enc_offsets", shard), None)
+                    self._cache.pop(("text_enc", shard), None)
+                raise StageError(
+                    f"{wrong}, which does not fit the {n} rows of its done marker; `unclip validate {self.root}` "
+                    "lists the damage"
+                )
+        return enc, off
+
     def gather_text_enc(self, shards: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-token encodings padded to the batch's longest caption: [B, L, W] and a mask [B, L]."""
         spans = []
         for s, r in zip(shards, rows):
-            off = self.array("text_enc_offsets", self.shards[s][0])
-            spans.append((s, int(off[r]), int(off[r + 1])))
-        width = self.array("text_enc", self.shards[shards[0]][0]).shape[1]
+            enc, off = self.text_enc(int(s))
+            spans.append((enc, int(off[r]), int(off[r + 1])))
+        width = spans[0][0].shape[1]
         longest = max(b - a for _, a, b in spans)
-        enc = np.zeros((len(rows), longest, width), dtype=store.EMB_DTYPE)
+        out = np.zeros((len(rows), longest, width), dtype=store.EMB_DTYPE)
         mask = np.zeros((len(rows), longest), dtype=bool)
-        for i, (s, a, b) in enumerate(spans):
-            enc[i, : b - a] = self.array("text_enc", self.shards[s][0])[a:b]
+        for i, (enc, a, b) in enumerate(spans):
+            out[i, : b - a] = enc[a:b]
             mask[i, : b - a] = True
-        return enc, mask
+        return out, mask
 
 
 def _split(root, shard: str, n: int, split: str, fraction: float, seed: int) -> tuple[np.ndarray, bool]:

@@ -218,6 +218,23 @@ def test_a_shard_file_whose_rows_disagree_with_its_marker_is_named(tmp_path):
             pass
 
 
+@pytest.mark.parametrize("cut", ["offsets", "tokens"])
+def test_text_encodings_that_do_not_fit_their_marker_are_named(tmp_path, cut):
+    """Offsets cut short were an IndexError mid-training, token rows cut short a numpy broadcast error."""
+    make_store(tmp_path, [40, 40], dim=16, text_enc_width=8)
+    sid = store.shard_rows(tmp_path)[1][0]
+    field = "text_enc_offsets" if cut == "offsets" else "text_enc"
+    path = store.field_path(tmp_path, field, sid)
+    np.save(path, np.load(path)[:20])
+    said = "holds 20 offsets" if cut == "offsets" else r"holds 20 token rows where its offsets span 0\.\.\d+"
+    cfg = StreamConfig(str(tmp_path), fields=("img_emb", "text_emb", "text_enc"), batch_size=8)
+    with pytest.raises(
+        StageError, match=rf"{path.name} {said}, which does not fit the 40 rows .*unclip validate"
+    ):
+        for _ in zip(range(50), Stream(cfg).batches()):
+            pass
+
+
 def test_the_next_epochs_first_block_is_read_ahead_before_the_epoch_ends(tmp_path, monkeypatch):
     make_store(tmp_path, [7] * 6, dim=8)
     seen = []
