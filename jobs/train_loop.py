@@ -193,14 +193,31 @@ def store_identity(manifest: dict) -> dict:
     }
 
 
-def store_shards(done: list[tuple[str, int]]) -> dict:
-    """The done shards a run's stream was split from, as a checkpoint records them (their count, rows and a
-    digest of each one's name and rows), so that a resume can tell the data has changed. The done markers', not
+def store_shards(done: list[tuple[str, int]], files: dict | None = None) -> dict:
+    """The done shards a run's stream was split from, as a checkpoint records them (their count, rows, a digest
+    of each one's name and rows, and one of the file digests their done markers hold), so that a resume can tell
+    the data has changed, a shard redone with other samples but as many rows included. The done markers', not
     the manifest's list: a running embed writes markers first, and the manifest only at its end. (Of a finished
     store the two are the same, so a checkpoint that recorded the manifest's is compared alike.)"""
     shards = sorted((str(s), int(n)) for s, n in done)
     digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()
-    return {"shards": len(shards), "rows": sum(n for _, n in shards), "sha256": digest}
+    out = {"shards": len(shards), "rows": sum(n for _, n in shards), "sha256": digest}
+    if files is not None:
+        content = sorted((s, files.get(s)) for s, _ in shards)
+        out["files_sha256"] = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    return out
+
+
+def shards_changed(then: dict | None, now: dict) -> str | None:
+    """How the store a checkpoint was trained on differs from this one, in words, or None. A checkpoint from
+    before a key was recorded is compared on the keys it has."""
+    if then is None:  # a checkpoint from before any of it was recorded says nothing
+        return None
+    if any(then[k] != now[k] for k in ("shards", "rows", "sha256") if k in then):
+        return f"{then['shards']} shards of {then['rows']} rows then, {now['shards']} of {now['rows']} now"
+    if "files_sha256" in then and then["files_sha256"] != now.get("files_sha256"):
+        return f"the same {now['shards']} shards of {now['rows']} rows, but some were written again since"
+    return None
 
 
 def _check_resume(meta: dict, run: RunState) -> None:
@@ -446,14 +463,13 @@ def _train(task: Task, run: RunState) -> dict:
         )
     )
     run.stream_order = stream.order
-    run.shards = store_shards(stream.store.done)
-    then, now = run.resumed_shards, run.shards
-    # (a checkpoint made before it was recorded says nothing)
-    if then is not None and then != now and run.rank == 0:
+    run.shards = store_shards(stream.store.done, stream.store.done_files)
+    changed = shards_changed(run.resumed_shards, run.shards)
+    if changed and run.rank == 0:
         log.warning(
-            "--resume: %s changed since the checkpoint (%d shards of %d rows then, %d of %d now): the run "
-            "continues on the store as it is, so its data order from here is not an uninterrupted run's",
-            run.cfg.data, then["shards"], then["rows"], now["shards"], now["rows"],
+            "--resume: %s changed since the checkpoint (%s): the run continues on the store as it is, so its "
+            "data from here is not an uninterrupted run's",
+            run.cfg.data, changed,
         )  # fmt: skip
     if run.resumed_order is not None and run.resumed_order != stream.order:
         by = {"row": "row position", "key": "sample key"}

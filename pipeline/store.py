@@ -659,7 +659,12 @@ def done_shards(root: str | Path) -> list[str]:
 
 def shard_rows(root: str | Path) -> list[tuple[str, int]]:
     """(shard id, rows) of every done shard, in shard order: the index readers build on."""
-    return [(s, int(read_done(root, s)["rows"])) for s in done_shards(root)]
+    return [(s, int(m["rows"])) for s, m in done_markers(root)]
+
+
+def done_markers(root: str | Path) -> list[tuple[str, dict]]:
+    """(shard id, done marker) of every done shard, in shard order."""
+    return [(s, read_done(root, s)) for s in done_shards(root)]
 
 
 def open_array(root: str | Path, field: str, shard: str) -> np.ndarray:

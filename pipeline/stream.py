@@ -85,7 +85,9 @@ class Store:
     def __init__(self, root: str | Path, max_cached: int = 64, max_maps: int = 64, reuse: int = 8):
         self.root = Path(root)
         self.manifest = store.load_manifest(self.root)
-        self.done = store.shard_rows(self.root)  # every done shard (a store still being embedded: so far)
+        markers = store.done_markers(self.root)  # every done shard (a store still being embedded: so far)
+        self.done = [(s, int(m["rows"])) for s, m in markers]
+        self.done_files = {s: m.get("files") for s, m in markers}  # each file's sha256, as its marker says
         self.shards = [(s, n) for s, n in self.done if n > 0]
         self._cache: OrderedDict = OrderedDict()  # whole per-shard arrays (text encodings), read into memory
         self._max_cached = max_cached

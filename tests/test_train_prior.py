@@ -265,11 +265,20 @@ def test_a_resume_on_a_store_that_changed_says_the_data_order_is_no_longer_the_s
     with caplog.at_level("WARNING"):
         main(cfg_for(str(data), tmp_path / "same", steps=6, save_every=3, batch_size=8, resume=True))
     assert "changed since the checkpoint" not in caplog.text
+    main(cfg_for(str(data), tmp_path / "redone", steps=6, stop_after=3, save_every=3, batch_size=8))
     shutil.rmtree(data)
     make_store(data, [60, 50, 40], dim=32, n_classes=16)
     with caplog.at_level("WARNING"):
         main(cfg_for(str(data), tmp_path / "run", steps=6, save_every=3, batch_size=8, resume=True))
     assert "changed since the checkpoint (2 shards of 110 rows then, 3 of 150 now)" in caplog.text
+    # shards written again with other samples, as many rows each (a download where other URLs succeeded)
+    caplog.clear()
+    shutil.rmtree(data)
+    make_store(data, [60, 50], dim=32, n_classes=16, seed=1)
+    with caplog.at_level("WARNING"):
+        main(cfg_for(str(data), tmp_path / "redone", steps=6, save_every=3, batch_size=8, resume=True))
+    said = "changed since the checkpoint (the same 2 shards of 110 rows, but some were written again since)"
+    assert said in caplog.text
 
 
 def test_training_on_a_store_whose_embed_did_not_finish_says_so(tmp_path, caplog):
@@ -869,3 +878,14 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_steps_before_stay(data, t
     assert "MiB free there): RuntimeError: [enforce fail at inline_container.cc:672]" in err
     assert checkpoint.resolve(tmp_path).name == "step_00000010"
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step_00000010"]
+
+
+def test_a_checkpoint_that_recorded_no_file_digests_is_compared_on_what_it_has():
+    from jobs.train_loop import shards_changed, store_shards
+
+    now = store_shards([("00000", 60), ("00001", 50)], {"00000": {"a": "1"}, "00001": {"a": "2"}})
+    older = {k: v for k, v in now.items() if k != "files_sha256"}
+    assert shards_changed(older, now) is None and shards_changed(None, now) is None
+    redone = store_shards([("00000", 60), ("00001", 50)], {"00000": {"a": "1"}, "00001": {"a": "3"}})
+    assert shards_changed(redone, now) == "the same 2 shards of 110 rows, but some were written again since"
+    assert shards_changed(store_shards([("00000", 60)]), now) == "1 shards of 60 rows then, 2 of 110 now"
