@@ -60,6 +60,8 @@ class DecoderTask(Task):
     name = "decoder"
     loss_label = "loss (min-SNR weighted v MSE)"
     fields = ("img_emb", "latents")
+    # each resolved into the network's config: latent_size, snr_shift, guidance_scale
+    model_settings = frozenset({"resolution", "snr_shift", "guidance_scale"})
     cfg: TrainDecoderConfig
 
     def model_config(self, manifest: dict) -> dict:

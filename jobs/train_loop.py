@@ -96,6 +96,9 @@ class Task:
 
     name = "model"
     loss_label = "loss"
+    # Settings whose one effect is the network's config, which a resume compares whole: one given now as the
+    # value the checkpoint's default resolved to (--snr-shift 4 where the preset's is 4) is the same run.
+    model_settings: frozenset[str] = frozenset()
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -239,7 +242,11 @@ def _check_resume(meta: dict, run: RunState) -> None:
     # A setting added in a later version is absent from older checkpoints: there it had its default's effect,
     # or LEGACY_EFFECTS' where that differs.
     defaults = {f.name: f.default for f in fields(run.cfg) if f.default is not MISSING} | LEGACY_EFFECTS
-    diff = sorted(k for k in new if k not in RESUMABLE_CHANGES and old.get(k, defaults.get(k)) != new[k])
+    diff = sorted(
+        k
+        for k in new
+        if k not in RESUMABLE_CHANGES | run.task.model_settings and old.get(k, defaults.get(k)) != new[k]
+    )
     if diff:
         raise UsageError(
             f"--resume with other settings than the checkpoint's: {', '.join(diff)} "

@@ -35,6 +35,7 @@ class TrainPriorConfig(TrainConfig):
 class PriorTask(Task):
     name = "prior"
     loss_label = "loss (x0 MSE)"
+    model_settings = frozenset({"guidance_scale"})  # recorded in the network's config
     cfg: TrainPriorConfig
 
     @property

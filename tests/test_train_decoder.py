@@ -605,3 +605,18 @@ def test_eval_decoder_dequantises_with_the_data_stores_own_range(pair, data, tmp
     hi = torch.tensor([2.0, 0.5, 3.0]).view(1, 3, 1, 1)
     torch.testing.assert_close(theirs["latents"], lo + q * (hi - lo), atol=1e-5, rtol=0)
     assert not torch.allclose(theirs["latents"], ours["latents"])
+
+
+def test_a_resume_may_name_the_value_the_checkpoints_default_resolved_to(data, tmp_path):
+    """--snr-shift 4 where the preset's 4 was used, --resolution 16 on a 16 px store: the same network and the
+    same run, which a resume refused as "other settings than the checkpoint's". Another value is refused."""
+    main(cfg_for(data, tmp_path, steps=6, stop_after=2, save_every=2))
+    with pytest.raises(UsageError, match="model config differs from this run.s in snr_shift"):
+        main(cfg_for(data, tmp_path, steps=6, save_every=2, resume=True, snr_shift=3.0))
+    same = dict(snr_shift=4.0, guidance_scale=1.0, resolution=16)
+    assert (
+        main(cfg_for(data, tmp_path, steps=6, stop_after=4, save_every=2, resume=True, **same))["start_step"]
+        == 2
+    )
+    # and the next resume, with the defaults again, goes on as well
+    assert main(cfg_for(data, tmp_path, steps=6, save_every=2, resume=True))["start_step"] == 4
