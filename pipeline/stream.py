@@ -310,6 +310,16 @@ class Stream:
             raise UsageError(
                 f"--val-fraction must be in [0, 1) (got {cfg.val_fraction}): training needs rows"
             )
+        if cfg.world_size < 1 or not 0 <= cfg.rank < cfg.world_size:
+            raise UsageError(
+                f"rank {cfg.rank} of world size {cfg.world_size}: the world size must be >= 1 and the rank in "
+                "0 .. world size - 1"
+            )
+        if cfg.shards_per_block < 1:
+            raise UsageError(f"shards_per_block must be >= 1 (got {cfg.shards_per_block})")
+        for name in ("prefetch", "start_step"):
+            if getattr(cfg, name) < 0:
+                raise UsageError(f"{name} must be >= 0 (got {getattr(cfg, name)})")
         self.cfg = cfg
         self.dense = tuple(f for f in cfg.fields if f != "text_enc")  # one row of an array per sample
         # Two blocks' maps per dense field; text encodings' per-shard arrays (text and offsets) for two blocks.

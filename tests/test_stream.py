@@ -1,6 +1,7 @@
 """Stream: alignment with the store, determinism, restart at a step, rank split, held-out split."""
 
 import os
+import re
 import signal
 
 import numpy as np
@@ -233,6 +234,26 @@ def test_text_encodings_that_do_not_fit_their_marker_are_named(tmp_path, cut):
     ):
         for _ in zip(range(50), Stream(cfg).batches()):
             pass
+
+
+@pytest.mark.parametrize(
+    "kw, said",
+    [
+        (
+            dict(rank=2, world_size=2),
+            "rank 2 of world size 2: the world size must be >= 1 and the rank in 0 ..",
+        ),
+        (dict(rank=-1, world_size=2), "rank -1 of world size 2"),
+        (dict(world_size=0), "rank 0 of world size 0"),
+        (dict(shards_per_block=0), "shards_per_block must be >= 1 (got 0)"),
+        (dict(prefetch=-1), "prefetch must be >= 0 (got -1)"),
+        (dict(start_step=-3), "start_step must be >= 0 (got -3)"),
+    ],
+)
+def test_a_loader_of_your_own_gets_its_settings_checked(root, kw, said):
+    """rank >= world size took a slice overlapping another rank's, shards_per_block 0 a ValueError from range."""
+    with pytest.raises(UsageError, match=re.escape(said)):
+        Stream(StreamConfig(str(root), **kw))
 
 
 def test_the_next_epochs_first_block_is_read_ahead_before_the_epoch_ends(tmp_path, monkeypatch):
