@@ -107,9 +107,12 @@ def format_table(m: dict) -> str:
     ]
     width = max(len(r[0]) for r in rows)
     return "\n".join(
-        [f"eval-prior on {m['samples']} held-out samples"]
+        [f"eval-prior on {m['samples']} {_SPLIT_WORDS.get(m.get('split', 'val'))} samples"]
         + [f"  {name:<{width}}  {v:7.4f}" for name, v in rows]
     )
+
+
+_SPLIT_WORDS = {"val": "held-out", "train": "training", "all": "store"}
 
 
 def run(cfg: EvalPriorConfig) -> dict:
@@ -161,6 +164,7 @@ def run(cfg: EvalPriorConfig) -> dict:
             split=cfg.split,
             val_fraction=tcfg["val_fraction"],
             split_seed=tcfg["split_seed"],
+            one_pass=True,  # the train split's samples once each, not the training stream's repeats
         )
     )
     checkpoint.warn_if_other_split(meta, stream.order)
@@ -175,6 +179,7 @@ def run(cfg: EvalPriorConfig) -> dict:
         cfg.sampler,
     )
     metrics["step"] = meta["step"]
+    metrics["split"] = cfg.split
     print(format_table(metrics))
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,9 @@ class StreamConfig:
     shards_per_block: int = 8  # shards mixed together in one shuffle block: more mixing vs more open files
     prefetch: int = 4  # batches prepared ahead in a background thread
     start_step: int = 0
+    # The train split read once (shuffled, its last partial batch kept, as few rows as it has): for evaluating on
+    # the training data, where the endless stream repeated samples.
+    one_pass: bool = False
 
 
 class Store:
@@ -349,7 +352,7 @@ class Stream:
         self.order = "mixed" if len(keyed) > 1 else ("row" if keyed == {False} else KEY_ORDER)
         self.num_samples = sum(len(r) for r in self.rows)
         self.global_batch = cfg.batch_size * cfg.world_size
-        if self.num_samples < self.global_batch and cfg.split == "train":
+        if self.num_samples < self.global_batch and cfg.split == "train" and not cfg.one_pass:
             raise UsageError(
                 f"the train split of {cfg.store} has {self.num_samples} samples, fewer than one step of "
                 f"{cfg.batch_size} x {cfg.world_size} rank(s) ({sum(n for _, n in self.store.shards)} rows in "
@@ -385,7 +388,9 @@ class Stream:
         """This rank's (shard index, row) per step, from ``start_step``; endless for train."""
         cfg, step = self.cfg, self.cfg.start_step
         epoch, skip = (
-            (step // self.steps_per_epoch, step % self.steps_per_epoch) if cfg.split == "train" else (0, 0)
+            (step // self.steps_per_epoch, step % self.steps_per_epoch)
+            if cfg.split == "train" and not cfg.one_pass
+            else (0, 0)
         )
         while True:
             pending_s, pending_r, have, to_skip = [], [], 0, skip * self.global_batch
@@ -411,7 +416,9 @@ class Stream:
                     g = self.global_batch
                     yield s_all[:g][cfg.rank :: cfg.world_size], r_all[:g][cfg.rank :: cfg.world_size]
                     pending_s, pending_r, have = [s_all[g:]], [r_all[g:]], have - g
-            if cfg.split != "train":  # one pass; the last partial batch is kept, split across ranks
+            if (
+                cfg.split != "train" or cfg.one_pass
+            ):  # one pass; the last partial batch is kept, split across ranks
                 if have:
                     s_all, r_all = np.concatenate(pending_s), np.concatenate(pending_r)
                     if len(s_all[cfg.rank :: cfg.world_size]):

@@ -889,3 +889,40 @@ def test_a_checkpoint_that_recorded_no_file_digests_is_compared_on_what_it_has()
     redone = store_shards([("00000", 60), ("00001", 50)], {"00000": {"a": "1"}, "00001": {"a": "3"}})
     assert shards_changed(redone, now) == "the same 2 shards of 110 rows, but some were written again since"
     assert shards_changed(store_shards([("00000", 60)]), now) == "1 shards of 60 rows then, 2 of 110 now"
+
+
+def test_eval_prior_on_the_train_split_takes_each_sample_once(data, tmp_path, capsys):
+    """The train stream is endless and shuffled: 2,048 "held-out" samples were drawn from a split of ~760,
+    and a train split under one batch of 256 was refused with advice to lower flags eval-prior lacks."""
+    from pipeline.stream import Stream, StreamConfig
+
+    main(cfg_for(data, tmp_path / "run", steps=2, save_every=2))
+    m = eval_run(
+        EvalPriorConfig(
+            ckpt=str(tmp_path / "run"), data=data, steps=2, split="train", out=str(tmp_path / "e.json")
+        )
+    )
+    train = Stream(StreamConfig(data, split="train", val_fraction=0.1, batch_size=1)).num_samples
+    assert 700 < train < 2048 and m["samples"] == train and m["split"] == "train"
+    assert f"eval-prior on {train} training samples" in capsys.readouterr().out
+    # the pairs are the split's, once each: the one-pass stream covers every train row exactly once
+    seen = [
+        (int(s), int(r))
+        for b in Stream(
+            StreamConfig(data, split="train", val_fraction=0.1, batch_size=256, one_pass=True)
+        ).batches()
+        for s, r in zip(b["shard"], b["row"])
+    ]
+    assert len(seen) == len(set(seen)) == train
+    small = tmp_path / "small"
+    make_store(small, [60, 60], dim=32, n_classes=8)
+    main(cfg_for(str(small), tmp_path / "srun", steps=2, save_every=2, batch_size=16))
+    m = eval_run(
+        EvalPriorConfig(
+            ckpt=str(tmp_path / "srun"), data=str(small), steps=2, split="train", out=str(tmp_path / "s.json")
+        )
+    )
+    assert (
+        m["samples"]
+        == Stream(StreamConfig(str(small), split="train", val_fraction=0.1, batch_size=1)).num_samples
+    )
