@@ -101,7 +101,9 @@ def movq_from_vae(vae) -> torch.nn.Module:
     return movq.eval()
 
 
-def export_decoder(folder: Path, meta: dict, out: Path, vae: str = "") -> dict:
+def decoder_pipeline(folder: Path, meta: dict, vae: str = "") -> tuple:
+    """(the `KandinskyV22Pipeline`, its unclip_export.json note, the report's figures) of a decoder checkpoint
+    folder, in memory: every check and load that can fail runs before anything is written."""
     from diffusers import KandinskyV22Pipeline
 
     from jobs.render import vae_source
@@ -116,29 +118,34 @@ def export_decoder(folder: Path, meta: dict, out: Path, vae: str = "") -> dict:
     pipe = KandinskyV22Pipeline(
         unet=decoder.unet, scheduler=scheduler_for_export(decoder.cfg.timesteps), movq=movq
     )
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    (tmp / "unclip_export.json").write_text(
-        json.dumps(
-            {
-                "source_checkpoint": str(folder.resolve()),
-                "step": meta["step"],
-                "clip": meta["store"]["clip"],
-                "latents": codec,
-                "negative_image_embeds": "zeros",
-                "image_embeds": "L2-normalised CLIP image embeddings",
-            },
-            indent=2,
-        )
-    )
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return {
-        "decoder": str(out),
+    note = {
+        "source_checkpoint": str(folder.resolve()),
         "step": meta["step"],
-        "unet_parameters": sum(p.numel() for p in decoder.unet.parameters()),
+        "clip": meta["store"]["clip"],
+        "latents": codec,
+        "negative_image_embeds": "zeros",
+        "image_embeds": "L2-normalised CLIP image embeddings",
     }
+    return (
+        pipe,
+        note,
+        {"decoder_step": meta["step"], "unet_parameters": sum(p.numel() for p in decoder.unet.parameters())},
+    )
+
+
+def write_pipeline(pipe, note: dict, out: Path) -> None:
+    """``pipe.save_pretrained`` into ``out`` with its note, atomically: written beside it, then swapped in; an
+    earlier export there is moved aside first and removed last, so a kill at any point leaves either export
+    whole (or the new one in place and the old one's leftovers under a dot name, removed by the next run)."""
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    (tmp / "unclip_export.json").write_text(json.dumps(note, indent=2))
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _target(cfg: ExportConfig, name: str, folder: Path, meta: dict) -> Path:
@@ -146,6 +153,15 @@ def _target(cfg: ExportConfig, name: str, folder: Path, meta: dict) -> Path:
 
     check_out_folder(cfg.out)  # a file or a path under one (OUT's other files stay)
     out = Path(cfg.out) / name
+    old = out.with_name(f".{name}.old")
+    if old.is_dir() and not old.is_symlink() and not os.path.lexists(out):
+        # a kill between `write_pipeline`'s two renames: the earlier export goes back first
+        os.replace(old, out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UsageError(
+            f"{out} is a {'link' if out.is_symlink() else 'file'}, and the export writes a folder there; "
+            "choose another --out"
+        )
     if not out.exists():
         return out
     note = _export_note(out)
@@ -207,6 +223,11 @@ def run(cfg: ExportConfig) -> dict:
         raise UsageError(
             f"--vae {cfg.vae}: the VAE is the decoder's; pass --decoder DIR with it, or leave it out"
         )
+    if cfg.clip_pretrained and not cfg.prior:
+        raise UsageError(
+            f"--clip-pretrained {cfg.clip_pretrained}: the CLIP is the prior's (the decoder's pipeline has "
+            "none); pass --prior DIR with it, or leave it out"
+        )
     jobs = []
     if cfg.decoder:
         folder, meta = checkpoint.open_task(cfg.decoder, "decoder")
@@ -228,10 +249,10 @@ def run(cfg: ExportConfig) -> dict:
         from jobs.render import vae_source
 
         vae_source(codec, cfg.vae)  # its VAE is there and the same, before anything is written
-        to_pipeline = functools.partial(export_decoder, vae=cfg.vae)
+        to_pipeline = functools.partial(decoder_pipeline, vae=cfg.vae)
         jobs.append((to_pipeline, folder, meta, _target(cfg, "decoder", folder, meta)))
     if cfg.prior:
-        from jobs.export_prior import export_prior, exportable
+        from jobs.export_prior import exportable, prior_pipeline
         from models.prior import PriorConfig
         from pipeline.encoders import clip_dims
 
@@ -248,7 +269,7 @@ def run(cfg: ExportConfig) -> dict:
         clip_source(
             meta, cfg.clip_pretrained
         )  # its CLIP file is there and the same, before anything is written
-        to_pipeline = functools.partial(export_prior, clip_pretrained=cfg.clip_pretrained)
+        to_pipeline = functools.partial(prior_pipeline, clip_pretrained=cfg.clip_pretrained)
         jobs.append((to_pipeline, folder, meta, _target(cfg, "prior", folder, meta)))
     if len(jobs) == 2:
         from jobs.sample import clip_name, same_clip
@@ -264,8 +285,12 @@ def run(cfg: ExportConfig) -> dict:
 
     report = {}
     with hold_folder(cfg.out):  # two exports into one OUT would share its temp folders
-        for export, folder, meta, out in jobs:
-            report.update(export(folder, meta, out))
+        # Both pipelines are built before either is written: a prior that fails to load or convert never leaves
+        # the decoder it was to be paired with written alone (with --overwrite, beside another CLIP's prior).
+        built = [(build(folder, meta), meta, out) for build, folder, meta, out in jobs]
+        for (pipe, note, figures), meta, out in built:
+            write_pipeline(pipe, note, out)
+            report.update({meta["task"]: str(out), **figures})
             print(
                 f"export: {meta['task']} step {meta['step']} -> {out} "
                 "(load with DiffusionPipeline.from_pretrained)"

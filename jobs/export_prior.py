@@ -31,10 +31,7 @@ before the decoder, which was trained on unit-norm embeddings).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -359,17 +356,15 @@ def pipeline(prior, clip):
     )
 
 
-def export_prior(folder: Path, meta: dict, out: Path, clip_pretrained: str = "") -> dict:
-    """Write OUT (the pipeline folder) from a prior checkpoint folder, atomically."""
+def prior_pipeline(folder: Path, meta: dict, clip_pretrained: str = "") -> tuple:
+    """(the `KandinskyV22PriorPipeline`, its unclip_export.json note, the report's figures) of a prior checkpoint
+    folder, in memory; `jobs.export.write_pipeline` writes it."""
     from jobs.sample import checkpoint_clip
 
     prior = checkpoint.build_model(folder, meta).eval()
     checkpoint.load_weights(prior, folder / "ema.safetensors")
     clip = checkpoint_clip(meta, "cpu", clip_pretrained)
     pipe = pipeline(prior, clip)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
     note = {
         "source_checkpoint": str(folder.resolve()),
         "step": meta["step"],
@@ -377,7 +372,4 @@ def export_prior(folder: Path, meta: dict, out: Path, clip_pretrained: str = "")
         "text_embeds": f"{TEXT_EMBED_SCALE:g} * Q @ open_clip text embedding (jobs.export_prior)",
         "exact_at_guidance_scale": 1.0,
     }
-    (tmp / "unclip_export.json").write_text(json.dumps(note, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return {"prior": str(out), "step": meta["step"], "parameters": sum(p.numel() for p in prior.parameters())}
+    return pipe, note, {"prior_step": meta["step"], "parameters": sum(p.numel() for p in prior.parameters())}

@@ -129,6 +129,13 @@ def test_exported_pipeline_draws_the_images_unclip_draws(exported, guidance):
         ("out_under_a_file", "lies under"),
         # exported alone into an OUT whose prior came from another CLIP: the pair would not work together
         ("partner_of_another_clip", "is an export of a prior trained on CLIP ViT-B-32 (openai, 512-d)"),
+        # an earlier export linked there: the write failed after the whole export, a temp folder left behind
+        (
+            "decoder_is_a_link",
+            "decoder is a link, and the export writes a folder there; choose another --out",
+        ),
+        # silently ignored: the decoder's pipeline has no CLIP
+        ("clip_pretrained_without_prior", "--clip-pretrained /no/clip.pt: the CLIP is the prior's"),
     ],
 )
 def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
@@ -160,6 +167,12 @@ def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
         (out / "prior/unclip_export.json").write_text(
             json.dumps({"source_checkpoint": "p", "step": 1, "clip": clip})
         )
+    elif case == "decoder_is_a_link":
+        shutil.copytree(d / "out", tmp_path / "real")
+        out.mkdir()
+        (out / "decoder").symlink_to(tmp_path / "real/decoder")
+    elif case == "clip_pretrained_without_prior":
+        args += ["--clip-pretrained", "/no/clip.pt"]
     else:  # an export of another step of the run is there
         shutil.copytree(d / "out", out)
         note = json.loads((out / "decoder/unclip_export.json").read_text())
@@ -176,6 +189,8 @@ def test_refusals_are_one_line(case, want, exported, tmp_path, capsys):
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     elif case == "partner_of_another_clip":
         assert [p.name for p in out.iterdir()] == ["prior"]
+    elif case == "decoder_is_a_link":
+        assert [p.name for p in out.iterdir()] == ["decoder"] and (out / "decoder").is_symlink()
     else:
         assert not out.exists()
 

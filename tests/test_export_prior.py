@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,65 @@ def test_the_fold_is_an_isometry_onto_zero_sum_vectors():
     assert q.shape == (8, 7)
     assert np.allclose((q.T @ q).numpy(), np.eye(7), atol=1e-12)
     assert np.allclose(q.sum(0).numpy(), 0, atol=1e-12)
+
+
+def _pair(tmp_path):
+    """A prior and a decoder (on a tiny random VAE) recorded as trained on the same CLIP."""
+    from tests.test_embed import tiny_vae
+    from tests.test_export import tiny_decoder_checkpoint
+
+    prior_run = save_prior(tmp_path / "prior_run", random_prior())
+    dec_run, _ = tiny_decoder_checkpoint(tmp_path / "dec_run", tiny_vae(tmp_path / "vae"))
+    meta_path = checkpoint.resolve(dec_run) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["store"]["clip"] = json.loads((checkpoint.resolve(prior_run) / "meta.json").read_text())["store"][
+        "clip"
+    ]
+    meta_path.write_text(json.dumps(meta))
+    return prior_run, dec_run
+
+
+def test_a_pair_whose_prior_cannot_be_loaded_writes_neither(clip, tmp_path, capsys):
+    """The decoder was written first and the prior refused after it: a decoder alone in OUT, or, with
+    --overwrite, beside another CLIP's prior."""
+    prior_run, dec_run = _pair(tmp_path)
+    ema = checkpoint.resolve(prior_run) / "ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[:100])
+    out = tmp_path / "out"
+    assert main(["export", "--prior", str(prior_run), "--decoder", str(dec_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ema.safetensors" in err[0] and "cannot be read as safetensors" in err[0], err
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+
+
+def test_a_pair_export_reports_each_step_and_an_overwrite_swaps_whole_folders(clip, tmp_path, capsys):
+    prior_run, dec_run = _pair(tmp_path)
+    out = tmp_path / "out"
+    args = ["export", "--prior", str(prior_run), "--decoder", str(dec_run), "--out", str(out)]
+    assert main(args) == 0
+    from jobs.export import ExportConfig, run
+
+    report = run(
+        ExportConfig(out=str(out), prior=str(prior_run), decoder=str(dec_run))
+    )  # the same checkpoints
+    assert report["prior_step"] == 3 and report["decoder_step"] == 3 and "step" not in report
+    assert report["prior"] == str(out / "prior") and report["decoder"] == str(out / "decoder")
+    # killed between the two renames of an overwrite: OUT/decoder gone, the earlier export at .decoder.old
+    decoder_files = {p.relative_to(out): p.read_bytes() for p in (out / "decoder").rglob("*") if p.is_file()}
+    (out / "decoder").rename(out / ".decoder.old")
+    (out / ".decoder.tmp").mkdir()
+    (out / ".decoder.tmp/half.bin").write_bytes(b"cut short")
+    # another checkpoint without --overwrite: refused, as it would be with the earlier export in place, which
+    # is put back whole (it was deleted by this export's swap)
+    shutil.copytree(dec_run, tmp_path / "dec_run2")
+    capsys.readouterr()
+    assert main(["export", "--decoder", str(tmp_path / "dec_run2"), "--out", str(out)]) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    assert {
+        p.relative_to(out): p.read_bytes() for p in (out / "decoder").rglob("*") if p.is_file()
+    } == decoder_files
+    assert main(["export", "--decoder", str(dec_run), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["decoder", "prior"]
+    assert {
+        p.relative_to(out): p.read_bytes() for p in (out / "decoder").rglob("*") if p.is_file()
+    } == decoder_files
