@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from jobs import checkpoint
 from jobs.render import latents_to_images, save_grid
 from jobs.sample import (
+    DEFAULT_STRENGTH,
     SampleConfig,
     attach_base,
     check_guidance,
@@ -134,6 +135,12 @@ def run(cfg: EvalDecoderConfig) -> dict:
     if cfg.sampler not in SAMPLERS:
         raise UsageError(f"unknown --sampler '{cfg.sampler}'; valid: {', '.join(SAMPLERS)}")
     check_guidance(cfg)
+    check_strength(cfg.strength, cfg.base)
+    if cfg.base and cfg.strength is None:
+        cfg = replace(cfg, strength=DEFAULT_STRENGTH)  # what it samples with, as its report records it
+    # The step evaluated, resolved once: a training still going may name a newer one in `latest` meanwhile,
+    # and the report went into that step's folder with this one's figures.
+    cfg = replace(cfg, decoder=str(checkpoint.resolve(cfg.decoder)))
     if cfg.out:
         store.check_out_folder(cfg.out)  # a file, or under one: refused before the work
         ours = _is_report(Path(cfg.out))  # a rerun replaces its own report, no other file
@@ -162,7 +169,6 @@ def run(cfg: EvalDecoderConfig) -> dict:
         base=cfg.base,
         strength=cfg.strength,
     )
-    check_strength(cfg.strength, cfg.base)
     m = (
         load_models(cfg.prior, cfg.decoder, device, cfg.clip_pretrained)
         if cfg.prior
@@ -213,6 +219,10 @@ def run(cfg: EvalDecoderConfig) -> dict:
         if attrs:
             report["attributes"]["text_to_image"] = attribute_accuracy(t2i_img, attrs)
     cols = len(grids[0])
+    # a decoder trained at a lower --resolution draws smaller pictures than the store's: each row at the true
+    # images' size (nearest), built before anything is written
+    size = true_img.shape[1:3]
+    grid = np.concatenate([_at_size(g[:cols], size) for g in grids])
     if cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -223,10 +233,17 @@ def run(cfg: EvalDecoderConfig) -> dict:
     with writing:  # into the checkpoint's folder: never made again if a running training pruned it
         # the report first: a run killed between the two leaves its own report, which its rerun replaces
         store.write_json(out / "eval_decoder.json", report, make_parent=bool(cfg.out))
-        grid = np.concatenate([g[:cols] for g in grids])
         save_grid(grid, out / "eval_decoder.png", cols=cols, make_parent=bool(cfg.out))
     report["written"] = str(out / "eval_decoder.json")
     return report
+
+
+def _at_size(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 [N, H, W, 3] pictures scaled to ``size`` (nearest), or as they are when already that size."""
+    if tuple(images.shape[1:3]) == tuple(size):
+        return images
+    x = F.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=tuple(size), mode="nearest")
+    return x.round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def _is_report(folder: Path) -> bool:

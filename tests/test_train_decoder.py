@@ -532,7 +532,18 @@ def test_two_stage_decoder_base_at_lower_resolution_then_image_to_image(pair, da
         str(tmp_path / "base"),
     ]
     assert cli(ev + ["--max-samples", "4", "--decoder-steps", "2", "--out", str(tmp_path / "ev")]) == 0
-    assert json.loads((tmp_path / "ev/eval_decoder.json").read_text())["base_step"] == 4
+    report = json.loads((tmp_path / "ev/eval_decoder.json").read_text())
+    assert report["base_step"] == 4 and report["settings"]["strength"] == 0.5  # recorded as used (was null)
+    # the 8 px first stage evaluated alone: its 8 x 8 pictures in the grid beside the 16 x 16 true ones (was a
+    # numpy concatenate traceback, the report written without its picture)
+    alone = ["eval-decoder", "--decoder", str(tmp_path / "base"), "--data", data, "--max-samples", "4"]
+    assert cli(alone + ["--decoder-steps", "2", "--out", str(tmp_path / "ev8")]) == 0
+    from PIL import Image
+
+    assert (
+        Image.open(tmp_path / "ev8/eval_decoder.png").size
+        == Image.open(tmp_path / "ev/eval_decoder.png").size
+    )
 
 
 def test_resume_of_a_checkpoint_from_before_a_setting_existed(data, tmp_path):
@@ -620,3 +631,38 @@ def test_a_resume_may_name_the_value_the_checkpoints_default_resolved_to(data, t
     )
     # and the next resume, with the defaults again, goes on as well
     assert main(cfg_for(data, tmp_path, steps=6, save_every=2, resume=True))["start_step"] == 4
+
+
+def test_eval_decoder_files_its_report_under_the_step_it_evaluated(pair, data, tmp_path, monkeypatch):
+    """A training still going wrote a newer step and pointed `latest` at it mid-evaluation: the report went
+    into the newer step's folder with the older step's figures."""
+    import shutil
+
+    from jobs import eval_decoder
+
+    run = tmp_path / "decoder"
+    shutil.copytree(pair / "decoder", run)
+    first = checkpoint.resolve(run)
+    embed = eval_decoder.clip_image_embeddings
+
+    def training_moves_on(*a):
+        if not (run / "ckpt/step_00000008").exists():
+            shutil.copytree(first, run / "ckpt/step_00000008")
+            (run / "ckpt/latest").write_text("step_00000008")
+        return embed(*a)
+
+    monkeypatch.setattr(eval_decoder, "clip_image_embeddings", training_moves_on)
+    args = [
+        "eval-decoder",
+        "--decoder",
+        str(run),
+        "--data",
+        data,
+        "--max-samples",
+        "4",
+        "--decoder-steps",
+        "2",
+    ]
+    assert cli(args) == 0
+    assert json.loads((first / "eval_decoder.json").read_text())["decoder_step"] == 4
+    assert not (run / "ckpt/step_00000008/eval_decoder.json").exists()
