@@ -126,3 +126,21 @@ def test_a_positional_setting_may_come_from_the_config_file(tmp_path, capsys):
     assert "rows: OK" in capsys.readouterr().out
     assert cli(["validate"]) == 2
     assert capsys.readouterr().err.strip() == "unclip validate: error: missing required setting(s): STORE"
+
+
+def test_a_ctrl_c_while_the_commands_module_imports_is_one_line(capsys, monkeypatch):
+    """Importing torch takes seconds: a Ctrl-C then was a KeyboardInterrupt traceback through importlib."""
+    import importlib
+
+    from jobs import cli as cli_module
+
+    real = importlib.import_module
+
+    def slow(name, *a):
+        if name == "jobs.train_prior":
+            raise KeyboardInterrupt
+        return real(name, *a)
+
+    monkeypatch.setattr(cli_module.importlib, "import_module", slow)
+    assert cli_module.main(["train-prior", "--data", "x", "--out", "y"]) == 130
+    assert capsys.readouterr().err == "unclip: interrupted\n"
