@@ -53,6 +53,27 @@ class TarDamaged(StageError):
     """A tar that reads no further: cut off, damaged, or (a remote one) its connection lost."""
 
 
+class _EndRecorded(tarfile.TarInfo):
+    """TarInfo that notes on its TarFile why reading headers stopped. tarfile ends an archive quietly, past
+    its first member, on the end-of-archive marker (a zero block) and equally on no bytes at all, a block cut
+    short or a block that is no header: a tar cut off on or inside a header block read as whole, its last
+    samples silently gone. Only the marker is a whole tar's end."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.EOFHeaderError:
+            tf.unclip_end = None
+            raise
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError) as e:
+            tf.unclip_end = f"it ends without the end-of-archive marker, cut off ({e})"
+            raise
+        except tarfile.InvalidHeaderError as e:
+            tf.unclip_end = f"a block where a header should be is not one ({e})"
+            raise
+
+
 def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
     """Samples in the tar's own order (img2dataset writes them in completion order; the key is the truth).
     ``local``: a whole local copy of ``url`` to read instead (`pipeline.readahead`); errors still name ``url``.
@@ -64,7 +85,10 @@ def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
     current: dict[str, bytes | None] = {}
     key, members, skipped = None, 0, 0
     try:
-        with fsspec.open(local or url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+        with (
+            fsspec.open(local or url, "rb") as f,
+            tarfile.open(fileobj=f, mode="r|*", tarinfo=_EndRecorded) as tf,
+        ):
             for member in tf:
                 link = member.islnk() or member.issym()
                 if not (member.isfile() or link):
@@ -80,6 +104,8 @@ def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
                 key = k
                 current[ext.lower()] = None if link else tf.extractfile(member).read()
                 members += 1
+            if getattr(tf, "unclip_end", None):
+                raise tarfile.ReadError(tf.unclip_end)
     except (tarfile.TarError, EOFError, OSError) as e:
         # Nothing of the shard is written (its marker is written last): rerun once the tar is fixed.
         raise TarDamaged(f"{url} is truncated or damaged after {members} members ({e})") from None

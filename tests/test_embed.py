@@ -142,6 +142,50 @@ def test_tar_members_group_into_samples_as_webdataset_groups_them(tmp_path):
     assert [s.image for s in ours] == [t["jpg"] for t in theirs]
 
 
+def test_a_tar_cut_off_on_or_inside_a_header_is_damaged_not_short(tmp_path):
+    """tarfile ends an archive quietly on no bytes, a cut block or a block that is no header, as on its
+    end-of-archive marker: a local tar cut there was embedded and marked done without its last samples (without
+    an img2dataset record, not even as error rows, and `validate` said OK). Only the marker ends a whole tar."""
+    import gzip
+
+    from pipeline.shard_samples import TarDamaged
+
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:  # img2dataset's: a pax header a member
+        for i in range(4):
+            for ext, data in (("jpg", b"\xff" * 700), ("txt", "caption é".encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size, info.pax_headers = len(data), {"comment": "x"}
+                tf.addfile(info, io.BytesIO(data))
+    whole = path.read_bytes()
+    with tarfile.open(path) as tf:
+        end = tf.getmembers()[-1].offset_data + tf.getmembers()[-1].size
+        marker = tf.offset  # where the end-of-archive marker starts
+    assert len(list(read_tar(str(path)))) == 4
+    (tmp_path / "t.tar.gz").write_bytes(gzip.compress(whole))
+    assert len(list(read_tar(str(tmp_path / "t.tar.gz")))) == 4
+    assert len(list(read_tar_bytes(tmp_path, whole[: marker + 512]))) == 4  # one zero block is an end
+    cuts = {
+        "on the member boundary before the marker": (marker, "without the end-of-archive marker"),
+        "inside a header block": (marker - 2048 + 100, "without the end-of-archive marker"),
+        # (tarfile itself raises here: its pax header's member is missing)
+        "after a member's pax header": (marker - 2048 + 1024, "empty header"),
+    }
+    assert end <= marker
+    for _what, (cut, said) in cuts.items():
+        with pytest.raises(TarDamaged, match=f"is truncated or damaged after .* members .*{said}"):
+            list(read_tar_bytes(tmp_path, whole[:cut]))
+    garbage = bytearray(whole)
+    garbage[marker - 2048 : marker - 1536] = b"\x01" * 512  # a header block overwritten
+    with pytest.raises(TarDamaged, match="is not one|truncated or damaged"):
+        list(read_tar_bytes(tmp_path, bytes(garbage)))
+
+
+def read_tar_bytes(tmp_path, data: bytes):
+    (tmp_path / "cut.tar").write_bytes(data)
+    return read_tar(str(tmp_path / "cut.tar"))
+
+
 @pytest.fixture(scope="module")
 def base(shards, tmp_path_factory, own_embed_cluster) -> Path:
     """Pixels latents and per-token text encodings; shards named by a brace range. Its run starts a worker of
