@@ -150,6 +150,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_open_clip(record: logging.LogRecord) -> bool:
+    """open_clip logs through the root logger: seven INFO lines a model it builds, and a warning for random
+    weights that `pipeline.encoders` gives in its own words. Kept with --verbose; its other warnings always."""
+    if f"{os.sep}open_clip{os.sep}" not in record.pathname:
+        return True
+    return record.levelno >= logging.WARNING and not record.getMessage().startswith(
+        "No pretrained weights loaded"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     try:  # a Ctrl-C while torch and the command's module import (seconds): one line, not a traceback
         return _main(argv)
@@ -166,6 +176,9 @@ def _main(argv: list[str] | None) -> int:
     )
     for noisy in ("distributed", "urllib3", "PIL"):  # dask logs every worker start and stop at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_open_clip)
     cmd = COMMANDS[args.command]
     module = importlib.import_module(cmd.module)
     try:

@@ -26,6 +26,7 @@ from jobs.sample import (
     DEFAULT_STRENGTH,
     SampleConfig,
     attach_base,
+    check_before_loading,
     check_guidance,
     check_steps,
     check_strength,
@@ -153,6 +154,11 @@ def run(cfg: EvalDecoderConfig) -> dict:
         checkpoint.default_out_writable(
             lambda: store.check_out_folder(decoder, flag="eval-decoder's report folder")
         )
+    check_before_loading(cfg.prior, cfg.decoder, cfg.base, cfg.prior_steps, cfg.decoder_steps)
+    # the store fits the decoder (its CLIP, its latents): refused before the models load too
+    checkpoint.check_store(
+        checkpoint.read_meta(cfg.decoder), load_store_manifest(cfg.data), cfg.data, latents=True
+    )
     device = resolve_device(cfg.device)
     sc = SampleConfig(
         prior=cfg.prior or cfg.decoder,

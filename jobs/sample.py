@@ -237,6 +237,26 @@ def check_steps(m: Models, prior_steps: int, decoder_steps: int) -> None:
                 raise UsageError(str(e)) from None
 
 
+def check_before_loading(prior: str, decoder: str, base: str, prior_steps: int, decoder_steps: int) -> None:
+    """What the checkpoints' metadata alone can refuse (a checkpoint of another task, steps beyond a
+    schedule), checked before any network or CLIP is built: those loads log lines that a refusal would follow,
+    and take seconds. `load_models`, `attach_base` and `check_steps` check the same again on what they load."""
+    from models.samplers import check_steps as within
+
+    named = [("--prior-steps", prior_steps, prior, "prior", "--prior")] if prior else []
+    named.append(("--decoder-steps", decoder_steps, decoder, "decoder", "--decoder"))
+    if base:
+        named.append(("--decoder-steps", decoder_steps, base, "decoder", "--base"))
+    for steps_flag, steps, path, task, flag in named:
+        _, meta = checkpoint.open_task(path, task, flag)
+        timesteps = (meta.get("model") or {}).get("timesteps")
+        if isinstance(timesteps, int):
+            try:
+                within(steps, timesteps, steps_flag)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+
+
 @torch.no_grad()
 def decode(m: Models, emb: torch.Tensor, cfg: SampleConfig, gen: torch.Generator) -> torch.Tensor:
     """Latents [B, C, H, W] for image embeddings [B, D]: the decoder alone, or the base's picture upsampled
@@ -383,6 +403,7 @@ def run(cfg: SampleConfig) -> dict:
     from pipeline.encoders import resolve_device
 
     prompts = validate(cfg)
+    check_before_loading(cfg.prior, cfg.decoder, cfg.base, cfg.prior_steps, cfg.decoder_steps)
     device = resolve_device(cfg.device)
     m = attach_base(load_models(cfg.prior, cfg.decoder, device, cfg.clip_pretrained), cfg.base)
     check_steps(m, cfg.prior_steps, cfg.decoder_steps)

@@ -666,3 +666,29 @@ def test_eval_decoder_files_its_report_under_the_step_it_evaluated(pair, data, t
     assert cli(args) == 0
     assert json.loads((first / "eval_decoder.json").read_text())["decoder_step"] == 4
     assert not (run / "ckpt/step_00000008/eval_decoder.json").exists()
+
+
+def test_a_refusal_after_the_checkpoints_are_read_is_one_line_on_a_real_stderr(pair, data, tmp_path):
+    """The refusals above are one line to capsys, but the CLI's log handler printed open_clip's seven INFO lines
+    and its random-weights warning first: steps beyond the schedule, a prior given as --base and a store of
+    another CLIP were refused below 11 lines of model building. (A subprocess: its stderr is the user's.)"""
+    import subprocess
+    import sys
+
+    other = tmp_path / "other"
+    make_store(other, [16], dim=32, n_classes=4, latent_size=16, clip_arch="unclip-tiny")
+    sample = ["sample", "--prior", str(pair / "prior"), "--decoder", str(pair / "decoder"), "--prompt", "a"]
+    for args, want in (
+        ([*sample, "--prior-steps", "1001"], "--prior-steps must be between 1 and 1000"),
+        ([*sample, "--base", str(pair / "prior")], "is a prior checkpoint, not a decoder"),
+        (
+            ["eval-decoder", "--decoder", str(pair / "decoder"), "--data", str(other)],
+            "the checkpoint was trained on 64-d CLIP embeddings (unclip-tiny)",
+        ),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "jobs.cli", *args, "--out", str(tmp_path / "x.png")],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and want in r.stderr, r.stderr
