@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import torch
@@ -275,7 +276,10 @@ def load_state(folder: str | Path) -> dict:
     """Optimiser, schedule and generator states. weights_only=True: a pickle holding code is refused, not run."""
     path = Path(folder) / "state.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns of a plain pickle (not its zip format) in two lines above our one: the refusal says it all
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for refused code, RuntimeError/EOFError for a damaged file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(

@@ -926,3 +926,16 @@ def test_eval_prior_on_the_train_split_takes_each_sample_once(data, tmp_path, ca
         m["samples"]
         == Stream(StreamConfig(str(small), split="train", val_fraction=0.1, batch_size=1)).num_samples
     )
+
+
+def test_a_plain_pickle_state_is_refused_without_torchs_warning_above_the_line(tmp_path):
+    """torch warned "Detected pickle protocol 4 in the checkpoint..." in two lines above the one-line refusal."""
+    import pickle
+    import warnings
+
+    (tmp_path / "state.pt").write_bytes(pickle.dumps({"step": 1}, protocol=4))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(UsageError, match="state.pt cannot be loaded safely"):
+            checkpoint.load_state(tmp_path)
+    assert not [w for w in seen if "pickle" in str(w.message)], [str(w.message) for w in seen]
