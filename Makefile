@@ -12,7 +12,7 @@ SHARDS ?=
 DEMO_OUT ?= demo_out
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow lint download
+.PHONY: help install demo test test-slow lint download usage-download usage-embed usage-sample
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -38,8 +38,16 @@ $(VENV_STAMP): pyproject.toml
 
 install: $(VENV_STAMP) ## create .venv and install the project (fast when already done)
 
-demo: $(VENV_STAMP) ## run every stage end to end on the built-in demo dataset (CPU, offline; ARGS='--n 8000 ...')
-	.venv/bin/unclip demo --out $(DEMO_OUT) $(ARGS)
+# Paths and the prompt reach the commands through the environment ("$$VAR"), never pasted into the shell line:
+# a quote or a space in them is then just a character. ARGS is pasted, so that it splits into flags.
+export URLS OUT SHARDS DEMO_OUT STORE PRIOR_OUT DECODER_OUT BASE_OUT PROMPT SAMPLES
+
+# A variable a target needs, given empty (`make validate STORE=`): one line naming it, before the venv is built.
+need-%:
+	@test -n "$${$*}" || { echo "make: $* is empty; give it a value (make help lists the targets)" >&2; exit 2; }
+
+demo: need-DEMO_OUT $(VENV_STAMP) ## run every stage end to end on the built-in demo dataset (CPU, offline; ARGS='--n 8000 ...')
+	.venv/bin/unclip demo --out "$$DEMO_OUT" $(ARGS)
 
 test: $(VENV_STAMP) ## run the test suite (slow tests excluded)
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -51,26 +59,30 @@ lint: $(VENV_STAMP) ## ruff lint and format check
 	.venv/bin/ruff check pipeline models jobs tests
 	.venv/bin/ruff format --check pipeline models jobs tests
 
-download: $(VENV_STAMP) ## download URLS=table.parquet into OUT=shards/ (webdataset, img2dataset)
-	@test -n "$(URLS)" || { echo "usage: make download URLS=urls.parquet OUT=shards/" >&2; exit 2; }
-	.venv/bin/unclip download --urls '$(URLS)' --out '$(or $(OUT),shards)' $(ARGS)
+usage-download:
+	@test -n "$$URLS" || { echo "usage: make download URLS=urls.parquet OUT=shards/" >&2; exit 2; }
+
+download: usage-download $(VENV_STAMP) ## download URLS=table.parquet into OUT=shards/ (webdataset, img2dataset)
+	.venv/bin/unclip download --urls "$$URLS" --out "$${OUT:-shards}" $(ARGS)
 
 STORE ?= store
 PRIOR_OUT ?= prior
 .PHONY: embed validate train-prior eval-prior
 
-embed: $(VENV_STAMP) ## embed SHARDS='shards/{00000..00009}.tar' into OUT=store/ (add ARGS='--latents vae --vae …')
-	@test -n "$(SHARDS)" || { echo "usage: make embed SHARDS=shards/ OUT=store/ [ARGS='--clip ViT-B-32 --pretrained …']" >&2; exit 2; }
-	.venv/bin/unclip embed --shards '$(SHARDS)' --out '$(or $(OUT),$(STORE))' $(ARGS)
+usage-embed:
+	@test -n "$$SHARDS" || { echo "usage: make embed SHARDS=shards/ OUT=store/ [ARGS='--clip ViT-B-32 --pretrained …']" >&2; exit 2; }
 
-validate: $(VENV_STAMP) ## check an embedding store: make validate STORE=store/
-	.venv/bin/unclip validate '$(STORE)'
+embed: usage-embed $(VENV_STAMP) ## embed SHARDS='shards/{00000..00009}.tar' into OUT=store/ (add ARGS='--latents vae --vae …')
+	.venv/bin/unclip embed --shards "$$SHARDS" --out "$${OUT:-$$STORE}" $(ARGS)
 
-train-prior: $(VENV_STAMP) ## train the diffusion prior: make train-prior STORE=store/ PRIOR_OUT=prior/ [ARGS='--preset vit-b-32']
-	.venv/bin/unclip train-prior --data '$(STORE)' --out '$(PRIOR_OUT)' $(ARGS)
+validate: need-STORE $(VENV_STAMP) ## check an embedding store: make validate STORE=store/
+	.venv/bin/unclip validate "$$STORE"
 
-eval-prior: $(VENV_STAMP) ## evaluate the prior's EMA weights on the held-out split
-	.venv/bin/unclip eval-prior --ckpt '$(PRIOR_OUT)' --data '$(STORE)' $(ARGS)
+train-prior: need-STORE need-PRIOR_OUT $(VENV_STAMP) ## train the diffusion prior: make train-prior STORE=store/ PRIOR_OUT=prior/ [ARGS='--preset vit-b-32']
+	.venv/bin/unclip train-prior --data "$$STORE" --out "$$PRIOR_OUT" $(ARGS)
+
+eval-prior: need-STORE need-PRIOR_OUT $(VENV_STAMP) ## evaluate the prior's EMA weights on the held-out split
+	.venv/bin/unclip eval-prior --ckpt "$$PRIOR_OUT" --data "$$STORE" $(ARGS)
 
 DECODER_OUT ?= decoder
 BASE_OUT ?=
@@ -78,15 +90,17 @@ PROMPT ?=
 SAMPLES ?= samples.png
 .PHONY: train-decoder eval-decoder sample
 
-train-decoder: $(VENV_STAMP) ## train the decoder: make train-decoder STORE=store/ DECODER_OUT=decoder/ [ARGS='--preset base']
-	.venv/bin/unclip train-decoder --data '$(STORE)' --out '$(DECODER_OUT)' $(ARGS)
+train-decoder: need-STORE need-DECODER_OUT $(VENV_STAMP) ## train the decoder: make train-decoder STORE=store/ DECODER_OUT=decoder/ [ARGS='--preset base']
+	.venv/bin/unclip train-decoder --data "$$STORE" --out "$$DECODER_OUT" $(ARGS)
 
-eval-decoder: $(VENV_STAMP) ## re-embed the decoder's images on the held-out split, and text -> image with the prior (PRIOR_OUT= for the decoder alone)
-	.venv/bin/unclip eval-decoder --decoder '$(DECODER_OUT)' $(if $(BASE_OUT),--base '$(BASE_OUT)') $(if $(PRIOR_OUT),--prior '$(PRIOR_OUT)') --data '$(STORE)' $(ARGS)
+eval-decoder: need-STORE need-DECODER_OUT $(VENV_STAMP) ## re-embed the decoder's images on the held-out split, and text -> image with the prior (PRIOR_OUT= for the decoder alone)
+	.venv/bin/unclip eval-decoder --decoder "$$DECODER_OUT" $(if $(BASE_OUT),--base "$$BASE_OUT") $(if $(PRIOR_OUT),--prior "$$PRIOR_OUT") --data "$$STORE" $(ARGS)
 
-sample: $(VENV_STAMP) ## text -> image: make sample PROMPT="a red circle" [PRIOR_OUT=prior DECODER_OUT=decoder BASE_OUT=base SAMPLES=out.png]
-	@test -n "$(PROMPT)" || { echo 'usage: make sample PROMPT="a red circle on a white background" [ARGS=--n 8]' >&2; exit 2; }
-	.venv/bin/unclip sample --prior '$(PRIOR_OUT)' --decoder '$(DECODER_OUT)' $(if $(BASE_OUT),--base '$(BASE_OUT)') --prompt "$(PROMPT)" --out '$(SAMPLES)' $(ARGS)
+usage-sample:
+	@test -n "$$PROMPT" || { echo 'usage: make sample PROMPT="a red circle on a white background" [ARGS=--n 8]' >&2; exit 2; }
+
+sample: usage-sample need-PRIOR_OUT need-DECODER_OUT need-SAMPLES $(VENV_STAMP) ## text -> image: make sample PROMPT="a red circle" [PRIOR_OUT=prior DECODER_OUT=decoder BASE_OUT=base SAMPLES=out.png]
+	.venv/bin/unclip sample --prior "$$PRIOR_OUT" --decoder "$$DECODER_OUT" $(if $(BASE_OUT),--base "$$BASE_OUT") --prompt "$$PROMPT" --out "$$SAMPLES" $(ARGS)
 
 .PHONY: bench
 bench: $(VENV_STAMP) ## every stage vs its physical limit, side by side -> bench/results.{json,md} (~10-15 min, 2 cores)

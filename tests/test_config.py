@@ -144,3 +144,29 @@ def test_a_ctrl_c_while_the_commands_module_imports_is_one_line(capsys, monkeypa
     monkeypatch.setattr(cli_module.importlib, "import_module", slow)
     assert cli_module.main(["train-prior", "--data", "x", "--out", "y"]) == 130
     assert capsys.readouterr().err == "unclip: interrupted\n"
+
+
+def test_make_targets_take_any_path_and_name_an_empty_variable(tmp_path):
+    """Paths were pasted into the recipe's shell line in single quotes: a quote in one broke the command, a
+    double quote in PROMPT was dropped, an empty STORE became "." and a missing URLS was said only after the
+    venv was built (minutes, in a fresh clone)."""
+    import subprocess
+    from pathlib import Path
+
+    from tests.synthetic_store import make_store
+
+    repo = Path(__file__).resolve().parent.parent
+    odd = tmp_path / 'it\'s a "store"'
+    make_store(odd, [5], dim=8, n_classes=2)
+
+    def make(*args):  # -o: never rebuild the venv here, whatever its stamp's age
+        return subprocess.run(
+            ["make", "-s", "-C", str(repo), "-o", ".venv/.installed", *args], capture_output=True, text=True
+        )
+
+    r = make("validate", f"STORE={odd}")
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr
+    r = make("validate", "STORE=")
+    assert r.returncode == 2 and "make: STORE is empty; give it a value" in r.stderr
+    r = make("download")
+    assert r.returncode == 2 and r.stderr.startswith("usage: make download URLS=")
