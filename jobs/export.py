@@ -71,6 +71,8 @@ def _vq_model(VQModel, c) -> torch.nn.Module:
         vq_embed_dim=c.latent_channels,
         scaling_factor=c.scaling_factor,
         norm_type="group",
+        # a VAE without the mid-block attention (SD-style VAEs have it) had a movq with it: a KeyError
+        mid_block_add_attention=c.get("mid_block_add_attention", True),
     )
 
 

@@ -334,3 +334,25 @@ def test_the_same_typed_path_from_another_folder_is_another_checkpoint(
     capsys.readouterr()
     assert main(["export", "--decoder", "run", "--out", str(out)]) == 2
     assert "pass --overwrite to replace it" in capsys.readouterr().err
+
+
+def test_a_vae_without_mid_block_attention_becomes_a_movq_without_it(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from jobs.export import movq_from_vae
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        mid_block_add_attention=False,
+    ).eval()
+    movq = movq_from_vae(vae).eval()
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 2
+    with torch.no_grad():
+        want = vae.decode(x / vae.config.scaling_factor).sample
+        got = movq.decode(x, force_not_quantize=True).sample
+    assert (got - want).abs().max().item() <= 1e-5
