@@ -939,3 +939,33 @@ def test_a_plain_pickle_state_is_refused_without_torchs_warning_above_the_line(t
         with pytest.raises(UsageError, match="state.pt cannot be loaded safely"):
             checkpoint.load_state(tmp_path)
     assert not [w for w in seen if "pickle" in str(w.message)], [str(w.message) for w in seen]
+
+
+@pytest.mark.slow  # ~8 s: two torchrun processes
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_a_line(tmp_path):
+    """A NaN row in one rank's share stopped that rank before backward; the other waited in DDP's all-reduce
+    and died of gloo's "Connection closed by peer" traceback."""
+    import numpy as np
+
+    from pipeline import store
+
+    data = tmp_path / "store"
+    make_store(data, [200, 200], dim=16, n_classes=8)
+    path = store.field_path(data, "img_emb", store.shard_rows(data)[0][0])
+    a = np.load(path)
+    a[[3, 50, 120, 160]] = np.nan  # a few rows: one rank's batch holds one before the other's does
+    np.save(path, a)
+    args = ["--data", str(data), "--out", str(tmp_path / "run"), "--batch-size", "8", "--steps", "100"]
+    r = subprocess.run(
+        [*TORCHRUN2, "-m", "jobs.cli", "train-prior", *args, "--eval-every", "0", "--device", "cpu"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if "unclip train-prior: failed:" in x]
+    assert len(lines) == 2, r.stderr[-3000:]
+    assert any("img_emb hold NaN or inf values from the store" in x for x in lines)
+    assert any("loss is not finite on another rank at step" in x for x in lines)
+    assert "Connection closed by peer" not in r.stderr and "[rank0]: Traceback" not in r.stderr
