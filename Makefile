@@ -10,6 +10,16 @@ URLS ?=
 OUT ?=
 SHARDS ?=
 DEMO_OUT ?= demo_out
+STORE ?= store
+PRIOR_OUT ?= prior
+DECODER_OUT ?= decoder
+BASE_OUT ?=
+PROMPT ?=
+SAMPLES ?= samples.png
+# Paths and the prompt reach the commands through the environment ("$$VAR"), never pasted into the shell line:
+# a quote or a space in them is then just a character. ARGS is pasted, so that it splits into flags. (After
+# the defaults: `export X` of a variable not yet set sets it empty, and a later `X ?= default` is then ignored.)
+export URLS OUT SHARDS DEMO_OUT STORE PRIOR_OUT DECODER_OUT BASE_OUT PROMPT SAMPLES
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-slow lint download usage-download usage-embed usage-sample
@@ -38,10 +48,6 @@ $(VENV_STAMP): pyproject.toml
 
 install: $(VENV_STAMP) ## create .venv and install the project (fast when already done)
 
-# Paths and the prompt reach the commands through the environment ("$$VAR"), never pasted into the shell line:
-# a quote or a space in them is then just a character. ARGS is pasted, so that it splits into flags.
-export URLS OUT SHARDS DEMO_OUT STORE PRIOR_OUT DECODER_OUT BASE_OUT PROMPT SAMPLES
-
 # A variable a target needs, given empty (`make validate STORE=`): one line naming it, before the venv is built.
 need-%:
 	@test -n "$${$*}" || { echo "make: $* is empty; give it a value (make help lists the targets)" >&2; exit 2; }
@@ -65,8 +71,6 @@ usage-download:
 download: usage-download $(VENV_STAMP) ## download URLS=table.parquet into OUT=shards/ (webdataset, img2dataset)
 	.venv/bin/unclip download --urls "$$URLS" --out "$${OUT:-shards}" $(ARGS)
 
-STORE ?= store
-PRIOR_OUT ?= prior
 .PHONY: embed validate train-prior eval-prior
 
 usage-embed:
@@ -84,10 +88,6 @@ train-prior: need-STORE need-PRIOR_OUT $(VENV_STAMP) ## train the diffusion prio
 eval-prior: need-STORE need-PRIOR_OUT $(VENV_STAMP) ## evaluate the prior's EMA weights on the held-out split
 	.venv/bin/unclip eval-prior --ckpt "$$PRIOR_OUT" --data "$$STORE" $(ARGS)
 
-DECODER_OUT ?= decoder
-BASE_OUT ?=
-PROMPT ?=
-SAMPLES ?= samples.png
 .PHONY: train-decoder eval-decoder sample
 
 train-decoder: need-STORE need-DECODER_OUT $(VENV_STAMP) ## train the decoder: make train-decoder STORE=store/ DECODER_OUT=decoder/ [ARGS='--preset base']

@@ -183,13 +183,15 @@ class Store:
         return _split(self.root, shard, n, split, fraction, seed)
 
     def text_enc(self, shard_index: int) -> tuple[np.ndarray, np.ndarray]:
-        """A shard's per-token encodings and their row offsets, checked against its done marker once as they
-        are read: a file cut short or of another shard was an IndexError or a broadcast error mid-training."""
+        """A shard's per-token encodings and their row offsets, checked against its done marker as they are
+        read (under the lock, so no thread uses them unchecked): a file cut short or of another shard was an
+        IndexError or a broadcast error mid-training."""
         shard, n = self.shards[shard_index]
         with self._lock:
             checked = ("text_enc_offsets", shard) in self._cache and ("text_enc", shard) in self._cache
             off, enc = self.array("text_enc_offsets", shard), self.array("text_enc", shard)
-        if not checked:
+            if checked:
+                return enc, off
             wrong = None
             if off.ndim != 1 or len(off) != n + 1:
                 wrong = f"{store.field_path(self.root, 'text_enc_offsets', shard)} holds {len(off)} offsets"
@@ -199,9 +201,8 @@ class Store:
                     f"offsets span {int(off[0])}..{int(off[-1])}"
                 )
             if wrong:
-                with self._lock:
-                    self._cache.pop(("text_enc_offsets", shard), None)
-                    self._cache.pop(("text_enc", shard), None)
+                self._cache.pop(("text_enc_offsets", shard), None)
+                self._cache.pop(("text_enc", shard), None)
                 raise StageError(
                     f"{wrong}, which does not fit the {n} rows of its done marker; `unclip validate {self.root}` "
                     "lists the damage"

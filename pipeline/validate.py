@@ -174,7 +174,11 @@ def _key_diff(tar: list[str], ours: list[str]) -> str:
         )
     if extra:
         said.append(f"{len(extra)} key(s) not in the tar, first {extra[0]!r}")
-    if not said:
+    if not said and len(ours) != len(tar):  # the same keys, some twice ("keys are not unique" says so too)
+        seen: set = set()
+        again = [k for k in ours if k in seen or seen.add(k)]
+        said.append(f"{len(again)} key(s) twice, first {again[0]!r}")
+    elif not said:
         first = next(i for i, (a, b) in enumerate(zip(tar, ours)) if a != b)
         said.append(
             f"the same keys in another order, from row {first} ({ours[first]!r} where the tar has {tar[first]!r})"

@@ -170,3 +170,11 @@ def test_make_targets_take_any_path_and_name_an_empty_variable(tmp_path):
     assert r.returncode == 2 and "make: STORE is empty; give it a value" in r.stderr
     r = make("download")
     assert r.returncode == 2 and r.stderr.startswith("usage: make download URLS=")
+    # the defaults stand (an `export` above their `?=` once emptied them, and `make validate`, `make sample
+    # PROMPT=...` said "STORE is empty"): read from make's database, as a user's checkout may hold a store/
+    r = make("-p", "-n", "validate")
+    values = dict(
+        line.split(" = ", 1) for line in r.stdout.splitlines() if " = " in line and line[0].isupper()
+    )
+    want = {"STORE": "store", "PRIOR_OUT": "prior", "DECODER_OUT": "decoder", "SAMPLES": "samples.png"}
+    assert {k: values.get(k) for k in want} == want

@@ -178,6 +178,12 @@ def test_metadata_out_of_tar_order_is_reported_unless_tars_are_skipped(copy, cap
         f"(1 of the tar's samples neither embedded nor in its error rows, first {keys[0]!r}; 1 key(s) " in out
     )
     assert "not in the tar, first 'zz')" in out
+    # a row repeated: every key is the tar's, one twice (this raised StopIteration, reported as unreadable files)
+    p.write_bytes(store.parquet_bytes(t.take([*range(t.num_rows), t.num_rows - 1])))
+    rechecksum(copy, "00000", "metadata/metadata_00000.parquet")
+    out = validate(copy, capsys)[1]
+    assert f"metadata keys differ from the tar's keys (1 key(s) twice, first {keys[-1]!r})" in out
+    assert "00000: keys are not unique" in out and "StopIteration" not in out
 
 
 def test_wrong_shapes_are_reported(copy, capsys):
