@@ -230,6 +230,15 @@ def run(cfg: ExportConfig) -> dict:
             f"--clip-pretrained {cfg.clip_pretrained}: the CLIP is the prior's (the decoder's pipeline has "
             "none); pass --prior DIR with it, or leave it out"
         )
+    from pipeline.store import hold_folder
+
+    # Held from the first look at OUT's folders (the restore of an export a kill left aside included) to the
+    # last write: two exports into one OUT would share its temp folders. A refusal leaves OUT as it was.
+    with hold_folder(cfg.out):
+        return _export(cfg)
+
+
+def _export(cfg: ExportConfig) -> dict:
     jobs = []
     if cfg.decoder:
         folder, meta = checkpoint.open_task(cfg.decoder, "decoder")
@@ -283,18 +292,15 @@ def run(cfg: ExportConfig) -> dict:
             )
     elif jobs:
         _check_partner(cfg, jobs[0][2])
-    from pipeline.store import hold_folder
-
     report = {}
-    with hold_folder(cfg.out):  # two exports into one OUT would share its temp folders
-        # Both pipelines are built before either is written: a prior that fails to load or convert never leaves
-        # the decoder it was to be paired with written alone (with --overwrite, beside another CLIP's prior).
-        built = [(build(folder, meta), meta, out) for build, folder, meta, out in jobs]
-        for (pipe, note, figures), meta, out in built:
-            write_pipeline(pipe, note, out)
-            report.update({meta["task"]: str(out), **figures})
-            print(
-                f"export: {meta['task']} step {meta['step']} -> {out} "
-                "(load with DiffusionPipeline.from_pretrained)"
-            )
+    # Both pipelines are built before either is written: a prior that fails to load or convert never leaves
+    # the decoder it was to be paired with written alone (with --overwrite, beside another CLIP's prior).
+    built = [(build(folder, meta), meta, out) for build, folder, meta, out in jobs]
+    for (pipe, note, figures), meta, out in built:
+        write_pipeline(pipe, note, out)
+        report.update({meta["task"]: str(out), **figures})
+        print(
+            f"export: {meta['task']} step {meta['step']} -> {out} "
+            "(load with DiffusionPipeline.from_pretrained)"
+        )
     return report
