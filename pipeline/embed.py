@@ -349,10 +349,16 @@ def run(cfg: EmbedConfig) -> dict:
     shards = validate(cfg)
     cfg.out = os.path.abspath(cfg.out)  # dask workers may have another working directory
     with store.hold_folder(cfg.out):  # one embed run writes a store at a time
-        return _embed(cfg, shards)
+        # ... and its shard tasks write only while it runs (`store.check_run`): a task still running on a
+        # worker of an existing scheduler when the command ends (a Ctrl-C) writes nothing after it
+        token = store.start_run(cfg.out)
+        try:
+            return _embed(cfg, shards, token)
+        finally:
+            store.end_run(cfg.out, token)
 
 
-def _embed(cfg: EmbedConfig, shards: list[str]) -> dict:
+def _embed(cfg: EmbedConfig, shards: list[str], token: str = "") -> dict:
     from pipeline.encoders import resolve_device
 
     # With --scheduler the workers settle the device, so connect first, unless there is nothing to do (a
@@ -378,7 +384,7 @@ def _embed(cfg: EmbedConfig, shards: list[str]) -> dict:
             "embed: %d shards, %d already done, %d to do", len(shards), len(shards) - len(todo), len(todo)
         )
         if todo:
-            params = shard_params(cfg, device, manifest)
+            params = dataclasses.replace(shard_params(cfg, device, manifest), run_token=token)
             pending_set = set(todo)
             warn_mixed_rounding(cfg.out, [s for s in shards if s not in pending_set], params.rounding())
             start = time.perf_counter()  # a LocalCluster's start-up counts, as the user waits for it

@@ -62,6 +62,7 @@ class ShardParams:
     # the store's --pretrained file by content (manifest clip.sha256): each worker checks its copy against it
     pretrained_sha256: str | None = None
     vae_sha256: str | None = None  # the --vae folder's content, as the store recorded it
+    run_token: str = ""  # the embed run's (`store.start_run`): checked before the shard's writes
 
     def rounding(self) -> dict:
         """The settings outside the store's identity that still change its float bytes (batch composition, the
@@ -399,6 +400,10 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         torch.set_num_threads(params.torch_threads)
     t0 = time.perf_counter()
     root, shard, device = params.out, store.shard_id_of(url), params.device
+    try:  # a task of a run that has ended, or a worker that cannot see the store: not a byte written
+        store.check_run(root, params.run_token)
+    except store.Superseded as e:
+        return {"failed": f"StageError: {e}"}
     store.remove_shard(root, shard)  # a partial shard from an interrupted run is redone from scratch
     try:  # before the work: an unfinished download fails the shard at once
         recorded = download_record(url)
@@ -467,7 +472,12 @@ def embed_shard(url: str, params: ShardParams) -> dict:
         present = set(acc.out["key"]) | {e["key"] for e in errors}
         for key in sorted(set(recorded) - present):
             errors.append({"key": key, "reason": "downloaded (img2dataset record) but not in the tar"})
-    marker = _write(root, shard, url, acc, errors, recorded is not None, params.rounding())
+    try:
+        marker = _write(
+            root, shard, url, acc, errors, recorded is not None, params.rounding(), params.run_token
+        )
+    except store.Superseded as e:  # the run ended (a Ctrl-C) while this task worked: the store is not its
+        return {"failed": f"StageError: {e}"}
     _lap(phases, "write", tick)
     # Reported to the caller only (the marker on disk stays free of timings): for the summary and the bench.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -518,7 +528,9 @@ def _lap(phases: dict, name: str, since: float) -> float:
     return now
 
 
-def _write(root, shard, url, acc: _Rows, errors: list[dict], cross_checked: bool, rounding: dict) -> dict:
+def _write(
+    root, shard, url, acc: _Rows, errors: list[dict], cross_checked: bool, rounding: dict, run_token: str = ""
+) -> dict:
     out, mae = acc.out, acc.mae
     rows = len(out["key"])
     arrays: dict[str, np.ndarray] = {}
@@ -548,4 +560,5 @@ def _write(root, shard, url, acc: _Rows, errors: list[dict], cross_checked: bool
         "latent_roundtrip_mae": round(float(np.mean(mae)), 6) if mae else None,
         "embedded_with": rounding,
     }
-    return store.write_shard(root, shard, arrays, tables, rows, extra)
+    fence = (lambda: store.check_run(root, run_token)) if run_token else None
+    return store.write_shard(root, shard, arrays, tables, rows, extra, fence=fence)

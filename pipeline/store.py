@@ -230,10 +230,12 @@ def done_path(root: str | Path, shard: str) -> Path:
 # ---------------------------------------------------------------- atomic writes
 
 
-def atomic_write(path: Path, data: bytes, make_parent: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, make_parent: bool = True, before_rename=None) -> None:
     """Write `data` to `path` through a temporary file in its folder, synced, then renamed over it, and the
     rename synced too (the folder's entry): a done marker written after its files then never survives a power
-    loss that they do not. Without ``make_parent`` a folder that is gone is a FileNotFoundError."""
+    loss that they do not. Without ``make_parent`` a folder that is gone is a FileNotFoundError.
+    ``before_rename()`` runs just before the rename; if it raises, the temporary file goes and nothing is
+    renamed (`check_run`: a shard task whose embed run has ended)."""
     if make_parent:
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -241,6 +243,12 @@ def atomic_write(path: Path, data: bytes, make_parent: bool = True) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    if before_rename is not None:
+        try:
+            before_rename()
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     os.replace(tmp, path)
     fsync_path(path.parent)
 
@@ -357,11 +365,14 @@ def write_shard(
     tables: dict[str, pa.Table],
     rows: int,
     extra: dict | None = None,
+    fence=None,
 ) -> dict:
     """Write one shard's files atomically, then its done marker (last). Returns the marker.
 
     ``arrays`` maps .npy fields to arrays with ``rows`` rows (``text_enc`` is flat); ``tables`` maps
     ``metadata`` / ``errors`` to tables. With ``rows == 0`` only ``errors`` and the marker are written.
+    ``fence()`` runs before each file is renamed into place (`check_run`); its `Superseded` stops the write
+    and leaves the store alone (it is another run's now).
     """
     files: dict[str, str] = {}
     payloads: dict[str, bytes] = {}
@@ -381,18 +392,80 @@ def write_shard(
     try:
         for field, data in payloads.items():
             path = field_path(root, field, shard)
-            atomic_write(path, data)
+            atomic_write(path, data, before_rename=fence)
             files[str(path.relative_to(root))] = hashlib.sha256(data).hexdigest()
-        write_json(done_path(root, shard), marker)
-    except (
-        Exception
-    ):  # a full disk, say: the shard is not done, so none of its files stays to be called stray
+        marker_bytes = (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode()
+        atomic_write(done_path(root, shard), marker_bytes, before_rename=fence)
+    except Superseded:
+        raise  # the store is another run's now: its files are not ours to remove
+    except Exception:
+        # a full disk, say: the shard is not done, so none of its files stays to be called stray
         try:
             remove_shard(root, shard)
         except OSError as e:
             log.warning("could not remove shard %s's files after its write failed: %s", shard, e)
         raise
     return marker
+
+
+# The embed run that holds the store, for its shard tasks to check before they write (`check_run`). Dask cannot
+# stop a task already running on a worker of an existing scheduler: after a Ctrl-C such a task finished its shard
+# and wrote it into the store seconds after the command had exited and let go of the folder, even into the store
+# a following `embed --overwrite` had started again.
+RUN_FILE = "logs/embed_run.json"
+
+
+class Superseded(StageError):
+    """A shard task's embed run no longer holds the store (or this worker cannot see the store at all)."""
+
+
+def start_run(root: str | Path) -> str:
+    """Record a new embed run as the store's writer (the caller holds the folder's lock); returns its token."""
+    import socket
+    import uuid
+
+    token = uuid.uuid4().hex
+    write_json(Path(root) / RUN_FILE, {"run": token, "host": socket.gethostname(), "pid": os.getpid()})
+    return token
+
+
+def end_run(root: str | Path, token: str) -> None:
+    """The run has ended (finished, failed or interrupted): tasks of it still running write nothing more. An
+    empty logs/ goes too, so that a run refused before it wrote anything leaves no folder behind."""
+    path = Path(root) / RUN_FILE
+    try:
+        if json.loads(path.read_text()).get("run") == token:
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
+
+
+def check_run(root: str | Path, token: str) -> None:
+    """Superseded unless ``token``'s run still holds the store; nothing to check without a token (the benches
+    and other direct callers of `pipeline.embed_shard.embed_shard`)."""
+    if not token:
+        return
+    root = Path(root)
+    try:
+        now = json.loads((root / RUN_FILE).read_text()).get("run")
+    except FileNotFoundError:
+        if not (root / MANIFEST).exists():
+            import socket
+
+            raise Superseded(
+                f"the store {root} is not visible from this worker ({socket.gethostname()}): no {MANIFEST} "
+                "there; give --out a folder every dask worker sees at that path (a shared filesystem)"
+            ) from None
+        now = None
+    except (OSError, ValueError, AttributeError):
+        now = None
+    if now != token:
+        raise Superseded(
+            f"the embed run that sent this task has ended, or another holds the store {root}: its shard is "
+            "not written"
+        )
 
 
 def is_done(root: str | Path, shard: str) -> bool:
@@ -506,7 +579,8 @@ def check_is_store_or_empty(root: str | Path) -> bool:
     # A first run killed while it wrote its manifest leaves only that write's temp file: still an empty store
     # (the run that takes the folder removes it, under its lock, at the end of embed: never here, where a
     # refused second command would delete the running one's temp file)
-    if root.exists() and entries(root):
+    # Nor is a first run killed before its manifest, which left only its run file (`start_run`)
+    if root.exists() and [p for p in entries(root) if not _only_run_file(p)]:
         raise ValueError(f"{root} is not empty and holds no {MANIFEST}, so it is not a store")
     if (blocked := unwritable(root)) is not None:
         raise ValueError(f"{root} cannot be written ({blocked} is not writable)")
@@ -610,6 +684,11 @@ def store_folders(root: str | Path) -> list[Path]:
 
 
 TEMP_NAME = re.compile(r"\..+\.tmp\d+")  # `atomic_write`'s temp names: .NAME.tmpPID
+
+
+def _only_run_file(p: Path) -> bool:
+    """``p`` is a store's logs/ holding nothing but an embed run's run file (and temp files)."""
+    return p.name == "logs" and p.is_dir() and {x.name for x in entries(p)} <= {Path(RUN_FILE).name}
 
 
 def entries(folder: str | Path) -> list[Path]:

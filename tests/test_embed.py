@@ -1740,3 +1740,54 @@ def test_a_damaged_local_tar_fails_once_not_retried(shards, tmp_path, capfd):
     assert "Compute Failed" not in err and "Traceback" not in err
     failed = json.loads((tmp_path / "store/logs/embed_summary.json").read_text())["failed"]
     assert "is truncated or damaged" in failed[str(d / "00000.tar")]
+
+
+def test_a_shard_task_writes_only_while_its_embed_run_holds_the_store(base, shards, tmp_path, monkeypatch):
+    """Dask cannot stop a task already running on a worker of an existing scheduler: after a Ctrl-C such a
+    task wrote its shard seconds after the command had exited, even into the store a following
+    `embed --overwrite` had begun again (with another model), and `validate` said OK. A worker that could not
+    see --out wrote the shard onto its own disk, and the run exited 0 without it."""
+    import shutil
+
+    from pipeline import embed as embed_stage
+    from pipeline import embed_shard
+
+    out = tmp_path / "store"
+    shutil.copytree(base, out)
+    manifest = store.load_manifest(out)
+    params = embed_stage.shard_params(
+        embed_stage.EmbedConfig(shards=str(shards), out=str(out), clip="unclip-tiny", pretrained="none"),
+        "cpu",
+        manifest,
+    )
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    url = str(shards / "00000.tar")
+    # a task of a run that has ended (its run file gone, or another run's there): not a byte touched
+    stale = dataclasses.replace(params, run_token="ended-run")
+    res = embed_shard.embed_shard(url, stale)
+    assert "has ended, or another holds the store" in res["failed"]
+    token = store.start_run(out)
+    res = embed_shard.embed_shard(url, stale)
+    assert "has ended, or another holds the store" in res["failed"]
+    # the run ends while the task works: its files are not renamed into place, nor its marker
+    real = embed_shard._collect
+
+    def ctrl_c_meanwhile(*a):
+        store.end_run(out, token)
+        return real(*a)
+
+    monkeypatch.setattr(embed_shard, "_collect", ctrl_c_meanwhile)
+    res = embed_shard.embed_shard(url, dataclasses.replace(params, run_token=token))
+    assert "has ended, or another holds the store" in res["failed"]
+    monkeypatch.undo()
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert not store.is_done(out, "00000")  # the task's start removed its partial shard, as before
+    assert {p: b for p, b in after.items() if "00000" not in p.name} == {
+        p: b for p, b in before.items() if "00000" not in p.name
+    }
+    assert not [p for p in after if "00000" in p.name]  # nor anything of its own left
+    # a worker that cannot see the store (no manifest, no run file at --out): named, nothing made there
+    nowhere = dataclasses.replace(params, out=str(tmp_path / "not_here"), run_token=token)
+    res = embed_shard.embed_shard(url, nowhere)
+    assert "is not visible from this worker" in res["failed"] and "(a shared filesystem)" in res["failed"]
+    assert not (tmp_path / "not_here").exists()

@@ -68,7 +68,9 @@ def test_write_shard_writes_the_marker_last_with_checksums(tmp_path, monkeypatch
     order = []
     real = store.atomic_write
     monkeypatch.setattr(
-        store, "atomic_write", lambda p, d, *a: (order.append(p.relative_to(tmp_path)), real(p, d, *a))
+        store,
+        "atomic_write",
+        lambda p, d, *a, **kw: (order.append(p.relative_to(tmp_path)), real(p, d, *a, **kw)),
     )
     marker = store.write_shard(
         tmp_path, "00007", arrays(3), tables(["a", "b", "c"], ["z"]), 3, {"source": "x"}
