@@ -92,7 +92,7 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
     vae = load_vae(cfg.vae, device, weights=digest or "")
     digest = digest or vae_sha256(cfg.vae)  # a hub name is cached once loaded: its digest can be taken now
     px = cfg.latent_size * vae.downsample
-    xs, n = [], 0
+    xs, n, first = [], 0, ""
     threads = decode_threads(cfg.decode_threads, device)
     for url in shards:
         try:  # a shard that cannot be read (unfinished, cut off) fails its own task later, not the whole run
@@ -105,15 +105,17 @@ def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
                 if n >= cfg.calib_samples:
                     break
         except StageError as e:
+            first = first or str(e)
             log.warning(
                 "--latents vae: %s is passed over for the latent range (its task will fail): %s", url, e
             )
         if n >= cfg.calib_samples:
             break
     if not xs:
+        # with --scheduler this runs on a worker, whose log alone held why (a shard it cannot see, say)
         raise UsageError(
             f"--latents vae: no decodable image with a caption in {len(shards)} shard(s) "
-            "to fit the uint8 latent range on"
+            "to fit the uint8 latent range on" + (f" (the first shard that failed: {first})" if first else "")
         )
     lo, hi = store.fit_quantization(np.concatenate(xs)[: cfg.calib_samples])
     log.info("vae latent range fitted on %d images: lo=%s hi=%s", min(n, cfg.calib_samples), lo, hi)

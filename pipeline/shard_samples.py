@@ -106,7 +106,19 @@ def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
                 members += 1
             if getattr(tf, "unclip_end", None):
                 raise tarfile.ReadError(tf.unclip_end)
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except OSError as e:
+        if fsspec.core.split_protocol(url)[0] not in (None, "file", "local"):  # a remote read: as before
+            raise TarDamaged(f"{url} is truncated or damaged after {members} members ({e})") from None
+        # The file, not its bytes: not there on this worker's host (a path only the submitting host sees), or a
+        # read error (NFS's EIO, ESTALE). Not TarDamaged: that invited deleting a good shard, and is never
+        # retried; this is (`--retries`), maybe on another worker.
+        import socket
+
+        raise StageError(
+            f"{url} cannot be read on host {socket.gethostname()} after {members} members ({e}); every dask "
+            "worker must see the shards at the same path"
+        ) from None
+    except (tarfile.TarError, EOFError) as e:
         # Nothing of the shard is written (its marker is written last): rerun once the tar is fixed.
         raise TarDamaged(f"{url} is truncated or damaged after {members} members ({e})") from None
     if key is not None:

@@ -1791,3 +1791,27 @@ def test_a_shard_task_writes_only_while_its_embed_run_holds_the_store(base, shar
     res = embed_shard.embed_shard(url, nowhere)
     assert "is not visible from this worker" in res["failed"] and "(a shared filesystem)" in res["failed"]
     assert not (tmp_path / "not_here").exists()
+
+
+def test_a_shard_a_worker_cannot_open_is_named_as_such_not_as_damaged(tmp_path):
+    """A worker that could not see the shards' path said "truncated or damaged after 0 members" (which invites
+    deleting a good shard) and failed it at once; the latent range's fit on such a worker said only that no
+    shard held an image, the cause in the worker's log alone."""
+    from pipeline import embed as embed_stage
+    from pipeline import embed_shard
+
+    gone = str(tmp_path / "elsewhere/00000.tar")
+    with pytest.raises(StageError) as e:
+        list(read_tar(gone))
+    assert not isinstance(e.value, embed_shard.TarDamaged)
+    assert "cannot be read on host" in str(e.value) and "every dask worker must see the shards" in str(
+        e.value
+    )
+    vae = tiny_vae(tmp_path / "vae")
+    cfg = embed_stage.EmbedConfig(
+        shards=gone, out=str(tmp_path / "s"), latents="vae", vae=str(vae), latent_size=8, batch_size=4
+    )
+    with pytest.raises(
+        UsageError, match=r"no decodable image .* \(the first shard that failed: .*cannot be read"
+    ):
+        embed_shard.calibrate_latents(cfg, [gone], "cpu")
