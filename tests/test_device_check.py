@@ -29,7 +29,8 @@ def test_a_failing_stage_is_recorded_and_the_next_still_runs(tmp_path, monkeypat
     status = run(
         DeviceCheckConfig(out=str(tmp_path), device="cpu", stages="embed,sample", work=str(tmp_path))
     )
-    assert ran == ["broken", "fine"] and status == {"embed": "failed", "sample": "ok"}
+    # a failed stage fails the check (exit 1): it exited 0 for the lease's tool and CI whatever failed
+    assert ran == ["broken", "fine"] and status == {"embed": "failed", "sample": "ok", "exit_code": 1}
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert (
         report["stages"]["embed"]["error"] == "RuntimeError: unclip embed exited 1: CUDA error: out of memory"
@@ -43,7 +44,7 @@ def test_stages_past_the_budget_are_skipped_not_started(tmp_path):
     # budget 5 s: a stage that would start a command (under 10 s left) is recorded as skipped
     cfg = DeviceCheckConfig(out=str(tmp_path), device="cpu", stages="env,train_prior", budget_s=5)
     status = run(dataclasses.replace(cfg, work=str(tmp_path / "work")))
-    assert status == {"env": "ok", "train_prior": "skipped"}
+    assert status == {"env": "ok", "train_prior": "skipped", "exit_code": 0}  # a skip is no failure
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert report["stages"]["train_prior"]["error"] == "out of budget: command not started"
     assert report["env"]["device_name"] is None and report["env"]["torch"]
@@ -58,7 +59,7 @@ def test_a_command_cut_short_is_timed_out_with_its_log_kept(tmp_path, monkeypatc
 
     monkeypatch.setitem(device_check.STAGES, "embed", slow)
     cfg = DeviceCheckConfig(out=str(tmp_path), device="cpu", stages="embed", work=str(tmp_path / "w"))
-    assert run(cfg) == {"embed": "timed_out"}
+    assert run(cfg) == {"embed": "timed_out", "exit_code": 1}
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert report["stages"]["embed"]["error"].startswith("cut short after 2 s")
     assert "started" in (tmp_path / "log.txt").read_text()  # a failed command's log reaches log.txt too
@@ -82,6 +83,12 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert main(["device-check", "--out", str(tmp_path / "x"), "--device", "tpu"]) == 2
     assert "valid: cuda, cpu" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing written for bad input
+    # ",," ran every stage; a budget of 0 or less ran none and said ok
+    assert main(["device-check", "--out", str(tmp_path / "x"), "--device", "cpu", "--stages", ",,"]) == 2
+    assert "--stages ',,' names no stage; valid: env, embed" in capsys.readouterr().err
+    assert main(["device-check", "--out", str(tmp_path / "x"), "--device", "cpu", "--budget-s", "-5"]) == 2
+    assert "--budget-s must be a number of seconds > 0 (got -5.0)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow  # ~3 min: every stage's commands at tiny sizes on the CPU
@@ -89,7 +96,7 @@ def test_dry_run_of_every_stage_on_cpu(tmp_path):
     cfg = DeviceCheckConfig(out=str(tmp_path / "out"), device="cpu", quick=True, budget_s=900)
     status = run(dataclasses.replace(cfg, work=str(tmp_path / "work")))
     tmp_path = tmp_path / "out"
-    assert set(status.values()) == {"ok"}, status
+    assert status.pop("exit_code") == 0 and set(status.values()) == {"ok"}, status
     r = json.loads((tmp_path / "device_check.json").read_text())["stages"]
     assert r["embed"]["rows"] == 128 and r["embed"]["errors"] == 0 and r["embed_vae"]["rows"] == 128
     # the odd samples: PIL's rows and error rows on the device path too; the cut and the garbage JPEG fell back

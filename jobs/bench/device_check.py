@@ -412,7 +412,12 @@ def markdown(report: dict) -> str:
 
 
 def run(cfg: DeviceCheckConfig) -> dict:
-    names = [s for s in cfg.stages.split(",") if s] or list(STAGES)
+    names = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    if cfg.stages.strip() and not names:  # ",," was every stage
+        raise UsageError(f"--stages {cfg.stages!r} names no stage; valid: {', '.join(STAGES)}")
+    names = names or list(STAGES)
+    if not cfg.budget_s > 0 or cfg.budget_s != cfg.budget_s or cfg.budget_s == float("inf"):
+        raise UsageError(f"--budget-s must be a number of seconds > 0 (got {cfg.budget_s})")
     unknown = [s for s in names if s not in STAGES]
     if unknown:
         raise UsageError(f"unknown device-check stage(s) {', '.join(unknown)}; valid: {', '.join(STAGES)}")
@@ -433,7 +438,8 @@ def run(cfg: DeviceCheckConfig) -> dict:
     report: dict = {
         "device": cfg.device,
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "commit": git_commit()[:10],
+        # the lease copies uncommitted changes too: a commit with "-dirty" says the code was not that commit
+        "commit": _short(git_commit()),
     }
     report["env"], report["stages"] = {}, {}
     for name in names:
@@ -453,4 +459,12 @@ def run(cfg: DeviceCheckConfig) -> dict:
         atomic_write(out / "device_check.json", (json.dumps(report, indent=1) + "\n").encode())
         atomic_write(out / "device_check.md", markdown(report).encode())
     print(markdown(report))
-    return {name: r["status"] for name, r in report["stages"].items()}
+    statuses = {name: r["status"] for name, r in report["stages"].items()}
+    # a stage failed or cut short is a failed check (exit 1), for the lease's tool and CI; one the budget left
+    # unstarted ("skipped") is not
+    return {**statuses, "exit_code": int(any(v in ("failed", "timed_out") for v in statuses.values()))}
+
+
+def _short(commit: str) -> str:
+    """A commit's first 10 characters, its "-dirty" kept."""
+    return commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")

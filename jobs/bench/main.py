@@ -101,7 +101,7 @@ def run(cfg: BenchConfig) -> dict:
     report = {
         "machine": machine_line(),
         "date": time.strftime("%Y-%m-%d"),
-        "commit": git_commit(dirty=False)[:10],
+        "commit": git_commit()[:10] + ("-dirty" if git_commit().endswith("-dirty") else ""),
         "repeats": cfg.repeats,
         "config": asdict(cfg),
         "results": results,
