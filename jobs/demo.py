@@ -118,7 +118,35 @@ def _finished(stage: str, report: dict, out: Path) -> None:
         )
 
 
+def check_values(cfg: DemoConfig) -> None:
+    """Every value before anything is written: each stage checked its own only when it was reached, after the
+    settings were kept (which then refused the corrected rerun) and maybe after an hour of the stages before,
+    naming the stage's flag (--steps) rather than the demo's (--prior-steps)."""
+    at_least = {
+        "n": 1,
+        "samples_per_shard": 1,
+        "clip_steps": 1,
+        "prior_steps": 1,
+        "decoder_steps": 1,
+        "decoder_batch_size": 1,
+        "eval_samples": 1,
+        "base_steps": 0,
+    }
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {low} (got {getattr(cfg, name)})")
+    if not 16 <= cfg.size <= 4096:
+        raise UsageError(f"--size must be between 16 and 4096 pixels (got {cfg.size})")
+    if not cfg.decoder_guidance >= 0 or cfg.decoder_guidance == float("inf"):
+        raise UsageError(f"--decoder-guidance must be >= 0 (1 = no guidance), got {cfg.decoder_guidance}")
+    if cfg.base_steps and not 0.0 < cfg.strength <= 1.0:
+        raise UsageError(
+            f"--strength must be in (0, 1] (the share of the decoder's steps), got {cfg.strength}"
+        )
+
+
 def run(cfg: DemoConfig) -> dict:
+    check_values(cfg)
     with store.hold_folder(cfg.out):  # a second demo into this folder meanwhile is refused, not mixed in
         return _run(cfg)
 

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -61,6 +63,8 @@ def run(cfg: DemoClipConfig) -> dict:
     if Path(cfg.out).exists():
         log.info("demo CLIP already trained: %s", cfg.out)
         return {"checkpoint": cfg.out, "skipped": True}
+    if cfg.steps < 1:  # no step ran: an UnboundLocalError for the final loss
+        raise UsageError(f"--clip-steps must be >= 1 (got {cfg.steps})")
     clip = load_clip(cfg.arch, "none", "cpu", cfg.seed)
     model = clip.model.train()
     columns = ["url", "caption", *(ATTRIBUTE_COLUMNS if cfg.hard_negatives else ())]

@@ -134,3 +134,29 @@ def test_a_stage_that_reports_a_failure_stops_the_demo(tmp_path, monkeypatch, co
     (tmp_path / "data").mkdir()
     with pytest.raises({"StageError": StageError, "KeyboardInterrupt": KeyboardInterrupt}[raised]):
         run(DemoConfig(out=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "flag, value, said",
+    [
+        ("--n", "0", "--n must be >= 1 (got 0)"),
+        ("--samples-per-shard", "0", "--samples-per-shard must be >= 1 (got 0)"),
+        ("--clip-steps", "0", "--clip-steps must be >= 1 (got 0)"),  # was an UnboundLocalError traceback
+        ("--prior-steps", "0", "--prior-steps must be >= 1 (got 0)"),  # was "--steps must be >= 1" at stage 5
+        ("--decoder-batch-size", "0", "--decoder-batch-size must be >= 1 (got 0)"),
+        ("--eval-samples", "0", "--eval-samples must be >= 1 (got 0)"),  # was refused after the whole demo
+        ("--base-steps", "-1", "--base-steps must be >= 0 (got -1)"),
+        ("--strength", "2", "--strength must be in (0, 1]"),
+        ("--size", "8", "--size must be between 16 and 4096 pixels (got 8)"),
+        ("--decoder-guidance", "-1", "--decoder-guidance must be >= 0"),
+    ],
+)
+def test_a_bad_value_is_refused_before_anything_is_written(tmp_path, capsys, flag, value, said):
+    """Each was checked by its own stage when reached: after demo_settings.json had kept it (so the corrected
+    rerun was refused as "another demo run"), some after every stage before them had run."""
+    from jobs.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "d"), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and "\n" not in err, err
+    assert not (tmp_path / "d").exists()
