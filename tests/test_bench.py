@@ -206,3 +206,21 @@ def test_in_process_task_probe_measures_every_variant_against_one_forward(tmp_pa
     assert (
         t["device_inline"]["phases"]["device_decode"] > 0 and t["pil_thread"]["phases"]["device_decode"] == 0
     )
+
+
+def test_jpeg_shards_are_made_again_for_other_sizes(tmp_path):
+    """A folder made for a --quick run (2 x 64 JPEGs) was reused as it was for the real one (2 x 1,024), whose
+    figures then came from 64 images and were reported as from 1,024."""
+    import tarfile
+
+    from jobs.bench.embed_gpu import write_jpeg_shards
+
+    def samples(root):
+        return sorted((t.name, len(tarfile.open(t).getnames()) // 3) for t in root.glob("*.tar"))
+
+    root = write_jpeg_shards(tmp_path / "s", 1, 4, size=32)
+    assert samples(root) == [("00000.tar", 4)]
+    mtime = (root / "00000.tar").stat().st_mtime_ns
+    assert write_jpeg_shards(root, 1, 4, size=32) == root and (root / "00000.tar").stat().st_mtime_ns == mtime
+    write_jpeg_shards(root, 2, 6, size=32)
+    assert samples(root) == [("00000.tar", 6), ("00001.tar", 6)]

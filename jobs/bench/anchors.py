@@ -234,9 +234,22 @@ def markdown(report: dict) -> str:
         f"load average at start {m['load_avg_at_start'][0]}. Date {report['date']}, commit {report['commit']}.",
         "",
         *table(
-            ["comparison", "ours", "theirs", "units", "ratio median (min–max)", "repeats", "target", "met"],
+            [
+                "comparison",
+                "ours (median)",
+                "theirs (median)",
+                "units",
+                "ratio: median of the repeats' (min–max)",
+                "repeats",
+                "target",
+                "met",
+            ],
             [_comparison_row(c) for c in report["comparisons"]],
         ),
+        "",
+        "Each repeat runs ours and theirs side by side and takes their ratio; the ratio column is the median of "
+        "those, which need not be the ratio of the two medians beside it (a shared machine's load moves both "
+        "sides of one repeat together, and the per-repeat ratio cancels it).",
     ]
     if report["checks"]:
         rows = [[ch["name"], "pass" if ch["passed"] else "FAIL", ch["details"]] for ch in report["checks"]]

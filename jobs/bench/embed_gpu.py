@@ -62,8 +62,11 @@ def write_jpeg_shards(root: Path, shards: int, per: int, size: int = 256) -> Pat
     import numpy as np
     from PIL import Image
 
-    if (root / "ok").exists():
+    made = json.dumps({"shards": shards, "per": per, "size": size})
+    if (root / "ok").exists() and (root / "ok").read_text() == made:
         return root
+    # made with other sizes (a --quick run's 2 x 64 where 2 x 1,024 are asked), or cut short: made again
+    shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for s in range(shards):
@@ -82,7 +85,7 @@ def write_jpeg_shards(root: Path, shards: int, per: int, size: int = 256) -> Pat
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
-    (root / "ok").write_text("")
+    (root / "ok").write_text(made)
     return root
 
 
