@@ -224,3 +224,29 @@ def test_jpeg_shards_are_made_again_for_other_sizes(tmp_path):
     assert write_jpeg_shards(root, 1, 4, size=32) == root and (root / "00000.tar").stat().st_mtime_ns == mtime
     write_jpeg_shards(root, 2, 6, size=32)
     assert samples(root) == [("00000.tar", 6), ("00001.tar", 6)]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_bench_ended_by_a_signal_takes_its_running_command_with_it(tmp_path, sig):
+    """measure() starts each command in its own session; SIGTERM or SIGHUP (a lease's end, `timeout`) ended the
+    bench alone and left the command running with no parent (an embed holding the lent GPU for minutes)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = "import sys; from jobs.bench.harness import measure; measure([sys.executable, '-c', 'import time; time.sleep(120)'])"
+    bench = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not (kids := psutil.Process(bench.pid).children()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert kids, "the command never started"
+        bench.send_signal(getattr(signal, sig))
+        assert bench.wait(timeout=30) == 128 + getattr(signal, sig)
+        gone, alive = psutil.wait_procs(kids, timeout=10)
+        assert not alive
+    finally:
+        bench.kill()

@@ -56,6 +56,25 @@ def last_json(text: str) -> dict:
     raise ValueError("no JSON line in the output")
 
 
+def _raise_on_term() -> dict | None:
+    """SIGTERM and SIGHUP (a lease's or `timeout`'s end, a closed terminal) raised as SystemExit while a command
+    runs, so that its process group is killed with us: by default they ended this process alone, and the
+    command, in its own session, went on with no parent (an embed on the lent GPU for minutes). Main thread
+    only (where signals are handled); returns the handlers to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def _restore(before: dict | None) -> None:
+    for sig, handler in (before or {}).items():
+        signal.signal(sig, handler)
+
+
 def measure(
     cmd: list[str],
     *,
@@ -85,6 +104,7 @@ def measure(
             _kill_group(proc.pid)
 
         kill = threading.Timer(timeout, on_timeout) if timeout else None
+        before = _raise_on_term()
         try:
             if kill:
                 kill.start()
@@ -98,6 +118,7 @@ def measure(
         finally:
             if kill:
                 kill.cancel()
+            _restore(before)
         proc.returncode = os.waitstatus_to_exitcode(status)
         proc.stdout.close()
         if fired.is_set():
