@@ -275,16 +275,21 @@ def hold_folder(path: str | Path, flag: str = "--out"):
     this one's. An advisory ``flock`` on the folder itself, so it leaves no lock file and a killed holder
     releases it. A filesystem without locks (some network mounts) runs unlocked, with a warning.
 
-    A folder this call created is removed again when the block fails before writing anything into it."""
+    A folder this call created (with the parents it created) is removed again when the block fails before
+    writing anything into it."""
     import fcntl
 
     check_out_folder(path, flag=flag)  # not a file, not under one, writable
     p = Path(path)
+    try:  # what mkdir will make, deepest first
+        made = [q for q in [p, *p.absolute().parents] if not q.exists()]
+    except OSError:  # a name too long, say: mkdir names it below
+        made = [p]
     try:
         p.mkdir(parents=True)
         created = True
     except FileExistsError:
-        created = False
+        created, made = False, []
     except OSError as e:  # a dangling symlink, a name too long, ...
         raise UsageError(f"{flag} {path} cannot be created ({e.strerror}); give a folder") from None
     try:
@@ -309,8 +314,11 @@ def hold_folder(path: str | Path, flag: str = "--out"):
         try:
             yield p
         except BaseException:
-            if created and p.is_dir() and not any(p.iterdir()):
-                p.rmdir()  # refused before any write: nothing half-written, not even the folder
+            if created:  # refused before any write: nothing half-written, not even the folder or its parents
+                for q in made:
+                    if not (q.is_dir() and not any(q.iterdir())):
+                        break
+                    q.rmdir()
             raise
     finally:
         os.close(fd)  # releases the lock

@@ -250,3 +250,29 @@ def test_a_bench_ended_by_a_signal_takes_its_running_command_with_it(tmp_path, s
         assert not alive
     finally:
         bench.kill()
+
+
+def test_a_bench_whose_sighup_is_ignored_keeps_it_ignored(tmp_path):
+    """Under nohup (SIGHUP ignored) a closed terminal must not end the bench: the handler was installed over
+    the ignored disposition, and the bench and its command died with the terminal."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = (
+        "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); from jobs.bench.harness import measure; "
+        "measure([sys.executable, '-c', 'import time; time.sleep(3)']); print('finished')"
+    )
+    bench = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not psutil.Process(bench.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        bench.send_signal(signal.SIGHUP)
+        out, _ = bench.communicate(timeout=60)
+        assert bench.returncode == 0 and "finished" in out
+    finally:
+        bench.kill()

@@ -1769,6 +1769,7 @@ def test_a_shard_task_writes_only_while_its_embed_run_holds_the_store(base, shar
     token = store.start_run(out)
     res = embed_shard.embed_shard(url, stale)
     assert "has ended, or another holds the store" in res["failed"]
+    assert store.is_done(out, "00000")  # its finished shard untouched: the stale task removed nothing
     # the run ends while the task works: its files are not renamed into place, nor its marker
     real = embed_shard._collect
 

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import store
+from pipeline.errors import UsageError
 from tests.synthetic_store import make_store
 
 
@@ -341,3 +342,15 @@ def test_the_write_probe_leaves_nothing_another_process_would_take_for_content(t
     monkeypatch.delattr(os, "O_TMPFILE", raising=False)
     monkeypatch.setattr(tempfile, "mkstemp", named)
     assert store.unwritable(tmp_path / "run") is None and len(made) == 1 and not made[0].exists()
+
+
+def test_a_refusal_inside_hold_folder_leaves_no_folder_it_made_parents_included(tmp_path):
+    """export checks its inputs under OUT's lock: a refused `--out new/a/b` left new/ and new/a behind."""
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UsageError, match="refused"):
+        with store.hold_folder(tmp_path / "kept/new/a/b"):
+            raise UsageError("refused")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+    with store.hold_folder(tmp_path / "kept/new/a/b") as p:  # one that goes on keeps what it made
+        (p / "x").write_text("1")
+    assert (tmp_path / "kept/new/a/b/x").read_text() == "1"

@@ -67,12 +67,17 @@ def _raise_on_term() -> dict | None:
     def stop(signum, frame):
         raise SystemExit(128 + signum)
 
-    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # a signal ignored (nohup, a background job) stays ignored, as `pipeline.signals.handling` leaves it
+    return {
+        sig: signal.signal(sig, stop)
+        for sig in (signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(sig) not in (signal.SIG_IGN, None)
+    }
 
 
 def _restore(before: dict | None) -> None:
     for sig, handler in (before or {}).items():
-        signal.signal(sig, handler)
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def measure(
