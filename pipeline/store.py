@@ -456,18 +456,22 @@ def check_run(root: str | Path, token: str) -> None:
     if not token:
         return
     root = Path(root)
+    import socket
+
+    # Not Superseded, which is final, but a StageError that dask retries (--retries), maybe on another worker:
+    # a worker without the store's mount, or a read error of a network filesystem (ESTALE, EIO)
     try:
         now = json.loads((root / RUN_FILE).read_text()).get("run")
     except FileNotFoundError:
         if not (root / MANIFEST).exists():
-            import socket
-
-            raise Superseded(
+            raise StageError(
                 f"the store {root} is not visible from this worker ({socket.gethostname()}): no {MANIFEST} "
                 "there; give --out a folder every dask worker sees at that path (a shared filesystem)"
             ) from None
         now = None
-    except (OSError, ValueError, AttributeError):
+    except OSError as e:
+        raise StageError(f"{root / RUN_FILE} cannot be read on {socket.gethostname()}: {e}") from None
+    except (ValueError, AttributeError):
         now = None
     if now != token:
         raise Superseded(

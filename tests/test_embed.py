@@ -1788,9 +1788,10 @@ def test_a_shard_task_writes_only_while_its_embed_run_holds_the_store(base, shar
     }
     assert not [p for p in after if "00000" in p.name]  # nor anything of its own left
     # a worker that cannot see the store (no manifest, no run file at --out): named, nothing made there
+    # (raised, not a failed result: dask retries it, maybe on a worker that sees the store)
     nowhere = dataclasses.replace(params, out=str(tmp_path / "not_here"), run_token=token)
-    res = embed_shard.embed_shard(url, nowhere)
-    assert "is not visible from this worker" in res["failed"] and "(a shared filesystem)" in res["failed"]
+    with pytest.raises(StageError, match=r"is not visible from this worker .*\(a shared filesystem\)"):
+        embed_shard.embed_shard(url, nowhere)
     assert not (tmp_path / "not_here").exists()
 
 
