@@ -28,7 +28,6 @@ from jobs.sample import (
     attach_base,
     check_before_loading,
     check_guidance,
-    check_steps,
     check_strength,
     check_vae,
     decode,
@@ -96,8 +95,7 @@ def _held_out(cfg: EvalDecoderConfig, fields: tuple[str, ...]) -> tuple[dict, li
     """Up to max_samples held-out rows: tensors and metadata rows, in the stream's order (shards in order,
     each shard's rows by key)."""
     full = checkpoint.read_meta(checkpoint.resolve(cfg.decoder))
-    manifest = load_store_manifest(cfg.data)
-    checkpoint.check_store(full, manifest, cfg.data, latents=True)
+    manifest = load_store_manifest(cfg.data)  # checked against the decoder in `run`, before the models load
     meta = full["config"]
     stream = Stream(
         StreamConfig(
@@ -181,7 +179,6 @@ def run(cfg: EvalDecoderConfig) -> dict:
         else _decoder_only(cfg.decoder, device, cfg.clip_pretrained)
     )
     m = attach_base(m, cfg.base)
-    check_steps(m, cfg.prior_steps, cfg.decoder_steps)
     check_vae(m, cfg.vae)
     codec = m.decoder_meta["store"]["latents"]
     b, rows = _held_out(cfg, ("img_emb", "latents"))

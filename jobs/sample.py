@@ -220,27 +220,11 @@ def check_vae(m: Models, vae: str) -> None:
         )
 
 
-def check_steps(m: Models, prior_steps: int, decoder_steps: int) -> None:
-    """``--prior-steps`` and ``--decoder-steps`` within each loaded network's training schedule
-    (`models.samplers.check_steps`): refused here, before any sampling, not as NaN images or a traceback."""
-    from models.samplers import check_steps as within
-
-    for flag, steps, net in (
-        ("--prior-steps", prior_steps, m.prior),
-        ("--decoder-steps", decoder_steps, m.decoder),
-        ("--decoder-steps", decoder_steps, m.base),
-    ):
-        if net is not None:
-            try:
-                within(steps, net.cfg.timesteps, flag)
-            except ValueError as e:
-                raise UsageError(str(e)) from None
-
-
 def check_before_loading(prior: str, decoder: str, base: str, prior_steps: int, decoder_steps: int) -> None:
-    """What the checkpoints' metadata alone can refuse (a checkpoint of another task, steps beyond a
-    schedule), checked before any network or CLIP is built: those loads log lines that a refusal would follow,
-    and take seconds. `load_models`, `attach_base` and `check_steps` check the same again on what they load."""
+    """What the checkpoints' metadata alone can refuse, before any network or CLIP is built (those loads log
+    lines that a refusal would follow, and take seconds): a checkpoint of another task, and ``--prior-steps`` /
+    ``--decoder-steps`` beyond a network's training schedule (`models.samplers.check_steps`), refused here, not
+    as NaN images or a traceback."""
     from models.samplers import check_steps as within
 
     named = [("--prior-steps", prior_steps, prior, "prior", "--prior")] if prior else []
@@ -249,12 +233,10 @@ def check_before_loading(prior: str, decoder: str, base: str, prior_steps: int, 
         named.append(("--decoder-steps", decoder_steps, base, "decoder", "--base"))
     for steps_flag, steps, path, task, flag in named:
         _, meta = checkpoint.open_task(path, task, flag)
-        timesteps = (meta.get("model") or {}).get("timesteps")
-        if isinstance(timesteps, int):
-            try:
-                within(steps, timesteps, steps_flag)
-            except ValueError as e:
-                raise UsageError(str(e)) from None
+        try:  # the schedule the network is built with (its configs' default: 1000)
+            within(steps, int((meta.get("model") or {}).get("timesteps", 1000)), steps_flag)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 @torch.no_grad()
@@ -406,7 +388,6 @@ def run(cfg: SampleConfig) -> dict:
     check_before_loading(cfg.prior, cfg.decoder, cfg.base, cfg.prior_steps, cfg.decoder_steps)
     device = resolve_device(cfg.device)
     m = attach_base(load_models(cfg.prior, cfg.decoder, device, cfg.clip_pretrained), cfg.base)
-    check_steps(m, cfg.prior_steps, cfg.decoder_steps)
     check_vae(m, cfg.vae)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()

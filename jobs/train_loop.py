@@ -538,16 +538,19 @@ def _step(model: torch.nn.Module, batch: dict, step: int, run: RunState) -> tupl
     """One optimiser step; (loss, gradient norm). A non-finite loss or gradient stops the run untouched."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.startswith("cuda")):
         loss = model(batch, run.gen)
-    finite = torch.isfinite(loss.detach()).reshape(1).to(torch.int32)
+    own = bool(torch.isfinite(loss))
+    agreed = own
     if run.world > 1:
         # every rank stops at the same step, each with a line: one rank alone stopping before backward left the
         # others in DDP's all-reduce, ended by a gloo or NCCL traceback ("connection closed by peer")
+        finite = torch.tensor([int(own)], dtype=torch.int32, device=loss.device)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not bool(finite.item()) and torch.isfinite(loss):
+        agreed = bool(finite.item())
+    if own and not agreed:
         raise StageError(
             f"loss is not finite on another rank at step {step} (its own line says why): stopping with it"
         )
-    if not torch.isfinite(loss):
+    if not own:
         bad = [
             k
             for k, v in batch.items()

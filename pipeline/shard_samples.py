@@ -107,7 +107,9 @@ def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
             if getattr(tf, "unclip_end", None):
                 raise tarfile.ReadError(tf.unclip_end)
     except OSError as e:
-        if fsspec.core.split_protocol(url)[0] not in (None, "file", "local"):  # a remote read: as before
+        from pipeline.readahead import is_local
+
+        if not is_local(url):  # a remote read: as before
             raise TarDamaged(f"{url} is truncated or damaged after {members} members ({e})") from None
         # The file, not its bytes: not there on this worker's host (a path only the submitting host sees), or a
         # read error (NFS's EIO, ESTALE). Not TarDamaged: that invited deleting a good shard, and is never
