@@ -492,9 +492,13 @@ def load_vae(name_or_path: str, device: str, weights: str = "") -> Vae:
 @lru_cache(maxsize=2)
 def _load_vae(name_or_path: str, device: str, weights: str) -> Vae:
     from diffusers import AutoencoderKL
+    from diffusers.utils import is_accelerate_available
 
     validate_vae(name_or_path)
-    vae = AutoencoderKL.from_pretrained(name_or_path).to(device).eval()
+    # diffusers' default (low_cpu_mem_usage) needs accelerate, which this project does not install; without
+    # it diffusers falls back to the plain load anyway, after a five-line warning in every command's output
+    lean = is_accelerate_available()
+    vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=lean).to(device).eval()
     c = vae.config
     return Vae(
         model=vae,

@@ -735,6 +735,16 @@ def tiny_vae(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def test_loading_a_vae_prints_no_diffusers_warning_about_accelerate(tmp_path, capfd):
+    """Every command that loaded a VAE (embed --latents vae, sample, eval-decoder, export) printed diffusers'
+    five-line advice to install accelerate, which the project does not use, above its own output."""
+    from pipeline.encoders import load_vae
+
+    vae = load_vae(str(tiny_vae(tmp_path / "vae")), "cpu", weights="fresh")  # a folder no test loaded before
+    assert vae.channels == 4
+    assert "accelerate" not in capfd.readouterr().err
+
+
 def test_a_vae_is_known_by_its_content_a_folder_rewritten_in_place_is_refused_a_moved_one_continues(
     shards, tmp_path, capsys
 ):
