@@ -7,6 +7,7 @@ beside it with every setting, the seed and both checkpoints' steps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -76,9 +77,15 @@ class Models:
 
 def same_clip(a: dict, b: dict) -> bool:
     """Whether two checkpoints (their metadata) were trained with one CLIP: a checkpoint file by its content
-    where both stores recorded its sha256 (the same file at two paths is one CLIP), else by its path or tag."""
+    where both stores recorded its sha256 (the same file at two paths is one CLIP), else by its path or tag;
+    and where both stores recorded a probe (`pipeline.encoders.clip_probe`), by what the model embeds too (one
+    name under two open_clip versions or configs can be two models)."""
+    from pipeline.encoders import probe_mismatch
+
     x, y = a["store"]["clip"], b["store"]["clip"]
     if (x["arch"], x["dim"], x.get("random_init")) != (y["arch"], y["dim"], y.get("random_init")):
+        return False
+    if x.get("probe") and y.get("probe") and probe_mismatch(x["probe"], y["probe"]):
         return False
     if x["random_init"]:
         return x.get("seed", 0) == y.get("seed", 0)
@@ -89,12 +96,18 @@ def same_clip(a: dict, b: dict) -> bool:
 
 def checkpoint_clip(meta: dict, device: str, pretrained: str = ""):
     """The CLIP a checkpoint was trained with, loaded on ``device`` from `clip_source`."""
-    from pipeline.encoders import checkpoint_sha256, load_clip
+    from pipeline.encoders import checkpoint_sha256, clip_probe, load_clip, probe_mismatch
 
     c = meta["store"]["clip"]
     path = clip_source(meta, pretrained)
     seed = c.get("seed", 0) if c["random_init"] else 0
-    return load_clip(c["arch"], path, device, seed, weights=checkpoint_sha256(path) or "")
+    clip = load_clip(c["arch"], path, device, seed, weights=checkpoint_sha256(path) or "")
+    if c.get("probe") and (how := probe_mismatch(clip_probe(clip), c["probe"], ("here", "for the store"))):
+        raise UsageError(  # prompts would be embedded by another model than the one these models learnt from
+            f"CLIP {c['arch']} ({path}) here is not the model these checkpoints were trained with: it embeds a "
+            f"fixed probe otherwise ({how}); use the open_clip version and model config the store was made with"
+        )
+    return clip
 
 
 def clip_source(meta: dict, pretrained: str = "") -> str:
@@ -139,6 +152,9 @@ def clip_name(meta: dict) -> str:
     """The CLIP a checkpoint was trained on, for messages: `ViT-B-32 (laion2b_s34b_b79k, 512-d)`."""
     c = meta["store"]["clip"]
     digest = f", sha256 {c['sha256'][:12]}..." if c.get("sha256") else ""
+    if probe := c.get("probe"):  # what tells one name under two open_clip versions apart
+        tag = hashlib.sha256(f"{probe.get('image')}{probe.get('text')}".encode()).hexdigest()[:8]
+        digest += f", open_clip {probe.get('open_clip')}, probe {tag}"
     return f"{c['arch']} ({c.get('pretrained', 'none')}{digest}, {c['dim']}-d)"
 
 

@@ -390,7 +390,7 @@ def _embed(cfg: EmbedConfig, shards: list[str], token: str = "") -> dict:
             start = time.perf_counter()  # a LocalCluster's start-up counts, as the user waits for it
             if client is None:
                 client, cluster = connect(cfg)
-            rows, failed, stats = _map(client, todo, params, cfg, start)
+            rows, failed, stats = _map(client, todo, params, cfg, start, manifest)
     finally:
         closing = time.perf_counter()
         if client is not None:
@@ -483,7 +483,31 @@ def shard_params(cfg: EmbedConfig, device: str, manifest: dict):
         batch_prep=cfg.batch_prep,
         pretrained_sha256=(manifest.get("clip") or {}).get("sha256"),
         vae_sha256=(manifest.get("latents") or {}).get("sha256") if cfg.latents == "vae" else None,
+        clip_probe=(manifest.get("clip") or {}).get("probe"),
     )
+
+
+def settle_probe(root: str, manifest: dict, probes: dict[str, dict]) -> dict | None:
+    """The CLIP probe (`pipeline.encoders.clip_probe`) this run's shard tasks compare their model with: the
+    store's (the workers warmed up against it already), else, in a new store or one an older version made, the
+    first warmed worker's once every other warmed worker agrees with it, recorded in the manifest before any
+    shard is embedded. None when no worker has warmed up yet (the tasks then compare nothing)."""
+    from pipeline.encoders import probe_mismatch
+
+    if known := manifest["clip"].get("probe"):
+        return known
+    if not probes:
+        return None
+    first, *others = sorted(probes)
+    for w in others:
+        if how := probe_mismatch(probes[w], probes[first], (f"on {w}", f"on {first}")):
+            raise UsageError(
+                f"dask workers {first} and {w} have other CLIP models: they embed a fixed probe otherwise ({how}); "
+                "give every worker the same open_clip version and model config"
+            )
+    manifest["clip"]["probe"] = {k: v for k, v in probes[first].items() if k != "host"}
+    store.write_json(Path(root) / store.MANIFEST, manifest)
+    return manifest["clip"]["probe"]
 
 
 def _tensor_preprocess_supported(cfg: EmbedConfig) -> bool:
@@ -499,11 +523,14 @@ def _image_decode(cfg: EmbedConfig, device: str) -> str:
     return resolve_image_decode(cfg.image_decode, device, cfg.latents, _tensor_preprocess_supported(cfg))
 
 
-def _map(client, todo: list[str], params, cfg: EmbedConfig, run_start: float) -> tuple[int, dict, dict]:
+def _map(
+    client, todo: list[str], params, cfg: EmbedConfig, run_start: float, manifest: dict
+) -> tuple[int, dict, dict]:
     from pipeline.readahead import ReadAhead, new_run, plugin_name
 
     resources = task_resources(cfg, params.device)
-    warm_workers(client, params, resources)
+    probes = warm_workers(client, params, resources)  # a worker unlike the store's probe refused here
+    params = dataclasses.replace(params, clip_probe=settle_probe(cfg.out, manifest, probes))
     run, name = new_run(), plugin_name(cfg.out)
     try:
         if cfg.read_ahead:  # before the tasks: a worker must see its next task arrive (`pipeline.readahead`)

@@ -208,12 +208,13 @@ def _cuda_device_count() -> int:
     return torch.cuda.device_count()
 
 
-def warm_workers(client, params, resources: dict | None = None) -> None:
+def warm_workers(client, params, resources: dict | None = None) -> dict[str, dict]:
     """Every worker that can take the shard tasks (has ``resources``) builds its models and warms its task
     thread now, in a task pinned to it (a task, not `client.run`, which would run in the worker's event-loop
     thread instead), and learns its GPU slot (`gpu_slots`). With one thread per worker no shard then pays these
     one-off costs; a worker's other threads, and a worker that joins later, warm up inside their first shard.
-    A worker that leaves before its warm-up ran is skipped (its pinned task could never run)."""
+    A worker that leaves before its warm-up ran is skipped (its pinned task could never run). Returns each
+    warmed worker's CLIP probe (`pipeline.embed_shard.warm_up`), by worker address."""
     from distributed import wait
 
     from pipeline.embed_shard import warm_up
@@ -226,7 +227,7 @@ def warm_workers(client, params, resources: dict | None = None) -> None:
         client.set_metadata([SLOTS_KEY, params.out], table)
     if not able:  # none has joined yet: the tasks wait for one, which then warms up inside its first shard
         log.warning("no dask worker has the resources the shard tasks ask for (%s) yet", resources or "none")
-        return
+        return {}
     futures = {
         w: client.submit(warm_up, params, slot, workers=[w], allow_other_workers=False, pure=False)
         for w, slot in slots.items()
@@ -246,6 +247,7 @@ def warm_workers(client, params, resources: dict | None = None) -> None:
     for f in futures.values():
         if f.status == "error":
             f.result()  # a model that cannot be built fails the run here, once, with its own error
+    return {w: f.result() for w, f in futures.items() if f.status == "finished"}
 
 
 def able_workers(info: dict, resources: dict | None) -> list[str]:

@@ -63,6 +63,9 @@ class ShardParams:
     pretrained_sha256: str | None = None
     vae_sha256: str | None = None  # the --vae folder's content, as the store recorded it
     run_token: str = ""  # the embed run's (`store.start_run`): checked before the shard's writes
+    # the store's probe (manifest clip.probe, `pipeline.encoders.clip_probe`): each worker's model is compared
+    # with it before its first shard; None until a run has recorded one
+    clip_probe: dict | None = None
 
     def rounding(self) -> dict:
         """The settings outside the store's identity that still change its float bytes (batch composition, the
@@ -178,7 +181,7 @@ def _metadata(keys: list[str], captions: list[str], metas: list[dict]) -> pa.Tab
     return pa.table({n: _column([r.get(n) for r in rows]) for n in names})
 
 
-def warm_up(params: ShardParams, gpu_slot: int | None = None) -> None:
+def warm_up(params: ShardParams, gpu_slot: int | None = None) -> dict:
     """Build the models a worker will use (cached per process), warm the calling thread's torch state and
     pyarrow's lazy imports.
 
@@ -186,14 +189,17 @@ def warm_up(params: ShardParams, gpu_slot: int | None = None) -> None:
     thread that then runs the worker's shard tasks: no shard pays these one-off costs. Measured in the first
     128-image shard (~8 s; ViT-B-32, 2 cores): 0.25 s for the thread's first forward, 0.65 s for pyarrow's
     first conversion of Python values (it imports pandas then). ``gpu_slot`` is the worker's place among the
-    workers on its host (`worker_params`)."""
+    workers on its host (`worker_params`). Returns the worker's CLIP probe (`pipeline.encoders.clip_probe`), for
+    the run to compare the workers' and record one in a store that has none yet."""
     if gpu_slot is not None:
         _process_state["gpu_slot"] = gpu_slot
     params = worker_params(params)
     if params.torch_threads:
         torch.set_num_threads(params.torch_threads)
-    _warm_this_thread(_models(params))
+    m = _models(params)
+    _warm_this_thread(m)
     pa.array(["x"])
+    return {**m.probe, "host": socket.gethostname()}
 
 
 def worker_params(params: ShardParams) -> ShardParams:
@@ -249,6 +255,7 @@ class _Models:
     vae: object | None
     tensor_preprocess: TensorPreprocess | None  # --image-decode device
     device: str
+    probe: dict  # the CLIP's (`pipeline.encoders.clip_probe`)
 
 
 @dataclass
@@ -312,13 +319,28 @@ def _check_copy(flag: str, path: str, got: str | None, want: str, what: str) -> 
 
 
 def _models(params: ShardParams) -> _Models:
-    from pipeline.encoders import checkpoint_sha256, compiled, load_clip, load_vae, vae_sha256
+    from pipeline.encoders import (
+        checkpoint_sha256,
+        clip_probe,
+        compiled,
+        load_clip,
+        load_vae,
+        probe_mismatch,
+        vae_sha256,
+    )
 
     if want := params.pretrained_sha256:  # a node with another file at that path would mix two models' rows
         _check_copy(
             "--pretrained", params.pretrained, checkpoint_sha256(params.pretrained), want, "checkpoint file"
         )
     clip = load_clip(params.clip, params.pretrained, params.device, params.seed, weights=want or "")
+    probe = clip_probe(clip)
+    if params.clip_probe and (how := probe_mismatch(probe, params.clip_probe)):
+        raise UsageError(  # another open_clip or config than the store's would mix two models' embeddings
+            f"CLIP {params.clip} ({params.pretrained}) on host {socket.gethostname()} is not the model that made "
+            f"the store at {params.out}: it embeds a fixed probe otherwise ({how}); embed with the open_clip "
+            "and model config the store was made with, or start again with --overwrite"
+        )
     if params.compile:
         clip = compiled(clip)
     vae = None
@@ -333,7 +355,7 @@ def _models(params: ShardParams) -> _Models:
             raise UsageError(
                 f"--image-decode device: CLIP {params.clip}'s preprocessing has no tensor equivalent"
             )
-    return _Models(clip, vae, tp, params.device)
+    return _Models(clip, vae, tp, params.device, probe)
 
 
 @dataclass

@@ -73,6 +73,10 @@ class ClipInfo:
     sha256: str | None = (
         None  # a checkpoint file's content (`pipeline.encoders.checkpoint_sha256`); None: a tag
     )
+    # what the model embeds a fixed image and caption as (`pipeline.encoders.clip_probe`), recorded by the first
+    # embed run's warm-up; every later model embedding into the store is compared with it. None: not yet, or
+    # a store of `unclip adopt` (no model at hand)
+    probe: dict | None = None
 
 
 @dataclass
@@ -132,6 +136,7 @@ class Manifest:
                 "dim": self.clip.dim,
                 "context_length": self.clip.context_length,
                 **({"sha256": self.clip.sha256} if self.clip.sha256 else {}),
+                **({"probe": self.clip.probe} if self.clip.probe else {}),
             },
             "img_emb": self.img_emb.to_json(),
             "text_emb": self.text_emb.to_json(),
@@ -168,6 +173,7 @@ class Manifest:
                     int(c["context_length"]),
                     bool(c["random_init"]),
                     c.get("sha256"),
+                    c.get("probe"),
                 ),
                 img_emb=EmbeddingInfo.from_json(d["img_emb"]),
                 text_emb=EmbeddingInfo.from_json(d["text_emb"]),

@@ -3,6 +3,7 @@ against the encoders called directly."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -389,6 +390,8 @@ class _FakeFuture:
         self.status = "cancelled"
 
     def result(self):
+        if self.status == "finished":
+            return {"input": 1}  # a worker's probe
         raise RuntimeError("the model could not be built")
 
 
@@ -1138,6 +1141,102 @@ def test_each_worker_checks_its_clip_checkpoint_and_a_rewritten_file_is_loaded_a
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the new file's weights, not the cached model's
 
 
+def test_the_clip_probe_is_one_models_on_any_precision_and_tells_another_model_apart(clip):
+    """Two open_clip versions can build other models from one arch, seed and weights; the probe tells them
+    apart by cosine, and one model at fp16 rounding still agrees with itself."""
+    from pipeline.encoders import PROBE_MIN_COSINE, _unb64, clip_probe, load_clip, probe_mismatch
+
+    mine = clip_probe(clip)
+    assert mine["input"] == 1 and mine["device"] == "cpu" and mine["open_clip"][0].isdigit()
+    assert _unb64(mine["image"]).shape == (clip.dim,) and _unb64(mine["text"]).shape == (clip.dim,)
+    assert abs(float(_unb64(mine["image"]).norm()) - 1) < 1e-3  # unit embeddings, float16-rounded
+    assert clip_probe(clip) == mine and probe_mismatch(mine, dict(mine)) is None
+    other = clip_probe(load_clip("unclip-tiny", "none", "cpu", 1))
+    how = probe_mismatch(other, mine, ("on w2", "on w1"))
+    assert how is not None and f"where one model gives >= {PROBE_MIN_COSINE}" in how
+    cos = float(how.split("image cosine ")[1].split(",")[0])
+    assert abs(cos) < 0.5, how
+    assert f"open_clip {mine['open_clip']} and torch {torch.__version__} on w2" in how
+    assert probe_mismatch(other, {**mine, "input": 2}) is None  # other inputs: nothing to compare
+
+
+def test_a_worker_whose_model_is_not_the_stores_refuses_before_its_first_shard(tmp_path, clip):
+    """A worker that joins after the warm-up compares its model in its first shard task: nothing written."""
+    from pipeline import embed_shard
+    from pipeline.encoders import clip_probe, load_clip
+
+    tar = write_tar(tmp_path / "shards" / "00000.tar", good_samples(0, list(range(4))))
+    out = tmp_path / "store"
+    out.mkdir()
+    params = ShardParams_tiny(out, clip_probe=clip_probe(load_clip("unclip-tiny", "none", "cpu", 1)))
+    with pytest.raises(
+        UsageError, match=r"CLIP unclip-tiny \(none\) on host .* is not the model that made the "
+    ):
+        embed_shard.embed_shard(str(tar), params)
+    assert list(out.iterdir()) == []
+    ok = embed_shard.embed_shard(str(tar), dataclasses.replace(params, clip_probe=clip_probe(clip)))
+    assert ok["rows"] == 4 and store.is_done(out, "00000")
+
+
+def ShardParams_tiny(out: Path, **kw):
+    from pipeline.embed_shard import ShardParams
+
+    return ShardParams(
+        out=str(out), clip="unclip-tiny", pretrained="none", seed=0, device="cpu", batch_size=8,
+        latents="none", vae="", text_encodings=False, torch_threads=0, latent_params=None, **kw,
+    )  # fmt: skip
+
+
+def test_workers_that_disagree_on_the_probe_are_refused_and_agreeing_ones_record_it(tmp_path, clip):
+    from pipeline.embed import settle_probe
+    from pipeline.encoders import clip_probe, load_clip
+
+    mine, other = clip_probe(clip), clip_probe(load_clip("unclip-tiny", "none", "cpu", 1))
+    manifest = {"clip": {"arch": "unclip-tiny"}}
+    with pytest.raises(
+        UsageError, match=r"dask workers tcp://a:1 and tcp://b:2 have other CLIP models: .*give"
+    ):
+        settle_probe(str(tmp_path), manifest, {"tcp://b:2": {**other, "host": "b"}, "tcp://a:1": mine})
+    assert "probe" not in manifest["clip"] and not (tmp_path / store.MANIFEST).exists()
+    assert settle_probe(str(tmp_path), manifest, {}) is None  # no worker yet: nothing to record
+    got = settle_probe(str(tmp_path), manifest, {"tcp://b:2": {**mine, "host": "b"}, "tcp://a:1": mine})
+    assert got == mine and json.loads((tmp_path / store.MANIFEST).read_text())["clip"]["probe"] == mine
+    assert settle_probe(str(tmp_path), manifest, {"tcp://c:3": other}) == mine  # the store's, once it has one
+
+
+def test_a_resume_with_another_model_than_the_stores_is_refused_and_an_older_store_gains_a_probe(
+    shards, tmp_path, capsys
+):
+    """A resume under another open_clip (here: the probe of another model put in the manifest) embedded the
+    rest of the store with another model, and `validate` said OK."""
+    from pipeline.encoders import clip_probe, load_clip
+
+    out = tmp_path / "store"
+    args = ["--shards", f"{shards}/{{00000..00001}}.tar", "--out", out, *TINY]
+    assert embed(*args) == 0
+    manifest = json.loads((out / store.MANIFEST).read_text())
+    probe = manifest["clip"]["probe"]
+    assert probe == clip_probe(load_clip("unclip-tiny", "none", "cpu", 0))
+
+    manifest["clip"]["probe"] = clip_probe(load_clip("unclip-tiny", "none", "cpu", 1))
+    store.write_json(out / store.MANIFEST, manifest)
+    (out / "done" / "00001.json").unlink()
+    before = files_of(out)
+    capsys.readouterr()
+    assert embed(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not the model that made the store" in err[0] and "--overwrite" in err[0], err
+    assert {k: v for k, v in files_of(out).items() if "logs" not in k} == {
+        k: v for k, v in before.items() if "logs" not in k
+    }
+
+    del manifest["clip"]["probe"]  # as an older version wrote it
+    store.write_json(out / store.MANIFEST, manifest)
+    assert embed(*args) == 0
+    assert json.loads((out / store.MANIFEST).read_text())["clip"]["probe"] == probe
+    assert store.is_done(out, "00001")
+
+
 # ---------------------------------------------------------------- resume, settings, bad input
 
 
@@ -1487,57 +1586,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.own_cluster  # the local side is a LocalCluster of its own, as a user's run gets
-@pytest.mark.slow  # ~9 s: a dask scheduler and two worker processes
-def test_external_scheduler_gives_the_local_cluster_result(base, shards, tmp_path):
+@contextlib.contextmanager
+def external_cluster(workers: list[list[str]]):
+    """A `dask scheduler` and one `dask worker` process (1 thread) per entry of ``workers`` (its extra
+    arguments), as a user starts them; yields the scheduler's address once every worker has joined."""
     from dask.distributed import Client
 
     dask = str(Path(PY).parent / "dask")
     addr = f"tcp://127.0.0.1:{free_port()}"
+    quiet = {
+        "cwd": ROOT,
+        "start_new_session": True,
+        "stdout": subprocess.DEVNULL,
+        "stderr": subprocess.DEVNULL,
+    }
     procs = [
         subprocess.Popen(
             [dask, "scheduler", "--host", "127.0.0.1", "--port", addr.rsplit(":", 1)[1], "--no-dashboard"],
-            cwd=ROOT,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            **quiet,
         )
     ]
     try:
-        procs += [
-            subprocess.Popen(
-                [
-                    dask,
-                    "worker",
-                    addr,
-                    "--nthreads",
-                    "1",
-                    "--nworkers",
-                    "1",
-                    "--no-dashboard",
-                    "--host",
-                    "127.0.0.1",
-                ],
-                cwd=ROOT,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for _ in range(2)
-        ]
+        one = ["--nthreads", "1", "--nworkers", "1", "--no-dashboard", "--host", "127.0.0.1"]
+        procs += [subprocess.Popen([dask, "worker", addr, *one, *extra], **quiet) for extra in workers]
         with Client(addr, timeout="60s") as c:
-            c.wait_for_workers(2, timeout=90)
-        out = tmp_path / "store"
-        assert (
-            embed("--shards", shards, "--out", out, *TINY, *PIXELS, "--text-encodings", "--scheduler", addr)
-            == 0
-        )
+            c.wait_for_workers(len(workers), timeout=90)
+        yield addr
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+
+
+@pytest.mark.own_cluster  # the local side is a LocalCluster of its own, as a user's run gets
+@pytest.mark.slow  # ~9 s: a dask scheduler and two worker processes
+def test_external_scheduler_gives_the_local_cluster_result(base, shards, tmp_path):
+    out = tmp_path / "store"
+    with external_cluster([[], []]) as addr:
+        assert (
+            embed("--shards", shards, "--out", out, *TINY, *PIXELS, "--text-encodings", "--scheduler", addr)
+            == 0
+        )
     assert store.shard_rows(out) == store.shard_rows(base)
+    assert store.load_manifest(out)["clip"]["probe"] == store.load_manifest(base)["clip"]["probe"]
     for shard in ("00000", "00002"):
         assert store.read_metadata(out, shard).equals(store.read_metadata(base, shard))
         for f in ("img_emb", "text_emb", "text_enc"):
@@ -1549,6 +1641,47 @@ def test_external_scheduler_gives_the_local_cluster_result(base, shards, tmp_pat
             store.field_path(out, "errors", shard).exists()
             == store.field_path(base, "errors", shard).exists()
         )
+
+
+# Another open_clip on one node, in effect: its random weights are drawn after one more draw from the seed
+OTHER_OPEN_CLIP = """
+import open_clip
+import torch
+
+if not hasattr(open_clip, "unpatched_create"):  # dask imports a preload twice, in one namespace
+    open_clip.unpatched_create = open_clip.create_model_and_transforms
+
+
+def create(*args, **kwargs):
+    torch.rand(1)
+    return open_clip.unpatched_create(*args, **kwargs)
+
+
+open_clip.create_model_and_transforms = create
+"""
+
+
+@pytest.mark.slow  # ~15 s: a dask scheduler and two worker processes
+def test_a_worker_with_another_open_clip_is_refused_before_any_shard(shards, tmp_path, capsys):
+    """A worker whose open_clip builds another model from the same arch and seed embedded its shards with that
+    model; the run exited 0 and `validate` said OK about a store of two embedding spaces."""
+    preload = tmp_path / "other_open_clip.py"
+    preload.write_text(OTHER_OPEN_CLIP)
+    out = tmp_path / "store"
+    args = ["--shards", f"{shards}/{{00000..00002}}.tar", "--out", out, *TINY]
+    with external_cluster([[], ["--preload", str(preload)]]) as addr:
+        capsys.readouterr()
+        assert embed(*args, "--scheduler", addr) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "have other CLIP models: they embed a fixed probe otherwise" in err[0], err
+        assert store.done_shards(out) == [] and "probe" not in store.load_manifest(out)["clip"]
+    with external_cluster([["--preload", str(preload)]]) as addr:  # that node alone: it makes the store
+        assert embed(*args, "--scheduler", addr) == 0
+    (out / "done" / "00002.json").unlink()
+    capsys.readouterr()
+    assert embed(*args) == 2  # a resume here, with this host's open_clip, would mix the two
+    assert "is not the model that made the store" in capsys.readouterr().err
+    assert store.done_shards(out) == ["00000", "00001"]
 
 
 # ---------------------------------------------------------------- --compile

@@ -320,6 +320,52 @@ def test_sample_loads_the_stores_clip_checkpoint_by_content_wherever_it_lies(pai
     assert not (tmp_path / "x.png").exists()
 
 
+def test_one_clip_name_under_two_open_clips_is_two_clips_where_the_stores_recorded_probes(
+    pair, tmp_path, capsys
+):
+    """A store records what its CLIP embeds a fixed probe as, and its checkpoints keep that: sampling under an
+    open_clip that builds another model from the same name embedded every prompt with it, with exit 0."""
+    import shutil
+
+    from jobs.sample import checkpoint_clip, same_clip
+    from pipeline.encoders import clip_probe, load_clip
+
+    ours, other = (clip_probe(load_clip("unclip-tiny", "none", "cpu", s)) for s in (0, 1))
+    clip = {"arch": "unclip-tiny", "dim": 64, "pretrained": "none", "random_init": True, "seed": 0}
+
+    def meta(probe=None):
+        return {"store": {"clip": {**clip, **({"probe": probe} if probe else {})}}}
+
+    assert same_clip(meta(ours), meta(dict(ours))) and same_clip(
+        meta(ours), meta()
+    )  # an older store: by name
+    assert not same_clip(meta(ours), meta(other))
+    assert checkpoint_clip(meta(ours), "cpu").dim == 64
+    for task in ("prior", "decoder"):  # as training on a store that another open_clip embedded records it
+        shutil.copytree(pair / task, tmp_path / task)
+        for meta_file in (tmp_path / task).glob("ckpt/step_*/meta.json"):
+            m = json.loads(meta_file.read_text())
+            m["store"]["clip"]["probe"] = other
+            meta_file.write_text(json.dumps(m))
+    cmd = [
+        "sample",
+        "--prior",
+        str(tmp_path / "prior"),
+        "--decoder",
+        str(tmp_path / "decoder"),
+        "--prompt",
+        "a",
+    ]
+    capsys.readouterr()
+    assert cli(cmd + ["--n", "1", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and "CLIP unclip-tiny (none) here is not the model these checkpoints were trained" in err[0]
+    )
+    assert "image cosine" in err[0] and not (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize(
     "case, want",
     [
