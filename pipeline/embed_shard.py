@@ -30,7 +30,14 @@ from pipeline import readahead, store
 from pipeline.errors import StageError, UsageError
 from pipeline.image_input import TensorPreprocess
 from pipeline.prefetch import background
-from pipeline.shard_samples import Batch, TarDamaged, assemble_images, download_record, prepare_batches
+from pipeline.shard_samples import (
+    Batch,
+    TarDamaged,
+    assemble_images,
+    download_record,
+    prepare_batches,
+    tar_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -438,6 +445,7 @@ def embed_shard(url: str, params: ShardParams) -> dict:
     cuda, lp = device.startswith("cuda"), params.latent_params
     errors: list[dict] = []
     local, read_ahead = readahead.take(root, url)  # `embed --read-ahead`: a copy of the tar fetched already
+    size = os.path.getsize(local) if local else tar_bytes(url)
     batches = prepare_batches(
         url,
         m.clip.preprocess,
@@ -498,7 +506,7 @@ def embed_shard(url: str, params: ShardParams) -> dict:
             errors.append({"key": key, "reason": "downloaded (img2dataset record) but not in the tar"})
     try:
         marker = _write(
-            root, shard, url, acc, errors, recorded is not None, params.rounding(), params.run_token
+            root, shard, url, acc, errors, recorded is not None, params.rounding(), params.run_token, size
         )
     except store.Superseded as e:  # the run ended (a Ctrl-C) while this task worked: the store is not its
         return {"failed": f"StageError: {e}"}
@@ -553,7 +561,15 @@ def _lap(phases: dict, name: str, since: float) -> float:
 
 
 def _write(
-    root, shard, url, acc: _Rows, errors: list[dict], cross_checked: bool, rounding: dict, run_token: str = ""
+    root,
+    shard,
+    url,
+    acc: _Rows,
+    errors: list[dict],
+    cross_checked: bool,
+    rounding: dict,
+    run_token: str = "",
+    source_bytes: int | None = None,
 ) -> dict:
     out, mae = acc.out, acc.mae
     rows = len(out["key"])
@@ -576,6 +592,7 @@ def _write(
     }
     extra = {
         "source": url,
+        **({"source_bytes": source_bytes} if source_bytes is not None else {}),
         "errors": len(errors),
         "truncated_captions": acc.truncated,
         "empty_captions": acc.empty,

@@ -74,6 +74,17 @@ class _EndRecorded(tarfile.TarInfo):
             raise
 
 
+def tar_bytes(url: str) -> int | None:
+    """The size of the tar at ``url`` (local or fsspec), or None where it cannot be asked: kept in the shard's
+    done marker, so that `unclip validate` can tell a tar replaced since (a store copied away from a folder
+    that was downloaded again) from a store whose rows no longer match their tar."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return int(fs.size(path))
+    except Exception:  # noqa: BLE001 - a size is a nicety; the read that follows reports a missing tar
+        return None
+
+
 def read_tar(url: str, local: str | None = None) -> Iterator[Sample]:
     """Samples in the tar's own order (img2dataset writes them in completion order; the key is the truth).
     ``local``: a whole local copy of ``url`` to read instead (`pipeline.readahead`); errors still name ``url``.

@@ -141,6 +141,16 @@ def _repair(root: Path, manifest: dict, shard: str) -> str:
 def _check_keys(root: Path, shard: str, marker: dict, keys: list[str]) -> list[str]:
     if not marker.get("source") or marker["source"] == "adopted":  # adopted folders keep no tars to compare
         return []
+    from pipeline.shard_samples import tar_bytes
+
+    then, now = marker.get("source_bytes"), tar_bytes(marker["source"])
+    if then is not None and now is not None and then != now:  # another tar there now: nothing to compare with
+        log.warning(
+            "%s: source tar %s is %d bytes now, %d when the shard was embedded: not the tar it was embedded "
+            "from (downloaded again since?); key check skipped",
+            shard, marker["source"], now, then,
+        )  # fmt: skip
+        return []
     try:
         tar_keys = _tar_keys(marker["source"])
     except Exception as e:  # the tar may live elsewhere; say so, do not fail for it

@@ -186,6 +186,33 @@ def test_metadata_out_of_tar_order_is_reported_unless_tars_are_skipped(copy, cap
     assert "00000: keys are not unique" in out and "StopIteration" not in out
 
 
+def test_a_tar_replaced_since_its_shard_was_embedded_is_named_not_called_misaligned(
+    copy, tmp_path, capsys, caplog
+):
+    """A store copied away from a folder that was downloaded again since: validate compared its rows with the
+    new tar at the recorded path and reported "keys differ" about a sound store."""
+    marker_path = copy / "done" / "00001.json"
+    marker = json.loads(marker_path.read_text())
+    src = Path(marker["source"])
+    assert marker["source_bytes"] == src.stat().st_size
+    again = tmp_path / "again" / "00001.tar"
+    again.parent.mkdir()
+    write_tar(again, ["000100009", "000100008"])  # downloaded again: other samples
+    marker["source"] = str(again)
+    marker_path.write_text(json.dumps(marker))
+    with caplog.at_level("WARNING"):
+        code, out = validate(copy, capsys)
+    assert code == 0 and "keys differ" not in out, out
+    assert (
+        f"00001: source tar {again} is {again.stat().st_size} bytes now, {src.stat().st_size} when the shard "
+        "was embedded: not the tar it was embedded from"
+    ) in caplog.text
+    del marker["source_bytes"]  # a store from before the size was kept: compared as before
+    marker_path.write_text(json.dumps(marker))
+    code, out = validate(copy, capsys)
+    assert code == 1 and "00001: metadata keys differ from the tar's keys" in out
+
+
 def test_wrong_shapes_are_reported(copy, capsys):
     lat = store.field_path(copy, "latents", "00001")
     np.save(lat, np.zeros((3, 3, 4, 4), np.uint8))
