@@ -641,7 +641,9 @@ def test_ctrl_z_stops_the_download_child_with_the_command_and_fg_goes_on_with_bo
         "from pipeline.download import _run_img2dataset\n"
         f"_run_img2dataset({{'ready': {str(ready)!r}}}, download='tests.stuck_child:ignores_ctrl_c')\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    # A group of its own whose parent (pytest) is outside it, as a shell's job is: the kernel drops a Ctrl-Z to
+    # an orphaned group, as pytest's own is when it runs detached (under setsid, or left by its shell)
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1], process_group=0)
     pids = _wait_ready(ready)
     procs = [psutil.Process(p) for p in (parent.pid, *pids)]
 
