@@ -12,6 +12,7 @@ member boundary still reads cleanly), each one becomes an error row too: a short
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -86,6 +87,24 @@ class ShardParams:
         }
 
 
+def _sendable(fn):
+    """``fn`` as a dask task: a RecursionError in it leaves as a StageError raised afresh, with a short traceback.
+    Its own reaches the recursion limit, deeper than dask can pickle to send back: the client then never learnt
+    the task had failed, and the run waited for it forever (seen with a worker preload that wrapped open_clip's
+    model factory in itself)."""
+
+    @functools.wraps(fn)
+    def task(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RecursionError as e:
+            message = f"{fn.__name__} on host {socket.gethostname()}: RecursionError: {e} (its traceback is in that worker's log)"
+        raise StageError(message)  # outside the except: no context chained to the deep traceback
+
+    return task
+
+
+@_sendable
 def calibrate_latents(cfg, shards: list[str], device: str) -> dict | None:
     """Latent codec description for the manifest; for the vae codec, fit the uint8 range on the data.
 
@@ -188,6 +207,7 @@ def _metadata(keys: list[str], captions: list[str], metas: list[dict]) -> pa.Tab
     return pa.table({n: _column([r.get(n) for r in rows]) for n in names})
 
 
+@_sendable
 def warm_up(params: ShardParams, gpu_slot: int | None = None) -> dict:
     """Build the models a worker will use (cached per process), warm the calling thread's torch state and
     pyarrow's lazy imports.
@@ -423,6 +443,7 @@ def embed_shard_or_fail(url: str, params: ShardParams) -> dict:
     return res
 
 
+@_sendable
 def embed_shard(url: str, params: ShardParams) -> dict:
     """Embed one shard and write it to the store; returns its done marker, or ``{"failed": reason}`` for a
     shard no retry can embed (its download not finished, its record damaged). Runs in a dask worker."""

@@ -1684,6 +1684,54 @@ def test_a_worker_with_another_open_clip_is_refused_before_any_shard(shards, tmp
     assert store.done_shards(out) == ["00000", "00001"]
 
 
+# A preload that wraps open_clip's model factory in itself (dask imports a preload twice, in one namespace)
+RECURSING_OPEN_CLIP = """
+import open_clip
+
+_create = open_clip.create_model_and_transforms
+
+
+def create(*args, **kwargs):
+    return _create(*args, **kwargs)
+
+
+open_clip.create_model_and_transforms = create
+"""
+
+
+@pytest.mark.slow  # ~15 s: a dask scheduler and a worker process
+def test_a_warm_up_that_recurses_without_end_fails_the_run_instead_of_hanging_it(shards, tmp_path):
+    """dask cannot pickle a traceback as deep as the recursion limit: the client never learnt that the task had
+    failed, and the embed waited forever."""
+    preload = tmp_path / "recursing.py"
+    preload.write_text(RECURSING_OPEN_CLIP)
+    out = tmp_path / "store"
+    with external_cluster([["--preload", str(preload)]]) as addr:
+        r = subprocess.run(
+            [
+                PY,
+                "-m",
+                "jobs.cli",
+                "embed",
+                "--shards",
+                f"{shards}/00000.tar",
+                "--out",
+                out,
+                *TINY,
+                "--scheduler",
+                addr,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("unclip embed: failed: warm_up on host "), r.stderr[-2000:]
+    assert "RecursionError: maximum recursion depth exceeded" in last and "in that worker's log" in last
+    assert store.done_shards(out) == []
+
+
 # ---------------------------------------------------------------- --compile
 
 
