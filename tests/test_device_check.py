@@ -99,6 +99,11 @@ def test_dry_run_of_every_stage_on_cpu(tmp_path):
     assert status.pop("exit_code") == 0 and set(status.values()) == {"ok"}, status
     r = json.loads((tmp_path / "device_check.json").read_text())["stages"]
     assert r["embed"]["rows"] == 128 and r["embed"]["errors"] == 0 and r["embed_vae"]["rows"] == 128
+    # the store's CLIP probe, taken by the run's worker, against the same model's taken here
+    assert (
+        r["embed"]["probe_cos_cpu_vs_cpu_image"] >= 0.9999
+        and r["embed"]["probe_cos_cpu_vs_cpu_text"] >= 0.9999
+    )
     # the odd samples: PIL's rows and error rows on the device path too; the cut and the garbage JPEG fell back
     assert r["decode_rules"]["rows"] == 10 and r["decode_rules"]["error_rows"] == 2
     assert (

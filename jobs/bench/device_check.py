@@ -160,7 +160,28 @@ def _embed(c: Check) -> dict:
         raise RuntimeError(
             f"the device JPEG decoder refused {r['device_decode_fallbacks']} clean JPEGs (log.txt)"
         )
-    return {**{k: r.get(k) for k in EMBED_FIGURES}, "validate": "ok", "device_decode_fallbacks": 0}
+    agree = c.probe(probe_agreement, limit=90.0, store=str(store))
+    return {**{k: r.get(k) for k in EMBED_FIGURES}, "validate": "ok", "device_decode_fallbacks": 0, **agree}
+
+
+def probe_agreement(store: str) -> dict:
+    """The store's CLIP probe (`pipeline.encoders.clip_probe`, taken by the run's workers on their device, fp16
+    autocast on CUDA) against the same model's on CPU in fp32: the margin the probe's 0.999 threshold has
+    across devices (random weights agreed to >= 0.99992 on CPU at fp16 and bf16)."""
+    import torch.nn.functional as F
+
+    from pipeline import store as st
+    from pipeline.encoders import _unb64, clip_probe, load_clip
+
+    m = st.load_manifest(store)
+    c, seed = m["clip"], m["identity"].get("seed", 0)
+    mine, theirs = clip_probe(load_clip(c["arch"], c["pretrained"], "cpu", seed)), c["probe"]
+    return {
+        f"probe_cos_{theirs['device']}_vs_cpu_{t}": round(
+            float(F.cosine_similarity(_unb64(mine[t]), _unb64(theirs[t]), dim=0)), 6
+        )
+        for t in ("image", "text")
+    }
 
 
 def _embed_tasks(c: Check, clip: str, limit: float) -> dict:
