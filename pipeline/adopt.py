@@ -29,6 +29,10 @@ from pipeline.errors import UsageError
 log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = ("float16", "float32")
+# The named CLIP must embed the folder's captions as its text embeddings say, to this median cosine. One model
+# agrees with itself to >= 0.9999 across devices and precisions (`pipeline.encoders.PROBE_MIN_COSINE`'s note);
+# the median leaves room for a few captions another tokenizer cleans otherwise (HTML entities, full-width text)
+CLIP_CHECK_MIN_COSINE = 0.99
 NORM_TOLERANCE = 1e-2
 SHOWN = 5  # problems listed before "and N more"
 
@@ -43,6 +47,9 @@ class AdoptConfig:
         metadata={"help": "its pretrained tag or checkpoint path (recorded for sampling)"}
     )
     normalize: bool = False  # L2-normalise embeddings when they are read (for folders stored un-normalised)
+    # embed this many of the folder's captions with --clip/--pretrained and compare them with its text
+    # embeddings (0: adopt without checking the model; nothing then tells a wrong --clip of the same size)
+    check_clip: int = 64
 
 
 def discover(folder: Path) -> list[str]:
@@ -164,7 +171,9 @@ def _digest(path: Path) -> str:
     return store.sha256_of(path, 1 << 24)
 
 
-def _manifest(cfg: AdoptConfig, checks: list[ShardCheck], dim: int, context_length: int) -> dict:
+def _manifest(
+    cfg: AdoptConfig, checks: list[ShardCheck], dim: int, context_length: int, probe: dict | None = None
+) -> dict:
     lo, hi = min(c.norm_min for c in checks), max(c.norm_max for c in checks)
     normalized = abs(lo - 1) <= NORM_TOLERANCE and abs(hi - 1) <= NORM_TOLERANCE
 
@@ -180,6 +189,7 @@ def _manifest(cfg: AdoptConfig, checks: list[ShardCheck], dim: int, context_leng
         context_length,
         cfg.pretrained.lower() in ("none", "random", ""),
         checkpoint_sha256(cfg.pretrained),  # what sampling checks the file against
+        probe,  # where the model was checked against the folder (`check_clip`): what sampling compares
     )
     return store.Manifest(
         identity={"adopted": True, "clip": cfg.clip, "pretrained": cfg.pretrained},
@@ -228,10 +238,11 @@ def run(cfg: AdoptConfig) -> dict:
     if problems:
         more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
         raise UsageError(f"{folder} cannot be adopted: " + "; ".join(problems[:SHOWN]) + more)
-    manifest = _manifest(cfg, checks, dims.dim, dims.context_length)
     old = _old_manifest(folder)
     if old is not None and not old.get("identity", {}).get("adopted"):
         raise UsageError(f"{folder} is already a store written by `unclip embed`; it needs no adopting")
+    probe = _checked_probe(cfg, folder, checks, old)
+    manifest = _manifest(cfg, checks, dims.dim, dims.context_length, probe)
     stale = stale if store.is_adopted(folder) else []  # an earlier adoption's, of shards since removed
     ondisk = {c.shard: _read_marker(folder, c.shard) for c in checks}
     # by the files' size and time: the shards whose files are unchanged since they were hashed are not read
@@ -273,6 +284,78 @@ def run(cfg: AdoptConfig) -> dict:
         # last: a folder with a manifest is a finished adoption
         store.write_json(folder / store.MANIFEST, manifest)
     return _report(folder, manifest, checks, adopted_now=True)
+
+
+def _checked_probe(cfg: AdoptConfig, folder: Path, checks: list[ShardCheck], old: dict | None) -> dict | None:
+    """The named CLIP's probe (`pipeline.encoders.clip_probe`) once it is checked to make the folder's text
+    embeddings (`check_clip`); an earlier adoption's where it checked this same model (a rerun loads none);
+    None when unchecked. A model that does not make them is a UsageError: a prior trained on another model's
+    embeddings of the same size samples from prompts it never learnt, and nothing else tells."""
+    from pipeline.encoders import checkpoint_sha256
+
+    then = (old or {}).get("clip") or {}
+    same = (then.get("arch"), then.get("pretrained"), then.get("sha256")) == (
+        cfg.clip,
+        cfg.pretrained,
+        checkpoint_sha256(cfg.pretrained),
+    )
+    if same and then.get("probe"):
+        return then["probe"]
+    if cfg.check_clip <= 0:
+        return None
+    return check_clip(cfg, folder, checks)
+
+
+def check_clip(cfg: AdoptConfig, folder: Path, checks: list[ShardCheck]) -> dict | None:
+    """Embed up to ``cfg.check_clip`` of the folder's captions (the first non-empty ones, in shard order) with
+    the named CLIP and compare them with the folder's text embeddings of those rows; the model's probe when they
+    agree (median cosine >= CLIP_CHECK_MIN_COSINE), None when the folder has no captions to check with."""
+    import torch
+
+    from pipeline.encoders import clip_probe, encode_text, load_clip, normalize
+
+    captions, rows = [], []
+    for c in checks:
+        meta = pq.ParquetFile(store.field_path(folder, "metadata", c.shard))
+        if "caption" not in meta.schema_arrow.names:
+            continue
+        text = meta.read(columns=["caption"]).column("caption").to_pylist()
+        take = [i for i, t in enumerate(text) if isinstance(t, str) and t.strip()][
+            : cfg.check_clip - len(captions)
+        ]
+        if take:
+            emb = np.load(store.field_path(folder, "text_emb", c.shard), mmap_mode="r")
+            captions += [text[i] for i in take]
+            rows.append(np.asarray(emb[take], dtype=np.float32))
+        if len(captions) >= cfg.check_clip:
+            break
+    if not captions:
+        log.warning(
+            "adopt: %s has no captions to check --clip %s against; adopted unchecked", folder, cfg.clip
+        )
+        return None
+    try:
+        clip = load_clip(cfg.clip, cfg.pretrained, "cpu")
+    except UsageError as e:
+        raise UsageError(f"{e} (adopt loads --clip to check it; --check-clip 0 adopts without that)") from e
+    with torch.no_grad():
+        mine = normalize(encode_text(clip, clip.tokenizer(captions))[0])
+    cos = (mine * normalize(torch.from_numpy(np.concatenate(rows)))).sum(-1)
+    median, low = float(cos.median()), float(cos.min())
+    if median < CLIP_CHECK_MIN_COSINE:
+        raise UsageError(
+            f"--clip {cfg.clip} --pretrained {cfg.pretrained} did not make {folder}'s text embeddings: it embeds "
+            f"the first {len(captions)} captions at a median cosine of {median:.3f} to them (the model that made "
+            f"them gives >= {CLIP_CHECK_MIN_COSINE}); name that model, or pass --check-clip 0 to adopt unchecked"
+        )
+    log.info(
+        "adopt: --clip %s checked on %d captions: cosine median %.4f, min %.4f",
+        cfg.clip,
+        len(captions),
+        median,
+        low,
+    )
+    return clip_probe(clip)
 
 
 def _old_manifest(folder: Path) -> dict | None:

@@ -22,13 +22,15 @@ ADOPT = ["--clip", "unclip-tiny", "--pretrained", "none"]
 
 
 def write_clip_retrieval_folder(
-    root: Path, rows: dict[int, int], dtype="float16", scale: float = 1.0
+    root: Path, rows: dict[int, int], dtype="float16", scale: float = 1.0, seed: int = 0
 ) -> None:
-    """img_emb/img_emb_{n}.npy, text_emb/text_emb_{n}.npy, metadata/metadata_{n}.parquet, n unpadded."""
+    """img_emb/img_emb_{n}.npy, text_emb/text_emb_{n}.npy, metadata/metadata_{n}.parquet, n unpadded. The text
+    embeddings are ADOPT's model's of the captions (adopt checks the model against them); the image ones random."""
     rng = np.random.default_rng(0)
     for n, count in rows.items():
+        captions = [f"picture {i} of part {n}" for i in range(count)]
         for field in ("img_emb", "text_emb"):
-            x = rng.normal(size=(count, DIM))
+            x = rng.normal(size=(count, DIM)) if field == "img_emb" else text_embeddings(captions, seed)
             x = scale * x / np.linalg.norm(x, axis=1, keepdims=True)
             (root / field).mkdir(parents=True, exist_ok=True)
             np.save(root / field / f"{field}_{n}.npy", x.astype(dtype))
@@ -37,12 +39,25 @@ def write_clip_retrieval_folder(
             pa.table(
                 {
                     "image_path": [f"{n}_{i:04d}" for i in range(count)],
-                    "caption": [f"picture {i} of part {n}" for i in range(count)],
+                    "caption": captions,
                     "url": [f"http://img.test/{n}/{i}.jpg" for i in range(count)],
                 }
             ),
             root / "metadata" / f"metadata_{n}.parquet",
         )
+
+
+def text_embeddings(captions: list[str], seed: int = 0) -> np.ndarray:
+    """unclip-tiny's (random weights of ``seed``) text embeddings of ``captions``, unit norm, float64."""
+    import torch
+
+    from pipeline.encoders import encode_text, load_clip, normalize
+
+    clip = load_clip("unclip-tiny", "none", "cpu", seed)
+    if not captions:
+        return np.zeros((0, DIM))
+    with torch.no_grad():
+        return normalize(encode_text(clip, clip.tokenizer(captions))[0]).double().numpy()
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -405,3 +420,49 @@ def test_temp_files_of_a_killed_adoption_are_reported_by_validate_and_removed_by
     assert main(["adopt", str(folder), *ADOPT]) == 0
     assert not (folder / "done/.0.json.tmp4343").exists() and not (folder / ".manifest.json.tmp4343").exists()
     assert main(["validate", str(folder)]) == 0
+
+
+def test_adopt_checks_the_named_clip_makes_the_folders_text_embeddings(tmp_path, capsys, monkeypatch):
+    """A wrong --clip of the same size (ViT-L-14's openai weights for laion2b's, say) was adopted in silence, and
+    a prior trained on it sampled from prompts embedded by another model."""
+    from pipeline import adopt, encoders
+    from pipeline.encoders import clip_probe, load_clip
+
+    other = tmp_path / "other"
+    write_clip_retrieval_folder(other, {0: 40, 1: 40}, seed=1)  # made by another model of unclip-tiny's size
+    before = snapshot(other)
+    assert main(["adopt", str(other), *ADOPT]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1
+        and f"--clip unclip-tiny --pretrained none did not make {other}'s text embeddings" in err[0]
+    )
+    assert "the first 64 captions at a median cosine of" in err[0] and "--check-clip 0" in err[0]
+    assert snapshot(other) == before
+    assert main(["adopt", str(other), *ADOPT, "--check-clip", "0"]) == 0  # the user's word for it
+    assert "probe" not in store.load_manifest(other)["clip"]
+
+    folder = tmp_path / "laion"
+    write_clip_retrieval_folder(folder, {0: 40, 1: 40})
+    assert main(["adopt", str(folder), *ADOPT]) == 0
+    probe = store.load_manifest(folder)["clip"]["probe"]
+    assert probe == clip_probe(
+        load_clip("unclip-tiny", "none", "cpu", 0)
+    )  # what sample compares its CLIP with
+    capsys.readouterr()
+
+    def no_model(*_a, **_k):
+        raise AssertionError("a rerun loaded the model")
+
+    monkeypatch.setattr(encoders, "load_clip", no_model)
+    mtimes = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    assert main(["adopt", str(folder), *ADOPT]) == 0  # checked before: the earlier probe is kept
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == mtimes
+    monkeypatch.undo()
+
+    bare = tmp_path / "bare"  # no caption column: nothing to check with, said so
+    write_clip_retrieval_folder(bare, {0: 10})
+    meta = bare / "metadata" / "metadata_0.parquet"
+    pq.write_table(pq.read_table(meta).drop(["caption"]), meta)
+    assert adopt.run(adopt.AdoptConfig(str(bare), "unclip-tiny", "none"))["rows"] == 10
+    assert "probe" not in store.load_manifest(bare)["clip"]

@@ -168,7 +168,7 @@ def bench(cfg: AnchorsConfig, work: Path, shards: Path) -> tuple[list[dict], lis
                 ),
             )
         )
-    return comps, [_same_work(cfg, agree), check_adopt(cfg.clip, work / "embed_theirs", work)]
+    return comps, [_same_work(cfg, agree), check_adopt(cfg.clip, work / "embed_theirs", work, cfg.seed)]
 
 
 def _same_work(cfg: AnchorsConfig, agree: dict) -> dict:
