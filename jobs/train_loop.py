@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from jobs import checkpoint, distributed, metrics
 from pipeline import store
-from pipeline.encoders import resolve_device
+from pipeline.encoders import probe_mismatch, resolve_device
 from pipeline.errors import StageError, Stopped, UsageError
 from pipeline.signals import handling
 from pipeline.stream import VAL_FRACTION, Stream, StreamConfig
@@ -252,10 +252,20 @@ def _check_resume(meta: dict, run: RunState) -> None:
             f"--resume with other settings than the checkpoint's: {', '.join(diff)} "
             f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
         )
-    now, then_clip = store_identity(run.manifest), (meta.get("store") or {}).get("clip") or {}
+    now, then = store_identity(run.manifest), copy.deepcopy(meta.get("store") or {})
+    then_clip = then.get("clip") or {}
     if "sha256" not in then_clip:  # a checkpoint from before stores recorded it (an adopt rerun adds it)
         now["clip"].pop("sha256", None)
-    if meta.get("store") != now:
+    # A store's CLIP probe (`pipeline.encoders.clip_probe`) is added by its next embed or adopt run where an
+    # older version made it; one model's probe taken again (a store made again with --overwrite on another
+    # device) differs in its last bits: compared by what the model embeds, not byte for byte
+    probes = then_clip.pop("probe", None), now["clip"].pop("probe", None)
+    if all(probes) and (how := probe_mismatch(probes[1], probes[0], ("now", "then"))):
+        raise UsageError(
+            f"--resume: {run.cfg.data} was embedded by another CLIP model than this run was trained on, under the "
+            f"same name ({how}); resume on the same store, or start a new --out"
+        )
+    if then != now:
         raise UsageError(
             f"--resume: {run.cfg.data} is not the store this run was trained on (its CLIP model or latent "
             "codec differ); resume on the same store, or start a new --out"

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,6 +152,37 @@ def test_a_checkpoint_from_before_stores_recorded_their_clip_digest_resumes_on_o
     manifest["clip"]["sha256"] = "cd" * 32  # another file than the checkpoint's (step 15 recorded "ab...")
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(UsageError, match="is not the store this run was trained on"):
+        main(cfg_for(str(store_copy), tmp_path / "run", resume=True))
+
+
+def test_a_resume_compares_the_stores_clip_probe_by_what_the_model_embeds(data, tmp_path):
+    """The next embed run of a store made before the probe adds one to its manifest: a checkpoint trained on it
+    before must resume. One taken again of the same model (its last bits differ) must too; another model's
+    under the same name must not."""
+    import base64
+
+    from pipeline.encoders import clip_probe, load_clip
+
+    ours, other = (clip_probe(load_clip("unclip-tiny", "none", "cpu", s)) for s in (0, 1))
+    store_copy, manifest_path = tmp_path / "store", tmp_path / "store" / "manifest.json"
+    shutil.copytree(data, store_copy)
+
+    def set_probe(probe):
+        manifest = json.loads(manifest_path.read_text())
+        manifest["clip"]["probe"] = probe
+        manifest_path.write_text(json.dumps(manifest))
+
+    main(cfg_for(str(store_copy), tmp_path / "run", stop_after=10))
+    set_probe(ours)
+    main(cfg_for(str(store_copy), tmp_path / "run", stop_after=15, resume=True))  # was refused
+    noisy = np.frombuffer(base64.b64decode(ours["image"]), "<f2").copy()
+    noisy[::7] += np.float16(1e-3)  # the same model's probe taken on another device
+    set_probe({**ours, "image": base64.b64encode(noisy.tobytes()).decode(), "device": "cuda"})
+    main(cfg_for(str(store_copy), tmp_path / "run", stop_after=20, resume=True))
+    set_probe(other)
+    with pytest.raises(
+        UsageError, match="was embedded by another CLIP model than this run was trained on, under"
+    ):
         main(cfg_for(str(store_copy), tmp_path / "run", resume=True))
 
 
