@@ -597,6 +597,8 @@ def _run_tasks(
             stats["read_ahead"][how] = stats["read_ahead"].get(how, 0) + 1
             for k, v in res.get("phases", {}).items():
                 stats["phases"][k] = stats["phases"].get(k, 0.0) + v
+        except UsageError:  # a worker unfit for this run (another CLIP model, no GPU) would fail every shard
+            raise  # it took, quickly, and so empty the queue; the run stops, the shards done so far kept
         except Exception as e:  # after dask's retries: list it, keep going with the others
             failed[names[fut.key]] = f"{type(e).__name__}: {e}"
             log.error("shard %s failed: %s", names[fut.key], failed[names[fut.key]])

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
+import time
 
 from pipeline.errors import UsageError
 from pipeline.signals import handling
@@ -20,6 +22,7 @@ log = logging.getLogger(__name__)
 # On the scheduler, per run (keyed by its store): {"slots": {worker: slot}, "visible": {worker:
 # CUDA_VISIBLE_DEVICES}, "own_list_hosts": [host]}, for the workers that join later (`claim_late_slot`).
 SLOTS_KEY = "unclip-embed-gpu-slots"
+WORKER_POLL_S = 1.0  # how often a run with no worker able to take its shards asks the scheduler again
 
 
 def connect(cfg) -> tuple:
@@ -50,7 +53,9 @@ def connect(cfg) -> tuple:
                 n_workers=cfg.workers,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=None,
+                # no dashboard wanted, but dask's scheduler serves HTTP anyway, on 8787 for None: with that port
+                # taken (another cluster, a notebook's) it printed a warning above every run's output
+                dashboard_address="127.0.0.1:0",
                 silence_logs=logging.ERROR,
                 **_with_our_preload(),
             )
@@ -112,11 +117,32 @@ def dask_setup(worker) -> None:
     command's process, so one gone is never news to the user."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.getLogger("distributed.worker").addFilter(_NoFailedHeartbeats())
+    logging.getLogger("distributed.worker").addFilter(_NoOwnErrors())
+    logging.getLogger().addFilter(_NoOpenClipRandomNote())  # open_clip logs through the root logger
+
+
+class _NoOpenClipRandomNote(logging.Filter):
+    """open_clip's "No pretrained weights loaded" for random weights: `pipeline.encoders` says so in its words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
 
 
 class _NoFailedHeartbeats(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Failed to communicate with scheduler during heartbeat")
+
+
+class _NoOwnErrors(logging.Filter):
+    """A task that raises one of our errors (a worker's model unlike the store's, a RecursionError made short):
+    the command says it in its own line, and the worker's "Compute Failed" block with the task's traceback
+    only buried it."""
+
+    OWN = re.compile(r"Exception: [\"']?(UsageError|StageError)\(")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Compute Failed") and self.OWN.search(message))
 
 
 class _NoCancelNameError(logging.Filter):
@@ -213,21 +239,28 @@ def warm_workers(client, params, resources: dict | None = None) -> dict[str, dic
     thread now, in a task pinned to it (a task, not `client.run`, which would run in the worker's event-loop
     thread instead), and learns its GPU slot (`gpu_slots`). With one thread per worker no shard then pays these
     one-off costs; a worker's other threads, and a worker that joins later, warm up inside their first shard.
-    A worker that leaves before its warm-up ran is skipped (its pinned task could never run). Returns each
-    warmed worker's CLIP probe (`pipeline.embed_shard.warm_up`), by worker address."""
+    A worker that leaves before its warm-up ran is skipped (its pinned task could never run). With no such worker
+    yet (or none left), it waits for one to join: the first warm-up settles the store's CLIP probe, which every
+    later worker then checks itself against. Returns each warmed worker's probe
+    (`pipeline.embed_shard.warm_up`), by worker address."""
     from distributed import wait
 
     from pipeline.embed_shard import warm_up
 
     able = able_workers(workers(client), resources)
-    visible = client.run(_cuda_visible_devices, workers=able) if params.device == "cuda" and able else {}
+    if not able:  # no shard could run before one joins anyway, and its warm-up settles the store's CLIP probe
+        log.warning(
+            "no dask worker has the resources the shard tasks ask for (%s) yet: waiting for one to join",
+            resources or "none",
+        )
+        while not able:
+            time.sleep(WORKER_POLL_S)
+            able = able_workers(workers(client), resources)
+    visible = client.run(_cuda_visible_devices, workers=able) if params.device == "cuda" else {}
     slots = gpu_slots(able, visible)
-    if params.device == "cuda":  # for workers that join later (`claim_late_slot`); empty if none is here yet
+    if params.device == "cuda":  # for workers that join later (`claim_late_slot`)
         table = {"slots": slots, "visible": visible, "own_list_hosts": own_list_hosts(able, visible)}
         client.set_metadata([SLOTS_KEY, params.out], table)
-    if not able:  # none has joined yet: the tasks wait for one, which then warms up inside its first shard
-        log.warning("no dask worker has the resources the shard tasks ask for (%s) yet", resources or "none")
-        return {}
     futures = {
         w: client.submit(warm_up, params, slot, workers=[w], allow_other_workers=False, pure=False)
         for w, slot in slots.items()
@@ -247,7 +280,8 @@ def warm_workers(client, params, resources: dict | None = None) -> dict[str, dic
     for f in futures.values():
         if f.status == "error":
             f.result()  # a model that cannot be built fails the run here, once, with its own error
-    return {w: f.result() for w, f in futures.items() if f.status == "finished"}
+    probes = {w: f.result() for w, f in futures.items() if f.status == "finished"}
+    return probes or warm_workers(client, params, resources)  # every one left: the next to join, then
 
 
 def able_workers(info: dict, resources: dict | None) -> list[str]:

@@ -366,7 +366,8 @@ def _models(params: ShardParams) -> _Models:
         raise UsageError(  # another open_clip or config than the store's would mix two models' embeddings
             f"CLIP {params.clip} ({params.pretrained}) on host {socket.gethostname()} is not the model that made "
             f"the store at {params.out}: it embeds a fixed probe otherwise ({how}); embed with the open_clip "
-            "and model config the store was made with, or start again with --overwrite"
+            "and model config the store was made with, or, to embed the whole store again with this one, move "
+            f"{params.out} away first"
         )
     if params.compile:
         clip = compiled(clip)

@@ -361,23 +361,25 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 # model that embeds into the store is compared with it. One model on two devices or precisions agrees far
 # beyond PROBE_MIN_COSINE (measured on random ViT-B-32 and ViT-L-14: fp16 and bf16 autocast against fp32,
 # cosine >= 0.99992); random weights of two seeds give |cosine| < 0.1.
-PROBE_INPUT = 1  # the version of the probe's inputs below: probes of other inputs are not compared
+PROBE_INPUT = 2  # the version of the probe's inputs below: probes of other inputs are not compared
 PROBE_CAPTION = "a probe of a CLIP model's weights"
 PROBE_MIN_COSINE = 0.999
-_probes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {device: probe}
+_probes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(device, preprocess): probe}
 
 
 def clip_probe(clip: Clip) -> dict:
     """``clip``'s probe (cached per model and device): its unit image and text embeddings of the fixed inputs,
     as float16 bytes in base64, with the versions of the code that computed them (to name in a mismatch)."""
     done = _probes.setdefault(clip.model, {})
-    key = str(clip.device)
+    key = (str(clip.device), id(clip.preprocess))
     if key not in done:
-        visual = clip.model.visual
-        size = getattr(visual, "image_size", 224)
-        size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        ramp = torch.linspace(-1.5, 1.5, size)  # smooth ramps in the normalised input's range
-        image = torch.stack([ramp.expand(size, size), ramp[:, None].expand(size, size), ramp[:, None] * ramp])
+        from PIL import Image
+
+        # 320 x 240 colour ramps, through the model's own preprocessing (resize, crop, mean and std are the
+        # model's as much as its weights are: another open_clip's config for a tag changes them too)
+        x, y = np.meshgrid(np.linspace(0, 1, 320), np.linspace(0, 1, 240))
+        rgb = np.stack([x, y, (x * y) ** 0.5], axis=-1)
+        image = clip.preprocess(Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB"))
         cuda = clip.device.type == "cuda"
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
             img = clip.model.encode_image(image[None].to(clip.device))

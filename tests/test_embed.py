@@ -391,14 +391,14 @@ class _FakeFuture:
 
     def result(self):
         if self.status == "finished":
-            return {"input": 1}  # a worker's probe
+            return {"input": 2}  # a worker's probe
         raise RuntimeError("the model could not be built")
 
 
 class _FakeClient:
     """Records what `warm_workers` would send; the dask wiring is tested with real workers above."""
 
-    def __init__(self, workers, visible=None, status="finished", leave=()):
+    def __init__(self, workers, visible=None, status="finished", leave=(), join=None):
         self.workers, self.visible, self.status, self.leave, self.sent = (
             workers,
             visible or {},
@@ -406,9 +406,11 @@ class _FakeClient:
             leave,
             [],
         )
+        self.join, self.asked = join or {}, 0  # join: workers that join at the third question
 
     def scheduler_info(self, n_workers=-1):
-        info = {"workers": dict(self.workers)}
+        self.asked += 1
+        info = {"workers": {**self.workers, **(self.join if self.asked >= 3 else {})}}
         for w in self.leave if self.sent else ():  # these leave once their warm-up was sent
             info["workers"].pop(w)
         return info
@@ -428,6 +430,7 @@ class _FakeClient:
 def test_warm_up_goes_to_each_worker_that_can_take_the_shards_with_its_own_slot(caplog, monkeypatch):
     import distributed
 
+    from pipeline import embed_cluster
     from pipeline.embed_cluster import warm_workers
 
     monkeypatch.setattr(distributed, "wait", lambda futures, timeout: None)
@@ -457,13 +460,17 @@ def test_warm_up_goes_to_each_worker_that_can_take_the_shards_with_its_own_slot(
     assert sorted(slot for _, slot, _, _ in c.sent) == [0, 0, 0] and c.published["own_list_hosts"] == [
         "10.0.0.1"
     ]
-    c = _FakeClient({"tcp://10.0.0.1:3": cpu})
-    warm_workers(c, cuda, {"GPU": 1})
-    assert c.sent == [] and "no dask worker has the resources" in caplog.text  # they may join later
-    assert c.published == {"slots": {}, "visible": {}, "own_list_hosts": []}  # ... and claim slots then
+    # None able yet: it waits for one (whose warm-up settles the store's CLIP probe) instead of sending the shards
+    # to workers that would compare nothing
+    monkeypatch.setattr(embed_cluster, "WORKER_POLL_S", 0.0)
+    c = _FakeClient({"tcp://10.0.0.1:3": cpu}, join={"tcp://10.0.0.2:1": gpu})
+    assert warm_workers(c, cuda, {"GPU": 1}) == {"tcp://10.0.0.2:1": {"input": 2}}
+    assert "no dask worker has the resources the shard tasks ask for ({'GPU': 1}) yet: waiting" in caplog.text
+    assert c.sent == [("warm_up", 0, ["tcp://10.0.0.2:1"], False)] and c.asked == 4
+    assert c.published["slots"] == {"tcp://10.0.0.2:1": 0}  # the later ones claim theirs (`claim_late_slot`)
     # A worker that leaves before its warm-up ran: its pinned task could never run; skipped, not waited on.
     c = _FakeClient(hosts, leave=("tcp://10.0.0.1:2",))
-    warm_workers(c, cuda, {"GPU": 1})
+    assert set(warm_workers(c, cuda, {"GPU": 1})) == {"tcp://10.0.0.1:1", "tcp://10.0.0.2:1"}
     assert "dask worker tcp://10.0.0.1:2 left before its warm-up; skipped" in caplog.text
     with pytest.raises(RuntimeError, match="the model could not be built"):  # once, with its own error
         warm_workers(_FakeClient(hosts, status="error"), cuda, {"GPU": 1})
@@ -1147,7 +1154,7 @@ def test_the_clip_probe_is_one_models_on_any_precision_and_tells_another_model_a
     from pipeline.encoders import PROBE_MIN_COSINE, _unb64, clip_probe, load_clip, probe_mismatch
 
     mine = clip_probe(clip)
-    assert mine["input"] == 1 and mine["device"] == "cpu" and mine["open_clip"][0].isdigit()
+    assert mine["input"] == 2 and mine["device"] == "cpu" and mine["open_clip"][0].isdigit()
     assert _unb64(mine["image"]).shape == (clip.dim,) and _unb64(mine["text"]).shape == (clip.dim,)
     assert abs(float(_unb64(mine["image"]).norm()) - 1) < 1e-3  # unit embeddings, float16-rounded
     assert clip_probe(clip) == mine and probe_mismatch(mine, dict(mine)) is None
@@ -1157,7 +1164,13 @@ def test_the_clip_probe_is_one_models_on_any_precision_and_tells_another_model_a
     cos = float(how.split("image cosine ")[1].split(",")[0])
     assert abs(cos) < 0.5, how
     assert f"open_clip {mine['open_clip']} and torch {torch.__version__} on w2" in how
-    assert probe_mismatch(other, {**mine, "input": 2}) is None  # other inputs: nothing to compare
+    assert probe_mismatch(other, {**mine, "input": 1}) is None  # other inputs: nothing to compare
+    # the model's preprocessing is part of it: another open_clip's mean and std for the same tag
+    from open_clip.transform import image_transform
+
+    size = clip.model.visual.image_size
+    halves = image_transform(size, is_train=False, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert probe_mismatch(clip_probe(dataclasses.replace(clip, preprocess=halves)), mine) is not None
 
 
 def test_a_worker_whose_model_is_not_the_stores_refuses_before_its_first_shard(tmp_path, clip):
@@ -1204,6 +1217,32 @@ def test_workers_that_disagree_on_the_probe_are_refused_and_agreeing_ones_record
     assert settle_probe(str(tmp_path), manifest, {"tcp://c:3": other}) == mine  # the store's, once it has one
 
 
+def test_a_worker_unlike_the_store_that_joins_after_the_warm_up_stops_the_run(
+    shards, tmp_path, capsys, monkeypatch
+):
+    """It failed each shard it took, fast, after dask's retries: one such worker emptied the queue into the
+    failed list, and the run exited 1 as if the shards were at fault."""
+    from pipeline import embed as embed_stage
+    from pipeline.encoders import clip_probe, load_clip
+
+    out = tmp_path / "store"
+    args = ["--shards", f"{shards}/{{00000..00002}}.tar", "--out", out, *TINY]
+    assert embed(*args) == 0
+    manifest = store.load_manifest(out)
+    manifest["clip"]["probe"] = clip_probe(load_clip("unclip-tiny", "none", "cpu", 1))
+    store.write_json(out / store.MANIFEST, manifest)
+    for shard in ("00001", "00002"):
+        (out / "done" / f"{shard}.json").unlink()
+    monkeypatch.setattr(
+        embed_stage, "warm_workers", lambda client, params, resources=None: {}
+    )  # joined later
+    capsys.readouterr()
+    assert embed(*args) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "shard/s]" not in line]  # the bar
+    assert len(err) == 1 and "is not the model that made the store" in err[0], err
+    assert store.done_shards(out) == ["00000"]
+
+
 def test_a_resume_with_another_model_than_the_stores_is_refused_and_an_older_store_gains_a_probe(
     shards, tmp_path, capsys
 ):
@@ -1222,10 +1261,14 @@ def test_a_resume_with_another_model_than_the_stores_is_refused_and_an_older_sto
     store.write_json(out / store.MANIFEST, manifest)
     (out / "done" / "00001.json").unlink()
     before = files_of(out)
-    capsys.readouterr()
-    assert embed(*args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is not the model that made the store" in err[0] and "--overwrite" in err[0], err
+    # as a user runs it: the worker's "Compute Failed" block with the warm-up's traceback used to come first
+    r = subprocess.run(
+        [PY, "-m", "jobs.cli", "embed", *map(str, args)], cwd=ROOT, capture_output=True, text=True
+    )
+    # less the log lines: ours, and the worker's (its format) that says the tiny CLIP's weights are random
+    err = [line for line in r.stderr.splitlines() if not line[:4].isdigit() and "RANDOM weights" not in line]
+    assert r.returncode == 2 and len(err) == 1 and "is not the model that made the store" in err[0], r.stderr
+    assert f"move {out} away first" in err[0] and "Compute Failed" not in r.stderr
     assert {k: v for k, v in files_of(out).items() if "logs" not in k} == {
         k: v for k, v in before.items() if "logs" not in k
     }
