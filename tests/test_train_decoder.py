@@ -1,6 +1,7 @@
 """train-decoder / sample / eval-decoder: exact resume, errors, learning colours, text -> image plumbing."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -267,13 +268,31 @@ def test_two_checkpoints_share_a_clip_checkpoint_file_by_content_where_both_stor
     assert not same_clip(meta("openai"), meta("laion2b_s34b_b79k"))
 
 
+def pair_with_store_clip(pair: Path, tmp_path: Path, **clip) -> list[str]:
+    """A copy of ``pair`` whose checkpoints record ``clip`` in their store's CLIP; the `sample` command for it."""
+    for task in ("prior", "decoder"):
+        shutil.copytree(pair / task, tmp_path / task)
+        for meta_file in (tmp_path / task).glob("ckpt/step_*/meta.json"):
+            meta = json.loads(meta_file.read_text())
+            meta["store"]["clip"].update(clip)
+            meta_file.write_text(json.dumps(meta))
+    return [
+        "sample",
+        "--prior",
+        str(tmp_path / "prior"),
+        "--decoder",
+        str(tmp_path / "decoder"),
+        "--prompt",
+        "a",
+    ]
+
+
 def test_sample_loads_the_stores_clip_checkpoint_by_content_wherever_it_lies(pair, tmp_path, capsys):
     """The store records its CLIP checkpoint's sha256, and the checkpoints trained on it keep it: sampling
     refuses other weights at that path (a CLIP retrained in place made every prompt an embedding the models
     never saw, with exit 0), names a file that is gone, and takes the same file from where it lies now with
     --clip-pretrained."""
     import hashlib
-    import shutil
 
     from pipeline.encoders import _open_clip
 
@@ -283,21 +302,8 @@ def test_sample_loads_the_stores_clip_checkpoint_by_content_wherever_it_lies(pai
     ckpt.parent.mkdir()
     torch.save(open_clip.create_model_and_transforms("unclip-tiny", pretrained=None)[0].state_dict(), ckpt)
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    for task in ("prior", "decoder"):  # as training on a store embedded with that file records it
-        shutil.copytree(pair / task, tmp_path / task)
-        for meta_file in (tmp_path / task).glob("ckpt/step_*/meta.json"):
-            meta = json.loads(meta_file.read_text())
-            meta["store"]["clip"].update(pretrained=str(ckpt), random_init=False, sha256=digest)
-            meta_file.write_text(json.dumps(meta))
-    cmd = [
-        "sample",
-        "--prior",
-        str(tmp_path / "prior"),
-        "--decoder",
-        str(tmp_path / "decoder"),
-        "--prompt",
-        "a",
-    ]
+    # as training on a store embedded with that file records it
+    cmd = pair_with_store_clip(pair, tmp_path, pretrained=str(ckpt), random_init=False, sha256=digest)
     cmd += ["--n", "1", "--prior-steps", "2", "--decoder-steps", "2", "--out", str(tmp_path / "x.png")]
 
     moved = tmp_path / "elsewhere.pt"
@@ -325,7 +331,6 @@ def test_one_clip_name_under_two_open_clips_is_two_clips_where_the_stores_record
 ):
     """A store records what its CLIP embeds a fixed probe as, and its checkpoints keep that: sampling under an
     open_clip that builds another model from the same name embedded every prompt with it, with exit 0."""
-    import shutil
 
     from jobs.sample import checkpoint_clip, same_clip
     from pipeline.encoders import clip_probe, load_clip
@@ -341,21 +346,9 @@ def test_one_clip_name_under_two_open_clips_is_two_clips_where_the_stores_record
     )  # an older store: by name
     assert not same_clip(meta(ours), meta(other))
     assert checkpoint_clip(meta(ours), "cpu").dim == 64
-    for task in ("prior", "decoder"):  # as training on a store that another open_clip embedded records it
-        shutil.copytree(pair / task, tmp_path / task)
-        for meta_file in (tmp_path / task).glob("ckpt/step_*/meta.json"):
-            m = json.loads(meta_file.read_text())
-            m["store"]["clip"]["probe"] = other
-            meta_file.write_text(json.dumps(m))
-    cmd = [
-        "sample",
-        "--prior",
-        str(tmp_path / "prior"),
-        "--decoder",
-        str(tmp_path / "decoder"),
-        "--prompt",
-        "a",
-    ]
+    cmd = pair_with_store_clip(
+        pair, tmp_path, probe=other
+    )  # as training on another open_clip's store records it
     capsys.readouterr()
     assert cli(cmd + ["--n", "1", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
