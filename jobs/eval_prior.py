@@ -88,21 +88,26 @@ def evaluate(
             top5 += hit[:, :5].any(1).float().sum().item()
             groups += len(q)
         out[f"top1_{name}"], out[f"top5_{name}"] = top1 / max(groups, 1), top5 / max(groups, 1)
-    out["retrieval_chance_top1"] = 1 / min(RETRIEVAL_POOL, len(img))
+    out["retrieval_pool"] = min(
+        RETRIEVAL_POOL, len(img)
+    )  # candidates per query (the last group may hold fewer)
+    out["retrieval_chance_top1"] = 1 / out["retrieval_pool"]
     return out
 
 
 def format_table(m: dict) -> str:
+    # of a report from before the pool was recorded: its chance says how many candidates a query had
+    pool = m.get("retrieval_pool") or round(1 / m["retrieval_chance_top1"])
     rows = [
         ("predicted vs true image (cos)", m["sim_pred_image"]),
         ("predicted vs text (cos)", m["sim_pred_text"]),
         ("text vs true image, baseline (cos)", m["sim_text_image_baseline"]),
         ("true image vs unrelated caption's prediction", m["sim_image_unrelated_pred"]),
         ("mean-image predictor vs true image (cos)", m["sim_mean_image_predictor"]),
-        ("top-1 retrieval / 256, prediction", m["top1_pred"]),
-        ("top-1 retrieval / 256, text embedding", m["top1_text"]),
-        ("top-5 retrieval / 256, prediction", m["top5_pred"]),
-        ("top-5 retrieval / 256, text embedding", m["top5_text"]),
+        (f"top-1 retrieval / {pool}, prediction", m["top1_pred"]),
+        (f"top-1 retrieval / {pool}, text embedding", m["top1_text"]),
+        (f"top-5 retrieval / {pool}, prediction", m["top5_pred"]),
+        (f"top-5 retrieval / {pool}, text embedding", m["top5_text"]),
         ("top-1 chance", m["retrieval_chance_top1"]),
     ]
     width = max(len(r[0]) for r in rows)

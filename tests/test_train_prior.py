@@ -427,7 +427,10 @@ def test_eval_prior_writes_only_its_own_report_and_never_remakes_a_pruned_step_f
     assert (
         cli([*ev, "--out", str(report)]) == 0 and cli([*ev, "--out", str(report)]) == 0
     )  # its own: replaced
-    assert json.loads(report.read_text())["step"] == 4
+    r = json.loads(report.read_text())
+    assert r["step"] == 4 and r["retrieval_pool"] == r["samples"] < 256
+    # the table names the pool a query had: "/ 256" beside a chance of 1/39 misled
+    assert f"top-1 retrieval / {r['samples']}, prediction" in eval_prior.format_table(r)
     step = tmp_path / "run/ckpt/step_00000004"
     real = eval_prior.evaluate
 
