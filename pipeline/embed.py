@@ -142,11 +142,16 @@ def validate(cfg: EmbedConfig) -> list[str]:
         validate_vae,
     )
 
-    if cfg.batch_size < 0 or cfg.decode_threads < 0 or cfg.workers < 0 or cfg.latent_size < 1:
-        raise UsageError(
-            "--batch-size, --decode-threads and --workers must be >= 0 (0 = by device); --latent-size >= 1"
-        )
-    for name, value, low, what in (
+    for (
+        name,
+        value,
+        low,
+        what,
+    ) in (  # each named by itself: one line for four flags did not say which was wrong
+        ("batch-size", cfg.batch_size, 0, "0 = by device"),
+        ("decode-threads", cfg.decode_threads, 0, "0 = by device"),
+        ("workers", cfg.workers, 0, "0 = by device"),
+        ("latent-size", cfg.latent_size, 1, "the latents' side in pixels"),
         ("torch-threads", cfg.torch_threads, 0, "0 = cores / workers"),
         ("retries", cfg.retries, 0, "reruns of a failed shard task"),
         ("calib-samples", cfg.calib_samples, 1, "images the uint8 latent range is fitted on"),

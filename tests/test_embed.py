@@ -1536,8 +1536,10 @@ def test_store_made_with_other_settings_is_refused_then_overwritten(base, shards
         ("device_index", "--device cuda:99 but "),
         ("device_zero_padded", "unknown --device 'cuda:01'"),
         ("device_not_ascii", "unknown --device 'cuda:\u00b2'"),
-        ("decode_threads", "--batch-size, --decode-threads and --workers must be >= 0"),
-        ("workers", "--batch-size, --decode-threads and --workers must be >= 0 (0 = by device)"),
+        ("decode_threads", "--decode-threads must be >= 0 (0 = by device), not -1"),
+        ("workers", "--workers must be >= 0 (0 = by device), not -1"),
+        ("batch_size", "--batch-size must be >= 0 (0 = by device), not -1"),
+        ("latent_size", "--latent-size must be >= 1 (the latents' side in pixels), not 0"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, tmp_path, capsys):
@@ -1574,6 +1576,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, t
         args += ["--decode-threads", "-1"]
     elif case == "workers":
         args += ["--workers", "-1"]
+    elif case == "batch_size":
+        args += ["--batch-size", "-1"]
+    elif case == "latent_size":
+        args += [*PIXELS[:2], "--latent-size", "0"]
     elif case.startswith("device"):
         spelt = {"device_name": "tpu", "device_index": "cuda:99", "device_zero_padded": "cuda:01"}
         args += ["--device", spelt.get(case, "cuda:\u00b2")]
