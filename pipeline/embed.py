@@ -142,12 +142,8 @@ def validate(cfg: EmbedConfig) -> list[str]:
         validate_vae,
     )
 
-    for (
-        name,
-        value,
-        low,
-        what,
-    ) in (  # each named by itself: one line for four flags did not say which was wrong
+    # each named by itself: one line for the first four flags did not say which was wrong
+    for name, value, low, what in (
         ("batch-size", cfg.batch_size, 0, "0 = by device"),
         ("decode-threads", cfg.decode_threads, 0, "0 = by device"),
         ("workers", cfg.workers, 0, "0 = by device"),
@@ -496,7 +492,8 @@ def settle_probe(root: str, manifest: dict, probes: dict[str, dict]) -> dict | N
     """The CLIP probe (`pipeline.encoders.clip_probe`) this run's shard tasks compare their model with: the
     store's (the workers warmed up against it already), else, in a new store or one an older version made, the
     first warmed worker's once every other warmed worker agrees with it, recorded in the manifest before any
-    shard is embedded. None when no worker has warmed up yet (the tasks then compare nothing)."""
+    shard is embedded. None only where no warm-up ran (`warm_workers` waits for a first worker; the tasks then
+    compare nothing)."""
     from pipeline.encoders import probe_mismatch
 
     if known := manifest["clip"].get("probe"):
