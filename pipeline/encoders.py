@@ -410,15 +410,21 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
+def probe_cosines(a: dict, b: dict) -> dict[str, float]:
+    """The cosine of two probes' embeddings, by tower ("image", "text"); NaN for embeddings of other widths."""
+    cos = {}
+    for tower in ("image", "text"):
+        x, y = _unb64(a[tower]), _unb64(b[tower])
+        cos[tower] = float(F.cosine_similarity(x, y, dim=0)) if x.shape == y.shape else float("nan")
+    return cos
+
+
 def probe_mismatch(mine: dict, theirs: dict, labels: tuple[str, str] = ("here", "the store's")) -> str | None:
     """None when two probes are of one model (or of other inputs, which cannot be compared); else the
     cosines and the versions that computed each (named by ``labels``) that say how they differ, for a message."""
     if mine.get("input") != theirs.get("input"):
         return None
-    cos = {}
-    for tower in ("image", "text"):
-        a, b = _unb64(mine[tower]), _unb64(theirs[tower])
-        cos[tower] = float(F.cosine_similarity(a, b, dim=0)) if a.shape == b.shape else float("nan")
+    cos = probe_cosines(mine, theirs)
     if all(c >= PROBE_MIN_COSINE for c in cos.values()):  # NaN (other widths) fails too
         return None
     versions = "; ".join(

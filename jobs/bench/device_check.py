@@ -168,20 +168,14 @@ def probe_agreement(store: str) -> dict:
     """The store's CLIP probe (`pipeline.encoders.clip_probe`, taken by the run's workers on their device, fp16
     autocast on CUDA) against the same model's on CPU in fp32: the margin the probe's 0.999 threshold has
     across devices (random weights agreed to >= 0.99992 on CPU at fp16 and bf16)."""
-    import torch.nn.functional as F
-
     from pipeline import store as st
-    from pipeline.encoders import _unb64, clip_probe, load_clip
+    from pipeline.encoders import clip_probe, load_clip, probe_cosines
 
     m = st.load_manifest(store)
     c, seed = m["clip"], m["identity"].get("seed", 0)
     mine, theirs = clip_probe(load_clip(c["arch"], c["pretrained"], "cpu", seed)), c["probe"]
-    return {
-        f"probe_cos_{theirs['device']}_vs_cpu_{t}": round(
-            float(F.cosine_similarity(_unb64(mine[t]), _unb64(theirs[t]), dim=0)), 6
-        )
-        for t in ("image", "text")
-    }
+    cos = probe_cosines(mine, theirs)
+    return {f"probe_cos_{theirs['device']}_vs_cpu_{t}": round(v, 6) for t, v in cos.items()}
 
 
 def _embed_tasks(c: Check, clip: str, limit: float) -> dict:
