@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,12 +191,17 @@ def _main(argv: list[str] | None) -> int:
     except StageError as e:
         print(f"unclip {args.command}: failed: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"unclip {args.command}: interrupted; {cmd.on_interrupt}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # one a stage raised itself may say what was kept
+        print(f"unclip {args.command}: interrupted; {e or cmd.on_interrupt}", file=sys.stderr)
         return 130
     except Stopped as e:
-        print(f"unclip {args.command}: stopped by SIGTERM: {e}; {cmd.on_interrupt}", file=sys.stderr)
-        return 143
+        how = (
+            "interrupted (Ctrl-C)"
+            if e.signum == signal.SIGINT
+            else f"stopped by {signal.Signals(e.signum).name}"
+        )
+        print(f"unclip {args.command}: {how}: {e}; {cmd.on_interrupt}", file=sys.stderr)
+        return 128 + e.signum
     except OSError as e:  # the system refused a read or a write (a full disk, a path it will not take)
         logging.getLogger(__name__).debug("where", exc_info=True)
         hint = "" if args.verbose else " (--verbose shows where)"

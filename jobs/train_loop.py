@@ -447,6 +447,13 @@ def train(task: Task) -> dict:
             raise UsageError(refused)
         with held:
             return _train(task, run)
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the loop: what a rerun continues from
+        latest = run.ckpt_dir / "latest"
+        if latest.exists():
+            kept = f"nothing since {latest.read_text().strip()} was saved; rerun it with --resume to continue from it"
+        else:
+            kept = "no checkpoint was saved; rerun the same command to start again"
+        raise KeyboardInterrupt(kept) from e
     finally:
         if run.world > 1:
             dist.destroy_process_group()
@@ -625,48 +632,61 @@ class _Flag:
 
     def __init__(self) -> None:
         self.set = False
-        self.at = 0.0  # when the first SIGTERM came (time.monotonic())
+        self.signum = 0  # the signal that set it (the CLI's exit code and words follow it)
+        self.at: dict[int, float] = {}  # when each signal first came (time.monotonic())
 
 
 # SIGTERMs within this many seconds of the first are the same notice: under SLURM every process of the step gets
 # one, torchrun included, which passes its own on to each rank a few milliseconds later.
 SIGTERM_REPEAT_S = 5.0
+# Ctrl-C reaches torchrun and every rank (the terminal's process group), and torchrun passes its own on: one
+# press is two SIGINTs milliseconds apart. A second press by hand comes later than this.
+SIGINT_REPEAT_S = 0.5
+CTRL_C_NOTE = b"\nCtrl-C: stopping once this step is checkpointed (Ctrl-C again stops at once, unsaved)\n"
 
 
 @contextlib.contextmanager
-def _sigterm_flag():
-    """A flag that SIGTERM sets while the block runs, in place of dying: a batch scheduler's notice (SLURM's at
-    the time limit or on preemption, torchrun's when it stops its ranks) that a SIGKILL follows. The loop then
-    checkpoints the step it is on and stops. A SIGTERM more than SIGTERM_REPEAT_S after the first has the
-    previous handler's effect (the default: the end), so that a rank that cannot get back to the loop (stuck in
-    a collective with a dead peer) can still be ended. Where `signals.handling` installs nothing, the flag is never
-    set and nothing changes."""
+def _stop_flag(announce: bool = True):
+    """A flag that SIGTERM or Ctrl-C (SIGINT) sets while the block runs, in place of dying; the loop then
+    checkpoints the step it is on and stops.
+
+    SIGTERM is a batch scheduler's notice (SLURM's at the time limit or on preemption, torchrun's when it stops
+    its ranks) that a SIGKILL follows. One more than SIGTERM_REPEAT_S after the first has the previous handler's
+    effect (the default: the end), so that a rank that cannot get back to the loop (stuck in a collective with a
+    dead peer) can still be ended. Ctrl-C had ended the run with nothing saved since the last periodic
+    checkpoint (up to --save-every steps); now the first press saves, and says so (``announce``: rank 0), and a
+    second one more than SIGINT_REPEAT_S later is the previous handler's (a KeyboardInterrupt): a user who will
+    not wait for the save. Where `signals.handling` installs nothing, the flag is never set and nothing changes."""
     flag = _Flag()
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    def on_sigterm(*_):
+    def on_signal(signum, _frame):
         now = time.monotonic()
-        if not flag.set:
-            flag.set, flag.at = True, now
-        elif now - flag.at > SIGTERM_REPEAT_S:
-            signal.signal(signal.SIGTERM, previous)
-            signal.raise_signal(signal.SIGTERM)
+        if signum not in flag.at:
+            flag.at[signum] = now
+            if not flag.set:
+                flag.set, flag.signum = True, signum
+            if signum == signal.SIGINT and announce:
+                os.write(2, CTRL_C_NOTE)  # not `logging` or print: neither may be entered from a handler
+        elif now - flag.at[signum] > (SIGINT_REPEAT_S if signum == signal.SIGINT else SIGTERM_REPEAT_S):
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
 
-    with handling(signal.SIGTERM, on_sigterm):
+    with handling(signal.SIGTERM, on_signal), handling(signal.SIGINT, on_signal):
         yield flag
 
 
-def _agreed(sigterm: _Flag, run: RunState) -> bool:
-    """Whether any rank has had SIGTERM (every rank calls this at the same point)."""
-    return distributed.mean_over_ranks(float(sigterm.set), run.world, run.device) > 0
+def _agreed(stop_flag: _Flag, run: RunState) -> bool:
+    """Whether any rank has had SIGTERM or Ctrl-C (every rank calls this at the same point)."""
+    return distributed.mean_over_ranks(float(stop_flag.set), run.world, run.device) > 0
 
 
 def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> dict:
-    with _sigterm_flag() as sigterm:
-        return _loop_until(model, stream, start, run, sigterm)
+    with _stop_flag(announce=run.rank == 0) as stop_flag:
+        return _loop_until(model, stream, start, run, stop_flag)
 
 
-def _loop_until(model: torch.nn.Module, stream: Stream, start: int, run: RunState, sigterm: _Flag) -> dict:
+def _loop_until(model: torch.nn.Module, stream: Stream, start: int, run: RunState, stop_flag: _Flag) -> dict:
     cfg, rank = run.cfg, run.rank
     metrics_file = run.out / "metrics.jsonl"
     rows_path = run.out / f"rows_rank{rank}.pt"
@@ -682,7 +702,7 @@ def _loop_until(model: torch.nn.Module, stream: Stream, start: int, run: RunStat
         log.warning("%s: the checkpoint is at step %d, at or past %s: nothing to train", name, start, why)
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=name, disable=rank != 0)
     run.model.train()
-    stopped = 0  # the step a SIGTERM stopped the run after (checkpointed), if one did
+    stopped = 0  # the step a SIGTERM or Ctrl-C stopped the run after (checkpointed), if one did
     for step in bar:
         b = next(batches)
         if rows_log is not None:
@@ -708,14 +728,14 @@ def _loop_until(model: torch.nn.Module, stream: Stream, start: int, run: RunStat
             if report_eval is not None:
                 metrics.append(metrics_file, {"step": done, "eval": report_eval})
         # Every rank stops after the same step (one may have had the signal a step later): the flag is agreed on.
-        stop = _agreed(sigterm, run)
+        stop = _agreed(stop_flag, run)
         if done == end or stop or (cfg.save_every and done % cfg.save_every == 0):
             if rows_log:  # before the checkpoint (whose RNG gather waits for every rank's): a resume from it
                 buf = io.BytesIO()  # always finds the rows of every step before it
                 torch.save(torch.cat(rows_log), buf)
                 store.atomic_write(rows_path, buf.getvalue())
             _save(done, run)
-            stop = stop or _agreed(sigterm, run)  # a SIGTERM during the save: stop on it, not one step on
+            stop = stop or _agreed(stop_flag, run)  # a signal during the save: stop on it, not one step on
         if stop and done < end:
             stopped = done
             break
@@ -724,7 +744,8 @@ def _loop_until(model: torch.nn.Module, stream: Stream, start: int, run: RunStat
     if rank == 0:
         metrics.plot_loss(metrics_file, run.out / "loss.png", name, run.task.loss_label)
     if stopped:
-        raise Stopped(f"{name} stopped after step {stopped} of {end}, checkpointed in {run.ckpt_dir}")
+        message = f"{name} stopped after step {stopped} of {end}, checkpointed in {run.ckpt_dir}"
+        raise Stopped(message, signum=stop_flag.signum or signal.SIGTERM)  # a peer rank's: it had SIGTERM
     elapsed = time.perf_counter() - t0
     return {
         "steps": max(end, start),

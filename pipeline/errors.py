@@ -1,6 +1,7 @@
 """Errors every stage shares: the CLI turns a `UsageError` into one line on stderr and exit code 2."""
 
 import re
+import signal
 from collections import Counter
 
 # How Python names an object by address ("<_io.BytesIO object at 0x7f3a...>"), as PIL's messages do
@@ -21,8 +22,13 @@ class StageError(Exception):
 
 
 class Stopped(Exception):
-    """A stage stopped on SIGTERM (a batch scheduler's notice before its SIGKILL) once its progress was saved;
-    the CLI exits 143 (128 + SIGTERM, as a shell reports a process SIGTERM ended) with this message."""
+    """A stage stopped on a signal once its progress was saved: SIGTERM (a batch scheduler's notice before its
+    SIGKILL) or SIGINT (Ctrl-C). The CLI exits 128 + the signal (143, 130: as a shell reports a process the
+    signal ended) with this message."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 # Failure messages often name the one URL, host or object they are about (img2dataset's "unknown url type:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import checkpoint
+from jobs import checkpoint, train_loop
 from jobs.cli import main as cli
 from jobs.eval_prior import EvalPriorConfig
 from jobs.eval_prior import run as eval_run
@@ -335,7 +335,6 @@ def test_training_on_a_store_whose_embed_did_not_finish_says_so(tmp_path, caplog
 def test_log_rows_are_on_disk_before_the_checkpoint_that_needs_them(data, tmp_path, monkeypatch):
     """The rows were written after the checkpoint: killed in between, `latest` named a step whose rows the log
     lacked, and the resumed run's log had a hole and rows shifted to the wrong steps."""
-    from jobs import train_loop
 
     save, seen = checkpoint.save, []
 
@@ -689,10 +688,12 @@ def _wait_for_metrics(out, proc, timeout=120):
     raise AssertionError(f"no metrics within {timeout} s (exit code {proc.poll()})")
 
 
-def test_sigterm_checkpoints_the_step_it_is_on_and_the_resume_is_exact(data, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_checkpoints_the_step_it_is_on_and_the_resume_is_exact(data, tmp_path, sig):
     """A batch scheduler's SIGTERM (SLURM's at the time limit or on preemption) killed the run: the steps since
     the last checkpoint (up to --save-every of them) were lost. Now the run checkpoints the step it is on,
-    exits 143 saying to --resume, and the resume goes on as if it had never stopped."""
+    exits 143 saying to --resume, and the resume goes on as if it had never stopped. Ctrl-C lost them too, and
+    then said to resume "from the last checkpoint" where there was none: it now does as SIGTERM does, exit 130."""
     import signal
 
     steps = dict(steps=400, save_every=1000, log_every=5)
@@ -706,30 +707,33 @@ def test_sigterm_checkpoints_the_step_it_is_on_and_the_resume_is_exact(data, tmp
     )
     try:
         _wait_for_metrics(out, proc)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, sig))
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     last = err.decode().strip().splitlines()[-1]
-    assert proc.returncode == 143, err.decode()[-3000:]
+    assert proc.returncode == 128 + getattr(signal, sig), err.decode()[-3000:]
     stopped = checkpoint.read_meta(checkpoint.resolve(out))["step"]
     assert 5 <= stopped < 400
+    how = {"SIGTERM": "stopped by SIGTERM", "SIGINT": "interrupted (Ctrl-C)"}[sig]
     assert last == (
-        f"unclip train-prior: stopped by SIGTERM: train-prior stopped after step {stopped} of 400, checkpointed in "
+        f"unclip train-prior: {how}: train-prior stopped after step {stopped} of 400, checkpointed in "
         f"{out / 'ckpt'}; rerun it with --resume to continue from the last checkpoint"
     )
+    assert (train_loop.CTRL_C_NOTE.decode().strip() in err.decode()) == (sig == "SIGINT")
     main(cfg_for(data, out, stop_after=stopped + 3, resume=True, **steps))
     main(cfg_for(data, tmp_path / "straight", stop_after=stopped + 3, **steps))
     at = f"ckpt/step_{stopped + 3:08d}"
     assert weights(out / at) == weights(tmp_path / "straight" / at)
 
 
-@pytest.mark.parametrize("to", ["rank 1", "every process"])
+@pytest.mark.parametrize("to", ["rank 1", "every process", "ctrl-c"])
 def test_sigterm_under_torchrun_stops_every_rank_after_the_same_checkpointed_step(data, tmp_path, to):
     """Under torchrun the ranks must agree on the step they stop after: the checkpoint's RNG gather is a
     collective, and a rank that went on alone would wait in the next step's gradient all-reduce forever. SLURM
-    signals every process of the step, torchrun included, which passes its own on: each rank gets two."""
+    signals every process of the step, torchrun included, which passes its own on: each rank gets two. So does
+    Ctrl-C (the terminal's SIGINT to the process group), which must count as one press, not two."""
     import signal
 
     import psutil
@@ -742,6 +746,7 @@ def test_sigterm_under_torchrun_stops_every_rank_after_the_same_checkpointed_ste
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
         _wait_for_metrics(tmp_path, proc, timeout=240)
@@ -751,7 +756,9 @@ def test_sigterm_under_torchrun_stops_every_rank_after_the_same_checkpointed_ste
             if "jobs.cli" in " ".join(p.cmdline())
         ]
         assert len(ranks) == 2
-        if to == "rank 1":
+        if to == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        elif to == "rank 1":
             ranks[1].send_signal(
                 signal.SIGTERM
             )  # one rank only: the other learns it from the flag's all-reduce
@@ -765,7 +772,8 @@ def test_sigterm_under_torchrun_stops_every_rank_after_the_same_checkpointed_ste
                 p.kill()
             proc.wait()
     text = err.decode()
-    assert proc.returncode == 1 and text.count("unclip train-prior: stopped by SIGTERM") == 2, text[-3000:]
+    how = "interrupted (Ctrl-C)" if to == "ctrl-c" else "stopped by SIGTERM"
+    assert proc.returncode == 1 and text.count(f"unclip train-prior: {how}: ") == 2, text[-3000:]
     meta = checkpoint.read_meta(checkpoint.resolve(tmp_path))
     assert meta["world_size"] == 2 and 5 <= meta["step"] < 400
     digests = json.loads((tmp_path / "weights_by_rank.json").read_text())
@@ -782,13 +790,12 @@ def test_a_repeated_sigterm_is_the_same_notice_a_later_one_ends_and_one_during_a
     checkpoint, inside the scheduler's kill window."""
     import signal
 
-    from jobs import train_loop
     from pipeline.errors import Stopped
 
     got = []
     before = signal.signal(signal.SIGTERM, lambda *_: got.append("previous"))  # a stand-in for the default
     try:
-        with train_loop._sigterm_flag() as flag:
+        with train_loop._stop_flag() as flag:
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)  # the same notice, by another path
             assert flag.set and got == []
@@ -814,6 +821,58 @@ def test_a_repeated_sigterm_is_the_same_notice_a_later_one_ends_and_one_during_a
         main(cfg_for(data, tmp_path, save_every=5))
     assert checkpoint.read_meta(checkpoint.resolve(tmp_path))["step"] == 10
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_ctrl_c_stops_at_once_and_says_what_a_rerun_continues_from(
+    data, tmp_path, monkeypatch, capfd
+):
+    """The first Ctrl-C checkpoints (above); torchrun's copy of it, milliseconds later, is the same press; a
+    second press is a KeyboardInterrupt, and the CLI's line then names the checkpoint a --resume continues from
+    (it had said "from the last checkpoint" where none had been saved)."""
+    import signal
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with train_loop._stop_flag() as flag:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)  # torchrun's, passed on
+            time.sleep(0.01)
+            reached.append(flag.signum)
+            time.sleep(train_loop.SIGINT_REPEAT_S + 0.05)
+            os.kill(os.getpid(), signal.SIGINT)  # a second press
+            time.sleep(1)
+        pytest.fail("a second Ctrl-C did not stop the block")
+    assert reached == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert capfd.readouterr().err.count("Ctrl-C: stopping once this step is checkpointed") == 1
+
+    def interrupted_at(step):
+        def at(*a, **kw):
+            if at.n == step:
+                raise KeyboardInterrupt
+            at.n += 1
+            return real(*a, **kw)
+
+        at.n = 0
+        return at
+
+    real = train_loop._step
+    args = ["train-prior", "--data", data, "--out", str(tmp_path), "--steps", "20", "--save-every", "5"]
+    args += ["--eval-every", "0", "--batch-size", "16"]
+    monkeypatch.setattr(train_loop, "_step", interrupted_at(3))
+    assert cli(args) == 130
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        "unclip train-prior: interrupted; no checkpoint was saved; rerun the same command to start again"
+    )
+    assert not (tmp_path / "ckpt/latest").exists()
+    monkeypatch.setattr(train_loop, "_step", interrupted_at(7))
+    assert cli(args) == 130
+    assert capfd.readouterr().err.strip().splitlines()[-1] == (
+        "unclip train-prior: interrupted; nothing since step_00000005 was saved; rerun it with --resume to "
+        "continue from it"
+    )
 
 
 def test_a_preset_sized_for_another_clip_says_so(data, tmp_path, caplog):
