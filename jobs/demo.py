@@ -402,9 +402,13 @@ REASONS_SHOWN = 10  # failure kinds printed; the download's summary file keeps m
 
 
 def print_download_summary(s: dict) -> None:
+    if s["complete"] and s["shards"].get("downloaded_this_run") == 0:
+        this_run = "none downloaded this run (every shard was finished before)"
+    else:
+        this_run = f"{s['images_per_second']} images/s this run ({s['seconds']} s)"
     print(
         f"download: {s['successes']}/{s['rows']} images in {s['shards']['finished']}/{s['shards']['expected']} "
-        f"shards, {s['failures']} failed, {s['images_per_second']} images/s this run ({s['seconds']} s)"
+        f"shards, {s['failures']} failed, {this_run}"
     )
     reasons = list(s["failures_by_reason"].items())
     for reason, n in reasons[:REASONS_SHOWN]:

@@ -1,7 +1,8 @@
 """Stage 1 — download: a table of image URLs and captions -> webdataset shards, through img2dataset.
 
 Reads ``--urls`` (parquet, csv, tsv or jsonl). Writes ``OUT/00000.tar`` with img2dataset's ``00000.parquet``
-and ``00000_stats.json`` beside each shard, and ``OUT/summary/download_summary.json``. The summary sits in a
+and ``00000_stats.json`` beside each shard, ``OUT/summary/download_summary.json``, and img2dataset's own output
+(its progress lines, its workers' tracebacks) in ``OUT/summary/img2dataset.log``. The summary sits in a
 sub-folder because img2dataset's incremental mode reads every ``OUT/*.json`` as ``<shard>_stats.json``.
 
 Resumable: img2dataset's incremental mode skips shards whose stats file exists, and a shard is only complete
@@ -45,6 +46,10 @@ DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
 SUMMARY = "summary/download_summary.json"
 # What the shards were made with, written before img2dataset starts: a rerun (the resume) must make the same shards.
 SETTINGS = "summary/download_settings.json"
+# img2dataset's stdout and stderr, each run's appended: on the terminal its stats lines and bars of its own
+# broke up our bar, and a Ctrl-C printed a traceback from each of its pool's workers above our one line.
+IMG2DATASET_LOG = "summary/img2dataset.log"
+LOG_TAIL_LINES = 20  # of IMG2DATASET_LOG, shown when img2dataset fails
 SHARD_SETTINGS = (
     "url_col",
     "caption_col",
@@ -460,11 +465,12 @@ INTERRUPT_GRACE_S = 10.0
 _CHILD: dict = {}  # in the download's child: its shared exit code, and whether it leads its process group
 
 
-def _img2dataset(download: str, kwargs: dict, started, exit_code=None) -> None:
+def _img2dataset(download: str, kwargs: dict, started, exit_code=None, log_file: str | None = None) -> None:
     """The download itself, in a child process (`_run_img2dataset`): ``download`` ("module:function",
     img2dataset's) called with ``kwargs``. ``started`` (a shared double) gets the wall-clock time the download
     starts at, after the import, so that the summary's rate leaves the import out; ``exit_code`` (a shared int)
-    the code it ends with by `_exit_now`, whose kill of its process group ends it by SIGKILL.
+    the code it ends with by `_exit_now`, whose kill of its process group ends it by SIGKILL. With
+    ``log_file``, the child's stdout and stderr, which every process it starts inherits, are appended there.
 
     The child leads a process group of its own, which every process img2dataset starts joins: `_exit_now`
     ends them all with one kill of the group, which no process being forked meanwhile escapes (the pool
@@ -482,6 +488,8 @@ def _img2dataset(download: str, kwargs: dict, started, exit_code=None) -> None:
     except OSError:  # pragma: no cover (a session leader cannot; a spawned child is none)
         pass
     _end_with_parent()
+    if log_file:
+        _output_to(log_file)
     try:
         module, name = download.split(":")
         fn = getattr(importlib.import_module(module), name)  # img2dataset: a heavy import (~10 s)
@@ -499,6 +507,33 @@ def _img2dataset(download: str, kwargs: dict, started, exit_code=None) -> None:
     except Exception:
         traceback.print_exc()
         _exit_now(1)
+
+
+def _output_to(log_file: str) -> None:
+    """This process's stdout and stderr (file descriptors 1 and 2, which its children inherit) appended to
+    ``log_file``, after a line that starts this run's part of it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.write(fd, f"{RUN_MARK} {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()})\n".encode())
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+RUN_MARK = "--- img2dataset run started"
+
+
+def log_tail(log_file: str | Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last ``lines`` lines of the latest run's part of ``log_file`` (none where it cannot be read)."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))  # a traceback's end is in its last 64 KiB
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    run = text.rsplit(RUN_MARK, 1)[-1].splitlines()[1:] if RUN_MARK in text else text.splitlines()
+    return [line for line in run if line.strip()][-lines:]
 
 
 def _exit_now(code: int) -> None:
@@ -598,10 +633,14 @@ def _end_with_parent() -> None:
 
 
 def _run_img2dataset(
-    kwargs: dict, grace_s: float = INTERRUPT_GRACE_S, download: str = "img2dataset:download"
+    kwargs: dict,
+    grace_s: float = INTERRUPT_GRACE_S,
+    download: str = "img2dataset:download",
+    log_file: str | None = None,
 ) -> tuple[bool, float]:
     """Run img2dataset's `download` in a child process: (whether it was interrupted (Ctrl-C, SIGINT), the
-    wall-clock time the download started at, after the child's imports; 0.0 when it never did).
+    wall-clock time the download started at, after the child's imports; 0.0 when it never did). With
+    ``log_file``, what it prints goes there, and a failure shows that run's last lines.
 
     A child, so that an interrupt always ends the run: the child and its own processes (img2dataset's pool and
     logger) get the terminal's SIGINT with us (or ours, forwarded), have ``grace_s`` to end (a second Ctrl-C
@@ -618,7 +657,9 @@ def _run_img2dataset(
     ctx = multiprocessing.get_context("spawn")
     started = ctx.Value("d", 0.0, lock=False)
     exit_code = ctx.Value("i", 0, lock=False)
-    proc = ctx.Process(target=_img2dataset, args=(download, kwargs, started, exit_code), name="img2dataset")
+    proc = ctx.Process(
+        target=_img2dataset, args=(download, kwargs, started, exit_code, log_file), name="img2dataset"
+    )
     presses: list[float] = []
     tree: list = []
     with _quiet_tracker():  # started by the child's start otherwise, and then taken for an orphan
@@ -661,9 +702,16 @@ def _run_img2dataset(
         return True, started.value
     if code != 0:
         how = f"was killed by signal {-code}" if code < 0 else f"ended with exit code {code}"
+        where = ""
+        if log_file:
+            tail = log_tail(log_file)
+            if tail:
+                log.error("img2dataset's last lines (%s):\n  %s", log_file, "\n  ".join(tail))
+            where = f" (its output: {log_file})"
+        elif code > 0:
+            where = " (its error is above)"
         raise StageError(
-            f"img2dataset {how}{' (its error is above)' if code > 0 else ''}; "
-            "finished shards are kept: rerun the same command to finish"
+            f"img2dataset {how}{where}; finished shards are kept: rerun the same command to finish"
         )
     return False, started.value
 
@@ -754,6 +802,11 @@ def _download(
     _remove_unfinished(cfg.out, before)
     # checked against the earlier ones: the same, or a folder from before the digest, which it now records
     write_json(Path(cfg.out) / SETTINGS, _shard_settings(cfg, rows, digest))
+    if len(before) >= expected:  # the same settings and rows (checked): nothing img2dataset would do
+        log.info("download: all %d shards in %s are already finished; nothing to download", expected, cfg.out)
+        summary = summarize(cfg.out, set(), 0.0, rows, expected)
+        summary.update(config=asdict(cfg), interrupted=False)
+        return _finish(cfg, summary, interrupted=False)
     extra = [c for c in columns if c not in (cfg.url_col, cfg.caption_col)] or None  # extra columns are kept
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(cfg.out, expected, len(before), stop), daemon=True)
@@ -780,7 +833,8 @@ def _download(
                 encode_quality=cfg.encode_quality,
                 incremental_mode="incremental",
                 enable_wandb=False,
-            )
+            ),
+            log_file=str(Path(cfg.out) / IMG2DATASET_LOG),
         )
     finally:
         stop.set()
@@ -789,6 +843,12 @@ def _download(
     summary = summarize(cfg.out, finished_shards(cfg.out) - before, seconds, rows, expected)
     summary["config"] = asdict(cfg)
     summary["interrupted"] = interrupted
+    return _finish(cfg, summary, interrupted)
+
+
+def _finish(cfg: DownloadConfig, summary: dict, interrupted: bool) -> dict:
+    """The run's exit code, by what it left, into ``summary``; the summary written and returned."""
+    expected = summary["shards"]["expected"]
     if not summary["complete"]:  # e.g. a worker killed, or Ctrl-C
         remain = expected - summary["shards"]["finished"]
         log.error(

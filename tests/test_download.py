@@ -69,7 +69,7 @@ def read_tars(out: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
-def test_download_counts_failures_and_keeps_captions(tmp_path, capsys):
+def test_download_counts_failures_and_keeps_captions(tmp_path, capfd, monkeypatch):
     names = make_images(tmp_path / "www", 20)
     bad = ["missing.jpg", "empty.jpg", "page.jpg", "truncated.jpg"]
     with serve_folder(str(tmp_path / "www")) as base:
@@ -114,21 +114,25 @@ def test_download_counts_failures_and_keeps_captions(tmp_path, capsys):
         assert sample["txt"].decode() == row.caption == f"caption of {row.url.rsplit('/', 1)[1]}"
         assert Image.open(io.BytesIO(sample["jpg"])).size == (32, 32)
     assert set(meta.source) == {"test"}
-    assert "20/24 images" in capsys.readouterr().out
+    got = capfd.readouterr()
+    assert "20/24 images" in got.out
+    # img2dataset's own lines (and bars) broke up our bar on the terminal: they go to its log
+    log_text = (tmp_path / "shards/summary/img2dataset.log").read_text()
+    assert "Downloading starting now" in log_text and "Downloading starting now" not in got.out + got.err
     settings = json.loads((tmp_path / "shards/summary/download_settings.json").read_text())
     assert settings["samples_per_shard"] == 10 and settings["image_size"] == 32 and settings["rows"] == 24
     # A rerun with another shard size would repeat rows in new shards beside the old: refused, nothing touched.
     before = {p.name: p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()}
     again = ["download", "--urls", str(urls), "--out", str(tmp_path / "shards"), "--image-size", "32"]
     assert main([*again, "--samples-per-shard", "5"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert "holds shards made with other settings (--samples-per-shard 10 -> 5)" in err and "\n" not in err
     assert {p.name: p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()} == before
     # Another table of as many rows would finish the folder with its own rows: refused, nothing touched.
     urls_b = write_table(tmp_path / "b.parquet", base, list(reversed(names[:10] + bad + names[10:])))
     b = ["download", "--urls", str(urls_b), "--out", str(tmp_path / "shards"), "--image-size", "32"]
     assert main([*b, "--samples-per-shard", "10"]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capfd.readouterr().err.strip()
     assert f"holds shards of another table: {urls_b} has as many rows, but other URLs or captions" in err
     assert {p.name: p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()} == before
     # The same rows served from another host and port (the demo's case) are the same table: a resume.
@@ -136,7 +140,11 @@ def test_download_counts_failures_and_keeps_captions(tmp_path, capsys):
     moved = [u.replace("http://127.0.0.1:", "https://localhost:1") for u in t.column("url").to_pylist()]
     pq.write_table(t.set_column(0, "url", pa.array(moved)), tmp_path / "moved.parquet")
     m = ["download", "--urls", str(tmp_path / "moved.parquet"), "--out", str(tmp_path / "shards")]
+    from pipeline import download  # every shard is finished: img2dataset (a ~10 s start) is not run again
+
+    monkeypatch.setattr(download, "_run_img2dataset", lambda *a, **kw: pytest.fail("img2dataset ran again"))
     assert main([*m, "--image-size", "32", "--samples-per-shard", "10"]) == 0
+    assert "none downloaded this run (every shard was finished before)" in capfd.readouterr().out
     shards = {n: v for n, v in before.items() if n.endswith((".tar", ".parquet", "_stats.json"))}
     assert {n: before[n] for n in shards} == {
         p.name: p.read_bytes() for p in (tmp_path / "shards").glob("0*") if p.name in shards
@@ -721,6 +729,23 @@ def test_a_download_child_that_fails_is_a_stage_error(stand_in, kwargs, message)
 
     with pytest.raises(StageError, match=message):
         _run_img2dataset(kwargs, download=f"tests.stuck_child:{stand_in}")
+
+
+def test_a_failed_download_child_shows_the_end_of_its_log(tmp_path, caplog):
+    """Its output goes to a log (not the terminal): a failure shows that run's last lines, and names the file."""
+    from pipeline.download import _run_img2dataset
+    from pipeline.errors import StageError
+
+    log_file = tmp_path / "img2dataset.log"
+    log_file.write_text("--- img2dataset run started earlier\nValueError: an earlier run's error\n")
+    with pytest.raises(
+        StageError, match=rf"^img2dataset ended with exit code 1 \(its output: {log_file}\); "
+    ):
+        _run_img2dataset({}, download="tests.stuck_child:fails", log_file=str(log_file))
+    shown = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(shown) == 1 and shown[0].startswith(f"img2dataset's last lines ({log_file}):"), shown
+    assert "ValueError: img2dataset refused the input" in shown[0] and "an earlier run's" not in shown[0]
+    assert log_file.read_text().count("--- img2dataset run started") == 2  # appended, the earlier run kept
 
 
 def test_the_processes_of_a_download_child_that_was_killed_are_ended_too(tmp_path):
