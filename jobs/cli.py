@@ -43,6 +43,7 @@ COMMANDS: dict[str, Command] = {
         "embed webdataset shards with CLIP (and latents) into the shard-aligned store",
         "pipeline.embed",
         "EmbedConfig",
+        report="pipeline.embed:print_report",
     ),
     "validate": Command(
         "check every shard of an embedding store against its manifest",

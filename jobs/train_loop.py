@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from jobs import checkpoint, distributed, metrics
-from pipeline import store
+from pipeline import progress, store
 from pipeline.encoders import probe_mismatch, resolve_device
 from pipeline.errors import StageError, Stopped, UsageError
 from pipeline.signals import handling
@@ -682,7 +682,7 @@ def _agreed(stop_flag: _Flag, run: RunState) -> bool:
 
 
 def _loop(model: torch.nn.Module, stream: Stream, start: int, run: RunState) -> dict:
-    with _stop_flag(announce=run.rank == 0) as stop_flag:
+    with _stop_flag(announce=run.rank == 0) as stop_flag, progress.logs_above_bars():
         return _loop_until(model, stream, start, run, stop_flag)
 
 

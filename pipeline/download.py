@@ -32,8 +32,8 @@ from pathlib import Path
 import psutil
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
+from pipeline import progress
 from pipeline.errors import StageError, UsageError, by_kind
 from pipeline.signals import handling
 from pipeline.store import check_out_folder, hold_folder, unwritable, write_json
@@ -413,7 +413,7 @@ def finished_shards(out: str) -> set[str]:
 
 def _watch(out: str, total: int, already: int, stop: threading.Event) -> None:
     """A progress bar over finished shards, fed by img2dataset's stats files."""
-    with tqdm(total=total, initial=already, desc="download", unit="shard") as bar:
+    with progress.bar(total=total, initial=already, desc="download", unit="shard") as bar:
         while not stop.wait(1.0):
             if (n := len(finished_shards(out))) > bar.n:
                 bar.update(n - bar.n)

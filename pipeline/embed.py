@@ -22,9 +22,8 @@ from pathlib import Path
 import fsspec
 import numpy as np
 from braceexpand import braceexpand
-from tqdm import tqdm
 
-from pipeline import store
+from pipeline import progress, store
 from pipeline.embed_cluster import cluster_device, connect, task_resources, warm_workers
 from pipeline.embed_shard import BATCH_PREPS
 from pipeline.errors import StageError, UsageError
@@ -605,10 +604,11 @@ def _run_tasks(
             failed[names[fut.key]] = f"{type(e).__name__}: {e}"
             log.error("shard %s failed: %s", names[fut.key], failed[names[fut.key]])
 
-    with tqdm(total=len(todo), desc="embed", unit="shard") as bar:
+    with progress.bar(total=len(todo), desc="embed", unit="shard") as bar:
         for fut in as_completed(futures):
             take(fut)
-            bar.set_postfix(samples_per_s=f"{rows / (time.perf_counter() - tasks_start):.1f}")
+            rate = {"samples_per_s": f"{rows / (time.perf_counter() - tasks_start):.1f}"}
+            bar.set_postfix(rate | ({"failed": len(failed)} if failed else {}))
             bar.update(1)
     # A worker that dies (killed by the OOM killer, a crash in native code) fails every task it held, not only
     # the one that killed it: dask counts each of them against its allowed failures, and tasks that ask for a
@@ -649,12 +649,39 @@ def _one_per_worker(client, shards: list[str], params, cfg, resources, token: st
 
     for _ in range(min(window, len(pending))):
         submit()
-    with tqdm(total=len(shards), desc="embed (again)", unit="shard") as bar:
+    with progress.bar(total=len(shards), desc="embed (again)", unit="shard") as bar:
         for fut in running:
             take(fut)
             bar.update(1)
             if pending:
                 submit()
+
+
+FAILED_SHOWN = 3  # failed shards named in the command's last line; the summary lists them all
+
+
+def print_report(summary: dict) -> None:
+    """The summary as JSON on stdout, as every command without a report of its own prints it, then one line on
+    stderr that says how the run ended: after a run with failed shards, the last thing on the terminal had been
+    the JSON's closing brace."""
+    import sys
+
+    print(json.dumps(summary, indent=2, default=str))
+    failed, done, total = summary["failed"], summary["done"], summary["shards"]
+    rate = summary["samples_per_second"]
+    this_run = f"{summary['rows_this_run']} rows this run" + (f" at {rate} samples/s" if rate else "")
+    where = Path(summary["out"]) / "logs" / "embed_summary.json"
+    if failed:
+        named = "; ".join(f"{store.shard_id_of(s)}: {why}" for s, why in list(failed.items())[:FAILED_SHOWN])
+        more = f"; {len(failed) - FAILED_SHOWN} more in {where}" if len(failed) > FAILED_SHOWN else ""
+        line = (
+            f"embed: {len(failed)} of {total} shards failed, not stored ({named}{more}); {done} done "
+            f"({this_run}): rerun the same command to retry the failed ones"
+        )
+    else:
+        errors = f", {summary['errors']} error rows" if summary["errors"] else ""
+        line = f"embed: {done} of {total} shards done, {summary['rows']} rows{errors} ({this_run}); {where}"
+    print(line, file=sys.stderr)
 
 
 def _rounded(x: float | None) -> float | None:
@@ -696,6 +723,7 @@ def _finish(
         store.write_json(Path(cfg.out) / store.MANIFEST, manifest)
     maes = [m["latent_roundtrip_mae"] for m in markers if m.get("latent_roundtrip_mae") is not None]
     summary = {
+        "out": cfg.out,
         "shards": len(shards),
         "done": len(markers),
         "failed": failed,
