@@ -31,12 +31,14 @@ from jobs.sample import (
     check_strength,
     check_vae,
     decode,
+    decode_steps,
     load_decoder,
     load_models,
     text_to_image,
+    text_to_image_steps,
 )
 from jobs.train_loop import load_store_manifest
-from pipeline import store
+from pipeline import progress, store
 from pipeline.demo_data import ATTRIBUTE_COLUMNS, attribute_accuracy
 from pipeline.errors import UsageError
 from pipeline.stream import Stream, StreamConfig, dequantize_torch
@@ -189,7 +191,12 @@ def run(cfg: EvalDecoderConfig) -> dict:
     true_img = np.concatenate(
         [latents_to_images(b["latents"][s : s + sc.batch_size], codec, device, cfg.vae) for s in chunks]
     )
-    recon = torch.cat([decode(m, cond[s : s + sc.batch_size].to(device), sc, gen) for s in chunks])
+    total = len(chunks) * decode_steps(m, sc) + (text_to_image_steps(m, sc, len(rows)) if cfg.prior else 0)
+    with progress.bar(total=total, desc="eval-decoder", unit="step") as bar:
+        step = lambda: bar.update(1)  # noqa: E731
+        recon = torch.cat([decode(m, cond[s : s + sc.batch_size].to(device), sc, gen, step) for s in chunks])
+        # drawn second from the one generator, as before the bar
+        t2i_img = text_to_image(m, [r["caption"] for r in rows], sc, gen, step)[0] if cfg.prior else None
     recon_img = np.concatenate(
         [latents_to_images(recon[s : s + sc.batch_size], codec, device, cfg.vae) for s in chunks]
     )
@@ -215,7 +222,6 @@ def run(cfg: EvalDecoderConfig) -> dict:
             "reconstruction": attribute_accuracy(recon_img, attrs),
         }
     if cfg.prior:
-        t2i_img, _ = text_to_image(m, [r["caption"] for r in rows], sc, gen)
         report["text_to_image"] = agreement(clip_image_embeddings(m.clip, t2i_img), cond)
         report["prior_step"] = m.prior_meta["step"]
         grids.append(t2i_img[:8])

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from jobs import checkpoint
 from jobs.render import latents_to_images, save_grid, vae_source
-from pipeline import store
+from models.samplers import steps_taken
+from pipeline import progress, store
 from pipeline.errors import UsageError
 from pipeline.store import check_out_file, is_report
 
@@ -256,16 +257,38 @@ def check_before_loading(prior: str, decoder: str, base: str, prior_steps: int, 
 
 
 @torch.no_grad()
-def decode(m: Models, emb: torch.Tensor, cfg: SampleConfig, gen: torch.Generator) -> torch.Tensor:
+def decode(
+    m: Models, emb: torch.Tensor, cfg: SampleConfig, gen: torch.Generator, on_step=None
+) -> torch.Tensor:
     """Latents [B, C, H, W] for image embeddings [B, D]: the decoder alone, or the base's picture upsampled
-    (bilinear) and redrawn by the decoder over the last `cfg.strength` of its steps."""
+    (bilinear) and redrawn by the decoder over the last `cfg.strength` of its steps. `on_step` is called after
+    each network step (`decode_steps` of them)."""
     kw = dict(
-        steps=cfg.decoder_steps, sampler=cfg.sampler, guidance_scale=cfg.decoder_guidance, generator=gen
+        steps=cfg.decoder_steps,
+        sampler=cfg.sampler,
+        guidance_scale=cfg.decoder_guidance,
+        generator=gen,
+        on_step=on_step,
     )
     if m.base is None:
         return m.decoder.sample(emb, **kw)
-    strength = DEFAULT_STRENGTH if cfg.strength is None else cfg.strength
-    return two_stage(m.base, m.decoder, emb, strength, **kw)
+    return two_stage(m.base, m.decoder, emb, _strength(cfg), **kw)
+
+
+def _strength(cfg: SampleConfig) -> float:
+    return DEFAULT_STRENGTH if cfg.strength is None else cfg.strength
+
+
+def decode_steps(m: Models, cfg: SampleConfig) -> int:
+    """The network steps `decode` takes for a batch: the decoder's, or the base's and the decoder's share."""
+    if m.base is None:
+        return cfg.decoder_steps
+    return cfg.decoder_steps + steps_taken(cfg.decoder_steps, _strength(cfg))
+
+
+def text_to_image_steps(m: Models, cfg: SampleConfig, images: int) -> int:
+    """The network steps `text_to_image` takes for ``images`` pictures (a progress bar's total)."""
+    return math.ceil(images / cfg.batch_size) * (cfg.prior_steps + decode_steps(m, cfg))
 
 
 def two_stage(base, decoder, emb: torch.Tensor, strength: float, **kw) -> torch.Tensor:
@@ -311,7 +334,9 @@ def text_conditions(clip, prompts: list[str], with_tokens: bool) -> tuple:
 
 
 @torch.no_grad()
-def prior_embeddings(m: Models, prompts: list[str], cfg: SampleConfig, gen: torch.Generator) -> torch.Tensor:
+def prior_embeddings(
+    m: Models, prompts: list[str], cfg: SampleConfig, gen: torch.Generator, on_step=None
+) -> torch.Tensor:
     """Image embeddings [B, D] from the prior for `prompts`: of `cfg.prior_candidates` draws per prompt, the one
     with the highest cosine to the prompt's text embedding."""
     k = cfg.prior_candidates
@@ -328,6 +353,7 @@ def prior_embeddings(m: Models, prompts: list[str], cfg: SampleConfig, gen: torc
         guidance_scale=cfg.prior_guidance,
         sampler=cfg.sampler,
         generator=gen,
+        on_step=on_step,
     )
     if k == 1:
         return emb
@@ -337,12 +363,15 @@ def prior_embeddings(m: Models, prompts: list[str], cfg: SampleConfig, gen: torc
 
 
 @torch.no_grad()
-def text_to_image(m: Models, prompts: list[str], cfg: SampleConfig, gen: torch.Generator) -> tuple:
-    """(uint8 images [B, H, W, 3], image embeddings [B, D]) for `prompts` (one image each), batched."""
+def text_to_image(
+    m: Models, prompts: list[str], cfg: SampleConfig, gen: torch.Generator, on_step=None
+) -> tuple:
+    """(uint8 images [B, H, W, 3], image embeddings [B, D]) for `prompts` (one image each), batched; `on_step`
+    is called after each network step (`text_to_image_steps` of them)."""
     images, embs = [], []
     for s in range(0, len(prompts), cfg.batch_size):
-        emb = prior_embeddings(m, prompts[s : s + cfg.batch_size], cfg, gen)
-        lat = decode(m, emb, cfg, gen)
+        emb = prior_embeddings(m, prompts[s : s + cfg.batch_size], cfg, gen, on_step)
+        lat = decode(m, emb, cfg, gen, on_step)
         images.append(latents_to_images(lat, m.decoder_meta["store"]["latents"], m.device, cfg.vae))
         embs.append(emb.cpu())
     return np.concatenate(images), torch.cat(embs)
@@ -408,7 +437,9 @@ def run(cfg: SampleConfig) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     repeated = [p for p in prompts for _ in range(cfg.n)]
-    images, _ = text_to_image(m, repeated, cfg, gen)
+    total = text_to_image_steps(m, cfg, len(repeated))
+    with progress.bar(total=total, desc="sample", unit="step") as bar:
+        images, _ = text_to_image(m, repeated, cfg, gen, lambda: bar.update(1))
     seconds = time.perf_counter() - t0
     # At least 128 px a picture, so that a caption fits in 5 lines under it.
     scale = max(1, 128 // images.shape[2])

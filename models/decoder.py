@@ -25,6 +25,7 @@ presets keep uniform draws (not measured on VAE latents). 10% of conditions are 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -251,11 +252,12 @@ class DiffusionDecoder(nn.Module):
         generator: torch.Generator | None = None,
         init: torch.Tensor | None = None,
         strength: float = 1.0,
+        on_step: Callable[[], object] | None = None,
     ) -> torch.Tensor:
         """Latents [B, C, H, W] float32 (model scale) for image_emb [B, emb_dim]; guidance None = the config's.
         With `init` latents [B, C, H, W] (a base decoder's upsampled picture): image to image, the last
-        `strength` of the steps from `init` noised to there (`models.samplers.sample`).
-        Runs in eval mode and restores the previous mode."""
+        `strength` of the steps from `init` noised to there (`models.samplers.sample`). `on_step` is called
+        after each step. Runs in eval mode and restores the previous mode."""
         from models.samplers import sample as run_sampler
 
         scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
@@ -279,6 +281,7 @@ class DiffusionDecoder(nn.Module):
                 if init is None
                 else space_to_depth(init.to(ref.device).float(), self.cfg.space_to_depth),
                 strength=strength,
+                on_step=on_step,
             )
         finally:
             self.train(was_training)

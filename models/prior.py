@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -226,11 +227,13 @@ class DiffusionPrior(nn.Module):
         guidance_scale: float | None = None,
         sampler: str = "ddim",
         generator: torch.Generator | None = None,
+        on_step: Callable[[], object] | None = None,
     ) -> torch.Tensor:
         """Image embeddings [B, emb_dim] for text_emb [B, emb_dim]: float32, L2-normalised, unscaled.
 
         `sampler` is "ddim" or "dpm++" (`models.samplers`, x0 parametrisation) over `steps` steps;
-        guidance_scale None = `cfg.guidance_scale`. Runs in eval mode (dropout off), restores the mode.
+        guidance_scale None = `cfg.guidance_scale`; `on_step` is called after each step. Runs in eval mode
+        (dropout off), restores the mode.
         """
         from models.samplers import sample as run_sampler
 
@@ -253,6 +256,7 @@ class DiffusionPrior(nn.Module):
                 generator=generator,
                 device=ref.device,
                 dtype=ref.dtype,
+                on_step=on_step,
             )
         finally:
             self.train(was_training)

@@ -73,9 +73,11 @@ def sample(
     noise: torch.Tensor | None = None,
     init: torch.Tensor | None = None,
     strength: float = 1.0,
+    on_step: Callable[[], object] | None = None,
 ) -> torch.Tensor:
     """The clean sample [shape] in `dtype`, from `noise` (or Gaussian noise drawn from `generator` on the
-    generator's own device, so a CPU generator also seeds GPU runs) over `steps` steps.
+    generator's own device, so a CPU generator also seeds GPU runs) over `steps` steps; `on_step` is called
+    after each (a progress bar's; `steps_taken` of them).
 
     With `init` [shape] (image to image, as diffusers' img2img pipelines do it): only the last
     int(steps * strength) of the `steps` steps (diffusers' img2img `get_timesteps` count, but at least one
@@ -95,7 +97,7 @@ def sample(
     if init is None:
         x = noise * sched.init_noise_sigma
     else:
-        skip = steps - max(1, int(steps * strength))
+        skip = steps - steps_taken(steps, strength)
         timesteps = timesteps[skip:]
         sched.set_begin_index(skip)  # the multistep solver counts its steps from here
         x = sched.add_noise(init.to(device=device, dtype=torch.float32), noise, timesteps[:1])
@@ -103,4 +105,12 @@ def sample(
         t_batch = torch.full((shape[0],), int(t), device=device, dtype=torch.long)  # [B]
         out = model_fn(x.to(dtype), t_batch).float()
         x = sched.step(out, t, x).prev_sample
+        if on_step is not None:
+            on_step()
     return x.to(dtype)
+
+
+def steps_taken(steps: int, strength: float = 1.0) -> int:
+    """The steps `sample` takes of `steps` at `strength` (from an `init`: the last int(steps * strength), at
+    least one)."""
+    return steps if strength >= 1.0 else max(1, int(steps * strength))

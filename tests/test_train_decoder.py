@@ -519,7 +519,7 @@ def test_two_stage_decoder_base_at_lower_resolution_then_image_to_image(pair, da
     final picture is the base's, upsampled. Mismatched stages and bad settings are one-line errors."""
     import torch.nn.functional as F
 
-    from jobs.sample import attach_base, decode, load_models
+    from jobs.sample import attach_base, decode, decode_steps, load_models, text_to_image_steps
 
     main(cfg_for(data, tmp_path / "base", preset="tiny-base", resolution=8, steps=4, save_every=4))
     meta = checkpoint.read_meta(checkpoint.resolve(tmp_path / "base"))
@@ -531,14 +531,24 @@ def test_two_stage_decoder_base_at_lower_resolution_then_image_to_image(pair, da
     emb = torch.randn(4, DIM, generator=torch.Generator().manual_seed(0))
     cfg = SampleConfig(prior="", decoder="", decoder_steps=25, strength=0.04)
     low = m.base.sample(emb, steps=25, generator=torch.Generator().manual_seed(5))
-    out = decode(m, emb, cfg, torch.Generator().manual_seed(5))  # the same draws for the base
+    steps = []  # a progress bar's: every network step of both stages, as many as its total counts
+    out = decode(m, emb, cfg, torch.Generator().manual_seed(5), lambda: steps.append(1))  # the base's draws
+    assert len(steps) == decode_steps(m, cfg) == 25 + 1  # the base's 25, the decoder's int(25 * 0.04)
     assert low.shape == (4, 3, 8, 8) and out.shape == (4, 3, 16, 16)
     up = F.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False)
     alone = m.decoder.sample(emb, steps=25, generator=torch.Generator().manual_seed(5))
     assert (out - up).abs().mean() < 0.2 * (alone - up).abs().mean()
     kw = dict(prior=str(pair / "prior"), decoder=str(pair / "decoder"), prompt=["a red circle"], n=2)
-    r = sample_run(SampleConfig(out=str(tmp_path / "a.png"), base=str(tmp_path / "base"), device="cpu", **kw))
+    capsys.readouterr()
+    sc = SampleConfig(
+        out=str(tmp_path / "a.png"), base=str(tmp_path / "base"), device="cpu", batch_size=1, **kw
+    )
+    r = sample_run(sc)
     assert r["base_step"] == 4 and r["settings"]["strength"] == 0.5
+    total = text_to_image_steps(m, sc, 2)  # 2 batches of the prior's steps, the base's and half the decoder's
+    assert total == 2 * (sc.prior_steps + sc.decoder_steps + sc.decoder_steps // 2)
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any(line.startswith("sample: 100%") and f"| {total}/{total} [" in line for line in bar), bar[-3:]
     assert (tmp_path / "a.png").stat().st_size > 500
     args = ["sample", "--prior", str(pair / "prior"), "--decoder", str(pair / "decoder"), "--prompt", "a"]
     assert (
