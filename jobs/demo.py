@@ -235,7 +235,7 @@ def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path, stages: dict[str, 
                 steps=cfg.prior_steps,
                 eval_every=0,
                 save_every=500,
-                resume=True,
+                resume=_trained_before(out / "prior"),
                 lr=1e-3,
                 warmup_steps=50,
                 seed=cfg.seed,
@@ -249,6 +249,12 @@ def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path, stages: dict[str, 
             eval_prior.EvalPriorConfig(ckpt=str(out / "prior"), data=str(store_dir), device="cpu")
         )
     return {"embed": emb, "validate": val, "train_prior": tp, "eval_prior": ev}
+
+
+def _trained_before(folder: Path) -> bool:
+    """Whether a training stage's folder holds a checkpoint to --resume from: a fresh run without --resume
+    says nothing (with it, the trainer warns that there is no checkpoint), a rerun continues."""
+    return (folder / "ckpt" / "latest").exists()
 
 
 def _trained(label: str, r: dict) -> str:
@@ -273,7 +279,7 @@ def _decoder_stages(cfg: DemoConfig, out: Path, stages: dict[str, float]) -> dic
                 batch_size=batch_size,
                 eval_every=steps,
                 save_every=500,
-                resume=True,
+                resume=_trained_before(folder),
                 lr=1e-3,
                 warmup_steps=100,
                 ema_decay=0.995,

@@ -699,7 +699,12 @@ def _loop_until(model: torch.nn.Module, stream: Stream, start: int, run: RunStat
     name = f"train-{run.task.name}"
     if start >= end:  # a finished chunk run again (a requeued job): a no-op, as the same command should be
         why = f"--steps {cfg.steps}" if start >= cfg.steps else f"--stop-after {cfg.stop_after}"
-        log.warning("%s: the checkpoint is at step %d, at or past %s: nothing to train", name, start, why)
+        # a finished run is news, not a fault; an earlier --stop-after than the checkpoint may be a mistake
+        log.log(
+            logging.INFO if start >= cfg.steps else logging.WARNING,
+            "%s: the checkpoint is at step %d, at or past %s: nothing to train",
+            name, start, why,
+        )  # fmt: skip
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=name, disable=rank != 0)
     run.model.train()
     stopped = 0  # the step a SIGTERM or Ctrl-C stopped the run after (checkpointed), if one did

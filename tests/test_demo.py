@@ -19,8 +19,10 @@ DEMO_SLOW = dict(
 
 
 @pytest.mark.slow
-def test_demo_end_to_end_prior_beats_baselines(tmp_path):
-    r = run(DemoConfig(out=str(tmp_path / "demo"), **DEMO_SLOW))
+def test_demo_end_to_end_prior_beats_baselines(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        r = run(DemoConfig(out=str(tmp_path / "demo"), **DEMO_SLOW))
+    assert "--resume: no checkpoint" not in caplog.text  # a fresh run warned so at each training stage
     tmp_path = tmp_path / "demo"
     assert r["download"]["successes"] == 1200 and r["download"]["complete"]
     assert r["validate"]["ok"] and r["embed"]["rows"] == 1200
@@ -63,7 +65,10 @@ def test_demo_end_to_end_prior_beats_baselines(tmp_path):
     # store recorded) and samples from the moved CLIP
     moved = tmp_path.with_name("moved")
     tmp_path.rename(moved)
-    again = run(DemoConfig(out=str(moved), **DEMO_SLOW))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        again = run(DemoConfig(out=str(moved), **DEMO_SLOW))
+    assert "nothing to train" not in caplog.text  # a finished stage is news, not a warning
     assert again["embed"]["rows_this_run"] == 0 and again["embed"]["rows"] == 1200
     assert again["train_prior"]["start_step"] == 1000 and again["train_decoder"]["start_step"] == 500
     assert (moved / "samples.png").stat().st_size > 500

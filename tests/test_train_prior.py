@@ -463,12 +463,19 @@ def test_a_resume_with_nothing_to_train_says_so_and_evaluation_settings_may_chan
     assert checkpoint.resolve(tmp_path).name == "step_00000010"
     main(cfg_for(data, tmp_path, resume=True, eval_every=10, eval_samples=8, sample_steps=2, sampler="dpm++"))
     capsys.readouterr()
-    assert (
-        cli(["train-prior", *_flags(cfg_for(data, tmp_path, resume=True, eval_every=10, eval_samples=8))])
-        == 0
-    )
+    caplog.clear()
+    with caplog.at_level("INFO", logger="jobs.train_loop"):
+        assert (
+            cli(["train-prior", *_flags(cfg_for(data, tmp_path, resume=True, eval_every=10, eval_samples=8))])
+            == 0
+        )
     report = json.loads(capsys.readouterr().out)  # strict JSON: no NaN
     assert report["steps"] == 20 and report["start_step"] == 20 and report["final_loss"] is None
+    # a finished run is news, not a warning (the demo's rerun printed three)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "nothing to train" in r.getMessage()]
+    assert said == [
+        ("INFO", "train-prior: the checkpoint is at step 20, at or past --steps 20: nothing to train")
+    ]
 
 
 def _flags(cfg) -> list[str]:
