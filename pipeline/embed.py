@@ -678,6 +678,12 @@ def print_report(summary: dict) -> None:
             f"embed: {len(failed)} of {total} shards failed, not stored ({named}{more}); {done} done "
             f"({this_run}): rerun the same command to retry the failed ones"
         )
+    elif summary["errors"] and not summary["rows"]:  # e.g. the images are in a member embed does not read
+        reason = next(iter(summary["errors_by_reason"]), "unknown")
+        line = (
+            f"embed: {done} of {total} shards done, but every one of their {summary['errors']} rows is an error "
+            f"row (commonest reason: {reason}): the store holds nothing to train on; {where}"
+        )
     else:
         errors = f", {summary['errors']} error rows" if summary["errors"] else ""
         line = f"embed: {done} of {total} shards done, {summary['rows']} rows{errors} ({this_run}); {where}"
@@ -765,7 +771,7 @@ def _finish(
         "read_ahead": stats.get("read_ahead") or None,
     }
     store.write_json(Path(cfg.out) / "logs" / "embed_summary.json", summary)
-    if failed:
+    if failed or (summary["errors"] and not summary["rows"]):  # the latter: a store with nothing to train on
         summary["exit_code"] = 1
     for path in store.temp_files(cfg.out):
         path.unlink(missing_ok=True)  # temp files left by workers killed mid-write

@@ -91,6 +91,7 @@ class Store:
         markers = store.done_markers(self.root)  # every done shard (a store still being embedded: so far)
         self.done = [(s, int(m["rows"])) for s, m in markers]
         self.done_files = {s: m.get("files") for s, m in markers}  # each file's sha256, as its marker says
+        self.error_rows = sum(int(m.get("errors", 0)) for _, m in markers)
         self.shards = [(s, n) for s, n in self.done if n > 0]
         self._cache: OrderedDict = OrderedDict()  # whole per-shard arrays (text encodings), read into memory
         self._max_cached = max_cached
@@ -353,6 +354,17 @@ class Stream:
         self.order = "mixed" if len(keyed) > 1 else ("row" if keyed == {False} else KEY_ORDER)
         self.num_samples = sum(len(r) for r in self.rows)
         self.global_batch = cfg.batch_size * cfg.world_size
+        if not self.store.shards and cfg.split == "train" and not cfg.one_pass:
+            # no setting here helps: the hint below (a smaller batch or validation share) would mislead
+            done = len(self.store.done)
+            summary = Path(cfg.store) / "logs" / "embed_summary.json"
+            raise UsageError(
+                f"{cfg.store} holds no rows to train on: its {done} finished shard(s) hold only error rows "
+                f"({self.store.error_rows}: samples embed could not read); see {summary} for why, or "
+                f"`unclip validate {cfg.store}`"
+                if done
+                else f"{cfg.store} holds no finished shard yet: run `unclip embed` on it to the end first"
+            )
         if self.num_samples < self.global_batch and cfg.split == "train" and not cfg.one_pass:
             raise UsageError(
                 f"the train split of {cfg.store} has {self.num_samples} samples, fewer than one step of "

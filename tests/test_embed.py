@@ -2074,3 +2074,29 @@ def test_a_shard_a_worker_cannot_open_is_named_as_such_not_as_damaged(tmp_path):
         UsageError, match=r"no decodable image .* \(the first shard that failed: .*cannot be read"
     ):
         embed_shard.calibrate_latents(cfg, [gone], "cpu")
+
+
+def test_a_store_of_error_rows_only_exits_1_and_train_prior_says_why_without_a_misleading_hint(
+    tmp_path, capsys
+):
+    """Every image unreadable: embed exited 0 with a store of nothing, and train-prior then said to lower
+    --batch-size or --val-fraction (of 0 samples)."""
+    d = tmp_path / "shards"
+    for s in range(2):
+        write_tar(d / f"{s:05d}.tar", [{**x, "jpg": b"not a jpeg"} for x in good_samples(s, list(range(4)))])
+    out = tmp_path / "store"
+    assert embed("--shards", f"{d}/{{00000..00001}}.tar", *TINY, "--out", out) == 1
+    got = capsys.readouterr()
+    assert json.loads(got.out)["errors"] == 8 and store.done_shards(out) == ["00000", "00001"]
+    assert got.err.strip().splitlines()[-1] == (
+        "embed: 2 of 2 shards done, but every one of their 8 rows is an error row (commonest reason: cannot "
+        "decode image: UnidentifiedImageError: cannot identify image file): the store holds nothing to train "
+        f"on; {out}/logs/embed_summary.json"
+    )
+    assert main(["train-prior", "--data", str(out), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"unclip train-prior: error: {out} holds no rows to train on: its 2 finished shard(s) hold only error "
+        f"rows (8: samples embed could not read); see {out}/logs/embed_summary.json for why, or `unclip "
+        f"validate {out}`"
+    )
+    assert not (tmp_path / "run").exists()
