@@ -37,8 +37,9 @@ def connect(cfg) -> tuple:
         tornado.addFilter(_NoCancelNameError())
 
     if cfg.scheduler:
+        _check_listening(cfg.scheduler)
         try:
-            return Client(cfg.scheduler, timeout="30s"), None
+            return Client(cfg.scheduler, timeout=f"{SCHEDULER_TIMEOUT_S}s"), None
         except (OSError, TimeoutError, ValueError) as e:  # ValueError: an address dask cannot parse
             raise UsageError(f"cannot reach --scheduler {cfg.scheduler} ({e})") from e
     # dask's nanny starts workers with OMP/MKL/OpenBLAS pinned to one thread and an aggressive malloc trim
@@ -64,6 +65,39 @@ def connect(cfg) -> tuple:
         if cluster is not None:
             cluster.close()
         raise
+
+
+SCHEDULER_TIMEOUT_S = 30  # dask's Client retries a scheduler that does not answer for this long
+REFUSED_FOR_S = 3.0  # a TCP address refused this long is taken for no scheduler (one starting listens sooner)
+
+
+def _check_listening(address: str) -> None:
+    """A ``tcp://`` --scheduler (or a bare host:port) that refuses connections is refused at once: dask's Client
+    kept retrying it for its whole timeout (30 s) before it said so. A scheduler still starting (a script that
+    starts one, then this) gets REFUSED_FOR_S to listen; other protocols and addresses that do not answer at all
+    are left to dask. The probe is a bare TCP connection: the scheduler logs one INFO line for it ("closed
+    before handshake completed")."""
+    import socket
+
+    rest = address[len("tcp://") :] if address.startswith("tcp://") else address
+    host, sep, port = rest.rpartition(":")
+    if "://" in rest or not sep or not port.isdigit():
+        return
+    host = host.strip("[]")  # an IPv6 address's brackets
+    deadline = time.monotonic() + REFUSED_FOR_S
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=REFUSED_FOR_S):
+                return
+        except ConnectionRefusedError as e:
+            if time.monotonic() > deadline:
+                raise UsageError(
+                    f"cannot reach --scheduler {address}: nothing listens there ({e.strerror}); start a dask "
+                    "scheduler at that address, or leave --scheduler out to start a local cluster"
+                ) from e
+            time.sleep(0.25)
+        except OSError:  # no such host, or no answer: dask's own connect says so (after its timeout)
+            return
 
 
 def _with_our_preload() -> dict:

@@ -1627,6 +1627,16 @@ def test_on_a_scheduler_a_gpu_run_without_gpu_workers_is_refused_and_a_finished_
     assert {k: v for k, v in files_of(done).items() if "logs/" not in k} == {
         k: v for k, v in before.items() if "logs/" not in k
     }
+    # A store with work to do and nothing listening at --scheduler: refused in one line, not after dask's 30 s
+    # of retries ("Timed out trying to connect")
+    capsys.readouterr()
+    for addr in (gone, gone[len("tcp://") :]):
+        assert embed("--shards", shards, "--out", tmp_path / "new", *TINY, "--scheduler", addr) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"unclip embed: error: cannot reach --scheduler {addr}: nothing listens there (Connection refused); "
+            "start a dask scheduler at that address, or leave --scheduler out to start a local cluster"
+        )
+    assert not (tmp_path / "new").exists()
 
 
 def free_port() -> int:
