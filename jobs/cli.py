@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jobs.config import add_dataclass_args, build_config, explicit_bools
-from pipeline.errors import StageError, Stopped, UsageError
+from pipeline.errors import Interrupted, StageError, Stopped, UsageError
 
 
 @dataclass(frozen=True)
@@ -192,8 +192,10 @@ def _main(argv: list[str] | None) -> int:
     except StageError as e:
         print(f"unclip {args.command}: failed: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:  # one a stage raised itself may say what was kept
-        print(f"unclip {args.command}: interrupted; {e or cmd.on_interrupt}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        kept = f"{e}; " if isinstance(e, Interrupted) else ""  # what the stage kept, where it said
+        hint = AGAIN if getattr(e, "nothing_kept", False) and cmd.on_interrupt == RESUME else cmd.on_interrupt
+        print(f"unclip {args.command}: interrupted; {kept}{hint}", file=sys.stderr)
         return 130
     except Stopped as e:
         how = (

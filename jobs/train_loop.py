@@ -31,7 +31,7 @@ from tqdm import tqdm
 from jobs import checkpoint, distributed, metrics
 from pipeline import progress, store
 from pipeline.encoders import probe_mismatch, resolve_device
-from pipeline.errors import StageError, Stopped, UsageError
+from pipeline.errors import Interrupted, StageError, Stopped, UsageError
 from pipeline.signals import handling
 from pipeline.stream import VAL_FRACTION, Stream, StreamConfig
 
@@ -432,6 +432,18 @@ def _restore(run: RunState) -> int:
 
 def train(task: Task) -> dict:
     """Run the loop for `task` from scratch or from its latest checkpoint; the run's report."""
+    try:
+        return _prepared_and_trained(task)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the loop: what a rerun continues from
+        latest = Path(task.cfg.out) / "ckpt" / "latest"
+        if latest.exists():
+            raise Interrupted(f"nothing since {latest.parent / latest.read_text().strip()} was saved") from e
+        raise Interrupted("no checkpoint was saved", nothing_kept=True) from e
+
+
+def _prepared_and_trained(task: Task) -> dict:
     run = _prepare(task)
     try:
         # rank 0 writes the run's files: a second run given the same --out meanwhile is refused, not mixed in.
@@ -447,13 +459,6 @@ def train(task: Task) -> dict:
             raise UsageError(refused)
         with held:
             return _train(task, run)
-    except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the loop: what a rerun continues from
-        latest = run.ckpt_dir / "latest"
-        if latest.exists():
-            kept = f"nothing since {latest.read_text().strip()} was saved; rerun it with --resume to continue from it"
-        else:
-            kept = "no checkpoint was saved; rerun the same command to start again"
-        raise KeyboardInterrupt(kept) from e
     finally:
         if run.world > 1:
             dist.destroy_process_group()
@@ -633,16 +638,31 @@ class _Flag:
     def __init__(self) -> None:
         self.set = False
         self.signum = 0  # the signal that set it (the CLI's exit code and words follow it)
-        self.at: dict[int, float] = {}  # when each signal first came (time.monotonic())
+        self.at = 0.0  # when its handler first ran (time.monotonic())
 
 
 # SIGTERMs within this many seconds of the first are the same notice: under SLURM every process of the step gets
 # one, torchrun included, which passes its own on to each rank a few milliseconds later.
 SIGTERM_REPEAT_S = 5.0
-# Ctrl-C reaches torchrun and every rank (the terminal's process group), and torchrun passes its own on: one
-# press is two SIGINTs milliseconds apart. A second press by hand comes later than this.
+# A rank that shares torchrun's process group (torchrun before it started each rank in a session of its own)
+# gets the terminal's Ctrl-C and torchrun's copy of it milliseconds apart: one press. Elsewhere every SIGINT is a
+# press of its own. (Handlers run between Python bytecodes: two presses during one long native call may count
+# as one, and then a third press is needed.)
 SIGINT_REPEAT_S = 0.5
-CTRL_C_NOTE = b"\nCtrl-C: stopping once this step is checkpointed (Ctrl-C again stops at once, unsaved)\n"
+CTRL_C_NOTE = (
+    b"\nCtrl-C: stopping once this step (and its evaluation, if one is due) is checkpointed; Ctrl-C again "
+    b"stops at once, unsaved\n"
+)
+
+
+def _sigint_repeat_s() -> float:
+    """SIGINT_REPEAT_S where the terminal's Ctrl-C and torchrun's copy can both reach this process, else 0."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not a torchrun rank: one SIGINT a press
+        return 0.0
+    try:
+        return SIGINT_REPEAT_S if os.getpgid(0) == os.getpgid(os.getppid()) else 0.0
+    except OSError:  # the parent gone
+        return 0.0
 
 
 @contextlib.contextmanager
@@ -654,23 +674,28 @@ def _stop_flag(announce: bool = True):
     its ranks) that a SIGKILL follows. One more than SIGTERM_REPEAT_S after the first has the previous handler's
     effect (the default: the end), so that a rank that cannot get back to the loop (stuck in a collective with a
     dead peer) can still be ended. Ctrl-C had ended the run with nothing saved since the last periodic
-    checkpoint (up to --save-every steps); now the first press saves, and says so (``announce``: rank 0), and a
-    second one more than SIGINT_REPEAT_S later is the previous handler's (a KeyboardInterrupt): a user who will
-    not wait for the save. Where `signals.handling` installs nothing, the flag is never set and nothing changes."""
+    checkpoint (up to --save-every steps); now the first press saves, and says so (``announce``: rank 0). A
+    second press (a SIGINT after the first's copy, `_sigint_repeat_s`), or any signal of the other kind after the
+    flag is set (torchrun, pressed twice, passes SIGTERM on), is a KeyboardInterrupt: a user who will not wait
+    for the save. Where `signals.handling` installs nothing, the flag is never set and nothing changes."""
     flag = _Flag()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    sigint_repeat = _sigint_repeat_s()
 
     def on_signal(signum, _frame):
         now = time.monotonic()
-        if signum not in flag.at:
-            flag.at[signum] = now
-            if not flag.set:
-                flag.set, flag.signum = True, signum
+        if not flag.set:
+            flag.set, flag.signum, flag.at = True, signum, now
             if signum == signal.SIGINT and announce:
                 os.write(2, CTRL_C_NOTE)  # not `logging` or print: neither may be entered from a handler
-        elif now - flag.at[signum] > (SIGINT_REPEAT_S if signum == signal.SIGINT else SIGTERM_REPEAT_S):
-            signal.signal(signum, previous[signum])
-            signal.raise_signal(signum)
+        elif signum == flag.signum == signal.SIGTERM:
+            if now - flag.at > SIGTERM_REPEAT_S:
+                signal.signal(signum, previous[signum])
+                signal.raise_signal(signum)
+        elif signum != flag.signum or now - flag.at > sigint_repeat:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            raise KeyboardInterrupt
 
     with handling(signal.SIGTERM, on_signal), handling(signal.SIGINT, on_signal):
         yield flag
@@ -742,6 +767,10 @@ def _loop_until(model: torch.nn.Module, stream: Stream, start: int, run: RunStat
             _save(done, run)
             stop = stop or _agreed(stop_flag, run)  # a signal during the save: stop on it, not one step on
         if stop and done < end:
+            # the signal as the first rank that had one had it (a peer's Ctrl-C is not SIGTERM here)
+            signum = next(
+                (n for n in distributed.every_ranks(stop_flag.signum, run.world) if n), signal.SIGTERM
+            )
             stopped = done
             break
     bar.close()
@@ -750,7 +779,7 @@ def _loop_until(model: torch.nn.Module, stream: Stream, start: int, run: RunStat
         metrics.plot_loss(metrics_file, run.out / "loss.png", name, run.task.loss_label)
     if stopped:
         message = f"{name} stopped after step {stopped} of {end}, checkpointed in {run.ckpt_dir}"
-        raise Stopped(message, signum=stop_flag.signum or signal.SIGTERM)  # a peer rank's: it had SIGTERM
+        raise Stopped(message, signum=signum)
     elapsed = time.perf_counter() - t0
     return {
         "steps": max(end, start),

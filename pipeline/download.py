@@ -425,12 +425,14 @@ def summarize(out: str, shards: set[str], seconds: float, total_rows: int, expec
     totals: Counter = Counter()
     reasons: Counter = Counter()
     new_successes = 0
-    for shard in sorted(finished_shards(out)):
+    # the table's shards: a stats file of another number (a copied or left-over shard) is none of them
+    ours = sorted(s for s in finished_shards(out) if s.isdigit() and int(s) < expected)
+    for shard in ours:
         st = shard_stats(out, shard)
         totals.update({k: st[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")})
         reasons.update({k: v for k, v in st["status_dict"].items() if k != "success"})
         new_successes += st["successes"] if shard in shards else 0
-    done = len(finished_shards(out))
+    done = len(ours)
     return {
         "rows": total_rows,
         "shards": {"expected": expected, "finished": done, "downloaded_this_run": len(shards)},
@@ -488,9 +490,9 @@ def _img2dataset(download: str, kwargs: dict, started, exit_code=None, log_file:
     except OSError:  # pragma: no cover (a session leader cannot; a spawned child is none)
         pass
     _end_with_parent()
-    if log_file:
-        _output_to(log_file)
     try:
+        if log_file:
+            _output_to(log_file)
         module, name = download.split(":")
         fn = getattr(importlib.import_module(module), name)  # img2dataset: a heavy import (~10 s)
         started.value = time.time()
@@ -511,29 +513,37 @@ def _img2dataset(download: str, kwargs: dict, started, exit_code=None, log_file:
 
 def _output_to(log_file: str) -> None:
     """This process's stdout and stderr (file descriptors 1 and 2, which its children inherit) appended to
-    ``log_file``, after a line that starts this run's part of it."""
+    ``log_file``, after a line that starts this run's part of it (`run_mark`: this process's own)."""
     sys.stdout.flush()
     sys.stderr.flush()
     fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.write(fd, f"{RUN_MARK} {time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()})\n".encode())
+    os.write(fd, f"{run_mark(os.getpid())} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
 
 
-RUN_MARK = "--- img2dataset run started"
+def run_mark(pid: int) -> str:
+    """The line that starts the log's part written by the download child ``pid``."""
+    return f"--- img2dataset run in process {pid}, started"
 
 
-def log_tail(log_file: str | Path, lines: int = LOG_TAIL_LINES) -> list[str]:
-    """The last ``lines`` lines of the latest run's part of ``log_file`` (none where it cannot be read)."""
+TAIL_BYTES = 64 * 1024  # a traceback's end is in a log's last 64 KiB
+
+
+def log_tail(log_file: str | Path, pid: int, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last ``lines`` lines that the download child ``pid`` wrote to ``log_file``: none where it wrote
+    nothing (it died before its output went there) or the file cannot be read."""
     try:
         with open(log_file, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * 1024))  # a traceback's end is in its last 64 KiB
-            text = f.read().decode(errors="replace")
+            f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
+            text = f.read(TAIL_BYTES).decode(errors="replace")
     except OSError:
         return []
-    run = text.rsplit(RUN_MARK, 1)[-1].splitlines()[1:] if RUN_MARK in text else text.splitlines()
-    return [line for line in run if line.strip()][-lines:]
+    mark = run_mark(pid)
+    if mark not in text:
+        return []
+    return [line for line in text.rsplit(mark, 1)[1].splitlines()[1:] if line.strip()][-lines:]
 
 
 def _exit_now(code: int) -> None:
@@ -702,14 +712,11 @@ def _run_img2dataset(
         return True, started.value
     if code != 0:
         how = f"was killed by signal {-code}" if code < 0 else f"ended with exit code {code}"
-        where = ""
-        if log_file:
-            tail = log_tail(log_file)
-            if tail:
-                log.error("img2dataset's last lines (%s):\n  %s", log_file, "\n  ".join(tail))
+        where = " (its error is above)" if code > 0 else ""
+        tail = log_tail(log_file, proc.pid) if log_file else []
+        if tail:
+            log.error("img2dataset's last lines (%s):\n  %s", log_file, "\n  ".join(tail))
             where = f" (its output: {log_file})"
-        elif code > 0:
-            where = " (its error is above)"
         raise StageError(
             f"img2dataset {how}{where}; finished shards are kept: rerun the same command to finish"
         )
@@ -802,12 +809,14 @@ def _download(
     _remove_unfinished(cfg.out, before)
     # checked against the earlier ones: the same, or a folder from before the digest, which it now records
     write_json(Path(cfg.out) / SETTINGS, _shard_settings(cfg, rows, digest))
-    if len(before) >= expected:  # the same settings and rows (checked): nothing img2dataset would do
+    if set(range(expected)) <= {int(s) for s in before if s.isdigit()}:  # same settings and rows (checked)
         log.info("download: all %d shards in %s are already finished; nothing to download", expected, cfg.out)
         summary = summarize(cfg.out, set(), 0.0, rows, expected)
         summary.update(config=asdict(cfg), interrupted=False)
         return _finish(cfg, summary, interrupted=False)
     extra = [c for c in columns if c not in (cfg.url_col, cfg.caption_col)] or None  # extra columns are kept
+    log_file = Path(cfg.out) / IMG2DATASET_LOG
+    open(log_file, "ab").close()  # one that cannot be written (a folder there, a full disk): said here, once
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(cfg.out, expected, len(before), stop), daemon=True)
     start = time.perf_counter()
@@ -834,7 +843,7 @@ def _download(
                 incremental_mode="incremental",
                 enable_wandb=False,
             ),
-            log_file=str(Path(cfg.out) / IMG2DATASET_LOG),
+            log_file=str(log_file),
         )
     finally:
         stop.set()

@@ -31,6 +31,15 @@ class Stopped(Exception):
         self.signum = int(signum)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C that a stage caught to say what it kept (one clause, the CLI's line says it before what to run
+    next); ``nothing_kept``: a rerun starts over, so the command's usual advice (--resume) would mislead."""
+
+    def __init__(self, kept: str, nothing_kept: bool = False) -> None:
+        super().__init__(kept)
+        self.nothing_kept = nothing_kept
+
+
 # Failure messages often name the one URL, host or object they are about (img2dataset's "unknown url type:
 # 'a/b.png'", urllib3's "HTTPSConnectionPool(host='x.org', ...)", PIL's "<_io.BytesIO object at 0x7f..>"):
 # counted as they are, a run over millions of samples summarised millions of one-off reasons.

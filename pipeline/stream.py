@@ -358,10 +358,11 @@ class Stream:
             # no setting here helps: the hint below (a smaller batch or validation share) would mislead
             done = len(self.store.done)
             summary = Path(cfg.store) / "logs" / "embed_summary.json"
+            errors = self.store.error_rows
+            what = f"only error rows ({errors}: samples embed could not read)" if errors else "no rows"
             raise UsageError(
-                f"{cfg.store} holds no rows to train on: its {done} finished shard(s) hold only error rows "
-                f"({self.store.error_rows}: samples embed could not read); see {summary} for why, or "
-                f"`unclip validate {cfg.store}`"
+                f"{cfg.store} holds no rows to train on: its {done} finished shard(s) hold {what}; see {summary} "
+                f"for why, or `unclip validate {cfg.store}`"
                 if done
                 else f"{cfg.store} holds no finished shard yet: run `unclip embed` on it to the end first"
             )

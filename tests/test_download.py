@@ -145,6 +145,20 @@ def test_download_counts_failures_and_keeps_captions(tmp_path, capfd, monkeypatc
     monkeypatch.setattr(download, "_run_img2dataset", lambda *a, **kw: pytest.fail("img2dataset ran again"))
     assert main([*m, "--image-size", "32", "--samples-per-shard", "10"]) == 0
     assert "none downloaded this run (every shard was finished before)" in capfd.readouterr().out
+    # as many stats files as shards, but one of another number in place of 00001's: not finished
+    shards_dir = tmp_path / "shards"
+    kept = {p.name: p.read_bytes() for p in shards_dir.glob("00001*")}
+    for name in kept:
+        (shards_dir / name).rename(shards_dir / name.replace("00001", "00009"))
+    ran = []
+    monkeypatch.setattr(download, "_run_img2dataset", lambda *a, **kw: ran.append(1) or (True, 0.0))
+    assert main([*m, "--image-size", "32", "--samples-per-shard", "10"]) == 130 and ran == [1]
+    summary = json.loads((tmp_path / "shards/summary/download_summary.json").read_text())
+    assert summary["shards"]["finished"] == 2 and not summary["complete"]  # 00009 is none of the table's
+    for name in kept:
+        (shards_dir / name.replace("00001", "00009")).rename(shards_dir / name)
+    monkeypatch.setattr(download, "_run_img2dataset", lambda *a, **kw: pytest.fail("img2dataset ran again"))
+    assert main([*m, "--image-size", "32", "--samples-per-shard", "10"]) == 0
     shards = {n: v for n, v in before.items() if n.endswith((".tar", ".parquet", "_stats.json"))}
     assert {n: before[n] for n in shards} == {
         p.name: p.read_bytes() for p in (tmp_path / "shards").glob("0*") if p.name in shards
@@ -732,12 +746,13 @@ def test_a_download_child_that_fails_is_a_stage_error(stand_in, kwargs, message)
 
 
 def test_a_failed_download_child_shows_the_end_of_its_log(tmp_path, caplog):
-    """Its output goes to a log (not the terminal): a failure shows that run's last lines, and names the file."""
-    from pipeline.download import _run_img2dataset
+    """Its output goes to a log (not the terminal): a failure shows that run's last lines, and names the file;
+    a child that dies before its output went there shows no earlier run's lines as if they were its own."""
+    from pipeline.download import _run_img2dataset, run_mark
     from pipeline.errors import StageError
 
     log_file = tmp_path / "img2dataset.log"
-    log_file.write_text("--- img2dataset run started earlier\nValueError: an earlier run's error\n")
+    log_file.write_text(f"{run_mark(1)} earlier\nValueError: an earlier run's error\n")
     with pytest.raises(
         StageError, match=rf"^img2dataset ended with exit code 1 \(its output: {log_file}\); "
     ):
@@ -745,7 +760,11 @@ def test_a_failed_download_child_shows_the_end_of_its_log(tmp_path, caplog):
     shown = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(shown) == 1 and shown[0].startswith(f"img2dataset's last lines ({log_file}):"), shown
     assert "ValueError: img2dataset refused the input" in shown[0] and "an earlier run's" not in shown[0]
-    assert log_file.read_text().count("--- img2dataset run started") == 2  # appended, the earlier run kept
+    assert log_file.read_text().count("--- img2dataset run in process") == 2  # appended, the earlier run kept
+    caplog.clear()
+    with pytest.raises(StageError, match=r"^img2dataset was killed by signal 9; "):
+        _run_img2dataset({}, download="tests.stuck_child:is_killed", log_file=str(tmp_path / "none.log"))
+    assert [r for r in caplog.records if r.levelname == "ERROR"] == []
 
 
 def test_the_processes_of_a_download_child_that_was_killed_are_ended_too(tmp_path):
