@@ -668,8 +668,8 @@ def print_report(summary: dict) -> None:
 
     print(json.dumps(summary, indent=2, default=str))
     failed, done, total = summary["failed"], summary["done"], summary["shards"]
-    rate = summary["samples_per_second"]
-    this_run = f"{summary['rows_this_run']} rows this run" + (f" at {rate} samples/s" if rate else "")
+    # the whole run's time, the cluster's start included (the bar's rate is the shard tasks')
+    this_run = f"{summary['rows_this_run']} rows this run in {summary['seconds_this_run']} s"
     where = Path(summary["out"]) / "logs" / "embed_summary.json"
     if failed:
         named = "; ".join(f"{store.shard_id_of(s)}: {why}" for s, why in list(failed.items())[:FAILED_SHOWN])

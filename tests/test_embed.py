@@ -1887,7 +1887,7 @@ def test_a_damaged_shard_fails_alone_with_vae_latents_too(shards, tmp_path, caps
     assert store.done_shards(out) == ["00002"] and store.load_manifest(out)["latents"]["fitted_on"] > 0
     # the run's last line says how it ended (it had been the JSON's closing brace)
     last = got.err.strip().splitlines()[-1]
-    rows = f"{report['rows_this_run']} rows this run at {report['samples_per_second']} samples/s"
+    rows = f"{report['rows_this_run']} rows this run in {report['seconds_this_run']} s"
     assert last == (
         f"embed: 1 of 2 shards failed, not stored (00000: {report['failed'][str(d / '00000.tar')]}); 1 done "
         f"({rows}): rerun the same command to retry the failed ones"
@@ -1896,7 +1896,7 @@ def test_a_damaged_shard_fails_alone_with_vae_latents_too(shards, tmp_path, caps
     assert embed(*args, "--out", out) == 0
     got = capsys.readouterr()
     report = json.loads(got.out)
-    rows = f"{report['rows_this_run']} rows this run at {report['samples_per_second']} samples/s"
+    rows = f"{report['rows_this_run']} rows this run in {report['seconds_this_run']} s"
     assert report["rows_this_run"] > 0 and got.err.strip().splitlines()[-1] == (
         f"embed: 2 of 2 shards done, {report['rows']} rows, {report['errors']} error rows ({rows}); "
         f"{out}/logs/embed_summary.json"
