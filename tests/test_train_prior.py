@@ -532,7 +532,7 @@ def test_prior_learns_the_mapping(data, tmp_path, capsys):
         )
     )
     m = eval_run(EvalPriorConfig(ckpt=str(tmp_path), data=data, steps=16))
-    assert "top-1 retrieval / 256, prediction" in capsys.readouterr().out
+    assert f"top-1 retrieval / {m['retrieval_pool']}, prediction" in capsys.readouterr().out
     assert json.loads((tmp_path / "ckpt/step_00000400/eval.json").read_text())["top1_pred"] == m["top1_pred"]
     assert m["top1_pred"] > 10 * m["retrieval_chance_top1"]
     assert m["top1_pred"] > m["top1_text"] + 0.1
