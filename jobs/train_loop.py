@@ -767,7 +767,7 @@ def _loop_until(model: torch.nn.Module, stream: Stream, start: int, run: RunStat
             _save(done, run)
             stop = stop or _agreed(stop_flag, run)  # a signal during the save: stop on it, not one step on
         if stop and done < end:
-            # the signal as the first rank that had one had it (a peer's Ctrl-C is not SIGTERM here)
+            # the signal of the lowest-numbered rank that had one (a peer's Ctrl-C is no SIGTERM)
             signum = next(
                 (n for n in distributed.every_ranks(stop_flag.signum, run.world) if n), signal.SIGTERM
             )

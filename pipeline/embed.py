@@ -678,7 +678,7 @@ def print_report(summary: dict) -> None:
             f"embed: {len(failed)} of {total} shards failed, not stored ({named}{more}); {done} done "
             f"({this_run}): rerun the same command to retry the failed ones"
         )
-    elif summary["errors"] and not summary["rows"]:  # e.g. the images are in a member embed does not read
+    elif summary["errors"] and not summary["store_rows"]:  # e.g. the images are in a member embed cannot read
         reason = next(iter(summary["errors_by_reason"]), "unknown")
         line = (
             f"embed: {done} of {total} shards done, but every one of their {summary['errors']} rows is an error "
@@ -734,6 +734,7 @@ def _finish(
         "done": len(markers),
         "failed": failed,
         "rows": sum(m["rows"] for m in markers),
+        "store_rows": sum(m["rows"] for m in every),  # earlier runs' shards too (another --shards pattern)
         "errors": sum(m["errors"] for m in markers),
         "errors_by_reason": _errors_by_reason(cfg.out, markers),
         "truncated_captions": sum(m["truncated_captions"] for m in markers),
@@ -771,7 +772,7 @@ def _finish(
         "read_ahead": stats.get("read_ahead") or None,
     }
     store.write_json(Path(cfg.out) / "logs" / "embed_summary.json", summary)
-    if failed or (summary["errors"] and not summary["rows"]):  # the latter: a store with nothing to train on
+    if failed or (summary["errors"] and not summary["store_rows"]):  # the latter: nothing to train on
         summary["exit_code"] = 1
     for path in store.temp_files(cfg.out):
         path.unlink(missing_ok=True)  # temp files left by workers killed mid-write

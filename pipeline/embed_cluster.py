@@ -68,28 +68,37 @@ def connect(cfg) -> tuple:
 
 
 SCHEDULER_TIMEOUT_S = 30  # dask's Client retries a scheduler that does not answer for this long
-REFUSED_FOR_S = 3.0  # a TCP address refused this long is taken for no scheduler (one starting listens sooner)
+REFUSED_FOR_S = (
+    10.0  # a TCP address refused this long is taken for no scheduler (one starting listens sooner)
+)
 
 
 def _check_listening(address: str) -> None:
-    """A ``tcp://`` --scheduler (or a bare host:port) that refuses connections is refused at once: dask's Client
-    kept retrying it for its whole timeout (30 s) before it said so. A scheduler still starting (a script that
-    starts one, then this) gets REFUSED_FOR_S to listen; other protocols and addresses that do not answer at all
+    """A ``tcp://`` --scheduler (or a bare host:port) that refuses connections for REFUSED_FOR_S is refused, with
+    a line as the wait starts: dask's Client retried it in silence for its whole timeout (30 s) before it said
+    so. A scheduler still starting (a script that starts one, then this) gets that long to listen; other protocols and addresses that do not answer at all
     are left to dask. The probe is a bare TCP connection: the scheduler logs one INFO line for it ("closed
     before handshake completed")."""
     import socket
 
     rest = address[len("tcp://") :] if address.startswith("tcp://") else address
     host, sep, port = rest.rpartition(":")
-    if "://" in rest or not sep or not port.isdigit():
-        return
+    if "://" in rest or not sep or not port.isdigit() or (":" in host and not host.startswith("[")):
+        return  # another protocol, no port, or IPv6 without brackets (dask's own error says to add them)
     host = host.strip("[]")  # an IPv6 address's brackets
     deadline = time.monotonic() + REFUSED_FOR_S
+    said = False
     while True:
         try:
             with socket.create_connection((host, int(port)), timeout=REFUSED_FOR_S):
                 return
         except ConnectionRefusedError as e:
+            if not said:
+                log.info(
+                    "--scheduler %s: nothing listens there yet; waiting up to %g s for a scheduler to start",
+                    address, REFUSED_FOR_S,
+                )  # fmt: skip
+                said = True
             if time.monotonic() > deadline:
                 raise UsageError(
                     f"cannot reach --scheduler {address}: nothing listens there ({e.strerror}); start a dask "

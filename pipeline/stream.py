@@ -359,13 +359,16 @@ class Stream:
             done = len(self.store.done)
             summary = Path(cfg.store) / "logs" / "embed_summary.json"
             errors = self.store.error_rows
-            what = f"only error rows ({errors}: samples embed could not read)" if errors else "no rows"
-            raise UsageError(
-                f"{cfg.store} holds no rows to train on: its {done} finished shard(s) hold {what}; see {summary} "
-                f"for why, or `unclip validate {cfg.store}`"
-                if done
-                else f"{cfg.store} holds no finished shard yet: run `unclip embed` on it to the end first"
-            )
+            if not done:
+                why = "it holds no finished shard yet: run `unclip embed` on it to the end first"
+            elif errors:
+                why = (
+                    f"its {done} finished shard(s) hold only error rows ({errors}: samples embed could not "
+                    f"read); see {summary} for why, or `unclip validate {cfg.store}`"
+                )
+            else:
+                why = f"its {done} finished shard(s) hold no rows (`unclip validate {cfg.store}` checks them)"
+            raise UsageError(f"{cfg.store} holds no rows to train on: {why}")
         if self.num_samples < self.global_batch and cfg.split == "train" and not cfg.one_pass:
             raise UsageError(
                 f"the train split of {cfg.store} has {self.num_samples} samples, fewer than one step of "

@@ -1603,7 +1603,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, expect, shards, t
 
 
 def test_on_a_scheduler_a_gpu_run_without_gpu_workers_is_refused_and_a_finished_store_needs_none(
-    base, shards, tmp_path, capsys
+    base, shards, tmp_path, capsys, monkeypatch, caplog
 ):
     from dask.distributed import LocalCluster
 
@@ -1630,12 +1630,17 @@ def test_on_a_scheduler_a_gpu_run_without_gpu_workers_is_refused_and_a_finished_
     # A store with work to do and nothing listening at --scheduler: refused in one line, not after dask's 30 s
     # of retries ("Timed out trying to connect")
     capsys.readouterr()
+    from pipeline import embed_cluster
+
+    monkeypatch.setattr(embed_cluster, "REFUSED_FOR_S", 0.5)  # a scheduler still starting gets 10 s
     for addr in (gone, gone[len("tcp://") :]):
-        assert embed("--shards", shards, "--out", tmp_path / "new", *TINY, "--scheduler", addr) == 2
+        with caplog.at_level("INFO", logger="pipeline.embed_cluster"):
+            assert embed("--shards", shards, "--out", tmp_path / "new", *TINY, "--scheduler", addr) == 2
         assert capsys.readouterr().err.strip() == (
             f"unclip embed: error: cannot reach --scheduler {addr}: nothing listens there (Connection refused); "
             "start a dask scheduler at that address, or leave --scheduler out to start a local cluster"
         )
+    assert "nothing listens there yet; waiting up to 0.5 s for a scheduler to start" in caplog.text
     assert not (tmp_path / "new").exists()
 
 
@@ -2110,3 +2115,9 @@ def test_a_store_of_error_rows_only_exits_1_and_train_prior_says_why_without_a_m
         f"validate {out}`"
     )
     assert not (tmp_path / "run").exists()
+    # a store filled by runs over other --shards: the whole store's rows count, not this run's shards'
+    write_tar(d / "00002.tar", good_samples(2, list(range(4))))
+    assert embed("--shards", f"{d}/00002.tar", *TINY, "--out", out) == 0
+    capsys.readouterr()
+    assert embed("--shards", f"{d}/{{00000..00001}}.tar", *TINY, "--out", out) == 0
+    assert "nothing to train on" not in capsys.readouterr().err

@@ -575,7 +575,10 @@ def _run_case(case: str, work: dict, tmp: Path, monkeypatch) -> tuple[str, list[
         ("embed_hub_unreachable", "are not cached and 127.0.0.1 cannot be reached"),
         ("embed_out_is_a_file", "is a file, not a store folder"),
         ("embed_unknown_device", "unknown --device 'gpu'; valid: auto, cpu, cuda, cuda:N"),
-        ("train_empty_store", "holds no rows to train on: its 2 finished shard(s) hold no rows; see "),
+        (
+            "train_empty_store",
+            "holds no rows to train on: its 2 finished shard(s) hold no rows (`unclip validate",
+        ),
         ("train_val_fraction_1", "--val-fraction must be in [0, 1) (got 1.0)"),
         ("train_batch_larger_than_data", "lower --batch-size or --val-fraction, or add data"),
         ("train_batch_0", "--batch-size must be >= 1 (got 0)"),

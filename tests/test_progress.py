@@ -29,13 +29,44 @@ def test_a_line_logged_under_a_bar_prints_on_a_line_of_its_own_with_the_handlers
     assert pieces[-1].startswith("work: 100%")
 
 
-def test_without_a_console_handler_the_loggers_handlers_are_left_alone():
-    root = logging.getLogger()
-    before = list(root.handlers)
-    root.handlers = [h for h in before if not isinstance(h, logging.StreamHandler)]
+def test_each_console_handler_keeps_its_level_and_stream_and_overlapping_blocks_put_every_stream_back(capsys):
+    """tqdm's own redirect replaced the console handlers with one copy of the first: a handler's level was
+    dropped (INFO printed where the handler took WARNING and up), a second handler's lines were lost, and two
+    bars open at once on two threads, closed in another order, left the root logger redirected for good."""
+    import threading
+
+    root, log = logging.getLogger(), logging.getLogger("tests.progress")
+    warn = logging.StreamHandler(sys.stderr)
+    warn.setLevel(logging.WARNING)
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(lambda r: r.levelno < logging.WARNING)
+    root.addHandler(warn)
+    root.addHandler(out)
+    level = root.level
+    root.setLevel(logging.INFO)
     try:
-        kept = list(root.handlers)
-        with progress.logs_above_bars():
-            assert root.handlers == kept
+        entered, release = threading.Event(), threading.Event()
+
+        def other_bar():
+            with progress.bar(total=1, file=sys.stderr):
+                entered.set()
+                release.wait(5)
+
+        t = threading.Thread(target=other_bar)
+        with progress.bar(total=2, file=sys.stderr) as b:
+            t.start()
+            assert entered.wait(5)
+            log.info("an info line")
+            log.error("an error line")
+            b.update(1)
+        release.set()  # the first block closed before the second: out of order
+        t.join()
+        assert warn.stream is sys.stderr and out.stream is sys.stdout
     finally:
-        root.handlers = before
+        root.removeHandler(warn)
+        root.removeHandler(out)
+        root.setLevel(level)
+    got = capsys.readouterr()
+    assert [p for p in re.split(r"[\r\n]", got.out) if p.strip()] == ["an info line"]
+    err = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", p) for p in re.split(r"[\r\n]", got.err) if "line" in p]
+    assert err == ["an error line"]  # (after the cursor moves that clear the second bar)
