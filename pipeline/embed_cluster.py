@@ -68,17 +68,16 @@ def connect(cfg) -> tuple:
 
 
 SCHEDULER_TIMEOUT_S = 30  # dask's Client retries a scheduler that does not answer for this long
-REFUSED_FOR_S = (
-    10.0  # a TCP address refused this long is taken for no scheduler (one starting listens sooner)
-)
+# A TCP address refused this long is taken for no scheduler (one that is starting listens sooner).
+REFUSED_FOR_S = 10.0
 
 
 def _check_listening(address: str) -> None:
     """A ``tcp://`` --scheduler (or a bare host:port) that refuses connections for REFUSED_FOR_S is refused, with
     a line as the wait starts: dask's Client retried it in silence for its whole timeout (30 s) before it said
-    so. A scheduler still starting (a script that starts one, then this) gets that long to listen; other protocols and addresses that do not answer at all
-    are left to dask. The probe is a bare TCP connection: the scheduler logs one INFO line for it ("closed
-    before handshake completed")."""
+    so. A scheduler still starting (a script that starts one, then this) gets that long to listen; other
+    protocols, and addresses that do not answer at all, are left to dask. The probe is a bare TCP connection:
+    the scheduler logs one INFO line for it ("closed before handshake completed")."""
     import socket
 
     rest = address[len("tcp://") :] if address.startswith("tcp://") else address
