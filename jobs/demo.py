@@ -254,7 +254,9 @@ def _later_stages(cfg: DemoConfig, out: Path, data_dir: Path, stages: dict[str, 
 def _trained_before(folder: Path) -> bool:
     """Whether a training stage's folder holds a checkpoint to --resume from: a fresh run without --resume
     says nothing (with it, the trainer warns that there is no checkpoint), a rerun continues."""
-    return (folder / "ckpt" / "latest").exists()
+    from jobs.train_loop import ckpt_dir
+
+    return (ckpt_dir(folder) / "latest").exists()
 
 
 def _trained(label: str, r: dict) -> str:

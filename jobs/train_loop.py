@@ -162,7 +162,12 @@ class RunState:
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.out / "ckpt"
+        return ckpt_dir(self.out)
+
+
+def ckpt_dir(out: str | Path) -> Path:
+    """Where a run folder keeps its checkpoints (``step_*`` and the ``latest`` file naming the newest)."""
+    return Path(out) / "ckpt"
 
 
 class _LossModule(torch.nn.Module):
@@ -437,7 +442,7 @@ def train(task: Task) -> dict:
     except Interrupted:
         raise
     except KeyboardInterrupt as e:  # a second Ctrl-C, or one before the loop: what a rerun continues from
-        latest = Path(task.cfg.out) / "ckpt" / "latest"
+        latest = ckpt_dir(task.cfg.out) / "latest"
         if latest.exists():
             raise Interrupted(f"nothing since {latest.parent / latest.read_text().strip()} was saved") from e
         raise Interrupted("no checkpoint was saved", nothing_kept=True) from e

@@ -113,4 +113,4 @@ def sample(
 def steps_taken(steps: int, strength: float = 1.0) -> int:
     """The steps `sample` takes of `steps` at `strength` (from an `init`: the last int(steps * strength), at
     least one)."""
-    return steps if strength >= 1.0 else max(1, int(steps * strength))
+    return max(1, int(steps * strength))

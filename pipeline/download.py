@@ -411,6 +411,12 @@ def finished_shards(out: str) -> set[str]:
     return {os.path.basename(p)[: -len("_stats.json")] for p in glob.glob(os.path.join(out, "*_stats.json"))}
 
 
+def table_shards(finished: set[str], expected: int) -> list[str]:
+    """Those of ``finished`` that are the table's shards (numbers below ``expected``), in order: a stats file of
+    another number (a copied or left-over shard) is none of them."""
+    return sorted(s for s in finished if s.isdigit() and int(s) < expected)
+
+
 def _watch(out: str, total: int, already: int, stop: threading.Event) -> None:
     """A progress bar over finished shards, fed by img2dataset's stats files."""
     with progress.bar(total=total, initial=already, desc="download", unit="shard") as bar:
@@ -425,8 +431,7 @@ def summarize(out: str, shards: set[str], seconds: float, total_rows: int, expec
     totals: Counter = Counter()
     reasons: Counter = Counter()
     new_successes = 0
-    # the table's shards: a stats file of another number (a copied or left-over shard) is none of them
-    ours = sorted(s for s in finished_shards(out) if s.isdigit() and int(s) < expected)
+    ours = table_shards(finished_shards(out), expected)
     for shard in ours:
         st = shard_stats(out, shard)
         totals.update({k: st[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")})
@@ -809,7 +814,7 @@ def _download(
     _remove_unfinished(cfg.out, before)
     # checked against the earlier ones: the same, or a folder from before the digest, which it now records
     write_json(Path(cfg.out) / SETTINGS, _shard_settings(cfg, rows, digest))
-    if set(range(expected)) <= {int(s) for s in before if s.isdigit()}:  # same settings and rows (checked)
+    if len(table_shards(before, expected)) == expected:  # same settings and rows (checked): all finished
         log.info("download: all %d shards in %s are already finished; nothing to download", expected, cfg.out)
         summary = summarize(cfg.out, set(), 0.0, rows, expected)
         summary.update(config=asdict(cfg), interrupted=False)

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -664,8 +665,6 @@ def print_report(summary: dict) -> None:
     """The summary as JSON on stdout, as every command without a report of its own prints it, then one line on
     stderr that says how the run ended: after a run with failed shards, the last thing on the terminal had been
     the JSON's closing brace."""
-    import sys
-
     print(json.dumps(summary, indent=2, default=str))
     failed, done, total = summary["failed"], summary["done"], summary["shards"]
     # the whole run's time, the cluster's start included (the bar's rate is the shard tasks')
